@@ -1,0 +1,212 @@
+"""The broker's routing core: frames from a connection in, actions out.
+
+No sockets, threads or clock reads: the shell hands in ``now`` (monotonic
+seconds) and a wall clock for timestamps, and carries out the returned
+``Send`` / ``Relay`` / ``Publish`` actions. Sessions are kept in an ordered
+dict by last activity, so heartbeat expiry pops from the front in O(1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.directory import Location, PeerDirectory
+from common.errors import ErrorCode, ProtocolError
+from common.protocol import (
+    Ack,
+    AckStatus,
+    Envelope,
+    Error,
+    Heartbeat,
+    Message,
+    PeerSync,
+    PeerUpdate,
+    Register,
+    Registered,
+    Snapshot,
+    SnapshotRequest,
+    Unregister,
+    decode,
+    pack,
+)
+
+log = logging.getLogger(__name__)
+
+Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: bytes
+    frames: Frames
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Forward ``frames`` to ``conn``; then send ``on_success`` or ``on_failure`` to ``sender``."""
+
+    conn: bytes
+    frames: Frames
+    sender: bytes
+    on_success: Frames | None
+    on_failure: Frames
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    frames: Frames
+
+
+Action = Send | Relay | Publish
+
+
+@dataclass(slots=True)
+class _Session:
+    user: str
+    last_seen: float
+
+
+class BrokerCore:
+    def __init__(
+        self,
+        directory: PeerDirectory,
+        *,
+        broker_id: bytes,
+        heartbeat_ivl: float,
+        liveness: int,
+        wall_ms: Callable[[], int],
+    ) -> None:
+        self.directory = directory
+        self.broker_id = broker_id
+        self.heartbeat_ivl = heartbeat_ivl
+        self.expiry = heartbeat_ivl * liveness
+        self._wall_ms = wall_ms
+        self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
+        self._next_sync = 0.0
+        self._handlers: dict[type[Message], Callable[[bytes, Envelope, Frames, float], list[Action]]] = {
+            Register: self._on_register,
+            Unregister: self._on_unregister,
+            Heartbeat: self._on_heartbeat,
+            SnapshotRequest: self._on_snapshot_request,
+        }
+
+    # --- inputs -------------------------------------------------------------
+    def on_frames(self, conn: bytes, frames: Frames, now: float) -> list[Action]:
+        """One ZeroMQ message from ``conn`` (routing id stripped)."""
+        try:
+            env = decode(frames)
+        except ProtocolError as exc:
+            log.warning("conn=%s bad frame: %s", conn.hex(), exc.message)
+            return [Send(conn, self._error(exc.code, exc.message, None))]
+        session = self._sessions.get(conn)
+        if session is not None:  # any traffic counts as a heartbeat
+            session.last_seen = now
+            self._sessions.move_to_end(conn)
+        msg = env.message
+        if msg.RELAYED:
+            return self._relay(conn, session, env, frames)
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            return [Send(conn, self._error(ErrorCode.BAD_FRAME, f"{msg.TYPE.value} is not a request", env.msg_id))]
+        return handler(conn, env, frames, now)
+
+    def on_tick(self, now: float) -> list[Action]:
+        """Expire silent sessions; publish the periodic PEER_SYNC."""
+        actions: list[Action] = []
+        while self._sessions:
+            conn, session = next(iter(self._sessions.items()))
+            if now - session.last_seen <= self.expiry:
+                break
+            log.info("user=%s conn=%s expired after %.1fs of silence", session.user, conn.hex(), self.expiry)
+            actions += self._drop(conn)
+        if now >= self._next_sync:
+            self._next_sync = now + self.heartbeat_ivl
+            actions.append(Publish(pack(PeerSync(self.directory.epoch, self.directory.seq()), self._wall_ms())))
+        return actions
+
+    def next_deadline(self) -> float:
+        """When ``on_tick`` next has work to do."""
+        deadline = self._next_sync
+        if self._sessions:
+            deadline = min(deadline, next(iter(self._sessions.values())).last_seen + self.expiry)
+        return deadline
+
+    def user_of(self, conn: bytes) -> str | None:
+        session = self._sessions.get(conn)
+        return session.user if session else None
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    # --- handlers -----------------------------------------------------------
+    def _on_register(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+        user = env.message.user  # type: ignore[attr-defined]
+        session = self._sessions.get(conn)
+        if session is not None and session.user != user:
+            return [Send(conn, self._error(ErrorCode.ALREADY_REGISTERED,
+                                           f"this connection is registered as {session.user!r}", env.msg_id))]
+        if session is None and not self.directory.claim(user, Location(self.broker_id, conn)):
+            log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
+            return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
+        reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
+        if session is not None:  # a repeated REGISTER is answered, not re-announced
+            return [reply]
+        self._sessions[conn] = _Session(user, now)
+        log.info("user=%s conn=%s registered", user, conn.hex())
+        return [reply, self._presence(user, True)]
+
+    def _on_unregister(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+        if conn not in self._sessions:
+            return [self._not_registered(conn, env)]
+        log.info("user=%s conn=%s unregistered", self._sessions[conn].user, conn.hex())
+        return self._drop(conn)
+
+    def _on_heartbeat(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+        if conn not in self._sessions:
+            return [self._not_registered(conn, env)]
+        return [Send(conn, pack(Heartbeat(), self._wall_ms()))]
+
+    def _on_snapshot_request(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+        if conn not in self._sessions:
+            return [self._not_registered(conn, env)]
+        snap = Snapshot(self.directory.epoch, self.directory.seq(), tuple(self.directory.online()))
+        return [Send(conn, pack(snap, self._wall_ms()))]
+
+    def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames) -> list[Action]:
+        msg = env.message
+        if session is None:
+            return [self._not_registered(conn, env)]
+        if msg.sender != session.user:  # type: ignore[attr-defined]
+            return [Send(conn, self._error(ErrorCode.SPOOFED_SENDER,
+                                           f"sender must be {session.user!r}", env.msg_id))]
+        recipient = msg.recipient  # type: ignore[attr-defined]
+        where = self.directory.locate(recipient)
+        if where is None:
+            code = ErrorCode.RECIPIENT_OFFLINE if self.directory.is_known(recipient) else ErrorCode.UNKNOWN_RECIPIENT
+            word = "offline" if code is ErrorCode.RECIPIENT_OFFLINE else "unknown"
+            return [Send(conn, self._error(code, f"recipient {recipient!r} is {word}", env.msg_id))]
+        ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
+        busy = self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up", env.msg_id)
+        return [Relay(where.conn, frames, conn, ack, busy)]
+
+    # --- helpers ------------------------------------------------------------
+    def _drop(self, conn: bytes) -> list[Action]:
+        session = self._sessions.pop(conn)
+        if self.directory.release(session.user, Location(self.broker_id, conn)):
+            return [self._presence(session.user, False)]
+        return []
+
+    def _presence(self, user: str, online: bool) -> Publish:
+        update = PeerUpdate(self.directory.epoch, self.directory.next_seq(), user, online)
+        return Publish(pack(update, self._wall_ms()))
+
+    def _not_registered(self, conn: bytes, env: Envelope) -> Send:
+        return Send(conn, self._error(ErrorCode.NOT_REGISTERED, "register first", env.msg_id))
+
+    def _error(self, code: ErrorCode, message: str, ref: bytes | None) -> list[bytes]:
+        return pack(Error(code, message[:1024], ref), self._wall_ms())

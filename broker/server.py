@@ -1,0 +1,154 @@
+"""The broker's ZeroMQ shell: a ROUTER for requests, a PUB for presence.
+
+It polls, hands frames to ``BrokerCore`` and carries out the actions. Every
+send is non-blocking with ROUTER_MANDATORY, so an unroutable or slow peer is
+reported instead of silently dropped or stalling everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from broker.directory import LocalDirectory
+from broker.routing import Action, BrokerCore, Publish, Relay, Send
+from common.paths import broker_dir, ensure_private_dir
+from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
+from common.wakeup import Waker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 5555
+    pub_port: int | None = None  # port + 1 unless given
+    data_dir: Path = field(default_factory=broker_dir)
+    heartbeat_ivl: float = 1.0
+    liveness: int = 3
+
+    @property
+    def publish_port(self) -> int:
+        return self.pub_port if self.pub_port is not None else self.port + 1
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class BrokerServer:
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self._ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self._waker = Waker()
+        self._stopping = False
+        epoch = os.urandom(8)
+        self.core = BrokerCore(
+            LocalDirectory(epoch),
+            broker_id=epoch,
+            heartbeat_ivl=config.heartbeat_ivl,
+            liveness=config.liveness,
+            wall_ms=_wall_ms,
+        )
+        ensure_private_dir(config.data_dir)
+        self.router = self._ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES) + 1024)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.RCVHWM, 10_000)
+        self.router.setsockopt(zmq.SNDHWM, 10_000)
+        self.pub = self._ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self._monitor = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.router.bind(f"tcp://{config.host}:{config.port}")
+        self.pub.bind(f"tcp://{config.host}:{config.publish_port}")
+        self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.pub_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        log.info("broker listening on %s, presence on %s, data in %s", self.endpoint, self.pub_endpoint, config.data_dir)
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._waker.fileno(), zmq.POLLIN)
+        router, core = self.router, self.core
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                self._execute(core.on_tick(now))
+                timeout_ms = max(0, int((core.next_deadline() - now) * 1000) + 1)
+                ready = dict(poller.poll(timeout_ms))
+                if router in ready:
+                    # Drain a batch: fewer poll calls under load, bounded so ticks still run.
+                    for _ in range(1000):
+                        try:
+                            parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._execute(core.on_frames(parts[0].bytes, self._frames(parts[1:]), time.monotonic()))
+                if self._monitor in ready:
+                    self._log_connection_event()
+                if self._waker.fileno() in ready:
+                    self._waker.drain()
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from any thread or a signal handler)."""
+        self._stopping = True
+        self._waker.wake()
+
+    @staticmethod
+    def _frames(parts: list[zmq.Frame]) -> list:
+        # The header is small: take bytes. A payload stays a Frame so relays don't copy it.
+        return [parts[0].bytes, *parts[1:]] if parts else []
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if type(action) is Relay:
+                ok = self._send(action.conn, action.frames)
+                reply = action.on_success if ok else action.on_failure
+                if reply is not None:
+                    self._send(action.sender, reply)
+            elif type(action) is Send:
+                self._send(action.conn, action.frames)
+            elif type(action) is Publish:
+                self.pub.send_multipart(action.frames)
+
+    def _send(self, conn: bytes, frames) -> bool:
+        try:
+            self.router.send_multipart([conn, *frames], zmq.DONTWAIT, copy=False)
+            return True
+        except zmq.Again:
+            log.warning("conn=%s at its high-water mark: frame dropped", conn.hex())
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            log.info("conn=%s unreachable: frame dropped", conn.hex())
+        return False
+
+    def _log_connection_event(self) -> None:
+        try:
+            event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            return
+        kind = "connect" if event["event"] == zmq.EVENT_ACCEPTED else "disconnect"
+        log.info("%s from %s", kind, event["endpoint"].decode(errors="replace"))
+
+    def _close(self) -> None:
+        self.router.disable_monitor()
+        for sock in (self._monitor, self.router, self.pub):
+            sock.close(linger=0)
+        self._waker.close()
+        if self._own_ctx:
+            self._ctx.term()
+        log.info("broker stopped")

@@ -1,0 +1,187 @@
+"""``p2pchat``: the command line. One subcommand per job; exit 0 on success,
+non-zero with a one-line error on stderr otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import zmq
+
+from client import events as ev
+from common.endpoints import ServerAddress
+from common.errors import BrokenError, P2PChatError, RemoteError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+log = logging.getLogger("p2pchat")
+
+
+def _default_user() -> str:
+    name = os.environ.get("P2PCHAT_USER") or getpass.getuser()
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:32] or "user"
+
+
+def _server(text: str) -> ServerAddress:
+    try:
+        return ServerAddress.parse(text)
+    except P2PChatError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _client_options(parser: argparse.ArgumentParser, user_default: str | None = None) -> None:
+    parser.add_argument("--server", type=_server, default=ServerAddress(), metavar="H:P",
+                        help="broker address (default 127.0.0.1:5555)")
+    parser.add_argument("--pub-port", type=int, default=None,
+                        help="the broker's presence port, if not the server port + 1")
+    parser.add_argument("--user", default=user_default, help="your user ID (default: $P2PCHAT_USER or login name)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)")
+
+
+def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event], None] | None = None):
+    from client.client import ChatClient, ClientConfig
+
+    server = ServerAddress(args.server.host, args.server.port, args.pub_port)
+    client = ChatClient(user, ClientConfig(server=server, send_timeout=args.timeout), on_event=on_event)
+    client.connect(timeout=args.timeout)
+    return client
+
+
+# --- subcommands -------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace) -> int:
+    from broker.server import BrokerConfig, BrokerServer
+    from common.paths import broker_dir
+
+    config = BrokerConfig(
+        host=args.host, port=args.port, pub_port=args.pub_port,
+        data_dir=Path(args.data_dir) if args.data_dir else broker_dir(),
+        heartbeat_ivl=args.heartbeat,
+    )
+    server = BrokerServer(config)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    server.serve_forever()
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    text = " ".join(args.text) if args.text else sys.stdin.read()
+    with _connect(args, args.user) as client:
+        client.send(args.to, text, timeout=args.timeout)
+    return EXIT_OK
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    user = args.user or f"peers-{os.urandom(3).hex()}"
+    first_list = threading.Event()
+
+    def on_event(event: ev.Event) -> None:
+        if isinstance(event, ev.PeersChanged):
+            first_list.set()
+
+    with _connect(args, user, on_event) as client:
+        if not first_list.wait(args.timeout):
+            raise BrokenError("no peer list from the broker")
+        peers = sorted(client.peers() - {user})
+    print(json.dumps(peers) if args.json else "\n".join(peers))
+    return EXIT_OK
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    lock = threading.Lock()
+    count = 0
+
+    def emit(record: dict, human: str) -> None:
+        with lock:
+            print(json.dumps(record) if args.json else human, flush=True)
+
+    def on_event(event: ev.Event) -> None:
+        nonlocal count
+        if isinstance(event, ev.MessageReceived):
+            emit({"type": "message", "from": event.sender, "to": args.user, "text": event.text,
+                  "id": event.msg_id.hex(), "ts": event.ts}, f"[{event.sender}] {event.text}")
+            count += 1
+            if args.count and count >= args.count:
+                stop.set()
+        elif isinstance(event, ev.PeersChanged):
+            for user in sorted(event.joined):
+                emit({"type": "presence", "user": user, "online": True}, f"* {user} is online")
+            for user in sorted(event.left):
+                emit({"type": "presence", "user": user, "online": False}, f"* {user} went offline")
+        elif isinstance(event, ev.Reconnecting):
+            emit({"type": "status", "status": "reconnecting", "reason": event.reason}, f"! reconnecting: {event.reason}")
+        elif isinstance(event, ev.Registered) and event.reconnect:
+            emit({"type": "status", "status": "connected"}, "! reconnected")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with _connect(args, args.user, on_event):
+        emit({"type": "status", "status": "connected", "user": args.user}, f"! listening as {args.user}")
+        stop.wait()
+    return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pchat", description="Chat and file transfer for small teams, over a ZeroMQ broker.")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: INFO for the broker, WARNING otherwise)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="run a broker", description="Run a broker: ROUTER on --port, presence PUB on --pub-port.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5555, help="request port (default 5555)")
+    p.add_argument("--pub-port", type=int, default=None, help="presence port (default: --port + 1)")
+    p.add_argument("--data-dir", default=None, help="broker state (default: $P2PCHAT_HOME/broker)")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds (default 1)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("send", help="send one message", description="Send a message and wait for the broker's acknowledgement.")
+    _client_options(p, _default_user())
+    p.add_argument("--to", required=True, help="recipient user ID")
+    p.add_argument("text", nargs="*", help="the message (read from stdin when absent)")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("listen", help="print incoming messages", description="Stay online and print one line per event.")
+    _client_options(p, _default_user())
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, default=0, help="exit after this many messages")
+    p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("peers", help="list online peers", description="Print the users online now.")
+    _client_options(p)
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_peers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level or ("INFO" if args.command == "broker" else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except RemoteError as exc:
+        print(f"p2pchat {args.command}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except BrokenError as exc:
+        print(f"p2pchat {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (P2PChatError, OSError, zmq.ZMQError) as exc:
+        print(f"p2pchat {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

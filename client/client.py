@@ -1,0 +1,253 @@
+"""The public client: a thread-safe front object and one agent thread that owns the sockets.
+
+Front + agent, as in the ZeroMQ Guide's ``clone.py``: every call on
+``ChatClient`` becomes a command the agent runs on its own thread, so the DEALER
+and SUB sockets are only ever touched by one thread. Events reach the user by
+callback (called on the agent thread: keep it short) or through ``events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from client import events as ev
+from client.session import ClientSession, Emit, State, Transmit
+from common.endpoints import ServerAddress
+from common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError
+from common.protocol import MAX_HEADER_BYTES
+from common.wakeup import Waker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    server: ServerAddress = ServerAddress()
+    heartbeat_ivl: float = 1.0
+    liveness: int = 3
+    send_timeout: float = 10.0
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ChatClient:
+    def __init__(
+        self,
+        user: str,
+        config: ClientConfig | None = None,
+        *,
+        on_event: Callable[[ev.Event], None] | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.config = config or ClientConfig()
+        self.user = user
+        self.events: queue.Queue[ev.Event] = queue.Queue()
+        self._on_event = on_event or self.events.put
+        self._session = ClientSession(
+            user,
+            wall_ms=_wall_ms,
+            heartbeat_ivl=self.config.heartbeat_ivl,
+            liveness=self.config.liveness,
+            send_timeout=self.config.send_timeout,
+        )
+        self._ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self._commands: queue.SimpleQueue[tuple[Callable[[float], Any], Future]] = queue.SimpleQueue()
+        self._waker = Waker()
+        self._registered: Future[None] = Future()
+        self._acks: dict[bytes, Future[str]] = {}
+        self._peers: frozenset[str] = frozenset()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"p2pchat-agent-{user}", daemon=True)
+
+    # --- public API (any thread) ----------------------------------------------
+    def connect(self, timeout: float = 5.0) -> None:
+        """Start the agent and wait until registered. Raises RemoteError or BrokenError."""
+        if self._closed:
+            raise ClosedError("client is closed")
+        if not self._thread.is_alive():
+            self._thread.start()
+        try:
+            self._registered.result(timeout)
+        except FutureTimeout:
+            self.close()
+            raise BrokenError(f"broker {self.config.server} unreachable after {timeout:g}s") from None
+        except P2PChatError:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        """Start connecting in the background (events report progress); for GUIs."""
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def send(self, to: str, text: str, timeout: float | None = None) -> bytes:
+        """Send and wait for the broker's acknowledgement; returns the message id."""
+        msg_id, acked = self.send_async(to, text)
+        try:
+            acked.result(timeout if timeout is not None else self.config.send_timeout + 1)
+        except FutureTimeout:
+            raise BrokenError("no acknowledgement from the broker", ErrorCode.TIMEOUT) from None
+        return msg_id
+
+    def send_async(self, to: str, text: str) -> tuple[bytes, Future[str]]:
+        """Queue a message; the future resolves with the ack status or fails with the error."""
+        acked: Future[str] = Future()
+
+        def command(now: float) -> bytes:
+            msg_id, actions = self._session.send_text(to, text, now)
+            self._acks[msg_id] = acked
+            self._execute(actions)
+            return msg_id
+
+        return self._call(command).result(), acked
+
+    def peers(self) -> frozenset[str]:
+        return self._peers
+
+    def close(self) -> None:
+        """Unregister, stop the agent and release the sockets. Idempotent; never hangs."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.ident is not None:  # started: the agent closes its sockets and context
+            self._waker.wake()
+            self._thread.join()
+        elif self._own_ctx:
+            self._ctx.term()
+        self._waker.close()
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[[float], Any]) -> Future:
+        future: Future = Future()
+        if self._closed:
+            future.set_exception(ClosedError("client is closed"))
+            return future
+        self._commands.put((fn, future))
+        self._waker.wake()
+        return future
+
+    # --- agent (its own thread) ---------------------------------------------
+    def _run(self) -> None:
+        server = self.config.server
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._sub = self._ctx.socket(zmq.SUB)
+        for sock in (self._dealer, self._sub):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 1024)
+        self._dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that isn't there
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(server.pub_endpoint)  # subscribe before the snapshot (Clone)
+        self._dealer.connect(server.endpoint)
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._waker.fileno(), zmq.POLLIN)
+        session = self._session
+        try:
+            self._execute(session.start(time.monotonic()))
+            while not self._closed and session.state is not State.CLOSED:
+                timeout = max(0, int((session.next_deadline() - time.monotonic()) * 1000) + 1)
+                ready = dict(poller.poll(timeout))
+                now = time.monotonic()
+                if self._waker.fileno() in ready:
+                    self._waker.drain()
+                    self._run_commands(now)
+                if self._dealer in ready:
+                    self._drain(self._dealer, session.on_frames)
+                if self._sub in ready:
+                    self._drain(self._sub, session.on_publish)
+                self._execute(session.on_tick(time.monotonic()))
+            self._execute(session.close(time.monotonic()))
+        except Exception:  # the agent must not die silently: report, then clean up
+            log.exception("user=%s client agent crashed", self.user)
+            self._fail_all(BrokenError("client agent crashed; see the log"))
+        finally:
+            self._run_commands(time.monotonic())  # fail any command queued during shutdown
+            self._dealer.close(linger=0)
+            self._sub.close(linger=0)
+            if self._own_ctx:
+                self._ctx.term()
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes], float], list]) -> None:
+        for _ in range(1000):  # bounded so commands and ticks still get their turn
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._execute(handler(frames, time.monotonic()))
+
+    def _run_commands(self, now: float) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if self._closed:
+                future.set_exception(ClosedError("client is closed"))
+                continue
+            try:
+                future.set_result(fn(now))
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _execute(self, actions: list) -> None:
+        for action in actions:
+            if type(action) is Transmit:
+                try:
+                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT)
+                except zmq.Again:
+                    pass  # no connection (IMMEDIATE): the session re-sends after re-registering
+            elif type(action) is Emit:
+                self._dispatch(action.event)
+
+    def _dispatch(self, event: ev.Event) -> None:
+        kind = type(event)
+        if kind is ev.Acked:
+            self._resolve(event.msg_id, result=event.status)
+        elif kind is ev.SendFailed:
+            self._resolve(event.msg_id, error=event.error)
+        elif kind is ev.Registered and not self._registered.done():
+            self._registered.set_result(None)
+        elif kind is ev.RegisterFailed and not self._registered.done():
+            self._registered.set_exception(event.error)
+        elif kind is ev.PeersChanged:
+            self._peers = event.peers
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("user=%s event callback failed on %r", self.user, event)
+
+    def _resolve(self, msg_id: bytes, *, result: str | None = None, error: P2PChatError | None = None) -> None:
+        future = self._acks.pop(msg_id, None)
+        if future is None:
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def _fail_all(self, error: P2PChatError) -> None:
+        for msg_id in list(self._acks):
+            self._resolve(msg_id, error=error)
+        if not self._registered.done():
+            self._registered.set_exception(error)

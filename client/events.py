@@ -1,0 +1,62 @@
+"""What the client library tells its user (GUI, CLI, load tool), as small frozen types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import P2PChatError
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    user: str
+    reconnect: bool  # True when this re-established a lost session
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterFailed:
+    error: P2PChatError
+
+
+@dataclass(frozen=True, slots=True)
+class PeersChanged:
+    peers: frozenset[str]
+    joined: frozenset[str]
+    left: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    msg_id: bytes
+    sender: str
+    text: str
+    ts: int  # sender's wall clock, ms
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    msg_id: bytes
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailed:
+    msg_id: bytes
+    error: P2PChatError
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReported:
+    """An ERROR from the broker that answers nothing we are waiting for."""
+
+    error: P2PChatError
+
+
+Event = (
+    Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | SendFailed | ErrorReported
+)

@@ -1,0 +1,275 @@
+"""The client's session core: register, heartbeat, send, receive, presence.
+
+Sans-I/O: frames and ``now`` (monotonic seconds) in, ``Transmit``/``Emit``
+actions out. The agent thread owns the sockets and carries the actions out.
+
+States: CONNECTING (REGISTER sent, re-sent every heartbeat until answered),
+READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
+restarted) sends a READY session back to CONNECTING; messages not yet
+acknowledged are sent again once registered, and receivers drop duplicates by
+message id.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from client import events as ev
+from client.presence import PresenceTracker
+from common.errors import BrokenError, ErrorCode, ProtocolError, RemoteError
+from common.protocol import (
+    Ack,
+    ChatMessage,
+    Error,
+    Heartbeat,
+    PeerSync,
+    PeerUpdate,
+    Register,
+    Registered,
+    Snapshot,
+    SnapshotRequest,
+    Unregister,
+    check_user_id,
+    decode,
+    new_msg_id,
+    pack,
+    MAX_BODY_BYTES,
+)
+
+log = logging.getLogger(__name__)
+
+DEDUP_WINDOW = 10_000
+# REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
+# TCP connection completes is dropped, and users should not wait a heartbeat.
+REGISTER_RETRY_FIRST = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class Transmit:
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    event: ev.Event
+
+
+Action = Transmit | Emit
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _Pending:
+    frames: list[bytes]
+    deadline: float
+    transmitted: bool
+
+
+class ClientSession:
+    def __init__(
+        self,
+        user: str,
+        *,
+        wall_ms: Callable[[], int],
+        heartbeat_ivl: float = 1.0,
+        liveness: int = 3,
+        send_timeout: float = 10.0,
+    ) -> None:
+        self.user = check_user_id(user)
+        self.state = State.CONNECTING
+        self.presence = PresenceTracker()
+        self._wall_ms = wall_ms
+        self._hb_ivl = heartbeat_ivl
+        self._expiry = heartbeat_ivl * liveness
+        self._send_timeout = send_timeout
+        self._registered_once = False
+        self._register_retry = REGISTER_RETRY_FIRST
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._snapshot_due: float | None = None
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._published: frozenset[str] = frozenset()
+
+    # --- commands -----------------------------------------------------------
+    def start(self, now: float) -> list[Action]:
+        self._last_heard = now
+        return [self._transmit(pack(Register(self.user), self._wall_ms()), now)]
+
+    def send_text(self, recipient: str, text: str, now: float) -> tuple[bytes, list[Action]]:
+        body = text.encode("utf-8")
+        if len(body) > MAX_BODY_BYTES:
+            raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_BODY_BYTES}", ErrorCode.TOO_LARGE)
+        msg_id = new_msg_id()
+        frames = pack(ChatMessage(self.user, check_user_id(recipient), body), self._wall_ms(), msg_id)
+        ready = self.state is State.READY
+        self._pending[msg_id] = _Pending(frames, now + self._send_timeout, ready)
+        return msg_id, ([self._transmit(frames, now)] if ready else [])
+
+    def close(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self.state is State.READY:
+            actions.append(self._transmit(pack(Unregister(), self._wall_ms()), now))
+        self.state = State.CLOSED
+        for msg_id in list(self._pending):
+            del self._pending[msg_id]
+            actions.append(Emit(ev.SendFailed(msg_id, BrokenError("client closed before the broker acknowledged",
+                                                                   ErrorCode.CLOSED))))
+        return actions
+
+    @property
+    def peers(self) -> frozenset[str]:
+        return self._published
+
+    # --- inputs -------------------------------------------------------------
+    def on_frames(self, frames: list[bytes], now: float) -> list[Action]:
+        """A message from the broker on the DEALER."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            env = decode(frames)
+        except ProtocolError as exc:
+            log.warning("user=%s dropped a bad frame from the broker: %s", self.user, exc.message)
+            return []
+        self._last_heard = now
+        msg = env.message
+        if type(msg) is ChatMessage:
+            return self._on_chat(env.msg_id, msg, env.ts)
+        if type(msg) is Ack:
+            if self._pending.pop(msg.ref, None) is None:
+                return []
+            return [Emit(ev.Acked(msg.ref, msg.status.value))]
+        if type(msg) is Error:
+            return self._on_error(msg, now)
+        if type(msg) is Registered:
+            return self._on_registered(now)
+        if type(msg) is Snapshot:
+            self._snapshot_due = None
+            if not self.presence.on_snapshot(msg):
+                return self._request_snapshot(now)
+            return self._peers_changed()
+        return []  # HEARTBEAT replies need nothing beyond _last_heard
+
+    def on_publish(self, frames: list[bytes], now: float) -> list[Action]:
+        """A message from the broker's PUB on the SUB."""
+        if self.state is not State.READY:
+            return []
+        try:
+            msg = decode(frames).message
+        except ProtocolError as exc:
+            log.warning("user=%s dropped a bad presence frame: %s", self.user, exc.message)
+            return []
+        if type(msg) is PeerUpdate:
+            in_sync = self.presence.on_update(msg)
+        elif type(msg) is PeerSync:
+            in_sync = self.presence.on_sync(msg)
+        else:
+            return []
+        if not in_sync:
+            return self._request_snapshot(now)
+        return self._peers_changed()
+
+    def on_tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self.state is State.CLOSED:
+            return actions
+        for msg_id, pending in list(self._pending.items()):
+            if pending.deadline > now:
+                break  # insertion order is deadline order
+            del self._pending[msg_id]
+            actions.append(Emit(ev.SendFailed(msg_id, BrokenError("no acknowledgement from the broker",
+                                                                   ErrorCode.TIMEOUT))))
+        if self.state is State.READY and now - self._last_heard > self._expiry:
+            actions += self._lost("broker silent for %.1fs" % (now - self._last_heard), now)
+        elif self.state is State.CONNECTING and now - self._last_sent >= self._register_retry:
+            self._register_retry = min(self._register_retry * 2, self._hb_ivl)
+            actions.append(self._transmit(pack(Register(self.user), self._wall_ms()), now))
+        elif self.state is State.READY and now - self._last_sent >= self._hb_ivl:
+            actions.append(self._transmit(pack(Heartbeat(), self._wall_ms()), now))
+        if self._snapshot_due is not None and now >= self._snapshot_due:
+            actions += self._request_snapshot(now, force=True)
+        return actions
+
+    def next_deadline(self) -> float:
+        retry = self._register_retry if self.state is State.CONNECTING else self._hb_ivl
+        deadline = self._last_sent + retry
+        if self.state is State.READY:
+            deadline = min(deadline, self._last_heard + self._expiry)
+        if self._pending:
+            deadline = min(deadline, next(iter(self._pending.values())).deadline)
+        if self._snapshot_due is not None:
+            deadline = min(deadline, self._snapshot_due)
+        return deadline
+
+    # --- handlers -----------------------------------------------------------
+    def _on_chat(self, msg_id: bytes, msg: ChatMessage, ts: int) -> list[Action]:
+        if msg.recipient != self.user or msg_id in self._seen:
+            return []
+        self._seen[msg_id] = None
+        if len(self._seen) > DEDUP_WINDOW:
+            self._seen.popitem(last=False)
+        text = msg.body.decode("utf-8", errors="replace")
+        return [Emit(ev.MessageReceived(msg_id, msg.sender, text, ts))]
+
+    def _on_registered(self, now: float) -> list[Action]:
+        if self.state is not State.CONNECTING:
+            return []
+        self.state = State.READY
+        self._register_retry = REGISTER_RETRY_FIRST
+        actions: list[Action] = [Emit(ev.Registered(self.user, reconnect=self._registered_once))]
+        self._registered_once = True
+        log.info("user=%s registered", self.user)
+        for pending in self._pending.values():  # at-least-once: receivers dedup by id
+            actions.append(self._transmit(pending.frames, now))
+            pending.transmitted = True
+        self.presence.reset()
+        return actions + self._request_snapshot(now, force=True)
+
+    def _on_error(self, msg: Error, now: float) -> list[Action]:
+        error = RemoteError(msg.message, msg.code)
+        if msg.code is ErrorCode.NOT_REGISTERED:  # the broker restarted and forgot us
+            return self._lost("broker no longer knows this session", now) if self.state is State.READY else []
+        if self.state is State.CONNECTING and msg.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED):
+            if not self._registered_once:
+                self.state = State.CLOSED
+                return [Emit(ev.RegisterFailed(error))]
+            return []  # our own stale session: it expires soon, keep re-registering
+        if msg.ref is not None and self._pending.pop(msg.ref, None) is not None:
+            return [Emit(ev.SendFailed(msg.ref, error))]
+        return [Emit(ev.ErrorReported(error))]
+
+    # --- helpers ------------------------------------------------------------
+    def _lost(self, reason: str, now: float) -> list[Action]:
+        log.warning("user=%s connection lost: %s; re-registering", self.user, reason)
+        self.state = State.CONNECTING
+        self._last_heard = now
+        self.presence.reset()
+        self._snapshot_due = None
+        return [Emit(ev.Reconnecting(reason)), self._transmit(pack(Register(self.user), self._wall_ms()), now)]
+
+    def _request_snapshot(self, now: float, force: bool = False) -> list[Action]:
+        if self._snapshot_due is not None and not force:
+            return []  # one in flight; re-asked at the deadline if lost
+        self._snapshot_due = now + self._expiry
+        return [self._transmit(pack(SnapshotRequest(), self._wall_ms()), now)]
+
+    def _peers_changed(self) -> list[Action]:
+        current = frozenset(self.presence.peers)
+        if current == self._published:
+            return []
+        joined, left = current - self._published, self._published - current
+        self._published = current
+        return [Emit(ev.PeersChanged(current, joined, left))]
+
+    def _transmit(self, frames: list[bytes], now: float) -> Transmit:
+        self._last_sent = now
+        return Transmit(frames)

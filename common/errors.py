@@ -1,0 +1,72 @@
+"""The one exception hierarchy of p2p-chat.
+
+    P2PChatError
+    ├── ProtocolError        a frame broke the wire spec (bad bytes, fields, sizes)
+    ├── RemoteError          the broker or a peer answered with an ERROR frame
+    ├── ClosedError          you closed the client; further calls are refused
+    ├── BrokenError          the broker is unreachable or stopped answering
+    └── TransferError        a file transfer failed (I/O, integrity, limits)
+
+Every error carries an ``ErrorCode``: the stable string that crosses the wire in
+an ERROR frame and that scripts can match on. The message is for humans.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_FRAME = "bad_frame"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    NOT_REGISTERED = "not_registered"
+    ALREADY_REGISTERED = "already_registered"
+    ID_TAKEN = "id_taken"
+    UNKNOWN_RECIPIENT = "unknown_recipient"
+    RECIPIENT_OFFLINE = "recipient_offline"
+    RECIPIENT_BUSY = "recipient_busy"
+    SPOOFED_SENDER = "spoofed_sender"
+    TIMEOUT = "timeout"
+    CLOSED = "closed"
+    BROKER_UNREACHABLE = "broker_unreachable"
+    TRANSFER_FAILED = "transfer_failed"
+    CANCELLED = "cancelled"
+    INTEGRITY = "integrity"
+    TOO_LARGE = "too_large"
+    NO_SPACE = "no_space"
+    UNWRITABLE = "unwritable"
+    SOURCE_CHANGED = "source_changed"
+
+
+class P2PChatError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    default_code = ErrorCode.BAD_FRAME
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.default_code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code.value}]"
+
+
+class ProtocolError(P2PChatError):
+    default_code = ErrorCode.BAD_FRAME
+
+
+class RemoteError(P2PChatError):
+    """An ERROR frame from the other side; ``code`` is what it said."""
+
+
+class ClosedError(P2PChatError):
+    default_code = ErrorCode.CLOSED
+
+
+class BrokenError(P2PChatError):
+    default_code = ErrorCode.BROKER_UNREACHABLE
+
+
+class TransferError(P2PChatError):
+    default_code = ErrorCode.TRANSFER_FAILED

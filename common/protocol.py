@@ -1,0 +1,370 @@
+"""The p2p-chat wire protocol: message types, limits and a strict, bounded codec.
+
+A ZeroMQ message is one msgpack *header* frame, optionally followed by one
+opaque *payload* frame (file chunks only). ``docs/PROTOCOL.md`` is the normative
+text; this module is its executable form. Decoding never lets a msgpack or
+type error escape: every failure is a ``ProtocolError`` with a stable code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import msgpack
+
+from common.errors import ErrorCode, ProtocolError
+
+# --- limits (named in docs/PROTOCOL.md, section "Limits") -------------------
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_FRAME_BYTES = MAX_HEADER_BYTES  # per-frame cap given to ZMQ_MAXMSGSIZE
+MAX_PARTS = 2
+MAX_BODY_BYTES = 64 * 1024
+MAX_TEXT_CHARS = 1024
+MAX_PEERS = 20_000
+MAX_FIELDS = 16
+MAX_INT = 2**63 - 1
+MSG_ID_BYTES = 16
+USER_ID_MAX = 32
+USER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def new_msg_id() -> bytes:
+    return os.urandom(MSG_ID_BYTES)
+
+
+# --- field checkers: each returns the value or raises ProtocolError ---------
+Checker = Callable[[Any], Any]
+
+
+def _fail(what: str) -> typing.NoReturn:
+    raise ProtocolError(what)
+
+
+def check_user_id(value: Any) -> str:
+    if type(value) is not str or not USER_ID_RE.fullmatch(value):
+        raise ProtocolError(
+            f"invalid user ID {value!r}: 1-{USER_ID_MAX} of A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _bytes(max_len: int, exact: bool = False) -> Checker:
+    def check(value: Any) -> bytes:
+        if type(value) is not bytes:
+            _fail(f"expected bytes, got {type(value).__name__}")
+        if len(value) > max_len or (exact and len(value) != max_len):
+            _fail(f"bytes of length {len(value)} outside limit {max_len}")
+        return value
+
+    return check
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str or len(value) > MAX_TEXT_CHARS:
+        _fail("expected a string of at most %d characters" % MAX_TEXT_CHARS)
+    return value
+
+
+def _uint(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        _fail(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        _fail(f"expected a boolean, got {value!r}")
+    return value
+
+
+def _user_list(value: Any) -> tuple[str, ...]:
+    if type(value) is not tuple or len(value) > MAX_PEERS:
+        _fail("expected a list of at most %d user IDs" % MAX_PEERS)
+    return tuple(check_user_id(v) for v in value)
+
+
+def _enum(kind: type[enum.Enum]) -> Checker:
+    values = {m.value: m for m in kind}
+
+    def check(value: Any) -> Any:
+        try:
+            return values[value]
+        except (KeyError, TypeError):
+            _fail(f"{value!r} is not one of {sorted(values)}")
+
+    return check
+
+
+# Field kinds, as annotations the codec reads (h11-style: the types are the spec).
+UserId = Annotated[str, check_user_id]
+MsgId = Annotated[bytes, _bytes(MSG_ID_BYTES, exact=True)]
+Body = Annotated[bytes, _bytes(MAX_BODY_BYTES)]
+Token = Annotated[bytes, _bytes(64)]
+Text = Annotated[str, _text]
+Count = Annotated[int, _uint]
+Flag = Annotated[bool, _bool]
+UserList = Annotated[tuple, _user_list]
+
+
+class MsgType(str, enum.Enum):
+    REGISTER = "register"
+    REGISTERED = "registered"
+    UNREGISTER = "unregister"
+    HEARTBEAT = "heartbeat"
+    MESSAGE = "message"
+    ACK = "ack"
+    ERROR = "error"
+    SNAPSHOT_REQ = "snapshot_req"
+    SNAPSHOT = "snapshot"
+    PEER_UPDATE = "peer_update"
+    PEER_SYNC = "peer_sync"
+
+
+class AckStatus(str, enum.Enum):
+    RELAYED = "relayed"
+
+
+AckStatusField = Annotated[AckStatus, _enum(AckStatus)]
+ErrorCodeField = Annotated[ErrorCode, _enum(ErrorCode)]
+
+
+class Message:
+    """Base of every message body. Subclasses are frozen, slotted dataclasses."""
+
+    __slots__ = ()
+    TYPE: ClassVar[MsgType]
+    RELAYED: ClassVar[bool] = False  # broker forwards it peer to peer unchanged
+    ACKED: ClassVar[bool] = False  # broker answers a relayed one with ACK or ERROR
+    HAS_PAYLOAD: ClassVar[bool] = False
+
+
+def _message(cls: type) -> type:
+    return dataclass(frozen=True, slots=True)(cls)
+
+
+@_message
+class Register(Message):
+    TYPE = MsgType.REGISTER
+    user: UserId
+
+
+@_message
+class Registered(Message):
+    TYPE = MsgType.REGISTERED
+    user: UserId
+    epoch: Token
+    heartbeat_ms: Count
+
+
+@_message
+class Unregister(Message):
+    TYPE = MsgType.UNREGISTER
+
+
+@_message
+class Heartbeat(Message):
+    TYPE = MsgType.HEARTBEAT
+
+
+@_message
+class ChatMessage(Message):
+    TYPE = MsgType.MESSAGE
+    RELAYED = True
+    ACKED = True
+    sender: UserId
+    recipient: UserId
+    body: Body
+
+
+@_message
+class Ack(Message):
+    TYPE = MsgType.ACK
+    ref: MsgId
+    status: AckStatusField
+
+
+@_message
+class Error(Message):
+    TYPE = MsgType.ERROR
+    code: ErrorCodeField
+    message: Text
+    ref: MsgId | None = None
+
+
+@_message
+class SnapshotRequest(Message):
+    TYPE = MsgType.SNAPSHOT_REQ
+
+
+@_message
+class Snapshot(Message):
+    TYPE = MsgType.SNAPSHOT
+    epoch: Token
+    seq: Count
+    peers: UserList
+
+
+@_message
+class PeerUpdate(Message):
+    TYPE = MsgType.PEER_UPDATE
+    epoch: Token
+    seq: Count
+    user: UserId
+    online: Flag
+
+
+@_message
+class PeerSync(Message):
+    """Published every heartbeat interval so a subscriber notices missed updates."""
+
+    TYPE = MsgType.PEER_SYNC
+    epoch: Token
+    seq: Count
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The header every frame carries, around one typed message."""
+
+    msg_id: bytes
+    ts: int  # sender's wall clock, milliseconds since the Unix epoch
+    message: Message
+    payload: Any = None  # bytes-like, or None
+
+
+# --- codec tables, derived once from the annotations above ------------------
+_WIRE_NAMES = {"sender": "from", "recipient": "to"}
+_HEADER_KEYS = frozenset({"v", "t", "id", "ts"})
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldSpec:
+    attr: str
+    wire: str
+    check: Checker
+    required: bool
+
+
+def _specs(cls: type[Message]) -> tuple[_FieldSpec, ...]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    specs = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        required = f.default is dataclasses.MISSING
+        if not required:  # `X | None`: take the Annotated member
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        check = typing.get_args(hint)[1]
+        specs.append(_FieldSpec(f.name, _WIRE_NAMES.get(f.name, f.name), check, required))
+    return tuple(specs)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+_SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {}
+
+
+def register_message_type(cls: type[Message]) -> type[Message]:
+    """Add a message class to the codec (protocol extensions call this)."""
+    MESSAGE_TYPES[cls.TYPE.value] = cls
+    _SPECS[cls] = _specs(cls)
+    return cls
+
+
+for _cls in (
+    Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error,
+    SnapshotRequest, Snapshot, PeerUpdate, PeerSync,
+):
+    register_message_type(_cls)
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def encode(env: Envelope) -> list[bytes]:
+    """Envelope -> ZeroMQ frames (header, then the payload if any)."""
+    msg = env.message
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": msg.TYPE.value, "id": env.msg_id, "ts": env.ts}
+    for spec in _SPECS[type(msg)]:
+        value = getattr(msg, spec.attr)
+        if value is not None:
+            header[spec.wire] = _plain(value)
+    frames = [msgpack.packb(header, use_bin_type=True)]
+    if env.payload is not None:
+        frames.append(env.payload)
+    return frames
+
+
+def pack(message: Message, ts: int, msg_id: bytes | None = None, payload: bytes | None = None) -> list[bytes]:
+    return encode(Envelope(msg_id or new_msg_id(), ts, message, payload))
+
+
+_UNPACK_LIMITS = dict(
+    raw=False,
+    strict_map_key=True,
+    use_list=False,
+    max_str_len=MAX_BODY_BYTES,
+    max_bin_len=MAX_BODY_BYTES,
+    max_array_len=MAX_PEERS,
+    max_map_len=MAX_FIELDS,
+    max_ext_len=0,
+)
+
+
+def decode(frames: Sequence[bytes]) -> Envelope:
+    """ZeroMQ frames -> Envelope, or ProtocolError. Bounded on hostile input."""
+    if not 1 <= len(frames) <= MAX_PARTS:
+        raise ProtocolError(f"expected 1 or 2 frames, got {len(frames)}")
+    raw = frames[0]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}", ErrorCode.TOO_LARGE)
+    try:
+        header = msgpack.unpackb(raw, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises a zoo (ValueError subclasses, TypeError, ...)
+        raise ProtocolError(f"undecodable header: {exc.__class__.__name__}") from None
+    if type(header) is not dict:
+        raise ProtocolError("header is not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}", ErrorCode.UNSUPPORTED_VERSION)
+    cls = MESSAGE_TYPES.get(header.get("t"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message type {header.get('t')!r}")
+    msg_id = header.get("id")
+    if type(msg_id) is not bytes or len(msg_id) != MSG_ID_BYTES:
+        raise ProtocolError("missing or malformed message id")
+    ts = header.get("ts")
+    if type(ts) is not int or not 0 <= ts <= MAX_INT:
+        raise ProtocolError("missing or malformed timestamp")
+    specs = _SPECS[cls]
+    kwargs = {}
+    for spec in specs:
+        if spec.wire in header:
+            try:
+                kwargs[spec.attr] = spec.check(header[spec.wire])
+            except ProtocolError as exc:
+                raise ProtocolError(f"{cls.TYPE.value}.{spec.wire}: {exc.message}") from None
+        elif spec.required:
+            raise ProtocolError(f"{cls.TYPE.value}: missing field {spec.wire!r}")
+    if len(header) != len(_HEADER_KEYS) + len(kwargs):
+        known = _HEADER_KEYS | {s.wire for s in specs}
+        extra = sorted(str(k) for k in header if k not in known)
+        raise ProtocolError(f"{cls.TYPE.value}: unknown fields {extra}")
+    payload = None
+    if len(frames) == 2:
+        if not cls.HAS_PAYLOAD:
+            raise ProtocolError(f"{cls.TYPE.value} takes no payload frame")
+        payload = frames[1]  # left as given (bytes or zmq.Frame): relays must not copy it
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise ProtocolError("payload too large", ErrorCode.TOO_LARGE)
+    elif cls.HAS_PAYLOAD:
+        raise ProtocolError(f"{cls.TYPE.value} needs a payload frame")
+    return Envelope(msg_id, ts, cls(**kwargs), payload)

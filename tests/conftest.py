@@ -1,0 +1,145 @@
+"""Fixtures: real brokers in subprocesses on free loopback ports, real clients, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from client import events as ev
+from client.client import ChatClient, ClientConfig
+from common.endpoints import ServerAddress
+
+ROOT = Path(__file__).resolve().parent.parent
+HEARTBEAT = 0.2  # fast heartbeats keep expiry and reconnect tests short
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free on 127.0.0.1 (the broker's ROUTER and PUB)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65534:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+class BrokerProcess:
+    """``p2pchat broker`` in a subprocess; restartable on the same ports."""
+
+    def __init__(self, home: Path, port: int, extra: list[str] | None = None) -> None:
+        self.home, self.port, self.extra = home, port, extra or []
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+
+    @property
+    def address(self) -> ServerAddress:
+        return ServerAddress("127.0.0.1", self.port)
+
+    def start(self, timeout: float = 10.0) -> BrokerProcess:
+        env = dict(os.environ, P2PCHAT_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "client.cli", "broker", "--port", str(self.port),
+               "--heartbeat", str(HEARTBEAT), *self.extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def pump(stream) -> None:
+            for line in stream:
+                self.lines.append(line)
+                if "broker listening" in line:
+                    ready.set()
+
+        threading.Thread(target=pump, args=(self.proc.stderr,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("broker did not start:\n" + "".join(self.lines))
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else None
+
+    def alive(self) -> bool:
+        return bool(self.proc) and self.proc.poll() is None
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("P2PCHAT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(tmp_path / "broker-home", free_port_pair()).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def make_client(broker: BrokerProcess, home: Path) -> Iterator[Callable[..., ChatClient]]:
+    clients: list[ChatClient] = []
+
+    def make(user: str, connect: bool = True, **config) -> ChatClient:
+        cfg = ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT, **config)
+        client = ChatClient(user, cfg)
+        clients.append(client)
+        if connect:
+            client.connect(timeout=10)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def wait_for(client: ChatClient, predicate: Callable[[ev.Event], bool], timeout: float = 10.0) -> ev.Event:
+    """The first event from ``client.events`` that satisfies ``predicate``; fail on timeout."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting; saw {seen[-10:]}")
+        try:
+            event = client.events.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        seen.append(event)
+        if predicate(event):
+            return event
+
+
+def wait_peers(client: ChatClient, expected: set[str], timeout: float = 10.0) -> None:
+    if client.peers() == expected:
+        return
+    wait_for(client, lambda e: isinstance(e, ev.PeersChanged) and e.peers == expected, timeout)
