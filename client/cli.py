@@ -131,6 +131,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gui(args: argparse.Namespace) -> int:
+    from client.gui import run_gui
+
+    return run_gui(args)
+
+
 # --- parser ------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pchat", description="Chat and file transfer for small teams, over a ZeroMQ broker.")
@@ -161,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser("gui", help="open the desktop chat window",
+                       description="Open the chat window; connects at once when --server and --user are both given.")
+    p.add_argument("--server", default=None, metavar="H:P", help="broker address (default: last used, else 127.0.0.1:5555)")
+    p.add_argument("--user", default=None, help="your user ID (default: last used)")
+    p.set_defaults(func=cmd_gui)
     return parser
 
 
