@@ -4,6 +4,7 @@ non-zero with a one-line error on stderr otherwise."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import logging
@@ -19,7 +20,7 @@ import zmq
 
 from client import events as ev
 from common.endpoints import ServerAddress
-from common.errors import BrokenError, P2PChatError, RemoteError
+from common.errors import BrokenError, P2PChatError, RemoteError, TransferError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -51,7 +52,12 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
     from client.client import ChatClient, ClientConfig
 
     server = ServerAddress(args.server.host, args.server.port, args.pub_port)
-    client = ChatClient(user, ClientConfig(server=server, send_timeout=args.timeout), on_event=on_event)
+    config = ClientConfig(server=server, send_timeout=args.timeout)
+    if getattr(args, "received_dir", None):
+        config = dataclasses.replace(config, received_dir=Path(args.received_dir).expanduser())
+    if getattr(args, "max_file_size", None):
+        config = dataclasses.replace(config, max_file_size=args.max_file_size)
+    client = ChatClient(user, config, on_event=on_event)
     client.connect(timeout=args.timeout)
     return client
 
@@ -77,6 +83,35 @@ def cmd_send(args: argparse.Namespace) -> int:
     text = " ".join(args.text) if args.text else sys.stdin.read()
     with _connect(args, args.user) as client:
         client.send(args.to, text, timeout=args.timeout)
+    return EXIT_OK
+
+
+def cmd_send_file(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    path = Path(args.path).expanduser()
+    if not path.is_file():
+        raise TransferError(f"{path} is not a readable file")
+    size = path.stat().st_size
+    bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name[:30],
+               disable=args.quiet or None, file=sys.stderr)
+    lock = threading.Lock()
+    mine: list[bytes] = []
+
+    def on_event(event: ev.Event) -> None:
+        if isinstance(event, ev.FileProgress) and event.xfer in mine:
+            with lock:
+                bar.update(event.done - bar.n)
+
+    try:
+        with _connect(args, args.user, on_event) as client:
+            xfer, done = client.send_file(args.to, path)
+            mine.append(xfer)
+            done.result()  # returns once the receiver has verified and saved the file
+            with lock:
+                bar.update(size - bar.n)
+    finally:
+        bar.close()
     return EXIT_OK
 
 
@@ -118,6 +153,16 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 emit({"type": "presence", "user": user, "online": True}, f"* {user} is online")
             for user in sorted(event.left):
                 emit({"type": "presence", "user": user, "online": False}, f"* {user} went offline")
+        elif isinstance(event, ev.FileIncoming):
+            emit({"type": "file_incoming", "from": event.sender, "name": event.name, "size": event.size,
+                  "id": event.xfer.hex()}, f"[{event.sender}] sending {event.name} ({event.size} bytes)...")
+        elif isinstance(event, ev.FileReceived):
+            emit({"type": "file", "from": event.sender, "name": event.name, "path": str(event.path),
+                  "size": event.size, "id": event.xfer.hex()}, f"[{event.sender}] file saved: {event.path}")
+        elif isinstance(event, ev.FileFailed) and event.direction == "in":
+            emit({"type": "file_failed", "from": event.peer, "name": event.name, "code": event.error.code.value,
+                  "error": event.error.message, "id": event.xfer.hex()},
+                 f"[{event.peer}] file {event.name} failed: {event.error}")
         elif isinstance(event, ev.Reconnecting):
             emit({"type": "status", "status": "reconnecting", "reason": event.reason}, f"! reconnecting: {event.reason}")
         elif isinstance(event, ev.Registered) and event.reconnect:
@@ -161,7 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p, _default_user())
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, default=0, help="exit after this many messages")
+    p.add_argument("--received-dir", default=None, help="where incoming files are saved (default ~/client_received)")
+    p.add_argument("--max-file-size", type=int, default=None, help="refuse incoming files larger than this (bytes)")
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("send-file", help="send a file", description="Send a file; exits 0 once the receiver verified it.")
+    _client_options(p, _default_user())
+    p.add_argument("--to", required=True, help="recipient user ID")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("path", help="the file to send")
+    p.set_defaults(func=cmd_send_file)
 
     p = sub.add_parser("peers", help="list online peers", description="Print the users online now.")
     _client_options(p)

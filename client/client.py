@@ -15,19 +15,27 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from client import events as ev
-from client.session import ClientSession, Emit, State, Transmit
+from client.actions import Emit, Transmit
+from client.session import ClientSession, State
+from client.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
+from common.paths import ensure_private_dir, user_dir
 from common.endpoints import ServerAddress
 from common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError
-from common.protocol import MAX_HEADER_BYTES
+from common.protocol import MAX_HEADER_BYTES, check_user_id
 from common.wakeup import Waker
 
 log = logging.getLogger(__name__)
+
+
+def _default_received_dir() -> Path:
+    return Path.home() / "client_received"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,11 @@ class ClientConfig:
     heartbeat_ivl: float = 1.0
     liveness: int = 3
     send_timeout: float = 10.0
+    received_dir: Path = field(default_factory=_default_received_dir)
+    max_file_size: int = 1 << 40
+    chunk_size: int = CHUNK_SIZE
+    window: int = WINDOW
+    state_dir: Path | None = None  # default: the user's directory under $P2PCHAT_HOME
 
 
 def _wall_ms() -> int:
@@ -55,12 +68,22 @@ class ChatClient:
         self.user = user
         self.events: queue.Queue[ev.Event] = queue.Queue()
         self._on_event = on_event or self.events.put
+        cfg = self.config
+        self.state_dir = ensure_private_dir(cfg.state_dir or user_dir(check_user_id(user)))
+        transfers = TransferManager(
+            user,
+            TransferConfig(self.state_dir / "transfers", cfg.received_dir, cfg.max_file_size, cfg.chunk_size,
+                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness),
+            wall_ms=_wall_ms,
+            wall_time=time.time,
+        )
         self._session = ClientSession(
             user,
             wall_ms=_wall_ms,
-            heartbeat_ivl=self.config.heartbeat_ivl,
-            liveness=self.config.liveness,
-            send_timeout=self.config.send_timeout,
+            heartbeat_ivl=cfg.heartbeat_ivl,
+            liveness=cfg.liveness,
+            send_timeout=cfg.send_timeout,
+            transfers=transfers,
         )
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
@@ -68,6 +91,7 @@ class ChatClient:
         self._waker = Waker()
         self._registered: Future[None] = Future()
         self._acks: dict[bytes, Future[str]] = {}
+        self._transfers: dict[bytes, Future[None]] = {}
         self._peers: frozenset[str] = frozenset()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"p2pchat-agent-{user}", daemon=True)
@@ -113,6 +137,21 @@ class ChatClient:
             return msg_id
 
         return self._call(command).result(), acked
+
+    def send_file(self, to: str, path: str | Path) -> tuple[bytes, Future[None]]:
+        """Offer a file; the future resolves once the receiver has verified and saved it."""
+        done: Future[None] = Future()
+
+        def command(now: float) -> bytes:
+            xfer, actions = self._session.transfers.send_file(check_user_id(to), Path(path), now)
+            self._transfers[xfer] = done
+            self._execute(actions)
+            return xfer
+
+        return self._call(command).result(), done
+
+    def cancel_transfer(self, xfer: bytes) -> None:
+        self._call(lambda now: self._execute(self._session.transfers.cancel(xfer, now))).result()
 
     def peers(self) -> frozenset[str]:
         return self._peers
@@ -191,9 +230,11 @@ class ChatClient:
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes], float], list]) -> None:
         for _ in range(1000):  # bounded so commands and ticks still get their turn
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            # Header as bytes; a chunk payload stays a zero-copy buffer.
+            frames = [parts[0].bytes, *(p.buffer for p in parts[1:])]
             self._execute(handler(frames, time.monotonic()))
 
     def _run_commands(self, now: float) -> None:
@@ -214,7 +255,7 @@ class ChatClient:
         for action in actions:
             if type(action) is Transmit:
                 try:
-                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT)
+                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT, copy=False)
                 except zmq.Again:
                     pass  # no connection (IMMEDIATE): the session re-sends after re-registering
             elif type(action) is Emit:
@@ -232,6 +273,10 @@ class ChatClient:
             self._registered.set_exception(event.error)
         elif kind is ev.PeersChanged:
             self._peers = event.peers
+        elif kind is ev.FileSent and event.xfer in self._transfers:
+            self._transfers.pop(event.xfer).set_result(None)
+        elif kind is ev.FileFailed and event.xfer in self._transfers:
+            self._transfers.pop(event.xfer).set_exception(event.error)
         try:
             self._on_event(event)
         except Exception:
@@ -249,5 +294,8 @@ class ChatClient:
     def _fail_all(self, error: P2PChatError) -> None:
         for msg_id in list(self._acks):
             self._resolve(msg_id, error=error)
+        for done in self._transfers.values():
+            done.set_exception(error)
+        self._transfers.clear()
         if not self._registered.done():
             self._registered.set_exception(error)

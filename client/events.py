@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import P2PChatError
 
@@ -57,6 +58,55 @@ class ErrorReported:
     error: P2PChatError
 
 
+@dataclass(frozen=True, slots=True)
+class FileIncoming:
+    xfer: bytes
+    sender: str
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileProgress:
+    xfer: bytes
+    peer: str
+    name: str
+    direction: str  # "in" or "out"
+    done: int  # bytes verified by the receiver
+    size: int
+    rate: float  # bytes per second since the transfer (re)started
+    eta: float | None  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class FileReceived:
+    xfer: bytes
+    sender: str
+    name: str  # as the sender named it
+    path: Path  # where it was saved, verified
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileSent:
+    """The receiver verified the whole file and saved it."""
+
+    xfer: bytes
+    recipient: str
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileFailed:
+    xfer: bytes
+    peer: str
+    name: str
+    direction: str
+    error: P2PChatError
+
+
 Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | SendFailed | ErrorReported
+    | FileIncoming | FileProgress | FileReceived | FileSent | FileFailed
 )

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from client import events as ev
+from client.actions import Action, Emit, Transmit
 from client.presence import PresenceTracker
+from client.transfer import TransferManager
 from common.errors import BrokenError, ErrorCode, ProtocolError, RemoteError
 from common.protocol import (
     Ack,
@@ -48,19 +50,6 @@ DEDUP_WINDOW = 10_000
 REGISTER_RETRY_FIRST = 0.02
 
 
-@dataclass(frozen=True, slots=True)
-class Transmit:
-    frames: list[bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class Emit:
-    event: ev.Event
-
-
-Action = Transmit | Emit
-
-
 class State(enum.Enum):
     CONNECTING = "connecting"
     READY = "ready"
@@ -83,10 +72,12 @@ class ClientSession:
         heartbeat_ivl: float = 1.0,
         liveness: int = 3,
         send_timeout: float = 10.0,
+        transfers: TransferManager | None = None,
     ) -> None:
         self.user = check_user_id(user)
         self.state = State.CONNECTING
         self.presence = PresenceTracker()
+        self.transfers = transfers
         self._wall_ms = wall_ms
         self._hb_ivl = heartbeat_ivl
         self._expiry = heartbeat_ivl * liveness
@@ -144,6 +135,10 @@ class ClientSession:
         msg = env.message
         if type(msg) is ChatMessage:
             return self._on_chat(env.msg_id, msg, env.ts)
+        if msg.RELAYED:  # file transfer frames
+            if self.transfers is None or msg.recipient != self.user:  # type: ignore[attr-defined]
+                return []
+            return self.transfers.on_message(msg, env.payload, now)
         if type(msg) is Ack:
             if self._pending.pop(msg.ref, None) is None:
                 return []
@@ -156,7 +151,7 @@ class ClientSession:
             self._snapshot_due = None
             if not self.presence.on_snapshot(msg):
                 return self._request_snapshot(now)
-            return self._peers_changed()
+            return self._peers_changed(now)
         return []  # HEARTBEAT replies need nothing beyond _last_heard
 
     def on_publish(self, frames: list[bytes], now: float) -> list[Action]:
@@ -176,7 +171,7 @@ class ClientSession:
             return []
         if not in_sync:
             return self._request_snapshot(now)
-        return self._peers_changed()
+        return self._peers_changed(now)
 
     def on_tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -197,6 +192,8 @@ class ClientSession:
             actions.append(self._transmit(pack(Heartbeat(), self._wall_ms()), now))
         if self._snapshot_due is not None and now >= self._snapshot_due:
             actions += self._request_snapshot(now, force=True)
+        if self.transfers is not None and self.state is State.READY:
+            actions += self.transfers.on_tick(now)
         return actions
 
     def next_deadline(self) -> float:
@@ -208,6 +205,8 @@ class ClientSession:
             deadline = min(deadline, next(iter(self._pending.values())).deadline)
         if self._snapshot_due is not None:
             deadline = min(deadline, self._snapshot_due)
+        if self.transfers is not None and self.state is State.READY:
+            deadline = min(deadline, self.transfers.next_deadline())
         return deadline
 
     # --- handlers -----------------------------------------------------------
@@ -225,14 +224,19 @@ class ClientSession:
             return []
         self.state = State.READY
         self._register_retry = REGISTER_RETRY_FIRST
-        actions: list[Action] = [Emit(ev.Registered(self.user, reconnect=self._registered_once))]
+        reconnect = self._registered_once
+        actions: list[Action] = [Emit(ev.Registered(self.user, reconnect=reconnect))]
         self._registered_once = True
         log.info("user=%s registered", self.user)
         for pending in self._pending.values():  # at-least-once: receivers dedup by id
             actions.append(self._transmit(pending.frames, now))
             pending.transmitted = True
         self.presence.reset()
-        return actions + self._request_snapshot(now, force=True)
+        actions += self._request_snapshot(now, force=True)
+        if self.transfers is not None:
+            resumed = self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
+            actions += resumed
+        return actions
 
     def _on_error(self, msg: Error, now: float) -> list[Action]:
         error = RemoteError(msg.message, msg.code)
@@ -245,6 +249,10 @@ class ClientSession:
             return []  # our own stale session: it expires soon, keep re-registering
         if msg.ref is not None and self._pending.pop(msg.ref, None) is not None:
             return [Emit(ev.SendFailed(msg.ref, error))]
+        if msg.ref is not None and self.transfers is not None:
+            handled = self.transfers.on_error(msg.ref, error, now)
+            if handled is not None:
+                return handled
         return [Emit(ev.ErrorReported(error))]
 
     # --- helpers ------------------------------------------------------------
@@ -262,13 +270,16 @@ class ClientSession:
         self._snapshot_due = now + self._expiry
         return [self._transmit(pack(SnapshotRequest(), self._wall_ms()), now)]
 
-    def _peers_changed(self) -> list[Action]:
+    def _peers_changed(self, now: float) -> list[Action]:
         current = frozenset(self.presence.peers)
         if current == self._published:
             return []
         joined, left = current - self._published, self._published - current
         self._published = current
-        return [Emit(ev.PeersChanged(current, joined, left))]
+        actions: list[Action] = [Emit(ev.PeersChanged(current, joined, left))]
+        if self.transfers is not None:
+            actions += self.transfers.on_peers(current, now)
+        return actions
 
     def _transmit(self, frames: list[bytes], now: float) -> Transmit:
         self._last_sent = now

@@ -110,6 +110,7 @@ UserId = Annotated[str, check_user_id]
 MsgId = Annotated[bytes, _bytes(MSG_ID_BYTES, exact=True)]
 Body = Annotated[bytes, _bytes(MAX_BODY_BYTES)]
 Token = Annotated[bytes, _bytes(64)]
+Digest = Annotated[bytes, _bytes(32, exact=True)]
 Text = Annotated[str, _text]
 Count = Annotated[int, _uint]
 Flag = Annotated[bool, _bool]
@@ -128,6 +129,11 @@ class MsgType(str, enum.Enum):
     SNAPSHOT = "snapshot"
     PEER_UPDATE = "peer_update"
     PEER_SYNC = "peer_sync"
+    FILE_OFFER = "file_offer"
+    FILE_CREDIT = "file_credit"
+    FILE_CHUNK = "file_chunk"
+    FILE_DONE = "file_done"
+    FILE_CANCEL = "file_cancel"
 
 
 class AckStatus(str, enum.Enum):
@@ -232,6 +238,70 @@ class PeerSync(Message):
     seq: Count
 
 
+# --- file transfer (credit-based flow, the Guide's fileio3, relayed peer to peer) ---
+@_message
+class FileOffer(Message):
+    TYPE = MsgType.FILE_OFFER
+    RELAYED = True
+    ACKED = True
+    sender: UserId
+    recipient: UserId
+    xfer: MsgId
+    name: Text
+    size: Count
+    chunk_size: Count
+
+
+@_message
+class FileCredit(Message):
+    """Receiver -> sender: I hold every chunk below ``next``; send chunks below ``upto``."""
+
+    TYPE = MsgType.FILE_CREDIT
+    RELAYED = True
+    sender: UserId
+    recipient: UserId
+    xfer: MsgId
+    next: Count
+    upto: Count
+    restart: Flag  # True: (re)start sending at ``next`` (resume, or after a loss)
+
+
+@_message
+class FileChunk(Message):
+    TYPE = MsgType.FILE_CHUNK
+    RELAYED = True
+    HAS_PAYLOAD = True
+    sender: UserId
+    recipient: UserId
+    xfer: MsgId
+    index: Count
+    crc: Count  # CRC-32 of the payload: catches a damaged chunk early
+    final: Flag
+    sha256: Digest | None = None  # of the whole file, on the final chunk only
+
+
+@_message
+class FileDone(Message):
+    """Receiver -> sender: the whole file verified and saved under its final name."""
+
+    TYPE = MsgType.FILE_DONE
+    RELAYED = True
+    sender: UserId
+    recipient: UserId
+    xfer: MsgId
+
+
+@_message
+class FileCancel(Message):
+    TYPE = MsgType.FILE_CANCEL
+    RELAYED = True
+    sender: UserId
+    recipient: UserId
+    xfer: MsgId
+    code: ErrorCodeField
+    message: Text
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """The header every frame carries, around one typed message."""
@@ -282,6 +352,7 @@ def register_message_type(cls: type[Message]) -> type[Message]:
 for _cls in (
     Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error,
     SnapshotRequest, Snapshot, PeerUpdate, PeerSync,
+    FileOffer, FileCredit, FileChunk, FileDone, FileCancel,
 ):
     register_message_type(_cls)
 

@@ -143,3 +143,12 @@ def wait_peers(client: ChatClient, expected: set[str], timeout: float = 10.0) ->
     if client.peers() == expected:
         return
     wait_for(client, lambda e: isinstance(e, ev.PeersChanged) and e.peers == expected, timeout)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll a condition that has no event to wait on (another process's output, a file)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)

@@ -6,7 +6,7 @@ import pytest
 
 from client import events as ev
 from common.errors import ErrorCode, RemoteError
-from tests.conftest import wait_for, wait_peers
+from tests.conftest import wait_for, wait_peers, wait_until
 
 
 def test_alice_and_bob_exchange_messages_both_ways_in_order(make_client):
@@ -77,7 +77,8 @@ def test_silent_client_is_expired_and_announced_offline(make_client, broker):
     bob._session.on_tick = lambda now: []  # type: ignore[method-assign]
     bob._session.next_deadline = lambda: float("inf")  # type: ignore[method-assign]
     wait_peers(alice, {"alice"})
-    assert any("expired" in line and "user=bob" in line for line in broker.lines)
+    wait_until(lambda: any("expired" in line and "user=bob" in line for line in broker.lines),
+               what="the broker to log the expiry")
 
 
 def test_clients_recover_by_themselves_after_broker_restart(make_client, broker):

@@ -1,0 +1,122 @@
+"""The baseline for ``bench_relay.py``: a bare pyzmq ROUTER loop that only swaps frames.
+
+It has the broker shell's I/O shape (poll, drain up to 1000 messages with
+``copy=False``, send with ``DONTWAIT`` and ``ROUTER_MANDATORY``, same
+high-water marks) and none of its work: no decoding, no sessions, no directory,
+no ACK. The first message from a new routing id is taken to be a REGISTER and is
+answered with one prebuilt REGISTERED frame; the first two such peers are the
+pair, and everything else one of them sends goes, untouched, to the other.
+
+With ``--ack`` it also answers every relayed message with one prebuilt ACK frame
+(a constant, not referring to the message), so the sender does the same
+receive work as against the broker: the difference left is the broker's
+Python (decode, routing core, building the ACK), not its extra send.
+
+    python bench/bare_router.py --port 5600 [--ack]
+
+Prints "bare router listening on ..." to stderr when ready; stops on SIGINT or
+SIGTERM and prints what it relayed and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from common.protocol import Ack, AckStatus, Registered, pack
+
+MAX_PEERS = 2
+DRAIN_BATCH = 1000  # as in broker/server.py
+
+
+def _prebuilt(ack: bool) -> tuple[list[bytes], list[bytes] | None]:
+    ts = int(time.time() * 1000)
+    registered = pack(Registered("bare", os.urandom(8), 30_000), ts)
+    return registered, (pack(Ack(bytes(16), AckStatus.RELAYED), ts) if ack else None)
+
+
+def serve(port: int, ack: bool) -> int:
+    registered, ack_frames = _prebuilt(ack)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    peers: list[bytes] = []
+    other: dict[bytes, bytes] = {}
+    relayed = dropped = 0
+    try:
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVHWM, 10_000)
+        router.setsockopt(zmq.SNDHWM, 10_000)
+        router.bind(f"tcp://127.0.0.1:{port}")
+        endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        print(f"bare router listening on {endpoint} (ack={'on' if ack else 'off'})", file=sys.stderr, flush=True)
+
+        def send(frames: list) -> bool:
+            try:
+                router.send_multipart(frames, zmq.DONTWAIT, copy=False)
+                return True
+            except zmq.Again:
+                return False
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                return False
+
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stopping:
+            if not poller.poll(100):  # wake now and then to notice a signal
+                continue
+            for _ in range(DRAIN_BATCH):
+                try:
+                    parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                rid = parts[0].bytes
+                dest = other.get(rid)
+                if dest is not None:  # the whole job: swap the routing id
+                    parts[0] = dest
+                    if send(parts):
+                        relayed += 1
+                        if ack_frames is not None:
+                            send([rid, *ack_frames])
+                    else:
+                        dropped += 1
+                elif rid in peers or len(peers) >= MAX_PEERS:
+                    dropped += 1  # a lone peer, or a third one: nowhere to go
+                else:
+                    peers.append(rid)
+                    if len(peers) == MAX_PEERS:
+                        other = {peers[0]: peers[1], peers[1]: peers[0]}
+                    send([rid, *registered])
+    finally:
+        router.close(linger=0)
+        ctx.term()
+        print(f"bare router stopped: relayed={relayed} dropped={dropped}", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True, help="ROUTER port on 127.0.0.1")
+    parser.add_argument("--ack", action="store_true", help="answer each relayed message with a constant ACK frame")
+    args = parser.parse_args(argv)
+    return serve(args.port, args.ack)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

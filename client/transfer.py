@@ -1,0 +1,558 @@
+"""File transfer: credit-based flow (the ZeroMQ Guide's fileio3), verified and resumable.
+
+Two small state machines, driven by ``TransferManager``:
+
+    outgoing: OFFERING -> SENDING -> DONE          (FAILED from any state)
+                 ^  \\        |
+                 |   WAITING (peer offline; re-offered when it is back)
+    incoming: RECEIVING -> DONE                    (FAILED from any state)
+
+The receiver grants credit (``FileCredit``); the sender never has more than
+``window`` chunks beyond the receiver's last verified chunk in flight, so the
+broker, which only relays, holds at most a window per transfer. Chunks are
+written in order to a ``.part`` file beside the target; its length *is* the
+resume point, so a restarted receiver re-requests from the last whole chunk
+and at most one window is sent twice. The whole-file SHA-256 travels on the
+final chunk; only a verified file is linked to its final name.
+
+No sockets and no clock reads: frames and ``now`` in, actions out. Files are
+real files (the cores' one kind of I/O), under directories the shell passes in.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client import events as ev
+from client.actions import Action, Emit, Transmit
+from client.filenames import publish_atomically, received_name
+from common.errors import ErrorCode, P2PChatError, RemoteError, TransferError
+from common.protocol import (
+    MAX_PAYLOAD_BYTES,
+    MAX_TEXT_CHARS,
+    FileCancel,
+    FileChunk,
+    FileCredit,
+    FileDone,
+    FileOffer,
+    Message,
+    new_msg_id,
+    pack,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 256 * 1024
+WINDOW = 16  # chunks in flight per transfer (see docs/PROTOCOL.md, bench/bench_files.py)
+PROGRESS_EVERY = 0.2  # seconds between progress events per transfer
+REF_PREFIX = 10  # file frames' message ids start with the transfer id's first bytes
+
+
+class Phase(enum.Enum):
+    OFFERING = "offering"
+    SENDING = "sending"
+    WAITING = "waiting"
+    RECEIVING = "receiving"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class _Rate:
+    """Progress bookkeeping shared by both directions."""
+
+    started: float
+    last_emit: float = 0.0
+    last_activity: float = 0.0
+
+    def progress(self, xfer: bytes, peer: str, name: str, direction: str, done: int, size: int,
+                 now: float, force: bool = False) -> list[Action]:
+        if not force and now - self.last_emit < PROGRESS_EVERY:
+            return []
+        self.last_emit = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        eta = (size - done) / rate if rate > 0 else None
+        return [Emit(ev.FileProgress(xfer, peer, name, direction, done, size, rate, eta))]
+
+
+@dataclass(slots=True)
+class Outgoing:
+    xfer: bytes
+    peer: str
+    path: Path
+    size: int
+    mtime_ns: int
+    inode: int
+    chunk_size: int
+    phase: Phase = Phase.OFFERING
+    send_next: int = 0
+    upto: int = 0
+    confirmed: int = 0  # chunks the receiver has verified
+    hashed: int = 0  # bytes fed to the hasher, always a prefix of the file
+    hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    handle: object | None = None
+    rate: _Rate | None = None
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+    def record(self) -> dict:
+        return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(self.path), "size": self.size,
+                "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size}
+
+
+@dataclass(slots=True)
+class Incoming:
+    xfer: bytes
+    peer: str
+    name: str
+    size: int
+    chunk_size: int
+    part: Path
+    target_dir: Path
+    final_name: str
+    phase: Phase = Phase.RECEIVING
+    next: int = 0
+    granted: int = 0
+    hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    handle: object | None = None
+    rate: _Rate | None = None
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+    def record(self) -> dict:
+        return {"xfer": self.xfer.hex(), "peer": self.peer, "name": self.name, "size": self.size,
+                "chunk_size": self.chunk_size, "part": str(self.part), "target_dir": str(self.target_dir),
+                "final_name": self.final_name}
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    state_dir: Path  # where unfinished transfers are remembered across restarts
+    received_dir: Path
+    max_file_size: int = 1 << 40
+    chunk_size: int = CHUNK_SIZE
+    window: int = WINDOW
+    stall_timeout: float = 3.0
+
+
+class TransferManager:
+    def __init__(self, user: str, config: TransferConfig, wall_ms: Callable[[], int], wall_time: Callable[[], float]):
+        self.user = user
+        self.config = config
+        self._wall_ms = wall_ms
+        self._wall_time = wall_time
+        self.outgoing: dict[bytes, Outgoing] = {}
+        self.incoming: dict[bytes, Incoming] = {}
+        self._by_prefix: dict[bytes, bytes] = {}
+        self._online: frozenset[str] = frozenset()
+        self._out_dir = config.state_dir / "outgoing"
+        self._in_dir = config.state_dir / "incoming"
+        self._done_dir = config.state_dir / "received"
+        for d in (self._out_dir, self._in_dir, self._done_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # --- commands -----------------------------------------------------------
+    def send_file(self, peer: str, path: Path, now: float) -> tuple[bytes, list[Action]]:
+        """Offer ``path`` to ``peer``; resumes an unfinished transfer of the same file."""
+        path = Path(path).resolve()
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise TransferError(f"cannot read {path}: {exc.strerror}", ErrorCode.SOURCE_CHANGED) from None
+        if not path.is_file():
+            raise TransferError(f"{path} is not a regular file")
+        key = (peer, str(path), st.st_size, st.st_mtime_ns)
+        for out in self.outgoing.values():  # already resumed by resume_all
+            if (out.peer, str(out.path), out.size, out.mtime_ns) == key:
+                return out.xfer, []
+        xfer = new_msg_id()
+        for record in self._records(self._out_dir):
+            if (record["peer"], record["path"], record["size"], record["mtime_ns"]) == key:
+                xfer = bytes.fromhex(record["xfer"])
+                log.info("user=%s peer=%s xfer=%s resuming %s", self.user, peer, xfer.hex()[:8], path.name)
+                break
+        out = Outgoing(xfer, peer, path, st.st_size, st.st_mtime_ns, st.st_ino, self.config.chunk_size)
+        self._track_out(out, now)
+        return xfer, self._offer(out)
+
+    def cancel(self, xfer: bytes, now: float) -> list[Action]:
+        error = TransferError("cancelled by you", ErrorCode.CANCELLED)
+        if xfer in self.outgoing:
+            return self._fail_out(self.outgoing[xfer], error, tell_peer=True)
+        if xfer in self.incoming:
+            return self._fail_in(self.incoming[xfer], error, tell_peer=True)
+        return []
+
+    def resume_all(self, now: float) -> list[Action]:
+        """Take up every unfinished transfer remembered on disk (after a restart)."""
+        actions: list[Action] = []
+        for record in self._records(self._out_dir):
+            xfer = bytes.fromhex(record["xfer"])
+            if xfer in self.outgoing:
+                continue
+            out = Outgoing(xfer, record["peer"], Path(record["path"]), record["size"], record["mtime_ns"],
+                           record["inode"], record["chunk_size"])
+            self._track_out(out, now)
+            actions += self._offer(out)
+        for record in self._records(self._in_dir):
+            xfer = bytes.fromhex(record["xfer"])
+            if xfer not in self.incoming:
+                actions += self._resume_in(record, now)
+        return actions
+
+    # --- inputs -------------------------------------------------------------
+    def on_message(self, msg: Message, payload, now: float) -> list[Action]:
+        kind = type(msg)
+        if kind is FileChunk:
+            inc = self.incoming.get(msg.xfer)
+            return self._on_chunk(inc, msg, payload, now) if inc and inc.peer == msg.sender else []
+        if kind is FileCredit:
+            out = self.outgoing.get(msg.xfer)
+            return self._on_credit(out, msg, now) if out and out.peer == msg.sender else []
+        if kind is FileOffer:
+            return self._on_offer(msg, now)
+        if kind is FileDone:
+            out = self.outgoing.get(msg.xfer)
+            return self._on_done(out, now) if out and out.peer == msg.sender else []
+        if kind is FileCancel:
+            error = RemoteError(f"{msg.sender}: {msg.message}", msg.code)
+            if msg.xfer in self.outgoing and self.outgoing[msg.xfer].peer == msg.sender:
+                return self._fail_out(self.outgoing[msg.xfer], error, tell_peer=False)
+            if msg.xfer in self.incoming and self.incoming[msg.xfer].peer == msg.sender:
+                return self._fail_in(self.incoming[msg.xfer], error, tell_peer=False)
+        return []
+
+    def on_error(self, ref: bytes, error: P2PChatError, now: float) -> list[Action] | None:
+        """An ERROR whose ref is one of our file frames; None if it is not ours."""
+        xfer = self._by_prefix.get(ref[:REF_PREFIX])
+        if xfer is None:
+            return None
+        peer_gone = error.code in (ErrorCode.RECIPIENT_OFFLINE, ErrorCode.RECIPIENT_BUSY)
+        if xfer in self.outgoing:
+            out = self.outgoing[xfer]
+            if peer_gone and (out.phase is not Phase.OFFERING or out.peer in self._online):
+                out.phase = Phase.WAITING  # resumes when the peer is back
+                return []
+            if out.phase is Phase.WAITING:
+                return []
+            return self._fail_out(out, error, tell_peer=False)
+        if xfer in self.incoming:
+            inc = self.incoming[xfer]
+            if peer_gone:
+                inc.phase = Phase.WAITING  # asked again when the sender is back
+                return []
+            if error.code is ErrorCode.NOT_REGISTERED:
+                return []  # we re-register; on_reconnected asks again
+            return self._fail_in(inc, error, tell_peer=False)
+        return []
+
+    def on_peers(self, online: frozenset[str], now: float) -> list[Action]:
+        """Presence changed: re-offer to peers that came back."""
+        came_back = online - self._online
+        self._online = online
+        actions: list[Action] = []
+        for out in list(self.outgoing.values()):
+            if out.phase is Phase.WAITING and out.peer in came_back:
+                actions += self._offer(out)
+        for inc in list(self.incoming.values()):
+            if inc.phase is Phase.WAITING and inc.peer in came_back:
+                inc.phase = Phase.RECEIVING
+                actions += self._credit(inc, now, restart=True)
+        return actions
+
+    def on_reconnected(self, now: float) -> list[Action]:
+        """After re-registering (broker restart): whatever was in flight may be lost."""
+        actions: list[Action] = []
+        for out in list(self.outgoing.values()):
+            actions += self._offer(out)
+        for inc in list(self.incoming.values()):
+            inc.phase = Phase.RECEIVING
+            actions += self._credit(inc, now, restart=True)
+        return actions
+
+    def on_tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        stall = self.config.stall_timeout
+        for inc in list(self.incoming.values()):
+            if inc.phase is Phase.RECEIVING and now - inc.rate.last_activity > stall:  # chunks stopped: ask again
+                actions += self._credit(inc, now, restart=True)
+        for out in list(self.outgoing.values()):
+            if out.phase is Phase.OFFERING and now - out.rate.last_activity > stall:
+                actions += self._offer(out)
+        return actions
+
+    def next_deadline(self) -> float:
+        times = [i.rate.last_activity + self.config.stall_timeout
+                 for i in self.incoming.values() if i.phase is Phase.RECEIVING]
+        times += [o.rate.last_activity + self.config.stall_timeout
+                  for o in self.outgoing.values() if o.phase is Phase.OFFERING]
+        return min(times, default=float("inf"))
+
+    # --- sender -------------------------------------------------------------
+    def _track_out(self, out: Outgoing, now: float) -> None:
+        out.rate = _Rate(started=now, last_activity=now)
+        self.outgoing[out.xfer] = out
+        self._by_prefix[out.xfer[:REF_PREFIX]] = out.xfer
+        self._save(self._out_dir, out.xfer, out.record())
+
+    def _offer(self, out: Outgoing) -> list[Action]:
+        out.phase = Phase.OFFERING
+        offer = FileOffer(self.user, out.peer, out.xfer, out.path.name[:MAX_TEXT_CHARS], out.size, out.chunk_size)
+        return [self._send(out.xfer, offer)]
+
+    def _on_credit(self, out: Outgoing, credit: FileCredit, now: float) -> list[Action]:
+        out.rate.last_activity = now
+        if credit.next > out.chunks:
+            return self._fail_out(out, TransferError("receiver asked past the end of the file"), tell_peer=True)
+        if credit.restart or out.phase is not Phase.SENDING:
+            out.send_next = credit.next
+            out.upto = credit.upto
+            out.phase = Phase.SENDING
+        else:
+            out.upto = max(out.upto, credit.upto)
+        out.confirmed = max(out.confirmed, credit.next)
+        actions = out.rate.progress(out.xfer, out.peer, out.path.name, "out",
+                                    min(out.size, out.confirmed * out.chunk_size), out.size, now)
+        try:
+            while out.send_next < min(out.upto, out.chunks):
+                actions.append(self._chunk(out, out.send_next))
+                out.send_next += 1
+        except TransferError as exc:
+            return actions + self._fail_out(out, exc, tell_peer=True)
+        return actions
+
+    def _chunk(self, out: Outgoing, index: int) -> Transmit:
+        try:
+            st = os.stat(out.path)
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != (out.size, out.mtime_ns, out.inode):
+                raise TransferError(f"{out.path.name} changed while being sent", ErrorCode.SOURCE_CHANGED)
+            if out.handle is None:
+                out.handle = open(out.path, "rb")  # noqa: SIM115 - kept open across chunks, closed in _close_out
+            offset = index * out.chunk_size
+            if out.hashed < offset:  # resuming: hash the prefix the receiver already has
+                out.handle.seek(out.hashed)
+                while out.hashed < offset:
+                    block = out.handle.read(min(1 << 20, offset - out.hashed))
+                    if not block:
+                        raise TransferError(f"{out.path.name} shrank while being sent", ErrorCode.SOURCE_CHANGED)
+                    out.hasher.update(block)
+                    out.hashed += len(block)
+            out.handle.seek(offset)
+            data = out.handle.read(out.chunk_size)
+        except FileNotFoundError:
+            raise TransferError(f"{out.path.name} was deleted while being sent", ErrorCode.SOURCE_CHANGED) from None
+        except OSError as exc:
+            raise TransferError(f"cannot read {out.path.name}: {exc.strerror}", ErrorCode.SOURCE_CHANGED) from None
+        final = index == out.chunks - 1
+        if len(data) != (out.size - offset if final else out.chunk_size):
+            raise TransferError(f"{out.path.name} changed while being sent", ErrorCode.SOURCE_CHANGED)
+        if offset == out.hashed:
+            out.hasher.update(data)
+            out.hashed += len(data)
+        digest = out.hasher.digest() if final else None
+        chunk = FileChunk(self.user, out.peer, out.xfer, index, zlib.crc32(data), final, digest)
+        return self._send(out.xfer, chunk, data)
+
+    def _on_done(self, out: Outgoing, now: float) -> list[Action]:
+        actions = out.rate.progress(out.xfer, out.peer, out.path.name, "out", out.size, out.size, now, force=True)
+        out.phase = Phase.DONE
+        self._close_out(out)
+        log.info("user=%s peer=%s xfer=%s sent %s (%d bytes), verified by the receiver",
+                 self.user, out.peer, out.xfer.hex()[:8], out.path.name, out.size)
+        return actions + [Emit(ev.FileSent(out.xfer, out.peer, out.path.name, out.size))]
+
+    def _fail_out(self, out: Outgoing, error: P2PChatError, tell_peer: bool) -> list[Action]:
+        out.phase = Phase.FAILED
+        self._close_out(out)
+        log.warning("user=%s peer=%s xfer=%s sending failed: %s", self.user, out.peer, out.xfer.hex()[:8], error)
+        actions: list[Action] = []
+        if tell_peer:
+            actions.append(self._send(out.xfer, FileCancel(self.user, out.peer, out.xfer, error.code, error.message)))
+        return actions + [Emit(ev.FileFailed(out.xfer, out.peer, out.path.name, "out", error))]
+
+    def _close_out(self, out: Outgoing) -> None:
+        if out.handle is not None:
+            out.handle.close()
+        del self.outgoing[out.xfer]
+        self._by_prefix.pop(out.xfer[:REF_PREFIX], None)
+        self._forget(self._out_dir, out.xfer)
+
+    # --- receiver -----------------------------------------------------------
+    def _on_offer(self, offer: FileOffer, now: float) -> list[Action]:
+        inc = self.incoming.get(offer.xfer)
+        if inc is not None and inc.peer == offer.sender:
+            return self._credit(inc, now, restart=True)
+        if (self._done_dir / offer.xfer.hex()).exists():  # our FILE_DONE was lost: say it again
+            return [self._send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
+        cfg = self.config
+        reject = None
+        if not 0 < offer.chunk_size <= MAX_PAYLOAD_BYTES:
+            reject = TransferError(f"chunk size {offer.chunk_size} outside 1..{MAX_PAYLOAD_BYTES}")
+        elif offer.size > cfg.max_file_size:
+            reject = TransferError(f"{offer.size} bytes is over the receiver's limit of {cfg.max_file_size}",
+                                   ErrorCode.TOO_LARGE)
+        else:
+            try:
+                cfg.received_dir.mkdir(parents=True, exist_ok=True)
+                if shutil.disk_usage(cfg.received_dir).free < offer.size:
+                    reject = TransferError("not enough free space on the receiver's disk", ErrorCode.NO_SPACE)
+            except OSError as exc:
+                reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
+                                       ErrorCode.UNWRITABLE)
+        final_name = received_name(offer.sender, offer.name, self._wall_time())
+        part = cfg.received_dir / f".{final_name[:180]}.{offer.xfer.hex()[:8]}.part"
+        if reject is None:
+            try:
+                handle = open(part, "xb")  # noqa: SIM115 - closed in _close_in
+            except OSError as exc:
+                reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
+                                       ErrorCode.UNWRITABLE)
+        if reject is not None:
+            log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, offer.sender, offer.xfer.hex()[:8],
+                        offer.name, reject)
+            cancel = FileCancel(self.user, offer.sender, offer.xfer, reject.code, reject.message)
+            return [self._send(offer.xfer, cancel),
+                    Emit(ev.FileFailed(offer.xfer, offer.sender, offer.name, "in", reject))]
+        inc = Incoming(offer.xfer, offer.sender, offer.name, offer.size, offer.chunk_size, part,
+                       cfg.received_dir, final_name, handle=handle)
+        self._track_in(inc, now)
+        log.info("user=%s peer=%s xfer=%s receiving %r (%d bytes)", self.user, inc.peer, inc.xfer.hex()[:8],
+                 inc.name, inc.size)
+        return [Emit(ev.FileIncoming(inc.xfer, inc.peer, inc.name, inc.size))] + self._credit(inc, now, restart=True)
+
+    def _resume_in(self, record: dict, now: float) -> list[Action]:
+        """Reopen a .part after a restart: its whole chunks are the resume point."""
+        inc = Incoming(bytes.fromhex(record["xfer"]), record["peer"], record["name"], record["size"],
+                       record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"])
+        try:
+            handle = open(inc.part, "r+b")  # noqa: SIM115 - closed in _close_in
+            have = os.fstat(handle.fileno()).st_size // inc.chunk_size
+            handle.truncate(have * inc.chunk_size)
+            while (block := handle.read(1 << 20)):
+                inc.hasher.update(block)
+        except OSError as exc:
+            self._forget(self._in_dir, inc.xfer)
+            return [Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in",
+                                       TransferError(f"cannot resume: {exc.strerror}", ErrorCode.UNWRITABLE)))]
+        inc.handle, inc.next = handle, have
+        self._track_in(inc, now)
+        log.info("user=%s peer=%s xfer=%s resuming %r at chunk %d", self.user, inc.peer, inc.xfer.hex()[:8],
+                 inc.name, have)
+        return self._credit(inc, now, restart=True)
+
+    def _track_in(self, inc: Incoming, now: float) -> None:
+        inc.rate = _Rate(started=now, last_activity=now)
+        self.incoming[inc.xfer] = inc
+        self._by_prefix[inc.xfer[:REF_PREFIX]] = inc.xfer
+        self._save(self._in_dir, inc.xfer, inc.record())
+
+    def _credit(self, inc: Incoming, now: float, restart: bool) -> list[Action]:
+        inc.rate.last_activity = now
+        inc.granted = inc.next + self.config.window
+        credit = FileCredit(self.user, inc.peer, inc.xfer, inc.next, inc.granted, restart)
+        return [self._send(inc.xfer, credit)]
+
+    def _on_chunk(self, inc: Incoming, chunk: FileChunk, payload, now: float) -> list[Action]:
+        if chunk.index != inc.next:
+            return []  # a duplicate or out of order: dropped; the stall timer re-asks
+        final = inc.next == inc.chunks - 1
+        expected = inc.size - chunk.index * inc.chunk_size if final else inc.chunk_size
+        data = memoryview(payload)
+        if len(data) != expected or chunk.final != final or zlib.crc32(data) != chunk.crc:
+            log.warning("user=%s peer=%s xfer=%s chunk %d damaged; asking again", self.user, inc.peer,
+                        inc.xfer.hex()[:8], chunk.index)
+            return self._credit(inc, now, restart=True)
+        try:
+            inc.handle.write(data)
+        except OSError as exc:
+            code = ErrorCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.UNWRITABLE
+            return self._fail_in(inc, TransferError(f"cannot write {inc.name}: {exc.strerror}", code), tell_peer=True)
+        inc.hasher.update(data)
+        inc.next += 1
+        inc.rate.last_activity = now
+        if final:
+            return self._finish(inc, chunk, now)
+        actions = inc.rate.progress(inc.xfer, inc.peer, inc.name, "in", inc.next * inc.chunk_size, inc.size, now)
+        if inc.granted - inc.next <= self.config.window // 2:
+            actions += self._credit(inc, now, restart=False)
+        return actions
+
+    def _finish(self, inc: Incoming, chunk: FileChunk, now: float) -> list[Action]:
+        if chunk.sha256 != inc.hasher.digest():
+            return self._fail_in(inc, TransferError(f"{inc.name} failed its SHA-256 check", ErrorCode.INTEGRITY),
+                                 tell_peer=True)
+        try:
+            inc.handle.flush()
+            os.fsync(inc.handle.fileno())
+            inc.handle.close()
+            inc.handle = None
+            path = publish_atomically(inc.part, inc.target_dir, inc.final_name)
+            (self._done_dir / inc.xfer.hex()).touch()
+        except OSError as exc:
+            return self._fail_in(inc, TransferError(f"cannot save {inc.name}: {exc.strerror}",
+                                                    ErrorCode.UNWRITABLE), tell_peer=True)
+        inc.phase = Phase.DONE
+        self._close_in(inc, keep_part=True)
+        log.info("user=%s peer=%s xfer=%s saved %s (%d bytes)", self.user, inc.peer, inc.xfer.hex()[:8], path,
+                 inc.size)
+        progress = inc.rate.progress(inc.xfer, inc.peer, inc.name, "in", inc.size, inc.size, now, force=True)
+        return progress + [self._send(inc.xfer, FileDone(self.user, inc.peer, inc.xfer)),
+                           Emit(ev.FileReceived(inc.xfer, inc.peer, inc.name, path, inc.size))]
+
+    def _fail_in(self, inc: Incoming, error: P2PChatError, tell_peer: bool) -> list[Action]:
+        inc.phase = Phase.FAILED
+        self._close_in(inc, keep_part=False)
+        log.warning("user=%s peer=%s xfer=%s receiving failed: %s", self.user, inc.peer, inc.xfer.hex()[:8], error)
+        actions: list[Action] = []
+        if tell_peer:
+            actions.append(self._send(inc.xfer, FileCancel(self.user, inc.peer, inc.xfer, error.code, error.message)))
+        return actions + [Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in", error))]
+
+    def _close_in(self, inc: Incoming, keep_part: bool) -> None:
+        if inc.handle is not None:
+            inc.handle.close()
+        if not keep_part:
+            inc.part.unlink(missing_ok=True)
+        del self.incoming[inc.xfer]
+        self._by_prefix.pop(inc.xfer[:REF_PREFIX], None)
+        self._forget(self._in_dir, inc.xfer)
+
+    # --- helpers ------------------------------------------------------------
+    def _send(self, xfer: bytes, msg: Message, payload=None) -> Transmit:
+        msg_id = xfer[:REF_PREFIX] + os.urandom(16 - REF_PREFIX)
+        return Transmit(pack(msg, self._wall_ms(), msg_id, payload))
+
+    @staticmethod
+    def _records(directory: Path) -> list[dict]:
+        records = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable transfer record %s", path)
+        return records
+
+    @staticmethod
+    def _save(directory: Path, xfer: bytes, record: dict) -> None:
+        tmp = directory / f"{xfer.hex()}.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, directory / f"{xfer.hex()}.json")
+
+    @staticmethod
+    def _forget(directory: Path, xfer: bytes) -> None:
+        (directory / f"{xfer.hex()}.json").unlink(missing_ok=True)
