@@ -67,6 +67,7 @@ Action = Send | Relay | Publish
 @dataclass(slots=True)
 class _Session:
     user: str
+    token: bytes
     last_seen: float
 
 
@@ -145,20 +146,31 @@ class BrokerCore:
 
     # --- handlers -----------------------------------------------------------
     def _on_register(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
-        user = env.message.user  # type: ignore[attr-defined]
+        msg: Register = env.message  # type: ignore[assignment]
+        user = msg.user
         session = self._sessions.get(conn)
         if session is not None and session.user != user:
             return [Send(conn, self._error(ErrorCode.ALREADY_REGISTERED,
                                            f"this connection is registered as {session.user!r}", env.msg_id))]
-        if session is None and not self.directory.claim(user, Location(self.broker_id, conn)):
-            log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
-            return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
         reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
-        self._sessions[conn] = _Session(user, now)
+        actions: list[Action] = [reply]
+        if not self.directory.claim(user, Location(self.broker_id, conn)):
+            stale = self._stale_session_of(user, msg.token)
+            if stale is None:
+                log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
+                return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
+            # The same installation reconnected before its old session expired: hand over quietly.
+            log.info("user=%s conn=%s takes over from conn=%s", user, conn.hex(), stale.hex())
+            del self._sessions[stale]
+            self.directory.release(user, Location(self.broker_id, stale))
+            self.directory.claim(user, Location(self.broker_id, conn))
+            self._sessions[conn] = _Session(user, msg.token, now)
+            return [Send(stale, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None)), reply]
+        self._sessions[conn] = _Session(user, msg.token, now)
         log.info("user=%s conn=%s registered", user, conn.hex())
-        return [reply, self._presence(user, True)]
+        return actions + [self._presence(user, True)]
 
     def _on_unregister(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
         if conn not in self._sessions:
@@ -195,6 +207,14 @@ class BrokerCore:
         return [Relay(where.conn, frames, conn, ack, busy)]
 
     # --- helpers ------------------------------------------------------------
+    def _stale_session_of(self, user: str, token: bytes) -> bytes | None:
+        """The connection holding ``user`` on this broker, if it was registered with ``token``."""
+        where = self.directory.locate(user)
+        if where is None or where.broker != self.broker_id:
+            return None
+        session = self._sessions.get(where.conn)
+        return where.conn if session is not None and session.token == token else None
+
     def _drop(self, conn: bytes) -> list[Action]:
         session = self._sessions.pop(conn)
         if self.directory.release(session.user, Location(self.broker_id, conn)):

@@ -94,13 +94,22 @@ class BrokerServer:
                             parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._execute(core.on_frames(parts[0].bytes, self._frames(parts[1:]), time.monotonic()))
+                        self._handle(parts)
                 if self._monitor in ready:
                     self._log_connection_event()
                 if self._waker.fileno() in ready:
                     self._waker.drain()
         finally:
             self._close()
+
+    def _handle(self, parts: list[zmq.Frame]) -> None:
+        conn = parts[0].bytes
+        try:
+            actions = self.core.on_frames(conn, self._frames(parts[1:]), time.monotonic())
+        except Exception:  # a bug must cost one frame, never the broker
+            log.exception("conn=%s frame handling failed; frame dropped", conn.hex())
+            return
+        self._execute(actions)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from any thread or a signal handler)."""

@@ -55,6 +55,10 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
     config = ClientConfig(server=server, send_timeout=args.timeout)
     if getattr(args, "received_dir", None):
         config = dataclasses.replace(config, received_dir=Path(args.received_dir).expanduser())
+    if getattr(args, "chunk_size", None):
+        config = dataclasses.replace(config, chunk_size=args.chunk_size)
+    if getattr(args, "window", None):
+        config = dataclasses.replace(config, window=args.window)
     if getattr(args, "max_file_size", None):
         config = dataclasses.replace(config, max_file_size=args.max_file_size)
     client = ChatClient(user, config, on_event=on_event)
@@ -208,12 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="exit after this many messages")
     p.add_argument("--received-dir", default=None, help="where incoming files are saved (default ~/client_received)")
     p.add_argument("--max-file-size", type=int, default=None, help="refuse incoming files larger than this (bytes)")
+    p.add_argument("--window", type=int, default=None, help="chunks in flight per incoming transfer (default 16)")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("send-file", help="send a file", description="Send a file; exits 0 once the receiver verified it.")
     _client_options(p, _default_user())
     p.add_argument("--to", required=True, help="recipient user ID")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (default 256 KiB; max 1 MiB)")
     p.add_argument("path", help="the file to send")
     p.set_defaults(func=cmd_send_file)
 

@@ -23,6 +23,7 @@ import zmq
 
 from client import events as ev
 from client.actions import Emit, Transmit
+from client.identity import InstanceClaim
 from client.session import ClientSession, State
 from client.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
 from common.paths import ensure_private_dir, user_dir
@@ -70,6 +71,7 @@ class ChatClient:
         self._on_event = on_event or self.events.put
         cfg = self.config
         self.state_dir = ensure_private_dir(cfg.state_dir or user_dir(check_user_id(user)))
+        self._claim = InstanceClaim(self.state_dir)
         transfers = TransferManager(
             user,
             TransferConfig(self.state_dir / "transfers", cfg.received_dir, cfg.max_file_size, cfg.chunk_size,
@@ -84,6 +86,7 @@ class ChatClient:
             liveness=cfg.liveness,
             send_timeout=cfg.send_timeout,
             transfers=transfers,
+            token=self._claim.token,
         )
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
@@ -167,6 +170,7 @@ class ChatClient:
         elif self._own_ctx:
             self._ctx.term()
         self._waker.close()
+        self._claim.release()
 
     def __enter__(self) -> ChatClient:
         return self

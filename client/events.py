@@ -95,6 +95,7 @@ class FileSent:
     recipient: str
     name: str
     size: int
+    bytes_sent: int  # by this run of the sender, resends included; size minus any resumed prefix
 
 
 @dataclass(frozen=True, slots=True)

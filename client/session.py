@@ -13,6 +13,7 @@ message id.
 from __future__ import annotations
 
 import enum
+import os
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -73,8 +74,10 @@ class ClientSession:
         liveness: int = 3,
         send_timeout: float = 10.0,
         transfers: TransferManager | None = None,
+        token: bytes | None = None,
     ) -> None:
         self.user = check_user_id(user)
+        self._token = token or os.urandom(32)
         self.state = State.CONNECTING
         self.presence = PresenceTracker()
         self.transfers = transfers
@@ -94,7 +97,7 @@ class ClientSession:
     # --- commands -----------------------------------------------------------
     def start(self, now: float) -> list[Action]:
         self._last_heard = now
-        return [self._transmit(pack(Register(self.user), self._wall_ms()), now)]
+        return [self._transmit(self._register_frames(), now)]
 
     def send_text(self, recipient: str, text: str, now: float) -> tuple[bytes, list[Action]]:
         body = text.encode("utf-8")
@@ -146,6 +149,8 @@ class ClientSession:
         if type(msg) is Error:
             return self._on_error(msg, now)
         if type(msg) is Registered:
+            if msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
+                self._hb_ivl = min(self._hb_ivl, msg.heartbeat_ms / 1000)
             return self._on_registered(now)
         if type(msg) is Snapshot:
             self._snapshot_due = None
@@ -187,7 +192,7 @@ class ClientSession:
             actions += self._lost("broker silent for %.1fs" % (now - self._last_heard), now)
         elif self.state is State.CONNECTING and now - self._last_sent >= self._register_retry:
             self._register_retry = min(self._register_retry * 2, self._hb_ivl)
-            actions.append(self._transmit(pack(Register(self.user), self._wall_ms()), now))
+            actions.append(self._transmit(self._register_frames(), now))
         elif self.state is State.READY and now - self._last_sent >= self._hb_ivl:
             actions.append(self._transmit(pack(Heartbeat(), self._wall_ms()), now))
         if self._snapshot_due is not None and now >= self._snapshot_due:
@@ -242,6 +247,9 @@ class ClientSession:
         error = RemoteError(msg.message, msg.code)
         if msg.code is ErrorCode.NOT_REGISTERED:  # the broker restarted and forgot us
             return self._lost("broker no longer knows this session", now) if self.state is State.READY else []
+        if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over; this one must stop
+            self.state = State.CLOSED
+            return [Emit(ev.ErrorReported(error))]
         if self.state is State.CONNECTING and msg.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED):
             if not self._registered_once:
                 self.state = State.CLOSED
@@ -262,7 +270,10 @@ class ClientSession:
         self._last_heard = now
         self.presence.reset()
         self._snapshot_due = None
-        return [Emit(ev.Reconnecting(reason)), self._transmit(pack(Register(self.user), self._wall_ms()), now)]
+        return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
+
+    def _register_frames(self) -> list[bytes]:
+        return pack(Register(self.user, self._token), self._wall_ms())
 
     def _request_snapshot(self, now: float, force: bool = False) -> list[Action]:
         if self._snapshot_due is not None and not force:

@@ -96,10 +96,12 @@ class Outgoing:
     inode: int
     chunk_size: int
     phase: Phase = Phase.OFFERING
+    accepted: bool = False  # the receiver has granted credit at least once
     send_next: int = 0
     upto: int = 0
     confirmed: int = 0  # chunks the receiver has verified
     hashed: int = 0  # bytes fed to the hasher, always a prefix of the file
+    bytes_sent: int = 0  # payload bytes transmitted, resends included
     hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     handle: object | None = None
     rate: _Rate | None = None
@@ -188,7 +190,7 @@ class TransferManager:
                 break
         out = Outgoing(xfer, peer, path, st.st_size, st.st_mtime_ns, st.st_ino, self.config.chunk_size)
         self._track_out(out, now)
-        return xfer, self._offer(out)
+        return xfer, self._offer(out, now)
 
     def cancel(self, xfer: bytes, now: float) -> list[Action]:
         error = TransferError("cancelled by you", ErrorCode.CANCELLED)
@@ -208,7 +210,7 @@ class TransferManager:
             out = Outgoing(xfer, record["peer"], Path(record["path"]), record["size"], record["mtime_ns"],
                            record["inode"], record["chunk_size"])
             self._track_out(out, now)
-            actions += self._offer(out)
+            actions += self._offer(out, now)
         for record in self._records(self._in_dir):
             xfer = bytes.fromhex(record["xfer"])
             if xfer not in self.incoming:
@@ -242,19 +244,20 @@ class TransferManager:
         xfer = self._by_prefix.get(ref[:REF_PREFIX])
         if xfer is None:
             return None
-        peer_gone = error.code in (ErrorCode.RECIPIENT_OFFLINE, ErrorCode.RECIPIENT_BUSY)
+        # After a broker restart a peer is "unknown" until it registers again.
+        peer_gone = error.code in (ErrorCode.RECIPIENT_OFFLINE, ErrorCode.RECIPIENT_BUSY, ErrorCode.UNKNOWN_RECIPIENT)
         if xfer in self.outgoing:
             out = self.outgoing[xfer]
-            if peer_gone and (out.phase is not Phase.OFFERING or out.peer in self._online):
-                out.phase = Phase.WAITING  # resumes when the peer is back
-                return []
-            if out.phase is Phase.WAITING:
+            if peer_gone and out.accepted:
+                out.phase = Phase.WAITING  # re-offered when the peer is back
+                out.rate.last_activity = now
                 return []
             return self._fail_out(out, error, tell_peer=False)
         if xfer in self.incoming:
             inc = self.incoming[xfer]
             if peer_gone:
                 inc.phase = Phase.WAITING  # asked again when the sender is back
+                inc.rate.last_activity = now
                 return []
             if error.code is ErrorCode.NOT_REGISTERED:
                 return []  # we re-register; on_reconnected asks again
@@ -268,7 +271,7 @@ class TransferManager:
         actions: list[Action] = []
         for out in list(self.outgoing.values()):
             if out.phase is Phase.WAITING and out.peer in came_back:
-                actions += self._offer(out)
+                actions += self._offer(out, now)
         for inc in list(self.incoming.values()):
             if inc.phase is Phase.WAITING and inc.peer in came_back:
                 inc.phase = Phase.RECEIVING
@@ -279,29 +282,29 @@ class TransferManager:
         """After re-registering (broker restart): whatever was in flight may be lost."""
         actions: list[Action] = []
         for out in list(self.outgoing.values()):
-            actions += self._offer(out)
+            actions += self._offer(out, now)
         for inc in list(self.incoming.values()):
             inc.phase = Phase.RECEIVING
             actions += self._credit(inc, now, restart=True)
         return actions
 
     def on_tick(self, now: float) -> list[Action]:
+        """A quiet transfer is asked again: frames may be lost to a restart, or a peer came back unseen."""
         actions: list[Action] = []
         stall = self.config.stall_timeout
         for inc in list(self.incoming.values()):
-            if inc.phase is Phase.RECEIVING and now - inc.rate.last_activity > stall:  # chunks stopped: ask again
+            if now - inc.rate.last_activity > stall:
+                inc.phase = Phase.RECEIVING
                 actions += self._credit(inc, now, restart=True)
         for out in list(self.outgoing.values()):
-            if out.phase is Phase.OFFERING and now - out.rate.last_activity > stall:
-                actions += self._offer(out)
+            if now - out.rate.last_activity > stall:
+                actions += self._offer(out, now)
         return actions
 
     def next_deadline(self) -> float:
-        times = [i.rate.last_activity + self.config.stall_timeout
-                 for i in self.incoming.values() if i.phase is Phase.RECEIVING]
-        times += [o.rate.last_activity + self.config.stall_timeout
-                  for o in self.outgoing.values() if o.phase is Phase.OFFERING]
-        return min(times, default=float("inf"))
+        times = [i.rate.last_activity for i in self.incoming.values()]
+        times += [o.rate.last_activity for o in self.outgoing.values()]
+        return min(times, default=float("inf")) + self.config.stall_timeout
 
     # --- sender -------------------------------------------------------------
     def _track_out(self, out: Outgoing, now: float) -> None:
@@ -310,13 +313,15 @@ class TransferManager:
         self._by_prefix[out.xfer[:REF_PREFIX]] = out.xfer
         self._save(self._out_dir, out.xfer, out.record())
 
-    def _offer(self, out: Outgoing) -> list[Action]:
+    def _offer(self, out: Outgoing, now: float) -> list[Action]:
         out.phase = Phase.OFFERING
+        out.rate.last_activity = now
         offer = FileOffer(self.user, out.peer, out.xfer, out.path.name[:MAX_TEXT_CHARS], out.size, out.chunk_size)
         return [self._send(out.xfer, offer)]
 
     def _on_credit(self, out: Outgoing, credit: FileCredit, now: float) -> list[Action]:
         out.rate.last_activity = now
+        out.accepted = True
         if credit.next > out.chunks:
             return self._fail_out(out, TransferError("receiver asked past the end of the file"), tell_peer=True)
         if credit.restart or out.phase is not Phase.SENDING:
@@ -365,6 +370,7 @@ class TransferManager:
             out.hasher.update(data)
             out.hashed += len(data)
         digest = out.hasher.digest() if final else None
+        out.bytes_sent += len(data)
         chunk = FileChunk(self.user, out.peer, out.xfer, index, zlib.crc32(data), final, digest)
         return self._send(out.xfer, chunk, data)
 
@@ -374,7 +380,7 @@ class TransferManager:
         self._close_out(out)
         log.info("user=%s peer=%s xfer=%s sent %s (%d bytes), verified by the receiver",
                  self.user, out.peer, out.xfer.hex()[:8], out.path.name, out.size)
-        return actions + [Emit(ev.FileSent(out.xfer, out.peer, out.path.name, out.size))]
+        return actions + [Emit(ev.FileSent(out.xfer, out.peer, out.path.name, out.size, out.bytes_sent))]
 
     def _fail_out(self, out: Outgoing, error: P2PChatError, tell_peer: bool) -> list[Action]:
         out.phase = Phase.FAILED

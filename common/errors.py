@@ -22,6 +22,7 @@ class ErrorCode(str, enum.Enum):
     NOT_REGISTERED = "not_registered"
     ALREADY_REGISTERED = "already_registered"
     ID_TAKEN = "id_taken"
+    SESSION_REPLACED = "session_replaced"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     RECIPIENT_OFFLINE = "recipient_offline"
     RECIPIENT_BUSY = "recipient_busy"

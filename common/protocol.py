@@ -162,6 +162,7 @@ def _message(cls: type) -> type:
 class Register(Message):
     TYPE = MsgType.REGISTER
     user: UserId
+    token: Token  # proves a reconnect is the same installation: it may take over its stale session
 
 
 @_message
@@ -404,9 +405,11 @@ def decode(frames: Sequence[bytes]) -> Envelope:
         raise ProtocolError(f"undecodable header: {exc.__class__.__name__}") from None
     if type(header) is not dict:
         raise ProtocolError("header is not a map")
-    if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}", ErrorCode.UNSUPPORTED_VERSION)
-    cls = MESSAGE_TYPES.get(header.get("t"))  # type: ignore[arg-type]
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r}", ErrorCode.UNSUPPORTED_VERSION)
+    kind = header.get("t")
+    cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
     if cls is None:
         raise ProtocolError(f"unknown message type {header.get('t')!r}")
     msg_id = header.get("id")
