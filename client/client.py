@@ -259,7 +259,7 @@ class ChatClient:
         for action in actions:
             if type(action) is Transmit:
                 try:
-                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT, copy=False)
+                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT)  # copying 256 KiB beats zero-copy bookkeeping
                 except zmq.Again:
                     pass  # no connection (IMMEDIATE): the session re-sends after re-registering
             elif type(action) is Emit:

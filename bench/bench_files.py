@@ -1,0 +1,253 @@
+"""File transfer throughput through the broker, beside the bare relay ceiling, in one run.
+
+    .venv/bin/python bench/bench_files.py [--size-mib 1024] [--rounds 3] [--chunk-kib 256] [--window 16]
+
+Each round measures, on 127.0.0.1 only:
+  * ceiling: a bare pyzmq ROUTER that only swaps frames, between a raw DEALER
+    pushing chunk-sized frames under the same credit window and a raw DEALER that
+    discards them (no hashing, no disk, no protocol): what the transport allows;
+  * p2pchat: the same size sent with ``ChatClient.send_file`` (its own process)
+    to ``p2pchat listen`` (another process) through ``p2pchat broker``, timed from
+    the offer to the receiver's verified save;
+while a probe process chats through the same broker at 100 msg/s and records
+one-way latency, and the broker's RSS is sampled. Prints medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import zmq
+from hdrh.histogram import HdrHistogram
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import BrokerProcess, free_port_pair  # noqa: E402  (the same broker fixture the tests use)
+
+MiB = 1024 * 1024
+
+
+# --- ceiling: bare relay ------------------------------------------------------------------
+def _bare_relay(port: int, ready) -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    peers: list[bytes] = []
+    while True:
+        parts = router.recv_multipart(copy=False)
+        rid = parts[0].bytes
+        if rid not in peers:
+            peers.append(rid)
+        if parts[1].bytes == b"quit":
+            break
+        if len(peers) == 2:  # swap: forward to the other peer, frames untouched
+            other = peers[1] if rid == peers[0] else peers[0]
+            router.send_multipart([other, *parts[1:]], copy=False)
+    router.close(0)
+    ctx.term()
+
+
+def _bare_receiver(port: int, chunks: int, window: int, result) -> None:
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    dealer.send(b"hello")
+    got = 0
+    while got < chunks:
+        dealer.recv_multipart(copy=False)
+        got += 1
+        if got % (window // 2) == 0:
+            dealer.send(b"credit")
+    result.put(got)
+    dealer.close(0)
+    ctx.term()
+
+
+def bare_ceiling(size: int, chunk: int, window: int) -> float:
+    """MiB/s of chunk frames through a relay that only swaps frames, with the same credit window."""
+    port = free_port_pair()
+    spawn = mp.get_context("spawn")
+    ready, result = spawn.Event(), spawn.Queue()
+    relay = spawn.Process(target=_bare_relay, args=(port, ready))
+    relay.start()
+    ready.wait(10)
+    chunks = -(-size // chunk)
+    receiver = spawn.Process(target=_bare_receiver, args=(port, chunks, window, result))
+    receiver.start()
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    dealer.send(b"hello")
+    time.sleep(0.5)  # both peers known to the relay before timing starts
+    payload = os.urandom(chunk)
+    start = time.perf_counter()
+    sent, allowed = 0, window
+    while sent < chunks:
+        while sent < min(allowed, chunks):
+            dealer.send_multipart([b"chunk", payload], copy=False)
+            sent += 1
+        if sent < chunks:
+            dealer.recv()
+            allowed += window // 2
+    result.get(timeout=120)
+    elapsed = time.perf_counter() - start
+    dealer.send(b"quit")
+    receiver.join(10)
+    relay.join(10)
+    dealer.close(0)
+    ctx.term()
+    return size / MiB / elapsed
+
+
+# --- p2pchat: real sender, receiver, broker -------------------------------------------------
+def _send_file(port: int, home: str, path: str, chunk: int, result) -> None:
+    os.environ["P2PCHAT_HOME"] = home
+    from client.client import ChatClient, ClientConfig
+    from common.endpoints import ServerAddress
+
+    config = ClientConfig(server=ServerAddress("127.0.0.1", port), chunk_size=chunk)
+    with ChatClient("alice", config) as client:
+        client.connect(10)
+        start = time.perf_counter()
+        _, done = client.send_file("bob", path)
+        done.result(600)
+        result.put(time.perf_counter() - start)
+
+
+def _chat_probe(port: int, home: str, stop, result) -> None:
+    """pinger -> ponger at 100 msg/s; one-way latency on one clock (same process)."""
+    os.environ["P2PCHAT_HOME"] = home
+    from client import events as ev
+    from client.client import ChatClient, ClientConfig
+    from common.endpoints import ServerAddress
+
+    hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
+    config = ClientConfig(server=ServerAddress("127.0.0.1", port))
+
+    def on_event(event) -> None:
+        if isinstance(event, ev.MessageReceived):
+            hist.record_value(max(1, (time.perf_counter_ns() - int(event.text)) // 1000))
+
+    with ChatClient("pinger", config) as pinger, ChatClient("ponger", config, on_event=on_event) as ponger:
+        ponger.connect(10)
+        pinger.connect(10)
+        result.put("ready")
+        next_at = time.perf_counter()
+        while not stop.is_set():
+            pinger.send_async("ponger", str(time.perf_counter_ns()))
+            next_at += 0.01
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+        time.sleep(0.2)
+    result.put({"count": hist.get_total_count(), "p50_ms": hist.get_value_at_percentile(50) / 1000,
+                "p99_ms": hist.get_value_at_percentile(99) / 1000, "max_ms": hist.get_max_value() / 1000})
+
+
+def p2pchat_round(src: Path, chunk: int, window: int, work: Path) -> dict:
+    broker = BrokerProcess(work / "broker-home", free_port_pair()).start()
+    inbox = work / "inbox"
+    env = dict(os.environ, P2PCHAT_HOME=str(work / "bob-home"))
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "listen", "--server", f"127.0.0.1:{broker.port}", "--user", "bob",
+         "--json", "--received-dir", str(inbox), "--window", str(window)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    spawn = mp.get_context("spawn")
+    stop, probe_out, send_out = spawn.Event(), spawn.Queue(), spawn.Queue()
+    probe = spawn.Process(target=_chat_probe, args=(broker.port, str(work / "probe-home"), stop, probe_out))
+    broker_ps = psutil.Process(broker.proc.pid)
+    peak = [0]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            peak[0] = max(peak[0], broker_ps.memory_info().rss)
+            time.sleep(0.02)
+
+    try:
+        listener.stdout.readline()  # "connected"
+        probe.start()
+        assert probe_out.get(timeout=30) == "ready"
+        rss_before = broker_ps.memory_info().rss
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        sender = spawn.Process(target=_send_file, args=(broker.port, str(work / "alice-home"), str(src), chunk,
+                                                         send_out))
+        sender.start()
+        elapsed = send_out.get(timeout=900)
+        sender.join(30)
+        stop.set()
+        latency = probe_out.get(timeout=30)
+        probe.join(30)
+        sampling.set()
+        sampler.join()
+        rss_after = broker_ps.memory_info().rss
+    finally:
+        stop.set()
+        listener.kill()
+        listener.wait()
+        broker.stop()
+    saved = [p for p in inbox.iterdir() if not p.name.startswith(".")]
+    assert len(saved) == 1 and saved[0].stat().st_size == src.stat().st_size, saved
+    saved[0].unlink()
+    return {"mib_s": src.stat().st_size / MiB / elapsed, "rss_before_mib": rss_before / MiB,
+            "rss_peak_mib": peak[0] / MiB, "rss_after_mib": rss_after / MiB, "chat": latency}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-kib", type=int, default=256)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    chunk, size = args.chunk_kib * 1024, args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="p2pchat-bench-") as tmp:
+        work = Path(tmp)
+        src = work / "payload.bin"
+        with open(src, "wb") as f:
+            block = os.urandom(MiB)
+            for i in range(args.size_mib):
+                f.write(block[i % 251:] + block[: i % 251])  # distinct blocks, cheap to make
+        ceilings, rounds = [], []
+        for r in range(args.rounds):
+            ceilings.append(bare_ceiling(size, chunk, args.window))
+            rounds.append(p2pchat_round(src, chunk, args.window, work / f"round{r}"))
+            print(f"round {r + 1}: ceiling {ceilings[-1]:7.1f} MiB/s   p2pchat {rounds[-1]['mib_s']:7.1f} MiB/s   "
+                  f"chat p99 {rounds[-1]['chat']['p99_ms']:.2f} ms   broker RSS {rounds[-1]['rss_before_mib']:.1f}"
+                  f" -> peak {rounds[-1]['rss_peak_mib']:.1f} MiB", file=sys.stderr)
+    med = statistics.median
+    report = {
+        "size_mib": args.size_mib, "chunk_kib": args.chunk_kib, "window": args.window, "rounds": args.rounds,
+        "ceiling_mib_s": med(ceilings), "p2pchat_mib_s": med(r["mib_s"] for r in rounds),
+        "ratio": med(r["mib_s"] for r in rounds) / med(ceilings),
+        "broker_rss_growth_mib": med(r["rss_peak_mib"] - r["rss_before_mib"] for r in rounds),
+        "chat_p50_ms": med(r["chat"]["p50_ms"] for r in rounds),
+        "chat_p99_ms": med(r["chat"]["p99_ms"] for r in rounds),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"\n{args.size_mib} MiB, chunk {args.chunk_kib} KiB, window {args.window}, median of {args.rounds} rounds")
+    print(f"  bare relay ceiling      {report['ceiling_mib_s']:8.1f} MiB/s")
+    print(f"  p2pchat end to end      {report['p2pchat_mib_s']:8.1f} MiB/s   ratio {report['ratio']:.2f}"
+          f"   (target >= 400 MiB/s and >= 0.50)")
+    print(f"  broker RSS growth       {report['broker_rss_growth_mib']:8.1f} MiB     (target < 32 MiB)")
+    print(f"  chat during transfer    p50 {report['chat_p50_ms']:.2f} ms   p99 {report['chat_p99_ms']:.2f} ms"
+          f"   (target p99 < 50 ms)")
+
+
+if __name__ == "__main__":
+    main()
