@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.directory import Location, PeerDirectory
+from broker.keys import KeyRegistry
+from broker.ratelimit import ConnectionLimiter, RateLimits
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
     Ack,
@@ -22,6 +24,8 @@ from common.protocol import (
     Envelope,
     Error,
     Heartbeat,
+    KeyInfo,
+    KeyRequest,
     Message,
     PeerSync,
     PeerUpdate,
@@ -37,6 +41,7 @@ from common.protocol import (
 log = logging.getLogger(__name__)
 
 Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
+MAX_LIMITERS = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +85,15 @@ class BrokerCore:
         heartbeat_ivl: float,
         liveness: int,
         wall_ms: Callable[[], int],
+        keys: KeyRegistry,
+        require_key: bool = True,
+        limits: RateLimits = RateLimits(),
     ) -> None:
         self.directory = directory
+        self.keys = keys
+        self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
+        self.limits = limits
+        self._limiters: OrderedDict[bytes, ConnectionLimiter] = OrderedDict()
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness
@@ -89,27 +101,36 @@ class BrokerCore:
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self._next_sync = 0.0
         self._handlers: dict[type[Message], Callable[[bytes, Envelope, Frames, float], list[Action]]] = {
-            Register: self._on_register,
             Unregister: self._on_unregister,
             Heartbeat: self._on_heartbeat,
             SnapshotRequest: self._on_snapshot_request,
+            KeyRequest: self._on_key_request,
         }
 
     # --- inputs -------------------------------------------------------------
-    def on_frames(self, conn: bytes, frames: Frames, now: float) -> list[Action]:
-        """One ZeroMQ message from ``conn`` (routing id stripped)."""
+    def on_frames(self, conn: bytes, frames: Frames, now: float,
+                  peer_key: Callable[[], bytes | None] = lambda: None) -> list[Action]:
+        """One ZeroMQ message from ``conn`` (routing id stripped); ``peer_key()`` gives its CURVE key."""
+        if not self._limiter(conn, now).allow(sum(len(f) for f in frames), now):
+            refused = self._limiters[conn].refused
+            if refused == 1 or refused % 1000 == 0:  # say so, without amplifying the flood
+                log.warning("conn=%s user=%s rate limited", conn.hex(), self.user_of(conn))
+                return [Send(conn, self._error(ErrorCode.RATE_LIMITED, "slow down: frames are being dropped", None))]
+            return []
+        session = self._sessions.get(conn)
+        if session is not None:  # any traffic counts as a heartbeat, even a malformed frame
+            session.last_seen = now
+            self._sessions.move_to_end(conn)
         try:
             env = decode(frames)
         except ProtocolError as exc:
             log.warning("conn=%s bad frame: %s", conn.hex(), exc.message)
-            return [Send(conn, self._error(exc.code, exc.message, None))]
-        session = self._sessions.get(conn)
-        if session is not None:  # any traffic counts as a heartbeat
-            session.last_seen = now
-            self._sessions.move_to_end(conn)
+            return [Send(conn, self._error(exc.code, exc.message, exc.ref))]
         msg = env.message
         if msg.RELAYED:
             return self._relay(conn, session, env, frames)
+        if type(msg) is Register:
+            return self._on_register(conn, env, now, peer_key)
         handler = self._handlers.get(type(msg))
         if handler is None:
             return [Send(conn, self._error(ErrorCode.BAD_FRAME, f"{msg.TYPE.value} is not a request", env.msg_id))]
@@ -145,13 +166,21 @@ class BrokerCore:
         return len(self._sessions)
 
     # --- handlers -----------------------------------------------------------
-    def _on_register(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+    def _on_register(self, conn: bytes, env: Envelope, now: float,
+                     peer_key: Callable[[], bytes | None]) -> list[Action]:
         msg: Register = env.message  # type: ignore[assignment]
         user = msg.user
         session = self._sessions.get(conn)
         if session is not None and session.user != user:
             return [Send(conn, self._error(ErrorCode.ALREADY_REGISTERED,
                                            f"this connection is registered as {session.user!r}", env.msg_id))]
+        if self.require_key and msg.key != peer_key():
+            return [Send(conn, self._error(ErrorCode.KEY_MISMATCH,
+                                           "the key in REGISTER is not this connection's CURVE key", env.msg_id))]
+        if not self.keys.bind(user, msg.key):
+            log.warning("user=%s conn=%s refused: ID bound to another key", user, conn.hex())
+            return [Send(conn, self._error(ErrorCode.ID_TAKEN,
+                                           f"user ID {user!r} belongs to another key", env.msg_id))]
         reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
@@ -189,6 +218,15 @@ class BrokerCore:
         snap = Snapshot(self.directory.epoch, self.directory.seq(), tuple(self.directory.online()))
         return [Send(conn, pack(snap, self._wall_ms()))]
 
+    def _on_key_request(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+        if conn not in self._sessions:
+            return [self._not_registered(conn, env)]
+        user = env.message.user  # type: ignore[attr-defined]
+        key = self.keys.lookup(user)
+        if key is None:
+            return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"no key known for {user!r}", env.msg_id))]
+        return [Send(conn, pack(KeyInfo(user, key), self._wall_ms()))]
+
     def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames) -> list[Action]:
         msg = env.message
         if session is None:
@@ -199,7 +237,8 @@ class BrokerCore:
         recipient = msg.recipient  # type: ignore[attr-defined]
         where = self.directory.locate(recipient)
         if where is None:
-            code = ErrorCode.RECIPIENT_OFFLINE if self.directory.is_known(recipient) else ErrorCode.UNKNOWN_RECIPIENT
+            known = self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
+            code = ErrorCode.RECIPIENT_OFFLINE if known else ErrorCode.UNKNOWN_RECIPIENT
             word = "offline" if code is ErrorCode.RECIPIENT_OFFLINE else "unknown"
             return [Send(conn, self._error(code, f"recipient {recipient!r} is {word}", env.msg_id))]
         ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
@@ -215,7 +254,16 @@ class BrokerCore:
         session = self._sessions.get(where.conn)
         return where.conn if session is not None and session.token == token else None
 
+    def _limiter(self, conn: bytes, now: float) -> ConnectionLimiter:
+        limiter = self._limiters.get(conn)
+        if limiter is None:
+            limiter = self._limiters[conn] = ConnectionLimiter(self.limits, now)
+            if len(self._limiters) > MAX_LIMITERS:  # bounded: forget the oldest connection's bucket
+                self._limiters.popitem(last=False)
+        return limiter
+
     def _drop(self, conn: bytes) -> list[Action]:
+        self._limiters.pop(conn, None)
         session = self._sessions.pop(conn)
         if self.directory.release(session.user, Location(self.broker_id, conn)):
             return [self._presence(session.user, False)]

@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.directory import LocalDirectory
+from broker.keys import SqliteKeyRegistry
+from broker.ratelimit import RateLimits
+from common.crypto import Identity, fingerprint
 from broker.routing import Action, BrokerCore, Publish, Relay, Send
 from common.paths import broker_dir, ensure_private_dir
-from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
+from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, BrokerKey, pack
 from common.wakeup import Waker
 
 log = logging.getLogger(__name__)
@@ -33,10 +38,25 @@ class BrokerConfig:
     data_dir: Path = field(default_factory=broker_dir)
     heartbeat_ivl: float = 1.0
     liveness: int = 3
+    insecure: bool = False  # plaintext transport, for debugging only
+    key_port: int | None = None  # port + 2 unless given; plaintext key service for trust on first use
+    limits: RateLimits = RateLimits()
 
     @property
     def publish_port(self) -> int:
         return self.pub_port if self.pub_port is not None else self.port + 1
+
+    @property
+    def key_service_port(self) -> int:
+        return self.key_port if self.key_port is not None else self.port + 2
+
+
+def _curve_key(frame: zmq.Frame) -> bytes | None:
+    user_id = frame.get("User-Id")
+    try:
+        return z85.decode(user_id) if user_id else None
+    except ValueError:
+        return None
 
 
 def _wall_ms() -> int:
@@ -51,14 +71,26 @@ class BrokerServer:
         self._waker = Waker()
         self._stopping = False
         epoch = os.urandom(8)
+        ensure_private_dir(config.data_dir)
+        self.identity = Identity.load_or_create(config.data_dir / "broker.key")
+        self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite")
         self.core = BrokerCore(
             LocalDirectory(epoch),
             broker_id=epoch,
             heartbeat_ivl=config.heartbeat_ivl,
             liveness=config.liveness,
             wall_ms=_wall_ms,
+            keys=self._keys,
+            require_key=not config.insecure,
+            limits=config.limits,
         )
-        ensure_private_dir(config.data_dir)
+        self._auth: ThreadAuthenticator | None = None
+        if not config.insecure:
+            # Without a ZAP handler in this context CURVE would accept any key silently; with it, every
+            # client completes a CURVE handshake and its key reaches us as the User-Id of its frames.
+            self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("broker.zap"))
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES) + 1024)
@@ -68,11 +100,26 @@ class BrokerServer:
         self.pub = self._ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        if not config.insecure:
+            for sock in (self.router, self.pub):
+                sock.curve_server = True
+                sock.curve_secretkey = self.identity.curve_secret
+        self.key_service = self._ctx.socket(zmq.ROUTER)
+        self.key_service.setsockopt(zmq.LINGER, 0)
+        self.key_service.setsockopt(zmq.MAXMSGSIZE, 1024)
         self._monitor = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.router.bind(f"tcp://{config.host}:{config.port}")
         self.pub.bind(f"tcp://{config.host}:{config.publish_port}")
+        if not config.insecure:
+            self.key_service.bind(f"tcp://{config.host}:{config.key_service_port}")
+        self._key_reply = pack(BrokerKey(self.identity.public), _wall_ms())[0]
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pub_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if config.insecure:
+            log.warning("PLAINTEXT transport (--insecure): anyone on the network can read and inject traffic")
+        else:
+            log.info("broker key fingerprint %s (clients can pin it with --server-key)",
+                     fingerprint(self.identity.public))
         log.info("broker listening on %s, presence on %s, data in %s", self.endpoint, self.pub_endpoint, config.data_dir)
 
     def serve_forever(self) -> None:
@@ -80,6 +127,7 @@ class BrokerServer:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._waker.fileno(), zmq.POLLIN)
+        poller.register(self.key_service, zmq.POLLIN)
         router, core = self.router, self.core
         try:
             while not self._stopping:
@@ -99,13 +147,19 @@ class BrokerServer:
                     self._log_connection_event()
                 if self._waker.fileno() in ready:
                     self._waker.drain()
+                if self.key_service in ready:
+                    self._answer_key_request()
         finally:
             self._close()
 
     def _handle(self, parts: list[zmq.Frame]) -> None:
         conn = parts[0].bytes
+        # The CURVE key ZAP authenticated; read only when the core asks (REGISTER), off the hot path.
+        def peer_key() -> bytes | None:
+            return None if self.config.insecure or len(parts) < 2 else _curve_key(parts[1])
+
         try:
-            actions = self.core.on_frames(conn, self._frames(parts[1:]), time.monotonic())
+            actions = self.core.on_frames(conn, self._frames(parts[1:]), time.monotonic(), peer_key)
         except Exception:  # a bug must cost one frame, never the broker
             log.exception("conn=%s frame handling failed; frame dropped", conn.hex())
             return
@@ -145,6 +199,18 @@ class BrokerServer:
             log.info("conn=%s unreachable: frame dropped", conn.hex())
         return False
 
+    def _answer_key_request(self) -> None:
+        try:
+            parts = self.key_service.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(parts) >= 2:  # [routing id, (empty delimiter from REQ,) anything]: answer with our key
+            reply = [parts[0], b"", self._key_reply] if parts[1] == b"" else [parts[0], self._key_reply]
+            try:
+                self.key_service.send_multipart(reply, zmq.DONTWAIT)
+            except zmq.ZMQError:
+                pass
+
     def _log_connection_event(self) -> None:
         try:
             event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
@@ -155,8 +221,11 @@ class BrokerServer:
 
     def _close(self) -> None:
         self.router.disable_monitor()
-        for sock in (self._monitor, self.router, self.pub):
+        for sock in (self._monitor, self.router, self.pub, self.key_service):
             sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._keys.close()
         self._waker.close()
         if self._own_ctx:
             self._ctx.term()

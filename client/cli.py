@@ -46,13 +46,19 @@ def _client_options(parser: argparse.ArgumentParser, user_default: str | None = 
                         help="the broker's presence port, if not the server port + 1")
     parser.add_argument("--user", default=user_default, help="your user ID (default: $P2PCHAT_USER or login name)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)")
+    parser.add_argument("--server-key", default=None, metavar="FINGERPRINT",
+                        help="pin the broker's key fingerprint (default: trust on first use, then remember)")
+    parser.add_argument("--key-port", type=int, default=None, help="the broker's key port (default: port + 2)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext transport, for debugging against a broker run with --insecure")
 
 
 def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event], None] | None = None):
     from client.client import ChatClient, ClientConfig
 
     server = ServerAddress(args.server.host, args.server.port, args.pub_port)
-    config = ClientConfig(server=server, send_timeout=args.timeout)
+    config = ClientConfig(server=server, send_timeout=args.timeout, insecure=args.insecure,
+                          server_key=args.server_key, key_port=args.key_port)
     if getattr(args, "received_dir", None):
         config = dataclasses.replace(config, received_dir=Path(args.received_dir).expanduser())
     if getattr(args, "chunk_size", None):
@@ -74,7 +80,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     config = BrokerConfig(
         host=args.host, port=args.port, pub_port=args.pub_port,
         data_dir=Path(args.data_dir) if args.data_dir else broker_dir(),
-        heartbeat_ivl=args.heartbeat,
+        heartbeat_ivl=args.heartbeat, insecure=args.insecure, key_port=args.key_port,
     )
     server = BrokerServer(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -180,6 +186,44 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from client.trust import KeyStore
+    from common.crypto import Identity, fingerprint, safety_number
+    from common.paths import ensure_private_dir, user_dir
+    from common.protocol import check_user_id
+
+    state = ensure_private_dir(user_dir(check_user_id(args.user)))
+    me = Identity.load_or_create(state / "identity.key")
+    pinned, changed = KeyStore(state / "peer_keys.json"), KeyStore(state / "peer_keys_changed.json")
+    peers = [{"user": user, "fingerprint": fingerprint(key), "safety_number": safety_number(me.public, key),
+              "changed_to": fingerprint(changed.get(user)) if changed.get(user) else None}
+             for user, key in pinned.items()]
+    if args.json:
+        print(json.dumps({"user": args.user, "fingerprint": fingerprint(me.public), "peers": peers}))
+        return EXIT_OK
+    print(f"{args.user} (you): {fingerprint(me.public)}")
+    for peer in peers:
+        line = f"{peer['user']}: {peer['fingerprint']}   safety number {peer['safety_number']}"
+        if peer["changed_to"]:
+            line += f"   KEY CHANGED to {peer['changed_to']}: verify, then p2pchat trust --peer {peer['user']}"
+        print(line)
+    return EXIT_OK
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    from client.e2e import accept_pending
+    from client.trust import KeyStore
+    from common.paths import user_dir
+    from common.protocol import check_user_id
+
+    state = user_dir(check_user_id(args.user))
+    if not accept_pending(KeyStore(state / "peer_keys.json"), KeyStore(state / "peer_keys_changed.json"),
+                          check_user_id(args.peer)):
+        raise P2PChatError(f"no changed key waiting for {args.peer!r}")
+    print(f"accepted the new key of {args.peer}")
+    return EXIT_OK
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     from client.gui import run_gui
 
@@ -198,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pub-port", type=int, default=None, help="presence port (default: --port + 1)")
     p.add_argument("--data-dir", default=None, help="broker state (default: $P2PCHAT_HOME/broker)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds (default 1)")
+    p.add_argument("--key-port", type=int, default=None, help="plaintext key service for clients' trust on first use "
+                   "(default: --port + 2)")
+    p.add_argument("--insecure", action="store_true", help="plaintext transport, no CURVE: for debugging only")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("send", help="send one message", description="Send a message and wait for the broker's acknowledgement.")
@@ -227,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser("keys", help="show key fingerprints", description="Your key fingerprint, and each peer's "
+                       "pinned key with the safety number to compare with them out of band.")
+    p.add_argument("--user", default=_default_user(), help="your user ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("trust", help="accept a peer's changed key", description="Accept a peer's new key after "
+                       "verifying its fingerprint with them; until then sending to them is blocked.")
+    p.add_argument("--user", default=_default_user(), help="your user ID")
+    p.add_argument("--peer", required=True, help="the peer whose new key you accept")
+    p.set_defaults(func=cmd_trust)
 
     p = sub.add_parser("gui", help="open the desktop chat window",
                        description="Open the chat window; connects at once when --server and --user are both given.")

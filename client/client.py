@@ -20,13 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 from client import events as ev
 from client.actions import Emit, Transmit
+from client.broker_trust import resolve_broker_key
+from client.e2e import EndToEnd
 from client.identity import InstanceClaim
+from client.trust import KeyStore
+from common.crypto import Identity, fingerprint, safety_number
 from client.session import ClientSession, State
 from client.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
-from common.paths import ensure_private_dir, user_dir
+from common.paths import ensure_private_dir, home_dir, user_dir
 from common.endpoints import ServerAddress
 from common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError
 from common.protocol import MAX_HEADER_BYTES, check_user_id
@@ -50,6 +55,10 @@ class ClientConfig:
     chunk_size: int = CHUNK_SIZE
     window: int = WINDOW
     state_dir: Path | None = None  # default: the user's directory under $P2PCHAT_HOME
+    insecure: bool = False  # plaintext transport (the broker must run with --insecure too): debugging only
+    encrypt: bool = True  # end-to-end encryption; off only for debugging and benchmarks
+    server_key: str | None = None  # pin the broker's key fingerprint instead of trusting on first use
+    key_port: int | None = None  # the broker's key service, server port + 2 unless given
 
 
 def _wall_ms() -> int:
@@ -72,10 +81,14 @@ class ChatClient:
         cfg = self.config
         self.state_dir = ensure_private_dir(cfg.state_dir or user_dir(check_user_id(user)))
         self._claim = InstanceClaim(self.state_dir)
+        self.identity = Identity.load_or_create(self.state_dir / "identity.key")
+        self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / "peer_keys.json"),
+                           KeyStore(self.state_dir / "peer_keys_changed.json"), enabled=cfg.encrypt)
         transfers = TransferManager(
             user,
             TransferConfig(self.state_dir / "transfers", cfg.received_dir, cfg.max_file_size, cfg.chunk_size,
                            cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness),
+            e2e=self.e2e,
             wall_ms=_wall_ms,
             wall_time=time.time,
         )
@@ -85,9 +98,11 @@ class ChatClient:
             heartbeat_ivl=cfg.heartbeat_ivl,
             liveness=cfg.liveness,
             send_timeout=cfg.send_timeout,
+            e2e=self.e2e,
             transfers=transfers,
             token=self._claim.token,
         )
+        self.broker_key: bytes | None = None
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._commands: queue.SimpleQueue[tuple[Callable[[float], Any], Future]] = queue.SimpleQueue()
@@ -97,6 +112,7 @@ class ChatClient:
         self._transfers: dict[bytes, Future[None]] = {}
         self._peers: frozenset[str] = frozenset()
         self._closed = False
+        self._agent_done = False
         self._thread = threading.Thread(target=self._run, name=f"p2pchat-agent-{user}", daemon=True)
 
     # --- public API (any thread) ----------------------------------------------
@@ -146,7 +162,7 @@ class ChatClient:
         done: Future[None] = Future()
 
         def command(now: float) -> bytes:
-            xfer, actions = self._session.transfers.send_file(check_user_id(to), Path(path), now)
+            xfer, actions = self._session.send_file(to, Path(path), now)
             self._transfers[xfer] = done
             self._execute(actions)
             return xfer
@@ -158,6 +174,21 @@ class ChatClient:
 
     def peers(self) -> frozenset[str]:
         return self._peers
+
+    def accept_peer_key(self, user: str) -> bool:
+        """Trust ``user``'s new key (after checking its fingerprint with them)."""
+        return self._call(lambda now: self._session.accept_peer_key(user)).result()
+
+    def fingerprint_of(self, user: str) -> str | None:
+        """The fingerprint of the key pinned for ``user`` (our own for our user ID)."""
+        if user == self.user:
+            return fingerprint(self.identity.public)
+        key = self.e2e.pinned_key(user)
+        return fingerprint(key) if key else None
+
+    def safety_number(self, user: str) -> str | None:
+        key = self.e2e.pinned_key(user)
+        return safety_number(self.identity.public, key) if key else None
 
     def close(self) -> None:
         """Unregister, stop the agent and release the sockets. Idempotent; never hangs."""
@@ -180,19 +211,39 @@ class ChatClient:
 
     def _call(self, fn: Callable[[float], Any]) -> Future:
         future: Future = Future()
-        if self._closed:
+        if self._closed or self._agent_done:
             future.set_exception(ClosedError("client is closed"))
             return future
         self._commands.put((fn, future))
         self._waker.wake()
+        if self._agent_done:  # the agent ended meanwhile: nobody else will answer this command
+            self._run_commands(time.monotonic())
         return future
 
     # --- agent (its own thread) ---------------------------------------------
     def _run(self) -> None:
         server = self.config.server
+        if not self.config.insecure:
+            try:
+                trusted = resolve_broker_key(
+                    self._ctx, server, self.config.key_port or server.port + 2,
+                    KeyStore(ensure_private_dir(home_dir()) / "known_brokers.json"),
+                    self.config.server_key, stopped=lambda: self._closed)
+            except P2PChatError as exc:
+                self._dispatch(ev.RegisterFailed(exc))
+                self._finish_agent()
+                return
+            if trusted is None:  # closed while waiting for the broker
+                self._finish_agent()
+                return
+            self.broker_key = trusted.key
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._sub = self._ctx.socket(zmq.SUB)
         for sock in (self._dealer, self._sub):
+            if self.broker_key is not None:
+                sock.curve_serverkey = z85.encode(self.broker_key)
+                sock.curve_publickey = self.identity.curve_public
+                sock.curve_secretkey = self.identity.curve_secret
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -225,11 +276,15 @@ class ChatClient:
             log.exception("user=%s client agent crashed", self.user)
             self._fail_all(BrokenError("client agent crashed; see the log"))
         finally:
-            self._run_commands(time.monotonic())  # fail any command queued during shutdown
             self._dealer.close(linger=0)
             self._sub.close(linger=0)
-            if self._own_ctx:
-                self._ctx.term()
+            self._finish_agent()
+
+    def _finish_agent(self) -> None:
+        self._agent_done = True
+        self._run_commands(time.monotonic())  # fail any command queued during shutdown
+        if self._own_ctx:
+            self._ctx.term()
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes], float], list]) -> None:
         for _ in range(1000):  # bounded so commands and ticks still get their turn
@@ -247,7 +302,7 @@ class ChatClient:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if self._closed:
+            if self._closed or self._agent_done:
                 future.set_exception(ClosedError("client is closed"))
                 continue
             try:

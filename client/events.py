@@ -107,7 +107,17 @@ class FileFailed:
     error: P2PChatError
 
 
+@dataclass(frozen=True, slots=True)
+class PeerKeyChanged:
+    """``user`` now presents another key: sending to them is blocked until the user accepts it."""
+
+    user: str
+    old: bytes
+    new: bytes
+    error: P2PChatError
+
+
 Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | SendFailed | ErrorReported
-    | FileIncoming | FileProgress | FileReceived | FileSent | FileFailed
+    | FileIncoming | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged
 )

@@ -23,12 +23,16 @@ from client import events as ev
 from client.actions import Action, Emit, Transmit
 from client.presence import PresenceTracker
 from client.transfer import TransferManager
-from common.errors import BrokenError, ErrorCode, ProtocolError, RemoteError
+from client.e2e import EndToEnd, PeerKeyChanged
+from common.crypto import KEY_BYTES, TAG_BYTES
+from common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
 from common.protocol import (
     Ack,
     ChatMessage,
     Error,
     Heartbeat,
+    KeyInfo,
+    KeyRequest,
     PeerSync,
     PeerUpdate,
     Register,
@@ -46,6 +50,7 @@ from common.protocol import (
 log = logging.getLogger(__name__)
 
 DEDUP_WINDOW = 10_000
+MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the sealing overhead
 # REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
 # TCP connection completes is dropped, and users should not wait a heartbeat.
 REGISTER_RETRY_FIRST = 0.02
@@ -59,9 +64,10 @@ class State(enum.Enum):
 
 @dataclass(slots=True)
 class _Pending:
-    frames: list[bytes]
+    recipient: str
+    text: bytes
     deadline: float
-    transmitted: bool
+    frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
 
 
 class ClientSession:
@@ -73,11 +79,14 @@ class ClientSession:
         heartbeat_ivl: float = 1.0,
         liveness: int = 3,
         send_timeout: float = 10.0,
+        e2e: EndToEnd,
         transfers: TransferManager | None = None,
         token: bytes | None = None,
     ) -> None:
         self.user = check_user_id(user)
+        self.e2e = e2e
         self._token = token or os.urandom(32)
+        self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
         self.state = State.CONNECTING
         self.presence = PresenceTracker()
         self.transfers = transfers
@@ -101,13 +110,20 @@ class ClientSession:
 
     def send_text(self, recipient: str, text: str, now: float) -> tuple[bytes, list[Action]]:
         body = text.encode("utf-8")
-        if len(body) > MAX_BODY_BYTES:
-            raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_BODY_BYTES}", ErrorCode.TOO_LARGE)
+        if len(body) > MAX_TEXT_BYTES:
+            raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_TEXT_BYTES}", ErrorCode.TOO_LARGE)
         msg_id = new_msg_id()
-        frames = pack(ChatMessage(self.user, check_user_id(recipient), body), self._wall_ms(), msg_id)
-        ready = self.state is State.READY
-        self._pending[msg_id] = _Pending(frames, now + self._send_timeout, ready)
-        return msg_id, ([self._transmit(frames, now)] if ready else [])
+        self._pending[msg_id] = _Pending(check_user_id(recipient), body, now + self._send_timeout)
+        return msg_id, self._flush(now)
+
+    def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
+        assert self.transfers is not None
+        xfer, actions = self.transfers.send_file(check_user_id(recipient), path, now)
+        return xfer, actions + self._flush(now)
+
+    def accept_peer_key(self, user: str) -> bool:
+        """The user verified ``user``'s new key: use it from now on."""
+        return self.e2e.accept(user)
 
     def close(self, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -141,13 +157,15 @@ class ClientSession:
         if msg.RELAYED:  # file transfer frames
             if self.transfers is None or msg.recipient != self.user:  # type: ignore[attr-defined]
                 return []
-            return self.transfers.on_message(msg, env.payload, now)
+            return self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
         if type(msg) is Ack:
             if self._pending.pop(msg.ref, None) is None:
                 return []
             return [Emit(ev.Acked(msg.ref, msg.status.value))]
         if type(msg) is Error:
             return self._on_error(msg, now)
+        if type(msg) is KeyInfo:
+            return self._on_key_info(msg, now)
         if type(msg) is Registered:
             if msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
                 self._hb_ivl = min(self._hb_ivl, msg.heartbeat_ms / 1000)
@@ -199,6 +217,7 @@ class ClientSession:
             actions += self._request_snapshot(now, force=True)
         if self.transfers is not None and self.state is State.READY:
             actions += self.transfers.on_tick(now)
+            actions += self._ask_keys(self.transfers.take_key_wants(), now)
         return actions
 
     def next_deadline(self) -> float:
@@ -218,11 +237,29 @@ class ClientSession:
     def _on_chat(self, msg_id: bytes, msg: ChatMessage, ts: int) -> list[Action]:
         if msg.recipient != self.user or msg_id in self._seen:
             return []
-        self._seen[msg_id] = None
+        try:
+            plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body)
+        except PeerKeyChanged as exc:
+            log.warning("user=%s peer=%s message refused: %s", self.user, msg.sender, exc.message)
+            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
+        except ProtocolError as exc:  # tampered, replayed under a new id, or not encrypted
+            log.warning("user=%s peer=%s message refused: %s", self.user, msg.sender, exc.message)
+            return [Emit(ev.ErrorReported(exc))]
+        self._seen[msg_id] = None  # only once authentic: a forged copy must not hide the real one
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
-        text = msg.body.decode("utf-8", errors="replace")
+        text = plaintext.decode("utf-8", errors="replace")
         return [Emit(ev.MessageReceived(msg_id, msg.sender, text, ts))]
+
+    def _on_key_info(self, msg: KeyInfo, now: float) -> list[Action]:
+        try:
+            self.e2e.learn(msg.user, msg.key)
+        except PeerKeyChanged as exc:
+            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))] + self._fail_sends_to(msg.user, exc)
+        actions = self._flush(now)
+        if self.transfers is not None:
+            actions += self.transfers.on_key(msg.user, now)
+        return actions
 
     def _on_registered(self, now: float) -> list[Action]:
         if self.state is not State.CONNECTING:
@@ -233,15 +270,15 @@ class ClientSession:
         actions: list[Action] = [Emit(ev.Registered(self.user, reconnect=reconnect))]
         self._registered_once = True
         log.info("user=%s registered", self.user)
+        self._key_requests.clear()  # lost with the old session
         for pending in self._pending.values():  # at-least-once: receivers dedup by id
-            actions.append(self._transmit(pending.frames, now))
-            pending.transmitted = True
+            if pending.frames is not None:
+                actions.append(self._transmit(pending.frames, now))
         self.presence.reset()
         actions += self._request_snapshot(now, force=True)
         if self.transfers is not None:
-            resumed = self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
-            actions += resumed
-        return actions
+            actions += self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
+        return actions + self._flush(now)
 
     def _on_error(self, msg: Error, now: float) -> list[Action]:
         error = RemoteError(msg.message, msg.code)
@@ -257,6 +294,8 @@ class ClientSession:
             return []  # our own stale session: it expires soon, keep re-registering
         if msg.ref is not None and self._pending.pop(msg.ref, None) is not None:
             return [Emit(ev.SendFailed(msg.ref, error))]
+        if msg.ref in self._key_requests:
+            return self._fail_sends_to(self._key_requests.pop(msg.ref), error)
         if msg.ref is not None and self.transfers is not None:
             handled = self.transfers.on_error(msg.ref, error, now)
             if handled is not None:
@@ -273,7 +312,53 @@ class ClientSession:
         return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
 
     def _register_frames(self) -> list[bytes]:
-        return pack(Register(self.user, self._token), self._wall_ms())
+        return pack(Register(self.user, self._token, self.e2e.identity.public), self._wall_ms())
+
+    def _flush(self, now: float) -> list[Action]:
+        """Seal what waited for a key, ask for keys still missing, transmit if registered."""
+        actions: list[Action] = []
+        wanted: set[str] = set()
+        for msg_id, pending in list(self._pending.items()):
+            if pending.frames is not None:
+                continue
+            try:
+                key = self.e2e.key_of(pending.recipient) if self.e2e.enabled else b""
+            except PeerKeyChanged as exc:
+                del self._pending[msg_id]
+                actions.append(Emit(ev.SendFailed(msg_id, exc)))
+                continue
+            if key is None:
+                wanted.add(pending.recipient)
+                continue
+            ts = self._wall_ms()
+            body = self.e2e.seal(pending.recipient, msg_id, ts, pending.text)
+            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), ts, msg_id)
+            if self.state is State.READY:
+                actions.append(self._transmit(pending.frames, now))
+        if self.transfers is not None:
+            wanted |= self.transfers.take_key_wants()
+        return actions + self._ask_keys(wanted, now)
+
+    def _ask_keys(self, users: set[str], now: float) -> list[Action]:
+        if self.state is not State.READY:
+            return []  # asked again after registering
+        asked = set(self._key_requests.values())
+        actions: list[Action] = []
+        for user in sorted(users - asked):
+            msg_id = new_msg_id()
+            self._key_requests[msg_id] = user
+            actions.append(self._transmit(pack(KeyRequest(user), self._wall_ms(), msg_id), now))
+        return actions
+
+    def _fail_sends_to(self, user: str, error: P2PChatError) -> list[Action]:
+        actions: list[Action] = []
+        for msg_id, pending in list(self._pending.items()):
+            if pending.recipient == user and pending.frames is None:
+                del self._pending[msg_id]
+                actions.append(Emit(ev.SendFailed(msg_id, error)))
+        if self.transfers is not None:
+            actions += self.transfers.fail_peer(user, error)
+        return actions
 
     def _request_snapshot(self, now: float, force: bool = False) -> list[Action]:
         if self._snapshot_due is not None and not force:

@@ -33,10 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
+
 from client import events as ev
 from client.actions import Action, Emit, Transmit
 from client.filenames import publish_atomically, received_name
-from common.errors import ErrorCode, P2PChatError, RemoteError, TransferError
+from client.e2e import EndToEnd, PeerKeyChanged
+from common.crypto import TAG_BYTES, FileCipher
+from common.errors import ErrorCode, P2PChatError, ProtocolError, RemoteError, TransferError
 from common.protocol import (
     MAX_PAYLOAD_BYTES,
     MAX_TEXT_CHARS,
@@ -45,6 +49,7 @@ from common.protocol import (
     FileCredit,
     FileDone,
     FileOffer,
+    Envelope,
     Message,
     new_msg_id,
     pack,
@@ -53,6 +58,7 @@ from common.protocol import (
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256 * 1024
+MAX_CHUNK_BYTES = MAX_PAYLOAD_BYTES - TAG_BYTES
 WINDOW = 16  # chunks in flight per transfer (see docs/PROTOCOL.md, bench/bench_files.py)
 PROGRESS_EVERY = 0.2  # seconds between progress events per transfer
 REF_PREFIX = 10  # file frames' message ids start with the transfer id's first bytes
@@ -105,6 +111,7 @@ class Outgoing:
     hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     handle: object | None = None
     rate: _Rate | None = None
+    cipher: FileCipher | None = None  # end-to-end: every chunk sealed with the file's own key
 
     @property
     def chunks(self) -> int:
@@ -112,7 +119,8 @@ class Outgoing:
 
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(self.path), "size": self.size,
-                "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size}
+                "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size,
+                "file_key": self.cipher.key.hex() if self.cipher else None}
 
 
 @dataclass(slots=True)
@@ -131,6 +139,7 @@ class Incoming:
     hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     handle: object | None = None
     rate: _Rate | None = None
+    cipher: FileCipher | None = None
 
     @property
     def chunks(self) -> int:
@@ -139,7 +148,7 @@ class Incoming:
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "part": str(self.part), "target_dir": str(self.target_dir),
-                "final_name": self.final_name}
+                "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +162,11 @@ class TransferConfig:
 
 
 class TransferManager:
-    def __init__(self, user: str, config: TransferConfig, wall_ms: Callable[[], int], wall_time: Callable[[], float]):
+    def __init__(self, user: str, config: TransferConfig, e2e: EndToEnd, wall_ms: Callable[[], int],
+                 wall_time: Callable[[], float]):
         self.user = user
+        self.e2e = e2e
+        self._key_wants: set[str] = set()
         self.config = config
         self._wall_ms = wall_ms
         self._wall_time = wall_time
@@ -189,6 +201,9 @@ class TransferManager:
                 log.info("user=%s peer=%s xfer=%s resuming %s", self.user, peer, xfer.hex()[:8], path.name)
                 break
         out = Outgoing(xfer, peer, path, st.st_size, st.st_mtime_ns, st.st_ino, self.config.chunk_size)
+        key = next((r["file_key"] for r in self._records(self._out_dir) if r["xfer"] == xfer.hex()), None)
+        if self.e2e.enabled:
+            out.cipher = FileCipher(bytes.fromhex(key) if key else FileCipher.new_key(), xfer)
         self._track_out(out, now)
         return xfer, self._offer(out, now)
 
@@ -209,6 +224,8 @@ class TransferManager:
                 continue
             out = Outgoing(xfer, record["peer"], Path(record["path"]), record["size"], record["mtime_ns"],
                            record["inode"], record["chunk_size"])
+            if record.get("file_key"):
+                out.cipher = FileCipher(bytes.fromhex(record["file_key"]), xfer)
             self._track_out(out, now)
             actions += self._offer(out, now)
         for record in self._records(self._in_dir):
@@ -218,7 +235,8 @@ class TransferManager:
         return actions
 
     # --- inputs -------------------------------------------------------------
-    def on_message(self, msg: Message, payload, now: float) -> list[Action]:
+    def on_message(self, env: Envelope, now: float) -> list[Action]:
+        msg, payload = env.message, env.payload
         kind = type(msg)
         if kind is FileChunk:
             inc = self.incoming.get(msg.xfer)
@@ -227,7 +245,7 @@ class TransferManager:
             out = self.outgoing.get(msg.xfer)
             return self._on_credit(out, msg, now) if out and out.peer == msg.sender else []
         if kind is FileOffer:
-            return self._on_offer(msg, now)
+            return self._on_offer(env, now)
         if kind is FileDone:
             out = self.outgoing.get(msg.xfer)
             return self._on_done(out, now) if out and out.peer == msg.sender else []
@@ -263,6 +281,26 @@ class TransferManager:
                 return []  # we re-register; on_reconnected asks again
             return self._fail_in(inc, error, tell_peer=False)
         return []
+
+    def take_key_wants(self) -> set[str]:
+        """Peers whose key an offer is waiting for (the session asks the broker)."""
+        wants, self._key_wants = self._key_wants, set()
+        return wants
+
+    def on_key(self, user: str, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for out in list(self.outgoing.values()):
+            if out.peer == user and out.phase is Phase.WAITING:
+                actions += self._offer(out, now)
+        return actions
+
+    def fail_peer(self, user: str, error: P2PChatError) -> list[Action]:
+        """No usable key for ``user``: transfers not yet offered to them fail."""
+        actions: list[Action] = []
+        for out in list(self.outgoing.values()):
+            if out.peer == user and not out.accepted:
+                actions += self._fail_out(out, error, tell_peer=False)
+        return actions
 
     def on_peers(self, online: frozenset[str], now: float) -> list[Action]:
         """Presence changed: re-offer to peers that came back."""
@@ -314,10 +352,22 @@ class TransferManager:
         self._save(self._out_dir, out.xfer, out.record())
 
     def _offer(self, out: Outgoing, now: float) -> list[Action]:
-        out.phase = Phase.OFFERING
         out.rate.last_activity = now
-        offer = FileOffer(self.user, out.peer, out.xfer, out.path.name[:MAX_TEXT_CHARS], out.size, out.chunk_size)
-        return [self._send(out.xfer, offer)]
+        try:
+            if self.e2e.enabled and self.e2e.key_of(out.peer) is None:
+                out.phase = Phase.WAITING
+                self._key_wants.add(out.peer)
+                return []
+        except PeerKeyChanged as exc:
+            return self._fail_out(out, exc, tell_peer=False)
+        out.phase = Phase.OFFERING
+        meta = {"name": out.path.name[:MAX_TEXT_CHARS]}
+        if out.cipher is not None:
+            meta["key"] = out.cipher.key
+        msg_id, ts = self._frame_id(out.xfer), self._wall_ms()
+        body = self.e2e.seal(out.peer, msg_id, ts, msgpack.packb(meta, use_bin_type=True))
+        offer = FileOffer(self.user, out.peer, out.xfer, out.size, out.chunk_size, body)
+        return [Transmit(pack(offer, ts, msg_id))]
 
     def _on_credit(self, out: Outgoing, credit: FileCredit, now: float) -> list[Action]:
         out.rate.last_activity = now
@@ -349,7 +399,7 @@ class TransferManager:
             if out.handle is None:
                 out.handle = open(out.path, "rb")  # noqa: SIM115 - kept open across chunks, closed in _close_out
             offset = index * out.chunk_size
-            if out.hashed < offset:  # resuming: hash the prefix the receiver already has
+            if out.cipher is None and out.hashed < offset:  # resuming: hash the prefix the receiver has
                 out.handle.seek(out.hashed)
                 while out.hashed < offset:
                     block = out.handle.read(min(1 << 20, offset - out.hashed))
@@ -366,11 +416,15 @@ class TransferManager:
         final = index == out.chunks - 1
         if len(data) != (out.size - offset if final else out.chunk_size):
             raise TransferError(f"{out.path.name} changed while being sent", ErrorCode.SOURCE_CHANGED)
+        out.bytes_sent += len(data)
+        if out.cipher is not None:  # sealed chunks are authenticated one by one: no whole-file hash
+            payload = out.cipher.seal(index, final, data)
+            chunk = FileChunk(self.user, out.peer, out.xfer, index, zlib.crc32(payload), final)
+            return self._send(out.xfer, chunk, payload)
         if offset == out.hashed:
             out.hasher.update(data)
             out.hashed += len(data)
         digest = out.hasher.digest() if final else None
-        out.bytes_sent += len(data)
         chunk = FileChunk(self.user, out.peer, out.xfer, index, zlib.crc32(data), final, digest)
         return self._send(out.xfer, chunk, data)
 
@@ -399,16 +453,26 @@ class TransferManager:
         self._forget(self._out_dir, out.xfer)
 
     # --- receiver -----------------------------------------------------------
-    def _on_offer(self, offer: FileOffer, now: float) -> list[Action]:
+    def _on_offer(self, env: Envelope, now: float) -> list[Action]:
+        offer: FileOffer = env.message  # type: ignore[assignment]
         inc = self.incoming.get(offer.xfer)
         if inc is not None and inc.peer == offer.sender:
             return self._credit(inc, now, restart=True)
         if (self._done_dir / offer.xfer.hex()).exists():  # our FILE_DONE was lost: say it again
             return [self._send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
+        try:
+            name, file_key = self._open_offer(env)
+        except PeerKeyChanged as exc:
+            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
+        except ProtocolError as exc:
+            log.warning("user=%s peer=%s xfer=%s offer refused: %s", self.user, offer.sender, offer.xfer.hex()[:8],
+                        exc.message)
+            cancel = FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.INTEGRITY, exc.message)
+            return [self._send(offer.xfer, cancel), Emit(ev.ErrorReported(exc))]
         cfg = self.config
         reject = None
-        if not 0 < offer.chunk_size <= MAX_PAYLOAD_BYTES:
-            reject = TransferError(f"chunk size {offer.chunk_size} outside 1..{MAX_PAYLOAD_BYTES}")
+        if not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
+            reject = TransferError(f"chunk size {offer.chunk_size} outside 1..{MAX_CHUNK_BYTES}")
         elif offer.size > cfg.max_file_size:
             reject = TransferError(f"{offer.size} bytes is over the receiver's limit of {cfg.max_file_size}",
                                    ErrorCode.TOO_LARGE)
@@ -420,7 +484,7 @@ class TransferManager:
             except OSError as exc:
                 reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
                                        ErrorCode.UNWRITABLE)
-        final_name = received_name(offer.sender, offer.name, self._wall_time())
+        final_name = received_name(offer.sender, name, self._wall_time())
         part = cfg.received_dir / f".{final_name[:180]}.{offer.xfer.hex()[:8]}.part"
         if reject is None:
             try:
@@ -430,27 +494,47 @@ class TransferManager:
                                        ErrorCode.UNWRITABLE)
         if reject is not None:
             log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, offer.sender, offer.xfer.hex()[:8],
-                        offer.name, reject)
+                        name, reject)
             cancel = FileCancel(self.user, offer.sender, offer.xfer, reject.code, reject.message)
             return [self._send(offer.xfer, cancel),
-                    Emit(ev.FileFailed(offer.xfer, offer.sender, offer.name, "in", reject))]
-        inc = Incoming(offer.xfer, offer.sender, offer.name, offer.size, offer.chunk_size, part,
-                       cfg.received_dir, final_name, handle=handle)
+                    Emit(ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))]
+        inc = Incoming(offer.xfer, offer.sender, name, offer.size, offer.chunk_size, part,
+                       cfg.received_dir, final_name, handle=handle,
+                       cipher=FileCipher(file_key, offer.xfer) if file_key else None)
         self._track_in(inc, now)
         log.info("user=%s peer=%s xfer=%s receiving %r (%d bytes)", self.user, inc.peer, inc.xfer.hex()[:8],
                  inc.name, inc.size)
         return [Emit(ev.FileIncoming(inc.xfer, inc.peer, inc.name, inc.size))] + self._credit(inc, now, restart=True)
 
+    def _open_offer(self, env: Envelope) -> tuple[str, bytes | None]:
+        """The offer's sealed metadata: (name, file key). Raises ProtocolError if unacceptable."""
+        offer: FileOffer = env.message  # type: ignore[assignment]
+        plain = self.e2e.open(offer.sender, env.msg_id, env.ts, offer.body)
+        try:
+            meta = msgpack.unpackb(plain, raw=False, max_str_len=4 * MAX_TEXT_CHARS, max_bin_len=64,
+                                   max_map_len=4, max_array_len=0)
+        except Exception:  # msgpack raises a zoo; see common.protocol.decode
+            raise ProtocolError("undecodable file offer") from None
+        if type(meta) is not dict or type(meta.get("name")) is not str or set(meta) - {"name", "key"}:
+            raise ProtocolError("malformed file offer")
+        key = meta.get("key")
+        if self.e2e.enabled and (type(key) is not bytes or len(key) != 32):
+            raise ProtocolError("file offer without an end-to-end key refused")
+        return meta["name"], key if self.e2e.enabled else None
+
     def _resume_in(self, record: dict, now: float) -> list[Action]:
         """Reopen a .part after a restart: its whole chunks are the resume point."""
-        inc = Incoming(bytes.fromhex(record["xfer"]), record["peer"], record["name"], record["size"],
-                       record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"])
+        xfer = bytes.fromhex(record["xfer"])
+        inc = Incoming(xfer, record["peer"], record["name"], record["size"],
+                       record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"],
+                       cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None)
         try:
             handle = open(inc.part, "r+b")  # noqa: SIM115 - closed in _close_in
             have = os.fstat(handle.fileno()).st_size // inc.chunk_size
             handle.truncate(have * inc.chunk_size)
-            while (block := handle.read(1 << 20)):
+            while inc.cipher is None and (block := handle.read(1 << 20)):
                 inc.hasher.update(block)
+            handle.seek(have * inc.chunk_size)  # append after the last whole chunk
         except OSError as exc:
             self._forget(self._in_dir, inc.xfer)
             return [Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in",
@@ -478,17 +562,26 @@ class TransferManager:
             return []  # a duplicate or out of order: dropped; the stall timer re-asks
         final = inc.next == inc.chunks - 1
         expected = inc.size - chunk.index * inc.chunk_size if final else inc.chunk_size
+        if inc.cipher is not None:
+            expected += TAG_BYTES
         data = memoryview(payload)
         if len(data) != expected or chunk.final != final or zlib.crc32(data) != chunk.crc:
             log.warning("user=%s peer=%s xfer=%s chunk %d damaged; asking again", self.user, inc.peer,
                         inc.xfer.hex()[:8], chunk.index)
             return self._credit(inc, now, restart=True)
+        if inc.cipher is not None:
+            try:
+                data = inc.cipher.open(chunk.index, final, data)
+            except ProtocolError as exc:  # intact in transit (CRC) but not authentic: tampering
+                return self._fail_in(inc, TransferError(f"{inc.name}: {exc.message}", ErrorCode.INTEGRITY),
+                                     tell_peer=True)
         try:
             inc.handle.write(data)
         except OSError as exc:
             code = ErrorCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.UNWRITABLE
             return self._fail_in(inc, TransferError(f"cannot write {inc.name}: {exc.strerror}", code), tell_peer=True)
-        inc.hasher.update(data)
+        if inc.cipher is None:
+            inc.hasher.update(data)
         inc.next += 1
         inc.rate.last_activity = now
         if final:
@@ -499,7 +592,8 @@ class TransferManager:
         return actions
 
     def _finish(self, inc: Incoming, chunk: FileChunk, now: float) -> list[Action]:
-        if chunk.sha256 != inc.hasher.digest():
+        # Sealed: the final chunk opened under the "final" nonce, so every chunk was authentic and none is missing.
+        if inc.cipher is None and chunk.sha256 != inc.hasher.digest():
             return self._fail_in(inc, TransferError(f"{inc.name} failed its SHA-256 check", ErrorCode.INTEGRITY),
                                  tell_peer=True)
         try:
@@ -540,8 +634,11 @@ class TransferManager:
 
     # --- helpers ------------------------------------------------------------
     def _send(self, xfer: bytes, msg: Message, payload=None) -> Transmit:
-        msg_id = xfer[:REF_PREFIX] + os.urandom(16 - REF_PREFIX)
-        return Transmit(pack(msg, self._wall_ms(), msg_id, payload))
+        return Transmit(pack(msg, self._wall_ms(), self._frame_id(xfer), payload))
+
+    @staticmethod
+    def _frame_id(xfer: bytes) -> bytes:
+        return xfer[:REF_PREFIX] + os.urandom(16 - REF_PREFIX)
 
     @staticmethod
     def _records(directory: Path) -> list[dict]:

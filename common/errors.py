@@ -23,6 +23,10 @@ class ErrorCode(str, enum.Enum):
     ALREADY_REGISTERED = "already_registered"
     ID_TAKEN = "id_taken"
     SESSION_REPLACED = "session_replaced"
+    KEY_MISMATCH = "key_mismatch"
+    PEER_KEY_CHANGED = "peer_key_changed"
+    BROKER_KEY_CHANGED = "broker_key_changed"
+    RATE_LIMITED = "rate_limited"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     RECIPIENT_OFFLINE = "recipient_offline"
     RECIPIENT_BUSY = "recipient_busy"
@@ -44,10 +48,11 @@ class P2PChatError(Exception):
 
     default_code = ErrorCode.BAD_FRAME
 
-    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+    def __init__(self, message: str, code: ErrorCode | None = None, ref: bytes | None = None) -> None:
         super().__init__(message)
         self.code = code or self.default_code
         self.message = message
+        self.ref = ref  # the id of the message this is about, when known
 
     def __str__(self) -> str:
         return f"{self.message} [{self.code.value}]"

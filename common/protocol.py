@@ -111,6 +111,7 @@ MsgId = Annotated[bytes, _bytes(MSG_ID_BYTES, exact=True)]
 Body = Annotated[bytes, _bytes(MAX_BODY_BYTES)]
 Token = Annotated[bytes, _bytes(64)]
 Digest = Annotated[bytes, _bytes(32, exact=True)]
+PublicKey = Annotated[bytes, _bytes(32, exact=True)]
 Text = Annotated[str, _text]
 Count = Annotated[int, _uint]
 Flag = Annotated[bool, _bool]
@@ -129,6 +130,9 @@ class MsgType(str, enum.Enum):
     SNAPSHOT = "snapshot"
     PEER_UPDATE = "peer_update"
     PEER_SYNC = "peer_sync"
+    BROKER_KEY = "broker_key"
+    KEY_REQ = "key_req"
+    KEY_INFO = "key_info"
     FILE_OFFER = "file_offer"
     FILE_CREDIT = "file_credit"
     FILE_CHUNK = "file_chunk"
@@ -163,6 +167,28 @@ class Register(Message):
     TYPE = MsgType.REGISTER
     user: UserId
     token: Token  # proves a reconnect is the same installation: it may take over its stale session
+    key: PublicKey  # the user's X25519 key; with CURVE it must be the key of this connection
+
+
+@_message
+class BrokerKey(Message):
+    """The key service's answer (plaintext port, for trust on first use)."""
+
+    TYPE = MsgType.BROKER_KEY
+    key: PublicKey
+
+
+@_message
+class KeyRequest(Message):
+    TYPE = MsgType.KEY_REQ
+    user: UserId
+
+
+@_message
+class KeyInfo(Message):
+    TYPE = MsgType.KEY_INFO
+    user: UserId
+    key: PublicKey
 
 
 @_message
@@ -248,9 +274,9 @@ class FileOffer(Message):
     sender: UserId
     recipient: UserId
     xfer: MsgId
-    name: Text
     size: Count
     chunk_size: Count
+    body: Body  # sealed like a message: msgpack {"name": str, "key": 32-byte file key}
 
 
 @_message
@@ -276,9 +302,9 @@ class FileChunk(Message):
     recipient: UserId
     xfer: MsgId
     index: Count
-    crc: Count  # CRC-32 of the payload: catches a damaged chunk early
+    crc: Count  # CRC-32 of the payload as sent: catches a damaged chunk early
     final: Flag
-    sha256: Digest | None = None  # of the whole file, on the final chunk only
+    sha256: Digest | None = None  # of the whole file, final chunk of an unencrypted transfer only
 
 
 @_message
@@ -351,7 +377,7 @@ def register_message_type(cls: type[Message]) -> type[Message]:
 
 
 for _cls in (
-    Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error,
+    Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error, BrokerKey, KeyRequest, KeyInfo,
     SnapshotRequest, Snapshot, PeerUpdate, PeerSync,
     FileOffer, FileCredit, FileChunk, FileDone, FileCancel,
 ):
@@ -405,19 +431,20 @@ def decode(frames: Sequence[bytes]) -> Envelope:
         raise ProtocolError(f"undecodable header: {exc.__class__.__name__}") from None
     if type(header) is not dict:
         raise ProtocolError("header is not a map")
+    msg_id = header.get("id")
+    ref = msg_id if type(msg_id) is bytes and len(msg_id) == MSG_ID_BYTES else None
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {version!r}", ErrorCode.UNSUPPORTED_VERSION)
+        raise ProtocolError(f"unsupported protocol version {version!r}", ErrorCode.UNSUPPORTED_VERSION, ref=ref)
     kind = header.get("t")
     cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {header.get('t')!r}")
-    msg_id = header.get("id")
-    if type(msg_id) is not bytes or len(msg_id) != MSG_ID_BYTES:
+        raise ProtocolError(f"unknown message type {kind!r}", ref=ref)
+    if ref is None:
         raise ProtocolError("missing or malformed message id")
     ts = header.get("ts")
     if type(ts) is not int or not 0 <= ts <= MAX_INT:
-        raise ProtocolError("missing or malformed timestamp")
+        raise ProtocolError("missing or malformed timestamp", ref=msg_id)
     specs = _SPECS[cls]
     kwargs = {}
     for spec in specs:
@@ -425,20 +452,20 @@ def decode(frames: Sequence[bytes]) -> Envelope:
             try:
                 kwargs[spec.attr] = spec.check(header[spec.wire])
             except ProtocolError as exc:
-                raise ProtocolError(f"{cls.TYPE.value}.{spec.wire}: {exc.message}") from None
+                raise ProtocolError(f"{cls.TYPE.value}.{spec.wire}: {exc.message}", ref=msg_id) from None
         elif spec.required:
-            raise ProtocolError(f"{cls.TYPE.value}: missing field {spec.wire!r}")
+            raise ProtocolError(f"{cls.TYPE.value}: missing field {spec.wire!r}", ref=msg_id)
     if len(header) != len(_HEADER_KEYS) + len(kwargs):
         known = _HEADER_KEYS | {s.wire for s in specs}
         extra = sorted(str(k) for k in header if k not in known)
-        raise ProtocolError(f"{cls.TYPE.value}: unknown fields {extra}")
+        raise ProtocolError(f"{cls.TYPE.value}: unknown fields {extra}", ref=msg_id)
     payload = None
     if len(frames) == 2:
         if not cls.HAS_PAYLOAD:
-            raise ProtocolError(f"{cls.TYPE.value} takes no payload frame")
+            raise ProtocolError(f"{cls.TYPE.value} takes no payload frame", ref=msg_id)
         payload = frames[1]  # left as given (bytes or zmq.Frame): relays must not copy it
         if len(payload) > MAX_PAYLOAD_BYTES:
-            raise ProtocolError("payload too large", ErrorCode.TOO_LARGE)
+            raise ProtocolError("payload too large", ErrorCode.TOO_LARGE, ref=msg_id)
     elif cls.HAS_PAYLOAD:
-        raise ProtocolError(f"{cls.TYPE.value} needs a payload frame")
+        raise ProtocolError(f"{cls.TYPE.value} needs a payload frame", ref=msg_id)
     return Envelope(msg_id, ts, cls(**kwargs), payload)

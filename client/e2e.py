@@ -1,0 +1,85 @@
+"""End-to-end sealing for one user: pinned peer keys, cached shared secrets, seal and open.
+
+Peer keys are pinned on first contact (from the broker's KEY_INFO or a sealed
+message). A different key later is never used silently: it is parked as
+*pending* and sending to that peer is blocked until the user accepts it.
+"""
+
+from __future__ import annotations
+
+from common import crypto
+from common.errors import ErrorCode, P2PChatError
+from client.trust import KeyStore
+
+
+class PeerKeyChanged(P2PChatError):
+    default_code = ErrorCode.PEER_KEY_CHANGED
+
+    def __init__(self, user: str, old: bytes, new: bytes) -> None:
+        super().__init__(f"{user}'s key changed from {crypto.fingerprint(old)} to {crypto.fingerprint(new)}; "
+                         f"verify it with them, then accept it (p2pchat trust --peer {user})")
+        self.user, self.old, self.new = user, old, new
+
+
+def accept_pending(pinned: KeyStore, pending: KeyStore, user: str) -> bool:
+    key = pending.get(user)
+    if key is None:
+        return False
+    pinned.put(user, key)
+    pending.delete(user)
+    return True
+
+
+class EndToEnd:
+    def __init__(self, user: str, identity: crypto.Identity, pinned: KeyStore, pending: KeyStore,
+                 enabled: bool = True) -> None:
+        self.user = user
+        self.identity = identity
+        self.enabled = enabled
+        self._pinned = pinned
+        self._pending = pending  # changed keys awaiting the user's decision, kept across restarts
+        self._shared: dict[bytes, bytes] = {}
+
+    def key_of(self, user: str) -> bytes | None:
+        """The pinned key, or None if we must ask the broker; raises while a change is unaccepted."""
+        pending = self._pending.get(user)
+        if pending is not None:
+            raise PeerKeyChanged(user, self._pinned.get(user) or b"", pending)
+        return self._pinned.get(user)
+
+    def pinned_key(self, user: str) -> bytes | None:
+        return self._pinned.get(user)
+
+    def learn(self, user: str, key: bytes) -> None:
+        """A key for ``user`` (from the broker or a message): pin it, or raise PeerKeyChanged."""
+        pinned = self._pinned.get(user)
+        if pinned is None:
+            self._pinned.put(user, key)
+        elif pinned != key:
+            if self._pending.get(user) != key:
+                self._pending.put(user, key)
+            raise PeerKeyChanged(user, pinned, key)
+
+    def accept(self, user: str) -> bool:
+        return accept_pending(self._pinned, self._pending, user)
+
+    def seal(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> bytes:
+        if not self.enabled:
+            return plaintext
+        key = self.key_of(recipient)
+        assert key is not None, "the session fetches the key before sealing"
+        return crypto.seal_message(self.identity, self._secret(key), self.user, recipient, msg_id, ts,
+                                   plaintext)
+
+    def open(self, sender: str, msg_id: bytes, ts: int, body: bytes) -> bytes:
+        if not self.enabled:
+            return body
+        claimed = crypto.sealed_sender_key(body)
+        self.learn(sender, claimed)
+        return crypto.open_message(self._secret(claimed), sender, self.user, msg_id, ts, body)
+
+    def _secret(self, key: bytes) -> bytes:
+        secret = self._shared.get(key)
+        if secret is None:
+            secret = self._shared[key] = self.identity.shared_secret(key)
+        return secret
