@@ -8,6 +8,7 @@ command -v Xvfb >/dev/null 2>&1 || need+=(xvfb)
 command -v xdotool >/dev/null 2>&1 || need+=(xdotool)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+command -v import >/dev/null 2>&1 || need+=(imagemagick)
 python3 -c 'import tkinter' >/dev/null 2>&1 || need+=(python3-tk)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing system packages: ${need[*]}"

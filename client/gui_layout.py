@@ -1,0 +1,241 @@
+"""The chat window's layout: element keys, sizes, and the PySimpleGUI/Tk styling that makes it a chat app.
+
+Build-only: no state and no behaviour beyond key bindings that turn keystrokes
+into window events. ``ChatWindow`` owns the window this builds.
+"""
+
+from __future__ import annotations
+
+import tkinter as tk
+from tkinter import ttk
+from typing import Any
+
+import PySimpleGUI as sg
+
+from client.gui_settings import GuiSettings
+from client.gui_theme import Fonts, Palette, apply_sg_theme
+
+# --- element and event keys ---------------------------------------------------------
+CLIENT_EVENT = "-CLIENT-EVENT-"  # value: (client generation, client event)
+TOAST_CLICKED = "-TOAST-CLICKED-"  # value: the sender whose conversation to open
+K_CONNECT_VIEW, K_CHAT_VIEW = "-CONNECT-VIEW-", "-CHAT-VIEW-"
+K_HOST, K_PORT, K_USER, K_CONNECT = "-HOST-", "-PORT-", "-USER-", "-CONNECT-"
+K_FORM_ERROR, K_FORM_PROGRESS = "-FORM-ERROR-", "-FORM-PROGRESS-"
+K_SIDEBAR, K_SIDEBAR_RULE = "-SIDEBAR-", "-SIDEBAR-RULE-"
+K_ME, K_PEOPLE_COUNT, K_PEERS, K_DISCONNECT = "-ME-", "-PEOPLE-COUNT-", "-PEERS-", "-DISCONNECT-"
+K_PEER_NAME, K_PEER_PRESENCE = "-PEER-NAME-", "-PEER-PRESENCE-"
+K_CONVERSATION, K_COMPOSER, K_SEND, K_LOG = "-CONVERSATION-", "-COMPOSER-", "-SEND-", "-LOG-"
+K_STATUS_DOT, K_STATUS, K_STATUS_DETAIL = "-STATUS-DOT-", "-STATUS-", "-STATUS-DETAIL-"
+K_THEME, K_NOTIFY = "-THEME-", "-NOTIFY-"
+SEND_SUFFIX = "+SEND"
+COMPOSER_SEND = K_COMPOSER + SEND_SUFFIX
+FORM_SUBMIT = "+SUBMIT"
+
+WINDOW_SIZE = (1000, 660)
+MIN_SIZE = (780, 520)
+SIDEBAR_WIDTH = 250
+DOT_COLUMN = 26
+
+
+def build_window(settings: GuiSettings, pal: Palette, fonts: Fonts, *, notify_toggle: bool,
+                 location: tuple[int, int] | None = None, size: tuple[int, int] | None = None) -> sg.Window:
+    apply_sg_theme(pal)
+    layout = [
+        [_connect_view(settings, pal, fonts), _chat_view(pal, fonts)],
+        [_status_bar(pal, fonts, notify_toggle)],
+    ]
+    window = sg.Window(
+        "p2p-chat", layout, size=size or WINDOW_SIZE, location=location or (None, None), resizable=True,
+        margins=(0, 0), element_padding=(0, 0), font=fonts.base, background_color=pal.chat_bg,
+        enable_close_attempted_event=True, finalize=True,
+    )
+    window.TKroot.minsize(*MIN_SIZE)
+    _style_widgets(window, pal, fonts)
+    return window
+
+
+def _connect_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
+    def label(text: str) -> sg.Text:
+        return sg.Text(text, font=fonts.small_bold, text_color=pal.muted, background_color=pal.chat_bg,
+                       pad=(0, (12, 4)))
+
+    def field(key: str, value: str, width: int, placeholder: str) -> sg.Input:
+        return sg.Input(value, key=key, size=(width, 1), font=fonts.base, border_width=0, expand_x=True,
+                        placeholder=placeholder, placeholder_text_color=pal.muted,
+                        background_color=pal.input_bg, text_color=pal.input_text, pad=(0, 0))
+
+    host_col = sg.Column([[label("Broker host")], [field(K_HOST, settings.host, 24, "127.0.0.1")]],
+                         background_color=pal.chat_bg, pad=((0, 12), 0), expand_x=True)
+    port_col = sg.Column([[label("Port")], [field(K_PORT, str(settings.port), 8, "5555")]],
+                         background_color=pal.chat_bg, pad=0)
+    card = [
+        [sg.Text("p2p-chat", font=fonts.display, text_color=pal.text, background_color=pal.chat_bg)],
+        [sg.Text("Sign in to a broker to start chatting.", font=fonts.base, text_color=pal.muted,
+                 background_color=pal.chat_bg, pad=(0, (4, 6)))],
+        [host_col, port_col],
+        [label("User ID")],
+        [field(K_USER, settings.user, 36, "your name, e.g. alice")],
+        [sg.Text("", key=K_FORM_ERROR, font=fonts.small, text_color=pal.error, background_color=pal.chat_bg,
+                 size=(46, 2), pad=(0, (10, 4)))],
+        [sg.Button("Connect", key=K_CONNECT, font=fonts.bold, border_width=0, expand_x=True,
+                   button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
+                   pad=(0, (4, 6)))],
+        [sg.Text("", key=K_FORM_PROGRESS, font=fonts.small, text_color=pal.muted, background_color=pal.chat_bg)],
+    ]
+    inner = sg.Column(card, background_color=pal.chat_bg, pad=0)
+    return sg.Column(
+        [[sg.VPush(pal.chat_bg)], [sg.Push(pal.chat_bg), inner, sg.Push(pal.chat_bg)], [sg.VPush(pal.chat_bg)]],
+        key=K_CONNECT_VIEW, background_color=pal.chat_bg, expand_x=True, expand_y=True, pad=0,
+    )
+
+
+def _chat_view(pal: Palette, fonts: Fonts) -> sg.Column:
+    flat = dict(border_width=0, font=fonts.small)
+    sidebar = sg.Column([
+        [sg.Text("p2p-chat", font=fonts.heading, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
+                 pad=((16, 16), (16, 0)))],
+        [sg.Text("", key=K_ME, font=fonts.small, text_color=pal.sidebar_muted, background_color=pal.sidebar_bg,
+                 pad=((16, 16), (2, 14)))],
+        [sg.Text("PEOPLE", font=fonts.small_bold, text_color=pal.sidebar_muted, background_color=pal.sidebar_bg,
+                 pad=((16, 0), (0, 6))),
+         sg.Push(pal.sidebar_bg),
+         sg.Text("", key=K_PEOPLE_COUNT, font=fonts.small, text_color=pal.sidebar_muted,
+                 background_color=pal.sidebar_bg, pad=((0, 16), (0, 6)))],
+        [sg.Table([], headings=["name", "unread"], key=K_PEERS, col_widths=[20, 4], auto_size_columns=False,
+                  justification="left", num_rows=10, row_height=34, font=fonts.base, enable_events=True,
+                  select_mode=sg.TABLE_SELECT_MODE_BROWSE, background_color=pal.sidebar_bg,
+                  text_color=pal.sidebar_text, selected_row_colors=(pal.select_text, pal.select_bg),
+                  border_width=0, expand_x=True, expand_y=True, hide_vertical_scroll=True,
+                  pad=((8, 8), 0))],
+        [sg.Button("Disconnect", key=K_DISCONNECT, button_color=(pal.sidebar_text, pal.border),
+                   mouseover_colors=(pal.sidebar_text, pal.offline), expand_x=True, pad=((12, 12), (8, 12)), **flat)],
+    ], key=K_SIDEBAR, background_color=pal.sidebar_bg, expand_y=True, pad=0)
+
+    rule = dict(background_color=pal.border, pad=0)
+    header = sg.Column([[
+        sg.Text("", key=K_PEER_NAME, font=fonts.heading, text_color=pal.text, background_color=pal.chat_bg,
+                pad=((20, 10), (14, 12))),
+        sg.Text("", key=K_PEER_PRESENCE, font=fonts.small, text_color=pal.muted, background_color=pal.chat_bg,
+                pad=(0, (18, 12))),
+    ]], background_color=pal.chat_bg, expand_x=True, pad=0)
+    composer_row = sg.Column([[
+        sg.Multiline("", key=K_COMPOSER, size=(40, 2), font=fonts.base, no_scrollbar=True, border_width=0,
+                     background_color=pal.input_bg, text_color=pal.input_text, expand_x=True,
+                     pad=((16, 10), 12)),
+        sg.Button("Send", key=K_SEND, font=fonts.bold, border_width=0, size=(7, 1),
+                  button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
+                  disabled_button_color=(pal.muted, pal.border), pad=((0, 16), 12)),
+    ]], background_color=pal.chat_bg, expand_x=True, pad=0)
+    log_panel = sg.Column([
+        [sg.Text("CONNECTION LOG", font=fonts.small_bold, text_color=pal.muted, background_color=pal.log_bg,
+                 pad=((16, 0), (8, 2)))],
+        [sg.Multiline("", key=K_LOG, size=(40, 4), font=fonts.mono, disabled=True, border_width=0,
+                      background_color=pal.log_bg, text_color=pal.log_text, expand_x=True,
+                      sbar_trough_color=pal.log_bg, sbar_background_color=pal.border, sbar_arrow_color=pal.muted,
+                      sbar_relief="flat", pad=((16, 8), (0, 8)))],
+    ], background_color=pal.log_bg, expand_x=True, pad=0)
+    main = sg.Column([
+        [header],
+        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [sg.Multiline("", key=K_CONVERSATION, disabled=True, border_width=0, expand_x=True, expand_y=True,
+                      background_color=pal.chat_bg, text_color=pal.text, sbar_trough_color=pal.chat_bg,
+                      sbar_background_color=pal.border, sbar_arrow_color=pal.muted, sbar_relief="flat", pad=0)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [composer_row],
+        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [log_panel],
+    ], background_color=pal.chat_bg, expand_x=True, expand_y=True, pad=0)
+    return sg.Column([[sidebar, sg.Column([[]], key=K_SIDEBAR_RULE, size=(1, 1), expand_y=True, **rule), main]],
+                     key=K_CHAT_VIEW, background_color=pal.chat_bg, expand_x=True, expand_y=True, pad=0,
+                     visible=False)
+
+
+def _status_bar(pal: Palette, fonts: Fonts, notify_toggle: bool) -> sg.Column:
+    # Segments left to right; a key fingerprint will be one more segment here.
+    bar: list[Any] = [
+        sg.Text("●", key=K_STATUS_DOT, font=fonts.small, text_color=pal.offline, background_color=pal.status_bg,
+                pad=((14, 4), 5)),
+        sg.Text("", key=K_STATUS, font=fonts.small_bold, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=((0, 8), 5)),
+        sg.Text("", key=K_STATUS_DETAIL, font=fonts.small, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=(0, 5)),
+        sg.Push(pal.status_bg),
+    ]
+    toggle = dict(font=fonts.small, border_width=0, button_color=(pal.status_text, pal.status_bg),
+                  mouseover_colors=(pal.text, pal.border), pad=((0, 6), 2))
+    if notify_toggle:
+        bar.append(sg.Button("Notifications: on", key=K_NOTIFY, **toggle))
+    bar.append(sg.Button("Dark theme", key=K_THEME, **toggle))
+    return sg.Column([bar], background_color=pal.status_bg, expand_x=True, pad=0)
+
+
+def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
+    """What PySimpleGUI does not expose: focus rings, inner padding, key bindings, table chrome."""
+    for key in (K_HOST, K_PORT, K_USER):
+        entry = window[key].Widget
+        # A flat border in the entry's own colour is the only inner padding a Tk Entry has.
+        entry.configure(highlightthickness=1, highlightbackground=pal.border, highlightcolor=pal.accent,
+                        relief="flat", borderwidth=7, insertbackground=pal.text, font=fonts.base)
+        window[key].bind("<Return>", FORM_SUBMIT, propagate=False)
+        window[key].bind("<KP_Enter>", FORM_SUBMIT, propagate=False)
+    composer = window[K_COMPOSER].Widget
+    composer.configure(highlightthickness=1, highlightbackground=pal.border, highlightcolor=pal.accent,
+                       padx=10, pady=8, insertbackground=pal.text, wrap="word", relief="flat")
+    window[K_COMPOSER].bind("<Return>", SEND_SUFFIX, propagate=False)
+    window[K_COMPOSER].bind("<KP_Enter>", SEND_SUFFIX, propagate=False)
+    # Shift+Enter is typing, not an app event: insert now, so fast typing cannot reorder it.
+    composer.bind("<Shift-Return>", _insert_newline)
+    for key in (K_CONNECT, K_SEND, K_DISCONNECT):
+        window[key].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=0)
+    for key in (K_THEME, K_NOTIFY):
+        if key in window.AllKeysDict:
+            window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
+    log_widget = window[K_LOG].Widget
+    log_widget.configure(highlightthickness=0, padx=0, pady=2, cursor="arrow")
+    log_widget.tag_configure("time", foreground=pal.muted)
+    tree = window[K_PEERS].Widget
+    tree.configure(show="tree", cursor="hand2")  # no headings: a list of people, not a spreadsheet
+    tree.column("#0", width=DOT_COLUMN, minwidth=DOT_COLUMN, stretch=False)
+    tree.column("#1", anchor="w", width=SIDEBAR_WIDTH - 16 - 44 - DOT_COLUMN, stretch=True)
+    tree.column("#2", anchor="e", width=44, stretch=False)
+    # sg packs expand_y columns with expand=True, which also widens them: keep the sidebar narrow.
+    for key in (K_SIDEBAR, K_SIDEBAR_RULE):
+        window[key].Widget.pack_configure(expand=False)
+    style_name = tree.cget("style")
+    style = ttk.Style()
+    style.configure(style_name, borderwidth=0, relief="flat", highlightthickness=0, fieldbackground=pal.sidebar_bg)
+    style.layout(style_name, [("Treeview.treearea", {"sticky": "nswe"})])  # drop the sunken border
+    # Rows are flat: no expand/collapse indicator in front of the presence dot.
+    style.layout(f"{style_name}.Item", [("Treeitem.padding", {"sticky": "nswe", "children": [
+        ("Treeitem.image", {"side": "left", "sticky": ""}),
+        ("Treeitem.text", {"side": "left", "sticky": ""})]})])
+    for key, trough in ((K_CONVERSATION, pal.chat_bg), (K_LOG, pal.log_bg)):
+        _slim_scrollbar(style, window[key].vsb_style_name, trough, pal.border, pal.muted)
+
+
+def dot_image(master: tk.Misc, colour: str, size: int = 10, margin: int = 6) -> tk.PhotoImage:
+    """A filled circle with clear margins (Treeview rows take images, not per-cell colours)."""
+    image = tk.PhotoImage(master=master, width=size + 2 * margin, height=size)
+    r = size / 2
+    for y in range(size):
+        dy = y + 0.5 - r
+        half = (r * r - dy * dy) ** 0.5
+        x0, x1 = round(r - half), round(r + half)
+        if x1 > x0:
+            image.put(colour, to=(margin + x0, y, margin + x1, y + 1))
+    return image
+
+
+def _insert_newline(event: tk.Event) -> str:
+    event.widget.insert("insert", "\n")
+    event.widget.see("insert")
+    return "break"  # stop the <Return> binding (send) from seeing this key
+
+
+def _slim_scrollbar(style: ttk.Style, name: str, trough: str, thumb: str, hover: str) -> None:
+    """A thin thumb without arrows, like a chat app's, instead of Tk's 1990s scrollbar."""
+    style.layout(name, [("Vertical.Scrollbar.trough", {"sticky": "ns", "children": [
+        ("Vertical.Scrollbar.thumb", {"expand": "1", "sticky": "nswe"})]})])
+    style.configure(name, width=8, troughcolor=trough, background=thumb, borderwidth=0, relief="flat",
+                    troughrelief="flat", gripcount=0, bordercolor=trough, lightcolor=thumb, darkcolor=thumb)
+    style.map(name, background=[("active", hover), ("pressed", hover)])

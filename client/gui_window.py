@@ -1,0 +1,550 @@
+"""The chat window: layout, and ``ChatWindow.handle``, the one place every event is dispatched.
+
+Threads: everything here runs on the Tk thread. The client library's agent
+owns the network; its events come back through ``TkEventBridge`` as
+``CLIENT_EVENT`` window events, so the loop is a plain blocking
+``window.read()``. Tests drive the same ``handle`` by stepping the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import time
+import tkinter as tk
+from dataclasses import dataclass
+from typing import Any
+
+import PySimpleGUI as sg
+
+from client import events as ev
+from client.client import ChatClient, ClientConfig
+from client.gui_bridge import TkEventBridge
+from client.gui_conversation import ConversationView
+from client.gui_layout import (
+    CLIENT_EVENT,
+    COMPOSER_SEND,
+    FORM_SUBMIT,
+    K_CHAT_VIEW,
+    K_COMPOSER,
+    K_CONNECT,
+    K_CONNECT_VIEW,
+    K_CONVERSATION,
+    K_DISCONNECT,
+    K_FORM_ERROR,
+    K_FORM_PROGRESS,
+    K_HOST,
+    K_LOG,
+    K_ME,
+    K_NOTIFY,
+    K_PEER_NAME,
+    K_PEER_PRESENCE,
+    K_PEERS,
+    K_PEOPLE_COUNT,
+    K_PORT,
+    K_SEND,
+    K_STATUS,
+    K_STATUS_DETAIL,
+    K_STATUS_DOT,
+    K_THEME,
+    K_USER,
+    TOAST_CLICKED,
+    build_window,
+    dot_image,
+)
+from client.gui_model import LOG_LINES, ChatLine, ChatModel, Link, describe_failure, should_notify
+from client.gui_settings import ConnectTarget, FormError, GuiSettings, SettingsStore, validate_connect
+from client.gui_theme import Fonts, Palette, palette, pick_fonts
+from client.gui_toast import Toast
+from common.errors import ErrorCode, P2PChatError
+
+log = logging.getLogger(__name__)
+
+STATUS_TEXT = {
+    Link.OFFLINE: "Offline",
+    Link.CONNECTING: "Connecting…",
+    Link.CONNECTED: "Connected",
+    Link.RECONNECTING: "Reconnecting…",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GuiOptions:
+    """Start-up options that are not user settings: test speed-ups and the notification kill switch."""
+
+    notifications: bool = True  # False hides the toggle and never pops a notification
+    toast_ms: int = 5000
+    heartbeat_ivl: float = 1.0
+    liveness: int = 3
+    send_timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> GuiOptions:
+        """``P2PCHAT_GUI_NOTIFY=0`` turns notifications off (tests, screen sharing, kiosks)."""
+        setting = os.environ.get("P2PCHAT_GUI_NOTIFY", "1").strip().lower()
+        return cls(notifications=setting not in ("0", "false", "no", "off"))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ChatWindow:
+    def __init__(self, settings: GuiSettings, *, store: SettingsStore | None = None,
+                 options: GuiOptions = GuiOptions(), notice: str = "") -> None:
+        self.settings = settings
+        self.store = store
+        self.options = options
+        self.model = ChatModel(settings.user)
+        self.client: ChatClient | None = None
+        self.target: ConnectTarget | None = None
+        self.finished = False
+        self._generation = 0  # bumped per client: events from a closed client are stale
+        self._toast: Toast | None = None
+        self._parked: list[Any] | None = None  # client events that arrive while the window is rebuilt
+        self.fonts: Fonts = pick_fonts()
+        self.window = self._build()
+        self.bridge = TkEventBridge(self.window.TKroot.tk, self._deliver)
+        self._render_all()
+        if notice:
+            self._show_form_error(FormError("host", notice))
+
+    # --- the loop -------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while self.step():
+                pass
+        finally:
+            self.close()
+
+    def step(self, timeout_ms: int | None = None) -> bool:
+        """Read one event (blocking unless a timeout is given) and handle it. False once closed."""
+        event, values = self.window.read(timeout=timeout_ms)
+        return self.handle(event, values)
+
+    def handle(self, event: Any, values: dict[Any, Any] | None) -> bool:
+        """The single dispatcher for user, client and timer events. False once the window is closed."""
+        if event in (sg.WIN_CLOSED, sg.WINDOW_CLOSE_ATTEMPTED_EVENT):
+            self.close()
+            return False
+        values = values or {}
+        if event == sg.TIMEOUT_EVENT:
+            return True
+        if event == CLIENT_EVENT:
+            generation, client_event = values[CLIENT_EVENT]
+            if generation == self._generation:
+                self._on_client_event(client_event)
+        elif event in (K_CONNECT, K_HOST + FORM_SUBMIT, K_PORT + FORM_SUBMIT, K_USER + FORM_SUBMIT):
+            if self.model.link is Link.CONNECTING:
+                self.disconnect("Cancelled.")
+            elif self.model.link is Link.OFFLINE:
+                self.submit_connect()
+        elif event == K_DISCONNECT:
+            self.disconnect("Disconnected.")
+        elif event == K_PEERS:
+            selected = self._selected_peer()
+            if selected is not None:
+                self.open_conversation(selected)
+        elif event in (K_SEND, COMPOSER_SEND):
+            self.send_composed()
+        elif event == K_THEME:
+            self.set_theme("dark" if self.settings.theme == "light" else "light")
+        elif event == K_NOTIFY:
+            self._update_settings(notifications=not self.settings.notifications)
+            self._render_status()
+        elif event == TOAST_CLICKED:
+            self.window.bring_to_front()
+            self.open_conversation(values[TOAST_CLICKED])
+        else:
+            log.debug("user=%s unhandled window event %r", self.model.user, event)
+        return True
+
+    # --- connection -----------------------------------------------------------------
+    def submit_connect(self) -> None:
+        """Validate the connect panel and start connecting; a bad field gets an inline message."""
+        result = validate_connect(self.window[K_HOST].get(), self.window[K_PORT].get(), self.window[K_USER].get())
+        if isinstance(result, FormError):
+            self._show_form_error(result)
+            return
+        self.connect(result)
+
+    def connect(self, target: ConnectTarget) -> None:
+        self._stop_client()
+        if target.user != self.model.user:
+            self.model = ChatModel(target.user)  # another identity: another set of conversations
+            self._view().me = target.user
+        config = ClientConfig(server=target.server, heartbeat_ivl=self.options.heartbeat_ivl,
+                              liveness=self.options.liveness, send_timeout=self.options.send_timeout)
+        generation = self._generation
+        bridge = self.bridge
+        try:
+            client = ChatClient(target.user, config, on_event=lambda e: bridge.post((generation, e)))
+            client.start()  # returns at once: the agent thread connects and reports by events
+        except (P2PChatError, OSError) as exc:
+            message = exc.message if isinstance(exc, P2PChatError) else str(exc)
+            self._show_form_error(FormError("user", f"Cannot start the client: {message}"))
+            return
+        self.client, self.target = client, target
+        self.model.link = Link.CONNECTING
+        self._log(f"Connecting to {target.server} as {target.user}…")
+        log.info("user=%s connecting to %s", target.user, target.server)
+        self._render_all()
+
+    def disconnect(self, why: str) -> None:
+        if self.client is None:
+            return
+        self._stop_client()
+        self.model.link = Link.OFFLINE
+        self.model.set_online(frozenset())
+        self._log(why)
+        self._render_all()
+
+    def _stop_client(self) -> None:
+        client, self.client = self.client, None
+        self._generation += 1
+        if client is None:
+            return
+        client.close()  # joins the agent: quick, and it never waits on us (see gui_bridge)
+        for line in self.model.pending():
+            self.model.failed(line.msg_id, "disconnected before delivery")
+            self._view().update_delivery(line)
+
+    def _deliver(self, item: Any) -> None:
+        """Called by the bridge on the Tk thread."""
+        if self._parked is not None:
+            self._parked.append(item)
+        else:
+            self.window.write_event_value(CLIENT_EVENT, item)
+
+    # --- client events ----------------------------------------------------------------
+    def _on_client_event(self, event: ev.Event) -> None:
+        kind = type(event)
+        user = self.model.user
+        if kind is ev.Registered:
+            self._on_registered(event)
+        elif kind is ev.Reconnecting:
+            self.model.link = Link.RECONNECTING
+            self._log(f"Connection lost ({event.reason}); reconnecting…")
+            self._render_status()
+        elif kind is ev.RegisterFailed:
+            self._stop_client()
+            self.model.link = Link.OFFLINE
+            error = event.error
+            if error.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED):
+                text = f"“{user}” is already signed in on this broker. Choose another user ID."
+            else:
+                text = f"Could not sign in: {error.message}"
+            self._log(text)
+            self._render_all()
+            self._show_form_error(FormError("user", text))
+        elif kind is ev.PeersChanged:
+            self.model.set_online(event.peers)
+            for name in sorted(event.joined - {user}):
+                self._log(f"{name} is online")
+            for name in sorted(event.left - {user}):
+                self._log(f"{name} went offline")
+            self._render_roster()
+            self._render_header()
+        elif kind is ev.MessageReceived:
+            self._on_message(event)
+        elif kind is ev.Acked:
+            line = self.model.acked(event.msg_id)
+            if line is not None and line.peer == self.model.active:
+                self._view().update_delivery(line)
+        elif kind is ev.SendFailed:
+            line = self.model.failed(event.msg_id, describe_failure(event.error))
+            if line is not None:
+                self._log(f"Message to {line.peer} failed: {line.failure}")
+                if line.peer == self.model.active:
+                    self._view().update_delivery(line)
+        elif kind is ev.ErrorReported:
+            self._log(f"Broker error: {event.error.message}")
+        else:  # file transfers and later additions: not shown by this window yet
+            log.debug("user=%s ignoring client event %s", user, kind.__name__)
+
+    def _on_registered(self, event: ev.Registered) -> None:
+        first = self.model.link is Link.CONNECTING
+        self.model.link = Link.CONNECTED
+        target = self.target
+        assert target is not None
+        if first:
+            self._log(f"Connected to {target.server} as {target.user}")
+            self._update_settings(host=target.server.host, port=target.server.port, user=target.user)
+            self._render_all()
+            self._composer().focus_set()
+        else:
+            self._log("Reconnected")
+            self._render_status()
+
+    def _on_message(self, event: ev.MessageReceived) -> None:
+        line = self.model.receive(event.msg_id, event.sender, event.text, event.ts)
+        if event.sender == self.model.active:
+            self._view().append(line)
+        self._render_roster()
+        if should_notify(self._notifications_on(), self._focused(), self.model.active, event.sender):
+            self._notify(line)
+
+    # --- user actions -----------------------------------------------------------------
+    def open_conversation(self, peer: str) -> None:
+        if peer == self.model.active:
+            return
+        conv = self.model.open(peer)
+        self._view().show(conv, self._empty_hint())
+        self._render_roster()
+        self._render_header()
+        self._composer().focus_set()
+
+    def send_composed(self) -> None:
+        composer = self._composer()
+        text = composer.get("1.0", "end-1c").strip("\n")
+        peer = self.model.active
+        if not text.strip() or peer is None or self.client is None or not self._can_send():
+            return
+        now = _now_ms()
+        try:
+            msg_id, _acked = self.client.send_async(peer, text)  # the ack arrives as an event
+            line: ChatLine = self.model.sending(msg_id, peer, text, now)
+        except P2PChatError as exc:
+            line = self.model.refused(peer, text, now, describe_failure(exc))
+        composer.delete("1.0", "end")
+        self._view().append(line)
+        self._render_roster()
+
+    def set_theme(self, theme: str) -> None:
+        """PySimpleGUI fixes colours when a window is built, so build it again, keeping its place."""
+        self._update_settings(theme=theme)
+        draft = self._composer().get("1.0", "end-1c")
+        form = {key: self.window[key].get() for key in (K_HOST, K_PORT, K_USER, K_FORM_ERROR)}
+        location, size = self.window.current_location(), self.window.size
+        old = self.window
+        self._parked = []
+        old.close()
+        stale: list[tuple[Any, Any]] = []
+        while True:  # events already handed to the old window but not read yet
+            try:
+                stale.append(old.thread_queue.get_nowait())
+            except queue.Empty:
+                break
+        self.window = self._build(location=location, size=size)
+        parked, self._parked = self._parked, None
+        for key, value in stale:
+            self.window.write_event_value(key, value)
+        for item in parked:
+            self.window.write_event_value(CLIENT_EVENT, item)
+        self._composer().insert("1.0", draft)  # before _render_all may disable the composer
+        for key, value in form.items():
+            self.window[key].update(value)
+        self._render_all()
+
+    def close(self) -> None:
+        """Idempotent: stop the client, then the bridge, then the windows."""
+        if self.finished:
+            return
+        self.finished = True
+        self._stop_client()
+        if self._toast is not None:
+            self._toast.close()
+        self.bridge.close()
+        self.window.close()
+
+    # --- notifications ----------------------------------------------------------------
+    def _notifications_on(self) -> bool:
+        return self.options.notifications and self.settings.notifications
+
+    def _focused(self) -> bool:
+        try:
+            widget = self.window.TKroot.focus_get()
+        except (KeyError, tk.TclError):  # tkinter cannot name some transient widgets (menus)
+            return False
+        return widget is not None and widget.winfo_toplevel() == self.window.TKroot
+
+    def _notify(self, line: ChatLine) -> None:
+        if self._toast is not None:
+            self._toast.close()
+        sender = line.peer
+        self._toast = Toast(self.palette, self.fonts, f"{sender}", line.text, self.options.toast_ms,
+                            on_click=lambda: self.window.write_event_value(TOAST_CLICKED, sender))
+
+    @property
+    def toast(self) -> Toast | None:
+        return self._toast if self._toast is not None and self._toast.is_open else None
+
+    # --- settings ---------------------------------------------------------------------
+    def _update_settings(self, **changes: Any) -> None:
+        self.settings = dataclasses.replace(self.settings, **changes)
+        if self.store is not None:
+            self.store.save(self.settings)
+
+    @property
+    def palette(self) -> Palette:
+        return palette(self.settings.theme)
+
+    # --- rendering --------------------------------------------------------------------
+    def _render_all(self) -> None:
+        on_chat = self.model.link in (Link.CONNECTED, Link.RECONNECTING)
+        self.window[K_CONNECT_VIEW].update(visible=not on_chat)
+        self.window[K_CHAT_VIEW].update(visible=on_chat)
+        self._render_form()
+        self._render_status()
+        self._render_roster()
+        self._render_header()
+        active = self.model.active
+        self._view().show(self.model.conversation(active) if active else None, self._empty_hint())
+        self._render_log()
+        self.window.set_title(f"p2p-chat — {self.model.user}" if on_chat else "p2p-chat")
+
+    def _render_form(self) -> None:
+        busy = self.model.link is Link.CONNECTING
+        for key in (K_HOST, K_PORT, K_USER):
+            self.window[key].update(disabled=busy)
+        self.window[K_CONNECT].update("Cancel" if busy else "Connect")
+        target = self.target
+        self.window[K_FORM_PROGRESS].update(
+            f"Connecting to {target.server} as {target.user}…" if busy and target else "")
+        if busy:
+            self.window[K_FORM_ERROR].update("")
+
+    def _show_form_error(self, error: FormError) -> None:
+        self.window[K_FORM_ERROR].update(error.message)
+        field = {"host": K_HOST, "port": K_PORT, "user": K_USER}[error.field]
+        self.window[field].set_focus()
+        self.window[field].Widget.select_range(0, "end")
+
+    def _render_status(self) -> None:
+        pal, link = self.palette, self.model.link
+        colour = {Link.CONNECTED: pal.ok, Link.OFFLINE: pal.offline}.get(link, pal.warn)
+        self.window[K_STATUS_DOT].update(text_color=colour)
+        self.window[K_STATUS].update(STATUS_TEXT[link])
+        target = self.target
+        if target is None:
+            detail = "not connected"
+        elif link is Link.OFFLINE:
+            detail = f"disconnected from {target.server}"
+        elif link is Link.RECONNECTING:
+            detail = f"broker {target.server} is not answering; retrying"
+        else:
+            detail = f"{target.user} @ {target.server}"
+        self.window[K_STATUS_DETAIL].update(detail)
+        if self.options.notifications:
+            self.window[K_NOTIFY].update("Notifications: on" if self.settings.notifications else "Notifications: off")
+        self.window[K_THEME].update("Dark theme" if self.settings.theme == "light" else "Light theme")
+
+    def _render_roster(self) -> None:
+        pal, fonts = self.palette, self.fonts
+        rows = self.model.roster()
+        names = [r.name for r in rows]
+        table = self.window[K_PEERS]
+        # A click not handled yet outranks the open conversation: re-rendering must not undo it.
+        keep = self._selected_peer() or self.model.active
+        selected = [names.index(keep)] if keep in names else []
+        table.update(values=[[r.name, str(r.unread) if r.unread else ""] for r in rows], select_rows=selected)
+        tree = table.Widget
+        for i, (iid, row) in enumerate(zip(tree.get_children(), rows)):
+            # sg.Table puts the row's text in the tree column too: replace it with the presence dot.
+            tree.item(iid, text="", image=self._dots[row.online])
+            tree.tag_configure(i, foreground=pal.sidebar_text if row.online else pal.offline,
+                               font=fonts.bold if row.unread else fonts.base)
+        online = len(self.model.online)
+        self.window[K_PEOPLE_COUNT].update(f"{online} online" if online else "nobody else online")
+        self.window[K_ME].update(f"@{self.model.user}" if self.model.user else "")
+
+    def _selected_peer(self) -> str | None:
+        """The row selected on screen, by name (row numbers shift as people come and go)."""
+        tree = self.window[K_PEERS].Widget
+        for iid in tree.selection():
+            values = tree.item(iid, "values")
+            if values:
+                return str(values[0])  # ttk turns a digits-only name into an int
+        return None
+
+    def _render_header(self) -> None:
+        peer = self.model.active
+        self.window[K_PEER_NAME].update(peer or "No conversation open")
+        if peer is None:
+            presence = ""
+        elif peer in self.model.online:
+            presence = "● online"
+        else:
+            presence = "○ offline — messages cannot be delivered until they are back"
+        self.window[K_PEER_PRESENCE].update(presence, text_color=self.palette.ok if peer in self.model.online
+                                            else self.palette.muted)
+        pal, can_send = self.palette, self._can_send()
+        # Tk greys out neither a disabled Text nor a coloured Button: recolour them so "disabled" shows.
+        self._composer().configure(state="normal" if can_send else "disabled",
+                                   background=pal.input_bg if can_send else pal.chat_bg,
+                                   highlightcolor=pal.accent if can_send else pal.border)
+        self.window[K_SEND].update(disabled=not can_send, button_color=(pal.accent_text, pal.accent) if can_send
+                                   else (pal.muted, pal.border))
+
+    def _can_send(self) -> bool:
+        return (self.model.active is not None and self.model.active in self.model.online
+                and self.model.link in (Link.CONNECTED, Link.RECONNECTING))
+
+    def _empty_hint(self) -> str:
+        if self.model.online:
+            return "Pick someone on the left to start a conversation."
+        return "Nobody else is online yet.\nConversations appear here when someone joins."
+
+    def _log(self, text: str) -> None:
+        ts = _now_ms()
+        self.model.add_log(ts, text)
+        self._append_log_line(ts, text)
+
+    def _render_log(self) -> None:
+        widget = self.window[K_LOG].Widget
+        widget.configure(state="normal")
+        widget.delete("1.0", "end")
+        widget.configure(state="disabled")
+        for ts, text in self.model.log:
+            self._append_log_line(ts, text)
+
+    def _append_log_line(self, ts: int, text: str) -> None:
+        widget = self.window[K_LOG].Widget
+        widget.configure(state="normal")
+        if widget.get("1.0", "end-1c"):
+            widget.insert("end", "\n")
+        widget.insert("end", time.strftime("%H:%M:%S", time.localtime(ts / 1000)) + "  ", ("time",))
+        widget.insert("end", text)
+        if int(widget.index("end-1c").split(".")[0]) > LOG_LINES:
+            widget.delete("1.0", "2.0")
+        widget.configure(state="disabled")
+        widget.see("end")
+
+    def _composer(self) -> tk.Text:
+        return self.window[K_COMPOSER].Widget
+
+    def _view(self) -> ConversationView:
+        return self._conversation_view
+
+    # --- reading the window (what a user sees; used by tests) -----------------------------
+    def status_text(self) -> str:
+        return f"{self.window[K_STATUS].get()} {self.window[K_STATUS_DETAIL].get()}".strip()
+
+    def roster_text(self) -> list[str]:
+        """Rows as "●  name  unread" ("○" when offline): the dot is an image on screen."""
+        tree = self.window[K_PEERS].Widget
+        rows = []
+        for iid in tree.get_children():
+            dot = "●" if tree.item(iid, "image") == (str(self._dots[True]),) else "○"
+            rows.append("  ".join([dot, *(str(c) for c in tree.item(iid, "values") if str(c))]))
+        return rows
+
+    def conversation_text(self) -> str:
+        return self.window[K_CONVERSATION].Widget.get("1.0", "end-1c")
+
+    def form_error(self) -> str:
+        return self.window[K_FORM_ERROR].get()
+
+    def log_text(self) -> str:
+        return self.window[K_LOG].Widget.get("1.0", "end-1c")
+
+    # --- layout -----------------------------------------------------------------------
+    def _build(self, location: tuple[int, int] | None = None, size: tuple[int, int] | None = None) -> sg.Window:
+        pal, fonts = self.palette, self.fonts
+        window = build_window(self.settings, pal, fonts, notify_toggle=self.options.notifications,
+                              location=location, size=size)
+        self._conversation_view = ConversationView(window[K_CONVERSATION].Widget, pal, fonts, self.model.user)
+        self._dots = {True: dot_image(window.TKroot, pal.ok), False: dot_image(window.TKroot, pal.offline)}
+        return window
