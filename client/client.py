@@ -29,12 +29,12 @@ from client.e2e import EndToEnd
 from client.identity import InstanceClaim
 from client.trust import KeyStore
 from common.crypto import Identity, fingerprint, safety_number
-from client.session import ClientSession, State
+from client.session import ClientSession, State, validate_text
 from client.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
 from common.paths import ensure_private_dir, home_dir, user_dir
 from common.endpoints import ServerAddress
 from common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError
-from common.protocol import MAX_HEADER_BYTES, check_user_id
+from common.protocol import MAX_HEADER_BYTES, check_user_id, new_msg_id
 from common.wakeup import Waker
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,15 @@ class ClientConfig:
     encrypt: bool = True  # end-to-end encryption; off only for debugging and benchmarks
     server_key: str | None = None  # pin the broker's key fingerprint instead of trusting on first use
     key_port: int | None = None  # the broker's key service, server port + 2 unless given
+
+
+def _forward_failure(command: Future, result: Future) -> None:
+    """A command that raised (or never ran) fails the caller's future too."""
+    def done(f: Future) -> None:
+        if f.exception() is not None and not result.done():
+            result.set_exception(f.exception())
+
+    command.add_done_callback(done)
 
 
 def _wall_ms() -> int:
@@ -146,19 +155,19 @@ class ChatClient:
         return msg_id
 
     def send_async(self, to: str, text: str) -> tuple[bytes, Future[str]]:
-        """Queue a message; the future resolves with the ack status or fails with the error."""
-        acked: Future[str] = Future()
+        """Queue a message and return at once; the future resolves with the ack status or the error."""
+        body = validate_text(to, text)  # bad input fails here, in the caller's thread
+        msg_id, acked = new_msg_id(), Future()
 
-        def command(now: float) -> bytes:
-            msg_id, actions = self._session.send_text(to, text, now)
+        def command(now: float) -> None:
             self._acks[msg_id] = acked
-            self._execute(actions)
-            return msg_id
+            self._execute(self._session.send_text(to, body, now, msg_id))
 
-        return self._call(command).result(), acked
+        _forward_failure(self._call(command), acked)
+        return msg_id, acked
 
     def send_file(self, to: str, path: str | Path) -> tuple[bytes, Future[None]]:
-        """Offer a file; the future resolves once the receiver has verified and saved it."""
+        """Offer a file and return at once; the future resolves once the receiver verified and saved it."""
         done: Future[None] = Future()
 
         def command(now: float) -> bytes:
@@ -167,7 +176,7 @@ class ChatClient:
             self._execute(actions)
             return xfer
 
-        return self._call(command).result(), done
+        return self._call(command).result(10), done
 
     def cancel_transfer(self, xfer: bytes) -> None:
         self._call(lambda now: self._execute(self._session.transfers.cancel(xfer, now))).result()
@@ -272,9 +281,11 @@ class ChatClient:
                     self._drain(self._sub, session.on_publish)
                 self._execute(session.on_tick(time.monotonic()))
             self._execute(session.close(time.monotonic()))
-        except Exception:  # the agent must not die silently: report, then clean up
+        except Exception as exc:  # the agent must not die silently: report, then clean up
             log.exception("user=%s client agent crashed", self.user)
-            self._fail_all(BrokenError("client agent crashed; see the log"))
+            error = BrokenError(f"client stopped after an internal error: {exc!r}")
+            self._fail_all(error)
+            self._dispatch(ev.Stopped(error))
         finally:
             self._dealer.close(linger=0)
             self._sub.close(linger=0)

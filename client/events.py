@@ -108,6 +108,13 @@ class FileFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Stopped:
+    """The client stopped by itself after an internal error; it must be recreated."""
+
+    error: P2PChatError
+
+
+@dataclass(frozen=True, slots=True)
 class PeerKeyChanged:
     """``user`` now presents another key: sending to them is blocked until the user accepts it."""
 
@@ -119,5 +126,5 @@ class PeerKeyChanged:
 
 Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | SendFailed | ErrorReported
-    | FileIncoming | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged
+    | FileIncoming | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | Stopped
 )

@@ -62,6 +62,15 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+def validate_text(recipient: str, text: str) -> bytes:
+    """The UTF-8 body of a message, or ProtocolError for a bad recipient or an oversized text."""
+    check_user_id(recipient)
+    body = text.encode("utf-8")
+    if len(body) > MAX_TEXT_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_TEXT_BYTES}", ErrorCode.TOO_LARGE)
+    return body
+
+
 @dataclass(slots=True)
 class _Pending:
     recipient: str
@@ -108,13 +117,11 @@ class ClientSession:
         self._last_heard = now
         return [self._transmit(self._register_frames(), now)]
 
-    def send_text(self, recipient: str, text: str, now: float) -> tuple[bytes, list[Action]]:
-        body = text.encode("utf-8")
-        if len(body) > MAX_TEXT_BYTES:
-            raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_TEXT_BYTES}", ErrorCode.TOO_LARGE)
-        msg_id = new_msg_id()
-        self._pending[msg_id] = _Pending(check_user_id(recipient), body, now + self._send_timeout)
-        return msg_id, self._flush(now)
+    def send_text(self, recipient: str, body: bytes, now: float, msg_id: bytes | None = None
+                  ) -> list[Action]:
+        """Queue ``body`` (from ``validate_text``) for ``recipient``; sealed once their key is known."""
+        self._pending[msg_id or new_msg_id()] = _Pending(recipient, body, now + self._send_timeout)
+        return self._flush(now)
 
     def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
         assert self.transfers is not None
