@@ -7,12 +7,17 @@ no ACK. The first message from a new routing id is taken to be a REGISTER and is
 answered with one prebuilt REGISTERED frame; the first two such peers are the
 pair, and everything else one of them sends goes, untouched, to the other.
 
+With ``--transport curve`` its ROUTER is a CURVE server (a fresh keypair; no
+ZAP handler, so any client key is let in: authentication costs only at the
+handshake, encryption on every frame), and a key service on port + 2 answers
+any request with the public key, as the broker's does.
+
 With ``--ack`` it also answers every relayed message with one prebuilt ACK frame
 (a constant, not referring to the message), so the sender does the same
 receive work as against the broker: the difference left is the broker's
 Python (decode, routing core, building the ACK), not its extra send.
 
-    python bench/bare_router.py --port 5600 [--ack]
+    python bench/bare_router.py --port 5600 [--transport curve|plain] [--ack]
 
 Prints "bare router listening on ..." to stderr when ready; stops on SIGINT or
 SIGTERM and prints what it relayed and dropped.
@@ -40,7 +45,7 @@ def _prebuilt(ack: bool) -> tuple[list[bytes], list[bytes] | None]:
     return registered, (pack(Ack(bytes(16), AckStatus.RELAYED), ts) if ack else None)
 
 
-def serve(port: int, ack: bool) -> int:
+def serve(port: int, ack: bool, curve: bool) -> int:
     registered, ack_frames = _prebuilt(ack)
     stopping = False
 
@@ -53,6 +58,7 @@ def serve(port: int, ack: bool) -> int:
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
+    key_service = ctx.socket(zmq.ROUTER)
     peers: list[bytes] = []
     other: dict[bytes, bytes] = {}
     relayed = dropped = 0
@@ -61,9 +67,22 @@ def serve(port: int, ack: bool) -> int:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, 10_000)
         router.setsockopt(zmq.SNDHWM, 10_000)
+        key_service.setsockopt(zmq.LINGER, 0)
+        key_reply = None
+        if curve:
+            from zmq.utils import z85
+
+            from common.protocol import BrokerKey
+
+            public, secret = zmq.curve_keypair()
+            router.curve_server = True
+            router.curve_secretkey = secret
+            key_reply = pack(BrokerKey(z85.decode(public)), int(time.time() * 1000))[0]
+            key_service.bind(f"tcp://127.0.0.1:{port + 2}")
         router.bind(f"tcp://127.0.0.1:{port}")
         endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        print(f"bare router listening on {endpoint} (ack={'on' if ack else 'off'})", file=sys.stderr, flush=True)
+        print(f"bare router listening on {endpoint} (ack={'on' if ack else 'off'}, curve={'on' if curve else 'off'})",
+              file=sys.stderr, flush=True)
 
         def send(frames: list) -> bool:
             try:
@@ -78,8 +97,12 @@ def serve(port: int, ack: bool) -> int:
 
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        poller.register(key_service, zmq.POLLIN)
         while not stopping:
-            if not poller.poll(100):  # wake now and then to notice a signal
+            ready = dict(poller.poll(100))  # wake now and then to notice a signal
+            if key_service in ready:
+                _answer_key_request(key_service, key_reply)
+            if router not in ready:
                 continue
             for _ in range(DRAIN_BATCH):
                 try:
@@ -104,18 +127,32 @@ def serve(port: int, ack: bool) -> int:
                         other = {peers[0]: peers[1], peers[1]: peers[0]}
                     send([rid, *registered])
     finally:
+        key_service.close(linger=0)
         router.close(linger=0)
         ctx.term()
         print(f"bare router stopped: relayed={relayed} dropped={dropped}", file=sys.stderr, flush=True)
     return 0
 
 
+def _answer_key_request(sock: zmq.Socket, reply: bytes | None) -> None:
+    try:
+        parts = sock.recv_multipart(zmq.NOBLOCK)
+    except zmq.Again:
+        return
+    if reply is not None:
+        try:
+            sock.send_multipart([parts[0], reply], zmq.DONTWAIT)
+        except zmq.ZMQError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="ROUTER port on 127.0.0.1")
+    parser.add_argument("--transport", choices=("curve", "plain"), default="plain")
     parser.add_argument("--ack", action="store_true", help="answer each relayed message with a constant ACK frame")
     args = parser.parse_args(argv)
-    return serve(args.port, args.ack)
+    return serve(args.port, args.ack, args.transport == "curve")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Relay benchmark: alice -> bob through the broker, beside a bare ROUTER loop, in one run.
 
-For each round and each server (the real ``p2pchat broker``, and
-``bare_router.py`` which only swaps routing ids), a fresh server process is
-started on a free 127.0.0.1 port and two client processes, alice and bob, run
+For each round and each server (the real broker, started by ``run_broker.py``,
+and ``bare_router.py`` which only swaps routing ids), a fresh server process is
+started on free 127.0.0.1 ports and two client processes, alice and bob, run
 the same scripted DEALER code against it with the real codec
-(``common.protocol.pack`` / ``decode``):
+(``common.protocol.pack`` / ``decode``), over CURVE when the broker has it
+(``--transport``; the bare loop then does CURVE too):
 
 1. warm-up: ``--warmup`` messages, pipelined;
 2. throughput: ``--messages`` messages, pipelined with at most ``--window`` not
@@ -20,7 +21,7 @@ reaches >= 70% of the bare loop's msgs/s, and its p99 stays under 2 ms at
 5,000 msg/s. See bench/README.md for what the bare loop does and does not do.
 
     .venv/bin/python bench/bench_relay.py [--rounds 5] [--messages 20000]
-        [--rate 5000] [--duration 2] [--ack-baseline] [--json] [--check]
+        [--rate 5000] [--duration 2] [--transport curve|plain] [--ack-baseline] [--json] [--check]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import ctypes
 import json
 import multiprocessing as mp
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -46,10 +48,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BARE_ROUTER = Path(__file__).resolve().with_name("bare_router.py")
+RUN_BROKER = Path(__file__).resolve().with_name("run_broker.py")
 
 P99_TARGET_US = 2000.0
 RATIO_TARGET = 0.70
-BROKER_HEARTBEAT = 60.0  # scripted clients send no heartbeats: keep their sessions alive for the run
 SERVER_START_TIMEOUT = 15.0
 REGISTER_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 15.0  # for queued messages / ACKs to arrive after a phase
@@ -67,6 +69,7 @@ class Plan:
     """What the two clients do in one run; built once in the parent, pickled to each."""
 
     endpoint: str
+    server_key: bytes | None  # the server's CURVE public key (Z85), or None for plaintext
     warmup: int
     messages: int
     window: int
@@ -74,6 +77,7 @@ class Plan:
     duration: float
     size: int
     expect_acks: bool
+    consume: bool  # bob tells a store-and-forward broker he has each message (CONSUME), as the client does
     budget: float  # seconds either client may take in all
     server_pid: int  # alice reads its CPU time around the throughput phase
 
@@ -95,26 +99,49 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _dealer(ctx, endpoint: str):
+def _dealer(ctx, plan: Plan):
+    """A DEALER to the server, and the raw public key it connects with (its CURVE key, if CURVE is on)."""
     import zmq
+    from zmq.utils import z85
 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)  # a blocked send fails instead of hanging
-    sock.connect(endpoint)
-    return sock
+    public, secret = zmq.curve_keypair()
+    if plan.server_key is not None:
+        sock.curve_serverkey = plan.server_key
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+    sock.connect(plan.endpoint)
+    return sock, z85.decode(public)
 
 
-def _register(sock, user: str) -> None:
+def _register_frames(user: str, key: bytes) -> list[bytes]:
+    """REGISTER for a scripted client. The protocol grows fields; one not filled here fails loudly."""
+    import dataclasses
+
+    from common.protocol import Register, pack
+
+    values = {"user": user, "token": os.urandom(32), "key": key}
+    missing = [f.name for f in dataclasses.fields(Register) if f.name not in values]
+    if missing:
+        raise BenchError(f"Register has fields {missing} that bench_relay._register_frames does not fill")
+    return pack(Register(**{f.name: values[f.name] for f in dataclasses.fields(Register)}), _wall_ms())
+
+
+def _register(sock, user: str, key: bytes) -> None:
     """REGISTER, then wait for REGISTERED (sent once: without IMMEDIATE it waits for the connection)."""
-    from common.protocol import Register, Registered, decode, pack
+    from common.protocol import Error, Registered, decode
 
-    sock.send_multipart(pack(Register(user), _wall_ms()))
+    sock.send_multipart(_register_frames(user, key))
     deadline = time.monotonic() + REGISTER_TIMEOUT
     while time.monotonic() < deadline:
         if sock.poll(100):
-            if type(decode(sock.recv_multipart()).message) is Registered:
+            msg = decode(sock.recv_multipart()).message
+            if type(msg) is Registered:
                 return
+            if type(msg) is Error:
+                raise BenchError(f"{user}: REGISTER refused: {msg.code.value}: {msg.message}")
     raise BenchError(f"{user}: no REGISTERED within {REGISTER_TIMEOUT}s")
 
 
@@ -125,7 +152,8 @@ def _worker(role: str, plan: Plan, received, bob_ready, result_pipe) -> None:
     ctx = zmq.Context()
     sock = None
     try:
-        sock = _dealer(ctx, plan.endpoint)
+        sock, key = _dealer(ctx, plan)
+        _register(sock, role, key)
         body = _bob if role == "bob" else _alice
         result = body(sock, plan, received, bob_ready)
     except BaseException as exc:  # reported to the parent, never lost
@@ -134,6 +162,7 @@ def _worker(role: str, plan: Plan, received, bob_ready, result_pipe) -> None:
         if sock is not None:
             sock.close(linger=0)
         ctx.term()
+    result["cpu_s"] = time.process_time()  # this whole process, for the parent's background-load estimate
     result_pipe.send(result)
     result_pipe.close()
 
@@ -142,9 +171,10 @@ def _bob(sock, plan: Plan, received, bob_ready) -> dict:
     import zmq
     from hdrh.histogram import HdrHistogram
 
-    from common.protocol import ChatMessage, decode
+    from common.protocol import ChatMessage, decode, pack
 
-    _register(sock, "bob")
+    if plan.consume:
+        from common.protocol import Consume
     bob_ready.set()
     hist = HdrHistogram(*HIST_ARGS)
     expected_seq = [0, 0, 0]
@@ -163,10 +193,13 @@ def _bob(sock, plan: Plan, received, bob_ready) -> dict:
             except zmq.Again:
                 break
             now = time.perf_counter_ns()
-            msg = decode(frames).message
+            env = decode(frames)
+            msg = env.message
             if type(msg) is not ChatMessage:
                 other += 1
                 continue
+            if plan.consume:
+                sock.send_multipart(pack(Consume(env.msg_id), _wall_ms()))
             phase, seq, sent_ns = BODY.unpack_from(msg.body)
             if seq != expected_seq[phase]:
                 out_of_order += 1
@@ -279,8 +312,25 @@ class _Alice:
             self.drain()
 
 
+class _ServerCpu:
+    """CPU seconds (user + system) the server process has used so far: (Python main thread, others)."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self._proc = psutil.Process(pid)
+
+    def seconds(self) -> tuple[float, float]:
+        main = other = 0.0
+        for thread in self._proc.threads():
+            if thread.id == self._proc.pid:
+                main += thread.user_time + thread.system_time
+            else:  # libzmq's I/O and reaper threads
+                other += thread.user_time + thread.system_time
+        return main, other
+
+
 def _alice(sock, plan: Plan, received, bob_ready) -> dict:
-    _register(sock, "alice")
     if not bob_ready.wait(REGISTER_TIMEOUT):
         raise BenchError("alice: bob never registered")
     alice = _Alice(sock, plan, received)
@@ -292,7 +342,7 @@ def _alice(sock, plan: Plan, received, bob_ready) -> dict:
     alice.pipelined(THROUGHPUT, plan.messages)
     send_seconds = (time.perf_counter_ns() - start) / 1e9
     alice.settle()
-    tp_cpu = server.seconds() - cpu_before
+    cpu_after = server.seconds()
     time.sleep(0.1)
     worst_late = alice.paced(LATENCY, plan.paced, plan.rate)
     alice.settle()
@@ -303,22 +353,9 @@ def _alice(sock, plan: Plan, received, bob_ready) -> dict:
         "error_samples": alice.error_samples,
         "other_frames": alice.other,
         "tp_send_seconds": send_seconds,
-        "tp_server_cpu_seconds": tp_cpu,
+        "tp_server_cpu_seconds": [after - before for after, before in zip(cpu_after, cpu_before)],
         "worst_late_us": worst_late / 1000,
     }
-
-
-class _ServerCpu:
-    """CPU seconds (user + system) the server process has used so far."""
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        self._proc = psutil.Process(pid)
-
-    def seconds(self) -> float:
-        times = self._proc.cpu_times()
-        return times.user + times.system
 
 
 # --- servers (subprocesses) ------------------------------------------------------
@@ -330,36 +367,70 @@ def _die_with_parent() -> None:
         pass
 
 
-def free_port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (the broker binds its PUB on P+1)."""
+PORTS_PER_SERVER = 3  # ROUTER on P, presence PUB on P+1, key service on P+2
+
+
+def free_ports() -> int:
+    """A port P with P .. P+2 all free on 127.0.0.1."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port >= 65534:
+        if port + PORTS_PER_SERVER > 65535:
             continue
+        socks = [socket.socket() for _ in range(PORTS_PER_SERVER)]
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
+            for i, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", port + i))
             return port
         except OSError:
             continue
-    raise BenchError("no free port pair on 127.0.0.1")
+        finally:
+            for sock in socks:
+                sock.close()
+    raise BenchError("no free run of ports on 127.0.0.1")
+
+
+def fetch_server_key(port: int, timeout: float = 5.0) -> bytes:
+    """Ask the key service on ``port`` + 2 for the server's CURVE key, as a client does on first use."""
+    import zmq
+    from zmq.utils import z85
+
+    from common.protocol import BrokerKey, decode
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{port + 2}")
+        sock.send(b"key?")
+        if not sock.poll(int(timeout * 1000)):
+            raise BenchError(f"no answer from the key service on port {port + 2}")
+        msg = decode(sock.recv_multipart()).message
+        if type(msg) is not BrokerKey:
+            raise BenchError(f"key service answered {type(msg).__name__}")
+        return z85.encode(msg.key)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
 
 
 SERVERS = {
     "broker": "p2pchat broker",
     "bare": "bare ROUTER loop",
     "bare+ack": "bare loop + const ACK",
+    "candidate": "candidate broker",
 }
 
 
 class ServerProcess:
     """One server under test, owned by a ``with`` block: started on entry, stopped on every exit."""
 
-    def __init__(self, kind: str, port: int, home: Path) -> None:
-        self.kind, self.port, self.home = kind, port, home
+    def __init__(self, kind: str, port: int, home: Path, transport: str, store: str,
+                 candidate_cmd: str | None = None) -> None:
+        self.kind, self.port, self.home, self.transport, self.store = kind, port, home, transport, store
+        self.candidate_cmd = candidate_cmd
+        self.key: bytes | None = None  # CURVE public key (Z85), once started
         self.proc: subprocess.Popen | None = None
         self.lines: deque[str] = deque(maxlen=200)
         self.warnings = 0
@@ -371,10 +442,15 @@ class ServerProcess:
         return f"tcp://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        if self.kind == "candidate":
+            assert self.candidate_cmd is not None
+            return shlex.split(self.candidate_cmd.format(python=sys.executable, port=self.port,
+                                                         data_dir=self.home / "broker", transport=self.transport,
+                                                         store=self.store))
         if self.kind == "broker":
-            return [sys.executable, "-m", "client.cli", "broker", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--heartbeat", str(BROKER_HEARTBEAT), "--data-dir", str(self.home / "broker")]
-        cmd = [sys.executable, str(BARE_ROUTER), "--port", str(self.port)]
+            return [sys.executable, str(RUN_BROKER), "--port", str(self.port), "--data-dir", str(self.home / "broker"),
+                    "--transport", self.transport, "--store", self.store]
+        cmd = [sys.executable, str(BARE_ROUTER), "--port", str(self.port), "--transport", self.transport]
         return cmd + (["--ack"] if self.kind == "bare+ack" else [])
 
     def __enter__(self) -> ServerProcess:
@@ -389,6 +465,8 @@ class ServerProcess:
             while not self._ready.wait(0.05):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise BenchError(f"{self.kind} did not start:\n" + "".join(self.lines))
+            if self.transport == "curve":
+                self.key = fetch_server_key(self.port)
         except BaseException:
             self.stop()
             raise
@@ -403,7 +481,8 @@ class ServerProcess:
             self.lines.append(line)
             if "listening on" in line:
                 self._ready.set()
-            if "WARNING" in line or "dropped" in line and "dropped=0" not in line:
+            benign = "PLAINTEXT" in line or "dropped=0" in line  # the --insecure notice; a clean bare loop exit
+            if not benign and ("WARNING" in line or "ERROR" in line or "dropped" in line):
                 self.warnings += 1
 
     def stop(self) -> None:
@@ -434,16 +513,46 @@ def _stop_process(proc) -> None:
         proc.join(2)
 
 
+class _BackgroundLoad:
+    """How many CPUs other processes kept busy during a run: machine-wide busy time minus ours.
+
+    Other programs on the machine (a test suite, a build) skew both throughput and tail latency;
+    the table reports this so a noisy run can be told from a slow broker.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._server = psutil.Process(server_pid)
+        self._me = psutil.Process()
+        self._start = self._snapshot()
+
+    def _snapshot(self) -> tuple[float, float, float, float]:
+        t = self._psutil.cpu_times()
+        busy = t.user + t.nice + t.system
+        server, me = self._server.cpu_times(), self._me.cpu_times()
+        return time.monotonic(), busy, server.user + server.system, me.user + me.system
+
+    def cpus(self, clients_cpu: float) -> float:
+        now, busy, server, me = self._snapshot()
+        t0, busy0, server0, me0 = self._start
+        ours = (server - server0) + (me - me0) + clients_cpu
+        return max(0.0, (busy - busy0) - ours) / (now - t0)
+
+
 def run_once(kind: str, args: argparse.Namespace) -> dict:
     """One server, one pair of clients, all three phases; every process ended on return or error."""
     ctx = mp.get_context("spawn")  # never fork a process that may hold ZeroMQ state
     with tempfile.TemporaryDirectory(prefix="p2pchat-bench-") as tmp, \
-            ServerProcess(kind, free_port_pair(), Path(tmp)) as server:
-        plan = Plan(server.endpoint, args.warmup, args.messages, args.window, args.rate, args.duration,
-                    args.size, expect_acks=kind != "bare", budget=args.budget, server_pid=server.proc.pid)
+            ServerProcess(kind, free_ports(), Path(tmp), args.transport, args.store, args.broker_cmd) as server:
+        plan = Plan(server.endpoint, server.key, args.warmup, args.messages, args.window, args.rate, args.duration,
+                    args.size, expect_acks=kind != "bare",
+                    consume=kind in ("broker", "candidate") and args.store == "on", budget=args.budget, server_pid=server.proc.pid)
         received = ctx.RawValue("q", 0)
         bob_ready = ctx.Event()
         procs, pipes = {}, {}
+        load = _BackgroundLoad(server.proc.pid)
         try:
             for role in ("bob", "alice"):
                 reader, writer = ctx.Pipe(duplex=False)
@@ -457,6 +566,7 @@ def run_once(kind: str, args: argparse.Namespace) -> dict:
                 if not pipes[role].poll(args.budget + 30):
                     raise BenchError(f"{role} ({kind}) sent no result")
                 results[role] = pipes[role].recv()
+            background_cpus = load.cpus(results["bob"]["cpu_s"] + results["alice"]["cpu_s"])
         finally:
             for proc in procs.values():
                 _stop_process(proc)
@@ -482,7 +592,8 @@ def run_once(kind: str, args: argparse.Namespace) -> dict:
         "kind": kind,
         "msgs_per_s": plan.messages / bob["tp_seconds"],
         "alice_send_msgs_per_s": plan.messages / alice["tp_send_seconds"],
-        "server_cpu_us_per_msg": alice["tp_server_cpu_seconds"] * 1e6 / plan.messages,
+        "server_cpu_us_per_msg": sum(alice["tp_server_cpu_seconds"]) * 1e6 / plan.messages,
+        "server_main_thread_us_per_msg": alice["tp_server_cpu_seconds"][0] * 1e6 / plan.messages,
         "lat_send_rate": bob["lat_send_rate"],
         "alice_worst_late_us": alice["worst_late_us"],
         "p50_us": hist.get_value_at_percentile(50) / 1000,
@@ -490,6 +601,7 @@ def run_once(kind: str, args: argparse.Namespace) -> dict:
         "p999_us": hist.get_value_at_percentile(99.9) / 1000,
         "max_us": hist.get_max_value() / 1000,
         "samples": hist.get_total_count(),
+        "background_cpus": background_cpus,
         "hist": bob["hist"],
     }
 
@@ -505,8 +617,9 @@ def summarize(runs: list[dict], kinds: list[str]) -> dict:
         for r in mine:
             merged.decode_and_add(r["hist"].encode("ascii"))
         med = {key: statistics.median(r[key] for r in mine)
-               for key in ("msgs_per_s", "alice_send_msgs_per_s", "server_cpu_us_per_msg", "lat_send_rate",
-                           "alice_worst_late_us", "p50_us", "p99_us", "p999_us", "max_us")}
+               for key in ("msgs_per_s", "alice_send_msgs_per_s", "server_cpu_us_per_msg",
+                           "server_main_thread_us_per_msg", "lat_send_rate",
+                           "alice_worst_late_us", "p50_us", "p99_us", "p999_us", "max_us", "background_cpus")}
         summary[kind] = {
             "rounds": len(mine),
             "median": med,
@@ -531,43 +644,55 @@ def summarize(runs: list[dict], kinds: list[str]) -> dict:
         "target": RATIO_TARGET,
         "ok": ratio >= RATIO_TARGET,
     }
+    summary["background_cpus"] = {"median": statistics.median(r["background_cpus"] for r in runs),
+                                  "max": max(r["background_cpus"] for r in runs)}
     summary["p99_target"] = {"broker_p99_us": broker["p99_us"], "target_us": P99_TARGET_US,
                              "ok": broker["p99_us"] < P99_TARGET_US}
     if "bare+ack" in summary:
         summary["ratio"]["broker_over_bare_ack"] = broker["msgs_per_s"] / summary["bare+ack"]["median"]["msgs_per_s"]
+    if "candidate" in summary:
+        summary["ratio"]["candidate_over_bare"] = summary["candidate"]["median"]["msgs_per_s"] / bare["msgs_per_s"]
     return summary
 
 
 def print_table(summary: dict, kinds: list[str], args: argparse.Namespace) -> None:
-    print(f"relay benchmark: alice -> bob over 127.0.0.1, {args.rounds} rounds (medians), "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
-    print(f"  throughput: {args.messages} msgs pipelined, window {args.window}, {args.size}-byte body; "
+    print(f"relay benchmark: alice -> bob over 127.0.0.1, transport {args.transport}, broker store {args.store}; "
+          f"{args.rounds} rounds each, medians; {os.cpu_count()} CPUs")
+    print(f"  throughput: {args.messages} msgs pipelined (window {args.window}, {args.size}-byte body); "
           f"latency: {args.rate:g} msg/s for {args.duration:g} s")
     print()
-    head = (f"{'server':<22}{'msgs/s':>9}{'range':>16}{'cpu us/msg':>11}"
-            f"{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'max us':>9}{'sent/s':>8}")
+    head = (f"{'server':<22}{'msgs/s':>9}{'min..max':>16}{'cpu us/msg':>11}{'python':>8}"
+            f"{'p50 us':>8}{'p99 us':>8}{'p99.9':>8}{'max us':>8}{'bg cpus':>8}")
     print(head)
     print("-" * len(head))
     for kind in kinds:
-        s = summary[kind]
-        m = s["median"]
-        lo, hi = min(s["msgs_per_s_all"]), max(s["msgs_per_s_all"])
-        print(f"{SERVERS[kind]:<22}{m['msgs_per_s']:>9,.0f}{f'{lo:,}..{hi:,}':>16}{m['server_cpu_us_per_msg']:>11.1f}"
-              f"{m['p50_us']:>9.0f}{m['p99_us']:>9.0f}{m['p999_us']:>10.0f}{m['max_us']:>9.0f}"
-              f"{m['lat_send_rate']:>8,.0f}")
+        m = summary[kind]["median"]
+        lo, hi = min(summary[kind]["msgs_per_s_all"]), max(summary[kind]["msgs_per_s_all"])
+        print(f"{SERVERS[kind]:<22}{m['msgs_per_s']:>9,.0f}{f'{lo:,}..{hi:,}':>16}"
+              f"{m['server_cpu_us_per_msg']:>11.1f}{m['server_main_thread_us_per_msg']:>8.1f}"
+              f"{m['p50_us']:>8.0f}{m['p99_us']:>8.0f}{m['p999_us']:>8.0f}{m['max_us']:>8.0f}"
+              f"{m['background_cpus']:>8.2f}")
+    print()
+    print("  msgs/s: N / (alice's first send -> bob's last receive). cpu us/msg: the server process's CPU per")
+    print("  message in that phase; python: its main thread alone (the rest is libzmq's I/O thread). Latency:")
+    print("  one-way alice -> bob at the paced rate. bg cpus: CPUs other programs kept busy meanwhile.")
     print()
     ratio = summary["ratio"]
-    verdict = "PASS" if ratio["ok"] else "FAIL"
     print(f"broker / bare msgs/s : {ratio['broker_over_bare_msgs_per_s']:.2f}   "
-          f"(target >= {RATIO_TARGET:.2f}: {verdict}; per round {ratio['per_round']})")
+          f"target >= {RATIO_TARGET:.2f}: {'PASS' if ratio['ok'] else 'FAIL'}   (per round {ratio['per_round']})")
     if "broker_over_bare_ack" in ratio:
-        print(f"broker / bare+ack    : {ratio['broker_over_bare_ack']:.2f}   (same number of frames per message)")
+        print(f"broker / bare+ack    : {ratio['broker_over_bare_ack']:.2f}   (both send an ACK per message)")
+    if "candidate_over_bare" in ratio:
+        print(f"candidate / bare     : {ratio['candidate_over_bare']:.2f}")
     p99 = summary["p99_target"]
     merged = summary["broker"]["merged_latency_us"]
-    print(f"broker p99 at {args.rate:g} msg/s: {p99['broker_p99_us']:.0f} us   "
-          f"(target < {P99_TARGET_US:.0f} us: {'PASS' if p99['ok'] else 'FAIL'}; all rounds merged: "
-          f"p50 {merged['p50']:.0f}, p99 {merged['p99']:.0f}, p99.9 {merged['p99.9']:.0f}, "
-          f"max {merged['max']:.0f} us over {merged['samples']} samples)")
+    print(f"broker p99 at {args.rate:g}/s : {p99['broker_p99_us']:.0f} us   target < {P99_TARGET_US:.0f} us: "
+          f"{'PASS' if p99['ok'] else 'FAIL'}   (rounds merged: p50 {merged['p50']:.0f}, p99 {merged['p99']:.0f}, "
+          f"p99.9 {merged['p99.9']:.0f}, max {merged['max']:.0f} us, {merged['samples']} samples)")
+    bg = summary["background_cpus"]
+    if bg["max"] > 0.25:
+        print(f"note: other programs kept {bg['median']:.2f} CPUs busy (max {bg['max']:.2f}) of {os.cpu_count()} "
+              "during the runs; figures are noisier than on an idle machine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,8 +706,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="throughput: most messages sent but not yet received by bob (default 1000)")
     parser.add_argument("--size", type=int, default=64, help="message body bytes, at least %d (default 64)" % BODY.size)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds one run may take before it fails")
+    parser.add_argument("--transport", choices=("curve", "plain"), default=None,
+                        help="curve (the broker's default, when it has CURVE) or plain; the bare loop does the same")
+    parser.add_argument("--store", choices=("on", "off"), default=None,
+                        help="the broker's store-and-forward (default: its own default); with it on, bob sends "
+                             "CONSUME for each message as the client does")
     parser.add_argument("--ack-baseline", action="store_true",
                         help="also run the bare loop answering each message with a constant ACK")
+    parser.add_argument("--broker-cmd", metavar="CMD", default=None,
+                        help="also run a candidate broker (A/B test a change), e.g. "
+                             "'{python} bench/run_broker.py --port {port} --data-dir {data_dir} --transport {transport} "
+                             "--store {store}'"
+                             "; it must log 'listening on' to stderr when ready, and serve its key on port + 2 "
+                             "with CURVE")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
@@ -590,11 +726,16 @@ def main(argv: list[str] | None = None) -> int:
             or args.size < BODY.size or args.warmup < 0:
         parser.error("--messages, --rounds, --window >= 1; --rate, --duration > 0; --size >= %d" % BODY.size)
 
+    from run_broker import default_store, supports_curve  # this directory is sys.path[0] when run as a script
+
+    args.transport = args.transport or ("curve" if supports_curve() else "plain")
+    args.store = args.store or default_store()
+
     def terminate(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)  # unwind through every `finally` below
-    kinds = ["bare", "broker"] + (["bare+ack"] if args.ack_baseline else [])
+    kinds = ["bare", "broker"] + (["bare+ack"] if args.ack_baseline else []) + (["candidate"] if args.broker_cmd else [])
     runs: list[dict] = []
     started = time.monotonic()
     try:

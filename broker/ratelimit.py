@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class RateLimits:
-    frames_per_s: float = 2_000.0
-    frame_burst: float = 4_000.0
+    frames_per_s: float = 10_000.0
+    frame_burst: float = 20_000.0
     bytes_per_s: float = 1024 * 1024 * 1024.0  # file chunks: a fast LAN transfer must fit
     byte_burst: float = 64 * 1024 * 1024.0
 

@@ -17,10 +17,12 @@ from typing import Any
 from broker.directory import Location, PeerDirectory
 from broker.keys import KeyRegistry
 from broker.ratelimit import ConnectionLimiter, RateLimits
+from broker.store import MessageStore, NoStore, QueueLimits
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
     Ack,
     AckStatus,
+    Consume,
     Envelope,
     Error,
     Heartbeat,
@@ -42,12 +44,14 @@ log = logging.getLogger(__name__)
 
 Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
 MAX_LIMITERS = 200_000
+EXPIRY_SWEEP = 60.0  # seconds between sweeps of expired queued frames
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
     conn: bytes
     frames: Frames
+    queued_for: str | None = None  # a store-and-forward delivery: report a failed send (on_delivery_failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +90,18 @@ class BrokerCore:
         liveness: int,
         wall_ms: Callable[[], int],
         keys: KeyRegistry,
+        store: MessageStore | None = None,
+        queue_limits: QueueLimits = QueueLimits(),
         require_key: bool = True,
         limits: RateLimits = RateLimits(),
     ) -> None:
         self.directory = directory
         self.keys = keys
+        self.store = store or NoStore()
+        self.queue_limits = queue_limits
+        self._next_expiry = 0.0
+        self._stalled: set[str] = set()
+        self._next_redelivery = 0.0
         self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
         self.limits = limits
         self._limiters: OrderedDict[bytes, ConnectionLimiter] = OrderedDict()
@@ -105,6 +116,7 @@ class BrokerCore:
             Heartbeat: self._on_heartbeat,
             SnapshotRequest: self._on_snapshot_request,
             KeyRequest: self._on_key_request,
+            Consume: self._on_consume,
         }
 
     # --- inputs -------------------------------------------------------------
@@ -145,6 +157,16 @@ class BrokerCore:
                 break
             log.info("user=%s conn=%s expired after %.1fs of silence", session.user, conn.hex(), self.expiry)
             actions += self._drop(conn)
+        if self._stalled and now >= self._next_redelivery:
+            self._next_redelivery = now + self.heartbeat_ivl
+            for user in self._stalled:
+                where = self.directory.locate(user)
+                if where is not None and where.broker == self.broker_id:
+                    actions += self._deliver_queued(where.conn, user)
+            self._stalled.clear()
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRY_SWEEP
+            self.store.expire(self._wall_ms())
         if now >= self._next_sync:
             self._next_sync = now + self.heartbeat_ivl
             actions.append(Publish(pack(PeerSync(self.directory.epoch, self.directory.seq()), self._wall_ms())))
@@ -196,10 +218,11 @@ class BrokerCore:
             self.directory.release(user, Location(self.broker_id, stale))
             self.directory.claim(user, Location(self.broker_id, conn))
             self._sessions[conn] = _Session(user, msg.token, now)
-            return [Send(stale, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None)), reply]
+            replaced = Send(stale, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
+            return [replaced, reply] + self._deliver_queued(conn, user)
         self._sessions[conn] = _Session(user, msg.token, now)
         log.info("user=%s conn=%s registered", user, conn.hex())
-        return actions + [self._presence(user, True)]
+        return actions + [self._presence(user, True)] + self._deliver_queued(conn, user)
 
     def _on_unregister(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
         if conn not in self._sessions:
@@ -236,14 +259,39 @@ class BrokerCore:
                                            f"sender must be {session.user!r}", env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]
         where = self.directory.locate(recipient)
+        known = where is not None or self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
+        if not known:
+            return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"recipient {recipient!r} is unknown",
+                                           env.msg_id))]
+        if msg.DURABLE and self.store.durable:
+            return self._store_and_forward(conn, env, frames, recipient, where)
         if where is None:
-            known = self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
-            code = ErrorCode.RECIPIENT_OFFLINE if known else ErrorCode.UNKNOWN_RECIPIENT
-            word = "offline" if code is ErrorCode.RECIPIENT_OFFLINE else "unknown"
-            return [Send(conn, self._error(code, f"recipient {recipient!r} is {word}", env.msg_id))]
+            return [Send(conn, self._error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
+                                           env.msg_id))]
         ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
         busy = self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up", env.msg_id)
         return [Relay(where.conn, frames, conn, ack, busy)]
+
+    def _store_and_forward(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
+                           where: Location | None) -> list[Action]:
+        """Queue first (the shell commits before acting), then deliver if the recipient is here."""
+        expires = self._wall_ms() + int(self.queue_limits.ttl_seconds * 1000)
+        if not self.store.append(env.msg_id, recipient, bytes(frames[0]), expires):
+            return [Send(conn, self._error(ErrorCode.QUEUE_FULL, f"{recipient!r} has too many undelivered "
+                                           f"messages ({self.queue_limits.max_per_user}); try later", env.msg_id))]
+        actions: list[Action] = []
+        if where is not None:
+            actions.append(Send(where.conn, frames, recipient))
+        if env.message.ACKED:
+            actions.append(Send(conn, pack(Ack(env.msg_id, AckStatus.STORED), self._wall_ms())))
+        return actions
+
+    def _on_consume(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+        session = self._sessions.get(conn)
+        if session is None:
+            return [self._not_registered(conn, env)]
+        self.store.consume(session.user, env.message.ref)  # type: ignore[attr-defined]
+        return []
 
     # --- helpers ------------------------------------------------------------
     def _stale_session_of(self, user: str, token: bytes) -> bytes | None:
@@ -253,6 +301,16 @@ class BrokerCore:
             return None
         session = self._sessions.get(where.conn)
         return where.conn if session is not None and session.token == token else None
+
+    def _deliver_queued(self, conn: bytes, user: str) -> list[Action]:
+        queued = self.store.pending(user, self._wall_ms())
+        if queued:
+            log.info("user=%s delivering %d queued frames", user, len(queued))
+        return [Send(conn, [header], user) for header in queued]
+
+    def on_delivery_failed(self, user: str) -> None:
+        """The shell could not hand a queued frame to ``user`` (high-water mark): try again soon."""
+        self._stalled.add(user)
 
     def _limiter(self, conn: bytes, now: float) -> ConnectionLimiter:
         limiter = self._limiters.get(conn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.directory import LocalDirectory
 from broker.keys import SqliteKeyRegistry
 from broker.ratelimit import RateLimits
+from broker.store import MessageStore, NoStore, QueueLimits, SqliteMessageStore
 from common.crypto import Identity, fingerprint
 from broker.routing import Action, BrokerCore, Publish, Relay, Send
 from common.paths import broker_dir, ensure_private_dir
@@ -41,6 +43,9 @@ class BrokerConfig:
     insecure: bool = False  # plaintext transport, for debugging only
     key_port: int | None = None  # port + 2 unless given; plaintext key service for trust on first use
     limits: RateLimits = RateLimits()
+    durable: bool = True  # store-and-forward in SQLite; False: relay to online peers only
+    fsync: bool = False  # also survive power loss, not just a killed broker
+    queue: QueueLimits = QueueLimits()
 
     @property
     def publish_port(self) -> int:
@@ -74,6 +79,8 @@ class BrokerServer:
         ensure_private_dir(config.data_dir)
         self.identity = Identity.load_or_create(config.data_dir / "broker.key")
         self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite")
+        self._store: MessageStore = (SqliteMessageStore(config.data_dir / "queue.sqlite", config.queue, config.fsync)
+                                     if config.durable else NoStore())
         self.core = BrokerCore(
             LocalDirectory(epoch),
             broker_id=epoch,
@@ -81,6 +88,8 @@ class BrokerServer:
             liveness=config.liveness,
             wall_ms=_wall_ms,
             keys=self._keys,
+            store=self._store,
+            queue_limits=config.queue,
             require_key=not config.insecure,
             limits=config.limits,
         )
@@ -132,17 +141,19 @@ class BrokerServer:
         try:
             while not self._stopping:
                 now = time.monotonic()
-                self._execute(core.on_tick(now))
+                self._commit_then_execute(core.on_tick(now))
                 timeout_ms = max(0, int((core.next_deadline() - now) * 1000) + 1)
                 ready = dict(poller.poll(timeout_ms))
                 if router in ready:
-                    # Drain a batch: fewer poll calls under load, bounded so ticks still run.
+                    # Drain a batch: fewer poll calls, one group commit, bounded so ticks still run.
+                    batch: list[Action] = []
                     for _ in range(1000):
                         try:
                             parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._handle(parts)
+                        batch += self._handle(parts)
+                    self._commit_then_execute(batch)
                 if self._monitor in ready:
                     self._log_connection_event()
                 if self._waker.fileno() in ready:
@@ -152,7 +163,7 @@ class BrokerServer:
         finally:
             self._close()
 
-    def _handle(self, parts: list[zmq.Frame]) -> None:
+    def _handle(self, parts: list[zmq.Frame]) -> list[Action]:
         conn = parts[0].bytes
         # The CURVE key ZAP authenticated; read only when the core asks (REGISTER), off the hot path.
         def peer_key() -> bytes | None:
@@ -162,6 +173,17 @@ class BrokerServer:
             actions = self.core.on_frames(conn, self._frames(parts[1:]), time.monotonic(), peer_key)
         except Exception:  # a bug must cost one frame, never the broker
             log.exception("conn=%s frame handling failed; frame dropped", conn.hex())
+            return []
+        return actions
+
+    def _commit_then_execute(self, actions: list[Action]) -> None:
+        """Acknowledge nothing that is not committed: commit the batch's queue changes first."""
+        try:
+            self._store.commit()
+        except sqlite3.Error:
+            # Nothing of this batch is durable: say nothing, so senders keep it in their outboxes.
+            log.exception("store commit failed; %d actions of this batch dropped", len(actions))
+            self._store.rollback()
             return
         self._execute(actions)
 
@@ -183,7 +205,8 @@ class BrokerServer:
                 if reply is not None:
                     self._send(action.sender, reply)
             elif type(action) is Send:
-                self._send(action.conn, action.frames)
+                if not self._send(action.conn, action.frames) and action.queued_for is not None:
+                    self.core.on_delivery_failed(action.queued_for)
             elif type(action) is Publish:
                 self.pub.send_multipart(action.frames)
 
@@ -226,6 +249,7 @@ class BrokerServer:
         if self._auth is not None:
             self._auth.stop()
         self._keys.close()
+        self._store.close()
         self._waker.close()
         if self._own_ctx:
             self._ctx.term()

@@ -75,12 +75,17 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
 # --- subcommands -------------------------------------------------------------
 def cmd_broker(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, BrokerServer
+    from broker.ratelimit import RateLimits
+    from broker.store import QueueLimits
     from common.paths import broker_dir
 
     config = BrokerConfig(
         host=args.host, port=args.port, pub_port=args.pub_port,
         data_dir=Path(args.data_dir) if args.data_dir else broker_dir(),
         heartbeat_ivl=args.heartbeat, insecure=args.insecure, key_port=args.key_port,
+        durable=not args.no_store, fsync=args.fsync,
+        limits=RateLimits(frames_per_s=args.rate_limit, frame_burst=2 * args.rate_limit),
+        queue=QueueLimits(max_per_user=args.queue_max, ttl_seconds=args.queue_ttl),
     )
     server = BrokerServer(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -224,6 +229,38 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from client.history import History
+    from common.paths import user_dir
+    from common.protocol import check_user_id
+
+    path = user_dir(check_user_id(args.user)) / "history.sqlite"
+    if not path.exists():
+        raise P2PChatError(f"no history for {args.user!r} in {path.parent}")
+    history = History(path)
+    try:
+        if args.search:
+            entries = history.search(args.search, peer=args.peer, limit=args.limit)
+        elif args.peer:
+            entries = history.conversation(args.peer, limit=args.limit)
+        else:
+            entries = [e for peer in history.peers() for e in history.conversation(peer, limit=args.limit)]
+    finally:
+        history.close()
+    for e in entries:
+        if args.json:
+            print(json.dumps({"id": e.msg_id.hex(), "peer": e.peer, "from": args.user if e.outgoing else e.peer,
+                              "to": e.peer if e.outgoing else args.user, "text": e.text, "ts": e.ts,
+                              "state": e.state}))
+        else:
+            when = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(e.ts / 1000))
+            who = f"you -> {e.peer}" if e.outgoing else f"{e.peer} -> you"
+            print(f"{when}  {who}: {e.text}" + (f"  [{e.state}]" if e.outgoing else ""))
+    return EXIT_OK
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     from client.gui import run_gui
 
@@ -245,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-port", type=int, default=None, help="plaintext key service for clients' trust on first use "
                    "(default: --port + 2)")
     p.add_argument("--insecure", action="store_true", help="plaintext transport, no CURVE: for debugging only")
+    p.add_argument("--no-store", action="store_true",
+                   help="no offline delivery: relay to online peers only (no SQLite store)")
+    p.add_argument("--rate-limit", type=float, default=10_000.0,
+                   help="frames per second one connection may send, bursts of twice that (default 10000)")
+    p.add_argument("--fsync", action="store_true", help="fsync every group commit (survive power loss too)")
+    p.add_argument("--queue-max", type=int, default=10_000, help="undelivered frames kept per user (default 10000)")
+    p.add_argument("--queue-ttl", type=float, default=7 * 24 * 3600.0,
+                   help="seconds an undelivered frame is kept (default 7 days)")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("send", help="send one message", description="Send a message and wait for the broker's acknowledgement.")
@@ -286,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=_default_user(), help="your user ID")
     p.add_argument("--peer", required=True, help="the peer whose new key you accept")
     p.set_defaults(func=cmd_trust)
+
+    p = sub.add_parser("history", help="show or search your conversations",
+                       description="Show your stored conversations, or search them (full text, word prefixes).")
+    p.add_argument("--user", default=_default_user(), help="your user ID")
+    p.add_argument("--peer", default=None, help="only the conversation with this user")
+    p.add_argument("--search", default=None, metavar="WORDS", help="messages containing all these words")
+    p.add_argument("--limit", type=int, default=200, help="at most this many messages (per conversation)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("gui", help="open the desktop chat window",
                        description="Open the chat window; connects at once when --server and --user are both given.")

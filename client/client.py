@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -26,6 +27,7 @@ from client import events as ev
 from client.actions import Emit, Transmit
 from client.broker_trust import resolve_broker_key
 from client.e2e import EndToEnd
+from client.history import History
 from client.identity import InstanceClaim
 from client.trust import KeyStore
 from common.crypto import Identity, fingerprint, safety_number
@@ -59,6 +61,8 @@ class ClientConfig:
     encrypt: bool = True  # end-to-end encryption; off only for debugging and benchmarks
     server_key: str | None = None  # pin the broker's key fingerprint instead of trusting on first use
     key_port: int | None = None  # the broker's key service, server port + 2 unless given
+    history: bool = True  # keep conversations and the outbox in SQLite (off: load-test clients)
+    read_receipts: bool = True  # tell senders when we have read their messages
 
 
 def _forward_failure(command: Future, result: Future) -> None:
@@ -68,6 +72,9 @@ def _forward_failure(command: Future, result: Future) -> None:
             result.set_exception(f.exception())
 
     command.add_done_callback(done)
+
+
+SLICE = 0.02  # seconds the agent spends on one source before looking at the others
 
 
 def _wall_ms() -> int:
@@ -106,12 +113,16 @@ class ChatClient:
             wall_ms=_wall_ms,
             heartbeat_ivl=cfg.heartbeat_ivl,
             liveness=cfg.liveness,
-            send_timeout=cfg.send_timeout,
+            history=History(self.state_dir / "history.sqlite") if cfg.history else None,
+            read_receipts=cfg.read_receipts,
             e2e=self.e2e,
             transfers=transfers,
             token=self._claim.token,
         )
         self.broker_key: bytes | None = None
+        self._dealer: zmq.Socket | None = None
+        self._backlog: deque[list] = deque()  # frames the DEALER could not take yet (high-water mark)
+        self._sub: zmq.Socket | None = None
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._commands: queue.SimpleQueue[tuple[Callable[[float], Any], Future]] = queue.SimpleQueue()
@@ -151,7 +162,8 @@ class ChatClient:
         try:
             acked.result(timeout if timeout is not None else self.config.send_timeout + 1)
         except FutureTimeout:
-            raise BrokenError("no acknowledgement from the broker", ErrorCode.TIMEOUT) from None
+            kept = "; kept in the outbox" if self.config.history else ""
+            raise BrokenError("no acknowledgement from the broker" + kept, ErrorCode.TIMEOUT) from None
         return msg_id
 
     def send_async(self, to: str, text: str) -> tuple[bytes, Future[str]]:
@@ -177,6 +189,14 @@ class ChatClient:
             return xfer
 
         return self._call(command).result(10), done
+
+    def mark_read(self, peer: str) -> None:
+        """The user has seen the conversation with ``peer`` (sends read receipts if enabled)."""
+        self._call(lambda now: self._execute(self._session.mark_read(peer, now)))
+
+    def open_history(self) -> History:
+        """A separate connection to this user's conversation store, for reading from another thread."""
+        return History(self.state_dir / "history.sqlite")
 
     def cancel_transfer(self, xfer: bytes) -> None:
         self._call(lambda now: self._execute(self._session.transfers.cancel(xfer, now))).result()
@@ -210,6 +230,8 @@ class ChatClient:
         elif self._own_ctx:
             self._ctx.term()
         self._waker.close()
+        if self._session.history is not None:
+            self._session.history.close()
         self._claim.release()
 
     def __enter__(self) -> ChatClient:
@@ -237,7 +259,7 @@ class ChatClient:
                 trusted = resolve_broker_key(
                     self._ctx, server, self.config.key_port or server.port + 2,
                     KeyStore(ensure_private_dir(home_dir()) / "known_brokers.json"),
-                    self.config.server_key, stopped=lambda: self._closed)
+                    self.config.server_key, stopped=self._idle_while_resolving)
             except P2PChatError as exc:
                 self._dispatch(ev.RegisterFailed(exc))
                 self._finish_agent()
@@ -258,6 +280,7 @@ class ChatClient:
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 1024)
         self._dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that isn't there
+        self._dealer.setsockopt(zmq.SNDHWM, 10_000)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(server.pub_endpoint)  # subscribe before the snapshot (Clone)
         self._dealer.connect(server.endpoint)
@@ -268,18 +291,21 @@ class ChatClient:
         session = self._session
         try:
             self._execute(session.start(time.monotonic()))
+            backlog = False  # work left over from a time slice: poll without waiting
             while not self._closed and session.state is not State.CLOSED:
-                timeout = max(0, int((session.next_deadline() - time.monotonic()) * 1000) + 1)
+                timeout = 0 if backlog else max(0, int((session.next_deadline() - time.monotonic()) * 1000) + 1)
                 ready = dict(poller.poll(timeout))
-                now = time.monotonic()
                 if self._waker.fileno() in ready:
                     self._waker.drain()
-                    self._run_commands(now)
-                if self._dealer in ready:
-                    self._drain(self._dealer, session.on_frames)
-                if self._sub in ready:
-                    self._drain(self._sub, session.on_publish)
+                # Each source gets a bounded slice, so a burst of sends or frames never starves
+                # the others (heartbeats included) long enough to look like a dead connection.
+                backlog = self._run_commands(time.monotonic(), budget=SLICE)
+                if backlog or self._dealer in ready:
+                    backlog |= self._drain(self._dealer, session.on_frames)
+                if backlog or self._sub in ready:
+                    backlog |= self._drain(self._sub, session.on_publish)
                 self._execute(session.on_tick(time.monotonic()))
+                self._flush_backlog(poller)
             self._execute(session.close(time.monotonic()))
         except Exception as exc:  # the agent must not die silently: report, then clean up
             log.exception("user=%s client agent crashed", self.user)
@@ -289,7 +315,13 @@ class ChatClient:
         finally:
             self._dealer.close(linger=0)
             self._sub.close(linger=0)
+            self._dealer = self._sub = None
             self._finish_agent()
+
+    def _idle_while_resolving(self) -> bool:
+        """Between tries to reach the broker: still take commands (sends go to the outbox)."""
+        self._run_commands(time.monotonic())
+        return self._closed
 
     def _finish_agent(self) -> None:
         self._agent_done = True
@@ -297,22 +329,45 @@ class ChatClient:
         if self._own_ctx:
             self._ctx.term()
 
-    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes], float], list]) -> None:
-        for _ in range(1000):  # bounded so commands and ticks still get their turn
+    def _flush_backlog(self, poller: zmq.Poller) -> None:
+        """Send held frames while the DEALER takes them; poll for POLLOUT only while some are held."""
+        if self._session.state is not State.READY:
+            self._backlog.clear()  # the session re-sends what matters after re-registering
+        while self._backlog:
+            try:
+                self._dealer.send_multipart(self._backlog[0], zmq.DONTWAIT)
+            except zmq.Again:
+                break
+            self._backlog.popleft()
+        poller.modify(self._dealer, zmq.POLLIN | zmq.POLLOUT if self._backlog else zmq.POLLIN)
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes], float], list]) -> bool:
+        """Handle what the socket has, for one time slice; True if it may have more."""
+        batch: list = []
+        end = time.monotonic() + SLICE
+        more = True
+        while more and time.monotonic() < end:
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                more = False
+                break
             # Header as bytes; a chunk payload stays a zero-copy buffer.
             frames = [parts[0].bytes, *(p.buffer for p in parts[1:])]
-            self._execute(handler(frames, time.monotonic()))
+            batch += handler(frames, time.monotonic())
+        self._execute(batch)  # one history commit per batch, then its consumes and receipts
+        return more
 
-    def _run_commands(self, now: float) -> None:
+    def _run_commands(self, now: float, budget: float | None = None) -> bool:
+        """Run queued commands (for ``budget`` seconds at most); True if some are left."""
+        end = None if budget is None else time.monotonic() + budget
         while True:
+            if end is not None and time.monotonic() > end:
+                return True
             try:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return False
             if self._closed or self._agent_done:
                 future.set_exception(ClosedError("client is closed"))
                 continue
@@ -322,12 +377,21 @@ class ChatClient:
                 future.set_exception(exc)
 
     def _execute(self, actions: list) -> None:
+        self._session.commit()  # history first: a CONSUME must never precede what it confirms
         for action in actions:
             if type(action) is Transmit:
+                if self._dealer is None:
+                    continue  # not connected yet: the session sends its outbox once registered
+                if self._backlog:
+                    self._backlog.append(action.frames)  # keep the order
+                    continue
                 try:
                     self._dealer.send_multipart(action.frames, zmq.DONTWAIT)  # copying 256 KiB beats zero-copy bookkeeping
                 except zmq.Again:
-                    pass  # no connection (IMMEDIATE): the session re-sends after re-registering
+                    # At the high-water mark: hold it and send when the socket takes more. With no
+                    # connection at all (IMMEDIATE) the session re-sends what matters once registered.
+                    if self._session.state is State.READY:
+                        self._backlog.append(action.frames)
             elif type(action) is Emit:
                 self._dispatch(action.event)
 

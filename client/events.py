@@ -46,6 +46,15 @@ class Acked:
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """The recipient's client says message ``msg_id`` was delivered to it, or read."""
+
+    msg_id: bytes
+    peer: str
+    status: str  # "delivered" or "read"
+
+
+@dataclass(frozen=True, slots=True)
 class SendFailed:
     msg_id: bytes
     error: P2PChatError
@@ -125,6 +134,7 @@ class PeerKeyChanged:
 
 
 Event = (
-    Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | SendFailed | ErrorReported
+    Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | Receipt | SendFailed
+    | ErrorReported
     | FileIncoming | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | Stopped
 )

@@ -2,7 +2,8 @@
 
 Messages from the same sender within a few minutes share one header (avatar,
 name, time); our own messages carry their delivery state after the text, in a
-tagged range so an ack or a failure rewrites only that range.
+tagged range so an ack or a failure rewrites only that range. A file is a
+``FileCard`` embedded in the text, redrawn in place as its transfer moves.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import datetime as dt
 import tkinter as tk
 from collections.abc import Callable
 
-from client.gui_model import ChatLine, Conversation, Delivery
+from client.gui_filecard import Action, FileCard, forward_wheel
+from client.gui_model import ChatLine, Conversation, Delivery, FileLine, Line
 from client.gui_theme import Fonts, Palette, avatar_colour
 
 GROUP_GAP_MS = 5 * 60 * 1000
@@ -43,12 +45,14 @@ def delivery_text(line: ChatLine) -> str:
 
 
 class ConversationView:
-    def __init__(self, widget: tk.Text, pal: Palette, fonts: Fonts, me: str) -> None:
+    def __init__(self, widget: tk.Text, pal: Palette, fonts: Fonts, me: str, on_action: Action) -> None:
         self.widget = widget
         self.pal = pal
         self.fonts = fonts
         self.me = me
-        self._last: ChatLine | None = None
+        self._on_action = on_action
+        self._last: Line | None = None
+        self._cards: dict[bytes, FileCard] = {}  # the files of the conversation on screen
         w = widget
         w.configure(background=pal.chat_bg, foreground=pal.text, font=fonts.base, wrap="word", padx=18, pady=10,
                     borderwidth=0, highlightthickness=0, insertwidth=0, cursor="arrow",
@@ -69,8 +73,9 @@ class ConversationView:
         self._edit(lambda: self._render(conv, hint))
 
     def _render(self, conv: Conversation | None, hint: str) -> None:
-        self.widget.delete("1.0", "end")  # also destroys the embedded avatars
+        self.widget.delete("1.0", "end")  # also destroys the embedded avatars and file cards
         self._last = None
+        self._cards.clear()
         if conv is None or not conv.lines:
             first, _, rest = hint.partition("\n")
             self.widget.insert("end", first, ("hint", "hint-first"))
@@ -81,7 +86,7 @@ class ConversationView:
             self._insert(line)
 
     # --- incremental updates --------------------------------------------------
-    def append(self, line: ChatLine) -> None:
+    def append(self, line: Line) -> None:
         if self._last is None:  # replace the empty-conversation hint
             self._edit(lambda: self.widget.delete("1.0", "end"))
         self._edit(lambda: self._insert(line))
@@ -100,13 +105,24 @@ class ConversationView:
 
         self._edit(rewrite, scroll=False)
 
+    def update_file(self, line: FileLine) -> None:
+        card = self._cards.get(line.xfer)
+        if card is not None:
+            card.render(line)
+
+    def card(self, xfer: bytes) -> FileCard | None:
+        return self._cards.get(xfer)
+
+    def cards(self) -> list[FileCard]:
+        return list(self._cards.values())
+
     def delivery_shown(self, line: ChatLine) -> str:
         """The delivery text as displayed (what a user reads, for tests)."""
         ranges = self.widget.tag_ranges(self._meta_tag(line))
         return self.widget.get(ranges[0], ranges[-1]) if ranges else ""
 
     # --- helpers ----------------------------------------------------------------
-    def _insert(self, line: ChatLine) -> None:
+    def _insert(self, line: Line) -> None:
         w, last = self.widget, self._last
         when = _local(line.ts_ms)
         if last is None or _local(last.ts_ms).date() != when.date():
@@ -120,13 +136,22 @@ class ConversationView:
             w.insert("end", "\n")
             start = w.index("end-1c")
             who = self.me if line.outgoing else line.peer
-            w.window_create("end", window=self._avatar(who), align="center")
+            avatar = self._avatar(who)
+            forward_wheel(avatar, w)
+            w.window_create("end", window=avatar, align="center")
             w.insert("end", "You" if line.outgoing else line.peer, ("own-name" if line.outgoing else "name",))
             w.insert("end", "   " + when.strftime("%H:%M"), ("time",))
             w.tag_add("header", start, "end-1c")  # Tk takes line spacing from the line's first index: the avatar
         w.insert("end", "\n")
-        w.insert("end", line.text, ("body",))
-        if line.outgoing:
+        if isinstance(line, FileLine):
+            card = FileCard(w, line, self.pal, self.fonts, self._on_action)
+            forward_wheel(card, w)
+            w.window_create("end", window=card, pady=4)
+            w.tag_add("body", "end-2c")  # the card is the line's first index: it takes the body's indent
+            self._cards[line.xfer] = card
+        else:
+            w.insert("end", line.text, ("body",))
+        if isinstance(line, ChatLine) and line.outgoing:
             style = "meta-failed" if line.delivery is Delivery.FAILED else "meta"
             w.insert("end", "   ", ("body",))
             w.insert("end", delivery_text(line), (style, "body", self._meta_tag(line)))
@@ -151,4 +176,10 @@ class ConversationView:
         finally:
             self.widget.configure(state="disabled")
         if scroll:
+            self.widget.see("end")
+            # An embedded card has its height only once laid out: scroll again when Tk is idle.
+            self.widget.after_idle(self._see_end)
+
+    def _see_end(self) -> None:
+        if self.widget.winfo_exists():
             self.widget.see("end")

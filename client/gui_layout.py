@@ -27,14 +27,25 @@ K_PEER_NAME, K_PEER_PRESENCE = "-PEER-NAME-", "-PEER-PRESENCE-"
 K_CONVERSATION, K_COMPOSER, K_SEND, K_LOG = "-CONVERSATION-", "-COMPOSER-", "-SEND-", "-LOG-"
 K_STATUS_DOT, K_STATUS, K_STATUS_DETAIL = "-STATUS-DOT-", "-STATUS-", "-STATUS-DETAIL-"
 K_THEME, K_NOTIFY = "-THEME-", "-NOTIFY-"
+K_STATUS_KEY, K_STATUS_TRANSFERS = "-STATUS-KEY-", "-STATUS-TRANSFERS-"
+K_ATTACH, K_COMPOSER_NOTE = "-ATTACH-", "-COMPOSER-NOTE-"
+K_PEER_KEY, K_KEY_INFO = "-PEER-KEY-", "-KEY-INFO-"  # header: the peer's fingerprint, and "Verify"
+K_KEY_PANEL, K_KEY_PANEL_TITLE, K_KEY_HIDE = "-KEY-PANEL-", "-KEY-PANEL-TITLE-", "-KEY-HIDE-"
+K_SAFETY, K_PEER_FP_LABEL, K_PEER_FP, K_OWN_FP = "-SAFETY-", "-PEER-FP-LABEL-", "-PEER-FP-", "-OWN-FP-"
+K_KEY_PANEL_NOTE = "-KEY-PANEL-NOTE-"
+K_KEY_BANNER, K_KEY_BANNER_TITLE, K_KEY_BANNER_TEXT = "-KEY-BANNER-", "-KEY-BANNER-TITLE-", "-KEY-BANNER-TEXT-"
+K_ACCEPT_KEY, K_COMPARE_KEY = "-ACCEPT-KEY-", "-COMPARE-KEY-"
+FILE_CANCEL = "-FILE-CANCEL-"  # value: the transfer id
+FILE_OPEN_FOLDER = "-FILE-OPEN-FOLDER-"  # value: the transfer id
 SEND_SUFFIX = "+SEND"
 COMPOSER_SEND = K_COMPOSER + SEND_SUFFIX
 FORM_SUBMIT = "+SUBMIT"
 
-WINDOW_SIZE = (1000, 660)
-MIN_SIZE = (780, 520)
+WINDOW_SIZE = (1000, 680)
+MIN_SIZE = (820, 540)
 SIDEBAR_WIDTH = 250
 DOT_COLUMN = 26
+WRAP_PX = 600  # banner and panel prose: wrapped, not widening the window
 
 
 def build_window(settings: GuiSettings, pal: Palette, fonts: Fonts, *, notify_toggle: bool,
@@ -117,11 +128,20 @@ def _chat_view(pal: Palette, fonts: Fonts) -> sg.Column:
                 pad=((20, 10), (14, 12))),
         sg.Text("", key=K_PEER_PRESENCE, font=fonts.small, text_color=pal.muted, background_color=pal.chat_bg,
                 pad=(0, (18, 12))),
+        sg.Push(pal.chat_bg),
+        sg.Text("", key=K_PEER_KEY, font=fonts.small, text_color=pal.muted, background_color=pal.chat_bg,
+                pad=((0, 8), (16, 12))),
+        sg.Button("Verify", key=K_KEY_INFO, font=fonts.small, border_width=0, tooltip=" Compare keys with them ",
+                  button_color=(pal.text, pal.chat_bg), mouseover_colors=(pal.text, pal.border),
+                  pad=((0, 16), (12, 10))),
     ]], background_color=pal.chat_bg, expand_x=True, pad=0)
     composer_row = sg.Column([[
+        sg.Button("Attach", key=K_ATTACH, font=fonts.bold, border_width=0, size=(7, 1), tooltip=" Send a file ",
+                  button_color=(pal.text, pal.input_bg), mouseover_colors=(pal.text, pal.border),
+                  disabled_button_color=(pal.muted, pal.chat_bg), pad=((16, 10), 12)),
         sg.Multiline("", key=K_COMPOSER, size=(40, 2), font=fonts.base, no_scrollbar=True, border_width=0,
                      background_color=pal.input_bg, text_color=pal.input_text, expand_x=True,
-                     pad=((16, 10), 12)),
+                     pad=((0, 10), 12)),
         sg.Button("Send", key=K_SEND, font=fonts.bold, border_width=0, size=(7, 1),
                   button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
                   disabled_button_color=(pal.muted, pal.border), pad=((0, 16), 12)),
@@ -134,13 +154,18 @@ def _chat_view(pal: Palette, fonts: Fonts) -> sg.Column:
                       sbar_trough_color=pal.log_bg, sbar_background_color=pal.border, sbar_arrow_color=pal.muted,
                       sbar_relief="flat", pad=((16, 8), (0, 8)))],
     ], background_color=pal.log_bg, expand_x=True, pad=0)
+    composer_note = sg.Text("", key=K_COMPOSER_NOTE, font=fonts.small, text_color=pal.warn,
+                            background_color=pal.chat_bg, pad=((16, 16), (10, 0)))
     main = sg.Column([
         [header],
         [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [sg.pin(_key_banner(pal, fonts), expand_x=True)],
+        [sg.pin(_key_panel(pal, fonts), expand_x=True)],
         [sg.Multiline("", key=K_CONVERSATION, disabled=True, border_width=0, expand_x=True, expand_y=True,
                       background_color=pal.chat_bg, text_color=pal.text, sbar_trough_color=pal.chat_bg,
                       sbar_background_color=pal.border, sbar_arrow_color=pal.muted, sbar_relief="flat", pad=0)],
         [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [sg.pin(composer_note)],
         [composer_row],
         [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
         [log_panel],
@@ -150,8 +175,54 @@ def _chat_view(pal: Palette, fonts: Fonts) -> sg.Column:
                      visible=False)
 
 
+def _key_banner(pal: Palette, fonts: Fonts) -> sg.Column:
+    """Shown in a conversation whose peer changed keys, until the user accepts the new one."""
+    bg = dict(background_color=pal.warn_bg)
+    text = sg.Column([
+        [sg.Text("", key=K_KEY_BANNER_TITLE, font=fonts.bold, text_color=pal.warn_text, pad=(0, (0, 2)), **bg)],
+        [sg.Text("", key=K_KEY_BANNER_TEXT, font=fonts.small, text_color=pal.warn_text, pad=0, **bg)],
+        [sg.Button("Accept new key", key=K_ACCEPT_KEY, font=fonts.small_bold, border_width=0,
+                   button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
+                   pad=((0, 8), (10, 0))),
+         sg.Button("Compare keys", key=K_COMPARE_KEY, font=fonts.small_bold, border_width=0,
+                   button_color=(pal.warn_text, pal.warn_bg), mouseover_colors=(pal.warn_text, pal.warn_border),
+                   pad=(0, (10, 0)))],
+    ], pad=((0, 20), 0), vertical_alignment="top", **bg)
+    icon = sg.Column([[sg.Text("⚠", font=fonts.title, text_color=pal.warn, pad=0, **bg)]],
+                     pad=((20, 12), 0), vertical_alignment="top", **bg)
+    row = [icon, text]
+    return sg.Column([
+        [sg.Column([row], pad=(0, 12), expand_x=True, **bg)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.warn_border, pad=0)],
+    ], key=K_KEY_BANNER, visible=False, expand_x=True, pad=0, **bg)
+
+
+def _key_panel(pal: Palette, fonts: Fonts) -> sg.Column:
+    """The peer's key, ours, and the safety number to compare with them out of band."""
+    bg = dict(background_color=pal.sidebar_bg)
+
+    def label(text: str, key: str | None = None) -> sg.Text:
+        return sg.Text(text, key=key, font=fonts.small, text_color=pal.muted, size=(14, 1), pad=((20, 0), 3), **bg)
+
+    def value(key: str, font: tuple[Any, ...]) -> sg.Text:
+        return sg.Text("", key=key, font=font, text_color=pal.text, pad=((0, 16), 3), **bg)
+
+    rows = [
+        [sg.Text("", key=K_KEY_PANEL_TITLE, font=fonts.small_bold, text_color=pal.muted, pad=((20, 0), (12, 6)),
+                 **bg),
+         sg.Push(pal.sidebar_bg),
+         sg.Button("Hide", key=K_KEY_HIDE, font=fonts.small, border_width=0, button_color=(pal.muted, pal.sidebar_bg),
+                   mouseover_colors=(pal.text, pal.border), pad=((0, 14), (8, 0)))],
+        [label("Safety number"), value(K_SAFETY, fonts.mono_large)],
+        [label("", K_PEER_FP_LABEL), value(K_PEER_FP, fonts.mono)],
+        [label("Your key"), value(K_OWN_FP, fonts.mono)],
+        [sg.Text("", key=K_KEY_PANEL_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 12)), **bg)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.border, pad=0)],
+    ]
+    return sg.Column(rows, key=K_KEY_PANEL, visible=False, expand_x=True, pad=0, **bg)
+
+
 def _status_bar(pal: Palette, fonts: Fonts, notify_toggle: bool) -> sg.Column:
-    # Segments left to right; a key fingerprint will be one more segment here.
     bar: list[Any] = [
         sg.Text("●", key=K_STATUS_DOT, font=fonts.small, text_color=pal.offline, background_color=pal.status_bg,
                 pad=((14, 4), 5)),
@@ -159,7 +230,11 @@ def _status_bar(pal: Palette, fonts: Fonts, notify_toggle: bool) -> sg.Column:
                 background_color=pal.status_bg, pad=((0, 8), 5)),
         sg.Text("", key=K_STATUS_DETAIL, font=fonts.small, text_color=pal.status_text,
                 background_color=pal.status_bg, pad=(0, 5)),
+        sg.Text("", key=K_STATUS_KEY, font=fonts.small, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=((14, 0), 5)),
         sg.Push(pal.status_bg),
+        sg.Text("", key=K_STATUS_TRANSFERS, font=fonts.small, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=((0, 12), 5)),
     ]
     toggle = dict(font=fonts.small, border_width=0, button_color=(pal.status_text, pal.status_bg),
                   mouseover_colors=(pal.text, pal.border), pad=((0, 6), 2))
@@ -187,9 +262,16 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
     composer.bind("<Shift-Return>", _insert_newline)
     for key in (K_CONNECT, K_SEND, K_DISCONNECT):
         window[key].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=0)
-    for key in (K_THEME, K_NOTIFY):
+    window[K_ACCEPT_KEY].Widget.configure(padx=12, pady=4, cursor="hand2", relief="flat", highlightthickness=0)
+    window[K_COMPARE_KEY].Widget.configure(padx=12, pady=3, cursor="hand2", relief="flat", highlightthickness=1,
+                                           highlightbackground=pal.warn_border)
+    window[K_ATTACH].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=1,
+                                      highlightbackground=pal.border)
+    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE):
         if key in window.AllKeysDict:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
+    for key in (K_KEY_BANNER_TEXT, K_KEY_PANEL_NOTE):
+        window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
     log_widget = window[K_LOG].Widget
     log_widget.configure(highlightthickness=0, padx=0, pady=2, cursor="arrow")
     log_widget.tag_configure("time", foreground=pal.muted)

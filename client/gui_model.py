@@ -1,8 +1,8 @@
-"""What the chat window shows, as plain data: conversations, presence, unread counts, link state.
+"""What the chat window shows, as plain data: conversations, file transfers, presence, unread counts, keys.
 
 No Tk here. The window feeds client events and user actions in and renders what
-this model says, so the rules (who is unread, what a delivery state means, when
-to notify) are tested without a display.
+this model says, so the rules (who is unread, what a delivery or transfer state
+means, when to notify, whose key is in doubt) are tested without a display.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import enum
 import os
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.errors import ErrorCode, P2PChatError
 
@@ -44,10 +45,65 @@ class ChatLine:
     failure: str = ""
 
 
+class Transfer(enum.Enum):
+    """A file in the timeline. DONE, FAILED and CANCELLED are final: a late event changes nothing."""
+
+    OFFERING = "offering"  # ours: waiting for the receiver to take it
+    ACTIVE = "active"  # bytes moving, either way
+    PAUSED = "paused"  # we disconnected: the library resumes it on the next connect
+    DONE = "done"  # verified and saved by the receiver
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({Transfer.DONE, Transfer.FAILED, Transfer.CANCELLED})
+
+
+@dataclass(slots=True)
+class FileLine:
+    """A file message: one per transfer, in the conversation with the peer, whichever way it goes."""
+
+    xfer: bytes
+    peer: str
+    outgoing: bool
+    name: str
+    size: int
+    ts_ms: int
+    state: Transfer
+    done: int = 0  # bytes the receiver has verified
+    rate: float = 0.0  # bytes/s
+    eta: float | None = None  # seconds
+    path: Path | None = None  # where a received file was saved
+    failure: str = ""
+    cancel_asked: bool = False  # we pressed Cancel: the CANCELLED that follows is ours, not the peer's
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL
+
+    @property
+    def fraction(self) -> float:
+        if self.state is Transfer.DONE:
+            return 1.0
+        return min(1.0, self.done / self.size) if self.size > 0 else 0.0
+
+
+Line = ChatLine | FileLine
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """A peer presents a key other than the pinned one: fingerprints as the user compares them."""
+
+    old: str
+    new: str
+    new_key: bytes = b""  # for the safety number the user checks before accepting
+
+
 @dataclass(slots=True)
 class Conversation:
     peer: str
-    lines: list[ChatLine] = field(default_factory=list)
+    lines: list[Line] = field(default_factory=list)
     unread: int = 0
 
 
@@ -56,6 +112,7 @@ class PeerRow:
     name: str
     online: bool
     unread: int
+    key_changed: bool = False
 
 
 def describe_failure(error: P2PChatError) -> str:
@@ -67,8 +124,81 @@ def describe_failure(error: P2PChatError) -> str:
         ErrorCode.CLOSED: "disconnected before delivery",
         ErrorCode.TOO_LARGE: "message too large",
         ErrorCode.RECIPIENT_BUSY: "recipient is busy, try again",
+        ErrorCode.PEER_KEY_CHANGED: "their key changed; accept the new key first",
     }
     return friendly.get(error.code, error.message)
+
+
+def describe_transfer_failure(error: P2PChatError, line: FileLine) -> str:
+    """Why a transfer stopped, from this side's point of view."""
+    if error.code is ErrorCode.CANCELLED:
+        return "Cancelled" if line.cancel_asked else f"Cancelled by {line.peer}"
+    friendly = {
+        ErrorCode.RECIPIENT_OFFLINE: f"{line.peer} is offline",
+        ErrorCode.UNKNOWN_RECIPIENT: f"{line.peer} is not on this broker",
+        ErrorCode.PEER_KEY_CHANGED: f"{line.peer}'s key changed; accept the new key first",
+        ErrorCode.CLOSED: "disconnected before it finished",
+        ErrorCode.BROKER_UNREACHABLE: "the connection to the broker was lost",
+        ErrorCode.SOURCE_CHANGED: error.message,
+    }
+    return friendly.get(error.code, error.message)
+
+
+# --- numbers as people read them ---------------------------------------------------------------
+def human_size(n: float) -> str:
+    """Decimal units, as file managers show them: 999 B, 1.2 KB, 34 MB, 1.5 GB."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.5 or unit == "TB":
+            return f"{n:.1f} {unit}" if n < 99.95 else f"{n:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def human_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{max(s, 1)} s left"
+    if s < 3600:
+        return f"{round(s / 60)} min left"
+    return f"{s // 3600} h {s % 3600 // 60} min left"
+
+
+def transfer_status(line: FileLine) -> str:
+    """The one line under a file's name: direction, progress, rate and time left, or how it ended."""
+    if line.state is Transfer.OFFERING:
+        return f"Waiting for {line.peer} to accept…"
+    if line.state is Transfer.ACTIVE:
+        verb = "Sending" if line.outgoing else "Receiving"
+        parts = [f"{verb} {round(line.fraction * 100)}%",
+                 f"{human_size(line.done)} of {human_size(line.size)}"]
+        if line.rate > 0:
+            parts.append(f"{human_size(line.rate)}/s")
+        if line.eta is not None and line.done < line.size:
+            parts.append(human_eta(line.eta))
+        return " · ".join(parts)
+    if line.state is Transfer.PAUSED:
+        return f"Paused at {round(line.fraction * 100)}% · resumes when you reconnect"
+    if line.state is Transfer.DONE:
+        if line.outgoing:
+            return f"Sent ✓ · {line.peer} verified and saved it"
+        return "Received ✓ · verified and saved"
+    if line.state is Transfer.CANCELLED:
+        return line.failure or "Cancelled"
+    return f"Failed: {line.failure}" if line.failure else "Failed"
+
+
+def short_path(path: Path | None) -> str:
+    """``~/...`` for paths under the home directory: shorter, and the same on every machine."""
+    if path is None:
+        return ""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
 
 
 class ChatModel:
@@ -78,8 +208,10 @@ class ChatModel:
         self.online: frozenset[str] = frozenset()
         self.active: str | None = None
         self.log: deque[tuple[int, str]] = deque(maxlen=LOG_LINES)
+        self.key_changed: dict[str, KeyChange] = {}  # peers whose new key awaits the user's decision
         self._conversations: dict[str, Conversation] = {}
         self._by_id: dict[bytes, ChatLine] = {}
+        self._files: dict[bytes, FileLine] = {}
 
     # --- presence -------------------------------------------------------------
     def set_online(self, peers: frozenset[str]) -> None:
@@ -88,7 +220,8 @@ class ChatModel:
     def roster(self) -> list[PeerRow]:
         """Online peers first, then people we talked to who have left; each group by name."""
         names = set(self.online) | {c.peer for c in self._conversations.values() if c.lines}
-        rows = [PeerRow(n, n in self.online, self.conversation(n).unread) for n in names]
+        names |= set(self.key_changed)
+        rows = [PeerRow(n, n in self.online, self.conversation(n).unread, n in self.key_changed) for n in names]
         return sorted(rows, key=lambda r: (not r.online, r.name.lower()))
 
     # --- conversations --------------------------------------------------------
@@ -140,6 +273,89 @@ class ChatModel:
 
     def pending(self) -> list[ChatLine]:
         return [line for line in self._by_id.values() if line.delivery is Delivery.SENDING]
+
+    # --- files ----------------------------------------------------------------
+    def file_sending(self, xfer: bytes, peer: str, name: str, size: int, ts_ms: int) -> FileLine:
+        line = FileLine(xfer, peer, True, name, size, ts_ms, Transfer.OFFERING)
+        return self._add_file(line)
+
+    def file_refused(self, peer: str, name: str, ts_ms: int, reason: str) -> FileLine:
+        """A file the client library refused before offering it (unreadable, not a file, ...)."""
+        line = FileLine(os.urandom(8), peer, True, name, 0, ts_ms, Transfer.FAILED, failure=reason)
+        return self._add_file(line)
+
+    def file_incoming(self, xfer: bytes, sender: str, name: str, size: int, ts_ms: int) -> tuple[FileLine, bool]:
+        """(line, is_new): an offer repeated after a reconnect is the same file, not another unread one."""
+        line = self._files.get(xfer)
+        if line is not None:
+            if line.state is Transfer.PAUSED:
+                line.state = Transfer.ACTIVE
+            return line, False
+        line = self._add_file(FileLine(xfer, sender, False, name, size, ts_ms, Transfer.ACTIVE))
+        if sender != self.active:
+            self.conversation(sender).unread += 1
+        return line, True
+
+    def file_progress(self, xfer: bytes, peer: str, name: str, outgoing: bool, done: int, size: int,
+                      rate: float, eta: float | None, ts_ms: int) -> tuple[FileLine, bool] | None:
+        """(line, is_new), or None once final. A transfer resumed after a restart starts with progress."""
+        line = self._files.get(xfer)
+        is_new = line is None
+        if line is None:
+            line = self._add_file(FileLine(xfer, peer, outgoing, name, size, ts_ms, Transfer.ACTIVE))
+        elif line.finished:
+            return None
+        line.state, line.done, line.size, line.rate, line.eta = Transfer.ACTIVE, done, size, rate, eta
+        return line, is_new
+
+    def file_received(self, xfer: bytes, sender: str, name: str, path: Path, size: int, ts_ms: int) -> FileLine:
+        line = self._files.get(xfer) or self._add_file(FileLine(xfer, sender, False, name, size, ts_ms,
+                                                                Transfer.ACTIVE))
+        if not line.finished:
+            line.state, line.done, line.path, line.eta = Transfer.DONE, size, path, None
+        return line
+
+    def file_sent(self, xfer: bytes) -> FileLine | None:
+        line = self._files.get(xfer)
+        if line is None or line.finished:
+            return None
+        line.state, line.done, line.eta = Transfer.DONE, line.size, None
+        return line
+
+    def file_failed(self, xfer: bytes, error: P2PChatError) -> FileLine | None:
+        line = self._files.get(xfer)
+        if line is None or line.finished:
+            return None
+        line.state = Transfer.CANCELLED if error.code is ErrorCode.CANCELLED else Transfer.FAILED
+        line.failure, line.eta = describe_transfer_failure(error, line), None
+        return line
+
+    def pause_transfers(self) -> list[FileLine]:
+        paused = self.active_transfers()
+        for line in paused:
+            line.state, line.rate, line.eta = Transfer.PAUSED, 0.0, None
+        return paused
+
+    def file(self, xfer: bytes) -> FileLine | None:
+        return self._files.get(xfer)
+
+    def active_transfers(self) -> list[FileLine]:
+        return [line for line in self._files.values() if not line.finished]
+
+    def _add_file(self, line: FileLine) -> FileLine:
+        self.conversation(line.peer).lines.append(line)
+        self._files[line.xfer] = line
+        return line
+
+    # --- keys -------------------------------------------------------------------
+    def peer_key_changed(self, peer: str, change: KeyChange) -> bool:
+        """True if this is news (the library reports a change again on each refused message)."""
+        news = self.key_changed.get(peer) != change
+        self.key_changed[peer] = change
+        return news
+
+    def peer_key_accepted(self, peer: str) -> None:
+        self.key_changed.pop(peer, None)
 
     def add_log(self, ts_ms: int, text: str) -> None:
         self.log.append((ts_ms, text))

@@ -41,6 +41,10 @@ class Palette:
     warn: str
     error: str
     offline: str
+    card_bg: str  # a file in the timeline
+    warn_bg: str  # the banner of a changed key
+    warn_text: str
+    warn_border: str
     avatars: tuple[str, ...]
 
 
@@ -54,6 +58,7 @@ LIGHT = Palette(
     status_bg="#ECEEF1", status_text="#4B5563",
     log_bg="#FAFAFB", log_text="#57606A",
     ok="#1A7F37", warn="#B35900", error="#CF222E", offline="#8C959F",
+    card_bg="#F7F8FA", warn_bg="#FFF5E1", warn_text="#5C3400", warn_border="#F0C36D",
     avatars=("#E8590C", "#2F9E44", "#1C7ED6", "#9C36B5", "#C2255C", "#0C8599", "#5F3DC4", "#E67700"),
 )
 
@@ -67,6 +72,7 @@ DARK = Palette(
     status_bg="#121417", status_text="#9AA3AD",
     log_bg="#191C20", log_text="#9AA3AD",
     ok="#3FB950", warn="#E3A008", error="#F85149", offline="#6E7681",
+    card_bg="#252A30", warn_bg="#35290F", warn_text="#F3D58E", warn_border="#6B5220",
     avatars=("#F76707", "#37B24D", "#339AF0", "#AE3EC9", "#E64980", "#15AABF", "#7950F2", "#F59F00"),
 )
 
@@ -103,7 +109,9 @@ class Fonts:
     display: tuple[Any, ...]
     heading: tuple[Any, ...]
     avatar: tuple[Any, ...]
+    tiny_bold: tuple[Any, ...]
     mono: tuple[Any, ...]
+    mono_large: tuple[Any, ...]
 
 
 _UI_FAMILIES = {
@@ -122,5 +130,6 @@ def pick_fonts() -> Fonts:
     mono = next((f for f in _MONO if f in installed), "TkFixedFont")
     return Fonts(
         base=(ui, 10), bold=(ui, 10, "bold"), small=(ui, 9), small_bold=(ui, 9, "bold"),
-        title=(ui, 13, "bold"), display=(ui, 18, "bold"), heading=(ui, 12, "bold"), avatar=(ui, 11, "bold"), mono=(mono, 9),
+        title=(ui, 13, "bold"), display=(ui, 18, "bold"), heading=(ui, 12, "bold"), avatar=(ui, 11, "bold"),
+        tiny_bold=(ui, 7, "bold"), mono=(mono, 9), mono_large=(mono, 11, "bold"),
     )

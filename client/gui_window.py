@@ -1,9 +1,9 @@
-"""The chat window: layout, and ``ChatWindow.handle``, the one place every event is dispatched.
+"""The chat window: ``ChatWindow.handle``, the one place every event is dispatched.
 
 Threads: everything here runs on the Tk thread. The client library's agent
-owns the network; its events come back through ``TkEventBridge`` as
-``CLIENT_EVENT`` window events, so the loop is a plain blocking
-``window.read()``. Tests drive the same ``handle`` by stepping the loop.
+owns the network and the disk of a transfer; its events come back through
+``TkEventBridge`` as ``CLIENT_EVENT`` window events, so the loop is a plain
+blocking ``window.read()``. Tests drive the same ``handle`` by stepping the loop.
 """
 
 from __future__ import annotations
@@ -14,50 +14,89 @@ import os
 import queue
 import time
 import tkinter as tk
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import PySimpleGUI as sg
 
 from client import events as ev
 from client.client import ChatClient, ClientConfig
+from client.e2e import PeerKeyChanged as KeyChangeError
 from client.gui_bridge import TkEventBridge
 from client.gui_conversation import ConversationView
+from client.gui_desktop import Desktop
+from client.gui_filecard import FileCard
 from client.gui_layout import (
     CLIENT_EVENT,
     COMPOSER_SEND,
+    FILE_CANCEL,
+    FILE_OPEN_FOLDER,
     FORM_SUBMIT,
+    K_ACCEPT_KEY,
+    K_ATTACH,
+    K_COMPARE_KEY,
     K_CHAT_VIEW,
     K_COMPOSER,
     K_CONNECT,
     K_CONNECT_VIEW,
+    K_COMPOSER_NOTE,
     K_CONVERSATION,
     K_DISCONNECT,
     K_FORM_ERROR,
     K_FORM_PROGRESS,
     K_HOST,
+    K_KEY_BANNER,
+    K_KEY_BANNER_TEXT,
+    K_KEY_BANNER_TITLE,
+    K_KEY_HIDE,
+    K_KEY_INFO,
+    K_KEY_PANEL,
+    K_KEY_PANEL_NOTE,
+    K_KEY_PANEL_TITLE,
     K_LOG,
     K_ME,
     K_NOTIFY,
+    K_OWN_FP,
+    K_PEER_FP,
+    K_PEER_FP_LABEL,
+    K_PEER_KEY,
     K_PEER_NAME,
     K_PEER_PRESENCE,
     K_PEERS,
     K_PEOPLE_COUNT,
     K_PORT,
+    K_SAFETY,
     K_SEND,
     K_STATUS,
     K_STATUS_DETAIL,
     K_STATUS_DOT,
+    K_STATUS_KEY,
+    K_STATUS_TRANSFERS,
     K_THEME,
     K_USER,
     TOAST_CLICKED,
     build_window,
     dot_image,
 )
-from client.gui_model import LOG_LINES, ChatLine, ChatModel, Link, describe_failure, should_notify
+from client.gui_model import (
+    LOG_LINES,
+    ChatLine,
+    ChatModel,
+    FileLine,
+    KeyChange,
+    Link,
+    Transfer,
+    describe_failure,
+    human_size,
+    should_notify,
+    short_path,
+)
 from client.gui_settings import ConnectTarget, FormError, GuiSettings, SettingsStore, validate_connect
 from client.gui_theme import Fonts, Palette, palette, pick_fonts
 from client.gui_toast import Toast
+from common.crypto import fingerprint, safety_number
 from common.errors import ErrorCode, P2PChatError
 
 log = logging.getLogger(__name__)
@@ -79,6 +118,8 @@ class GuiOptions:
     heartbeat_ivl: float = 1.0
     liveness: int = 3
     send_timeout: float = 10.0
+    received_dir: Path | None = None  # None: the client library's default (~/client_received)
+    client_overrides: tuple[tuple[str, Any], ...] = ()  # more ClientConfig fields (tests slow transfers down)
 
     @classmethod
     def from_env(cls) -> GuiOptions:
@@ -93,10 +134,12 @@ def _now_ms() -> int:
 
 class ChatWindow:
     def __init__(self, settings: GuiSettings, *, store: SettingsStore | None = None,
-                 options: GuiOptions = GuiOptions(), notice: str = "") -> None:
+                 options: GuiOptions = GuiOptions(), notice: str = "", desktop: Desktop = Desktop()) -> None:
         self.settings = settings
         self.store = store
         self.options = options
+        self.desktop = desktop
+        self._key_panel_open = False
         self.model = ChatModel(settings.user)
         self.client: ChatClient | None = None
         self.target: ConnectTarget | None = None
@@ -149,6 +192,17 @@ class ChatWindow:
                 self.open_conversation(selected)
         elif event in (K_SEND, COMPOSER_SEND):
             self.send_composed()
+        elif event == K_ATTACH:
+            self.attach_file()
+        elif event == FILE_CANCEL:
+            self.cancel_transfer(values[FILE_CANCEL])
+        elif event == FILE_OPEN_FOLDER:
+            self.open_folder(values[FILE_OPEN_FOLDER])
+        elif event == K_ACCEPT_KEY:
+            self.accept_key()
+        elif event in (K_KEY_INFO, K_KEY_HIDE, K_COMPARE_KEY):
+            self._key_panel_open = event == K_COMPARE_KEY or (event == K_KEY_INFO and not self._key_panel_open)
+            self._render_security()
         elif event == K_THEME:
             self.set_theme("dark" if self.settings.theme == "light" else "light")
         elif event == K_NOTIFY:
@@ -175,8 +229,11 @@ class ChatWindow:
         if target.user != self.model.user:
             self.model = ChatModel(target.user)  # another identity: another set of conversations
             self._view().me = target.user
+        extra = dict(self.options.client_overrides)
+        if self.options.received_dir is not None:
+            extra["received_dir"] = self.options.received_dir
         config = ClientConfig(server=target.server, heartbeat_ivl=self.options.heartbeat_ivl,
-                              liveness=self.options.liveness, send_timeout=self.options.send_timeout)
+                              liveness=self.options.liveness, send_timeout=self.options.send_timeout, **extra)
         generation = self._generation
         bridge = self.bridge
         try:
@@ -210,6 +267,8 @@ class ChatWindow:
         for line in self.model.pending():
             self.model.failed(line.msg_id, "disconnected before delivery")
             self._view().update_delivery(line)
+        for file in self.model.pause_transfers():  # the library resumes them on the next connect
+            self._view().update_file(file)
 
     def _deliver(self, item: Any) -> None:
         """Called by the bridge on the Tk thread."""
@@ -229,20 +288,26 @@ class ChatWindow:
             self._log(f"Connection lost ({event.reason}); reconnecting…")
             self._render_status()
         elif kind is ev.RegisterFailed:
-            self._stop_client()
-            self.model.link = Link.OFFLINE
             error = event.error
             if error.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED):
                 text = f"“{user}” is already signed in on this broker. Choose another user ID."
+                field_name = "user"
+            elif error.code is ErrorCode.BROKER_KEY_CHANGED:
+                text = f"Security warning: {error.message}"
+                field_name = "host"
             else:
                 text = f"Could not sign in: {error.message}"
-            self._log(text)
-            self._render_all()
-            self._show_form_error(FormError("user", text))
+                field_name = "user"
+            self._back_to_connect_panel(FormError(field_name, text))
+        elif kind is ev.Stopped:
+            self._back_to_connect_panel(FormError(
+                "user", f"The connection stopped after an internal error ({event.error.message}). "
+                        "Press Connect to try again."))
         elif kind is ev.PeersChanged:
             self.model.set_online(event.peers)
             for name in sorted(event.joined - {user}):
                 self._log(f"{name} is online")
+                self._check_pending_key(name)  # a change left unaccepted in an earlier run
             for name in sorted(event.left - {user}):
                 self._log(f"{name} went offline")
             self._render_roster()
@@ -253,16 +318,35 @@ class ChatWindow:
             line = self.model.acked(event.msg_id)
             if line is not None and line.peer == self.model.active:
                 self._view().update_delivery(line)
+                self._render_security()  # the first message pins the peer's key
         elif kind is ev.SendFailed:
+            self._note_key_change(event.error)
             line = self.model.failed(event.msg_id, describe_failure(event.error))
             if line is not None:
                 self._log(f"Message to {line.peer} failed: {line.failure}")
                 if line.peer == self.model.active:
                     self._view().update_delivery(line)
+        elif kind is ev.PeerKeyChanged:
+            self._note_key_change(event.error)
         elif kind is ev.ErrorReported:
-            self._log(f"Broker error: {event.error.message}")
-        else:  # file transfers and later additions: not shown by this window yet
+            error = event.error
+            if error.code is ErrorCode.INTEGRITY:
+                self._log(f"Security: refused a message that failed its integrity check ({error.message})")
+            else:
+                self._log(f"Broker error: {error.message}")
+        elif kind in (ev.FileIncoming, ev.FileProgress, ev.FileReceived, ev.FileSent, ev.FileFailed):
+            self._on_file_event(event)
+        else:
             log.debug("user=%s ignoring client event %s", user, kind.__name__)
+
+    def _back_to_connect_panel(self, error: FormError) -> None:
+        """The client is gone (refused, or its agent stopped): say why where the user can try again."""
+        self._stop_client()
+        self.model.link = Link.OFFLINE
+        self.model.set_online(frozenset())
+        self._log(error.message)
+        self._render_all()
+        self._show_form_error(error)
 
     def _on_registered(self, event: ev.Registered) -> None:
         first = self.model.link is Link.CONNECTING
@@ -271,6 +355,8 @@ class ChatWindow:
         assert target is not None
         if first:
             self._log(f"Connected to {target.server} as {target.user}")
+            if self.client is not None and self.client.broker_key is not None:
+                self._log(f"Encrypted; broker key {fingerprint(self.client.broker_key)}")
             self._update_settings(host=target.server.host, port=target.server.port, user=target.user)
             self._render_all()
             self._composer().focus_set()
@@ -282,19 +368,155 @@ class ChatWindow:
         line = self.model.receive(event.msg_id, event.sender, event.text, event.ts)
         if event.sender == self.model.active:
             self._view().append(line)
+            self._render_security()  # the first message pins the peer's key
         self._render_roster()
         if should_notify(self._notifications_on(), self._focused(), self.model.active, event.sender):
-            self._notify(line)
+            self._notify(event.sender, line.text)
+
+    def _on_file_event(self, event: Any) -> None:
+        """Files in both directions: each event moves one ``FileLine``; new ones join the timeline."""
+        model, now, kind = self.model, _now_ms(), type(event)
+        known = model.file(event.xfer) is not None
+        line: FileLine | None
+        if kind is ev.FileIncoming:
+            line, _ = model.file_incoming(event.xfer, event.sender, event.name, event.size, now)
+            if not known:
+                self._log(f"Receiving {event.name} ({human_size(event.size)}) from {event.sender}")
+                if should_notify(self._notifications_on(), self._focused(), model.active, event.sender):
+                    self._notify(event.sender, f"sent you a file: {event.name} ({human_size(event.size)})")
+        elif kind is ev.FileProgress:
+            progress = model.file_progress(event.xfer, event.peer, event.name, event.direction == "out",
+                                           event.done, event.size, event.rate, event.eta, now)
+            line = progress[0] if progress else None
+        elif kind is ev.FileReceived:
+            line = model.file_received(event.xfer, event.sender, event.name, event.path, event.size, now)
+            self._log(f"Saved {event.name} from {event.sender} to {short_path(event.path)}")
+        elif kind is ev.FileSent:
+            line = model.file_sent(event.xfer)
+            if line is not None:
+                self._log(f"{event.recipient} received {event.name}")
+        else:  # FileFailed; an offer refused at once, or a transfer resumed from an earlier run, is news here
+            self._note_key_change(event.error)
+            if not known and event.direction == "in":
+                model.file_incoming(event.xfer, event.peer, event.name, 0, now)
+            elif not known:
+                model.file_sending(event.xfer, event.peer, event.name, 0, now)
+            line = model.file_failed(event.xfer, event.error)
+            if line is not None:
+                way = f"Sending {event.name} to" if line.outgoing else f"Receiving {event.name} from"
+                self._log(f"{way} {event.peer}: {line.failure}")
+        if line is None:
+            return
+        if line.peer == model.active:
+            if known:
+                self._view().update_file(line)
+            else:
+                self._view().append(line)
+        if not known:
+            self._render_roster()
+        self._render_transfers()
 
     # --- user actions -----------------------------------------------------------------
     def open_conversation(self, peer: str) -> None:
         if peer == self.model.active:
             return
         conv = self.model.open(peer)
+        self._check_pending_key(peer)
         self._view().show(conv, self._empty_hint())
         self._render_roster()
         self._render_header()
         self._composer().focus_set()
+
+    def attach_file(self) -> None:
+        """Ask the desktop for a file (the dialog is modal) and offer it to the open conversation."""
+        peer = self.model.active
+        if peer is None or not self._can_send():
+            return
+        chosen = self.desktop.choose_file(self.window.TKroot, peer)
+        # The dialog ran Tk's loop: the conversation or the connection may have changed meanwhile.
+        if chosen and self.model.active == peer and self._can_send():
+            self.send_file(peer, Path(chosen))
+
+    def send_file(self, peer: str, path: Path) -> None:
+        assert self.client is not None
+        now = _now_ms()
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0  # the library says why it cannot send it
+        try:
+            xfer, _done = self.client.send_file(peer, path)  # the outcome arrives as FileSent or FileFailed
+        except (P2PChatError, FutureTimeout) as exc:
+            reason = exc.message if isinstance(exc, P2PChatError) else "the client did not answer"
+            line = self.model.file_refused(peer, path.name, now, reason)
+            self._log(f"Cannot send {path.name}: {reason}")
+        else:
+            existing = self.model.file(xfer)
+            if existing is not None and not existing.finished:  # the same file, still on its way
+                return
+            line = self.model.file_sending(xfer, peer, path.name, size, now)
+            self._log(f"Offering {path.name} ({human_size(size)}) to {peer}")
+        if peer == self.model.active:
+            self._view().append(line)
+        self._render_roster()
+        self._render_transfers()
+
+    def cancel_transfer(self, xfer: bytes) -> None:
+        line = self.model.file(xfer)
+        if line is None or line.finished or self.client is None:
+            return
+        line.cancel_asked = True  # the FileFailed(CANCELLED) that follows is ours
+        try:
+            self.client.cancel_transfer(xfer)
+        except P2PChatError as exc:
+            self._log(f"Cannot cancel {line.name}: {exc.message}")
+
+    def open_folder(self, xfer: bytes) -> None:
+        line = self.model.file(xfer)
+        if line is None or line.path is None:
+            return
+        folder = line.path.parent
+        try:
+            self.desktop.open_folder(folder)
+        except OSError as exc:
+            self._log(f"Cannot open {short_path(folder)}: {exc.strerror or exc}")
+
+    def accept_key(self) -> None:
+        """The user compared the new key with the peer: trust it and let sending resume."""
+        peer, client = self.model.active, self.client
+        if peer is None or client is None or peer not in self.model.key_changed:
+            return
+        change = self.model.key_changed[peer]
+        try:
+            client.accept_peer_key(peer)
+        except P2PChatError as exc:
+            self._log(f"Cannot accept {peer}'s key: {exc.message}")
+            return
+        self.model.peer_key_accepted(peer)
+        self._log(f"You accepted {peer}'s new key {change.new}")
+        self._render_roster()
+        self._render_header()
+
+    def _note_key_change(self, error: P2PChatError) -> None:
+        """Sends, offers and messages refused because a peer's key changed all raise the same banner."""
+        if not isinstance(error, KeyChangeError):
+            return
+        change = KeyChange(fingerprint(error.old) if error.old else "none", fingerprint(error.new), error.new)
+        if not self.model.peer_key_changed(error.user, change):
+            return
+        self._log(f"{error.user}'s key changed to {change.new}; sending to them is paused until you accept it")
+        self._render_roster()
+        if error.user == self.model.active:
+            self._render_header()
+
+    def _check_pending_key(self, peer: str) -> None:
+        """A change still pending from an earlier run shows its banner before the user tries to send."""
+        if self.client is None:
+            return
+        try:
+            self.client.e2e.key_of(peer)
+        except KeyChangeError as exc:
+            self._note_key_change(exc)
 
     def send_composed(self) -> None:
         composer = self._composer()
@@ -360,11 +582,10 @@ class ChatWindow:
             return False
         return widget is not None and widget.winfo_toplevel() == self.window.TKroot
 
-    def _notify(self, line: ChatLine) -> None:
+    def _notify(self, sender: str, text: str) -> None:
         if self._toast is not None:
             self._toast.close()
-        sender = line.peer
-        self._toast = Toast(self.palette, self.fonts, f"{sender}", line.text, self.options.toast_ms,
+        self._toast = Toast(self.palette, self.fonts, sender, text, self.options.toast_ms,
                             on_click=lambda: self.window.write_event_value(TOAST_CLICKED, sender))
 
     @property
@@ -408,6 +629,8 @@ class ChatWindow:
 
     def _show_form_error(self, error: FormError) -> None:
         self.window[K_FORM_ERROR].update(error.message)
+        # Two lines keep the card still for the usual messages; a security warning may take more.
+        self.window[K_FORM_ERROR].Widget.configure(height=2 if len(error.message) < 90 else 0)
         field = {"host": K_HOST, "port": K_PORT, "user": K_USER}[error.field]
         self.window[field].set_focus()
         self.window[field].Widget.select_range(0, "end")
@@ -427,9 +650,35 @@ class ChatWindow:
         else:
             detail = f"{target.user} @ {target.server}"
         self.window[K_STATUS_DETAIL].update(detail)
+        client = self.client
+        if client is None or link in (Link.OFFLINE, Link.CONNECTING):
+            self.window[K_STATUS_KEY].update("")
+        elif client.broker_key is None:
+            self.window[K_STATUS_KEY].update("·   not encrypted", text_color=pal.warn)
+        else:
+            self.window[K_STATUS_KEY].update(f"·   encrypted · broker key {fingerprint(client.broker_key)}",
+                                             text_color=pal.status_text)
+        self._render_transfers()
         if self.options.notifications:
             self.window[K_NOTIFY].update("Notifications: on" if self.settings.notifications else "Notifications: off")
         self.window[K_THEME].update("Dark theme" if self.settings.theme == "light" else "Light theme")
+
+    def _render_transfers(self) -> None:
+        """The status bar's transfer segment: what is moving in any conversation, and how fast."""
+        moving = [t for t in self.model.active_transfers() if t.state is not Transfer.PAUSED]
+        if not moving:
+            text = ""
+        elif len(moving) == 1:
+            t = moving[0]
+            arrow = "↑" if t.outgoing else "↓"
+            text = f"{arrow} {t.name} {round(t.fraction * 100)}%"
+            if t.rate > 0:
+                text += f" · {human_size(t.rate)}/s"
+        else:
+            ups = sum(1 for t in moving if t.outgoing)
+            rate = sum(t.rate for t in moving)
+            text = f"↑ {ups}  ↓ {len(moving) - ups} transfers · {human_size(rate)}/s"
+        self.window[K_STATUS_TRANSFERS].update(text)
 
     def _render_roster(self) -> None:
         pal, fonts = self.palette, self.fonts
@@ -439,16 +688,21 @@ class ChatWindow:
         # A click not handled yet outranks the open conversation: re-rendering must not undo it.
         keep = self._selected_peer() or self.model.active
         selected = [names.index(keep)] if keep in names else []
-        table.update(values=[[r.name, str(r.unread) if r.unread else ""] for r in rows], select_rows=selected)
+        table.update(values=[[r.name, self._badge(r.unread, r.key_changed)] for r in rows], select_rows=selected)
         tree = table.Widget
         for i, (iid, row) in enumerate(zip(tree.get_children(), rows)):
             # sg.Table puts the row's text in the tree column too: replace it with the presence dot.
             tree.item(iid, text="", image=self._dots[row.online])
             tree.tag_configure(i, foreground=pal.sidebar_text if row.online else pal.offline,
-                               font=fonts.bold if row.unread else fonts.base)
+                               font=fonts.bold if row.unread or row.key_changed else fonts.base)
         online = len(self.model.online)
         self.window[K_PEOPLE_COUNT].update(f"{online} online" if online else "nobody else online")
         self.window[K_ME].update(f"@{self.model.user}" if self.model.user else "")
+
+    @staticmethod
+    def _badge(unread: int, key_changed: bool) -> str:
+        count = str(unread) if unread else ""
+        return f"⚠ {count}".strip() if key_changed else count
 
     def _selected_peer(self) -> str | None:
         """The row selected on screen, by name (row numbers shift as people come and go)."""
@@ -477,12 +731,71 @@ class ChatWindow:
                                    highlightcolor=pal.accent if can_send else pal.border)
         self.window[K_SEND].update(disabled=not can_send, button_color=(pal.accent_text, pal.accent) if can_send
                                    else (pal.muted, pal.border))
+        self.window[K_ATTACH].update(disabled=not can_send, button_color=(pal.text, pal.input_bg) if can_send
+                                     else (pal.muted, pal.chat_bg))
+        self._render_security()
+
+    def _render_security(self) -> None:
+        """The peer's key in the header, the Verify panel, and the banner of a changed key."""
+        peer, client, user, pal = self.model.active, self.client, self.model.user, self.palette
+        keys_known = peer is not None and client is not None
+        change = self.model.key_changed.get(peer) if peer is not None else None
+        peer_fp = client.fingerprint_of(peer) if keys_known else None
+        if change is not None:
+            header, colour = "key changed", pal.warn
+        else:
+            header = f"key {peer_fp}" if peer_fp else "key not known yet" if keys_known else ""
+            colour = pal.muted
+        self.window[K_PEER_KEY].update(header, text_color=colour)
+        self._set_visible(K_KEY_INFO, keys_known)
+
+        self._set_visible(K_KEY_BANNER, change is not None)
+        if change is not None:
+            self.window[K_KEY_BANNER_TITLE].update(f"{peer}'s key has changed")
+            self.window[K_KEY_BANNER_TEXT].update(
+                f"It was {change.old} and is now {change.new}. That happens when {peer} reinstalls p2p-chat, "
+                f"but it can also mean someone is impersonating them. Sending to {peer} is paused until you "
+                f"compare the new safety number with them (in person or on a call) and accept the new key.")
+        self.window[K_COMPOSER_NOTE].update(
+            f"Sending to {peer} is paused until you accept their new key." if change else "")
+        self._set_visible(K_COMPOSER_NOTE, change is not None)
+
+        show_panel = self._key_panel_open and keys_known
+        self._set_visible(K_KEY_PANEL, show_panel)
+        self.window[K_KEY_INFO].update("Hide keys" if show_panel else "Verify")
+        if not show_panel:
+            return
+        assert client is not None and peer is not None
+        if change is not None and change.new_key:  # what to check before accepting is the new key
+            number: str | None = safety_number(client.identity.public, change.new_key)
+            shown_fp, label = change.new, "Their new key"
+        else:
+            number, shown_fp, label = client.safety_number(peer), peer_fp, "Their key"
+        self.window[K_KEY_PANEL_TITLE].update(f"VERIFY {peer.upper()}")
+        self.window[K_SAFETY].update(number or "known once you have exchanged a message")
+        self.window[K_PEER_FP_LABEL].update(label)
+        self.window[K_PEER_FP].update(shown_fp or "not known yet")
+        self.window[K_OWN_FP].update(client.fingerprint_of(user) or "")
+        self.window[K_KEY_PANEL_NOTE].update(
+            f"Compare the safety number with {peer} in person or on a call. If you both see the same digits, "
+            f"what you send can only be read by {peer}. It changes when either of you gets a new key.")
+
+    def _set_visible(self, key: str, visible: bool) -> None:
+        element = self.window[key]
+        if element.visible != visible:  # re-packing a visible element moves it: only on a change
+            element.update(visible=visible)
 
     def _can_send(self) -> bool:
         return (self.model.active is not None and self.model.active in self.model.online
+                and self.model.active not in self.model.key_changed
                 and self.model.link in (Link.CONNECTED, Link.RECONNECTING))
 
     def _empty_hint(self) -> str:
+        peer = self.model.active
+        if peer is not None:
+            sealed = self.client is not None and self.client.e2e.enabled
+            return f"This is the start of your conversation with {peer}." + (
+                "\nMessages and files are end-to-end encrypted; press Verify to compare keys." if sealed else "")
         if self.model.online:
             return "Pick someone on the left to start a conversation."
         return "Nobody else is online yet.\nConversations appear here when someone joins."
@@ -534,17 +847,39 @@ class ChatWindow:
     def conversation_text(self) -> str:
         return self.window[K_CONVERSATION].Widget.get("1.0", "end-1c")
 
+    def file_cards(self) -> list[FileCard]:
+        """The files in the open conversation, oldest first."""
+        return self._view().cards()
+
+    def file_card(self, xfer: bytes) -> FileCard | None:
+        return self._view().card(xfer)
+
+    def key_status_text(self) -> str:
+        return self.window[K_STATUS_KEY].get()
+
+    def transfers_status_text(self) -> str:
+        return self.window[K_STATUS_TRANSFERS].get()
+
+    def shown(self, key: str) -> bool:
+        """Whether an element that comes and goes (banner, panel, note) is on screen now."""
+        return bool(self.window[key].visible)
+
     def form_error(self) -> str:
         return self.window[K_FORM_ERROR].get()
 
     def log_text(self) -> str:
         return self.window[K_LOG].Widget.get("1.0", "end-1c")
 
+    def _post_action(self, key: str, xfer: bytes) -> None:
+        """A file card's button: into the window's queue, so ``handle`` stays the only dispatcher."""
+        self.window.write_event_value(key, xfer)
+
     # --- layout -----------------------------------------------------------------------
     def _build(self, location: tuple[int, int] | None = None, size: tuple[int, int] | None = None) -> sg.Window:
         pal, fonts = self.palette, self.fonts
         window = build_window(self.settings, pal, fonts, notify_toggle=self.options.notifications,
                               location=location, size=size)
-        self._conversation_view = ConversationView(window[K_CONVERSATION].Widget, pal, fonts, self.model.user)
+        self._conversation_view = ConversationView(window[K_CONVERSATION].Widget, pal, fonts, self.model.user,
+                                                   on_action=self._post_action)
         self._dots = {True: dot_image(window.TKroot, pal.ok), False: dot_image(window.TKroot, pal.offline)}
         return window

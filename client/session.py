@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from client import events as ev
 from client.actions import Action, Emit, Transmit
+from client.history import History
 from client.presence import PresenceTracker
 from client.transfer import TransferManager
 from client.e2e import EndToEnd, PeerKeyChanged
@@ -28,7 +29,11 @@ from common.crypto import KEY_BYTES, TAG_BYTES
 from common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
 from common.protocol import (
     Ack,
+    AckStatus,
     ChatMessage,
+    Consume,
+    Receipt,
+    ReceiptStatus,
     Error,
     Heartbeat,
     KeyInfo,
@@ -50,6 +55,8 @@ from common.protocol import (
 log = logging.getLogger(__name__)
 
 DEDUP_WINDOW = 10_000
+RESEND_AFTER = 5.0  # seconds without any acknowledgement before pending messages are sent again
+RATE_LIMIT_BACKOFF = 1.0
 MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the sealing overhead
 # REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
 # TCP connection completes is dropped, and users should not wait a heartbeat.
@@ -75,7 +82,7 @@ def validate_text(recipient: str, text: str) -> bytes:
 class _Pending:
     recipient: str
     text: bytes
-    deadline: float
+    ts: int  # fixed when queued: it is bound into the seal, so a re-send re-seals identically
     frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
 
 
@@ -87,7 +94,8 @@ class ClientSession:
         wall_ms: Callable[[], int],
         heartbeat_ivl: float = 1.0,
         liveness: int = 3,
-        send_timeout: float = 10.0,
+        history: History | None = None,
+        read_receipts: bool = True,
         e2e: EndToEnd,
         transfers: TransferManager | None = None,
         token: bytes | None = None,
@@ -96,13 +104,16 @@ class ClientSession:
         self.e2e = e2e
         self._token = token or os.urandom(32)
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
+        self._resend_at = 0.0  # when unacknowledged messages are sent again
         self.state = State.CONNECTING
         self.presence = PresenceTracker()
         self.transfers = transfers
         self._wall_ms = wall_ms
         self._hb_ivl = heartbeat_ivl
         self._expiry = heartbeat_ivl * liveness
-        self._send_timeout = send_timeout
+        self.history = history
+        self.read_receipts = read_receipts
+        self._receipts: OrderedDict[bytes, None] = OrderedDict()  # ids of receipts we sent (ignore their errors)
         self._registered_once = False
         self._register_retry = REGISTER_RETRY_FIRST
         self._last_heard = 0.0
@@ -111,6 +122,11 @@ class ClientSession:
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._published: frozenset[str] = frozenset()
+        self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
+        if history is not None:  # the outbox of an earlier run goes out again, same ids
+            for entry in history.outbox():
+                self._pending[entry.msg_id] = _Pending(entry.peer, entry.text.encode("utf-8"), entry.ts)
+                self._unsealed[entry.msg_id] = None
 
     # --- commands -----------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -119,9 +135,33 @@ class ClientSession:
 
     def send_text(self, recipient: str, body: bytes, now: float, msg_id: bytes | None = None
                   ) -> list[Action]:
-        """Queue ``body`` (from ``validate_text``) for ``recipient``; sealed once their key is known."""
-        self._pending[msg_id or new_msg_id()] = _Pending(recipient, body, now + self._send_timeout)
+        """Queue ``body`` (from ``validate_text``) for ``recipient``; sealed once their key is known.
+
+        With a history, the message is committed to the outbox before anything is sent.
+        """
+        msg_id, ts = msg_id or new_msg_id(), self._wall_ms()
+        if self.history is not None:
+            self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
+            self.history.commit()
+        self._pending[msg_id] = _Pending(recipient, body, ts)
+        self._unsealed[msg_id] = None
+        if len(self._pending) == 1:
+            self._resend_at = now + RESEND_AFTER
         return self._flush(now)
+
+    def mark_read(self, peer: str, now: float) -> list[Action]:
+        """The user has seen ``peer``'s conversation: record it and, if enabled, tell ``peer``."""
+        if self.history is None:
+            return []
+        ids = self.history.mark_read(peer)
+        if not self.read_receipts:
+            return []
+        return [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
+
+    def commit(self) -> None:
+        """Make this batch's history durable (before its consumes and receipts go out)."""
+        if self.history is not None:
+            self.history.commit()
 
     def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
         assert self.transfers is not None
@@ -137,10 +177,11 @@ class ClientSession:
         if self.state is State.READY:
             actions.append(self._transmit(pack(Unregister(), self._wall_ms()), now))
         self.state = State.CLOSED
+        kept = " (kept in the outbox for the next run)" if self.history is not None else ""
         for msg_id in list(self._pending):
             del self._pending[msg_id]
-            actions.append(Emit(ev.SendFailed(msg_id, BrokenError("client closed before the broker acknowledged",
-                                                                   ErrorCode.CLOSED))))
+            actions.append(Emit(ev.SendFailed(msg_id, BrokenError(
+                "client closed before the broker acknowledged" + kept, ErrorCode.CLOSED))))
         return actions
 
     @property
@@ -160,14 +201,22 @@ class ClientSession:
         self._last_heard = now
         msg = env.message
         if type(msg) is ChatMessage:
-            return self._on_chat(env.msg_id, msg, env.ts)
+            return self._on_chat(env.msg_id, msg, env.ts, now)
+        if type(msg) is Receipt:
+            return self._on_receipt(env.msg_id, msg, now)
         if msg.RELAYED:  # file transfer frames
             if self.transfers is None or msg.recipient != self.user:  # type: ignore[attr-defined]
                 return []
-            return self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
-        if type(msg) is Ack:
+            actions = self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
+            if msg.DURABLE:  # a queued file offer: the transfer manager has taken it over
+                actions.append(self._transmit(pack(Consume(env.msg_id), self._wall_ms()), now))
+            return actions
+        if type(msg) is Ack:  # of a message, or of a file offer (its ref is the transfer id)
             if self._pending.pop(msg.ref, None) is None:
-                return []
+                return [Emit(ev.Acked(msg.ref, msg.status.value))]
+            self._resend_at = now + RESEND_AFTER  # progress: whatever is still pending is in flight
+            if self.history is not None:
+                self.history.advance(msg.ref, "stored" if msg.status is AckStatus.STORED else "sent")
             return [Emit(ev.Acked(msg.ref, msg.status.value))]
         if type(msg) is Error:
             return self._on_error(msg, now)
@@ -207,12 +256,8 @@ class ClientSession:
         actions: list[Action] = []
         if self.state is State.CLOSED:
             return actions
-        for msg_id, pending in list(self._pending.items()):
-            if pending.deadline > now:
-                break  # insertion order is deadline order
-            del self._pending[msg_id]
-            actions.append(Emit(ev.SendFailed(msg_id, BrokenError("no acknowledgement from the broker",
-                                                                   ErrorCode.TIMEOUT))))
+        if self.state is State.READY and self._pending and now >= self._resend_at:
+            actions += self._resend_unacknowledged(now)
         if self.state is State.READY and now - self._last_heard > self._expiry:
             actions += self._lost("broker silent for %.1fs" % (now - self._last_heard), now)
         elif self.state is State.CONNECTING and now - self._last_sent >= self._register_retry:
@@ -230,10 +275,10 @@ class ClientSession:
     def next_deadline(self) -> float:
         retry = self._register_retry if self.state is State.CONNECTING else self._hb_ivl
         deadline = self._last_sent + retry
+        if self.state is State.READY and self._pending:
+            deadline = min(deadline, self._resend_at)
         if self.state is State.READY:
             deadline = min(deadline, self._last_heard + self._expiry)
-        if self._pending:
-            deadline = min(deadline, next(iter(self._pending.values())).deadline)
         if self._snapshot_due is not None:
             deadline = min(deadline, self._snapshot_due)
         if self.transfers is not None and self.state is State.READY:
@@ -241,9 +286,11 @@ class ClientSession:
         return deadline
 
     # --- handlers -----------------------------------------------------------
-    def _on_chat(self, msg_id: bytes, msg: ChatMessage, ts: int) -> list[Action]:
-        if msg.recipient != self.user or msg_id in self._seen:
+    def _on_chat(self, msg_id: bytes, msg: ChatMessage, ts: int, now: float) -> list[Action]:
+        if msg.recipient != self.user:
             return []
+        if msg_id in self._seen:  # a redelivery: say again that we have it, in case that was lost
+            return self._got(msg.sender, msg_id, now)
         try:
             plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body)
         except PeerKeyChanged as exc:
@@ -256,7 +303,30 @@ class ClientSession:
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
         text = plaintext.decode("utf-8", errors="replace")
-        return [Emit(ev.MessageReceived(msg_id, msg.sender, text, ts))]
+        got = self._got(msg.sender, msg_id, now)
+        if self.history is not None and not self.history.add_incoming(msg_id, msg.sender, text, ts):
+            return got  # received in an earlier run
+        return [Emit(ev.MessageReceived(msg_id, msg.sender, text, ts))] + got
+
+    def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
+        """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
+        return [self._transmit(pack(Consume(msg_id), self._wall_ms()), now),
+                self._receipt(sender, msg_id, ReceiptStatus.DELIVERED, now)]
+
+    def _receipt(self, peer: str, ref: bytes, status: ReceiptStatus, now: float) -> Transmit:
+        msg_id = new_msg_id()
+        self._receipts[msg_id] = None
+        if len(self._receipts) > DEDUP_WINDOW:
+            self._receipts.popitem(last=False)
+        return self._transmit(pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id), now)
+
+    def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
+        actions: list[Action] = [self._transmit(pack(Consume(msg_id), self._wall_ms()), now)]
+        if msg.recipient != self.user:
+            return actions
+        if self.history is None or self.history.advance(msg.ref, msg.status.value):
+            actions.append(Emit(ev.Receipt(msg.ref, msg.sender, msg.status.value)))
+        return actions
 
     def _on_key_info(self, msg: KeyInfo, now: float) -> list[Action]:
         try:
@@ -291,6 +361,10 @@ class ClientSession:
         error = RemoteError(msg.message, msg.code)
         if msg.code is ErrorCode.NOT_REGISTERED:  # the broker restarted and forgot us
             return self._lost("broker no longer knows this session", now) if self.state is State.READY else []
+        if msg.code is ErrorCode.RATE_LIMITED:  # some frames were dropped: slow down, then send again
+            log.warning("user=%s rate limited by the broker; re-sending unacknowledged messages shortly", self.user)
+            self._resend_at = now + RATE_LIMIT_BACKOFF
+            return []
         if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over; this one must stop
             self.state = State.CLOSED
             return [Emit(ev.ErrorReported(error))]
@@ -300,7 +374,11 @@ class ClientSession:
                 return [Emit(ev.RegisterFailed(error))]
             return []  # our own stale session: it expires soon, keep re-registering
         if msg.ref is not None and self._pending.pop(msg.ref, None) is not None:
+            if self.history is not None:
+                self.history.fail(msg.ref)
             return [Emit(ev.SendFailed(msg.ref, error))]
+        if msg.ref in self._receipts:
+            return []  # a receipt that could not be delivered (durability off): nothing to do
         if msg.ref in self._key_requests:
             return self._fail_sends_to(self._key_requests.pop(msg.ref), error)
         if msg.ref is not None and self.transfers is not None:
@@ -325,26 +403,35 @@ class ClientSession:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""
         actions: list[Action] = []
         wanted: set[str] = set()
-        for msg_id, pending in list(self._pending.items()):
-            if pending.frames is not None:
+        for msg_id in list(self._unsealed):  # only these: a long outbox must not make each send O(n)
+            pending = self._pending.get(msg_id)
+            if pending is None:
+                del self._unsealed[msg_id]
                 continue
             try:
                 key = self.e2e.key_of(pending.recipient) if self.e2e.enabled else b""
             except PeerKeyChanged as exc:
-                del self._pending[msg_id]
+                del self._pending[msg_id], self._unsealed[msg_id]
+                if self.history is not None:
+                    self.history.fail(msg_id)
                 actions.append(Emit(ev.SendFailed(msg_id, exc)))
                 continue
             if key is None:
                 wanted.add(pending.recipient)
                 continue
-            ts = self._wall_ms()
-            body = self.e2e.seal(pending.recipient, msg_id, ts, pending.text)
-            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), ts, msg_id)
+            del self._unsealed[msg_id]
+            body = self.e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
+            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
             if self.state is State.READY:
                 actions.append(self._transmit(pending.frames, now))
         if self.transfers is not None:
             wanted |= self.transfers.take_key_wants()
         return actions + self._ask_keys(wanted, now)
+
+    def _resend_unacknowledged(self, now: float) -> list[Action]:
+        """No acknowledgement for a while (frames dropped on the way): send the sealed ones again."""
+        self._resend_at = now + RESEND_AFTER
+        return [self._transmit(p.frames, now) for p in self._pending.values() if p.frames is not None]
 
     def _ask_keys(self, users: set[str], now: float) -> list[Action]:
         if self.state is not State.READY:
@@ -359,9 +446,12 @@ class ClientSession:
 
     def _fail_sends_to(self, user: str, error: P2PChatError) -> list[Action]:
         actions: list[Action] = []
-        for msg_id, pending in list(self._pending.items()):
-            if pending.recipient == user and pending.frames is None:
-                del self._pending[msg_id]
+        for msg_id in list(self._unsealed):
+            pending = self._pending.get(msg_id)
+            if pending is not None and pending.recipient == user:
+                del self._pending[msg_id], self._unsealed[msg_id]
+                if self.history is not None:
+                    self.history.fail(msg_id)
                 actions.append(Emit(ev.SendFailed(msg_id, error)))
         if self.transfers is not None:
             actions += self.transfers.fail_peer(user, error)

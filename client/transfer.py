@@ -364,7 +364,8 @@ class TransferManager:
         meta = {"name": out.path.name[:MAX_TEXT_CHARS]}
         if out.cipher is not None:
             meta["key"] = out.cipher.key
-        msg_id, ts = self._frame_id(out.xfer), self._wall_ms()
+        # The offer's id is the transfer id: a store-and-forward broker keeps one copy however often we offer.
+        msg_id, ts = out.xfer, self._wall_ms()
         body = self.e2e.seal(out.peer, msg_id, ts, msgpack.packb(meta, use_bin_type=True))
         offer = FileOffer(self.user, out.peer, out.xfer, out.size, out.chunk_size, body)
         return [Transmit(pack(offer, ts, msg_id))]

@@ -27,6 +27,7 @@ class ErrorCode(str, enum.Enum):
     PEER_KEY_CHANGED = "peer_key_changed"
     BROKER_KEY_CHANGED = "broker_key_changed"
     RATE_LIMITED = "rate_limited"
+    QUEUE_FULL = "queue_full"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     RECIPIENT_OFFLINE = "recipient_offline"
     RECIPIENT_BUSY = "recipient_busy"

@@ -130,6 +130,8 @@ class MsgType(str, enum.Enum):
     SNAPSHOT = "snapshot"
     PEER_UPDATE = "peer_update"
     PEER_SYNC = "peer_sync"
+    CONSUME = "consume"
+    RECEIPT = "receipt"
     BROKER_KEY = "broker_key"
     KEY_REQ = "key_req"
     KEY_INFO = "key_info"
@@ -141,10 +143,17 @@ class MsgType(str, enum.Enum):
 
 
 class AckStatus(str, enum.Enum):
-    RELAYED = "relayed"
+    RELAYED = "relayed"  # handed to the online recipient's connection (durability off)
+    STORED = "stored"  # committed to the broker's store; delivered when the recipient is online
+
+
+class ReceiptStatus(str, enum.Enum):
+    DELIVERED = "delivered"
+    READ = "read"
 
 
 AckStatusField = Annotated[AckStatus, _enum(AckStatus)]
+ReceiptStatusField = Annotated[ReceiptStatus, _enum(ReceiptStatus)]
 ErrorCodeField = Annotated[ErrorCode, _enum(ErrorCode)]
 
 
@@ -155,6 +164,7 @@ class Message:
     TYPE: ClassVar[MsgType]
     RELAYED: ClassVar[bool] = False  # broker forwards it peer to peer unchanged
     ACKED: ClassVar[bool] = False  # broker answers a relayed one with ACK or ERROR
+    DURABLE: ClassVar[bool] = False  # a store-and-forward broker queues it until the recipient consumes it
     HAS_PAYLOAD: ClassVar[bool] = False
 
 
@@ -214,6 +224,7 @@ class ChatMessage(Message):
     TYPE = MsgType.MESSAGE
     RELAYED = True
     ACKED = True
+    DURABLE = True
     sender: UserId
     recipient: UserId
     body: Body
@@ -232,6 +243,27 @@ class Error(Message):
     code: ErrorCodeField
     message: Text
     ref: MsgId | None = None
+
+
+@_message
+class Consume(Message):
+    """Recipient -> broker: I have durably kept the queued frame ``ref``; forget it."""
+
+    TYPE = MsgType.CONSUME
+    ref: MsgId
+
+
+@_message
+class Receipt(Message):
+    """Recipient -> sender: what became of message ``ref``."""
+
+    TYPE = MsgType.RECEIPT
+    RELAYED = True
+    DURABLE = True
+    sender: UserId
+    recipient: UserId
+    ref: MsgId
+    status: ReceiptStatusField
 
 
 @_message
@@ -271,6 +303,7 @@ class FileOffer(Message):
     TYPE = MsgType.FILE_OFFER
     RELAYED = True
     ACKED = True
+    DURABLE = True
     sender: UserId
     recipient: UserId
     xfer: MsgId
@@ -378,7 +411,7 @@ def register_message_type(cls: type[Message]) -> type[Message]:
 
 for _cls in (
     Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error, BrokerKey, KeyRequest, KeyInfo,
-    SnapshotRequest, Snapshot, PeerUpdate, PeerSync,
+    SnapshotRequest, Snapshot, PeerUpdate, PeerSync, Consume, Receipt,
     FileOffer, FileCredit, FileChunk, FileDone, FileCancel,
 ):
     register_message_type(_cls)

@@ -105,13 +105,25 @@ def test_file_over_receivers_limit_is_refused(make_client, tmp_path):
     assert files_in(tmp_path / "inbox") == []
 
 
-def test_recipient_offline_is_a_clear_error(make_client, tmp_path):
+def test_offer_to_an_offline_recipient_waits_for_them(make_client, tmp_path):
     alice = make_client("alice")
     make_client("bob").close()
-    _, done = alice.send_file("bob", make_file(tmp_path / "f.bin", 10))
+    src = make_file(tmp_path / "f.bin", 300_000)
+    _, done = alice.send_file("bob", src)
+    acked = wait_for(alice, lambda e: isinstance(e, ev.Acked))
+    assert acked.status == "stored"  # the broker keeps the offer until bob is back
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    event = received(bob)
+    done.result(30)
+    assert event.path.read_bytes() == src.read_bytes()
+
+
+def test_offer_to_an_unknown_user_is_a_clear_error(make_client, tmp_path):
+    alice = make_client("alice")
+    _, done = alice.send_file("nobody", make_file(tmp_path / "f.bin", 10))
     with pytest.raises(P2PChatError) as err:
         done.result(30)
-    assert err.value.code is ErrorCode.RECIPIENT_OFFLINE
+    assert err.value.code is ErrorCode.UNKNOWN_RECIPIENT
 
 
 @pytest.fixture

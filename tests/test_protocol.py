@@ -8,6 +8,8 @@ says which strategy to add).
 from __future__ import annotations
 
 import dataclasses
+import enum
+import types
 import typing
 from typing import Any
 
@@ -47,7 +49,7 @@ PLAIN_TYPES = [cls for cls in ALL_TYPES if not cls.HAS_PAYLOAD]
 HEADER_KEYS = ("v", "t", "id", "ts")
 WIRE_NAMES = {"sender": "from", "recipient": "to"}  # the two fields renamed on the wire
 USER_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def type_id(cls: type) -> str:
@@ -66,12 +68,11 @@ VALID: dict[str, st.SearchStrategy] = {
     "Body": st.binary(max_size=512),
     "Token": st.binary(max_size=64),
     "Digest": st.binary(min_size=32, max_size=32),
-    "Text": st.text(max_size=64) | st.text(min_size=MAX_TEXT_CHARS, max_size=MAX_TEXT_CHARS),
+    "PublicKey": st.binary(min_size=32, max_size=32),
+    "Text": st.text(max_size=64) | st.just("é" * MAX_TEXT_CHARS),
     "Count": st.integers(0, MAX_INT),
     "Flag": st.booleans(),
     "UserList": st.lists(user_ids, max_size=20).map(tuple),
-    "AckStatusField": st.sampled_from(p.AckStatus),
-    "ErrorCodeField": st.sampled_from(ErrorCode),
 }
 
 # --- garbage: anything msgpack can carry ------------------------------------------
@@ -109,7 +110,7 @@ bad_user_ids = st.one_of(
     .filter(lambda s: s[0] not in "_.-"),  # too long (and otherwise valid)
     st.tuples(st.sampled_from("_.-"), st.text(USER_ID_CHARS, max_size=USER_ID_MAX - 1))
     .map("".join),  # bad leading character
-    st.tuples(user_ids, st.characters().filter(lambda c: c not in USER_ID_CHARS), st.integers(0, 40))
+    st.tuples(user_ids, st.characters(codec="utf-8").filter(lambda c: c not in USER_ID_CHARS), st.integers(0, 40))
     .map(lambda t: t[0][: t[2]] + t[1] + t[0][t[2]:])  # one forbidden character anywhere
     .filter(lambda s: len(s) <= 64),
 )
@@ -120,38 +121,48 @@ INVALID: dict[str, st.SearchStrategy] = {
     "Body": not_of_type(bytes) | st.just(b"x" * (MAX_BODY_BYTES + 1)),
     "Token": not_of_type(bytes) | st.binary(min_size=65, max_size=200),
     "Digest": not_of_type(bytes) | st.binary(max_size=80).filter(lambda b: len(b) != 32),
+    "PublicKey": not_of_type(bytes) | st.binary(max_size=80).filter(lambda b: len(b) != 32),
     "Text": not_of_type(str) | st.integers(1, 50).map(lambda n: "é" * (MAX_TEXT_CHARS + n)),
     "Count": not_of_type(int) | st.integers(-(2**63), -1) | st.integers(MAX_INT + 1, 2**64 - 1),
     "Flag": not_of_type(bool),
     "UserList": not_of_type(list, tuple)
     | st.tuples(st.lists(user_ids, max_size=5), bad_user_ids, st.lists(user_ids, max_size=5))
     .map(lambda t: [*t[0], t[1], *t[2]]),
-    "AckStatusField": not_member({s.value for s in p.AckStatus}),
-    "ErrorCodeField": not_member({c.value for c in ErrorCode}),
 }
 
 
 # --- deriving message strategies from the annotations -----------------------------
-def field_kind(hint: Any) -> tuple[str, bool]:
-    """('Count', optional?) for a field annotation; fails loudly on a kind we have no strategy for."""
-    optional = typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
-    if optional:
+def field_kind(hint: Any) -> str:
+    """The name of a field's kind ('Count', 'UserId', ...); fails loudly on one we have no strategy for."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `Kind | None`
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     for name in VALID:
         if getattr(p, name, None) == hint:
-            return name, optional
-    raise AssertionError(f"no test strategy for field kind {hint!r}: add it to VALID and INVALID")
+            return name
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else None
+    if isinstance(base, type) and issubclass(base, enum.Enum):  # any enum field: its members, nothing else
+        name = f"enum:{base.__name__}"
+        VALID.setdefault(name, st.sampled_from(base))
+        INVALID.setdefault(name, not_member({m.value for m in base}))
+        EXAMPLE.setdefault(name, next(iter(base)))
+        return name
+    raise AssertionError(f"no test strategy for field kind {hint!r}: add it to VALID, INVALID and EXAMPLE")
 
 
 def fields_of(cls: type[Message]) -> list[tuple[str, str, str, bool]]:
     """(attr, wire name, kind, required) for each field of ``cls``."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    out = []
-    for f in dataclasses.fields(cls):
-        kind, optional = field_kind(hints[f.name])
-        required = f.default is dataclasses.MISSING
-        out.append((f.name, WIRE_NAMES.get(f.name, f.name), kind, required))
-    return out
+    return [(f.name, WIRE_NAMES.get(f.name, f.name), field_kind(hints[f.name]), f.default is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)]
+
+
+EXAMPLE = {"UserId": "alice", "MsgId": b"x" * 16, "Body": b"hi", "Token": b"tok", "Digest": b"d" * 32,
+           "PublicKey": b"k" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",)}
+
+
+def example_message(cls: type[Message], **fields: Any) -> Message:
+    """A valid ``cls`` with the given fields and a plain example value in every other one."""
+    return cls(**{attr: fields.get(attr, EXAMPLE[kind]) for attr, _, kind, _ in fields_of(cls)})
 
 
 def messages(cls: type[Message]) -> st.SearchStrategy:
@@ -180,22 +191,23 @@ def frames_for(header: Any, env: Envelope | None = None) -> list[bytes]:
     return frames
 
 
+def ref_for(frames: list, msg_id: bytes) -> bytes | None:
+    """The ref an error must carry: the id, unless msgpack's limits (PROTOCOL.md §2.2) refuse the header."""
+    try:
+        msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_str_len=MAX_BODY_BYTES,
+                        max_bin_len=MAX_BODY_BYTES, max_array_len=MAX_PEERS, max_map_len=p.MAX_FIELDS,
+                        max_ext_len=0)
+    except Exception:
+        return None
+    return msg_id
+
+
 def rejected(frames: list) -> ProtocolError:
     """Decode must fail, and only with a ProtocolError."""
     with pytest.raises(ProtocolError) as err:
         decode(frames)
     assert isinstance(err.value.code, ErrorCode)
     return err.value
-
-
-def t_is_hashable(header: Any) -> bool:
-    """False for headers that hit the known unhashable-type bug (see the xfail test below)."""
-    wire = msgpack.unpackb(msgpack.packb(header, use_bin_type=True), raw=False, use_list=False)
-    try:
-        hash(wire.get("t") if type(wire) is dict else None)
-        return True
-    except TypeError:
-        return False
 
 
 # --- round trips -------------------------------------------------------------------
@@ -239,11 +251,10 @@ def test_msgpack_that_is_not_a_map_is_rejected(value):
     rejected([msgpack.packb(value, use_bin_type=True)])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from([*HEADER_KEYS, "from", "to", "user", "body"]) | st.text(max_size=6)
                        | st.binary(max_size=6), msgpack_values, max_size=10))
 def test_arbitrary_maps_never_raise_anything_but_protocol_error(header):
-    assume(t_is_hashable(header))
     try:
         env = decode(frames_for(header))
     except ProtocolError:
@@ -257,10 +268,10 @@ def test_arbitrary_maps_never_raise_anything_but_protocol_error(header):
 def test_unsupported_version_is_rejected_with_its_own_code(version, env):
     header = header_of(env)
     header["v"] = version
-    assert rejected(frames_for(header, env)).code is ErrorCode.UNSUPPORTED_VERSION
+    error = rejected(frames_for(header, env))
+    assert (error.code, error.ref) == (ErrorCode.UNSUPPORTED_VERSION, env.msg_id)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode compares the version with ==, so True and 1.0 pass as 1")
 @pytest.mark.parametrize("version", [True, 1.0], ids=repr)
 def test_version_must_be_the_integer_1(version):
     header = header_of(Envelope(b"i" * 16, 0, Heartbeat()))
@@ -271,14 +282,12 @@ def test_version_must_be_the_integer_1(version):
 @FAST
 @given(any_envelope, not_member(set(MESSAGE_TYPES)))
 def test_unknown_message_type_is_rejected(env, kind):
-    assume(t_is_hashable({"t": kind}))
     header = header_of(env)
     header["t"] = kind
-    rejected(frames_for(header, env))
+    frames = frames_for(header, env)
+    assert rejected(frames).ref == ref_for(frames, env.msg_id)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: decode looks the type up with MESSAGE_TYPES.get(t): an unhashable t is a TypeError")
 @pytest.mark.parametrize("kind", [{}, {"a": 1}, ("register", {})], ids=repr)
 def test_header_with_an_unhashable_type_field_is_a_protocol_error(kind):
     rejected([msgpack.packb({"v": PROTOCOL_VERSION, "t": kind}, use_bin_type=True)])
@@ -289,7 +298,7 @@ def test_header_with_an_unhashable_type_field_is_a_protocol_error(kind):
 def test_bad_or_short_message_id_is_rejected(env, msg_id):
     header = header_of(env)
     header["id"] = msg_id
-    rejected(frames_for(header, env))
+    assert rejected(frames_for(header, env)).ref is None  # no valid id to refer to
 
 
 @FAST
@@ -297,7 +306,8 @@ def test_bad_or_short_message_id_is_rejected(env, msg_id):
 def test_bad_timestamp_is_rejected(env, ts):
     header = header_of(env)
     header["ts"] = ts
-    rejected(frames_for(header, env))
+    frames = frames_for(header, env)
+    assert rejected(frames).ref == ref_for(frames, env.msg_id)
 
 
 @FAST
@@ -305,8 +315,9 @@ def test_bad_timestamp_is_rejected(env, ts):
 def test_missing_required_key_is_rejected(env, data):
     header = header_of(env)
     required = [*HEADER_KEYS, *(wire for _, wire, _, req in fields_of(type(env.message)) if req)]
-    del header[data.draw(st.sampled_from(required))]
-    rejected(frames_for(header, env))
+    key = data.draw(st.sampled_from(required))
+    del header[key]
+    assert rejected(frames_for(header, env)).ref == (None if key == "id" else env.msg_id)
 
 
 @FAST
@@ -315,7 +326,8 @@ def test_unknown_extra_field_is_rejected(env, key, value):
     header = header_of(env)
     assume(key not in header)
     header[key] = value
-    rejected(frames_for(header, env))
+    frames = frames_for(header, env)
+    assert rejected(frames).ref == ref_for(frames, env.msg_id)
 
 
 TYPES_WITH_FIELDS = [cls for cls in ALL_TYPES if dataclasses.fields(cls)]
@@ -329,7 +341,8 @@ def test_every_field_rejects_wrong_types_and_out_of_range_values(cls, data):
     _, wire, kind, _ = data.draw(st.sampled_from(fields_of(cls)))
     header = header_of(env)
     header[wire] = data.draw(INVALID[kind])
-    rejected(frames_for(header, env))
+    frames = frames_for(header, env)
+    assert rejected(frames).ref == ref_for(frames, env.msg_id)  # the error names the message it refuses
 
 
 @pytest.mark.parametrize(
