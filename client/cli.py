@@ -341,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_history)
 
+    p = sub.add_parser("load", help="load- or soak-test a broker with scripted clients",
+                       description="Scripted DEALER clients: throughput, latency percentiles, loss, duplicates.")
+    from client.load import configure_parser as configure_load
+
+    configure_load(p)
+
     p = sub.add_parser("gui", help="open the desktop chat window",
                        description="Open the chat window; connects at once when --server and --user are both given.")
     p.add_argument("--server", default=None, metavar="H:P", help="broker address (default: last used, else 127.0.0.1:5555)")

@@ -215,6 +215,11 @@ class ChatClient:
         key = self.e2e.pinned_key(user)
         return fingerprint(key) if key else None
 
+    def pending_key_change(self, user: str) -> tuple[bytes, bytes] | None:
+        """(pinned key, new key) while ``user``'s key change awaits acceptance, else None."""
+        new = self.e2e.pending_key(user)
+        return (self.e2e.pinned_key(user) or b"", new) if new is not None else None
+
     def safety_number(self, user: str) -> str | None:
         key = self.e2e.pinned_key(user)
         return safety_number(self.identity.public, key) if key else None

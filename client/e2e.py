@@ -50,6 +50,9 @@ class EndToEnd:
     def pinned_key(self, user: str) -> bytes | None:
         return self._pinned.get(user)
 
+    def pending_key(self, user: str) -> bytes | None:
+        return self._pending.get(user)
+
     def learn(self, user: str, key: bytes) -> None:
         """A key for ``user`` (from the broker or a message): pin it, or raise PeerKeyChanged."""
         pinned = self._pinned.get(user)
