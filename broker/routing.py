@@ -56,13 +56,13 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """Forward ``frames`` to ``conn``; then send ``on_success`` or ``on_failure`` to ``sender``."""
+    """Forward ``frames`` to ``conn``; then send ``on_success`` or ``on_failure()`` to ``sender``."""
 
     conn: bytes
     frames: Frames
     sender: bytes
     on_success: Frames | None
-    on_failure: Frames
+    on_failure: Callable[[], Frames]  # built only when needed: the common case never pays for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,8 @@ class BrokerCore:
     def on_frames(self, conn: bytes, frames: Frames, now: float,
                   peer_key: Callable[[], bytes | None] = lambda: None) -> list[Action]:
         """One ZeroMQ message from ``conn`` (routing id stripped); ``peer_key()`` gives its CURVE key."""
-        if not self._limiter(conn, now).allow(sum(len(f) for f in frames), now):
+        size = len(frames[0]) + (len(frames[1]) if len(frames) > 1 else 0)  # more parts fail decode anyway
+        if not self._limiter(conn, now).allow(size, now):
             refused = self._limiters[conn].refused
             if refused == 1 or refused % 1000 == 0:  # say so, without amplifying the flood
                 log.warning("conn=%s user=%s rate limited", conn.hex(), self.user_of(conn))
@@ -269,8 +270,9 @@ class BrokerCore:
             return [Send(conn, self._error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
                                            env.msg_id))]
         ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
-        busy = self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up", env.msg_id)
-        return [Relay(where.conn, frames, conn, ack, busy)]
+        return [Relay(where.conn, frames, conn, ack,
+                      lambda: self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
+                                          env.msg_id))]
 
     def _store_and_forward(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
                            where: Location | None) -> list[Action]:

@@ -56,6 +56,10 @@ class BrokerConfig:
         return self.key_port if self.key_port is not None else self.port + 2
 
 
+_MORE = int(zmq.SNDMORE | zmq.DONTWAIT)
+_NOWAIT = int(zmq.DONTWAIT)
+
+
 def _curve_key(frame: zmq.Frame) -> bytes | None:
     user_id = frame.get("User-Id")
     try:
@@ -200,10 +204,11 @@ class BrokerServer:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             if type(action) is Relay:
-                ok = self._send(action.conn, action.frames)
-                reply = action.on_success if ok else action.on_failure
-                if reply is not None:
-                    self._send(action.sender, reply)
+                if self._send(action.conn, action.frames):
+                    if action.on_success is not None:
+                        self._send(action.sender, action.on_success)
+                else:
+                    self._send(action.sender, action.on_failure())
             elif type(action) is Send:
                 if not self._send(action.conn, action.frames) and action.queued_for is not None:
                     self.core.on_delivery_failed(action.queued_for)
@@ -211,8 +216,13 @@ class BrokerServer:
                 self.pub.send_multipart(action.frames)
 
     def _send(self, conn: bytes, frames) -> bool:
+        send = self.router.send
         try:
-            self.router.send_multipart([conn, *frames], zmq.DONTWAIT, copy=False)
+            # Part by part with plain int flags: send_multipart's flag-enum arithmetic is a hot-path cost.
+            send(conn, _MORE)  # ROUTER_MANDATORY: an unroutable peer fails here, before any payload
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                send(frame, _NOWAIT if i == last else _MORE, copy=False)
             return True
         except zmq.Again:
             log.warning("conn=%s at its high-water mark: frame dropped", conn.hex())

@@ -244,7 +244,7 @@ def test_message_is_relayed_with_the_original_frames_and_acked(core):
     assert (relay.conn, relay.sender) == (B, A)
     assert len(relay.frames) == len(frames) and all(x is y for x, y in zip(relay.frames, frames))
     assert message(relay.on_success) == Ack(MSG_ID, AckStatus.RELAYED)
-    busy = message(relay.on_failure)
+    busy = message(relay.on_failure())
     assert (busy.code, busy.ref) == (ErrorCode.RECIPIENT_BUSY, MSG_ID)
 
 
@@ -254,7 +254,7 @@ def test_relayed_types_without_acks_get_no_ack(core):
     frames = pack(example_message(FileCredit, sender="alice", recipient="bob"), 0, MSG_ID)
     [relay] = core.on_frames(A, frames, 1.0)
     assert type(relay) is Relay and relay.conn == B and relay.on_success is None
-    assert message(relay.on_failure).code is ErrorCode.RECIPIENT_BUSY
+    assert message(relay.on_failure()).code is ErrorCode.RECIPIENT_BUSY
 
 
 def test_spoofed_sender_is_refused(core):
