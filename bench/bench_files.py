@@ -20,7 +20,6 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -113,12 +112,28 @@ def bare_ceiling(size: int, chunk: int, window: int) -> float:
 
 
 # --- p2pchat: real sender, receiver, broker -------------------------------------------------
-def _send_file(port: int, home: str, path: str, chunk: int, result) -> None:
-    os.environ["P2PCHAT_HOME"] = home
-    from client.client import ChatClient, ClientConfig
+def _config(port: int, secure: bool, **extra):
+    from client.client import ClientConfig
     from common.endpoints import ServerAddress
 
-    config = ClientConfig(server=ServerAddress("127.0.0.1", port), chunk_size=chunk)
+    return ClientConfig(server=ServerAddress("127.0.0.1", port), insecure=not secure, encrypt=secure, **extra)
+
+
+def _receive_files(port: int, home: str, inbox: str, window: int, secure: bool, ready, stop) -> None:
+    os.environ["P2PCHAT_HOME"] = home
+    from client.client import ChatClient
+
+    with ChatClient("bob", _config(port, secure, received_dir=Path(inbox), window=window)) as client:
+        client.connect(10)
+        ready.set()
+        stop.wait(900)
+
+
+def _send_file(port: int, home: str, path: str, chunk: int, secure: bool, result) -> None:
+    os.environ["P2PCHAT_HOME"] = home
+    from client.client import ChatClient
+
+    config = _config(port, secure, chunk_size=chunk)
     with ChatClient("alice", config) as client:
         client.connect(10)
         start = time.perf_counter()
@@ -127,15 +142,14 @@ def _send_file(port: int, home: str, path: str, chunk: int, result) -> None:
         result.put(time.perf_counter() - start)
 
 
-def _chat_probe(port: int, home: str, stop, result) -> None:
+def _chat_probe(port: int, home: str, secure: bool, stop, result) -> None:
     """pinger -> ponger at 100 msg/s; one-way latency on one clock (same process)."""
     os.environ["P2PCHAT_HOME"] = home
     from client import events as ev
-    from client.client import ChatClient, ClientConfig
-    from common.endpoints import ServerAddress
+    from client.client import ChatClient
 
     hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
-    config = ClientConfig(server=ServerAddress("127.0.0.1", port))
+    config = _config(port, secure)
 
     def on_event(event) -> None:
         if isinstance(event, ev.MessageReceived):
@@ -155,17 +169,15 @@ def _chat_probe(port: int, home: str, stop, result) -> None:
                 "p99_ms": hist.get_value_at_percentile(99) / 1000, "max_ms": hist.get_max_value() / 1000})
 
 
-def p2pchat_round(src: Path, chunk: int, window: int, work: Path) -> dict:
-    broker = BrokerProcess(work / "broker-home", free_port_pair()).start()
+def p2pchat_round(src: Path, chunk: int, window: int, work: Path, secure: bool = True) -> dict:
+    broker = BrokerProcess(work / "broker-home", free_port_pair(), [] if secure else ["--insecure"]).start()
     inbox = work / "inbox"
-    env = dict(os.environ, P2PCHAT_HOME=str(work / "bob-home"))
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "listen", "--server", f"127.0.0.1:{broker.port}", "--user", "bob",
-         "--json", "--received-dir", str(inbox), "--window", str(window)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     spawn = mp.get_context("spawn")
-    stop, probe_out, send_out = spawn.Event(), spawn.Queue(), spawn.Queue()
-    probe = spawn.Process(target=_chat_probe, args=(broker.port, str(work / "probe-home"), stop, probe_out))
+    stop, probe_out, send_out, bob_ready = spawn.Event(), spawn.Queue(), spawn.Queue(), spawn.Event()
+    listener = spawn.Process(target=_receive_files, args=(broker.port, str(work / "bob-home"), str(inbox), window,
+                                                          secure, bob_ready, stop))
+    listener.start()
+    probe = spawn.Process(target=_chat_probe, args=(broker.port, str(work / "probe-home"), secure, stop, probe_out))
     broker_ps = psutil.Process(broker.proc.pid)
     peak = [0]
     sampling = threading.Event()
@@ -176,14 +188,14 @@ def p2pchat_round(src: Path, chunk: int, window: int, work: Path) -> dict:
             time.sleep(0.02)
 
     try:
-        listener.stdout.readline()  # "connected"
+        bob_ready.wait(30)
         probe.start()
         assert probe_out.get(timeout=30) == "ready"
         rss_before = broker_ps.memory_info().rss
         sampler = threading.Thread(target=sample)
         sampler.start()
         sender = spawn.Process(target=_send_file, args=(broker.port, str(work / "alice-home"), str(src), chunk,
-                                                         send_out))
+                                                         secure, send_out))
         sender.start()
         elapsed = send_out.get(timeout=900)
         sender.join(30)
@@ -195,8 +207,9 @@ def p2pchat_round(src: Path, chunk: int, window: int, work: Path) -> dict:
         rss_after = broker_ps.memory_info().rss
     finally:
         stop.set()
-        listener.kill()
-        listener.wait()
+        listener.join(30)
+        if listener.is_alive():
+            listener.kill()
         broker.stop()
     saved = [p for p in inbox.iterdir() if not p.name.startswith(".")]
     assert len(saved) == 1 and saved[0].stat().st_size == src.stat().st_size, saved
@@ -221,11 +234,13 @@ def main() -> None:
             block = os.urandom(MiB)
             for i in range(args.size_mib):
                 f.write(block[i % 251:] + block[: i % 251])  # distinct blocks, cheap to make
-        ceilings, rounds = [], []
+        ceilings, rounds, plain = [], [], []
         for r in range(args.rounds):
             ceilings.append(bare_ceiling(size, chunk, args.window))
             rounds.append(p2pchat_round(src, chunk, args.window, work / f"round{r}"))
+            plain.append(p2pchat_round(src, chunk, args.window, work / f"plain{r}", secure=False))
             print(f"round {r + 1}: ceiling {ceilings[-1]:7.1f} MiB/s   p2pchat {rounds[-1]['mib_s']:7.1f} MiB/s   "
+                  f"plaintext {plain[-1]['mib_s']:7.1f} MiB/s   "
                   f"chat p99 {rounds[-1]['chat']['p99_ms']:.2f} ms   broker RSS {rounds[-1]['rss_before_mib']:.1f}"
                   f" -> peak {rounds[-1]['rss_peak_mib']:.1f} MiB", file=sys.stderr)
     med = statistics.median
@@ -233,6 +248,8 @@ def main() -> None:
         "size_mib": args.size_mib, "chunk_kib": args.chunk_kib, "window": args.window, "rounds": args.rounds,
         "ceiling_mib_s": med(ceilings), "p2pchat_mib_s": med(r["mib_s"] for r in rounds),
         "ratio": med(r["mib_s"] for r in rounds) / med(ceilings),
+        "plaintext_mib_s": med(r["mib_s"] for r in plain),
+        "encrypted_over_plaintext": med(r["mib_s"] for r in rounds) / med(r["mib_s"] for r in plain),
         "broker_rss_growth_mib": med(r["rss_peak_mib"] - r["rss_before_mib"] for r in rounds),
         "chat_p50_ms": med(r["chat"]["p50_ms"] for r in rounds),
         "chat_p99_ms": med(r["chat"]["p99_ms"] for r in rounds),
@@ -244,6 +261,8 @@ def main() -> None:
     print(f"  bare relay ceiling      {report['ceiling_mib_s']:8.1f} MiB/s")
     print(f"  p2pchat end to end      {report['p2pchat_mib_s']:8.1f} MiB/s   ratio {report['ratio']:.2f}"
           f"   (target >= 400 MiB/s and >= 0.50)")
+    print(f"  p2pchat plaintext       {report['plaintext_mib_s']:8.1f} MiB/s   encrypted/plaintext "
+          f"{report['encrypted_over_plaintext']:.2f}   (target >= 0.85)")
     print(f"  broker RSS growth       {report['broker_rss_growth_mib']:8.1f} MiB     (target < 32 MiB)")
     print(f"  chat during transfer    p50 {report['chat_p50_ms']:.2f} ms   p99 {report['chat_p99_ms']:.2f} ms"
           f"   (target p99 < 50 ms)")
