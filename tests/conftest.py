@@ -99,8 +99,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    proc = BrokerProcess(tmp_path / "broker-home", free_port_pair()).start()
+def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    """A broker process; ``@pytest.mark.broker_args("--opt", "value")`` adds command-line options."""
+    marker = request.node.get_closest_marker("broker_args")
+    proc = BrokerProcess(tmp_path / "broker-home", free_port_pair(), list(marker.args) if marker else []).start()
     yield proc
     proc.stop()
 

@@ -44,23 +44,14 @@ def test_unknown_recipient_is_refused(make_client):
     assert err.value.code is ErrorCode.UNKNOWN_RECIPIENT
 
 
-def test_offline_recipient_is_reported_as_offline_without_a_store(tmp_path, home):
-    from client.client import ChatClient, ClientConfig
-    from tests.conftest import HEARTBEAT, BrokerProcess, free_port_pair
-
-    relay_only = BrokerProcess(tmp_path / "relay-home", free_port_pair(), ["--no-store"]).start()
-    cfg = ClientConfig(server=relay_only.address, heartbeat_ivl=HEARTBEAT)
-    try:
-        with ChatClient("alice", cfg) as alice, ChatClient("bob", cfg) as bob:
-            alice.connect(10)
-            bob.connect(10)
-            bob.close()
-            wait_peers(alice, {"alice"})
-            with pytest.raises(RemoteError) as err:
-                alice.send("bob", "still there?")
-            assert err.value.code is ErrorCode.RECIPIENT_OFFLINE
-    finally:
-        relay_only.stop()
+@pytest.mark.broker_args("--no-store")
+def test_offline_recipient_is_reported_as_offline_without_a_store(make_client):
+    alice, bob = make_client("alice"), make_client("bob")
+    bob.close()
+    wait_peers(alice, {"alice"})
+    with pytest.raises(RemoteError) as err:
+        alice.send("bob", "still there?")
+    assert err.value.code is ErrorCode.RECIPIENT_OFFLINE
 
 
 def test_duplicate_id_is_refused_while_online(make_client):

@@ -58,40 +58,29 @@ def test_read_receipts_can_be_turned_off_by_the_reader(make_client):
     assert (receipt.msg_id, receipt.status) == (second, "delivered")
 
 
-def test_queue_bound_is_a_clear_error_to_the_sender(tmp_path, home):
-    broker = BrokerProcess(tmp_path / "b", free_port_pair(), ["--queue-max", "3"]).start()
-    cfg = ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT)
-    try:
-        with ChatClient("alice", cfg) as alice:
-            alice.connect(10)
-            with ChatClient("bob", cfg) as bob:
-                bob.connect(10)
-            for i in range(3):
-                alice.send("bob", f"m{i}")
-            with pytest.raises(RemoteError) as err:
-                alice.send("bob", "one too many")
-            assert err.value.code is ErrorCode.QUEUE_FULL
-    finally:
-        broker.stop()
+@pytest.mark.broker_args("--queue-max", "3")
+def test_queue_bound_is_a_clear_error_to_the_sender(make_client):
+    alice = make_client("alice")
+    make_client("bob").close()
+    for i in range(3):
+        alice.send("bob", f"m{i}")
+    with pytest.raises(RemoteError) as err:
+        alice.send("bob", "one too many")
+    assert err.value.code is ErrorCode.QUEUE_FULL
 
 
-def test_expired_messages_are_not_delivered(tmp_path, home):
-    ttl = 0.5
-    broker = BrokerProcess(tmp_path / "b", free_port_pair(), ["--queue-ttl", str(ttl)]).start()
-    cfg = ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT)
-    try:
-        with ChatClient("alice", cfg) as alice:
-            alice.connect(10)
-            with ChatClient("bob", cfg) as bob:
-                bob.connect(10)
-            alice.send("bob", "stale soon")
-            time.sleep(ttl + 0.2)  # the one thing to wait for here is the clock
-            with ChatClient("bob", cfg) as bob:
-                bob.connect(10)
-                alice.send("bob", "fresh")
-                assert texts_received(bob, 1) == ["fresh"]
-    finally:
-        broker.stop()
+TTL = 0.5
+
+
+@pytest.mark.broker_args("--queue-ttl", str(TTL))
+def test_expired_messages_are_not_delivered(make_client):
+    alice = make_client("alice")
+    make_client("bob").close()
+    alice.send("bob", "stale soon")
+    time.sleep(TTL + 0.2)  # the one thing to wait for here is the clock
+    bob = make_client("bob")
+    alice.send("bob", "fresh")
+    assert texts_received(bob, 1) == ["fresh"]
 
 
 def test_history_survives_restart_and_search_finds_a_message(make_client, home):

@@ -96,7 +96,7 @@ def test_unwritable_directory_is_a_clear_error(make_client, tmp_path):
 
 def test_file_over_receivers_limit_is_refused(make_client, tmp_path):
     alice = make_client("alice")
-    bob = make_client("bob", received_dir=tmp_path / "inbox", max_file_size=1000)
+    make_client("bob", received_dir=tmp_path / "inbox", max_file_size=1000)
     wait_peers(alice, {"alice", "bob"})
     _, done = alice.send_file("bob", make_file(tmp_path / "big.bin", 1001))
     with pytest.raises(P2PChatError) as err:
@@ -139,7 +139,7 @@ def small_disk(tmp_path):
 
 def test_file_larger_than_free_space_is_refused_up_front(make_client, tmp_path, small_disk):
     alice = make_client("alice")
-    bob = make_client("bob", received_dir=small_disk)
+    make_client("bob", received_dir=small_disk)
     wait_peers(alice, {"alice", "bob"})
     _, done = alice.send_file("bob", make_file(tmp_path / "f.bin", 6 * 1024 * 1024))
     with pytest.raises(P2PChatError) as err:
