@@ -19,9 +19,14 @@ class Location:
 
 class PeerDirectory(Protocol):
     epoch: bytes  # changes whenever sequence numbers restart
+    shared: bool  # True: many brokers share it and it publishes presence itself (broker/cluster.py)
 
-    def claim(self, user: str, where: Location) -> bool:
+    def claim(self, user: str, where: Location, token: bytes = b"") -> bool:
         """Mark ``user`` online at ``where``; False if online elsewhere already."""
+
+    def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
+        """Move ``user`` to ``where`` from another broker's session with the same ``token``, or from a
+        broker that stopped refreshing its entries; the previous location, or None if refused."""
 
     def release(self, user: str, where: Location) -> bool:
         """Mark ``user`` offline if it is still at ``where``; True if it was."""
@@ -43,13 +48,15 @@ class PeerDirectory(Protocol):
 class LocalDirectory:
     """A single broker's directory, in memory."""
 
+    shared = False
+
     def __init__(self, epoch: bytes) -> None:
         self.epoch = epoch
         self._online: dict[str, Location] = {}
         self._known: set[str] = set()
         self._seq = 0
 
-    def claim(self, user: str, where: Location) -> bool:
+    def claim(self, user: str, where: Location, token: bytes = b"") -> bool:
         current = self._online.get(user)
         if current is not None and current != where:
             return False
@@ -62,6 +69,9 @@ class LocalDirectory:
             return False
         del self._online[user]
         return True
+
+    def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
+        return None  # one broker: the core hands over its own stale sessions
 
     def locate(self, user: str) -> Location | None:
         return self._online.get(user)

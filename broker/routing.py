@@ -9,7 +9,7 @@ dict by last activity, so heartbeat expiry pops from the front in O(1).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +70,25 @@ class Publish:
     frames: Frames
 
 
-Action = Send | Relay | Publish
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Cluster mode: hand ``frames`` for ``user`` to the broker that holds their connection."""
+
+    broker: bytes
+    user: str
+    frames: Frames
+
+
+@dataclass(frozen=True, slots=True)
+class Kick:
+    """Cluster mode: tell ``broker`` that its session ``conn`` of ``user`` was taken over elsewhere."""
+
+    broker: bytes
+    conn: bytes
+    user: str
+
+
+Action = Send | Relay | Publish | Forward | Kick
 
 
 @dataclass(slots=True)
@@ -111,6 +129,9 @@ class BrokerCore:
         self._wall_ms = wall_ms
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self._next_sync = 0.0
+        # Cluster: a frame queued by another broker just before this one registered its recipient may
+        # miss both the first delivery and the registration's sweep; sweep once more a beat later.
+        self._recheck: deque[tuple[float, str]] = deque()
         self._handlers: dict[type[Message], Callable[[bytes, Envelope, Frames, float], list[Action]]] = {
             Unregister: self._on_unregister,
             Heartbeat: self._on_heartbeat,
@@ -158,6 +179,8 @@ class BrokerCore:
                 break
             log.info("user=%s conn=%s expired after %.1fs of silence", session.user, conn.hex(), self.expiry)
             actions += self._drop(conn)
+        while self._recheck and self._recheck[0][0] <= now:
+            self._stalled.add(self._recheck.popleft()[1])
         if self._stalled and now >= self._next_redelivery:
             self._next_redelivery = now + self.heartbeat_ivl
             for user in self._stalled:
@@ -208,9 +231,16 @@ class BrokerCore:
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
         actions: list[Action] = [reply]
-        if not self.directory.claim(user, Location(self.broker_id, conn)):
+        if self.directory.shared:
+            self._recheck.append((now + self.heartbeat_ivl, user))
+        if not self.directory.claim(user, Location(self.broker_id, conn), msg.token):
             stale = self._stale_session_of(user, msg.token)
             if stale is None:
+                previous = self.directory.take_over(user, Location(self.broker_id, conn), msg.token)
+                if previous is not None:  # the session lived on another broker, now gone or replaced
+                    log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
+                    self._sessions[conn] = _Session(user, msg.token, now)
+                    return [Kick(previous.broker, previous.conn, user), reply] + self._deliver_queued(conn, user)
                 log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
                 return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
             # The same installation reconnected before its old session expired: hand over quietly.
@@ -223,7 +253,7 @@ class BrokerCore:
             return [replaced, reply] + self._deliver_queued(conn, user)
         self._sessions[conn] = _Session(user, msg.token, now)
         log.info("user=%s conn=%s registered", user, conn.hex())
-        return actions + [self._presence(user, True)] + self._deliver_queued(conn, user)
+        return actions + self._presence(user, True) + self._deliver_queued(conn, user)
 
     def _on_unregister(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
         if conn not in self._sessions:
@@ -270,6 +300,8 @@ class BrokerCore:
             return [Send(conn, self._error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
                                            env.msg_id))]
         ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
+        if where.broker != self.broker_id:  # relayed = handed to the other broker's stream
+            return [Forward(where.broker, recipient, frames)] + ([Send(conn, ack)] if ack is not None else [])
         return [Relay(where.conn, frames, conn, ack,
                       lambda: self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
                                           env.msg_id))]
@@ -283,7 +315,8 @@ class BrokerCore:
                                            f"messages ({self.queue_limits.max_per_user}); try later", env.msg_id))]
         actions: list[Action] = []
         if where is not None:
-            actions.append(Send(where.conn, frames, recipient))
+            actions.append(Send(where.conn, frames, recipient) if where.broker == self.broker_id
+                           else Forward(where.broker, recipient, [bytes(frames[0])]))
         if env.message.ACKED:
             actions.append(Send(conn, pack(Ack(env.msg_id, AckStatus.STORED), self._wall_ms())))
         return actions
@@ -310,6 +343,28 @@ class BrokerCore:
             log.info("user=%s delivering %d queued frames", user, len(queued))
         return [Send(conn, [header], user) for header in queued]
 
+    def on_forwarded(self, user: str, frames: Frames) -> list[Action]:
+        """Frames another broker routed to ``user`` here: deliver if they are still connected here."""
+        where = self.directory.locate(user)
+        if where is None or where.broker != self.broker_id or where.conn not in self._sessions:
+            return []  # moved on: durable frames wait in the shared store, transfers resume
+        return [Send(where.conn, frames, user)]
+
+    def on_kicked(self, conn: bytes, user: str) -> list[Action]:
+        """Another broker took ``user``'s session over (same token): end ours without a presence change."""
+        session = self._sessions.get(conn)
+        if session is None or session.user != user:
+            return []
+        del self._sessions[conn]
+        self._limiters.pop(conn, None)
+        self.directory.release(user, Location(self.broker_id, conn))  # no-op in Redis: it moved already
+        log.info("user=%s conn=%s session taken over by another broker", user, conn.hex())
+        return [Send(conn, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))]
+
+    def sessions(self) -> list[tuple[str, bytes, bytes]]:
+        """(user, conn, token) of every session here: a cluster broker re-asserts them after an outage."""
+        return [(s.user, conn, s.token) for conn, s in self._sessions.items()]
+
     def on_delivery_failed(self, user: str) -> None:
         """The shell could not hand a queued frame to ``user`` (high-water mark): try again soon."""
         self._stalled.add(user)
@@ -326,12 +381,14 @@ class BrokerCore:
         self._limiters.pop(conn, None)
         session = self._sessions.pop(conn)
         if self.directory.release(session.user, Location(self.broker_id, conn)):
-            return [self._presence(session.user, False)]
+            return self._presence(session.user, False)
         return []
 
-    def _presence(self, user: str, online: bool) -> Publish:
+    def _presence(self, user: str, online: bool) -> list[Action]:
+        if self.directory.shared:  # the cluster directory sequences it and every broker republishes it
+            return []
         update = PeerUpdate(self.directory.epoch, self.directory.next_seq(), user, online)
-        return Publish(pack(update, self._wall_ms()))
+        return [Publish(pack(update, self._wall_ms()))]
 
     def _not_registered(self, conn: bytes, env: Envelope) -> Send:
         return Send(conn, self._error(ErrorCode.NOT_REGISTERED, "register first", env.msg_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.directory import LocalDirectory
 from broker.keys import SqliteKeyRegistry
 from broker.ratelimit import RateLimits
-from broker.store import MessageStore, NoStore, QueueLimits, SqliteMessageStore
+from broker.store import MessageStore, NoStore, QueueLimits, SqliteMessageStore, StoreUnavailable
 from common.crypto import Identity, fingerprint
-from broker.routing import Action, BrokerCore, Publish, Relay, Send
+from broker.routing import Action, BrokerCore, Forward, Kick, Publish, Relay, Send
 from common.paths import broker_dir, ensure_private_dir
 from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, BrokerKey, pack
 from common.wakeup import Waker
@@ -46,6 +47,8 @@ class BrokerConfig:
     durable: bool = True  # store-and-forward in SQLite; False: relay to online peers only
     fsync: bool = False  # also survive power loss, not just a killed broker
     queue: QueueLimits = QueueLimits()
+    cluster: str | None = None  # redis://HOST:PORT/DB: share directory, keys, queues and presence (broker/cluster.py)
+    reuse_port: bool = False  # SO_REUSEPORT: several brokers listen on one port and the kernel spreads clients
 
     @property
     def publish_port(self) -> int:
@@ -81,12 +84,24 @@ class BrokerServer:
         self._stopping = False
         epoch = os.urandom(8)
         ensure_private_dir(config.data_dir)
-        self.identity = Identity.load_or_create(config.data_dir / "broker.key")
-        self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite")
-        self._store: MessageStore = (SqliteMessageStore(config.data_dir / "queue.sqlite", config.queue, config.fsync)
-                                     if config.durable else NoStore())
+        self._cluster = None
+        if config.cluster:
+            from broker import cluster  # Redis is needed only in cluster mode
+
+            self._cluster = link = cluster.ClusterLink(config.cluster, epoch, config.heartbeat_ivl * config.liveness,
+                                                       self._waker.wake)
+            self.identity = cluster.shared_broker_identity(link.redis, link.keys, config.data_dir / "broker.key")
+            self._keys = cluster.RedisKeyRegistry(link.redis, link.keys)
+            self._store = cluster.RedisMessageStore(link, config.queue) if config.durable else NoStore()
+            directory = self._directory = cluster.RedisDirectory(link.redis, epoch, link.keys, _wall_ms)
+        else:
+            self.identity = Identity.load_or_create(config.data_dir / "broker.key")
+            self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite")
+            self._store = (SqliteMessageStore(config.data_dir / "queue.sqlite", config.queue, config.fsync)
+                           if config.durable else NoStore())
+            directory = LocalDirectory(epoch)
         self.core = BrokerCore(
-            LocalDirectory(epoch),
+            directory,
             broker_id=epoch,
             heartbeat_ivl=config.heartbeat_ivl,
             liveness=config.liveness,
@@ -121,10 +136,15 @@ class BrokerServer:
         self.key_service.setsockopt(zmq.LINGER, 0)
         self.key_service.setsockopt(zmq.MAXMSGSIZE, 1024)
         self._monitor = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.router.bind(f"tcp://{config.host}:{config.port}")
-        self.pub.bind(f"tcp://{config.host}:{config.publish_port}")
+        self._bind(self.router, config.port)
+        self._bind(self.pub, config.publish_port)
         if not config.insecure:
-            self.key_service.bind(f"tcp://{config.host}:{config.key_service_port}")
+            self._bind(self.key_service, config.key_service_port)
+        self._next_refresh = 0.0
+        self._refreshed_once = False
+        self._cluster_recovered = False
+        if self._cluster is not None:
+            self._cluster.start_reader(self._directory.stream_pos)
         self._key_reply = pack(BrokerKey(self.identity.public), _wall_ms())[0]
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pub_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -133,7 +153,21 @@ class BrokerServer:
         else:
             log.info("broker key fingerprint %s (clients can pin it with --server-key)",
                      fingerprint(self.identity.public))
-        log.info("broker listening on %s, presence on %s, data in %s", self.endpoint, self.pub_endpoint, config.data_dir)
+        log.info("broker listening on %s, presence on %s, data in %s%s", self.endpoint, self.pub_endpoint,
+                 config.data_dir, f", cluster {config.cluster} as broker {epoch.hex()} pid {os.getpid()}"
+                 if config.cluster else "")
+
+    def _bind(self, sock: zmq.Socket, port: int) -> None:
+        if self.config.reuse_port:
+            # libzmq never sets SO_REUSEPORT: listen ourselves and hand the descriptor over (ZMQ_USE_FD).
+            family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((self.config.host, port))
+            listener.listen(1024)
+            sock.setsockopt(zmq.USE_FD, listener.detach())  # libzmq owns and closes it now
+        sock.bind(f"tcp://{self.config.host}:{port}")
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -145,6 +179,8 @@ class BrokerServer:
         try:
             while not self._stopping:
                 now = time.monotonic()
+                if self._cluster is not None:
+                    self._cluster_tick(now)
                 self._commit_then_execute(core.on_tick(now))
                 timeout_ms = max(0, int((core.next_deadline() - now) * 1000) + 1)
                 ready = dict(poller.poll(timeout_ms))
@@ -183,13 +219,66 @@ class BrokerServer:
     def _commit_then_execute(self, actions: list[Action]) -> None:
         """Acknowledge nothing that is not committed: commit the batch's queue changes first."""
         try:
+            if self._cluster is not None:  # cross-broker frames ride in the same pipeline: one round trip
+                for action in actions:
+                    if type(action) is Forward:
+                        self._cluster.forward(action.broker, action.user, action.frames)
+                    elif type(action) is Kick and action.broker:
+                        self._cluster.kick(action.broker, action.conn, action.user)
+                self._cluster.flush()
             self._store.commit()
-        except sqlite3.Error:
+        except (sqlite3.Error, StoreUnavailable):
             # Nothing of this batch is durable: say nothing, so senders keep it in their outboxes.
             log.exception("store commit failed; %d actions of this batch dropped", len(actions))
             self._store.rollback()
             return
         self._execute(actions)
+
+    def _cluster_tick(self, now: float) -> None:
+        """Cluster chores: frames from other brokers, presence to republish, liveness and reaping."""
+        link, core, batch = self._cluster, self.core, []
+        while True:
+            try:
+                kind, fields = link.entries.get_nowait()
+            except Exception:  # queue.Empty
+                break
+            if kind == "presence":
+                update = self._directory.apply(fields)
+                if update is not None:
+                    self.pub.send_multipart(update)
+            elif kind == "inbox":
+                user = fields[b"u"].decode()
+                if fields[b"k"] == b"k":
+                    batch += core.on_kicked(fields[b"c"], user)
+                else:
+                    frames = [fields[b"h"], fields[b"p"]] if b"p" in fields else [fields[b"h"]]
+                    batch += core.on_forwarded(user, frames)
+            elif kind == "up":
+                self._cluster_recovered = True
+        if batch:
+            self._commit_then_execute(batch)
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + self.config.heartbeat_ivl
+        try:
+            lapsed = link.refresh()
+            if (lapsed and self._refreshed_once) or self._cluster_recovered:
+                self._reassert()
+            self._refreshed_once = True
+            link.drop_inboxes(self._directory.reap())
+        except Exception as exc:  # Redis down: keep serving local clients; retry next beat
+            log.warning("cluster refresh failed: %s", exc)
+            self._cluster_recovered = True
+
+    def _reassert(self) -> None:
+        """After an outage others may have reaped us: claim our sessions again and re-read the list."""
+        self._cluster_recovered = False
+        from broker.directory import Location
+
+        for user, conn, token in self.core.sessions():
+            self._directory.claim(user, Location(self.core.broker_id, conn), token)
+        self._directory.resync()
+        log.info("cluster state re-asserted for %d sessions", len(self.core.sessions()))
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from any thread or a signal handler)."""
@@ -260,6 +349,8 @@ class BrokerServer:
             self._auth.stop()
         self._keys.close()
         self._store.close()
+        if self._cluster is not None:
+            self._cluster.close()
         self._waker.close()
         if self._own_ctx:
             self._ctx.term()

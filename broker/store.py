@@ -25,6 +25,10 @@ class QueueLimits:
     ttl_seconds: float = 7 * 24 * 3600.0
 
 
+class StoreUnavailable(Exception):
+    """A shared store (Redis) could not be reached: nothing of the batch is durable."""
+
+
 class MessageStore(Protocol):
     durable: bool
 

@@ -79,6 +79,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from broker.store import QueueLimits
     from common.paths import broker_dir
 
+    if args.workers > 1:
+        if not args.cluster:
+            print("p2pchat broker: --workers N needs --cluster redis://HOST:PORT/DB (the workers share "
+                  "their state through Redis)", file=sys.stderr)
+            return EXIT_USAGE
+        from broker.workers import WorkerPool, strip_workers
+
+        pool = WorkerPool(strip_workers(sys.argv[1:]), args.workers)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: pool.stop())
+        return pool.run()
     config = BrokerConfig(
         host=args.host, port=args.port, pub_port=args.pub_port,
         data_dir=Path(args.data_dir) if args.data_dir else broker_dir(),
@@ -86,6 +97,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         durable=not args.no_store, fsync=args.fsync,
         limits=RateLimits(frames_per_s=args.rate_limit, frame_burst=2 * args.rate_limit),
         queue=QueueLimits(max_per_user=args.queue_max, ttl_seconds=args.queue_ttl),
+        cluster=args.cluster, reuse_port=args.reuse_port or args.workers > 1,
     )
     server = BrokerServer(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -290,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-max", type=int, default=10_000, help="undelivered frames kept per user (default 10000)")
     p.add_argument("--queue-ttl", type=float, default=7 * 24 * 3600.0,
                    help="seconds an undelivered frame is kept (default 7 days)")
+    p.add_argument("--cluster", default=None, metavar="redis://HOST:PORT/DB",
+                   help="cluster mode: share users, keys, queues and presence with other brokers through Redis")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N broker processes on one port (SO_REUSEPORT; needs --cluster)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="listen with SO_REUSEPORT, so several brokers (with --cluster) share the port")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("send", help="send one message", description="Send a message and wait for the broker's acknowledgement.")

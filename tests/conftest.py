@@ -24,21 +24,21 @@ HEARTBEAT = 0.2  # fast heartbeats keep expiry and reconnect tests short
 
 
 def free_port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (the broker's ROUTER and PUB)."""
+    """A port P with P, P+1 and P+2 free on 127.0.0.1 (the broker's ROUTER, PUB and key port)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port >= 65534:
+        if port >= 65533:
             continue
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
+            with socket.socket() as a, socket.socket() as b, socket.socket() as c:
+                for sock, p in ((a, port), (b, port + 1), (c, port + 2)):
+                    sock.bind(("127.0.0.1", p))
             return port
         except OSError:
             continue
-    raise RuntimeError("no free port pair")
+    raise RuntimeError("no free run of three ports")
 
 
 class BrokerProcess:
