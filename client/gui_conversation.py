@@ -1,9 +1,10 @@
-"""Renders one conversation into a Tk ``Text`` widget, Slack style.
+"""Renders one conversation, or the results of a search, into a Tk ``Text`` widget, Slack style.
 
 Messages from the same sender within a few minutes share one header (avatar,
 name, time); our own messages carry their delivery state after the text, in a
-tagged range so an ack or a failure rewrites only that range. A file is a
-``FileCard`` embedded in the text, redrawn in place as its transfer moves.
+tagged range so an ack, a receipt or a failure rewrites only that range. A file
+is a ``FileCard`` embedded in the text, redrawn in place as its transfer moves.
+A search result is a tagged block that posts ``SEARCH_OPEN`` when clicked.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import tkinter as tk
 from collections.abc import Callable
 
 from client.gui_filecard import Action, FileCard, forward_wheel
-from client.gui_model import ChatLine, Conversation, Delivery, FileLine, Line
+from client.gui_layout import SEARCH_OPEN
+from client.gui_model import ChatLine, Conversation, Delivery, FileLine, Line, Search, match_spans
 from client.gui_theme import Fonts, Palette, avatar_colour
 
 GROUP_GAP_MS = 5 * 60 * 1000
@@ -23,8 +25,11 @@ INDENT = AVATAR + 10  # the avatar's canvas includes the gap, so bodies line up 
 DELIVERY_TEXT = {
     Delivery.SENDING: "sending…",
     Delivery.SENT: "sent ✓",
+    Delivery.DELIVERED: "delivered ✓✓",
+    Delivery.READ: "read ✓✓",
     Delivery.FAILED: "failed",
 }
+DELIVERY_STYLE = {Delivery.READ: "meta-read", Delivery.FAILED: "meta-failed"}  # the others: "meta"
 
 
 def _local(ts_ms: int) -> dt.datetime:
@@ -39,9 +44,19 @@ def day_label(day: dt.date, today: dt.date) -> str:
     return day.strftime("%A %d %B %Y" if day.year != today.year else "%A %d %B")
 
 
+def when_label(ts_ms: int, today: dt.date) -> str:
+    """A message's day and time, for a search result seen out of its conversation."""
+    when = _local(ts_ms)
+    return f"{day_label(when.date(), today)}, {when.strftime('%H:%M')}"
+
+
 def delivery_text(line: ChatLine) -> str:
     text = DELIVERY_TEXT.get(line.delivery, "")
     return f"{text}: {line.failure}" if line.delivery is Delivery.FAILED and line.failure else text
+
+
+def delivery_style(line: ChatLine) -> str:
+    return DELIVERY_STYLE.get(line.delivery, "meta")
 
 
 class ConversationView:
@@ -64,23 +79,78 @@ class ConversationView:
         w.tag_configure("body", lmargin1=INDENT, lmargin2=INDENT, rmargin=12, spacing1=1, spacing3=3)
         w.tag_configure("meta", font=fonts.small, foreground=pal.muted)
         w.tag_configure("meta-failed", font=fonts.small, foreground=pal.error)
+        w.tag_configure("meta-read", font=fonts.small_bold, foreground=pal.own_name)
+        w.tag_configure("found", background=pal.found_bg)
+        w.tag_configure("result", lmargin1=INDENT, lmargin2=INDENT, rmargin=12, spacing1=1, spacing3=4)
+        w.tag_configure("match", font=fonts.bold, background=pal.found_bg)
         w.tag_configure("day", font=fonts.small_bold, foreground=pal.muted, justify="center", spacing1=14, spacing3=2)
         w.tag_configure("hint", font=fonts.base, foreground=pal.muted, justify="center", spacing1=4)
         w.tag_configure("hint-first", spacing1=150)
 
     # --- whole views ----------------------------------------------------------
-    def show(self, conv: Conversation | None, hint: str = "") -> None:
+    def show(self, conv: Conversation | None, hint: str = "", reveal: bytes | None = None) -> None:
+        """Draw ``conv`` scrolled to the end, or to message ``reveal``, highlighted."""
         self._edit(lambda: self._render(conv, hint))
+        ranges = self.widget.tag_ranges(self._line_tag(reveal)) if reveal is not None else ()
+        if ranges:
+            self.widget.tag_add("found", ranges[0], ranges[-1])
+            self.widget.mark_set("found", ranges[0])
+            self._scroll_to("found")
 
-    def _render(self, conv: Conversation | None, hint: str) -> None:
+    def show_results(self, search: Search) -> None:
+        """Each result as a block (who, when, the text with the query's words marked) that opens its message."""
+        def render() -> None:
+            self._clear()
+            if not search.results:
+                self._hint(f"No messages match “{search.query}”.\nSearch looks for words that start as you typed.")
+                return
+            w, today = self.widget, dt.date.today()
+            for entry in search.results:
+                tag = "r-" + entry.msg_id.hex()
+                if w.index("end-1c") != "1.0":
+                    w.insert("end", "\n")
+                start = w.index("end-1c")
+                avatar = self._avatar(self.me if entry.outgoing else entry.peer)
+                forward_wheel(avatar, w)
+                avatar.bind("<Button-1>", lambda _e, msg_id=entry.msg_id: self._on_action(SEARCH_OPEN, msg_id))
+                w.window_create("end", window=avatar, align="center")
+                w.insert("end", f"You to {entry.peer}" if entry.outgoing else entry.peer,
+                         ("own-name" if entry.outgoing else "name", tag))
+                w.insert("end", "   " + when_label(entry.ts, today), ("time", tag))
+                w.tag_add("header", start, "end-1c")
+                w.insert("end", "\n")
+                body = w.index("end-1c")
+                w.insert("end", entry.text, ("result", tag))
+                for a, b in match_spans(entry.text, search.query):
+                    w.tag_add("match", f"{body}+{a}c", f"{body}+{b}c")
+                w.tag_bind(tag, "<Button-1>", lambda _e, msg_id=entry.msg_id: self._on_action(SEARCH_OPEN, msg_id))
+                w.tag_bind(tag, "<Enter>", lambda _e: w.configure(cursor="hand2"))
+                w.tag_bind(tag, "<Leave>", lambda _e: w.configure(cursor="arrow"))
+
+        self._edit(render, scroll=False)
+        self.widget.yview_moveto(0)  # newest first: the top is what matters
+
+    def result_index(self, msg_id: bytes) -> str | None:
+        """Where the result for ``msg_id`` starts on screen, to click it (tests)."""
+        ranges = self.widget.tag_ranges("r-" + msg_id.hex())
+        return str(ranges[0]) if ranges else None
+
+    def _clear(self) -> None:
         self.widget.delete("1.0", "end")  # also destroys the embedded avatars and file cards
+        self.widget.configure(cursor="arrow")
         self._last = None
         self._cards.clear()
+
+    def _hint(self, hint: str) -> None:
+        first, _, rest = hint.partition("\n")
+        self.widget.insert("end", first, ("hint", "hint-first"))
+        if rest:
+            self.widget.insert("end", "\n" + rest, ("hint",))
+
+    def _render(self, conv: Conversation | None, hint: str) -> None:
+        self._clear()
         if conv is None or not conv.lines:
-            first, _, rest = hint.partition("\n")
-            self.widget.insert("end", first, ("hint", "hint-first"))
-            if rest:
-                self.widget.insert("end", "\n" + rest, ("hint",))
+            self._hint(hint)
             return
         for line in conv.lines:
             self._insert(line)
@@ -97,11 +167,10 @@ class ConversationView:
         if not ranges:
             return
         start, end = ranges[0], ranges[-1]
-        style = "meta-failed" if line.delivery is Delivery.FAILED else "meta"
 
         def rewrite() -> None:
             self.widget.delete(start, end)
-            self.widget.insert(start, delivery_text(line), (style, tag))
+            self.widget.insert(start, delivery_text(line), (delivery_style(line), "body", tag))
 
         self._edit(rewrite, scroll=False)
 
@@ -116,10 +185,13 @@ class ConversationView:
     def cards(self) -> list[FileCard]:
         return list(self._cards.values())
 
-    def delivery_shown(self, line: ChatLine) -> str:
-        """The delivery text as displayed (what a user reads, for tests)."""
+    def delivery_shown(self, line: ChatLine) -> tuple[str, str]:
+        """The delivery text as displayed and its style (what a user sees, for tests)."""
         ranges = self.widget.tag_ranges(self._meta_tag(line))
-        return self.widget.get(ranges[0], ranges[-1]) if ranges else ""
+        if not ranges:
+            return "", ""
+        styles = [t for t in self.widget.tag_names(ranges[0]) if t.startswith("meta")]
+        return self.widget.get(ranges[0], ranges[-1]), styles[0] if styles else ""
 
     # --- helpers ----------------------------------------------------------------
     def _insert(self, line: Line) -> None:
@@ -150,11 +222,10 @@ class ConversationView:
             w.tag_add("body", "end-2c")  # the card is the line's first index: it takes the body's indent
             self._cards[line.xfer] = card
         else:
-            w.insert("end", line.text, ("body",))
+            w.insert("end", line.text, ("body", self._line_tag(line.msg_id)))
         if isinstance(line, ChatLine) and line.outgoing:
-            style = "meta-failed" if line.delivery is Delivery.FAILED else "meta"
             w.insert("end", "   ", ("body",))
-            w.insert("end", delivery_text(line), (style, "body", self._meta_tag(line)))
+            w.insert("end", delivery_text(line), (delivery_style(line), "body", self._meta_tag(line)))
         self._last = line
 
     def _avatar(self, name: str) -> tk.Canvas:
@@ -168,6 +239,10 @@ class ConversationView:
     def _meta_tag(line: ChatLine) -> str:
         return "m-" + line.msg_id.hex()
 
+    @staticmethod
+    def _line_tag(msg_id: bytes) -> str:
+        return "l-" + msg_id.hex()
+
     def _edit(self, change: Callable[[], None], scroll: bool = True) -> None:
         """The widget is read-only for the user; open it just for our own change."""
         self.widget.configure(state="normal")
@@ -176,10 +251,9 @@ class ConversationView:
         finally:
             self.widget.configure(state="disabled")
         if scroll:
-            self.widget.see("end")
-            # An embedded card has its height only once laid out: scroll again when Tk is idle.
-            self.widget.after_idle(self._see_end)
+            self._scroll_to("end")
 
-    def _see_end(self) -> None:
-        if self.widget.winfo_exists():
-            self.widget.see("end")
+    def _scroll_to(self, index: str) -> None:
+        self.widget.see(index)
+        # An embedded card has its height only once laid out: scroll again when Tk is idle.
+        self.widget.after_idle(lambda: self.widget.winfo_exists() and self.widget.see(index))

@@ -35,11 +35,17 @@ K_SAFETY, K_PEER_FP_LABEL, K_PEER_FP, K_OWN_FP = "-SAFETY-", "-PEER-FP-LABEL-", 
 K_KEY_PANEL_NOTE = "-KEY-PANEL-NOTE-"
 K_KEY_BANNER, K_KEY_BANNER_TITLE, K_KEY_BANNER_TEXT = "-KEY-BANNER-", "-KEY-BANNER-TITLE-", "-KEY-BANNER-TEXT-"
 K_ACCEPT_KEY, K_COMPARE_KEY = "-ACCEPT-KEY-", "-COMPARE-KEY-"
+K_SEARCH, K_SEARCH_CLOSE = "-SEARCH-", "-SEARCH-CLOSE-"
+K_RECEIPTS, K_RECEIPTS_NOTE = "-RECEIPTS-", "-RECEIPTS-NOTE-"
+SEARCH_OPEN = "-SEARCH-OPEN-"  # value: the id of the message a search result shows
+WINDOW_FOCUSED = "-WINDOW-FOCUSED-"  # the window took the keyboard focus: the open conversation is being read
 FILE_CANCEL = "-FILE-CANCEL-"  # value: the transfer id
 FILE_OPEN_FOLDER = "-FILE-OPEN-FOLDER-"  # value: the transfer id
 SEND_SUFFIX = "+SEND"
 COMPOSER_SEND = K_COMPOSER + SEND_SUFFIX
 FORM_SUBMIT = "+SUBMIT"
+ESCAPE = "+ESCAPE"
+SEARCH_SUBMIT, SEARCH_ESCAPE = K_SEARCH + FORM_SUBMIT, K_SEARCH + ESCAPE
 
 WINDOW_SIZE = (1000, 680)
 MIN_SIZE = (820, 540)
@@ -52,7 +58,7 @@ def build_window(settings: GuiSettings, pal: Palette, fonts: Fonts, *, notify_to
                  location: tuple[int, int] | None = None, size: tuple[int, int] | None = None) -> sg.Window:
     apply_sg_theme(pal)
     layout = [
-        [_connect_view(settings, pal, fonts), _chat_view(pal, fonts)],
+        [_connect_view(settings, pal, fonts), _chat_view(settings, pal, fonts)],
         [_status_bar(pal, fonts, notify_toggle)],
     ]
     window = sg.Window(
@@ -100,13 +106,17 @@ def _connect_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Colum
     )
 
 
-def _chat_view(pal: Palette, fonts: Fonts) -> sg.Column:
+def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
     flat = dict(border_width=0, font=fonts.small)
     sidebar = sg.Column([
         [sg.Text("p2p-chat", font=fonts.heading, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
                  pad=((16, 16), (16, 0)))],
         [sg.Text("", key=K_ME, font=fonts.small, text_color=pal.sidebar_muted, background_color=pal.sidebar_bg,
-                 pad=((16, 16), (2, 14)))],
+                 pad=((16, 16), (2, 12)))],
+        [sg.Input("", key=K_SEARCH, size=(20, 1), font=fonts.base, border_width=0, expand_x=True,
+                  placeholder="Search messages", placeholder_text_color=pal.muted, tooltip=" Press Enter to search ",
+                  background_color=pal.sidebar_field,
+                  text_color=pal.input_text, pad=((12, 12), (0, 16)))],
         [sg.Text("PEOPLE", font=fonts.small_bold, text_color=pal.sidebar_muted, background_color=pal.sidebar_bg,
                  pad=((16, 0), (0, 6))),
          sg.Push(pal.sidebar_bg),
@@ -118,6 +128,12 @@ def _chat_view(pal: Palette, fonts: Fonts) -> sg.Column:
                   text_color=pal.sidebar_text, selected_row_colors=(pal.select_text, pal.select_bg),
                   border_width=0, expand_x=True, expand_y=True, hide_vertical_scroll=True,
                   pad=((8, 8), 0))],
+        [sg.Checkbox("Send read receipts", key=K_RECEIPTS, default=settings.read_receipts, enable_events=True,
+                     font=fonts.small, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
+                     checkbox_color=pal.sidebar_field,
+                     tooltip=" Let people see when you have read their messages ", pad=((12, 12), (8, 0)))],
+        [sg.Text("", key=K_RECEIPTS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
+                 background_color=pal.sidebar_bg, pad=((16, 12), (0, 0)))],
         [sg.Button("Disconnect", key=K_DISCONNECT, button_color=(pal.sidebar_text, pal.border),
                    mouseover_colors=(pal.sidebar_text, pal.offline), expand_x=True, pad=((12, 12), (8, 12)), **flat)],
     ], key=K_SIDEBAR, background_color=pal.sidebar_bg, expand_y=True, pad=0)
@@ -134,6 +150,9 @@ def _chat_view(pal: Palette, fonts: Fonts) -> sg.Column:
         sg.Button("Verify", key=K_KEY_INFO, font=fonts.small, border_width=0, tooltip=" Compare keys with them ",
                   button_color=(pal.text, pal.chat_bg), mouseover_colors=(pal.text, pal.border),
                   pad=((0, 16), (12, 10))),
+        sg.Button("Close search", key=K_SEARCH_CLOSE, font=fonts.small, border_width=0, visible=False,
+                  tooltip=" Back to the conversation (Esc) ", button_color=(pal.text, pal.chat_bg),
+                  mouseover_colors=(pal.text, pal.border), pad=((0, 16), (12, 10))),
     ]], background_color=pal.chat_bg, expand_x=True, pad=0)
     composer_row = sg.Column([[
         sg.Button("Attach", key=K_ATTACH, font=fonts.bold, border_width=0, size=(7, 1), tooltip=" Send a file ",
@@ -246,13 +265,18 @@ def _status_bar(pal: Palette, fonts: Fonts, notify_toggle: bool) -> sg.Column:
 
 def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
     """What PySimpleGUI does not expose: focus rings, inner padding, key bindings, table chrome."""
-    for key in (K_HOST, K_PORT, K_USER):
+    for key in (K_HOST, K_PORT, K_USER, K_SEARCH):
         entry = window[key].Widget
         # A flat border in the entry's own colour is the only inner padding a Tk Entry has.
         entry.configure(highlightthickness=1, highlightbackground=pal.border, highlightcolor=pal.accent,
-                        relief="flat", borderwidth=7, insertbackground=pal.text, font=fonts.base)
+                        relief="flat", borderwidth=7 if key != K_SEARCH else 5, insertbackground=pal.text,
+                        font=fonts.base)
         window[key].bind("<Return>", FORM_SUBMIT, propagate=False)
         window[key].bind("<KP_Enter>", FORM_SUBMIT, propagate=False)
+    window[K_SEARCH].bind("<Escape>", ESCAPE, propagate=False)
+    receipts = window[K_RECEIPTS].Widget
+    receipts.configure(activebackground=pal.sidebar_bg, activeforeground=pal.sidebar_text, highlightthickness=0,
+                       cursor="hand2", borderwidth=0)
     composer = window[K_COMPOSER].Widget
     composer.configure(highlightthickness=1, highlightbackground=pal.border, highlightcolor=pal.accent,
                        padx=10, pady=8, insertbackground=pal.text, wrap="word", relief="flat")
@@ -267,7 +291,7 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
                                            highlightbackground=pal.warn_border)
     window[K_ATTACH].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=1,
                                       highlightbackground=pal.border)
-    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE):
+    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE):
         if key in window.AllKeysDict:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
     for key in (K_KEY_BANNER_TEXT, K_KEY_PANEL_NOTE):

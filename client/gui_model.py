@@ -1,18 +1,23 @@
 """What the chat window shows, as plain data: conversations, file transfers, presence, unread counts, keys.
 
-No Tk here. The window feeds client events and user actions in and renders what
-this model says, so the rules (who is unread, what a delivery or transfer state
-means, when to notify, whose key is in doubt) are tested without a display.
+No Tk here. The window feeds client events, history and user actions in and
+renders what this model says, so the rules (who is unread, what a delivery or
+transfer state means, how history merges with what arrived meanwhile, when to
+notify, whose key is in doubt) are tested without a display.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 import os
+import re
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.history import HistoryEntry
 from common.errors import ErrorCode, P2PChatError
 
 LOG_LINES = 500  # the connection log is a view, not an archive
@@ -28,10 +33,25 @@ class Link(enum.Enum):
 
 
 class Delivery(enum.Enum):
-    SENDING = "sending"
-    SENT = "sent"  # acknowledged by the broker
+    """Ours: SENDING, SENT, DELIVERED, READ in that order only, or FAILED. Theirs: RECEIVED, then READ."""
+
+    SENDING = "sending"  # in the outbox: not acknowledged by the broker yet
+    SENT = "sent"  # the broker has it (stored, or relayed at once)
+    DELIVERED = "delivered"  # the recipient's client has it
+    READ = "read"  # the recipient opened the conversation (ours), or we did (theirs)
     FAILED = "failed"
-    RECEIVED = "received"
+    RECEIVED = "received"  # theirs, not seen by the user yet
+
+
+PROGRESS = (Delivery.SENDING, Delivery.SENT, Delivery.DELIVERED, Delivery.READ)
+
+# History's states (client.history) as the window shows them.
+FROM_HISTORY = {
+    "queued": Delivery.SENDING, "sent": Delivery.SENT, "stored": Delivery.SENT, "delivered": Delivery.DELIVERED,
+    "read": Delivery.READ, "failed": Delivery.FAILED, "received": Delivery.RECEIVED,
+}
+RECEIPTS = {"delivered": Delivery.DELIVERED, "read": Delivery.READ}
+HISTORY_LIMIT = 200  # messages per conversation loaded at connect; search reaches the older ones
 
 
 @dataclass(slots=True)
@@ -108,6 +128,25 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class Search:
+    """Messages matching ``query`` in every conversation: the newest ``results``, newest first, of ``total``."""
+
+    query: str
+    results: tuple[HistoryEntry, ...]
+    total: int
+    capped: bool = False  # there may be more than ``total``
+
+
+def search_summary(search: Search) -> str:
+    total = f"{search.total}+" if search.capped else str(search.total)
+    if search.total == 0:
+        return f"nothing matches “{search.query}”"
+    if len(search.results) < search.total:
+        return f"newest {len(search.results)} of {total} messages matching “{search.query}”"
+    return f"{total} message{'s' if search.total != 1 else ''} matching “{search.query}”"
+
+
+@dataclass(frozen=True, slots=True)
 class PeerRow:
     name: str
     online: bool
@@ -127,6 +166,15 @@ def describe_failure(error: P2PChatError) -> str:
         ErrorCode.PEER_KEY_CHANGED: "their key changed; accept the new key first",
     }
     return friendly.get(error.code, error.message)
+
+
+def match_spans(text: str, query: str) -> list[tuple[int, int]]:
+    """Where the query's words start words of ``text`` (the history search matches word prefixes)."""
+    words = [re.escape(w) for w in query.split() if w]
+    if not words:
+        return []
+    pattern = re.compile(r"\b(?:" + "|".join(sorted(words, key=len, reverse=True)) + ")", re.IGNORECASE)
+    return [m.span() for m in pattern.finditer(text) if m.end() > m.start()]
 
 
 def describe_transfer_failure(error: P2PChatError, line: FileLine) -> str:
@@ -207,6 +255,7 @@ class ChatModel:
         self.link = Link.OFFLINE
         self.online: frozenset[str] = frozenset()
         self.active: str | None = None
+        self.search: Search | None = None  # results shown instead of the open conversation
         self.log: deque[tuple[int, str]] = deque(maxlen=LOG_LINES)
         self.key_changed: dict[str, KeyChange] = {}  # peers whose new key awaits the user's decision
         self._conversations: dict[str, Conversation] = {}
@@ -218,7 +267,7 @@ class ChatModel:
         self.online = peers - {self.user}
 
     def roster(self) -> list[PeerRow]:
-        """Online peers first, then people we talked to who have left; each group by name."""
+        """Online peers first, then people we have talked to (in this run or an earlier one); each group by name."""
         names = set(self.online) | {c.peer for c in self._conversations.values() if c.lines}
         names |= set(self.key_changed)
         rows = [PeerRow(n, n in self.online, self.conversation(n).unread, n in self.key_changed) for n in names]
@@ -232,11 +281,40 @@ class ChatModel:
 
     def open(self, peer: str) -> Conversation:
         self.active = peer
+        self.search = None
         conv = self.conversation(peer)
         conv.unread = 0
         return conv
 
-    def receive(self, msg_id: bytes, sender: str, text: str, ts_ms: int) -> ChatLine:
+    def load(self, peer: str, entries: Iterable[HistoryEntry]) -> Conversation:
+        """Merge ``peer``'s history (oldest first) into what this run already shows.
+
+        Safe to repeat and to race with events: a message already shown keeps its
+        line and only moves its delivery state forward; lines history does not keep
+        (files, messages refused before sending) stay where their time puts them.
+        """
+        conv = self.conversation(peer)
+        loaded: list[Line] = []
+        for entry in entries:
+            line = self._by_id.get(entry.msg_id)
+            state = FROM_HISTORY.get(entry.state, Delivery.SENT if entry.outgoing else Delivery.RECEIVED)
+            if line is None:
+                line = ChatLine(entry.msg_id, peer, entry.outgoing, entry.text, entry.ts, state)
+                self._by_id[entry.msg_id] = line
+                if not entry.outgoing and state is Delivery.RECEIVED and peer != self.active:
+                    conv.unread += 1
+            else:
+                _advance(line, state)
+            loaded.append(line)
+        ids = {id(line) for line in loaded}
+        rest = [line for line in conv.lines if id(line) not in ids]
+        conv.lines = list(heapq.merge(loaded, rest, key=lambda line: line.ts_ms))
+        return conv
+
+    def receive(self, msg_id: bytes, sender: str, text: str, ts_ms: int) -> ChatLine | None:
+        """The new line, or None if it is already shown (history loaded it first)."""
+        if msg_id in self._by_id:
+            return None
         line = ChatLine(msg_id, sender, False, text, ts_ms, Delivery.RECEIVED)
         conv = self.conversation(sender)
         conv.lines.append(line)
@@ -244,6 +322,22 @@ class ChatModel:
             conv.unread += 1
         self._by_id[msg_id] = line
         return line
+
+    def mark_read(self, peer: str) -> bool:
+        """The user has seen ``peer``'s conversation; True if that is news (something was unread)."""
+        news = False
+        for line in self.conversation(peer).lines:
+            if isinstance(line, ChatLine) and line.delivery is Delivery.RECEIVED:
+                line.delivery, news = Delivery.READ, True
+        return news
+
+    def has_unread(self, peer: str | None) -> bool:
+        """Whether ``peer`` sent anything the user has not seen (read receipts to send)."""
+        return peer is not None and any(isinstance(line, ChatLine) and line.delivery is Delivery.RECEIVED
+                                        for line in self.conversation(peer).lines)
+
+    def line(self, msg_id: bytes) -> ChatLine | None:
+        return self._by_id.get(msg_id)
 
     def sending(self, msg_id: bytes, peer: str, text: str, ts_ms: int) -> ChatLine:
         line = ChatLine(msg_id, peer, True, text, ts_ms, Delivery.SENDING)
@@ -258,11 +352,13 @@ class ChatModel:
         return line
 
     def acked(self, msg_id: bytes) -> ChatLine | None:
-        line = self._by_id.get(msg_id)
-        if line is None or line.delivery is not Delivery.SENDING:
-            return None
-        line.delivery = Delivery.SENT
-        return line
+        """The broker has the message; the line if that changed what it shows."""
+        return self._advance(msg_id, Delivery.SENT)
+
+    def receipt(self, msg_id: bytes, status: str) -> ChatLine | None:
+        """The recipient's client reports ``status`` ("delivered" or "read"); the line if it changed."""
+        state = RECEIPTS.get(status)
+        return self._advance(msg_id, state) if state is not None else None
 
     def failed(self, msg_id: bytes, reason: str) -> ChatLine | None:
         line = self._by_id.get(msg_id)
@@ -271,8 +367,9 @@ class ChatModel:
         line.delivery, line.failure = Delivery.FAILED, reason
         return line
 
-    def pending(self) -> list[ChatLine]:
-        return [line for line in self._by_id.values() if line.delivery is Delivery.SENDING]
+    def _advance(self, msg_id: bytes, state: Delivery) -> ChatLine | None:
+        line = self._by_id.get(msg_id)
+        return line if line is not None and line.outgoing and _advance(line, state) else None
 
     # --- files ----------------------------------------------------------------
     def file_sending(self, xfer: bytes, peer: str, name: str, size: int, ts_ms: int) -> FileLine:
@@ -359,6 +456,19 @@ class ChatModel:
 
     def add_log(self, ts_ms: int, text: str) -> None:
         self.log.append((ts_ms, text))
+
+
+def _advance(line: ChatLine, state: Delivery) -> bool:
+    """Move ``line`` forward to ``state``; events and history may report states late or twice."""
+    if line.outgoing:
+        if line.delivery not in PROGRESS or state not in PROGRESS:
+            return False  # FAILED is final, and history only fails what it never sent
+        if PROGRESS.index(state) <= PROGRESS.index(line.delivery):
+            return False
+    elif not (line.delivery is Delivery.RECEIVED and state is Delivery.READ):
+        return False
+    line.delivery = state
+    return True
 
 
 def should_notify(enabled: bool, window_focused: bool, active_peer: str | None, sender: str) -> bool:

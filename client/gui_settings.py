@@ -25,6 +25,7 @@ class GuiSettings:
     user: str = ""
     theme: str = "light"
     notifications: bool = True
+    read_receipts: bool = True  # let senders see when we have read their messages (from the next connect)
 
 
 def settings_path() -> Path:

@@ -25,6 +25,7 @@ class Palette:
     sidebar_bg: str
     sidebar_text: str
     sidebar_muted: str
+    sidebar_field: str  # the search box and the check box on the sidebar
     select_bg: str
     select_text: str
     accent: str
@@ -45,13 +46,14 @@ class Palette:
     warn_bg: str  # the banner of a changed key
     warn_text: str
     warn_border: str
+    found_bg: str  # a search match, and the message a search result opened
     avatars: tuple[str, ...]
 
 
 LIGHT = Palette(
     name="light",
     chat_bg="#FFFFFF", text="#1F2328", muted="#6B7280", border="#E3E6EA",
-    sidebar_bg="#F4F5F7", sidebar_text="#1F2328", sidebar_muted="#6B7280",
+    sidebar_bg="#F4F5F7", sidebar_text="#1F2328", sidebar_muted="#6B7280", sidebar_field="#FFFFFF",
     select_bg="#2F6FEB", select_text="#FFFFFF",
     accent="#2F6FEB", accent_text="#FFFFFF", accent_hover="#2558C5",
     input_bg="#F6F7F9", input_text="#1F2328", own_name="#2F6FEB",
@@ -59,13 +61,14 @@ LIGHT = Palette(
     log_bg="#FAFAFB", log_text="#57606A",
     ok="#1A7F37", warn="#B35900", error="#CF222E", offline="#8C959F",
     card_bg="#F7F8FA", warn_bg="#FFF5E1", warn_text="#5C3400", warn_border="#F0C36D",
+    found_bg="#FFF1B8",
     avatars=("#E8590C", "#2F9E44", "#1C7ED6", "#9C36B5", "#C2255C", "#0C8599", "#5F3DC4", "#E67700"),
 )
 
 DARK = Palette(
     name="dark",
     chat_bg="#1E2227", text="#E6E8EB", muted="#8B949E", border="#30363D",
-    sidebar_bg="#16191D", sidebar_text="#D7DADF", sidebar_muted="#8B949E",
+    sidebar_bg="#16191D", sidebar_text="#D7DADF", sidebar_muted="#8B949E", sidebar_field="#262B31",
     select_bg="#2F6FEB", select_text="#FFFFFF",
     accent="#3B7BF0", accent_text="#FFFFFF", accent_hover="#5A90F2",
     input_bg="#262B31", input_text="#E6E8EB", own_name="#6EA2FF",
@@ -73,6 +76,7 @@ DARK = Palette(
     log_bg="#191C20", log_text="#9AA3AD",
     ok="#3FB950", warn="#E3A008", error="#F85149", offline="#6E7681",
     card_bg="#252A30", warn_bg="#35290F", warn_text="#F3D58E", warn_border="#6B5220",
+    found_bg="#4D3F12",
     avatars=("#F76707", "#37B24D", "#339AF0", "#AE3EC9", "#E64980", "#15AABF", "#7950F2", "#F59F00"),
 )
 

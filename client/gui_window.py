@@ -4,6 +4,8 @@ Threads: everything here runs on the Tk thread. The client library's agent
 owns the network and the disk of a transfer; its events come back through
 ``TkEventBridge`` as ``CLIENT_EVENT`` window events, so the loop is a plain
 blocking ``window.read()``. Tests drive the same ``handle`` by stepping the loop.
+The window reads past conversations and searches through its own ``History``
+connection, opened with each client; the agent writes, the window only reads.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import logging
 import os
 import queue
+import sqlite3
 import time
 import tkinter as tk
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,7 +26,6 @@ import PySimpleGUI as sg
 
 from client import events as ev
 from client.client import ChatClient, ClientConfig
-from client.e2e import PeerKeyChanged as KeyChangeError
 from client.gui_bridge import TkEventBridge
 from client.gui_conversation import ConversationView
 from client.gui_desktop import Desktop
@@ -67,7 +69,11 @@ from client.gui_layout import (
     K_PEERS,
     K_PEOPLE_COUNT,
     K_PORT,
+    K_RECEIPTS,
+    K_RECEIPTS_NOTE,
     K_SAFETY,
+    K_SEARCH,
+    K_SEARCH_CLOSE,
     K_SEND,
     K_STATUS,
     K_STATUS_DETAIL,
@@ -76,26 +82,34 @@ from client.gui_layout import (
     K_STATUS_TRANSFERS,
     K_THEME,
     K_USER,
+    SEARCH_ESCAPE,
+    SEARCH_OPEN,
+    SEARCH_SUBMIT,
     TOAST_CLICKED,
+    WINDOW_FOCUSED,
     build_window,
     dot_image,
 )
 from client.gui_model import (
+    HISTORY_LIMIT,
     LOG_LINES,
     ChatLine,
     ChatModel,
     FileLine,
     KeyChange,
     Link,
+    Search,
     Transfer,
     describe_failure,
     human_size,
+    search_summary,
     should_notify,
     short_path,
 )
 from client.gui_settings import ConnectTarget, FormError, GuiSettings, SettingsStore, validate_connect
 from client.gui_theme import Fonts, Palette, palette, pick_fonts
 from client.gui_toast import Toast
+from client.history import History
 from common.crypto import fingerprint, safety_number
 from common.errors import ErrorCode, P2PChatError
 
@@ -107,6 +121,9 @@ STATUS_TEXT = {
     Link.CONNECTED: "Connected",
     Link.RECONNECTING: "Reconnecting…",
 }
+SEARCH_FETCH = 1000  # matches read from history (it returns the oldest first)
+SEARCH_SHOWN = 100  # of which the newest are shown
+OPEN_RESULT_LIMIT = 10_000  # how far back a search result's conversation is loaded to show it in place
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +159,7 @@ class ChatWindow:
         self._key_panel_open = False
         self.model = ChatModel(settings.user)
         self.client: ChatClient | None = None
+        self.history: History | None = None  # the window's read connection to the client's history
         self.target: ConnectTarget | None = None
         self.finished = False
         self._generation = 0  # bumped per client: events from a closed client are stale
@@ -190,6 +208,14 @@ class ChatWindow:
             selected = self._selected_peer()
             if selected is not None:
                 self.open_conversation(selected)
+        elif event == WINDOW_FOCUSED:
+            self._mark_read_if_viewing()
+        elif event == SEARCH_SUBMIT:
+            self.search(self.window[K_SEARCH].get())
+        elif event in (SEARCH_ESCAPE, K_SEARCH_CLOSE):
+            self.close_search()
+        elif event == SEARCH_OPEN:
+            self.open_result(values[SEARCH_OPEN])
         elif event in (K_SEND, COMPOSER_SEND):
             self.send_composed()
         elif event == K_ATTACH:
@@ -207,6 +233,9 @@ class ChatWindow:
             self.set_theme("dark" if self.settings.theme == "light" else "light")
         elif event == K_NOTIFY:
             self._update_settings(notifications=not self.settings.notifications)
+            self._render_status()
+        elif event == K_RECEIPTS:
+            self._update_settings(read_receipts=bool(self.window[K_RECEIPTS].get()))
             self._render_status()
         elif event == TOAST_CLICKED:
             self.window.bring_to_front()
@@ -233,17 +262,20 @@ class ChatWindow:
         if self.options.received_dir is not None:
             extra["received_dir"] = self.options.received_dir
         config = ClientConfig(server=target.server, heartbeat_ivl=self.options.heartbeat_ivl,
-                              liveness=self.options.liveness, send_timeout=self.options.send_timeout, **extra)
+                              liveness=self.options.liveness, send_timeout=self.options.send_timeout,
+                              read_receipts=self.settings.read_receipts, **extra)
         generation = self._generation
         bridge = self.bridge
         try:
             client = ChatClient(target.user, config, on_event=lambda e: bridge.post((generation, e)))
-            client.start()  # returns at once: the agent thread connects and reports by events
         except (P2PChatError, OSError) as exc:
             message = exc.message if isinstance(exc, P2PChatError) else str(exc)
             self._show_form_error(FormError("user", f"Cannot start the client: {message}"))
             return
         self.client, self.target = client, target
+        # Before the agent starts: every message after this snapshot arrives as an event.
+        self._load_history(client)
+        client.start()  # returns at once: the agent thread connects and reports by events
         self.model.link = Link.CONNECTING
         self._log(f"Connecting to {target.server} as {target.user}…")
         log.info("user=%s connecting to %s", target.user, target.server)
@@ -258,15 +290,33 @@ class ChatWindow:
         self._log(why)
         self._render_all()
 
+    def _load_history(self, client: ChatClient) -> None:
+        """Every conversation's recent messages, with their delivery states, and who we have talked to."""
+        history: History | None = None
+        try:
+            history = client.open_history()
+            for peer in history.peers():
+                self.model.load(peer, history.conversation(peer, HISTORY_LIMIT))
+        except sqlite3.Error as exc:  # the chat works without it: only the past (and search) is missing
+            log.warning("user=%s cannot read history: %s", client.user, exc)
+            self._log(f"Cannot read past conversations: {exc}")
+            if history is not None:
+                history.close()
+            return
+        self.history = history
+
     def _stop_client(self) -> None:
         client, self.client = self.client, None
+        history, self.history = self.history, None
         self._generation += 1
+        self.model.search = None
+        self.window[K_SEARCH].update("")
+        if history is not None:
+            history.close()
         if client is None:
             return
         client.close()  # joins the agent: quick, and it never waits on us (see gui_bridge)
-        for line in self.model.pending():
-            self.model.failed(line.msg_id, "disconnected before delivery")
-            self._view().update_delivery(line)
+        # Unacknowledged messages stay "sending…": they wait in the outbox and go out on the next connect.
         for file in self.model.pause_transfers():  # the library resumes them on the next connect
             self._view().update_file(file)
 
@@ -316,18 +366,23 @@ class ChatWindow:
             self._on_message(event)
         elif kind is ev.Acked:
             line = self.model.acked(event.msg_id)
-            if line is not None and line.peer == self.model.active:
+            if line is not None and self._showing(line.peer):
                 self._view().update_delivery(line)
                 self._render_security()  # the first message pins the peer's key
+        elif kind is ev.Receipt:
+            line = self.model.receipt(event.msg_id, event.status)
+            if line is not None and self._showing(line.peer):
+                self._view().update_delivery(line)
         elif kind is ev.SendFailed:
-            self._note_key_change(event.error)
             line = self.model.failed(event.msg_id, describe_failure(event.error))
             if line is not None:
                 self._log(f"Message to {line.peer} failed: {line.failure}")
-                if line.peer == self.model.active:
+                if event.error.code is ErrorCode.PEER_KEY_CHANGED:
+                    self._check_pending_key(line.peer)
+                if self._showing(line.peer):
                     self._view().update_delivery(line)
         elif kind is ev.PeerKeyChanged:
-            self._note_key_change(event.error)
+            self._key_changed(event.user, event.old, event.new)
         elif kind is ev.ErrorReported:
             error = event.error
             if error.code is ErrorCode.INTEGRITY:
@@ -363,12 +418,16 @@ class ChatWindow:
         else:
             self._log("Reconnected")
             self._render_status()
+        self._mark_read_if_viewing()  # read while we were away, receipts could not go out
 
     def _on_message(self, event: ev.MessageReceived) -> None:
         line = self.model.receive(event.msg_id, event.sender, event.text, event.ts)
-        if event.sender == self.model.active:
+        if line is None:  # history showed it already
+            return
+        if self._showing(event.sender):
             self._view().append(line)
             self._render_security()  # the first message pins the peer's key
+            self._mark_read_if_viewing()
         self._render_roster()
         if should_notify(self._notifications_on(), self._focused(), self.model.active, event.sender):
             self._notify(event.sender, line.text)
@@ -396,7 +455,8 @@ class ChatWindow:
             if line is not None:
                 self._log(f"{event.recipient} received {event.name}")
         else:  # FileFailed; an offer refused at once, or a transfer resumed from an earlier run, is news here
-            self._note_key_change(event.error)
+            if event.error.code is ErrorCode.PEER_KEY_CHANGED:
+                self._check_pending_key(event.peer)
             if not known and event.direction == "in":
                 model.file_incoming(event.xfer, event.peer, event.name, 0, now)
             elif not known:
@@ -407,7 +467,7 @@ class ChatWindow:
                 self._log(f"{way} {event.peer}: {line.failure}")
         if line is None:
             return
-        if line.peer == model.active:
+        if self._showing(line.peer):
             if known:
                 self._view().update_file(line)
             else:
@@ -417,15 +477,72 @@ class ChatWindow:
         self._render_transfers()
 
     # --- user actions -----------------------------------------------------------------
-    def open_conversation(self, peer: str) -> None:
-        if peer == self.model.active:
+    def open_conversation(self, peer: str, reveal: bytes | None = None) -> None:
+        """Show ``peer``'s conversation (leaving a search), scrolled to the end or to message ``reveal``."""
+        if peer == self.model.active and self.model.search is None and reveal is None:
             return
         conv = self.model.open(peer)
         self._check_pending_key(peer)
-        self._view().show(conv, self._empty_hint())
-        self._render_roster()
+        self._view().show(conv, self._empty_hint(), reveal)
+        self._render_roster(select=peer)
         self._render_header()
         self._composer().focus_set()
+        self._mark_read_if_viewing(opened=True)
+
+    def _mark_read_if_viewing(self, opened: bool = False) -> None:
+        """The user sees the open conversation (just opened, or the window has the focus): tell the library.
+
+        Only when something in it is unread, so focus changes and new messages cost nothing otherwise;
+        and only while connected, so the read receipts it sends are not lost on the way.
+        """
+        peer, client = self.model.active, self.client
+        if peer is None or client is None or self.model.link is not Link.CONNECTED or self.model.search is not None:
+            return
+        if (opened or self._focused()) and self.model.mark_read(peer):
+            client.mark_read(peer)
+
+    def search(self, query: str) -> None:
+        """Search every conversation's history; the results replace the conversation until one is opened."""
+        query = query.strip()
+        if not query:
+            self.close_search()
+            return
+        if self.history is None:
+            return
+        try:
+            found = self.history.search(query, limit=SEARCH_FETCH)
+        except sqlite3.Error as exc:
+            self._log(f"Search failed: {exc}")
+            return
+        self.model.search = Search(query, tuple(reversed(found[-SEARCH_SHOWN:])), len(found),
+                                   capped=len(found) == SEARCH_FETCH)
+        self._view().show_results(self.model.search)
+        self._render_header()
+
+    def close_search(self) -> None:
+        """Back to the open conversation (Esc in the search box, or Close search)."""
+        self.window[K_SEARCH].update("")
+        if self.model.search is None:
+            return
+        self.model.search = None
+        active = self.model.active
+        self._view().show(self.model.conversation(active) if active else None, self._empty_hint())
+        self._render_header()
+        self._mark_read_if_viewing(opened=True)
+
+    def open_result(self, msg_id: bytes) -> None:
+        """A search result was clicked: its conversation, scrolled to the message, which is highlighted."""
+        search = self.model.search
+        entry = next((e for e in search.results if e.msg_id == msg_id), None) if search else None
+        if entry is None:
+            return
+        if self.model.line(msg_id) is None and self.history is not None:  # older than what was loaded
+            try:
+                self.model.load(entry.peer, self.history.conversation(entry.peer, OPEN_RESULT_LIMIT))
+            except sqlite3.Error as exc:
+                self._log(f"Cannot read the conversation with {entry.peer}: {exc}")
+        self.window[K_SEARCH].update("")
+        self.open_conversation(entry.peer, reveal=msg_id)
 
     def attach_file(self) -> None:
         """Ask the desktop for a file (the dialog is modal) and offer it to the open conversation."""
@@ -456,7 +573,7 @@ class ChatWindow:
                 return
             line = self.model.file_sending(xfer, peer, path.name, size, now)
             self._log(f"Offering {path.name} ({human_size(size)}) to {peer}")
-        if peer == self.model.active:
+        if self._showing(peer):
             self._view().append(line)
         self._render_roster()
         self._render_transfers()
@@ -497,26 +614,21 @@ class ChatWindow:
         self._render_roster()
         self._render_header()
 
-    def _note_key_change(self, error: P2PChatError) -> None:
+    def _key_changed(self, peer: str, old: bytes, new: bytes) -> None:
         """Sends, offers and messages refused because a peer's key changed all raise the same banner."""
-        if not isinstance(error, KeyChangeError):
+        change = KeyChange(fingerprint(old) if old else "none", fingerprint(new), new)
+        if not self.model.peer_key_changed(peer, change):
             return
-        change = KeyChange(fingerprint(error.old) if error.old else "none", fingerprint(error.new), error.new)
-        if not self.model.peer_key_changed(error.user, change):
-            return
-        self._log(f"{error.user}'s key changed to {change.new}; sending to them is paused until you accept it")
+        self._log(f"{peer}'s key changed to {change.new}; sending to them is paused until you accept it")
         self._render_roster()
-        if error.user == self.model.active:
+        if peer == self.model.active:
             self._render_header()
 
     def _check_pending_key(self, peer: str) -> None:
-        """A change still pending from an earlier run shows its banner before the user tries to send."""
-        if self.client is None:
-            return
-        try:
-            self.client.e2e.key_of(peer)
-        except KeyChangeError as exc:
-            self._note_key_change(exc)
+        """A change still pending (from this run or an earlier one) shows its banner before the user sends."""
+        change = self.client.pending_key_change(peer) if self.client is not None else None
+        if change is not None:
+            self._key_changed(peer, *change)
 
     def send_composed(self) -> None:
         composer = self._composer()
@@ -533,12 +645,13 @@ class ChatWindow:
         composer.delete("1.0", "end")
         self._view().append(line)
         self._render_roster()
+        self._mark_read_if_viewing()  # replying is reading
 
     def set_theme(self, theme: str) -> None:
         """PySimpleGUI fixes colours when a window is built, so build it again, keeping its place."""
         self._update_settings(theme=theme)
         draft = self._composer().get("1.0", "end-1c")
-        form = {key: self.window[key].get() for key in (K_HOST, K_PORT, K_USER, K_FORM_ERROR)}
+        form = {key: self.window[key].get() for key in (K_HOST, K_PORT, K_USER, K_FORM_ERROR, K_SEARCH)}
         location, size = self.window.current_location(), self.window.size
         old = self.window
         self._parked = []
@@ -611,8 +724,11 @@ class ChatWindow:
         self._render_status()
         self._render_roster()
         self._render_header()
-        active = self.model.active
-        self._view().show(self.model.conversation(active) if active else None, self._empty_hint())
+        active, search = self.model.active, self.model.search
+        if search is not None:
+            self._view().show_results(search)
+        else:
+            self._view().show(self.model.conversation(active) if active else None, self._empty_hint())
         self._render_log()
         self.window.set_title(f"p2p-chat — {self.model.user}" if on_chat else "p2p-chat")
 
@@ -659,6 +775,8 @@ class ChatWindow:
             self.window[K_STATUS_KEY].update(f"·   encrypted · broker key {fingerprint(client.broker_key)}",
                                              text_color=pal.status_text)
         self._render_transfers()
+        pending = client is not None and client.config.read_receipts != self.settings.read_receipts
+        self.window[K_RECEIPTS_NOTE].update("applies when you reconnect" if pending else "")
         if self.options.notifications:
             self.window[K_NOTIFY].update("Notifications: on" if self.settings.notifications else "Notifications: off")
         self.window[K_THEME].update("Dark theme" if self.settings.theme == "light" else "Light theme")
@@ -680,13 +798,14 @@ class ChatWindow:
             text = f"↑ {ups}  ↓ {len(moving) - ups} transfers · {human_size(rate)}/s"
         self.window[K_STATUS_TRANSFERS].update(text)
 
-    def _render_roster(self) -> None:
+    def _render_roster(self, select: str | None = None) -> None:
+        """``select``: the row of a conversation being opened (by the list, a notification or a search result)."""
         pal, fonts = self.palette, self.fonts
         rows = self.model.roster()
         names = [r.name for r in rows]
         table = self.window[K_PEERS]
         # A click not handled yet outranks the open conversation: re-rendering must not undo it.
-        keep = self._selected_peer() or self.model.active
+        keep = select or self._selected_peer() or self.model.active
         selected = [names.index(keep)] if keep in names else []
         table.update(values=[[r.name, self._badge(r.unread, r.key_changed)] for r in rows], select_rows=selected)
         tree = table.Widget
@@ -714,16 +833,13 @@ class ChatWindow:
         return None
 
     def _render_header(self) -> None:
-        peer = self.model.active
-        self.window[K_PEER_NAME].update(peer or "No conversation open")
-        if peer is None:
-            presence = ""
-        elif peer in self.model.online:
-            presence = "● online"
+        peer, search = self.model.active, self.model.search
+        self._set_visible(K_SEARCH_CLOSE, search is not None)
+        if search is not None:
+            self.window[K_PEER_NAME].update("Search")
+            self.window[K_PEER_PRESENCE].update(search_summary(search), text_color=self.palette.muted)
         else:
-            presence = "○ offline — messages cannot be delivered until they are back"
-        self.window[K_PEER_PRESENCE].update(presence, text_color=self.palette.ok if peer in self.model.online
-                                            else self.palette.muted)
+            self._render_presence(peer)
         pal, can_send = self.palette, self._can_send()
         # Tk greys out neither a disabled Text nor a coloured Button: recolour them so "disabled" shows.
         self._composer().configure(state="normal" if can_send else "disabled",
@@ -735,9 +851,21 @@ class ChatWindow:
                                      else (pal.muted, pal.chat_bg))
         self._render_security()
 
+    def _render_presence(self, peer: str | None) -> None:
+        self.window[K_PEER_NAME].update(peer or "No conversation open")
+        if peer is None:
+            presence = ""
+        elif peer in self.model.online:
+            presence = "● online"
+        else:
+            presence = "○ offline — messages cannot be delivered until they are back"
+        self.window[K_PEER_PRESENCE].update(presence, text_color=self.palette.ok if peer in self.model.online
+                                            else self.palette.muted)
+
     def _render_security(self) -> None:
-        """The peer's key in the header, the Verify panel, and the banner of a changed key."""
-        peer, client, user, pal = self.model.active, self.client, self.model.user, self.palette
+        """The peer's key in the header, the Verify panel, and the banner of a changed key (none while searching)."""
+        peer = self.model.active if self.model.search is None else None
+        client, user, pal = self.client, self.model.user, self.palette
         keys_known = peer is not None and client is not None
         change = self.model.key_changed.get(peer) if peer is not None else None
         peer_fp = client.fingerprint_of(peer) if keys_known else None
@@ -785,15 +913,19 @@ class ChatWindow:
         if element.visible != visible:  # re-packing a visible element moves it: only on a change
             element.update(visible=visible)
 
+    def _showing(self, peer: str) -> bool:
+        """Whether ``peer``'s conversation is on screen (not hidden by search results)."""
+        return peer == self.model.active and self.model.search is None
+
     def _can_send(self) -> bool:
-        return (self.model.active is not None and self.model.active in self.model.online
+        return (self.model.active is not None and self.model.search is None and self.model.active in self.model.online
                 and self.model.active not in self.model.key_changed
                 and self.model.link in (Link.CONNECTED, Link.RECONNECTING))
 
     def _empty_hint(self) -> str:
         peer = self.model.active
         if peer is not None:
-            sealed = self.client is not None and self.client.e2e.enabled
+            sealed = self.client is not None and self.client.config.encrypt
             return f"This is the start of your conversation with {peer}." + (
                 "\nMessages and files are end-to-end encrypted; press Verify to compare keys." if sealed else "")
         if self.model.online:
@@ -845,7 +977,13 @@ class ChatWindow:
         return rows
 
     def conversation_text(self) -> str:
+        """The open conversation, or the search results, as plain text."""
         return self.window[K_CONVERSATION].Widget.get("1.0", "end-1c")
+
+    def delivery_shown(self, msg_id: bytes) -> tuple[str, str]:
+        """(text, style) of an outgoing message's delivery state on screen, e.g. ("read ✓✓", "meta-read")."""
+        line = self.model.line(msg_id)
+        return self._view().delivery_shown(line) if line is not None else ("", "")
 
     def file_cards(self) -> list[FileCard]:
         """The files in the open conversation, oldest first."""
@@ -870,9 +1008,14 @@ class ChatWindow:
     def log_text(self) -> str:
         return self.window[K_LOG].Widget.get("1.0", "end-1c")
 
-    def _post_action(self, key: str, xfer: bytes) -> None:
-        """A file card's button: into the window's queue, so ``handle`` stays the only dispatcher."""
-        self.window.write_event_value(key, xfer)
+    def _post_action(self, key: str, ref: bytes) -> None:
+        """A file card's button or a search result: into the window's queue, so ``handle`` stays the dispatcher."""
+        self.window.write_event_value(key, ref)
+
+    def _on_focus_in(self, _event: tk.Event) -> None:
+        """Tk fires this for every widget that takes the focus: post only when it can mark something read."""
+        if self.model.search is None and self.model.has_unread(self.model.active):
+            self.window.write_event_value(WINDOW_FOCUSED, None)
 
     # --- layout -----------------------------------------------------------------------
     def _build(self, location: tuple[int, int] | None = None, size: tuple[int, int] | None = None) -> sg.Window:
@@ -881,5 +1024,6 @@ class ChatWindow:
                               location=location, size=size)
         self._conversation_view = ConversationView(window[K_CONVERSATION].Widget, pal, fonts, self.model.user,
                                                    on_action=self._post_action)
+        window.TKroot.bind("<FocusIn>", self._on_focus_in, add="+")
         self._dots = {True: dot_image(window.TKroot, pal.ok), False: dot_image(window.TKroot, pal.offline)}
         return window

@@ -28,15 +28,19 @@ from client.gui import open_window  # noqa: E402
 from client.gui_desktop import Desktop  # noqa: E402
 from client.gui_filecard import FileCard  # noqa: E402
 from client.gui_model import (  # noqa: E402
+    ChatLine,
     ChatModel,
     Delivery,
     FileLine,
     KeyChange,
     Link,
+    Search,
     Transfer,
     describe_failure,
     human_eta,
     human_size,
+    match_spans,
+    search_summary,
     should_notify,
     transfer_status,
 )
@@ -55,6 +59,7 @@ from client.gui_layout import (  # noqa: E402
     K_COMPOSER,
     K_COMPOSER_NOTE,
     K_CONNECT,
+    K_CONVERSATION,
     K_DISCONNECT,
     K_HOST,
     K_KEY_BANNER,
@@ -69,16 +74,22 @@ from client.gui_layout import (  # noqa: E402
     K_PEERS,
     K_PEOPLE_COUNT,
     K_PORT,
+    K_RECEIPTS,
+    K_RECEIPTS_NOTE,
     K_SAFETY,
+    K_SEARCH,
+    K_SEARCH_CLOSE,
     K_SEND,
     K_THEME,
     K_USER,
 )
 from client.gui_window import ChatWindow, GuiOptions  # noqa: E402
+from client.history import History, HistoryEntry  # noqa: E402
 from client.trust import KeyStore  # noqa: E402
 from common.crypto import Identity, fingerprint  # noqa: E402
 from common.endpoints import ServerAddress  # noqa: E402
 from common.errors import ErrorCode, RemoteError, TransferError  # noqa: E402
+from common.paths import user_dir  # noqa: E402
 from tests.conftest import HEARTBEAT, BrokerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,12 +222,18 @@ def select_peer(window: ChatWindow, peer: str, others: list[ChatWindow]) -> None
     pump([window, *others], lambda: window.model.active == peer, f"{peer}'s conversation to open")
 
 
-def type_and_press(window: ChatWindow, text: str, key: str = "<Return>") -> None:
-    """Type into the composer and press a key, as the keyboard would."""
+def focus(window: ChatWindow) -> None:
+    """The user comes back to this window: the composer has the keyboard focus."""
     composer = window.window[K_COMPOSER].Widget
     # Tk sends a key to the widget it believes focused, which changes only once X confirms the focus.
     act(window, composer.focus_force)
     pump([window], lambda: composer.focus_get() == composer, "the composer to take the keyboard focus")
+
+
+def type_and_press(window: ChatWindow, text: str, key: str = "<Return>") -> None:
+    """Type into the composer and press a key, as the keyboard would."""
+    composer = window.window[K_COMPOSER].Widget
+    focus(window)
 
     def keyboard() -> None:
         composer.insert("insert", text)
@@ -237,7 +254,7 @@ def test_two_windows_meet_exchange_messages_and_see_the_peer_leave(make_window, 
 
     select_peer(alice, "bob", both)
     type_and_press(alice, "hello bob")
-    pump(both, lambda: "sent ✓" in alice.conversation_text(), "the broker's ack in alice's window")
+    pump(both, lambda: "delivered ✓✓" in alice.conversation_text(), "bob's delivery receipt in alice's window")
     assert "hello bob" in alice.conversation_text()
     assert alice.window[K_COMPOSER].Widget.get("1.0", "end-1c") == ""
 
@@ -656,8 +673,164 @@ def test_a_stopped_client_returns_to_the_connect_panel_and_reconnects(make_windo
     pump([alice], lambda: alice.status_text().startswith("Connected"), "the reconnect")
 
 
+# --- history, delivery states, read receipts, search ------------------------------------------
+def line_of(window: ChatWindow, peer: str, text: str) -> ChatLine:
+    return next(line for line in window.model.conversation(peer).lines
+                if isinstance(line, ChatLine) and line.text == text)
+
+
+def state(window: ChatWindow, peer: str, text: str) -> tuple[str, str]:
+    """The delivery state of our message ``text`` to ``peer`` as on screen: (text, style)."""
+    return window.delivery_shown(line_of(window, peer, text).msg_id)
+
+
+def search_for(window: ChatWindow, query: str) -> None:
+    """Type into the sidebar's search box and press Enter."""
+    entry = window.window[K_SEARCH].Widget
+    act(window, entry.focus_force)
+    pump([window], lambda: entry.focus_get() == entry, "the search box to take the keyboard focus")
+
+    def keyboard() -> None:
+        window.window[K_SEARCH].update(query)  # typed text (the element tracks whether its placeholder shows)
+        entry.icursor("end")
+        entry.event_generate("<Return>")
+
+    act(window, keyboard)
+
+
+def click_text(window: ChatWindow, index: str) -> None:
+    """A mouse click on the conversation pane at ``index`` (the pointer moves there first, as a mouse does)."""
+    widget = window.window[K_CONVERSATION].Widget
+
+    def mouse() -> None:
+        widget.see(index)
+        widget.update_idletasks()
+        x, y, _w, h = widget.bbox(index)
+        widget.event_generate("<Motion>", x=x + 2, y=y + h // 2)
+        widget.event_generate("<Button-1>", x=x + 2, y=y + h // 2)
+
+    act(window, mouse)
+
+
+def test_history_from_an_earlier_run_shows_after_signing_in_again(make_window):
+    alice, bob = make_window("alice"), make_window("bob")
+    meet(alice, bob)
+    type_and_press(alice, "restarting the broker now")
+    pump([alice, bob], lambda: "restarting the broker now" in bob.conversation_text(), "alice's message at bob")
+    type_and_press(bob, "ok, ping me after")  # replying is reading: alice's message becomes read
+    pump([alice, bob], lambda: "ok, ping me after" in alice.conversation_text()
+         and state(alice, "bob", "restarting the broker now")[0] == "read ✓✓", "the reply and the read receipt")
+    sent_at = line_of(alice, "bob", "restarting the broker now").ts_ms
+    alice.close()
+    bob.close()
+
+    again = make_window("alice")  # same user, same home: a new run
+    assert "○  bob  1" in again.roster_text()  # offline, with the reply alice never looked at
+    select_peer(again, "bob", [])
+    text = again.conversation_text()
+    assert text.index("restarting the broker now") < text.index("ok, ping me after")
+    assert time.strftime("%H:%M", time.localtime(sent_at / 1000)) in text
+    assert state(again, "bob", "restarting the broker now") == ("read ✓✓", "meta-read")
+    assert again.roster_text() == ["○  bob"]
+
+
+def test_the_sender_sees_delivered_then_read_when_the_recipient_opens_the_conversation(make_window):
+    alice, bob = make_window("alice"), make_window("bob")
+    both = [alice, bob]
+    pump(both, lambda: shows(alice, "bob", "●") and shows(bob, "alice", "●"), "each to see the other")
+    select_peer(alice, "bob", both)
+    type_and_press(alice, "did the deploy finish?")
+    pump(both, lambda: state(alice, "bob", "did the deploy finish?") == ("delivered ✓✓", "meta"),
+         "delivered at alice")
+    pump(both, lambda: "●  alice  1" in bob.roster_text(), "the message as unread at bob")
+    assert state(alice, "bob", "did the deploy finish?")[0] == "delivered ✓✓"  # bob has not looked yet
+
+    select_peer(bob, "alice", both)
+    pump(both, lambda: state(alice, "bob", "did the deploy finish?") == ("read ✓✓", "meta-read"), "read at alice")
+
+
+def test_with_read_receipts_off_the_sender_never_sees_read(make_window, home):
+    alice, bob = make_window("alice"), make_window("bob")
+    act(bob, bob.window[K_RECEIPTS].Widget.invoke)  # untick "Send read receipts"
+    pump([bob], lambda: bob.settings.read_receipts is False, "the setting")
+    assert json.loads((home / "gui.json").read_text())["read_receipts"] is False
+    assert bob.window[K_RECEIPTS_NOTE].get() == "applies when you reconnect"
+    click(bob, K_DISCONNECT)
+    click(bob, K_CONNECT)
+    pump([bob], lambda: bob.status_text().startswith("Connected"), "bob to connect again")
+    assert bob.window[K_RECEIPTS_NOTE].get() == "" and not bob.window[K_RECEIPTS].get()
+
+    both = [alice, bob]
+    pump(both, lambda: shows(alice, "bob", "●") and shows(bob, "alice", "●"), "each to see the other")
+    select_peer(alice, "bob", both)
+    type_and_press(alice, "first")
+    pump(both, lambda: state(alice, "bob", "first")[0] == "delivered ✓✓", "first delivered")
+    select_peer(bob, "alice", both)  # bob reads it: recorded on his side only
+    pump(both, lambda: [e.state for e in bob.history.conversation("alice")] == ["read"], "bob's history")
+    type_and_press(alice, "second")
+    # A read receipt for "first" would have left bob before the delivery receipt for "second".
+    pump(both, lambda: state(alice, "bob", "second")[0] == "delivered ✓✓", "second delivered")
+    assert state(alice, "bob", "first") == ("delivered ✓✓", "meta")
+
+
+def test_search_finds_a_message_and_opens_its_conversation(make_window):
+    alice, bob, carol = make_window("alice"), make_window("bob"), make_window("carol")
+    everyone = [alice, bob, carol]
+    pump(everyone, lambda: shows(alice, "bob", "●") and shows(alice, "carol", "●") and shows(bob, "alice", "●")
+         and shows(carol, "alice", "●"), "everyone online")
+    select_peer(bob, "alice", everyone)
+    type_and_press(bob, "the numbers for Thursday are in")
+    select_peer(carol, "alice", everyone)
+    type_and_press(carol, "lunch on thursday?")
+    type_and_press(carol, "or friday")
+    pump(everyone, lambda: "●  bob  1" in alice.roster_text() and "●  carol  2" in alice.roster_text(),
+         "both messages at alice")
+    select_peer(alice, "carol", everyone)
+
+    search_for(alice, "thurs")
+    pump([alice], lambda: alice.window[K_PEER_NAME].get() == "Search", "the results")
+    text = alice.conversation_text()
+    assert "the numbers for Thursday are in" in text and "lunch on thursday?" in text and "or friday" not in text
+    assert text.index("lunch on thursday?") < text.index("the numbers for Thursday")  # newest first
+    assert alice.window[K_PEER_PRESENCE].get() == "2 messages matching “thurs”" and alice.shown(K_SEARCH_CLOSE)
+    assert alice.window[K_SEND].Widget.cget("state") == "disabled"
+
+    found = line_of(alice, "bob", "the numbers for Thursday are in")
+    index = alice._view().result_index(found.msg_id)
+    assert index is not None
+    click_text(alice, index)
+    pump(everyone, lambda: alice.model.active == "bob" and alice.window[K_PEER_NAME].get() == "bob",
+         "bob's conversation to open")
+    assert "the numbers for Thursday are in" in alice.conversation_text() and not alice.shown(K_SEARCH_CLOSE)
+    assert alice.window[K_SEARCH].get() == "" and alice.roster_text() == ["●  bob", "●  carol"]
+
+    search_for(alice, "friday")  # Esc in the search box goes back to the conversation
+    pump([alice], lambda: alice.window[K_PEER_NAME].get() == "Search", "the results")
+    act(alice, lambda: alice.window[K_SEARCH].Widget.event_generate("<Escape>"))
+    pump([alice], lambda: alice.window[K_PEER_NAME].get() == "bob", "the conversation again")
+    assert "the numbers for Thursday are in" in alice.conversation_text()
+
+
+def earlier_run(user: str, peer: str, messages: list[tuple[bool, str, str]], minutes_ago: int) -> None:
+    """What a previous run of ``user``'s client left in history: (outgoing, text, state) a while ago."""
+    history = History(user_dir(user) / "history.sqlite")
+    ts = int(time.time() * 1000) - minutes_ago * 60_000
+    for i, (outgoing, text, state_) in enumerate(messages):
+        msg_id = os.urandom(16)
+        if outgoing:
+            history.add_outgoing(msg_id, peer, text, ts + i * 60_000)
+            history.advance(msg_id, state_)
+        else:
+            history.add_incoming(msg_id, peer, text, ts + i * 60_000)
+    history.mark_read(peer)
+    history.close()
+
+
 def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(received_dir(tmp_path, "alice").parent))  # paths read "~/client_received/…"
+    user_dir("alice").mkdir(parents=True, mode=0o700)
+    earlier_run("alice", "dave", [(False, "Is the nightly build green again?", "received"),
+                                  (True, "Yes, fixed last night. Flaky test.", "read")], minutes_ago=26 * 60)
     alice_desktop, bob_desktop = FakeDesktop(), FakeDesktop()
     alice = make_window("alice", desktop=alice_desktop, slow_files=True)
     bob = make_window("bob", desktop=bob_desktop, slow_files=True)
@@ -674,19 +847,28 @@ def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
     logs = tmp_path / "broker-logs.tar.gz"
     logs.write_bytes(os.urandom(1_400_000))
     attach(alice, alice_desktop, logs)
-    pump(everyone, lambda: "sent ✓" in alice.conversation_text(), "alice's ack")
+    both_lines = "Yes, every client reconnected within a second.\nNo messages lost, and the logs are attached."
+    pump(everyone, lambda: state(alice, "bob", both_lines)[0] == "delivered ✓✓", "delivered at alice")
     type_and_press(bob, "Great, thanks for checking. Here are the numbers for Thursday.")
     report = tmp_path / "Q3 report.pdf"
     report.write_bytes(os.urandom(2_400_000))
     attach(bob, bob_desktop, report)
     pump(everyone, lambda: [c.status_text.split(" ")[0] for c in alice.file_cards()] == ["Sent", "Received"],
          "bob's report")
-    type_and_press(alice, "Thanks! Sending the VM snapshot from last night too.")
+    type_and_press(alice, "Thanks! The numbers look right.")
+    pump(everyone, lambda: state(alice, "bob", "Thanks! The numbers look right.")[0] == "delivered ✓✓",
+         "delivered at alice")
+    focus(bob)  # bob looks at his window again: he has read it
+    pump(everyone, lambda: state(alice, "bob", "Thanks! The numbers look right.")[0] == "read ✓✓", "read at alice")
+    type_and_press(alice, "Sending the VM snapshot from last night too.")
     snapshot = attach(alice, alice_desktop, sparse(tmp_path / "vm-snapshot.qcow2", 1 << 30))
     select_peer(carol, "alice", everyone)
     type_and_press(carol, "Lunch at 12?")
     pump(everyone, lambda: moving(alice.file_card(snapshot.xfer), "Sending") and snapshot.fraction > 0.01
-         and "●  carol  1" in alice.roster_text(), "the rest of the conversation")
+         and "●  carol  1" in alice.roster_text() and state(alice, "bob", both_lines)[0] == "read ✓✓"
+         and state(alice, "bob", "Sending the VM snapshot from last night too.")[0] == "delivered ✓✓",
+         "the rest of the conversation")
+    assert "○  dave" in alice.roster_text()
 
     if shutil.which("import") is None:
         pytest.skip("ImageMagick's import is not installed: no screenshots")
@@ -704,6 +886,10 @@ def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
     select_peer(alice, "carol", everyone)
     click(alice, K_KEY_INFO)
     screenshot(alice, "gui-key-changed.png")
+
+    search_for(alice, "night")
+    pump(everyone, lambda: alice.window[K_PEER_NAME].get() == "Search", "the search results")
+    screenshot(alice, "gui-search.png")
 
     signin = make_window(connect=False)
     signin.window[K_USER].update("bad id!")
@@ -764,17 +950,71 @@ def test_unread_counts_and_roster_order():
     assert model.conversation("zed").unread == 0
 
 
-def test_delivery_goes_sending_then_sent_or_failed_once():
+def test_delivery_only_moves_forward_and_a_failure_is_final():
     model = ChatModel("me")
-    sent = model.sending(b"a", "bob", "x", 0)
+    line = model.sending(b"a", "bob", "x", 0)
+    assert model.acked(b"a") is line and line.delivery is Delivery.SENT
+    assert model.failed(b"a", "late") is None and line.delivery is Delivery.SENT  # the broker has it
+    assert model.receipt(b"a", "read") is line and line.delivery is Delivery.READ  # "delivered" may come later
+    assert model.receipt(b"a", "delivered") is None and model.acked(b"a") is None and line.delivery is Delivery.READ
     failed = model.sending(b"b", "bob", "y", 0)
-    assert model.acked(b"a") is sent and sent.delivery is Delivery.SENT
     assert model.failed(b"b", "recipient is offline") is failed and failed.delivery is Delivery.FAILED
-    assert model.failed(b"a", "late") is None and sent.delivery is Delivery.SENT  # an ack is final
-    assert model.acked(b"b") is None and model.pending() == []
+    assert model.acked(b"b") is None and model.receipt(b"b", "delivered") is None
     refused = model.refused("bob", "z", 0, "message too large")
     assert refused.delivery is Delivery.FAILED and refused.failure == "message too large"
+    model.receive(b"c", "bob", "theirs", 0)
+    assert model.receipt(b"c", "read") is None  # receipts are about our messages only
     assert model.link is Link.OFFLINE
+
+
+def entry(msg_id: bytes, peer: str, outgoing: bool, text: str, ts: int, state: str) -> HistoryEntry:
+    return HistoryEntry(msg_id, peer, outgoing, text, ts, state)
+
+
+def test_history_merges_with_what_this_run_already_shows():
+    model = ChatModel("me")
+    model.file_incoming(b"f", "bob", "f.bin", 10, 150)  # files are not in history
+    mine = model.sending(b"2", "bob", "mine", 200)
+    model.receive(b"3", "bob", "theirs", 300)
+    history = [entry(b"1", "bob", False, "old", 100, "received"), entry(b"2", "bob", True, "mine", 200, "delivered"),
+               entry(b"3", "bob", False, "theirs", 300, "received")]
+    conv = model.load("bob", history)
+    assert [line.text if isinstance(line, ChatLine) else line.name for line in conv.lines] == \
+        ["old", "f.bin", "mine", "theirs"]
+    assert conv.lines[2] is mine and mine.delivery is Delivery.DELIVERED
+    assert conv.unread == 3  # the file, "theirs", and "old" from an earlier run
+    model.load("bob", history)  # loading again, or an event arriving after the load, changes nothing
+    assert model.receive(b"1", "bob", "old", 100) is None
+    assert len(conv.lines) == 4 and conv.unread == 3
+    model.load("bob", [entry(b"2", "bob", True, "mine", 200, "sent")])
+    assert mine.delivery is Delivery.DELIVERED  # history read before a receipt never undoes it
+
+
+def test_people_from_history_are_listed_offline_after_those_online():
+    model = ChatModel("me")
+    model.set_online(frozenset({"amy"}))
+    model.load("zed", [entry(b"1", "zed", True, "hi", 0, "read")])
+    model.load("bea", [entry(b"2", "bea", False, "yo", 0, "received"), entry(b"3", "bea", False, "?", 0, "read")])
+    assert [(r.name, r.online, r.unread) for r in model.roster()] == [
+        ("amy", True, 0), ("bea", False, 1), ("zed", False, 0)]
+
+
+def test_reading_a_conversation_is_news_once():
+    model = ChatModel("me")
+    model.sending(b"1", "bob", "mine", 0)
+    assert not model.has_unread("bob") and not model.mark_read("bob")
+    model.receive(b"2", "bob", "theirs", 0)
+    assert model.has_unread("bob") and model.mark_read("bob")
+    assert not model.has_unread("bob") and not model.mark_read("bob") and not model.has_unread(None)
+
+
+def test_search_marks_the_words_the_query_starts():
+    assert match_spans("Numbers for Thursday, thus", "thu num") == [(0, 3), (12, 15), (22, 25)]
+    assert match_spans("re: the re-run, more", "re") == [(0, 2), (8, 10)] and match_spans("anything", "  ") == []
+    one = entry(b"1", "bob", False, "hi", 0, "read")
+    assert search_summary(Search("hi", (one,), 1)) == "1 message matching “hi”"
+    assert search_summary(Search("hi", (one,), 1000, capped=True)) == "newest 1 of 1000+ messages matching “hi”"
+    assert search_summary(Search("zz", (), 0)) == "nothing matches “zz”"
 
 
 @pytest.mark.parametrize("enabled, focused, active, expected", [
