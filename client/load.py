@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from client.load_config import LoadConfig
@@ -176,7 +177,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:  # hdrhistogram / psutil are optional dependencies of the project
         print(f"p2pchat load: {exc}: install hdrhistogram and psutil (pip install -e '.[test]')", file=sys.stderr)
         return 1
-    result = LoadRun(config).execute()
+    def terminate(*_: object) -> None:
+        raise KeyboardInterrupt  # unwind through LoadRun's cleanup: workers joined, broker stopped
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        result = LoadRun(config).execute()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = summarize(result)
     if config.json:
         print(json.dumps(summary))

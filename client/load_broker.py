@@ -115,7 +115,8 @@ class SpawnedBroker:
         env = dict(os.environ, PYTHONUNBUFFERED="1", P2PCHAT_HOME=str(self.command.data_dir.parent))
         self.proc = subprocess.Popen(self.command.argv(), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     errors="replace", preexec_fn=lambda: _child_setup(self.nofile))
+                                     errors="replace", start_new_session=True,  # Ctrl-C is ours to handle
+                                     preexec_fn=lambda: _child_setup(self.nofile))
         self.starts += 1
         self._pump = threading.Thread(target=self._read_stderr, args=(self.proc,), name="broker-stderr", daemon=True)
         self._pump.start()

@@ -93,6 +93,7 @@ class RunResult:
     samples: list[Sample] = field(default_factory=list)
     rss_baseline: int | None = None
     rss_registered: int | None = None
+    rss_send_end: int | None = None
     broker_fd_limit: int | None = None
     broker_cpu_send_s: float | None = None
     broker_warnings: int = 0
@@ -375,6 +376,9 @@ class LoadRun:
         count_done = (lambda: self.total("senders_done") >= config.clients) if config.count else (lambda: False)
         self._pump(count_done, config.duration)
         self._restarts_enabled = False
+        sample = self._sample()
+        if sample is not None:
+            self.result.rss_send_end = sample.rss
         self._broadcast({"cmd": "stop"})
         elapsed = time.monotonic() - start
         self.result.timings["send_s"] = round(elapsed, 3)

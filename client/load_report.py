@@ -62,15 +62,18 @@ def _broker(result: RunResult, received: int) -> dict:
                  "exit_code": result.broker_exit_code}
     if not samples:
         return out
-    per_client = None
+    per_client = per_client_end = None
     if result.rss_baseline is not None and result.rss_registered is not None and result.registered:
         per_client = round((result.rss_registered - result.rss_baseline) / result.registered / 1024, 2)
+        if result.rss_send_end is not None:
+            per_client_end = round((result.rss_send_end - result.rss_baseline) / result.registered / 1024, 2)
     out.update({
         "rss_baseline_mib": _mib(result.rss_baseline),
         "rss_registered_mib": _mib(result.rss_registered),
-        "rss_per_client_kib": per_client,
+        "rss_per_client_kib": per_client,  # just registered
+        "rss_per_client_end_kib": per_client_end,  # when sending stopped: libzmq's pipe queues grew meanwhile
         "rss_max_mib": _mib(max(s.rss for s in samples)),
-        "rss_end_mib": _mib(samples[-1].rss),
+        "rss_end_mib": _mib(result.rss_send_end if result.rss_send_end is not None else samples[-1].rss),
         "cpu_avg_pct": round(sum(s.cpu for s in samples[1:]) / max(1, len(samples) - 1), 1),
         "cpu_max_pct": max(s.cpu for s in samples),
         "fds_max": max(s.fds for s in samples),
@@ -107,6 +110,8 @@ def verdict(summary: dict, result: RunResult) -> tuple[bool, list[str]]:
             growth = broker["rss_end_mib"] - broker["rss_registered_mib"]
             if growth > config.max_rss_growth_mib:
                 reasons.append(f"broker RSS grew {growth:.1f} MiB during the run (limit {config.max_rss_growth_mib})")
+    if config.soak and summary["broker"].get("exit_code") == -9:
+        reasons.append("the broker did not exit on SIGTERM and had to be killed")
     presence = summary.get("presence")
     if presence is not None and not presence["reached_all"]:
         reasons.append("a presence change did not reach every subscriber")
