@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: system packages, venv, Python deps, pytest.
+# apt-get installs, when missing: xvfb xdotool redis-server haproxy imagemagick python3-tk
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

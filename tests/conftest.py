@@ -23,22 +23,32 @@ ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT = 0.2  # fast heartbeats keep expiry and reconnect tests short
 
 
-def free_port_pair() -> int:
-    """A port P with P, P+1 and P+2 free on 127.0.0.1 (the broker's ROUTER, PUB and key port)."""
+def free_ports(count: int) -> int:
+    """A port P with P .. P+count-1 all free on 127.0.0.1."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port >= 65533:
+        if port + count > 65535:
             continue
+        socks = []
         try:
-            with socket.socket() as a, socket.socket() as b, socket.socket() as c:
-                for sock, p in ((a, port), (b, port + 1), (c, port + 2)):
-                    sock.bind(("127.0.0.1", p))
+            for i in range(count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port + i))
             return port
         except OSError:
             continue
-    raise RuntimeError("no free run of three ports")
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+def free_port_pair() -> int:
+    """A port P with P, P+1 and P+2 free: the broker's ROUTER, PUB and key port."""
+    return free_ports(3)
 
 
 class BrokerProcess:

@@ -18,35 +18,12 @@ import redis
 from client import events as ev
 from client.client import ChatClient, ClientConfig
 from common.endpoints import ServerAddress
-from tests.conftest import HEARTBEAT, ROOT, BrokerProcess, wait_for, wait_peers, wait_until
+from tests.conftest import HEARTBEAT, ROOT, BrokerProcess, free_ports, wait_for, wait_peers, wait_until
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
 ]
 ONLINE = "{p2p}:online"
-
-
-def free_ports(count: int) -> int:
-    """A port P with P .. P+count-1 all free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + count > 65535:
-            continue
-        socks = []
-        try:
-            for i in range(count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
 
 
 class RedisProcess:
