@@ -81,8 +81,22 @@ class BrokerProcess:
         deadline = time.monotonic() + timeout
         while not ready.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
                 raise RuntimeError("broker did not start:\n" + "".join(self.lines))
         return self
+
+    @classmethod
+    def launch(cls, home: Path, extra: list[str] | None = None, attempts: int = 5) -> BrokerProcess:
+        """Start on free ports; a port can be taken between our check and the broker's bind (an
+        outgoing connection's ephemeral port, say), so try fresh ports a few times."""
+        for attempt in range(attempts):
+            proc = cls(home, free_port_pair(), extra)
+            try:
+                return proc.start()
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -112,7 +126,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
     """A broker process; ``@pytest.mark.broker_args("--opt", "value")`` adds command-line options."""
     marker = request.node.get_closest_marker("broker_args")
-    proc = BrokerProcess(tmp_path / "broker-home", free_port_pair(), list(marker.args) if marker else []).start()
+    proc = BrokerProcess.launch(tmp_path / "broker-home", list(marker.args) if marker else [])
     yield proc
     proc.stop()
 
