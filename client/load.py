@@ -108,8 +108,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("run")
     g.add_argument("--drain", type=float, default=10.0,
-                   help="seconds after sending for the rest to arrive before what is missing counts as lost "
-                        "(default 10)")
+                   help="after sending stops: once every client is registered again and nothing new has arrived "
+                        "for this many seconds, what is still missing counts as lost (default 10; the drain is "
+                        "capped at this + 120 s + clients/100 s)")
     g.add_argument("--register-timeout", type=float, default=None,
                    help="seconds after the ramp for every client to register (default 30 + clients/200)")
     g.add_argument("--sample-every", type=float, default=1.0, help="seconds between broker RSS/CPU samples")

@@ -198,6 +198,10 @@ def render(summary: dict) -> str:
     lines.append(f"messages     sent {summary['sent']}  acked {summary['acked']}  received {summary['received']}  "
                  f"lost {summary['lost']}  duplicated {summary['duplicated']}  out of order "
                  f"{summary['out_of_order']}  unacked {summary['unacked']}")
+    t = summary["timings"]
+    if "drain_s" in t:
+        lines.append(f"drain        {t['drain_s']:.1f} s after sending stopped"
+                     + ("" if t.get("drained") else " (cut off by its cap)"))
     offered = summary["offered_msgs_per_s"]
     lines.append(f"throughput   {summary['msgs_per_s']:,.1f} msg/s received"
                  + (f" (offered {offered:,.1f} msg/s)" if offered else "")
