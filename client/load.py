@@ -78,7 +78,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--peers", choices=PEER_MODES, default="random",
                    help="who sends to whom: random (default), ring (i -> i+1), pairs (0<->1, 2<->3, ...)")
     g.add_argument("--size", type=int, default=BODY.size, help=f"message body bytes (default and minimum {BODY.size})")
-    g.add_argument("--receipts", action="store_true", help="recipients also send DELIVERED receipts, as the client does")
+    g.add_argument("--receipts", action="store_true",
+                   help="recipients also send DELIVERED receipts, as the chat client does")
     g.add_argument("--heartbeat", type=float, default=0.0,
                    help="cap the clients' heartbeat interval (default: the broker's, from REGISTERED; the chat "
                         "client uses min(1 s, the broker's))")

@@ -252,7 +252,7 @@ class ScriptedClient:
                 return out + self._go_down(now, graceful=True)
         if self.outstanding and now >= self._resend_at:
             out += self._resend(now)
-        if self._sending and phase is Phase.READY:
+        if self._sending and self.phase is Phase.READY:  # not once LEAVING (churn just began)
             out += self._fill(now)
         if now - self._last_sent >= self._hb:
             out.append(self._frames(pack(Heartbeat(), self._wall_ms()), now))
