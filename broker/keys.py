@@ -21,6 +21,7 @@ class SqliteKeyRegistry:
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a killed broker without fsync per bind
         self._db.execute("CREATE TABLE IF NOT EXISTS user_keys (user TEXT PRIMARY KEY, key BLOB NOT NULL)")
         self._cache: dict[str, bytes] = dict(self._db.execute("SELECT user, key FROM user_keys"))
 

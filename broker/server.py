@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 import sqlite3
 import time
@@ -23,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.directory import LocalDirectory
 from broker.keys import SqliteKeyRegistry
 from broker.ratelimit import RateLimits
-from broker.store import MessageStore, NoStore, QueueLimits, SqliteMessageStore, StoreUnavailable
+from broker.store import NoStore, QueueLimits, SqliteMessageStore, StoreUnavailable
 from common.crypto import Identity, fingerprint
 from broker.routing import Action, BrokerCore, Forward, Kick, Publish, Relay, Send
 from common.paths import broker_dir, ensure_private_dir
@@ -59,8 +60,18 @@ class BrokerConfig:
         return self.key_port if self.key_port is not None else self.port + 2
 
 
+ACCEPT_BACKLOG = 4096
 _MORE = int(zmq.SNDMORE | zmq.DONTWAIT)
 _NOWAIT = int(zmq.DONTWAIT)
+
+
+def raise_fd_limit() -> int:
+    """Every client costs a descriptor (two with presence): take the hard limit we are allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
 
 
 def _curve_key(frame: zmq.Frame) -> bytes | None:
@@ -84,6 +95,8 @@ class BrokerServer:
         self._stopping = False
         epoch = os.urandom(8)
         ensure_private_dir(config.data_dir)
+        fds = raise_fd_limit()
+        log.info("file descriptor limit %d: about %d clients with presence subscriptions", fds, (fds - 50) // 2)
         self._cluster = None
         if config.cluster:
             from broker import cluster  # Redis is needed only in cluster mode
@@ -135,7 +148,8 @@ class BrokerServer:
         self.key_service = self._ctx.socket(zmq.ROUTER)
         self.key_service.setsockopt(zmq.LINGER, 0)
         self.key_service.setsockopt(zmq.MAXMSGSIZE, 1024)
-        self._monitor = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self.router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED)
         self._bind(self.router, config.port)
         self._bind(self.pub, config.publish_port)
         if not config.insecure:
@@ -165,8 +179,9 @@ class BrokerServer:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             listener.bind((self.config.host, port))
-            listener.listen(1024)
+            listener.listen(ACCEPT_BACKLOG)
             sock.setsockopt(zmq.USE_FD, listener.detach())  # libzmq owns and closes it now
+        sock.setsockopt(zmq.BACKLOG, ACCEPT_BACKLOG)  # libzmq's 100 overflows when thousands reconnect at once
         sock.bind(f"tcp://{self.config.host}:{port}")
 
     def serve_forever(self) -> None:
@@ -334,14 +349,21 @@ class BrokerServer:
                 pass
 
     def _log_connection_event(self) -> None:
-        try:
-            event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
-        except zmq.Again:
-            return
-        kind = "connect" if event["event"] == zmq.EVENT_ACCEPTED else "disconnect"
-        log.info("%s from %s", kind, event["endpoint"].decode(errors="replace"))
+        # Drain them all: libzmq sends monitor events blocking, under a lock, so a backlog of unread
+        # events stalls its I/O thread (and later disable_monitor()).
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPT_FAILED:
+                log.warning("accept failed: %s (file descriptors exhausted?)", os.strerror(event["value"]))
+                continue
+            kind = "connect" if event["event"] == zmq.EVENT_ACCEPTED else "disconnect"
+            log.info("%s from %s", kind, event["endpoint"].decode(errors="replace"))
 
     def _close(self) -> None:
+        self._log_connection_event()
         self.router.disable_monitor()
         for sock in (self._monitor, self.router, self.pub, self.key_service):
             sock.close(linger=0)

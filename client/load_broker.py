@@ -181,7 +181,7 @@ class Sample:
 
 
 class ResourceSampler:
-    """RSS, CPU and open fds of the broker process, sampled by the coordinator's loop."""
+    """RSS, CPU and open fds of the broker (its process and any children), sampled by the coordinator's loop."""
 
     MAX_SAMPLES = 4000
 
@@ -208,13 +208,20 @@ class ResourceSampler:
                     self.fd_limit = self._proc.rlimit(psutil.RLIMIT_NOFILE)[0]
                 except (AttributeError, psutil.Error):
                     self.fd_limit = None
-            with self._proc.oneshot():
-                times = self._proc.cpu_times()
-                rss = self._proc.memory_info().rss
-                fds = self._proc.num_fds()
+            rss = fds = 0
+            cpu = 0.0
+            for proc in self._tree():  # a broker with --workers is several processes
+                try:
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        rss += proc.memory_info().rss
+                        fds += proc.num_fds()
+                        cpu += times.user + times.system
+                except psutil.NoSuchProcess:
+                    continue
         except psutil.Error:
             return None
-        now, cpu = time.monotonic(), times.user + times.system
+        now = time.monotonic()
         percent = 0.0
         if self._last is not None and now > self._last[0]:
             self.cpu_seconds += max(0.0, cpu - self._last[1])
@@ -226,12 +233,24 @@ class ResourceSampler:
             self.samples = self.samples[: self.MAX_SAMPLES // 2: 2] + self.samples[self.MAX_SAMPLES // 2:]
         return sample
 
-    def cpu_now(self, pid: int | None) -> float | None:
-        """The process's CPU seconds so far (for per-message cost over a phase)."""
+    def _tree(self) -> list:
+        assert self._proc is not None
+        try:
+            return [self._proc, *self._proc.children(recursive=True)]
+        except self._psutil.NoSuchProcess:
+            return []
+
+    def cpu_now(self, pid: int | None) -> tuple[float, float] | None:
+        """The process's CPU seconds so far, and its main thread's (Python's share; the rest is mostly libzmq)."""
         if pid is None:
             return None
         try:
-            times = self._psutil.Process(pid).cpu_times()
+            proc = self._psutil.Process(pid)
+            total = 0.0
+            for member in [proc, *proc.children(recursive=True)]:
+                times = member.cpu_times()
+                total += times.user + times.system
+            main = next((t.user_time + t.system_time for t in proc.threads() if t.id == pid), 0.0)
         except self._psutil.Error:
             return None
-        return times.user + times.system
+        return total, main

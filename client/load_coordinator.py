@@ -97,6 +97,7 @@ class RunResult:
     rss_send_end: int | None = None
     broker_fd_limit: int | None = None
     broker_cpu_send_s: float | None = None
+    broker_main_thread_cpu_send_s: float | None = None  # Python's share of it
     broker_warnings: int = 0
     broker_tail: str = ""
     restarts: int = 0
@@ -392,7 +393,8 @@ class LoadRun:
             if self.result.restarts == 0:
                 cpu1 = self.sampler.cpu_now(self._broker_pid())
                 if cpu0 is not None and cpu1 is not None:
-                    self.result.broker_cpu_send_s = cpu1 - cpu0
+                    self.result.broker_cpu_send_s = cpu1[0] - cpu0[0]
+                    self.result.broker_main_thread_cpu_send_s = cpu1[1] - cpu0[1]
             else:  # several incarnations: what the samples saw
                 self._sample()
                 self.result.broker_cpu_send_s = self.sampler.cpu_seconds - cpu_seconds0

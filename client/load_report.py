@@ -80,6 +80,8 @@ def _broker(result: RunResult, received: int) -> dict:
         "cpu_send_phase_s": None if result.broker_cpu_send_s is None else round(result.broker_cpu_send_s, 3),
         "cpu_us_per_msg": (round(result.broker_cpu_send_s * 1e6 / received, 1)
                            if result.broker_cpu_send_s is not None and received else None),
+        "main_thread_us_per_msg": (round(result.broker_main_thread_cpu_send_s * 1e6 / received, 1)
+                                   if result.broker_main_thread_cpu_send_s is not None and received else None),
         "samples": [[s.t, round(s.rss / MIB, 2), s.cpu, s.fds] for s in samples],
         "samples_columns": ["t_s", "rss_mib", "cpu_pct", "fds"],
     })
@@ -221,7 +223,11 @@ def render(summary: dict) -> str:
     b = summary["broker"]
     if b.get("rss_baseline_mib") is not None:
         per = f" ({b['rss_per_client_kib']:.1f} KiB per registered client)" if b.get("rss_per_client_kib") else ""
-        cpu = f", {b['cpu_us_per_msg']:.0f} us CPU per message" if b.get("cpu_us_per_msg") else ""
+        cpu = ""
+        if b.get("cpu_us_per_msg"):
+            cpu = f", {b['cpu_us_per_msg']:.0f} us CPU per message"
+            if b.get("main_thread_us_per_msg"):
+                cpu += f" ({b['main_thread_us_per_msg']:.0f} in its Python thread)"
         lines.append(f"broker       RSS {b['rss_baseline_mib']:.1f} MiB idle -> {b['rss_registered_mib']:.1f} MiB "
                      f"registered{per}, max {b['rss_max_mib']:.1f}, end {b['rss_end_mib']:.1f}; CPU avg "
                      f"{b['cpu_avg_pct']:.0f}% max {b['cpu_max_pct']:.0f}%{cpu}; fds max {b['fds_max']} "
