@@ -33,7 +33,6 @@ import multiprocessing as mp
 import os
 import shlex
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.conftest's helpers
 BARE_ROUTER = Path(__file__).resolve().with_name("bare_router.py")
 RUN_BROKER = Path(__file__).resolve().with_name("run_broker.py")
 
@@ -367,28 +367,13 @@ def _die_with_parent() -> None:
         pass
 
 
-PORTS_PER_SERVER = 3  # ROUTER on P, presence PUB on P+1, key service on P+2
 
 
 def free_ports() -> int:
-    """A port P with P .. P+2 all free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + PORTS_PER_SERVER > 65535:
-            continue
-        socks = [socket.socket() for _ in range(PORTS_PER_SERVER)]
-        try:
-            for i, sock in enumerate(socks):
-                sock.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise BenchError("no free run of ports on 127.0.0.1")
+    """A port P with P .. P+2 all free on 127.0.0.1 (the tests' helper)."""
+    from tests.conftest import free_port_pair
+
+    return free_port_pair()
 
 
 def fetch_server_key(port: int, timeout: float = 5.0) -> bytes:
@@ -396,23 +381,17 @@ def fetch_server_key(port: int, timeout: float = 5.0) -> bytes:
     import zmq
     from zmq.utils import z85
 
-    from common.protocol import BrokerKey, decode
+    from client.broker_trust import fetch_broker_key
+    from common.endpoints import ServerAddress
 
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
     try:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://127.0.0.1:{port + 2}")
-        sock.send(b"key?")
-        if not sock.poll(int(timeout * 1000)):
-            raise BenchError(f"no answer from the key service on port {port + 2}")
-        msg = decode(sock.recv_multipart()).message
-        if type(msg) is not BrokerKey:
-            raise BenchError(f"key service answered {type(msg).__name__}")
-        return z85.encode(msg.key)
+        key = fetch_broker_key(ctx, ServerAddress("127.0.0.1", port), port + 2, timeout)
     finally:
-        sock.close(linger=0)
         ctx.term()
+    if key is None:
+        raise BenchError(f"no broker key from the key service on port {port + 2}")
+    return z85.encode(key)
 
 
 SERVERS = {
