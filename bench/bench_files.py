@@ -122,7 +122,9 @@ def _config(port: int, secure: bool, **extra):
 def _receive_files(port: int, home: str, inbox: str, window: int, secure: bool, ready, stop) -> None:
     os.environ["P2PCHAT_HOME"] = home
     from client.client import ChatClient
+    from common.allocator import tune_for_bulk_transfer
 
+    tune_for_bulk_transfer()  # as `p2pchat` does at start
     with ChatClient("bob", _config(port, secure, received_dir=Path(inbox), window=window)) as client:
         client.connect(10)
         ready.set()
@@ -132,7 +134,9 @@ def _receive_files(port: int, home: str, inbox: str, window: int, secure: bool, 
 def _send_file(port: int, home: str, path: str, chunk: int, secure: bool, result) -> None:
     os.environ["P2PCHAT_HOME"] = home
     from client.client import ChatClient
+    from common.allocator import tune_for_bulk_transfer
 
+    tune_for_bulk_transfer()
     config = _config(port, secure, chunk_size=chunk)
     with ChatClient("alice", config) as client:
         client.connect(10)

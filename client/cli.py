@@ -19,6 +19,7 @@ from pathlib import Path
 import zmq
 
 from client import events as ev
+from common.allocator import tune_for_bulk_transfer
 from common.endpoints import ServerAddress
 from common.errors import BrokenError, P2PChatError, RemoteError, TransferError
 
@@ -377,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "broker" else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_for_bulk_transfer()  # every command may move file chunks, the broker included
     try:
         return args.func(args)
     except RemoteError as exc:
