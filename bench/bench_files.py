@@ -1,14 +1,18 @@
-"""File transfer throughput through the broker, beside the bare relay ceiling, in one run.
+"""File transfer throughput through the broker, beside the bare relay ceilings, in one run.
 
     .venv/bin/python bench/bench_files.py [--size-mib 1024] [--rounds 3] [--chunk-kib 256] [--window 16]
 
 Each round measures, on 127.0.0.1 only:
-  * ceiling: a bare pyzmq ROUTER that only swaps frames, between a raw DEALER
+  * ceilings: a bare pyzmq ROUTER that only swaps frames, between a raw DEALER
     pushing chunk-sized frames under the same credit window and a raw DEALER that
-    discards them (no hashing, no disk, no protocol): what the transport allows;
-  * p2pchat: the same size sent with ``ChatClient.send_file`` (its own process)
-    to ``p2pchat listen`` (another process) through ``p2pchat broker``, timed from
-    the offer to the receiver's verified save;
+    discards them (no hashing, no disk, no protocol): what the transport allows,
+    once over plain TCP and once with CURVE on all three sockets, as p2pchat has;
+  * p2pchat: the same size sent by ``ChatClient.send_file`` (its own process) to
+    a ``ChatClient`` receiving into a directory (another process) through
+    ``p2pchat broker``, timed from the offer to the sender learning that the
+    receiver verified and saved it. Three configurations: the default (CURVE
+    transport and end-to-end sealed chunks), sealed chunks over a plaintext
+    transport (``--insecure``), and nothing encrypted (SHA-256 and CRC-32 instead);
 while a probe process chats through the same broker at 100 msg/s and records
 one-way latency, and the broker's RSS is sampled. Prints medians and ratios.
 """
@@ -38,10 +42,23 @@ from tests.conftest import BrokerProcess, free_port_pair  # noqa: E402  (the sam
 MiB = 1024 * 1024
 
 
-# --- ceiling: bare relay ------------------------------------------------------------------
-def _bare_relay(port: int, ready) -> None:
+# --- ceilings: bare relay -----------------------------------------------------------------
+def _curve_server(sock: zmq.Socket, keys: tuple[bytes, bytes] | None) -> None:
+    if keys is not None:
+        sock.curve_server = True
+        sock.curve_publickey, sock.curve_secretkey = keys
+
+
+def _curve_client(sock: zmq.Socket, keys: tuple[bytes, bytes] | None) -> None:
+    if keys is not None:
+        sock.curve_serverkey = keys[0]
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+
+
+def _bare_relay(port: int, keys, ready) -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
+    _curve_server(router, keys)  # no ZAP handler: it would only cost at the handshake
     router.bind(f"tcp://127.0.0.1:{port}")
     ready.set()
     peers: list[bytes] = []
@@ -59,11 +76,17 @@ def _bare_relay(port: int, ready) -> None:
     ctx.term()
 
 
-def _bare_receiver(port: int, chunks: int, window: int, result) -> None:
-    ctx = zmq.Context()
+def _bare_dealer(ctx: zmq.Context, port: int, keys) -> zmq.Socket:
     dealer = ctx.socket(zmq.DEALER)
+    _curve_client(dealer, keys)
     dealer.connect(f"tcp://127.0.0.1:{port}")
     dealer.send(b"hello")
+    return dealer
+
+
+def _bare_receiver(port: int, keys, chunks: int, window: int, result) -> None:
+    ctx = zmq.Context()
+    dealer = _bare_dealer(ctx, port, keys)
     got = 0
     while got < chunks:
         dealer.recv_multipart(copy=False)
@@ -75,21 +98,20 @@ def _bare_receiver(port: int, chunks: int, window: int, result) -> None:
     ctx.term()
 
 
-def bare_ceiling(size: int, chunk: int, window: int) -> float:
+def bare_ceiling(size: int, chunk: int, window: int, curve: bool) -> float:
     """MiB/s of chunk frames through a relay that only swaps frames, with the same credit window."""
     port = free_port_pair()
+    keys = zmq.curve_keypair() if curve else None
     spawn = mp.get_context("spawn")
     ready, result = spawn.Event(), spawn.Queue()
-    relay = spawn.Process(target=_bare_relay, args=(port, ready))
+    relay = spawn.Process(target=_bare_relay, args=(port, keys, ready))
     relay.start()
     ready.wait(10)
     chunks = -(-size // chunk)
-    receiver = spawn.Process(target=_bare_receiver, args=(port, chunks, window, result))
+    receiver = spawn.Process(target=_bare_receiver, args=(port, keys, chunks, window, result))
     receiver.start()
     ctx = zmq.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    dealer.send(b"hello")
+    dealer = _bare_dealer(ctx, port, keys)
     time.sleep(0.5)  # both peers known to the relay before timing starts
     payload = os.urandom(chunk)
     start = time.perf_counter()
@@ -112,48 +134,57 @@ def bare_ceiling(size: int, chunk: int, window: int) -> float:
 
 
 # --- p2pchat: real sender, receiver, broker -------------------------------------------------
-def _config(port: int, secure: bool, **extra):
+VARIANTS = {  # name: (CURVE transport, end-to-end sealed chunks)
+    "default": (True, True),
+    "sealed, plain transport": (False, True),
+    "nothing encrypted": (False, False),
+}
+
+
+def _config(port: int, curve: bool, sealed: bool, **extra):
     from client.client import ClientConfig
     from common.endpoints import ServerAddress
 
-    return ClientConfig(server=ServerAddress("127.0.0.1", port), insecure=not secure, encrypt=secure, **extra)
+    return ClientConfig(server=ServerAddress("127.0.0.1", port), insecure=not curve, encrypt=sealed, **extra)
 
 
-def _receive_files(port: int, home: str, inbox: str, window: int, secure: bool, ready, stop) -> None:
+def _receive_files(port: int, home: str, inbox: str, window: int, curve: bool, sealed: bool, ready, stop) -> None:
     os.environ["P2PCHAT_HOME"] = home
     from client.client import ChatClient
     from common.allocator import tune_for_bulk_transfer
 
     tune_for_bulk_transfer()  # as `p2pchat` does at start
-    with ChatClient("bob", _config(port, secure, received_dir=Path(inbox), window=window)) as client:
+    with ChatClient("bob", _config(port, curve, sealed, received_dir=Path(inbox), window=window)) as client:
         client.connect(10)
         ready.set()
         stop.wait(900)
 
 
-def _send_file(port: int, home: str, path: str, chunk: int, secure: bool, result) -> None:
+def _send_file(port: int, home: str, path: str, chunk: int, curve: bool, sealed: bool, result) -> None:
     os.environ["P2PCHAT_HOME"] = home
     from client.client import ChatClient
     from common.allocator import tune_for_bulk_transfer
 
     tune_for_bulk_transfer()
-    config = _config(port, secure, chunk_size=chunk)
-    with ChatClient("alice", config) as client:
-        client.connect(10)
-        start = time.perf_counter()
-        _, done = client.send_file("bob", path)
-        done.result(600)
-        result.put(time.perf_counter() - start)
+    try:
+        with ChatClient("alice", _config(port, curve, sealed, chunk_size=chunk)) as client:
+            client.connect(10)
+            start = time.perf_counter()
+            _, done = client.send_file("bob", path)
+            done.result(600)
+            result.put(time.perf_counter() - start)
+    except Exception as exc:  # reported by the parent, which would otherwise wait for a figure
+        result.put(repr(exc))
 
 
-def _chat_probe(port: int, home: str, secure: bool, stop, result) -> None:
+def _chat_probe(port: int, home: str, curve: bool, sealed: bool, stop, result) -> None:
     """pinger -> ponger at 100 msg/s; one-way latency on one clock (same process)."""
     os.environ["P2PCHAT_HOME"] = home
     from client import events as ev
     from client.client import ChatClient
 
     hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
-    config = _config(port, secure)
+    config = _config(port, curve, sealed)
 
     def on_event(event) -> None:
         if isinstance(event, ev.MessageReceived):
@@ -173,15 +204,16 @@ def _chat_probe(port: int, home: str, secure: bool, stop, result) -> None:
                 "p99_ms": hist.get_value_at_percentile(99) / 1000, "max_ms": hist.get_max_value() / 1000})
 
 
-def p2pchat_round(src: Path, chunk: int, window: int, work: Path, secure: bool = True) -> dict:
-    broker = BrokerProcess(work / "broker-home", free_port_pair(), [] if secure else ["--insecure"]).start()
+def p2pchat_round(src: Path, chunk: int, window: int, work: Path, curve: bool, sealed: bool) -> dict:
+    broker = BrokerProcess(work / "broker-home", free_port_pair(), [] if curve else ["--insecure"]).start()
     inbox = work / "inbox"
     spawn = mp.get_context("spawn")
     stop, probe_out, send_out, bob_ready = spawn.Event(), spawn.Queue(), spawn.Queue(), spawn.Event()
     listener = spawn.Process(target=_receive_files, args=(broker.port, str(work / "bob-home"), str(inbox), window,
-                                                          secure, bob_ready, stop))
+                                                          curve, sealed, bob_ready, stop))
     listener.start()
-    probe = spawn.Process(target=_chat_probe, args=(broker.port, str(work / "probe-home"), secure, stop, probe_out))
+    probe = spawn.Process(target=_chat_probe, args=(broker.port, str(work / "probe-home"), curve, sealed, stop,
+                                                    probe_out))
     broker_ps = psutil.Process(broker.proc.pid)
     peak = [0]
     sampling = threading.Event()
@@ -199,9 +231,11 @@ def p2pchat_round(src: Path, chunk: int, window: int, work: Path, secure: bool =
         sampler = threading.Thread(target=sample)
         sampler.start()
         sender = spawn.Process(target=_send_file, args=(broker.port, str(work / "alice-home"), str(src), chunk,
-                                                         secure, send_out))
+                                                         curve, sealed, send_out))
         sender.start()
         elapsed = send_out.get(timeout=900)
+        if isinstance(elapsed, str):
+            raise RuntimeError(f"the transfer failed: {elapsed}")
         sender.join(30)
         stop.set()
         latency = probe_out.get(timeout=30)
@@ -231,6 +265,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     chunk, size = args.chunk_kib * 1024, args.size_mib * MiB
+    ceilings: dict[str, list[float]] = {"plain": [], "curve": []}
+    rounds: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="p2pchat-bench-") as tmp:
         work = Path(tmp)
         src = work / "payload.bin"
@@ -238,37 +274,46 @@ def main() -> None:
             block = os.urandom(MiB)
             for i in range(args.size_mib):
                 f.write(block[i % 251:] + block[: i % 251])  # distinct blocks, cheap to make
-        ceilings, rounds, plain = [], [], []
         for r in range(args.rounds):
-            ceilings.append(bare_ceiling(size, chunk, args.window))
-            rounds.append(p2pchat_round(src, chunk, args.window, work / f"round{r}"))
-            plain.append(p2pchat_round(src, chunk, args.window, work / f"plain{r}", secure=False))
-            print(f"round {r + 1}: ceiling {ceilings[-1]:7.1f} MiB/s   p2pchat {rounds[-1]['mib_s']:7.1f} MiB/s   "
-                  f"plaintext {plain[-1]['mib_s']:7.1f} MiB/s   "
-                  f"chat p99 {rounds[-1]['chat']['p99_ms']:.2f} ms   broker RSS {rounds[-1]['rss_before_mib']:.1f}"
-                  f" -> peak {rounds[-1]['rss_peak_mib']:.1f} MiB", file=sys.stderr)
+            for kind in ceilings:
+                ceilings[kind].append(bare_ceiling(size, chunk, args.window, curve=kind == "curve"))
+            for v, (name, (curve, sealed)) in enumerate(VARIANTS.items()):
+                rounds[name].append(p2pchat_round(src, chunk, args.window, work / f"round{r}-{v}", curve, sealed))
+            print(f"round {r + 1}: ceiling plain {ceilings['plain'][-1]:6.0f}  curve {ceilings['curve'][-1]:6.0f}"
+                  + "".join(f"   {name} {rounds[name][-1]['mib_s']:5.0f}" for name in VARIANTS)
+                  + f" MiB/s   chat p99 {rounds['default'][-1]['chat']['p99_ms']:.2f} ms", file=sys.stderr)
     med = statistics.median
+    ceiling = {kind: med(values) for kind, values in ceilings.items()}
+    rate = {name: med(r["mib_s"] for r in rs) for name, rs in rounds.items()}
+    default = rounds["default"]
     report = {
         "size_mib": args.size_mib, "chunk_kib": args.chunk_kib, "window": args.window, "rounds": args.rounds,
-        "ceiling_mib_s": med(ceilings), "p2pchat_mib_s": med(r["mib_s"] for r in rounds),
-        "ratio": med(r["mib_s"] for r in rounds) / med(ceilings),
-        "plaintext_mib_s": med(r["mib_s"] for r in plain),
-        "encrypted_over_plaintext": med(r["mib_s"] for r in rounds) / med(r["mib_s"] for r in plain),
-        "broker_rss_growth_mib": med(r["rss_peak_mib"] - r["rss_before_mib"] for r in rounds),
-        "chat_p50_ms": med(r["chat"]["p50_ms"] for r in rounds),
-        "chat_p99_ms": med(r["chat"]["p99_ms"] for r in rounds),
+        "ceiling_mib_s": ceiling["plain"], "curve_ceiling_mib_s": ceiling["curve"],
+        "p2pchat_mib_s": rate["default"], "ratio_to_curve_ceiling": rate["default"] / ceiling["curve"],
+        "ratio_to_plain_ceiling": rate["default"] / ceiling["plain"],
+        "sealed_plain_transport_mib_s": rate["sealed, plain transport"],
+        "sealed_plain_transport_ratio": rate["sealed, plain transport"] / ceiling["plain"],
+        "plaintext_mib_s": rate["nothing encrypted"],
+        "sealed_over_plaintext": rate["sealed, plain transport"] / rate["nothing encrypted"],
+        "broker_rss_growth_mib": med(r["rss_peak_mib"] - r["rss_before_mib"] for r in default),
+        "chat_p50_ms": med(r["chat"]["p50_ms"] for r in default),
+        "chat_p99_ms": med(r["chat"]["p99_ms"] for r in default),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"\n{args.size_mib} MiB, chunk {args.chunk_kib} KiB, window {args.window}, median of {args.rounds} rounds")
-    print(f"  bare relay ceiling      {report['ceiling_mib_s']:8.1f} MiB/s")
-    print(f"  p2pchat end to end      {report['p2pchat_mib_s']:8.1f} MiB/s   ratio {report['ratio']:.2f}"
-          f"   (target >= 400 MiB/s and >= 0.50)")
-    print(f"  p2pchat plaintext       {report['plaintext_mib_s']:8.1f} MiB/s   encrypted/plaintext "
-          f"{report['encrypted_over_plaintext']:.2f}   (target >= 0.85)")
-    print(f"  broker RSS growth       {report['broker_rss_growth_mib']:8.1f} MiB     (target < 32 MiB)")
-    print(f"  chat during transfer    p50 {report['chat_p50_ms']:.2f} ms   p99 {report['chat_p99_ms']:.2f} ms"
+    print(f"  bare relay ceiling, plain TCP   {ceiling['plain']:7.1f} MiB/s")
+    print(f"  bare relay ceiling, CURVE       {ceiling['curve']:7.1f} MiB/s")
+    print(f"  p2pchat default (CURVE, sealed) {rate['default']:7.1f} MiB/s   {report['ratio_to_curve_ceiling']:.2f} of"
+          f" the CURVE ceiling, {report['ratio_to_plain_ceiling']:.2f} of the plain one"
+          "   (target >= 400 MiB/s and >= 0.50)")
+    print(f"  sealed, plain transport         {rate['sealed, plain transport']:7.1f} MiB/s   "
+          f"{report['sealed_plain_transport_ratio']:.2f} of the plain ceiling")
+    print(f"  nothing encrypted               {rate['nothing encrypted']:7.1f} MiB/s   sealed/plaintext "
+          f"{report['sealed_over_plaintext']:.2f}   (target >= 0.85)")
+    print(f"  broker RSS growth               {report['broker_rss_growth_mib']:7.1f} MiB     (target < 32 MiB)")
+    print(f"  chat during transfer            p50 {report['chat_p50_ms']:.2f} ms   p99 {report['chat_p99_ms']:.2f} ms"
           f"   (target p99 < 50 ms)")
 
 

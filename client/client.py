@@ -103,7 +103,7 @@ class ChatClient:
         transfers = TransferManager(
             user,
             TransferConfig(self.state_dir / "transfers", cfg.received_dir, cfg.max_file_size, cfg.chunk_size,
-                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness),
+                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness, write_behind=True),
             e2e=self.e2e,
             wall_ms=_wall_ms,
             wall_time=time.time,

@@ -177,6 +177,8 @@ class ClientSession:
         if self.state is State.READY:
             actions.append(self._transmit(pack(Unregister(), self._wall_ms()), now))
         self.state = State.CLOSED
+        if self.transfers is not None:
+            self.transfers.close()
         kept = " (kept in the outbox for the next run)" if self.history is not None else ""
         for msg_id in list(self._pending):
             del self._pending[msg_id]

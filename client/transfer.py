@@ -38,6 +38,7 @@ import msgpack
 from client import events as ev
 from client.actions import Action, Emit, Transmit
 from client.filenames import publish_atomically, received_name
+from client.partfile import PartFile
 from client.e2e import EndToEnd, PeerKeyChanged
 from common.crypto import TAG_BYTES, FileCipher
 from common.errors import ErrorCode, P2PChatError, ProtocolError, RemoteError, TransferError
@@ -62,6 +63,7 @@ MAX_CHUNK_BYTES = MAX_PAYLOAD_BYTES - TAG_BYTES
 WINDOW = 16  # chunks in flight per transfer (see docs/PROTOCOL.md, bench/bench_files.py)
 PROGRESS_EVERY = 0.2  # seconds between progress events per transfer
 REF_PREFIX = 10  # file frames' message ids start with the transfer id's first bytes
+OPEN_RETRIES = 3  # a sealed chunk that fails to open is asked for again this often before it counts as tampering
 
 
 class Phase(enum.Enum):
@@ -137,9 +139,10 @@ class Incoming:
     next: int = 0
     granted: int = 0
     hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
-    handle: object | None = None
+    handle: PartFile | None = None
     rate: _Rate | None = None
     cipher: FileCipher | None = None
+    open_failures: int = 0  # sealed chunks that failed to open since the last good one
 
     @property
     def chunks(self) -> int:
@@ -159,6 +162,7 @@ class TransferConfig:
     chunk_size: int = CHUNK_SIZE
     window: int = WINDOW
     stall_timeout: float = 3.0
+    write_behind: bool = False  # the shell's choice: received chunks written by a thread (see client.partfile)
 
 
 class TransferManager:
@@ -183,6 +187,8 @@ class TransferManager:
     # --- commands -----------------------------------------------------------
     def send_file(self, peer: str, path: Path, now: float) -> tuple[bytes, list[Action]]:
         """Offer ``path`` to ``peer``; resumes an unfinished transfer of the same file."""
+        if not 0 < self.config.chunk_size <= MAX_CHUNK_BYTES:
+            raise TransferError(f"chunk size {self.config.chunk_size} outside 1..{MAX_CHUNK_BYTES} bytes")
         path = Path(path).resolve()
         try:
             st = path.stat()
@@ -233,6 +239,13 @@ class TransferManager:
             if xfer not in self.incoming:
                 actions += self._resume_in(record, now)
         return actions
+
+    def close(self) -> None:
+        """The client stops: let go of every file; unfinished transfers stay on disk to resume."""
+        for item in (*self.incoming.values(), *self.outgoing.values()):
+            if item.handle is not None:
+                item.handle.close()
+                item.handle = None
 
     # --- inputs -------------------------------------------------------------
     def on_message(self, env: Envelope, now: float) -> list[Action]:
@@ -419,14 +432,13 @@ class TransferManager:
             raise TransferError(f"{out.path.name} changed while being sent", ErrorCode.SOURCE_CHANGED)
         out.bytes_sent += len(data)
         if out.cipher is not None:  # sealed chunks are authenticated one by one: no whole-file hash
-            payload = out.cipher.seal(index, final, data)
-            chunk = FileChunk(self.user, out.peer, out.xfer, index, zlib.crc32(payload), final)
-            return self._send(out.xfer, chunk, payload)
+            chunk = FileChunk(self.user, out.peer, out.xfer, index, final)
+            return self._send(out.xfer, chunk, out.cipher.seal(index, final, data))
         if offset == out.hashed:
             out.hasher.update(data)
             out.hashed += len(data)
         digest = out.hasher.digest() if final else None
-        chunk = FileChunk(self.user, out.peer, out.xfer, index, zlib.crc32(data), final, digest)
+        chunk = FileChunk(self.user, out.peer, out.xfer, index, final, zlib.crc32(data), digest)
         return self._send(out.xfer, chunk, data)
 
     def _on_done(self, out: Outgoing, now: float) -> list[Action]:
@@ -489,7 +501,7 @@ class TransferManager:
         part = cfg.received_dir / f".{final_name[:180]}.{offer.xfer.hex()[:8]}.part"
         if reject is None:
             try:
-                handle = open(part, "xb")  # noqa: SIM115 - closed in _close_in
+                handle = PartFile.create(part, offer.chunk_size, write_behind=cfg.write_behind)
             except OSError as exc:
                 reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
                                        ErrorCode.UNWRITABLE)
@@ -529,21 +541,23 @@ class TransferManager:
         inc = Incoming(xfer, record["peer"], record["name"], record["size"],
                        record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"],
                        cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None)
+        handle = None
         try:
-            handle = open(inc.part, "r+b")  # noqa: SIM115 - closed in _close_in
-            have = os.fstat(handle.fileno()).st_size // inc.chunk_size
-            handle.truncate(have * inc.chunk_size)
-            while inc.cipher is None and (block := handle.read(1 << 20)):
-                inc.hasher.update(block)
-            handle.seek(have * inc.chunk_size)  # append after the last whole chunk
+            handle = PartFile.resume(inc.part, inc.chunk_size, write_behind=self.config.write_behind)
+            if inc.cipher is None:  # the whole-file hash covers the chunks already held
+                with open(inc.part, "rb") as held:  # already cut back to whole chunks
+                    while block := held.read(1 << 20):
+                        inc.hasher.update(block)
         except OSError as exc:
+            if handle is not None:
+                handle.close()
             self._forget(self._in_dir, inc.xfer)
             return [Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in",
                                        TransferError(f"cannot resume: {exc.strerror}", ErrorCode.UNWRITABLE)))]
-        inc.handle, inc.next = handle, have
+        inc.handle, inc.next = handle, handle.size // inc.chunk_size
         self._track_in(inc, now)
         log.info("user=%s peer=%s xfer=%s resuming %r at chunk %d", self.user, inc.peer, inc.xfer.hex()[:8],
-                 inc.name, have)
+                 inc.name, inc.next)
         return self._credit(inc, now, restart=True)
 
     def _track_in(self, inc: Incoming, now: float) -> None:
@@ -562,27 +576,30 @@ class TransferManager:
         if chunk.index != inc.next:
             return []  # a duplicate or out of order: dropped; the stall timer re-asks
         final = inc.next == inc.chunks - 1
-        expected = inc.size - chunk.index * inc.chunk_size if final else inc.chunk_size
-        if inc.cipher is not None:
-            expected += TAG_BYTES
+        size = inc.size - chunk.index * inc.chunk_size if final else inc.chunk_size
         data = memoryview(payload)
-        if len(data) != expected or chunk.final != final or zlib.crc32(data) != chunk.crc:
-            log.warning("user=%s peer=%s xfer=%s chunk %d damaged; asking again", self.user, inc.peer,
-                        inc.xfer.hex()[:8], chunk.index)
-            return self._credit(inc, now, restart=True)
-        if inc.cipher is not None:
-            try:
-                data = inc.cipher.open(chunk.index, final, data)
-            except ProtocolError as exc:  # intact in transit (CRC) but not authentic: tampering
-                return self._fail_in(inc, TransferError(f"{inc.name}: {exc.message}", ErrorCode.INTEGRITY),
-                                     tell_peer=True)
+        sealed = inc.cipher is not None
+        if (len(data) != size + (TAG_BYTES if sealed else 0) or chunk.final != final
+                or (not sealed and (chunk.crc is None or zlib.crc32(data) != chunk.crc))):
+            return self._ask_again(inc, chunk, now)
         try:
-            inc.handle.write(data)
+            out = inc.handle.buffer(size)
+            if sealed:
+                inc.cipher.open_into(chunk.index, final, data, out)
+            else:
+                out[:] = data
+                inc.hasher.update(data)
+            inc.handle.append(size)
+        except ProtocolError as exc:
+            # Sealed chunks carry no CRC: damage in transit and tampering look alike, so ask a few times.
+            inc.open_failures += 1
+            if inc.open_failures < OPEN_RETRIES:
+                return self._ask_again(inc, chunk, now)
+            return self._fail_in(inc, TransferError(f"{inc.name}: {exc.message}", ErrorCode.INTEGRITY),
+                                 tell_peer=True)
         except OSError as exc:
-            code = ErrorCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.UNWRITABLE
-            return self._fail_in(inc, TransferError(f"cannot write {inc.name}: {exc.strerror}", code), tell_peer=True)
-        if inc.cipher is None:
-            inc.hasher.update(data)
+            return self._fail_in(inc, self._write_error(inc, exc), tell_peer=True)
+        inc.open_failures = 0
         inc.next += 1
         inc.rate.last_activity = now
         if final:
@@ -592,16 +609,27 @@ class TransferManager:
             actions += self._credit(inc, now, restart=False)
         return actions
 
+    def _ask_again(self, inc: Incoming, chunk: FileChunk, now: float) -> list[Action]:
+        log.warning("user=%s peer=%s xfer=%s chunk %d damaged; asking again", self.user, inc.peer,
+                    inc.xfer.hex()[:8], chunk.index)
+        return self._credit(inc, now, restart=True)
+
+    @staticmethod
+    def _write_error(inc: Incoming, exc: OSError) -> TransferError:
+        code = ErrorCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.UNWRITABLE
+        return TransferError(f"cannot write {inc.name}: {exc.strerror}", code)
+
     def _finish(self, inc: Incoming, chunk: FileChunk, now: float) -> list[Action]:
         # Sealed: the final chunk opened under the "final" nonce, so every chunk was authentic and none is missing.
         if inc.cipher is None and chunk.sha256 != inc.hasher.digest():
             return self._fail_in(inc, TransferError(f"{inc.name} failed its SHA-256 check", ErrorCode.INTEGRITY),
                                  tell_peer=True)
         try:
-            inc.handle.flush()
-            os.fsync(inc.handle.fileno())
-            inc.handle.close()
-            inc.handle = None
+            handle, inc.handle = inc.handle, None
+            handle.finish()  # every chunk on disk and synced before the name appears
+        except OSError as exc:
+            return self._fail_in(inc, self._write_error(inc, exc), tell_peer=True)
+        try:
             path = publish_atomically(inc.part, inc.target_dir, inc.final_name)
             (self._done_dir / inc.xfer.hex()).touch()
         except OSError as exc:

@@ -157,8 +157,9 @@ class FileCipher:
     def seal(self, index: int, final: bool, data: bytes) -> bytes:
         return self._aead.encrypt(self.nonce(index, final), data, self._aad)
 
-    def open(self, index: int, final: bool, data: bytes) -> bytes:
+    def open_into(self, index: int, final: bool, data, out: memoryview) -> None:
+        """``open``, writing the plaintext into ``out`` (exactly ``len(data) - TAG_BYTES`` long)."""
         try:
-            return self._aead.decrypt(self.nonce(index, final), data, self._aad)
+            self._aead.decrypt_into(self.nonce(index, final), data, self._aad, out)
         except InvalidTag:
             raise IntegrityError(f"chunk {index} failed authentication") from None

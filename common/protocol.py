@@ -335,9 +335,11 @@ class FileChunk(Message):
     recipient: UserId
     xfer: MsgId
     index: Count
-    crc: Count  # CRC-32 of the payload as sent: catches a damaged chunk early
     final: Flag
-    sha256: Digest | None = None  # of the whole file, final chunk of an unencrypted transfer only
+    # Unencrypted transfers only: CRC-32 of the payload (catches a damaged chunk early) and, on the
+    # final chunk, the whole file's SHA-256. A sealed chunk's GCM tag does both jobs.
+    crc: Count | None = None
+    sha256: Digest | None = None
 
 
 @_message

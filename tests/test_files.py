@@ -308,15 +308,19 @@ def test_transfer_resumes_after_sender_restart(make_client, broker, tmp_path):
             alice.wait()
 
 
-def test_chunk_corrupted_in_flight_is_never_saved(pair, tmp_path):
-    alice, bob, inbox = pair
+@pytest.mark.parametrize("encrypt", [True, False], ids=["sealed", "plaintext"])
+def test_chunk_corrupted_in_flight_is_never_saved(make_client, tmp_path, encrypt):
+    # Sealed chunks: the GCM tag fails and the chunk is asked for again; plaintext ones: the CRC.
+    alice = make_client("alice", encrypt=encrypt)
+    bob = make_client("bob", received_dir=tmp_path / "inbox", encrypt=encrypt)
+    wait_peers(alice, {"alice", "bob"})
     src = make_file(tmp_path / "f.bin", 3 * CHUNK_SIZE)
     transfers = alice._session.transfers
     original = transfers._chunk
     lock = threading.Lock()
     damaged = []
 
-    def corrupt_once(out, index):  # flip a byte in chunk 1 on its first sending, keep its CRC
+    def corrupt_once(out, index):  # flip a byte in chunk 1 on its first sending, header untouched
         transmit = original(out, index)
         with lock:
             if index == 1 and not damaged:
