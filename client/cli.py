@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p, _default_user())
     p.add_argument("--to", required=True, help="recipient user ID")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (default 256 KiB; max 1 MiB - 16)")
+    p.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (default 512 KiB; max 1 MiB - 16)")
     p.add_argument("path", help="the file to send")
     p.set_defaults(func=cmd_send_file)
 

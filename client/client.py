@@ -391,7 +391,7 @@ class ChatClient:
                     self._backlog.append(action.frames)  # keep the order
                     continue
                 try:
-                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT)  # copying 256 KiB beats zero-copy bookkeeping
+                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT)  # copying a chunk beats zero-copy bookkeeping
                 except zmq.Again:
                     # At the high-water mark: hold it and send when the socket takes more. With no
                     # connection at all (IMMEDIATE) the session re-sends what matters once registered.

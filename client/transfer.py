@@ -58,7 +58,7 @@ from common.protocol import (
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 512 * 1024  # chosen with bench/bench_files.py (see docs/PROTOCOL.md §8)
 MAX_CHUNK_BYTES = MAX_PAYLOAD_BYTES - TAG_BYTES
 WINDOW = 16  # chunks in flight per transfer (see docs/PROTOCOL.md, bench/bench_files.py)
 PROGRESS_EVERY = 0.2  # seconds between progress events per transfer

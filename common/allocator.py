@@ -1,6 +1,6 @@
 """Keep glibc from handing bulk-transfer buffers back to the kernel after every chunk.
 
-File chunks are 256 KiB. By default glibc serves blocks that size with mmap, or
+File chunks are 512 KiB. By default glibc serves blocks that size with mmap, or
 trims the top of the heap as soon as they are freed, so every chunk costs fresh
 pages: page faults and zeroed memory in the sender, in the broker's I/O thread
 and in the receiver. bench/bench_files.py measured this at about half of the

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from client import events as ev
-from client.transfer import CHUNK_SIZE, WINDOW
-from common.errors import ErrorCode, P2PChatError
+from client.transfer import CHUNK_SIZE, MAX_CHUNK_BYTES, WINDOW
+from common.errors import ErrorCode, P2PChatError, TransferError
 from tests.conftest import ROOT, wait_for, wait_peers, wait_until
 
 
@@ -105,6 +105,12 @@ def test_file_over_receivers_limit_is_refused(make_client, tmp_path):
     assert files_in(tmp_path / "inbox") == []
 
 
+def test_chunk_size_the_receiver_would_refuse_is_refused_at_once(make_client, tmp_path):
+    alice = make_client("alice", chunk_size=MAX_CHUNK_BYTES + 1)  # a sealed chunk would exceed the frame limit
+    with pytest.raises(TransferError, match="chunk size"):
+        alice.send_file("bob", make_file(tmp_path / "f.bin", 10))
+
+
 def test_offer_to_an_offline_recipient_waits_for_them(make_client, tmp_path):
     alice = make_client("alice")
     make_client("bob").close()
@@ -124,17 +130,6 @@ def test_offer_to_an_unknown_user_is_a_clear_error(make_client, tmp_path):
     with pytest.raises(P2PChatError) as err:
         done.result(30)
     assert err.value.code is ErrorCode.UNKNOWN_RECIPIENT
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_file_larger_than_free_space_is_refused_up_front(make_client, tmp_path, small_disk):
