@@ -121,8 +121,8 @@ STATUS_TEXT = {
     Link.CONNECTED: "Connected",
     Link.RECONNECTING: "Reconnecting…",
 }
-SEARCH_FETCH = 1000  # matches read from history (it returns the oldest first)
-SEARCH_SHOWN = 100  # of which the newest are shown
+SEARCH_FETCH = 1000  # matches counted, newest first
+SEARCH_SHOWN = 100  # of which shown
 OPEN_RESULT_LIMIT = 10_000  # how far back a search result's conversation is loaded to show it in place
 
 
@@ -510,11 +510,11 @@ class ChatWindow:
         if self.history is None:
             return
         try:
-            found = self.history.search(query, limit=SEARCH_FETCH)
+            found = self.history.search(query, limit=SEARCH_FETCH, newest_first=True)
         except sqlite3.Error as exc:
             self._log(f"Search failed: {exc}")
             return
-        self.model.search = Search(query, tuple(reversed(found[-SEARCH_SHOWN:])), len(found),
+        self.model.search = Search(query, tuple(found[:SEARCH_SHOWN]), len(found),
                                    capped=len(found) == SEARCH_FETCH)
         self._view().show_results(self.model.search)
         self._render_header()

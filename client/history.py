@@ -108,8 +108,10 @@ class History:
         rows = self._entries("WHERE peer = ? ORDER BY seq DESC LIMIT ?", (peer, limit))
         return rows[::-1]
 
-    def search(self, query: str, peer: str | None = None, limit: int = 100) -> list[HistoryEntry]:
-        """Full-text search (every word must match, prefixes allowed), oldest first."""
+    def search(self, query: str, peer: str | None = None, limit: int = 100,
+               newest_first: bool = False) -> list[HistoryEntry]:
+        """Full-text search (every word must match, prefixes allowed): the ``limit`` oldest matches,
+        oldest first, or with ``newest_first`` the ``limit`` newest, newest first."""
         words = [w.replace('"', '""') for w in query.split()]
         if not words:
             return []
@@ -119,7 +121,8 @@ class History:
         if peer is not None:
             where += " AND peer = ?"
             args += (peer,)
-        return self._entries(f"{where} ORDER BY seq LIMIT ?", (*args, limit))
+        order = "DESC" if newest_first else "ASC"
+        return self._entries(f"{where} ORDER BY seq {order} LIMIT ?", (*args, limit))
 
     def peers(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT DISTINCT peer FROM messages ORDER BY peer")]

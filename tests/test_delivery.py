@@ -16,6 +16,7 @@ from client import events as ev
 from client.client import ChatClient, ClientConfig
 from client.history import History
 from common.errors import ErrorCode, RemoteError
+from common.protocol import new_msg_id
 from tests.conftest import HEARTBEAT, ROOT, BrokerProcess, free_port_pair, wait_for, wait_peers
 
 
@@ -81,6 +82,21 @@ def test_expired_messages_are_not_delivered(make_client):
     bob = make_client("bob")
     alice.send("bob", "fresh")
     assert texts_received(bob, 1) == ["fresh"]
+
+
+def test_history_search_returns_the_oldest_or_the_newest_matches(tmp_path):
+    history = History(tmp_path / "history.sqlite")
+    try:
+        for i in range(5):
+            history.add_incoming(new_msg_id(), "alice", f"status report {i}", 1000 + i)
+        history.add_outgoing(new_msg_id(), "bob", "unrelated", 2000)
+        history.commit()
+        assert [e.text for e in history.search("report", limit=2)] == ["status report 0", "status report 1"]
+        newest = history.search("rep", limit=2, newest_first=True)
+        assert [e.text for e in newest] == ["status report 4", "status report 3"]
+        assert history.search("report", peer="bob") == []
+    finally:
+        history.close()
 
 
 def test_history_survives_restart_and_search_finds_a_message(make_client, home):
