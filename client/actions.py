@@ -10,7 +10,8 @@ from client.events import Event
 
 @dataclass(frozen=True, slots=True)
 class Transmit:
-    frames: list[Any]  # bytes; a file chunk's payload may be a memoryview
+    frames: list[Any]  # bytes, never changed once handed over (the shell may send them without copying)
+    urgent: bool = False  # flow control: send at once, without waiting for the rest of the shell's batch
 
 
 @dataclass(frozen=True, slots=True)

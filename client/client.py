@@ -359,7 +359,11 @@ class ChatClient:
                 break
             # Header as bytes; a chunk payload stays a zero-copy buffer.
             frames = [parts[0].bytes, *(p.buffer for p in parts[1:])]
-            batch += handler(frames, time.monotonic())
+            actions = handler(frames, time.monotonic())
+            batch += actions
+            if any(type(a) is Transmit and a.urgent for a in actions):
+                self._execute(batch)  # a credit held back until the batch ends would stall the sender
+                batch = []
         self._execute(batch)  # one history commit per batch, then its consumes and receipts
         return more
 
@@ -391,7 +395,8 @@ class ChatClient:
                     self._backlog.append(action.frames)  # keep the order
                     continue
                 try:
-                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT)  # copying a chunk beats zero-copy bookkeeping
+                    # Chunks go zero-copy: their bytes are not touched again; pyzmq copies frames under 64 KiB.
+                    self._dealer.send_multipart(action.frames, zmq.DONTWAIT, copy=False)
                 except zmq.Again:
                     # At the high-water mark: hold it and send when the socket takes more. With no
                     # connection at all (IMMEDIATE) the session re-sends what matters once registered.

@@ -570,7 +570,7 @@ class TransferManager:
         inc.rate.last_activity = now
         inc.granted = inc.next + self.config.window
         credit = FileCredit(self.user, inc.peer, inc.xfer, inc.next, inc.granted, restart)
-        return [self._send(inc.xfer, credit)]
+        return [self._send(inc.xfer, credit, urgent=True)]
 
     def _on_chunk(self, inc: Incoming, chunk: FileChunk, payload, now: float) -> list[Action]:
         if chunk.index != inc.next:
@@ -662,8 +662,8 @@ class TransferManager:
         self._forget(self._in_dir, inc.xfer)
 
     # --- helpers ------------------------------------------------------------
-    def _send(self, xfer: bytes, msg: Message, payload=None) -> Transmit:
-        return Transmit(pack(msg, self._wall_ms(), self._frame_id(xfer), payload))
+    def _send(self, xfer: bytes, msg: Message, payload=None, urgent: bool = False) -> Transmit:
+        return Transmit(pack(msg, self._wall_ms(), self._frame_id(xfer), payload), urgent)
 
     @staticmethod
     def _frame_id(xfer: bytes) -> bytes:
