@@ -1,6 +1,6 @@
 """File transfer throughput through the broker, beside the bare relay ceilings, in one run.
 
-    .venv/bin/python bench/bench_files.py [--size-mib 1024] [--rounds 3] [--chunk-kib 256] [--window 16]
+    .venv/bin/python bench/bench_files.py [--size-mib 1024] [--rounds 3] [--chunk-kib 512] [--window 16]
 
 Each round measures, on 127.0.0.1 only:
   * ceilings: a bare pyzmq ROUTER that only swaps frames, between a raw DEALER
@@ -37,6 +37,7 @@ from hdrh.histogram import HdrHistogram
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from client.transfer import CHUNK_SIZE, WINDOW  # noqa: E402
 from tests.conftest import BrokerProcess, free_port_pair  # noqa: E402  (the same broker fixture the tests use)
 
 MiB = 1024 * 1024
@@ -260,8 +261,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunk-kib", type=int, default=256)
-    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--chunk-kib", type=int, default=CHUNK_SIZE // 1024, help="default: the client's")
+    parser.add_argument("--window", type=int, default=WINDOW, help="default: the client's")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     chunk, size = args.chunk_kib * 1024, args.size_mib * MiB

@@ -10,8 +10,8 @@ sizes) the same code writes through the page cache.
 
 With ``write_behind`` a writer thread does the writes, so the agent thread can
 take the next chunk off the socket meanwhile; a write error is raised by the
-next call instead. Without it (the transfer core's own tests) nothing here
-starts a thread.
+next call instead. The client's shell turns it on (``TransferConfig.write_behind``);
+without it nothing here starts a thread.
 """
 
 from __future__ import annotations
