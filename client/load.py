@@ -83,6 +83,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heartbeat", type=float, default=0.0,
                    help="cap the clients' heartbeat interval (default: the broker's, from REGISTERED; the chat "
                         "client uses min(1 s, the broker's))")
+    g.add_argument("--files", type=float, default=0.0, metavar="SECONDS",
+                   help="file traffic: each sender offers a file about every SECONDS, one at a time (default 0: "
+                        "none); every client receives and verifies")
+    g.add_argument("--file-size", type=int, default=1024 * 1024, metavar="BYTES",
+                   help="bytes per file with --files (default 1 MiB)")
     g.add_argument("--seed", type=int, default=None, help="seed for peers, timing jitter and user names")
 
     g = parser.add_argument_group("presence")
@@ -144,6 +149,8 @@ def build_config(args: argparse.Namespace) -> LoadConfig:
         raise P2PChatError("--broker-cmd starts our own broker: drop --server")
     if args.count and not (args.rate > 0 or args.flood):
         raise P2PChatError("--count needs senders: a --rate above 0, or --flood")
+    if args.files < 0 or args.file_size < 0:
+        raise P2PChatError("--files and --file-size must not be negative")
     if args.subscribe and args.probes < 1:
         raise P2PChatError("--probes must be at least 1")
     duration = args.duration
@@ -164,6 +171,7 @@ def build_config(args: argparse.Namespace) -> LoadConfig:
         broker_rate_limit=args.broker_rate_limit, broker_pid=args.broker_pid, sample_every=args.sample_every,
         nofile=args.nofile, json=args.json, quiet=args.quiet, seed=args.seed, heartbeat=args.heartbeat,
         inject_drop=args.inject_drop, inject_dup=args.inject_dup, max_rss_growth_mib=args.max_rss_growth,
+        files=args.files, file_size=args.file_size,
     )
 
 

@@ -55,6 +55,8 @@ class LoadConfig:
     heartbeat: float = 0.0  # the clients' own interval cap; 0: follow the broker's REGISTERED heartbeat_ms
     inject_drop: int = -1  # test hook, see ScriptPlan
     inject_dup: int = -1  # test hook, see ScriptPlan
+    files: float = 0.0  # seconds between a sender's file offers; 0: no file traffic
+    file_size: int = 1024 * 1024
     max_rss_growth_mib: float | None = None
 
     @property

@@ -201,7 +201,7 @@ class LoadRun:
             rate=config.rate, flood=config.flood, window=config.window, count=config.count, size=config.size,
             heartbeat=config.heartbeat, receipts=config.receipts, churn_every=config.churn_every,
             churn_down=config.churn_down, churn_crash=config.churn_crash, inject_drop=config.inject_drop,
-            inject_dup=config.inject_dup, seed=seed)
+            inject_dup=config.inject_dup, file_every=config.files, file_size=config.file_size, seed=seed)
         tmp = tempfile.TemporaryDirectory(prefix="p2pchat-load-") if config.spawn_broker else None
         self.ctx = zmq.Context()
         try:
@@ -410,8 +410,10 @@ class LoadRun:
                 return False
             everyone = self.total("ready") >= config.clients
             received, now = self.total("received"), time.monotonic()
-            if everyone and self.total("outstanding") == 0 and received >= self.total("sent"):
+            files_open = self.total("files_open")
+            if everyone and self.total("outstanding") == 0 and received >= self.total("sent") and not files_open:
                 return True  # all of it arrived
+            received += self.total("file_bytes")  # file data arriving is progress too
             if received != progress["received"] or not everyone:
                 progress.update(received=received, since=now)  # still arriving, or someone still away
                 return False

@@ -12,6 +12,12 @@ Figures:
   sender arriving after a later one from the same sender (per recipient).
 * ``latency_ms``: one-way, the sender's clock at send to the recipient's at
   receipt (CLOCK_MONOTONIC: same host), merged over all processes.
+* ``files`` (with ``--files``): transfers offered, ``done`` (the receiver verified
+  every byte and the sender heard so), the verified bytes and their rate over
+  the sending and drain phases, and how the others ended: ``timed_out`` (no
+  progress for 30 s), ``peer_gone`` (the broker said the peer was offline),
+  ``abandoned`` (a churned client's own), ``unfinished`` (still going when the
+  drain ended). ``transfer_ms``: offer to FILE_DONE at the sender.
 """
 
 from __future__ import annotations
@@ -88,6 +94,19 @@ def _broker(result: RunResult, received: int) -> dict:
     return out
 
 
+def _files(result: RunResult, merged: MergedStats) -> dict | None:
+    if not result.config.files:
+        return None
+    c = merged.counters
+    t = result.timings
+    seconds = t.get("send_s", 0.0) + t.get("drain_s", 0.0)
+    return {"offered": c["files_offered"], "done": c["files_done"], "received": c["files_received"],
+            "bytes": c["file_bytes"], "mib_s": round(c["file_bytes"] / MIB / seconds, 1) if seconds else 0.0,
+            "timed_out": c["files_timed_out"], "peer_gone": c["files_peer_gone"], "abandoned": c["files_abandoned"],
+            "unfinished": c["files_open"], "recredits": c["file_recredits"],
+            "damaged_chunks": c["file_chunks_damaged"], "transfer_ms": merged.file_latency_ms()}
+
+
 def verdict(summary: dict, result: RunResult) -> tuple[bool, list[str]]:
     """PASS unless something acknowledged was lost, the run broke, or something happened with no excuse."""
     config = result.config
@@ -114,6 +133,13 @@ def verdict(summary: dict, result: RunResult) -> tuple[bool, list[str]]:
                 reasons.append(f"broker RSS grew {growth:.1f} MiB during the run (limit {config.max_rss_growth_mib})")
     if config.soak and summary["broker"].get("exit_code") == -9:
         reasons.append("the broker did not exit on SIGTERM and had to be killed")
+    files = summary.get("files")
+    if files is not None:
+        if files["offered"] and not files["done"]:
+            reasons.append(f"none of {files['offered']} file transfers finished")
+        stuck = files["timed_out"] + files["unfinished"]
+        if stuck and not (result.restarts > 0 or config.churn_every > 0):
+            reasons.append(f"{stuck} file transfers stalled with no restart or churn to explain them")
     presence = summary.get("presence")
     if presence is not None and not presence["reached_all"]:
         reasons.append("a presence change did not reach every subscriber")
@@ -154,6 +180,7 @@ def summarize(result: RunResult) -> dict:
         "client_counters": {name: counters[name] for name in CLIENT_COUNTERS},
         "broker": _broker(result, merged.received),
         "presence": _presence(result, merged),
+        "files": _files(result, merged),
         "load_generator_cpu_s": round(sum(r.get("cpu_s", 0.0) for r in result.reports), 2),
         "machine_busy_cpus": result.machine_busy_cpus,
         "cpus": os.cpu_count(),
@@ -217,6 +244,13 @@ def render(summary: dict) -> str:
     lines.append(f"connections  reconnects {summary['reconnects']}  churns {cc['churns']}  "
                  f"silences {cc['silences']}  re-sent {cc['resent']}  late sends {cc['late_sends']}  "
                  f"sends refused by ZeroMQ {cc['send_again']}")
+    f = summary["files"]
+    if f is not None:
+        tm = f["transfer_ms"]
+        lines.append(f"files        offered {f['offered']}  done {f['done']}  timed out {f['timed_out']}  peer gone "
+                     f"{f['peer_gone']}  abandoned {f['abandoned']}  unfinished {f['unfinished']}; "
+                     f"{f['bytes'] / MIB:,.1f} MiB verified, {f['mib_s']:,.1f} MiB/s; transfer ms p50 "
+                     f"{_ms(tm['p50'])} p99 {_ms(tm['p99'])} max {_ms(tm['max'])}")
     lines.append(f"errors       {summary['errors']}" + (f" {summary['errors_by_code']}" if summary["errors"] else ""))
     for sample in summary["error_samples"][:3]:
         lines.append(f"               e.g. {sample}")

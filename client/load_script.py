@@ -40,6 +40,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from client.load_files import FileTraffic, file_content
 from client.load_stats import ProcessStats, record_ns
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
@@ -115,6 +116,8 @@ class ScriptPlan:
     churn_crash: bool = False  # churn without UNREGISTER (a crash), coming back with the same token
     inject_drop: int = -1  # TEST HOOK: client 0 pretends its message with this seq was acked, never sends it
     inject_dup: int = -1  # TEST HOOK: client 0 sends its message with this seq twice (fresh message ids)
+    file_every: float = 0.0  # seconds between a sender's file offers, on average; 0: no file traffic
+    file_size: int = 1024 * 1024
     seed: int = 0
 
     @property
@@ -139,7 +142,7 @@ class ScriptedClient:
         "index", "user", "names", "key", "token", "plan", "stats", "watch", "_wall_ms", "_rng", "_padding",
         "phase", "start_at", "up_at", "_last_sent", "_last_heard", "_retry", "_hb", "_expiry",
         "_connected_at", "_registered_once", "_sending", "_next_send", "_interval", "seq", "outstanding",
-        "_resend_at", "_churn", "_churn_at", "_leave_by", "_highest", "sub_live", "done",
+        "_resend_at", "_churn", "_churn_at", "_leave_by", "_highest", "sub_live", "done", "files",
     )
 
     def __init__(self, index: int, names: Sequence[str], key: bytes, plan: ScriptPlan, stats: ProcessStats,
@@ -175,6 +178,10 @@ class ScriptedClient:
         self._highest: dict[int, int] = {}  # sender index -> highest seq received from it
         self.sub_live = False  # the SUB has delivered something since it was (re)opened
         self.done = False  # sent its ``count`` messages (or never sends)
+        self.files: FileTraffic | None = None  # every client receives files when the run has file traffic
+        if plan.file_every > 0:
+            self.files = FileTraffic(index, names, file_content(plan.file_size, plan.seed), plan.file_every, stats,
+                                     self._rng, lambda: peer_of(index, plan, self._rng), wall_ms)
 
     # --- commands from the shell ----------------------------------------------
     @property
@@ -190,6 +197,8 @@ class ScriptedClient:
         return [self._register(now)]
 
     def start_sending(self, now: int) -> list:
+        if self.files is not None and self.index < self.plan.senders:
+            self.files.start(now)
         if not self.is_sender or self.done:
             self._mark_done()
             return []
@@ -200,6 +209,8 @@ class ScriptedClient:
 
     def stop_sending(self) -> None:
         self._sending = False
+        if self.files is not None:
+            self.files.stop()
 
     def resume(self, now: int) -> None:
         """End of the run: no more churn; a client that is away comes back now to collect its queue."""
@@ -254,6 +265,8 @@ class ScriptedClient:
             out += self._resend(now)
         if self._sending and self.phase is Phase.READY:  # not once LEAVING (churn just began)
             out += self._fill(now)
+        if self.files is not None and self.phase is Phase.READY:
+            out += [self._frames(frames, now) for frames in self.files.on_tick(now)]
         if now - self._last_sent >= self._hb:
             out.append(self._frames(pack(Heartbeat(), self._wall_ms()), now))
         return out
@@ -277,6 +290,8 @@ class ScriptedClient:
             deadline = min(deadline, self._resend_at)
         if self._sending and not self.plan.flood and len(self.outstanding) < self.plan.window:
             deadline = min(deadline, self._next_send)
+        if self.files is not None and phase is Phase.READY:
+            deadline = min(deadline, self.files.next_deadline())
         return deadline
 
     def on_frames(self, frames: list, now: int) -> list:
@@ -293,15 +308,18 @@ class ScriptedClient:
         kind = type(msg)
         if kind is ChatMessage:
             return self._on_message(env.msg_id, msg, now)
+        files = self.files
         if kind is Ack:
-            return self._on_ack(msg.ref, now)
+            return [] if files is not None and files.on_ack(msg.ref) else self._on_ack(msg.ref, now)
         if kind is Registered:
             return self._on_registered(msg, now)
         if kind is Error:
-            return self._on_error(msg, now)
+            return [] if files is not None and files.on_error(msg, now) else self._on_error(msg, now)
         if kind is Receipt:
             self.stats.counters["receipts_received"] += 1
             return [self._frames(pack(Consume(env.msg_id), self._wall_ms()), now)]
+        if files is not None and (answer := files.on_message(env, now)) is not None:
+            return [self._frames(frames, now) for frames in answer]
         return []  # HEARTBEAT answers: hearing them is all that matters
 
     def on_publish(self, frames: list, now: int) -> None:
@@ -504,6 +522,8 @@ class ScriptedClient:
 
     def _go_down(self, now: int, graceful: bool) -> list:
         self._set_phase(Phase.DOWN)
+        if self.files is not None:
+            self.files.abandon()
         self.up_at = now + int(self.plan.churn_down * NS)
         self._leave_by = NEVER
         return [Disconnect(graceful)]

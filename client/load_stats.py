@@ -81,6 +81,7 @@ class ProcessStats:
     latency: object = field(default_factory=new_histogram)  # send -> receive, ns
     ack_latency: object = field(default_factory=new_histogram)  # send -> ACK, ns
     register_latency: object = field(default_factory=new_histogram)  # connect -> REGISTERED, ns
+    file_latency: object = field(default_factory=new_histogram)  # file offered -> FILE_DONE at the sender, ns
     presence: dict[str, list[int]] = field(default_factory=dict)  # "user:online" -> arrival times (ns)
     first_send_ns: int = 0
     last_receive_ns: int = 0
@@ -109,6 +110,7 @@ class ProcessStats:
         return {"sent": c["sent"], "acked": c["acked"], "received": c["received"],
                 "outstanding": c["outstanding"], "registered": c["registered"], "ready": c["ready_now"],
                 "subscribed": c["subscribed_now"], "down": c["down_now"], "senders_done": c["senders_done"],
+                "files_open": c["files_open"], "file_bytes": c["file_bytes"],
                 "errors": sum(self.errors.values()),
                 "presence": {key: len(times) for key, times in self.presence.items()}}
 
@@ -124,6 +126,7 @@ class ProcessStats:
             "latency": self.latency.encode(),
             "ack_latency": self.ack_latency.encode(),
             "register_latency": self.register_latency.encode(),
+            "file_latency": self.file_latency.encode(),
             "presence": {k: list(v) for k, v in self.presence.items()},
             "first_send_ns": self.first_send_ns,
             "last_receive_ns": self.last_receive_ns,
@@ -155,6 +158,7 @@ class MergedStats:
     latency: object = field(default_factory=new_histogram)
     ack_latency: object = field(default_factory=new_histogram)
     register_latency: object = field(default_factory=new_histogram)
+    file_latency: object = field(default_factory=new_histogram)
     presence: dict[str, list[int]] = field(default_factory=dict)
     first_send_ns: int = 0
     last_receive_ns: int = 0
@@ -177,6 +181,7 @@ class MergedStats:
             out.latency.decode_and_add(rep["latency"])
             out.ack_latency.decode_and_add(rep["ack_latency"])
             out.register_latency.decode_and_add(rep["register_latency"])
+            out.file_latency.decode_and_add(rep["file_latency"])
             for key, times in rep["presence"].items():
                 out.presence.setdefault(key, []).extend(times)
             if rep["first_send_ns"]:
@@ -205,3 +210,6 @@ class MergedStats:
 
     def register_latency_ms(self) -> dict:
         return _percentiles_ms(self.register_latency)
+
+    def file_latency_ms(self) -> dict:
+        return _percentiles_ms(self.file_latency)

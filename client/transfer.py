@@ -66,6 +66,11 @@ REF_PREFIX = 10  # file frames' message ids start with the transfer id's first b
 OPEN_RETRIES = 3  # a sealed chunk that fails to open is asked for again this often before it counts as tampering
 
 
+def frame_id(xfer: bytes) -> bytes:
+    """A message id for one of a transfer's frames: an ERROR about it names the transfer (§8)."""
+    return xfer[:REF_PREFIX] + os.urandom(16 - REF_PREFIX)
+
+
 class Phase(enum.Enum):
     OFFERING = "offering"
     SENDING = "sending"
@@ -663,11 +668,7 @@ class TransferManager:
 
     # --- helpers ------------------------------------------------------------
     def _send(self, xfer: bytes, msg: Message, payload=None, urgent: bool = False) -> Transmit:
-        return Transmit(pack(msg, self._wall_ms(), self._frame_id(xfer), payload), urgent)
-
-    @staticmethod
-    def _frame_id(xfer: bytes) -> bytes:
-        return xfer[:REF_PREFIX] + os.urandom(16 - REF_PREFIX)
+        return Transmit(pack(msg, self._wall_ms(), frame_id(xfer), payload), urgent)
 
     @staticmethod
     def _records(directory: Path) -> list[dict]:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import psutil
@@ -28,6 +29,7 @@ from client.load_script import (
     peer_of,
 )
 from client.load_stats import MergedStats, ProcessStats, SeqSet
+from client.transfer import CHUNK_SIZE
 from common.errors import ErrorCode
 from common.protocol import (
     Ack,
@@ -35,6 +37,10 @@ from common.protocol import (
     ChatMessage,
     Consume,
     Error,
+    FileCancel,
+    FileChunk,
+    FileCredit,
+    FileOffer,
     Heartbeat,
     Register,
     Registered,
@@ -75,6 +81,7 @@ def tick_until(client: ScriptedClient, done, limit: int = 20) -> tuple[int, list
     for _ in range(limit):
         now = client.next_deadline()
         outputs = client.on_tick(now)
+        assert client.next_deadline() > now, "a deadline due with nothing done: the worker would spin"
         if done(outputs):
             return now, outputs
     raise AssertionError("never happened")
@@ -369,3 +376,117 @@ def test_restarting_a_broker_the_tool_did_not_start_is_refused():
     result = subprocess.run([sys.executable, "-m", "client.cli", "load", "--server", "127.0.0.1:5555",
                              "--restart-every", "5"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--restart-every" in result.stderr
+
+
+# --- file traffic ----------------------------------------------------------------------
+FILE_SIZE = 2 * CHUNK_SIZE + 1000  # three chunks, the last a short one
+
+
+def file_pair(**plan) -> tuple[ScriptedClient, ScriptedClient]:
+    """u0 sends files to u1 (pairs), both registered; only u0 is told to start sending."""
+    plan = dict(rate=0, file_every=1.0, file_size=FILE_SIZE, **plan)
+    a, b = make_client(0, **plan), make_client(1, **plan)
+    ready(a)
+    ready(b)
+    a.start_sending(0)
+    return a, b
+
+
+def relay(outputs: list, to: ScriptedClient, now: int, keep=lambda msg: True) -> list:
+    """Hand the frames one client sent to the other, as the broker would; the answers."""
+    answers = []
+    for frames in outputs:
+        if type(frames) is list and keep(decode(frames).message):
+            answers += to.on_frames(frames, now)
+    return answers
+
+
+def tick_alive(client: ScriptedClient, done, limit: int = 100) -> tuple[int, list]:
+    """``tick_until`` with a broker that answers heartbeats, so the client never falls silent."""
+    for _ in range(limit):
+        now = client.next_deadline()
+        outputs = client.on_tick(now)
+        assert client.next_deadline() > now, "a deadline due with nothing done: the worker would spin"
+        if done(outputs):
+            return now, outputs
+        if Heartbeat in kinds(outputs):
+            client.on_frames(pack(Heartbeat(), 0), now)
+    raise AssertionError("never happened")
+
+
+def run_transfer(a: ScriptedClient, b: ScriptedClient, now: int, outputs: list, drop=lambda msg: False) -> int:
+    """Shuttle frames both ways until both sides are quiet; the time it ended."""
+    for _ in range(200):
+        back = relay(outputs, b, now, keep=lambda m: not drop(m))
+        outputs = relay(back, a, now)
+        if not outputs and not back:
+            return now
+        now += MS
+    raise AssertionError("the transfer never went quiet")
+
+
+def test_a_sender_offers_a_file_and_the_receiver_verifies_every_chunk():
+    a, b = file_pair()
+    now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
+    run_transfer(a, b, now, offer)
+    c = a.stats.counters  # one ProcessStats per client here
+    assert (c["files_offered"], c["files_done"], c["files_open"]) == (1, 1, 0)
+    assert b.stats.counters["files_received"] == 1 and b.stats.counters["file_bytes"] == FILE_SIZE
+    assert a.stats.file_latency.get_total_count() == 1
+    assert not a.stats.errors and not b.stats.errors
+    assert a.files.next_offer_at > now  # the next one is scheduled
+
+
+def test_a_lost_chunk_is_asked_for_again_after_the_stall_timeout():
+    a, b = file_pair()
+    now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
+    dropped = []
+
+    def drop_chunk_1_once(msg) -> bool:
+        if isinstance(msg, FileChunk) and msg.index == 1 and not dropped:
+            dropped.append(msg.index)
+            return True
+        return False
+
+    now = run_transfer(a, b, now, offer, drop=drop_chunk_1_once)
+    assert dropped == [1] and b.stats.counters["files_received"] == 0
+    later, recredit = tick_alive(b, lambda out: FileCredit in kinds(out))
+    assert later - now >= 3 * S and b.stats.counters["file_recredits"] == 1
+    run_transfer(a, b, later, relay(recredit, a, later))
+    assert b.stats.counters["files_received"] == 1 and a.stats.counters["files_done"] == 1
+
+
+def test_a_chunk_with_other_data_is_an_error_not_a_good_file():
+    a, b = file_pair()
+    now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
+    credit = relay(offer, b, now)
+    chunks = relay(credit, a, now)
+    first = decode(chunks[0])
+    forged = bytes(len(first.payload))  # intact in transit (its CRC matches), but not this run's file
+    msg = first.message
+    chunks[0] = pack(FileChunk(msg.sender, msg.recipient, msg.xfer, 0, msg.final, zlib.crc32(forged)),
+                     first.ts, first.msg_id, forged)
+    assert FileCancel in kinds(relay(chunks[:1], b, now))
+    assert b.stats.errors["file_corrupt"] == 1 and b.stats.counters["files_received"] == 0
+
+
+def test_a_transfer_with_no_progress_times_out_and_the_next_is_offered():
+    a, b = file_pair()
+    now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
+    credit = relay(offer, b, now)
+    relay(credit[1:], a, now)  # the credit arrives; every chunk sent on it is lost, and b is gone
+    assert a.files.outgoing and all(o.accepted for o in a.files.outgoing.values())
+    later, _ = tick_alive(a, lambda out: a.stats.counters["files_timed_out"] == 1)
+    assert later - now >= 30 * S and a.stats.counters["files_open"] == 0
+    assert FileOffer in kinds(tick_alive(a, lambda out: FileOffer in kinds(out))[1])
+
+
+def test_file_traffic_through_a_real_broker_verifies_every_file():
+    code, report, err = run_load("--clients", "4", "--duration", "2", "--rate", "5", "--files", "0.2",
+                                 "--file-size", str(FILE_SIZE))
+    assert code == 0, err
+    files = report["files"]
+    assert files["offered"] == files["done"] >= 4 and files["unfinished"] == 0
+    assert files["bytes"] == files["done"] * FILE_SIZE and files["mib_s"] > 0
+    assert files["transfer_ms"]["p50"] > 0 and report["errors"] == 0
+    assert report["lost"] == 0 and report["received"] == report["sent"]
