@@ -184,30 +184,28 @@ class FileTraffic:
         """The answer to a file frame; None if ``env`` is not one."""
         msg = env.message
         kind = type(msg)
-        if kind is FileChunk:
-            inc = self.incoming.get(msg.xfer)
-            return self._on_chunk(inc, msg, env.payload, now) if inc and inc.peer == msg.sender else []
-        if kind is FileCredit:
-            o = self.outgoing.get(msg.xfer)
-            return self._on_credit(o, msg, now) if o and o.peer == msg.sender else []
         if kind is FileOffer:
             return self._on_offer(env, now)
+        if kind not in (FileChunk, FileCredit, FileDone, FileCancel):
+            return None
+        # Frames about a transfer count only from its peer.
+        t = self.incoming.get(msg.xfer) if kind is FileChunk else self.outgoing.get(msg.xfer)
+        if kind is FileCancel and t is None:
+            t = self.incoming.get(msg.xfer)
+        if t is None or t.peer != msg.sender:
+            return []
+        if kind is FileChunk:
+            return self._on_chunk(t, msg, env.payload, now)
+        if kind is FileCredit:
+            return self._on_credit(t, msg, now)
         if kind is FileDone:
-            o = self.outgoing.get(msg.xfer)
-            if o is not None and o.peer == msg.sender:
-                self.stats.counters["files_done"] += 1
-                record_ns(self.stats.file_latency, now - o.started)
-                self._forget(self.outgoing, o.xfer)
-                self._schedule(now)
-            return []
-        if kind is FileCancel:
-            for table in (self.outgoing, self.incoming):
-                if msg.xfer in table and table[msg.xfer].peer == msg.sender:
-                    self.stats.error("file_cancelled", f"{msg.sender} -> {self.user}: {msg.message}")
-                    self._forget(table, msg.xfer)
-                    self._schedule(now)
-            return []
-        return None
+            self.stats.counters["files_done"] += 1
+            record_ns(self.stats.file_latency, now - t.started)
+        else:
+            self.stats.error("file_cancelled", f"{msg.sender} -> {self.user}: {msg.message}")
+        self._forget(self.outgoing if type(t) is _Outgoing else self.incoming, msg.xfer)
+        self._schedule(now)
+        return []
 
     def on_ack(self, ref: bytes) -> bool:
         """True if ``ref`` is one of our offers (their ids are the transfer ids)."""

@@ -76,14 +76,17 @@ def ready(client: ScriptedClient, now: int = 0, heartbeat_ms: int = 1000) -> Non
     assert client.phase is Phase.READY
 
 
-def tick_until(client: ScriptedClient, done, limit: int = 20) -> tuple[int, list]:
-    """Advance to each next deadline until ``done(outputs)``; (time, outputs of that tick)."""
+def tick_until(client: ScriptedClient, done, limit: int = 20, alive: bool = False) -> tuple[int, list]:
+    """Advance to each next deadline until ``done(outputs)``; (time, outputs of that tick).
+    ``alive``: a broker answers the heartbeats, so the client never falls silent."""
     for _ in range(limit):
         now = client.next_deadline()
         outputs = client.on_tick(now)
         assert client.next_deadline() > now, "a deadline due with nothing done: the worker would spin"
         if done(outputs):
             return now, outputs
+        if alive and Heartbeat in kinds(outputs):
+            client.on_frames(pack(Heartbeat(), 0), now)
     raise AssertionError("never happened")
 
 
@@ -401,19 +404,6 @@ def relay(outputs: list, to: ScriptedClient, now: int, keep=lambda msg: True) ->
     return answers
 
 
-def tick_alive(client: ScriptedClient, done, limit: int = 100) -> tuple[int, list]:
-    """``tick_until`` with a broker that answers heartbeats, so the client never falls silent."""
-    for _ in range(limit):
-        now = client.next_deadline()
-        outputs = client.on_tick(now)
-        assert client.next_deadline() > now, "a deadline due with nothing done: the worker would spin"
-        if done(outputs):
-            return now, outputs
-        if Heartbeat in kinds(outputs):
-            client.on_frames(pack(Heartbeat(), 0), now)
-    raise AssertionError("never happened")
-
-
 def run_transfer(a: ScriptedClient, b: ScriptedClient, now: int, outputs: list, drop=lambda msg: False) -> int:
     """Shuttle frames both ways until both sides are quiet; the time it ended."""
     for _ in range(200):
@@ -450,7 +440,7 @@ def test_a_lost_chunk_is_asked_for_again_after_the_stall_timeout():
 
     now = run_transfer(a, b, now, offer, drop=drop_chunk_1_once)
     assert dropped == [1] and b.stats.counters["files_received"] == 0
-    later, recredit = tick_alive(b, lambda out: FileCredit in kinds(out))
+    later, recredit = tick_until(b, lambda out: FileCredit in kinds(out), alive=True)
     assert later - now >= 3 * S and b.stats.counters["file_recredits"] == 1
     run_transfer(a, b, later, relay(recredit, a, later))
     assert b.stats.counters["files_received"] == 1 and a.stats.counters["files_done"] == 1
@@ -476,9 +466,9 @@ def test_a_transfer_with_no_progress_times_out_and_the_next_is_offered():
     credit = relay(offer, b, now)
     relay(credit[1:], a, now)  # the credit arrives; every chunk sent on it is lost, and b is gone
     assert a.files.outgoing and all(o.accepted for o in a.files.outgoing.values())
-    later, _ = tick_alive(a, lambda out: a.stats.counters["files_timed_out"] == 1)
+    later, _ = tick_until(a, lambda out: a.stats.counters["files_timed_out"] == 1, limit=100, alive=True)
     assert later - now >= 30 * S and a.stats.counters["files_open"] == 0
-    assert FileOffer in kinds(tick_alive(a, lambda out: FileOffer in kinds(out))[1])
+    assert FileOffer in kinds(tick_until(a, lambda out: FileOffer in kinds(out), alive=True)[1])
 
 
 def test_file_traffic_through_a_real_broker_verifies_every_file():
