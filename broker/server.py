@@ -50,6 +50,7 @@ class BrokerConfig:
     queue: QueueLimits = QueueLimits()
     cluster: str | None = None  # redis://HOST:PORT/DB: share directory, keys, queues and presence (broker/cluster.py)
     reuse_port: bool = False  # SO_REUSEPORT: several brokers listen on one port and the kernel spreads clients
+    io_threads: int = 1  # libzmq I/O threads: connections (and their CURVE work) are spread over them
 
     @property
     def publish_port(self) -> int:
@@ -89,7 +90,7 @@ def _wall_ms() -> int:
 class BrokerServer:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
-        self._ctx = context or zmq.Context()
+        self._ctx = context or zmq.Context(io_threads=config.io_threads)
         self._own_ctx = context is None
         self._waker = Waker()
         self._stopping = False

@@ -204,8 +204,14 @@ def test_source_changed_mid_transfer_is_detected(pair, tmp_path):
     assert files_in(inbox) == []
 
 
-def test_two_transfers_both_ways_while_chatting(pair, tmp_path):
-    alice, bob, inbox = pair
+@pytest.mark.parametrize("io_threads", [1, pytest.param(2, marks=pytest.mark.broker_args("--io-threads", "2"))])
+def test_two_transfers_both_ways_while_chatting(make_client, broker, tmp_path, io_threads):
+    # With two, the broker's connections (and their CURVE work) are spread over two libzmq I/O threads.
+    threads = {(p / "comm").read_text().strip() for p in Path(f"/proc/{broker.proc.pid}/task").iterdir()}
+    assert {f"ZMQbg/IO/{i}" for i in range(io_threads)} <= threads and f"ZMQbg/IO/{io_threads}" not in threads
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    wait_peers(alice, {"alice", "bob"})
     a_src = make_file(tmp_path / "from-alice.bin", 8 * 1024 * 1024)
     b_src = make_file(tmp_path / "from-bob.bin", 8 * 1024 * 1024)
     _, a_done = alice.send_file("bob", a_src)
