@@ -39,6 +39,7 @@ class PartFile:
     def __init__(self, fd: int, size: int, chunk_size: int, *, direct: bool, write_behind: bool) -> None:
         self._fd = fd
         self._end = size  # where the next chunk goes: file length once every queued write is done
+        self._appended = self._written = 0  # chunks; each counter has one writer thread
         self._direct = direct
         self._error: OSError | None = None
         slot = _round_up(chunk_size)
@@ -82,6 +83,11 @@ class PartFile:
         return self._end
 
     @property
+    def pending(self) -> int:
+        """Chunks appended but not written yet: lost if the process dies now."""
+        return self._appended - self._written
+
+    @property
     def direct(self) -> bool:
         return self._direct
 
@@ -99,6 +105,7 @@ class PartFile:
         assert self._current is not None, "append without buffer"
         index, self._current = self._current, None
         offset, self._end = self._end, self._end + size
+        self._appended += 1
         if self._queue is None:
             try:
                 self._write(index, size, offset)
@@ -156,6 +163,7 @@ class PartFile:
             done += os.pwrite(self._fd, view[done:length], offset + done)
         if length != size:
             os.ftruncate(self._fd, offset + size)
+        self._written += 1
 
 
 def _open(path: Path, flags: int, chunk_size: int) -> tuple[int, bool]:

@@ -573,7 +573,9 @@ class TransferManager:
 
     def _credit(self, inc: Incoming, now: float, restart: bool) -> list[Action]:
         inc.rate.last_activity = now
-        inc.granted = inc.next + self.config.window
+        # The window counts from what is on disk: chunks still queued for the writer are lost with
+        # the process, and a restart must never cost more than one window sent again.
+        inc.granted = inc.next + self.config.window - (inc.handle.pending if inc.handle else 0)
         credit = FileCredit(self.user, inc.peer, inc.xfer, inc.next, inc.granted, restart)
         return [self._send(inc.xfer, credit, urgent=True)]
 

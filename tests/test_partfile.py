@@ -104,3 +104,15 @@ def test_a_full_disk_is_reported_by_a_later_call_and_nothing_hangs(small_disk, w
     assert err.value.errno == errno.ENOSPC
     part.close()
     assert _writers() == []
+
+
+def test_pending_counts_chunks_not_yet_written(tmp_path):
+    inline = PartFile.create(tmp_path / "a.part", CHUNK)
+    _append_all(inline, _chunks(3 * CHUNK))
+    assert inline.pending == 0  # written before append returned
+    inline.finish()
+    behind = PartFile.create(tmp_path / "b.part", CHUNK, write_behind=True)
+    _append_all(behind, _chunks(3 * CHUNK))
+    assert 0 <= behind.pending <= 3
+    behind.close()
+    assert behind.pending == 0
