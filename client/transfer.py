@@ -475,7 +475,9 @@ class TransferManager:
         offer: FileOffer = env.message  # type: ignore[assignment]
         inc = self.incoming.get(offer.xfer)
         if inc is not None and inc.peer == offer.sender:
-            return self._credit(inc, now, restart=True)
+            # A sender that offered starts at the next credit's ``next`` whatever its flag; not restarting
+            # keeps one that already took our own restart credit from rewinding and sending chunks twice.
+            return self._credit(inc, now, restart=False)
         if (self._done_dir / offer.xfer.hex()).exists():  # our FILE_DONE was lost: say it again
             return [self._send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
         try:

@@ -232,6 +232,9 @@ def test_two_transfers_both_ways_while_chatting(make_client, broker, tmp_path, i
 
 # --- resume: kill a party mid-transfer, bring it back, compare bytes ----------------------
 BIG = 192 * 1024 * 1024
+# A restart loses at most the window in flight (measured: 4-14 chunks of 16). A receiver's stall timer,
+# 0.6 s at the tests' heartbeat, may fire once more while a slow machine settles and re-ask a window.
+RESENT_BOUND = 2 * WINDOW * CHUNK_SIZE
 
 
 def _part_size(inbox: Path) -> int:
@@ -249,7 +252,7 @@ def test_transfer_resumes_after_broker_restart(pair, tmp_path, broker):
     sent = wait_for(alice, lambda e: isinstance(e, ev.FileSent))
     event = received(bob, 60)
     assert event.path.read_bytes() == src.read_bytes()
-    assert sent.bytes_sent <= BIG + 4 * WINDOW * CHUNK_SIZE  # resumed, not restarted from zero
+    assert sent.bytes_sent <= BIG + RESENT_BOUND  # resumed: not from zero, about a window sent twice
 
 
 def _cli(home: Path, *args: str) -> subprocess.Popen:
@@ -276,7 +279,7 @@ def test_transfer_resumes_after_receiver_restart(make_client, broker, tmp_path):
         done.result(120)
         sent = wait_for(alice, lambda e: isinstance(e, ev.FileSent))
         assert before > 0
-        assert sent.bytes_sent <= BIG + 4 * WINDOW * CHUNK_SIZE  # resumed: at most a few windows again
+        assert sent.bytes_sent <= BIG + RESENT_BOUND  # resumed: not from zero, about a window sent twice
         saved = [p for p in inbox.iterdir() if not p.name.startswith(".")]
         assert len(saved) == 1 and saved[0].read_bytes() == src.read_bytes()
     finally:
