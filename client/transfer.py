@@ -575,9 +575,11 @@ class TransferManager:
 
     def _credit(self, inc: Incoming, now: float, restart: bool) -> list[Action]:
         inc.rate.last_activity = now
-        # The window counts from what is on disk: chunks still queued for the writer are lost with
-        # the process, and a restart must never cost more than one window sent again.
-        inc.granted = inc.next + self.config.window - (inc.handle.pending if inc.handle else 0)
+        # The window counts from what is on disk: chunks still queued for the writer are lost with the
+        # process, and a restart must cost at most a window sent again. Never less than half a window,
+        # though: only arriving chunks trigger the next credit, so a grant of nothing would stall.
+        window = self.config.window
+        inc.granted = inc.next + max(window - (inc.handle.pending if inc.handle else 0), (window + 1) // 2)
         credit = FileCredit(self.user, inc.peer, inc.xfer, inc.next, inc.granted, restart)
         return [self._send(inc.xfer, credit, urgent=True)]
 

@@ -105,6 +105,17 @@ def test_file_over_receivers_limit_is_refused(make_client, tmp_path):
     assert files_in(tmp_path / "inbox") == []
 
 
+def test_a_one_chunk_window_streams_without_waiting_for_stall_timers(make_client, tmp_path):
+    # Each credit must grant something even while the writer thread still holds a chunk.
+    alice = make_client("alice", chunk_size=16 * 1024)
+    bob = make_client("bob", received_dir=tmp_path / "inbox", window=1)
+    wait_peers(alice, {"alice", "bob"})
+    src = make_file(tmp_path / "f.bin", 64 * 16 * 1024 + 5)
+    _, done = alice.send_file("bob", src)
+    done.result(5)  # 65 chunks; a stall-driven transfer would need 65 x 0.6 s
+    assert received(bob).path.read_bytes() == src.read_bytes()
+
+
 def test_chunk_size_the_receiver_would_refuse_is_refused_at_once(make_client, tmp_path):
     alice = make_client("alice", chunk_size=MAX_CHUNK_BYTES + 1)  # a sealed chunk would exceed the frame limit
     with pytest.raises(TransferError, match="chunk size"):
