@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="exit after this many messages")
     p.add_argument("--received-dir", default=None, help="where incoming files are saved (default ~/client_received)")
     p.add_argument("--max-file-size", type=int, default=None, help="refuse incoming files larger than this (bytes)")
-    p.add_argument("--window", type=int, default=None, help="chunks in flight per incoming transfer (default 16)")
+    p.add_argument("--window", type=int, default=None, help="chunks in flight per incoming transfer (default 32)")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("send-file", help="send a file", description="Send a file; exits 0 once the receiver verified it.")

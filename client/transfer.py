@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 512 * 1024  # chosen with bench/bench_files.py (see docs/PROTOCOL.md §8)
 MAX_CHUNK_BYTES = MAX_PAYLOAD_BYTES - TAG_BYTES
-WINDOW = 16  # chunks in flight per transfer (see docs/PROTOCOL.md, bench/bench_files.py)
+WINDOW = 32  # chunks in flight per transfer (see docs/PROTOCOL.md, bench/bench_files.py)
 PROGRESS_EVERY = 0.2  # seconds between progress events per transfer
 REF_PREFIX = 10  # file frames' message ids start with the transfer id's first bytes
 OPEN_RETRIES = 3  # a sealed chunk that fails to open is asked for again this often before it counts as tampering
