@@ -413,9 +413,9 @@ class LoadRun:
             files_open = self.total("files_open")
             if everyone and self.total("outstanding") == 0 and received >= self.total("sent") and not files_open:
                 return True  # all of it arrived
-            received += self.total("file_bytes")  # file data arriving is progress too
-            if received != progress["received"] or not everyone:
-                progress.update(received=received, since=now)  # still arriving, or someone still away
+            arriving = (received, self.total("file_bytes"))  # file data arriving is progress too
+            if arriving != progress["received"] or not everyone:
+                progress.update(received=arriving, since=now)  # still arriving, or someone still away
                 return False
             return now - progress["since"] >= config.drain  # quiet for the grace period
 

@@ -158,7 +158,7 @@ class FileCipher:
         return self._aead.encrypt(self.nonce(index, final), data, self._aad)
 
     def open_into(self, index: int, final: bool, data, out: memoryview) -> None:
-        """``open``, writing the plaintext into ``out`` (exactly ``len(data) - TAG_BYTES`` long)."""
+        """Authenticate chunk ``index`` and decrypt it into ``out`` (exactly ``len(data) - TAG_BYTES`` long)."""
         try:
             self._aead.decrypt_into(self.nonce(index, final), data, self._aad, out)
         except InvalidTag:
