@@ -55,6 +55,9 @@ INBOX_MAX_BYTES = 128 * 1024 * 1024  # header + payload bytes
 READ_BLOCK_MS = 250  # the reader thread's XREAD timeout: bounds how long close() waits for it
 COUNT_REFRESH = 2.0  # seconds a cached queue length is trusted for the queue bound
 REDIS_ERRORS = redis.RedisError  # unreachable, timed out, loading, read-only, OOM (maxmemory), ...
+# The errors that mean Redis cannot serve us now (others answer one request; redis-py handles some itself).
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, redis.ReadOnlyError,
+           redis.exceptions.MasterDownError)
 TIMEOUT_MIN, TIMEOUT_MAX = 0.25, 1.0  # per call: half a heartbeat, within these bounds
 RETRY_MIN, RETRY_MAX = 0.25, 4.0  # seconds between probes while Redis is down, doubling
 
@@ -284,21 +287,31 @@ class _HealthGuard:
         super().__init__(*args, **kwargs)
         self._health = health
 
+    def connect(self, *args: Any, **kwargs: Any) -> None:
+        self._health.check()
+        try:
+            super().connect(*args, **kwargs)  # type: ignore[misc]
+        except OUTAGES as exc:
+            self._health.failed(exc)
+            raise
+
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         self._health.check()
         try:
             super().send_packed_command(command, check_health)  # type: ignore[misc]
-        except redis.RedisError as exc:
+        except OUTAGES as exc:
             self._health.failed(exc)
             raise
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except redis.exceptions.NoScriptError:
-            raise  # redis-py loads the script and retries (a restarted Redis forgot them)
-        except redis.RedisError as exc:
+        except OUTAGES as exc:
             self._health.failed(exc)
+            raise
+        except redis.ResponseError as exc:
+            if str(exc).startswith("MISCONF"):  # cannot persist (disk full): refuses writes
+                self._health.failed(exc)
             raise
 
 

@@ -244,9 +244,10 @@ class BrokerServer:
                         self._cluster.kick(action.broker, action.conn, action.user)
                 self._cluster.flush()
             self._store.commit()
-        except (sqlite3.Error, StoreUnavailable):
+        except (sqlite3.Error, StoreUnavailable) as exc:
             # Nothing of this batch is durable: say nothing, so senders keep it in their outboxes.
-            log.exception("store commit failed; %d actions of this batch dropped", len(actions))
+            log.warning("store commit failed (%s); %d actions of this batch dropped", exc, len(actions),
+                        exc_info=not isinstance(exc, StoreUnavailable))
             self._store.rollback()
             return
         self._execute(actions)
