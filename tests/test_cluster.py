@@ -224,6 +224,9 @@ def test_a_redis_restart_with_persistence_is_survived(tmp_path, redis_server, co
 
         redis_server.stop()  # append-only file on disk; the brokers keep serving their connections
         redis_server.start()
+        # Meanwhile a worker that noticed refuses what needs Redis (storage_unavailable) until its probe.
+        wait_until(lambda: logged(cluster, "redis unavailable") == logged(cluster, "redis is back"), 20,
+                   "every worker to find Redis again")
 
         alice.send("bob", "sent after the restart", timeout=20)
         bob = connect("bob", cluster.address)
