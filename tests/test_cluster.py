@@ -221,8 +221,13 @@ def test_a_redis_restart_with_persistence_is_survived(tmp_path, redis_server, co
         alice = connect("alice", cluster.address)
         connect("bob", cluster.address).close()
         alice.send("bob", "queued before the restart", timeout=10)
+        listener = listen_process("dave", cluster, tmp_path / "dave-home")
+        wait_until(lambda: b"dave" in redis_server.client().hkeys(ONLINE), 20, "dave online")
 
         redis_server.stop()  # append-only file on disk; the brokers keep serving their connections
+        listener.kill()  # his session expires while Redis is down: a worker that crashed would be restarted
+        listener.wait(10)
+        wait_until(lambda: logged(cluster, "expired after") or worker_crashes(cluster), 10, "dave's session to expire")
         redis_server.start()
         # Meanwhile a worker that noticed refuses what needs Redis (storage_unavailable) until its probe.
         wait_until(lambda: logged(cluster, "redis unavailable") == logged(cluster, "redis is back"), 20,
