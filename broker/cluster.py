@@ -376,9 +376,11 @@ class RedisDirectory:
         self._release = r.register_script(_RELEASE)
         self._reap = r.register_script(_REAP)
         self._snapshot = r.register_script(_SNAPSHOT)
+        self._stale = False  # a gap could not be re-snapshotted (Redis down): ignore the feed until resync()
         try:
             self.resync()
         except StoreUnavailable as exc:
+            self.stream_pos = "$"  # the first snapshot, once Redis is back, says where the feed starts
             log.warning("starting DEGRADED, without the cluster's peer list (%s): serving local clients only", exc)
 
     def _presence_keys(self) -> list[str]:
@@ -452,7 +454,7 @@ class RedisDirectory:
             epoch, seq, pos, flat = self._snapshot(
                 keys=[self._keys.epoch, self._keys.seq, self._keys.presence, self._keys.online],
                 args=[os.urandom(8)])
-        self.epoch, self._seq = epoch, int(seq)
+        self.epoch, self._seq, self._stale = epoch, int(seq), False
         if self.stream_pos == "0-0":
             self.stream_pos = pos.decode() if isinstance(pos, bytes) else pos
         self._replica = {flat[i].decode(): _parse_loc(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -461,14 +463,14 @@ class RedisDirectory:
     def apply(self, fields: dict[bytes, bytes]) -> list[bytes] | None:
         """One presence-stream entry: the PEER_UPDATE to republish, or None (already seen, or a gap)."""
         seq, user, online = int(fields[b"s"]), fields[b"u"].decode(), fields[b"o"] == b"1"
-        if seq <= self._seq:
+        if seq <= self._seq or self._stale:
             return None
         if seq != self._seq + 1:
             log.warning("presence stream gap (%d after %d): re-snapshot", seq, self._seq)
             try:
                 self.resync()
             except StoreUnavailable:
-                pass  # Redis went down meanwhile: the recovery's reconcile re-snapshots
+                self._stale = True  # Redis is down: the recovery's reconcile re-snapshots
             return None
         self._seq = seq
         if online:
@@ -749,13 +751,12 @@ class ClusterLink:
         r = connect(self.url, self.timeout, reader=True)
         taken = r.register_script(_TAKEN)
         positions = {self.inbox: "$", self.keys.presence: presence_pos}
-        try:
-            positions[self.inbox] = self._last_id(r, self.inbox)
-        except REDIS_ERRORS:
-            pass
         backoff = 0.05
         while not self._stop.is_set():
             try:
+                for name, pos in positions.items():  # "$" (the end, as of the first contact): pin it down
+                    if pos == "$":
+                        positions[name] = self._last_id(r, name)
                 reply = r.xread(positions, count=1000, block=READ_BLOCK_MS)
                 backoff = 0.05
             except REDIS_ERRORS as exc:
