@@ -526,8 +526,9 @@ class RedisDirectory:
 
     def reap(self) -> list[str]:
         k = self._keys
-        dead = self._reap(keys=[k.online, k.seq, k.presence, k.brokers],
-                          args=[k.alive(""), k.broker_users(""), PRESENCE_MAXLEN])
+        with unavailable_on_error():
+            dead = self._reap(keys=[k.online, k.seq, k.presence, k.brokers],
+                              args=[k.alive(""), k.broker_users(""), PRESENCE_MAXLEN])
         return [b.decode() if isinstance(b, bytes) else b for b in dead]
 
 

@@ -290,6 +290,8 @@ class BrokerServer:
             link.drop_inboxes(self._directory.reap())
         except StoreUnavailable:
             pass  # RedisHealth logged it and schedules the next probe; local clients are still served
+        except Exception:  # a bug must cost one round of chores, never the broker
+            log.exception("cluster chores failed; retrying next beat")
 
     def _reassert(self) -> None:
         """Redis is back (or others reaped us): make it agree with the sessions that exist here."""
