@@ -12,7 +12,11 @@ What is shared, and how (docs/SCALING.md has the numbers):
 * ``RedisMessageStore`` - the durable offline queues (store-and-forward), one hash + sorted set
   per recipient, written in the batch's pipeline: one round trip per group commit.
 * Cross-broker delivery: each broker reads its own inbox stream (Streams keep what a briefly
-  disconnected reader missed; Pub/Sub would not).
+  disconnected reader missed; Pub/Sub would not), bounded in entries and in bytes.
+
+Redis outages (``RedisHealth``): every call has a short timeout, and after one failure every call
+fails at once until a probe, at doubling intervals, finds Redis back; meanwhile the broker serves
+its own clients, and on recovery the shell reconciles presence (``RedisDirectory.reconcile``).
 
 The routing core stays sans-I/O: it emits ``Forward``/``Kick`` actions and the shell hands them to
 ``ClusterLink``, which owns the Redis connections and the one reader thread.
@@ -26,7 +30,8 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +48,18 @@ from common.protocol import PeerUpdate, pack
 log = logging.getLogger(__name__)
 
 PRESENCE_MAXLEN = 100_000  # entries kept in the presence stream; a broker further behind re-snapshots
-INBOX_MAXLEN = 100_000  # a dead broker's inbox is deleted when it is reaped
+# A broker's unread inbox: further forwards to a full one are dropped (durable frames still wait in
+# their recipient's queue; chunks are asked for again by the transfer's credit/stall logic).
+INBOX_MAXLEN = 10_000  # entries
+INBOX_MAX_BYTES = 128 * 1024 * 1024  # header + payload bytes
 READ_BLOCK_MS = 250  # the reader thread's XREAD timeout: bounds how long close() waits for it
 COUNT_REFRESH = 2.0  # seconds a cached queue length is trusted for the queue bound
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError)
+REDIS_ERRORS = redis.RedisError  # unreachable, timed out, loading, read-only, OOM (maxmemory), ...
+# The errors that mean Redis cannot serve us now (others answer one request; redis-py handles some itself).
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, redis.ReadOnlyError,
+           redis.exceptions.MasterDownError)
+TIMEOUT_MIN, TIMEOUT_MAX = 0.25, 1.0  # per call: half a heartbeat, within these bounds
+RETRY_MIN, RETRY_MAX = 0.25, 4.0  # seconds between probes while Redis is down, doubling
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +183,42 @@ return out
 """
 
 
+# Forward to another broker's inbox unless it is full (entries or bytes); 1 if added, 0 if dropped.
+_FORWARD = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') + tonumber(ARGV[1]) > tonumber(ARGV[3]) then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+redis.call('INCRBY', KEYS[2], ARGV[1])
+return 1
+"""
+
+# The reader took everything up to ARGV[1] (an id just past the last one read): forget it.
+_TAKEN = """
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+if redis.call('DECRBY', KEYS[2], ARGV[2]) < 0 then redis.call('SET', KEYS[2], 0) end
+"""
+
+
+def _entry_bytes(header: bytes, payload: bytes | None) -> int:
+    return len(header) + (len(payload) if payload is not None else 0)
+
+
+def _after(entry_id: bytes | str) -> str:
+    """The smallest stream id after ``entry_id``."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, seq = text.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+@contextmanager
+def unavailable_on_error() -> Iterator[None]:
+    """Any Redis failure, as the one exception the broker core knows: the shared store is unavailable."""
+    try:
+        yield
+    except REDIS_ERRORS as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
 def _loc(where: Location) -> str:
     return f"{where.broker.hex()}/{where.conn.hex()}"
 
@@ -181,33 +230,142 @@ def _parse_loc(text: str | bytes) -> Location:
     return Location(bytes.fromhex(broker), bytes.fromhex(conn))
 
 
-def connect(url: str, *, reader: bool = False) -> redis.Redis:
-    # No retries and short timeouts: during an outage the broker loop must keep answering heartbeats.
-    return redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=None if reader else 2.0,
-                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+class RedisHealth:
+    """A circuit breaker in front of Redis, used only by the broker loop's thread.
+
+    After a failure (unreachable, timed out, or an error reply such as OOM) Redis is *down*: every
+    call fails at once instead of paying a timeout, until a probe (``probing``) at a doubling
+    interval succeeds and the shell, having reconciled, calls ``recovered``.
+    """
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.retry_at = 0.0
+        self._backoff = RETRY_MIN
+        self._probing = False
+
+    @property
+    def available(self) -> bool:
+        return self.down_since is None
+
+    def check(self) -> None:
+        if self.down_since is not None and not self._probing:
+            raise redis.ConnectionError("redis is unavailable; retrying in the background")
+
+    def failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("redis unavailable (%s): serving local clients only, retrying with backoff", exc)
+        self.retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, RETRY_MAX)
+
+    def due(self, now: float) -> bool:
+        return self.down_since is not None and now >= self.retry_at
+
+    def retry_now(self) -> None:
+        self.retry_at = 0.0
+
+    @contextmanager
+    def probing(self) -> Iterator[None]:
+        self._probing = True
+        try:
+            yield
+        finally:
+            self._probing = False
+
+    def recovered(self) -> float:
+        """Seconds it was down."""
+        down, self.down_since, self._backoff = time.monotonic() - (self.down_since or 0.0), None, RETRY_MIN
+        return down
+
+
+class _HealthGuard:
+    """Mixin for a redis-py connection class: fail at once while ``health`` says down; report failures."""
+
+    def __init__(self, *args: Any, health: RedisHealth, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._health = health
+
+    def connect(self, *args: Any, **kwargs: Any) -> None:
+        self._health.check()
+        try:
+            super().connect(*args, **kwargs)  # type: ignore[misc]
+        except OUTAGES as exc:
+            self._health.failed(exc)
+            raise
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._health.check()
+        try:
+            super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except OUTAGES as exc:
+            self._health.failed(exc)
+            raise
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except OUTAGES as exc:
+            self._health.failed(exc)
+            raise
+        except redis.ResponseError as exc:
+            if str(exc).startswith("MISCONF"):  # cannot persist (disk full): refuses writes
+                self._health.failed(exc)
+            raise
+
+
+def connect(url: str, timeout: float, *, health: RedisHealth | None = None, reader: bool = False) -> redis.Redis:
+    """A client with no retries and short timeouts, so an outage never holds the broker loop for long;
+    with ``health``, calls fail at once while it says Redis is down."""
+    pool = redis.ConnectionPool.from_url(url, socket_connect_timeout=timeout,
+                                         socket_timeout=timeout + (READ_BLOCK_MS / 1000 if reader else 0.0),
+                                         retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    if health is not None:
+        pool.connection_class = type(f"Guarded{pool.connection_class.__name__}",
+                                     (_HealthGuard, pool.connection_class), {})
+        pool.connection_kwargs["health"] = health
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def shared_broker_identity(r: redis.Redis, keys: RedisKeys, local: Path) -> Identity:
     """All brokers behind one address present one CURVE key (clients pin it): the first broker to
-    start stores its key in Redis (an existing ``broker.key`` is kept), the others use that one."""
-    candidate = Identity.load_or_create(local) if local.exists() else Identity.generate()
-    r.set(keys.broker_key, candidate.private_bytes(), nx=True)
-    raw = r.get(keys.broker_key)
+    start stores its key in Redis (an existing ``broker.key`` is kept), the others use that one.
+    The cluster's key is also kept in ``local``, so a broker starting while Redis is down (degraded)
+    presents it too."""
+    candidate = Identity.load_or_create(local)
+    try:
+        r.set(keys.broker_key, candidate.private_bytes(), nx=True)
+        raw = r.get(keys.broker_key)
+    except REDIS_ERRORS as exc:
+        log.warning("redis unreachable at start (%s): presenting the broker key kept in %s", exc, local)
+        return candidate
     if raw is None or len(raw) != KEY_BYTES:
         raise RuntimeError(f"{keys.broker_key} in Redis is not a {KEY_BYTES}-byte key")
-    return Identity.from_private_bytes(raw)
+    shared = Identity.from_private_bytes(raw)
+    if raw != candidate.private_bytes():
+        shared.save(local)
+    return shared
 
 
 class RedisDirectory:
-    """The cluster's peer directory: authoritative in Redis, replicated here from the presence stream."""
+    """The cluster's peer directory: authoritative in Redis, replicated here from the presence stream.
+
+    While Redis is down it keeps working for this broker's own sessions: claims and releases change
+    only the local view, other brokers' users cannot be located, and ``reconcile`` brings Redis in
+    line with the sessions that exist once it is back.
+    """
 
     shared = True
 
-    def __init__(self, r: redis.Redis, broker_id: bytes, keys: RedisKeys, wall_ms: Callable[[], int]) -> None:
-        self._r, self._keys, self._wall_ms = r, keys, wall_ms
+    def __init__(self, r: redis.Redis, broker_id: bytes, keys: RedisKeys, wall_ms: Callable[[], int],
+                 health: RedisHealth) -> None:
+        self._r, self._keys, self._wall_ms, self._health = r, keys, wall_ms, health
         self.broker_id = broker_id
         self.me = broker_id.hex()
-        self.epoch = b""
+        self.epoch = os.urandom(8)  # until Redis gives the cluster's (a degraded start has none)
         self._local: dict[str, Location] = {}  # this broker's sessions: known at once, before the stream says so
         self._replica: dict[str, Location] = {}  # everyone, as of self._seq
         self._known: set[str] = set()
@@ -218,7 +376,12 @@ class RedisDirectory:
         self._release = r.register_script(_RELEASE)
         self._reap = r.register_script(_REAP)
         self._snapshot = r.register_script(_SNAPSHOT)
-        self.resync()
+        self._stale = False  # a gap could not be re-snapshotted (Redis down): ignore the feed until resync()
+        try:
+            self.resync()
+        except StoreUnavailable as exc:
+            self.stream_pos = "$"  # the first snapshot, once Redis is back, says where the feed starts
+            log.warning("starting DEGRADED, without the cluster's peer list (%s): serving local clients only", exc)
 
     def _presence_keys(self) -> list[str]:
         k = self._keys
@@ -226,8 +389,14 @@ class RedisDirectory:
 
     # --- PeerDirectory ------------------------------------------------------
     def claim(self, user: str, where: Location, token: bytes = b"") -> bool:
-        result = self._claim(keys=self._presence_keys() + [self._keys.known],
-                             args=[user, _loc(where), token.hex(), PRESENCE_MAXLEN])
+        try:
+            result = self._claim(keys=self._presence_keys() + [self._keys.known],
+                                 args=[user, _loc(where), token.hex(), PRESENCE_MAXLEN])
+        except REDIS_ERRORS:  # Redis down: this broker's word for now; reconcile() claims it later
+            held = self._local.get(user)
+            result = 0 if held is not None and held != where else 1
+            if result:
+                self._replica[user] = where
         if result == 0:
             return False
         self._local[user] = where
@@ -236,9 +405,10 @@ class RedisDirectory:
 
     def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
         k = self._keys
-        previous = self._take_over(keys=self._presence_keys(),
-                                   args=[user, _loc(where), token.hex(), PRESENCE_MAXLEN, self.me,
-                                         k.alive(""), k.broker_users("")])
+        with unavailable_on_error():
+            previous = self._take_over(keys=self._presence_keys(),
+                                       args=[user, _loc(where), token.hex(), PRESENCE_MAXLEN, self.me,
+                                             k.alive(""), k.broker_users("")])
         if previous is None:
             return None
         self._local[user] = where
@@ -247,18 +417,26 @@ class RedisDirectory:
     def release(self, user: str, where: Location) -> bool:
         if self._local.get(user) == where:
             del self._local[user]
-        return bool(self._release(keys=self._presence_keys(), args=[user, _loc(where), PRESENCE_MAXLEN]))
+        try:
+            return bool(self._release(keys=self._presence_keys(), args=[user, _loc(where), PRESENCE_MAXLEN]))
+        except REDIS_ERRORS:  # Redis down: gone here at once; reconcile() releases it in Redis later
+            if self._replica.get(user) == where:
+                del self._replica[user]
+            return True
 
     def locate(self, user: str) -> Location | None:
+        if not self._health.available:  # other brokers are out of reach
+            return self._local.get(user)
         return self._local.get(user) or self._replica.get(user)
 
     def is_known(self, user: str) -> bool:
         if user in self._known or user in self._replica:
             return True
-        if self._r.sismember(self._keys.known, user):
+        with unavailable_on_error():
+            known = self._r.sismember(self._keys.known, user)
+        if known:
             self._known.add(user)
-            return True
-        return False
+        return bool(known)
 
     def online(self) -> list[str]:
         return sorted(self._replica)
@@ -272,9 +450,11 @@ class RedisDirectory:
     # --- the replica (Clone pattern) ---------------------------------------
     def resync(self) -> None:
         """Reload the whole list from Redis (at start, after a gap or an outage)."""
-        epoch, seq, pos, flat = self._snapshot(
-            keys=[self._keys.epoch, self._keys.seq, self._keys.presence, self._keys.online], args=[os.urandom(8)])
-        self.epoch, self._seq = epoch, int(seq)
+        with unavailable_on_error():
+            epoch, seq, pos, flat = self._snapshot(
+                keys=[self._keys.epoch, self._keys.seq, self._keys.presence, self._keys.online],
+                args=[os.urandom(8)])
+        self.epoch, self._seq, self._stale = epoch, int(seq), False
         if self.stream_pos == "0-0":
             self.stream_pos = pos.decode() if isinstance(pos, bytes) else pos
         self._replica = {flat[i].decode(): _parse_loc(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -283,11 +463,14 @@ class RedisDirectory:
     def apply(self, fields: dict[bytes, bytes]) -> list[bytes] | None:
         """One presence-stream entry: the PEER_UPDATE to republish, or None (already seen, or a gap)."""
         seq, user, online = int(fields[b"s"]), fields[b"u"].decode(), fields[b"o"] == b"1"
-        if seq <= self._seq:
+        if seq <= self._seq or self._stale:
             return None
         if seq != self._seq + 1:
             log.warning("presence stream gap (%d after %d): re-snapshot", seq, self._seq)
-            self.resync()
+            try:
+                self.resync()
+            except StoreUnavailable:
+                self._stale = True  # Redis is down: the recovery's reconcile re-snapshots
             return None
         self._seq = seq
         if online:
@@ -300,10 +483,52 @@ class RedisDirectory:
             self._replica.pop(user, None)
         return pack(PeerUpdate(self.epoch, seq, user, online), self._wall_ms())
 
+    def reconcile(self, sessions: list[tuple[str, bytes, bytes]]
+                  ) -> tuple[list[tuple[Location, str]], list[tuple[bytes, str]]]:
+        """After an outage, make Redis agree with this broker's ``sessions`` (user, conn, token): release
+        what Redis still holds here but ended meanwhile (no ghosts), claim what started (taking it over
+        from a dead broker, or from another broker by the same token), then re-snapshot.
+
+        Returns the (previous location, user) sessions to kick elsewhere, and the (conn, user) sessions
+        here that lost their ID to a live session elsewhere. Raises ``StoreUnavailable`` if Redis fails
+        again (call it again later).
+        """
+        k, here = self._keys, {user: Location(self.broker_id, conn) for user, conn, _ in sessions}
+        with unavailable_on_error():
+            held = [u.decode() for u in self._r.smembers(k.broker_users(self.me))]
+            pipe = self._r.pipeline(transaction=False)
+            for user in held:
+                pipe.hget(k.online, user)
+            for user, at in zip(held, pipe.execute()):
+                where = _parse_loc(at) if at else None
+                if where is None or where.broker != self.broker_id:
+                    self._r.srem(k.broker_users(self.me), user)
+                elif here.get(user) != where:
+                    self._release(keys=self._presence_keys(), args=[user, _loc(where), PRESENCE_MAXLEN])
+                    log.info("user=%s left during the redis outage: released", user)
+            kicks, lost, local = [], [], {}
+            for user, conn, token in sessions:
+                where = here[user]
+                if self._claim(keys=self._presence_keys() + [k.known],
+                               args=[user, _loc(where), token.hex(), PRESENCE_MAXLEN]) == 0:
+                    previous = self._take_over(keys=self._presence_keys(),
+                                               args=[user, _loc(where), token.hex(), PRESENCE_MAXLEN, self.me,
+                                                     k.alive(""), k.broker_users("")])
+                    if previous is None:
+                        lost.append((conn, user))
+                        continue
+                    if _parse_loc(previous).broker:  # not just reaped meanwhile: end the session there
+                        kicks.append((_parse_loc(previous), user))
+                local[user] = where
+        self._local = local
+        self.resync()
+        return kicks, lost
+
     def reap(self) -> list[str]:
         k = self._keys
-        dead = self._reap(keys=[k.online, k.seq, k.presence, k.brokers],
-                          args=[k.alive(""), k.broker_users(""), PRESENCE_MAXLEN])
+        with unavailable_on_error():
+            dead = self._reap(keys=[k.online, k.seq, k.presence, k.brokers],
+                              args=[k.alive(""), k.broker_users(""), PRESENCE_MAXLEN])
         return [b.decode() if isinstance(b, bytes) else b for b in dead]
 
 
@@ -317,16 +542,18 @@ class RedisKeyRegistry:
     def bind(self, user: str, key: bytes) -> bool:
         bound = self.lookup(user)
         if bound is None:
-            if self._r.hsetnx(self._hash, user, key):
-                log.info("user=%s bound to a new key", user)
-            bound = self._r.hget(self._hash, user)
+            with unavailable_on_error():  # Redis down: only IDs bound (and cached) before can register
+                if self._r.hsetnx(self._hash, user, key):
+                    log.info("user=%s bound to a new key", user)
+                bound = self._r.hget(self._hash, user)
             self._cache[user] = bound
         return bound == key
 
     def lookup(self, user: str) -> bytes | None:
         key = self._cache.get(user)
         if key is None:
-            key = self._r.hget(self._hash, user)
+            with unavailable_on_error():
+                key = self._r.hget(self._hash, user)
             if key is not None:
                 self._cache[user] = key
         return key
@@ -364,6 +591,8 @@ class RedisMessageStore:
         return count
 
     def append(self, msg_id: bytes, recipient: str, header: bytes, expires_ms: int) -> bool:
+        with unavailable_on_error():  # down: refuse now rather than fail the whole batch's commit
+            self._link.health.check()
         count = self._count(recipient)
         if count >= self.limits.max_per_user:
             return False
@@ -378,8 +607,8 @@ class RedisMessageStore:
         h, z, _ = self._keys.queue(recipient)
         try:
             flat = self._pending(keys=[h, z])
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        except REDIS_ERRORS:
+            return []  # Redis down: the shell has every session's queue delivered again once it is back
         out = []
         for i in range(0, len(flat), 2):
             msg_id, value = flat[i], flat[i + 1]
@@ -390,6 +619,8 @@ class RedisMessageStore:
         return out
 
     def consume(self, recipient: str, msg_id: bytes) -> None:
+        if not self._link.health.available:
+            return  # the frame stays queued and comes again after the outage; clients drop duplicates by id
         h, z, _ = self._keys.queue(recipient)
         self._link.pipe.hdel(h, msg_id)
         self._link.pipe.zrem(z, msg_id)
@@ -416,58 +647,84 @@ class ClusterLink:
 
     One reader thread (owned here, joined in ``close``) blocks on XREAD over this broker's inbox
     and the presence stream and hands entries to the broker loop through a queue plus ``wake``.
+    Calls from the broker loop go through ``health`` (``RedisHealth``): short timeouts, then fail fast.
     """
 
     def __init__(self, url: str, broker_id: bytes, ttl: float, wake: Callable[[], None],
-                 keys: RedisKeys = RedisKeys()) -> None:
+                 keys: RedisKeys = RedisKeys(), timeout: float = TIMEOUT_MAX) -> None:
         self.url, self.broker_id, self.me, self.keys = url, broker_id, broker_id.hex(), keys
         self.ttl_ms = max(1, int(ttl * 1000))
-        self.redis = connect(url)
+        self.timeout = timeout
+        self.health = RedisHealth()
+        self.redis = connect(url, timeout, health=self.health)
         self.pipe = self.redis.pipeline(transaction=False)
         self._pipe_failed: Exception | None = None
+        self._forwards: list[int] = []  # positions of this pipeline's forwards, to count the refused ones
+        self._refused, self._next_refused_log = 0, 0.0
         self.inbox = keys.inbox(self.me)
+        self._forward = self.redis.register_script(_FORWARD)
         self._wake = wake
         self.entries: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self._was_down = False
-        self.redis.ping()
-        self.refresh()
+        try:
+            self.refresh()
+        except StoreUnavailable:
+            pass  # started degraded (RedisHealth said so); the shell probes with backoff
 
     # --- group commit --------------------------------------------------------
     def forward(self, broker: bytes, user: str, frames) -> None:
-        fields: dict[str, Any] = {"k": "f", "u": user, "h": bytes(frames[0])}
-        if len(frames) > 1:
-            fields["p"] = bytes(frames[1])
-        self.pipe.xadd(self.keys.inbox(broker.hex()), fields, maxlen=INBOX_MAXLEN, approximate=True)
+        header, payload = bytes(frames[0]), bytes(frames[1]) if len(frames) > 1 else None
+        fields = ["k", "f", "u", user, "h", header] + (["p", payload] if payload is not None else [])
+        self._add_to_inbox(broker, _entry_bytes(header, payload), fields)
 
     def kick(self, broker: bytes, conn: bytes, user: str) -> None:
-        self.pipe.xadd(self.keys.inbox(broker.hex()), {"k": "k", "u": user, "c": conn},
-                       maxlen=INBOX_MAXLEN, approximate=True)
+        self._add_to_inbox(broker, 0, ["k", "k", "u", user, "c", conn])
+
+    def _add_to_inbox(self, broker: bytes, size: int, fields: list) -> None:
+        if not self.health.available:
+            self._refused += 1  # unreachable now: durable frames wait in their queue, transfers ask again
+            return
+        inbox = self.keys.inbox(broker.hex())
+        self._forwards.append(len(self.pipe))
+        self._forward(keys=[inbox, inbox + ":bytes"], args=[size, INBOX_MAXLEN, INBOX_MAX_BYTES, *fields],
+                      client=self.pipe)
+
+    def _execute(self) -> None:
+        forwards, self._forwards = self._forwards, []
+        try:
+            results = self.pipe.execute()
+        except REDIS_ERRORS:
+            self.pipe.reset()
+            raise
+        self._refused += sum(1 for i in forwards if results[i] == 0)
+        now = time.monotonic()
+        if self._refused and now >= self._next_refused_log:  # aggregated: one line per 10 s at most
+            log.warning("%d frames for other brokers dropped (inbox full or redis down); durable ones wait in "
+                        "their queues, file chunks are asked for again", self._refused)
+            self._refused, self._next_refused_log = 0, now + 10.0
 
     def flush_soon(self) -> None:
         """Run what is queued now; a failure surfaces at the next ``flush`` (so nothing gets acked)."""
         if len(self.pipe) and self._pipe_failed is None:
             try:
-                self.pipe.execute()
+                self._execute()
             except REDIS_ERRORS as exc:
                 self._pipe_failed = exc
-                self.pipe.reset()
 
     def flush(self) -> None:
         failed, self._pipe_failed = self._pipe_failed, None
         if failed is not None:
-            self.pipe.reset()
+            self.discard()
             raise StoreUnavailable(f"redis: {failed}")
         if len(self.pipe):
-            try:
-                self.pipe.execute()
-            except REDIS_ERRORS as exc:
-                self.pipe.reset()
-                raise StoreUnavailable(f"redis: {exc}") from exc
+            with unavailable_on_error():
+                self._execute()
 
     def discard(self) -> None:
         self.pipe.reset()
+        self._forwards = []
         self._pipe_failed = None
 
     # --- liveness -------------------------------------------------------------
@@ -476,12 +733,15 @@ class ClusterLink:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.alive(self.me), 1, px=self.ttl_ms, get=True)
         pipe.sadd(self.keys.brokers, self.me)
-        previous, _ = pipe.execute()
+        with unavailable_on_error():
+            previous, _ = pipe.execute()
         return previous is None
 
     def drop_inboxes(self, brokers: list[str]) -> None:
         if brokers:
-            self.redis.delete(*(self.keys.inbox(b) for b in brokers))
+            with unavailable_on_error():
+                self.redis.delete(*(self.keys.inbox(b) for b in brokers),
+                                  *(self.keys.inbox(b) + ":bytes" for b in brokers))
 
     # --- the reader thread ------------------------------------------------------
     def start_reader(self, presence_pos: str) -> None:
@@ -489,15 +749,15 @@ class ClusterLink:
         self._reader.start()
 
     def _read(self, presence_pos: str) -> None:
-        r = connect(self.url, reader=True)
+        r = connect(self.url, self.timeout, reader=True)
+        taken = r.register_script(_TAKEN)
         positions = {self.inbox: "$", self.keys.presence: presence_pos}
-        try:
-            positions[self.inbox] = self._last_id(r, self.inbox)
-        except REDIS_ERRORS:
-            pass
         backoff = 0.05
         while not self._stop.is_set():
             try:
+                for name, pos in positions.items():  # "$" (the end, as of the first contact): pin it down
+                    if pos == "$":
+                        positions[name] = self._last_id(r, name)
                 reply = r.xread(positions, count=1000, block=READ_BLOCK_MS)
                 backoff = 0.05
             except REDIS_ERRORS as exc:
@@ -519,9 +779,10 @@ class ClusterLink:
                 for entry_id, fields in items:
                     self.entries.put((kind, fields))
                 positions[name] = items[-1][0]
-                if kind == "inbox":
+                if kind == "inbox":  # taken: out of the inbox and its byte count
+                    size = sum(_entry_bytes(f.get(b"h", b""), f.get(b"p")) for _, f in items if f[b"k"] == b"f")
                     try:
-                        r.xtrim(self.inbox, minid=items[-1][0])
+                        taken(keys=[self.inbox, self.inbox + ":bytes"], args=[_after(items[-1][0]), size])
                     except REDIS_ERRORS:
                         pass
             if reply:

@@ -17,7 +17,7 @@ from typing import Any
 from broker.directory import Location, PeerDirectory
 from broker.keys import KeyRegistry
 from broker.ratelimit import ConnectionLimiter, RateLimits
-from broker.store import MessageStore, NoStore, QueueLimits
+from broker.store import MessageStore, NoStore, QueueLimits, StoreUnavailable
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
     Ack,
@@ -161,14 +161,18 @@ class BrokerCore:
             log.warning("conn=%s bad frame: %s", conn.hex(), exc.message)
             return [Send(conn, self._error(exc.code, exc.message, exc.ref))]
         msg = env.message
-        if msg.RELAYED:
-            return self._relay(conn, session, env, frames)
-        if type(msg) is Register:
-            return self._on_register(conn, env, now, peer_key)
-        handler = self._handlers.get(type(msg))
-        if handler is None:
-            return [Send(conn, self._error(ErrorCode.BAD_FRAME, f"{msg.TYPE.value} is not a request", env.msg_id))]
-        return handler(conn, env, frames, now)
+        try:
+            if msg.RELAYED:
+                return self._relay(conn, session, env, frames)
+            if type(msg) is Register:
+                return self._on_register(conn, env, now, peer_key)
+            handler = self._handlers.get(type(msg))
+            if handler is None:
+                return [Send(conn, self._error(ErrorCode.BAD_FRAME, f"{msg.TYPE.value} is not a request", env.msg_id))]
+            return handler(conn, env, frames, now)
+        except StoreUnavailable:  # a shared store (cluster: Redis) is down; the request changed nothing
+            return [Send(conn, self._error(ErrorCode.STORAGE_UNAVAILABLE,
+                                           "the broker's shared store is unavailable; try again later", env.msg_id))]
 
     def on_tick(self, now: float) -> list[Action]:
         """Expire silent sessions; publish the periodic PEER_SYNC."""
@@ -295,7 +299,12 @@ class BrokerCore:
             return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"recipient {recipient!r} is unknown",
                                            env.msg_id))]
         if msg.DURABLE and self.store.durable:
-            return self._store_and_forward(conn, env, frames, recipient, where)
+            try:
+                return self._store_and_forward(conn, env, frames, recipient, where)
+            except StoreUnavailable:
+                if where is None or where.broker != self.broker_id:
+                    raise
+                # The store is down but the recipient is here: relay it unstored, acknowledged "relayed".
         if where is None:
             return [Send(conn, self._error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
                                            env.msg_id))]

@@ -102,12 +102,14 @@ class BrokerServer:
         if config.cluster:
             from broker import cluster  # Redis is needed only in cluster mode
 
+            # Every Redis call is bounded by half a heartbeat (within 0.25-1 s), then fails fast while down.
+            timeout = min(cluster.TIMEOUT_MAX, max(cluster.TIMEOUT_MIN, config.heartbeat_ivl / 2))
             self._cluster = link = cluster.ClusterLink(config.cluster, epoch, config.heartbeat_ivl * config.liveness,
-                                                       self._waker.wake)
+                                                       self._waker.wake, timeout=timeout)
             self.identity = cluster.shared_broker_identity(link.redis, link.keys, config.data_dir / "broker.key")
             self._keys = cluster.RedisKeyRegistry(link.redis, link.keys)
             self._store = cluster.RedisMessageStore(link, config.queue) if config.durable else NoStore()
-            directory = self._directory = cluster.RedisDirectory(link.redis, epoch, link.keys, _wall_ms)
+            directory = self._directory = cluster.RedisDirectory(link.redis, epoch, link.keys, _wall_ms, link.health)
         else:
             self.identity = Identity.load_or_create(config.data_dir / "broker.key")
             self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite")
@@ -157,7 +159,6 @@ class BrokerServer:
             self._bind(self.key_service, config.key_service_port)
         self._next_refresh = 0.0
         self._refreshed_once = False
-        self._cluster_recovered = False
         if self._cluster is not None:
             self._cluster.start_reader(self._directory.stream_pos)
         self._key_reply = pack(BrokerKey(self.identity.public), _wall_ms())[0]
@@ -243,9 +244,10 @@ class BrokerServer:
                         self._cluster.kick(action.broker, action.conn, action.user)
                 self._cluster.flush()
             self._store.commit()
-        except (sqlite3.Error, StoreUnavailable):
+        except (sqlite3.Error, StoreUnavailable) as exc:
             # Nothing of this batch is durable: say nothing, so senders keep it in their outboxes.
-            log.exception("store commit failed; %d actions of this batch dropped", len(actions))
+            log.warning("store commit failed (%s); %d actions of this batch dropped", exc, len(actions),
+                        exc_info=not isinstance(exc, StoreUnavailable))
             self._store.rollback()
             return
         self._execute(actions)
@@ -270,31 +272,40 @@ class BrokerServer:
                     frames = [fields[b"h"], fields[b"p"]] if b"p" in fields else [fields[b"h"]]
                     batch += core.on_forwarded(user, frames)
             elif kind == "up":
-                self._cluster_recovered = True
+                link.health.retry_now()  # the reader got through: probe at once
         if batch:
             self._commit_then_execute(batch)
-        if now < self._next_refresh:
+        health = link.health
+        if health.available and now < self._next_refresh or not health.available and not health.due(now):
             return
         self._next_refresh = now + self.config.heartbeat_ivl
         try:
-            lapsed = link.refresh()
-            if (lapsed and self._refreshed_once) or self._cluster_recovered:
-                self._reassert()
+            with health.probing():  # while down, only this probe gets through
+                lapsed = link.refresh()
+                if not health.available or lapsed and self._refreshed_once:
+                    self._reassert()
+            if not health.available:
+                log.info("redis is back after %.1fs: cluster mode whole again", health.recovered())
             self._refreshed_once = True
             link.drop_inboxes(self._directory.reap())
-        except Exception as exc:  # Redis down: keep serving local clients; retry next beat
-            log.warning("cluster refresh failed: %s", exc)
-            self._cluster_recovered = True
+        except StoreUnavailable:
+            pass  # RedisHealth logged it and schedules the next probe; local clients are still served
+        except Exception:  # a bug must cost one round of chores, never the broker
+            log.exception("cluster chores failed; retrying next beat")
 
     def _reassert(self) -> None:
-        """After an outage others may have reaped us: claim our sessions again and re-read the list."""
-        self._cluster_recovered = False
-        from broker.directory import Location
-
-        for user, conn, token in self.core.sessions():
-            self._directory.claim(user, Location(self.core.broker_id, conn), token)
-        self._directory.resync()
-        log.info("cluster state re-asserted for %d sessions", len(self.core.sessions()))
+        """Redis is back (or others reaped us): make it agree with the sessions that exist here."""
+        sessions = self.core.sessions()
+        kicks, lost = self._directory.reconcile(sessions)
+        batch: list[Action] = [Kick(where.broker, where.conn, user) for where, user in kicks]
+        for conn, user in lost:
+            log.warning("user=%s conn=%s lost its ID to a session elsewhere during the redis outage", user, conn.hex())
+            batch += self.core.on_kicked(conn, user)
+        for user, _, _ in sessions:  # queues could not be read while Redis was down
+            self.core.on_delivery_failed(user)
+        self._commit_then_execute(batch)
+        log.info("cluster state reconciled: %d sessions here, %d taken over, %d lost",
+                 len(sessions) - len(lost), len(kicks), len(lost))
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from any thread or a signal handler)."""

@@ -69,12 +69,16 @@ class Identity:
         except FileNotFoundError:
             pass
         identity = cls.generate()
+        identity.save(path)
+        return identity
+
+    def save(self, path: Path) -> None:
+        """Write the secret to ``path`` (mode 0600), atomically."""
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(identity.private_bytes())
+            f.write(self.private_bytes())
         os.replace(tmp, path)
-        return identity
 
     def private_bytes(self) -> bytes:
         return self.private.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())

@@ -18,6 +18,7 @@ import redis
 from client import events as ev
 from client.client import ChatClient, ClientConfig
 from common.endpoints import ServerAddress
+from common.errors import BrokenError, ErrorCode, RemoteError
 from tests.conftest import HEARTBEAT, ROOT, BrokerProcess, free_ports, wait_for, wait_peers, wait_until
 
 pytestmark = [
@@ -79,6 +80,15 @@ def start_cluster(home: Path, redis_url: str, workers: int, port: int | None = N
 
 def listening(broker: BrokerProcess) -> int:
     return sum("broker listening" in line for line in list(broker.lines))
+
+
+def logged(broker: BrokerProcess, text: str) -> int:
+    return sum(text in line for line in list(broker.lines))
+
+
+def worker_crashes(broker: BrokerProcess) -> list[str]:
+    """The supervisor's lines about workers that exited on their own (it restarts them)."""
+    return [line for line in list(broker.lines) if re.search(r"worker \d+ pid \d+ exited", line)]
 
 
 def broker_pids(broker: BrokerProcess) -> dict[str, int]:
@@ -202,6 +212,7 @@ def test_killed_worker_clients_move_to_the_others_and_nothing_acknowledged_is_lo
     for client in clients.values():  # everyone is back, on live brokers, and every list agrees
         wait_peers(client, set(clients), timeout=20)
     assert victim_broker not in {broker_of(r, u) for u in clients}
+    assert len(worker_crashes(cluster)) == 1  # only the one we killed
 
 
 def test_a_redis_restart_with_persistence_is_survived(tmp_path, redis_server, connect):
@@ -210,9 +221,17 @@ def test_a_redis_restart_with_persistence_is_survived(tmp_path, redis_server, co
         alice = connect("alice", cluster.address)
         connect("bob", cluster.address).close()
         alice.send("bob", "queued before the restart", timeout=10)
+        listener = listen_process("dave", cluster, tmp_path / "dave-home")
+        wait_until(lambda: b"dave" in redis_server.client().hkeys(ONLINE), 20, "dave online")
 
         redis_server.stop()  # append-only file on disk; the brokers keep serving their connections
+        listener.kill()  # his session expires while Redis is down: a worker that crashed would be restarted
+        listener.wait(10)
+        wait_until(lambda: logged(cluster, "expired after") or worker_crashes(cluster), 10, "dave's session to expire")
         redis_server.start()
+        # Meanwhile a worker that noticed refuses what needs Redis (storage_unavailable) until its probe.
+        wait_until(lambda: logged(cluster, "redis unavailable") == logged(cluster, "redis is back"), 20,
+                   "every worker to find Redis again")
 
         alice.send("bob", "sent after the restart", timeout=20)
         bob = connect("bob", cluster.address)
@@ -220,6 +239,7 @@ def test_a_redis_restart_with_persistence_is_survived(tmp_path, redis_server, co
         carol = connect("carol", cluster.address)
         for client in (alice, bob, carol):
             wait_peers(client, {"alice", "bob", "carol"}, timeout=20)
+        assert not worker_crashes(cluster)  # the supervisor restarting a crashed worker hides nothing
     finally:
         assert cluster.stop() == 0
 
@@ -258,3 +278,171 @@ def test_haproxy_in_front_of_two_brokers_passes_a_message(tmp_path, redis_server
         proxy.wait(10)
         for b in brokers:
             b.stop()
+
+
+# --- Redis outages: brokers stay up, serve what they can, and reconcile ------------------------------------
+
+@pytest.fixture
+def cluster_broker(tmp_path: Path, redis_server: RedisProcess) -> Iterator[BrokerProcess]:
+    """One cluster-mode broker process (no supervisor: its own exit is the failure)."""
+    broker = BrokerProcess(tmp_path / "one-broker", free_ports(3), ["--cluster", redis_server.url]).start(timeout=20)
+    yield broker
+    assert broker.stop() == 0
+
+
+def online_users(r: redis.Redis) -> set[str]:
+    return {u.decode() for u in r.hkeys(ONLINE)}
+
+
+def listen_process(user: str, broker: BrokerProcess, home: Path) -> subprocess.Popen:
+    return subprocess.Popen([os.sys.executable, "-m", "client.cli", "listen", "--user", user,
+                             "--server", f"127.0.0.1:{broker.port}"], cwd=ROOT,
+                            env=dict(os.environ, P2PCHAT_HOME=str(home)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_broker_stays_up_and_local_chat_works_while_redis_is_down(cluster_broker, redis_server, connect):
+    alice, bob = connect("alice", cluster_broker.address), connect("bob", cluster_broker.address)
+    redis_server.stop()
+    for n in range(3):  # relayed unstored to the online recipient here, and acknowledged
+        alice.send("bob", f"during the outage {n}", timeout=10)
+    assert texts(bob, 3) == {f"during the outage {n}" for n in range(3)}
+    bob.send("alice", "and back", timeout=10)
+    assert texts(alice, 1) == {"and back"}
+    assert cluster_broker.alive()
+
+
+def test_a_session_expiring_during_a_redis_outage_does_not_stop_the_broker(cluster_broker, redis_server,
+                                                                            connect, tmp_path):
+    alice, bob = connect("alice", cluster_broker.address), connect("bob", cluster_broker.address)
+    listener = listen_process("carol", cluster_broker, tmp_path / "carol-home")
+    r = redis_server.client()
+    wait_until(lambda: "carol" in online_users(r), 20, "carol online")
+    redis_server.stop()
+    listener.kill()  # no UNREGISTER: her session expires on the broker's tick
+    listener.wait(10)
+    wait_until(lambda: any("user=carol" in line and "expired after" in line for line in list(cluster_broker.lines))
+               or not cluster_broker.alive(), 10, "carol's session to expire")
+    assert cluster_broker.alive()
+    alice.send("bob", "still here", timeout=10)
+    assert texts(bob, 1) == {"still here"}
+
+
+def test_no_ghost_users_after_redis_returns(cluster_broker, redis_server, connect):
+    alice, bob, carol = (connect(u, cluster_broker.address) for u in ("alice", "bob", "carol"))
+    connect("dave", cluster_broker.address).close()  # bound to his key before the outage
+    r = redis_server.client()
+    wait_until(lambda: online_users(r) == {"alice", "bob", "carol"}, 10, "three online")
+    redis_server.stop()
+    carol.close()  # left during the outage: must not stay online in Redis
+    dave = connect("dave", cluster_broker.address)  # came during the outage: must be online in Redis
+    redis_server.start()
+    r = redis_server.client()
+    wait_until(lambda: online_users(r) == {"alice", "bob", "dave"}, 20, "presence reconciled")
+    for client in (alice, bob, dave):
+        wait_peers(client, {"alice", "bob", "dave"}, timeout=20)
+    erin = connect("erin", cluster_broker.address)  # and the cluster is whole: new IDs register again
+    wait_peers(erin, {"alice", "bob", "dave", "erin"}, timeout=20)
+
+
+def test_a_broker_starts_degraded_without_redis_and_becomes_whole_when_it_appears(tmp_path, connect):
+    redis_server = RedisProcess(tmp_path / "late-redis")  # not started yet
+    broker = BrokerProcess(tmp_path / "bh", free_ports(3), ["--cluster", redis_server.url]).start(timeout=20)
+    try:
+        assert logged(broker, "DEGRADED")
+        early = ChatClient("early", ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT, history=False))
+        with pytest.raises(BrokenError):  # a new ID cannot be bound without Redis: refused clearly
+            early.connect(timeout=3)
+        refusal = wait_for(early, lambda e: isinstance(e, ev.ErrorReported), 1)
+        assert refusal.error.code is ErrorCode.STORAGE_UNAVAILABLE
+        redis_server.start()
+        wait_until(lambda: logged(broker, "redis is back"), 20, "the broker to find Redis")
+        alice, bob = connect("alice", broker.address), connect("bob", broker.address)
+        wait_peers(alice, {"alice", "bob"}, timeout=20)
+        alice.send("bob", "whole again", timeout=10)
+        assert texts(bob, 1) == {"whole again"}
+        assert broker_of(redis_server.client(), "alice") is not None
+    finally:
+        assert broker.stop() == 0
+        redis_server.stop()
+
+
+def test_a_worker_restarted_during_an_outage_starts_degraded(tmp_path, redis_server, connect):
+    cluster = start_cluster(tmp_path / "bh", redis_server.url, 2)
+    try:
+        alice = connect("alice", cluster.address)
+        redis_server.stop()
+        victim = next(iter(broker_pids(cluster).values()))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: listening(cluster) >= 3, 20, "the supervisor to restart the worker")
+        assert len(worker_crashes(cluster)) == 1  # the one we killed: the restarted worker keeps running
+        redis_server.start()
+        wait_until(lambda: logged(cluster, "redis is back") >= 1, 20, "a worker to find Redis")
+        bob = connect("bob", cluster.address)
+        wait_peers(bob, {"alice", "bob"}, timeout=20)
+        bob.send("alice", "after the outage", timeout=10)
+        assert texts(alice, 1) == {"after the outage"}
+        assert len(worker_crashes(cluster)) == 1
+    finally:
+        assert cluster.stop() == 0
+
+
+def test_redis_out_of_memory_is_answered_with_storage_unavailable(cluster_broker, redis_server, connect):
+    alice, bob = connect("alice", cluster_broker.address), connect("bob", cluster_broker.address)
+    connect("carol", cluster_broker.address).close()
+    r = redis_server.client()
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)  # every write is refused: -OOM command not allowed
+    with pytest.raises(RemoteError) as refused:  # carol is offline: her message needs the queue in Redis
+        alice.send("carol", "to the queue", timeout=10)
+    assert refused.value.code is ErrorCode.STORAGE_UNAVAILABLE
+    alice.send("bob", "to bob, online here", timeout=10)
+    assert texts(bob, 1) == {"to bob, online here"}
+    recovered = logged(cluster_broker, "redis is back")
+    r.config_set("maxmemory", 0)
+    wait_until(lambda: logged(cluster_broker, "redis is back") > recovered, 20, "the broker to recover")
+    alice.send("carol", "stored again", timeout=10)
+    carol = connect("carol", cluster_broker.address)
+    assert texts(carol, 1) == {"stored again"}
+    assert cluster_broker.alive()
+
+
+def test_a_hung_redis_never_blocks_the_broker_past_a_heartbeat(cluster_broker, redis_server, connect):
+    alice, bob = connect("alice", cluster_broker.address), connect("bob", cluster_broker.address)
+    recovered = logged(cluster_broker, "redis is back")
+    redis_server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+    try:
+        for n in range(5):
+            alice.send("bob", f"while redis hangs {n}", timeout=10)
+        assert texts(bob, 5) == {f"while redis hangs {n}" for n in range(5)}
+        wait_until(lambda: logged(cluster_broker, "redis unavailable (Timeout"), 10, "a Redis call to time out")
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: logged(cluster_broker, "redis is back") > recovered, 20, "the broker to recover")
+    for client in (alice, bob):  # heartbeats were answered all along: nobody had to reconnect
+        while not client.events.empty():
+            assert not isinstance(client.events.get_nowait(), ev.Reconnecting)
+    assert cluster_broker.alive()
+
+
+def test_cross_broker_inboxes_are_bounded_in_entries_and_bytes(redis_server):
+    from broker import cluster as cl
+
+    r = redis_server.client()
+    link = cl.ClusterLink(redis_server.url, os.urandom(8), 1.0, lambda: None)
+    try:
+        dead = os.urandom(8)  # a broker that never reads its inbox
+        for _ in range(cl.INBOX_MAXLEN + 50):
+            link.forward(dead, "bob", [b"h" * 10])
+        link.flush()
+        inbox = link.keys.inbox(dead.hex())
+        assert r.xlen(inbox) == cl.INBOX_MAXLEN
+        r.delete(inbox, inbox + ":bytes")
+        chunk = os.urandom(1024 * 1024)
+        for _ in range(cl.INBOX_MAX_BYTES // len(chunk) + 10):
+            link.forward(dead, "bob", [b"h", chunk])
+        link.flush()
+        assert int(r.get(inbox + ":bytes")) <= cl.INBOX_MAX_BYTES
+        assert r.xlen(inbox) < cl.INBOX_MAX_BYTES // len(chunk)
+    finally:
+        link.close()
