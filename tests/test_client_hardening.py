@@ -1,0 +1,60 @@
+"""Issue 13, client side: no peer can crash, flood or fool a client (real broker, real sockets, real files)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from client import events as ev
+from client.actions import Transmit
+from client.client import ChatClient
+from common.protocol import ChatMessage, new_msg_id, pack
+from tests.conftest import BrokerProcess, wait_for, wait_peers, wait_until
+
+
+def _transmit(client: ChatClient, frames_list: list[list[bytes]]) -> None:
+    """Send raw frames through a client's own connection, on its agent thread (a hostile peer's library)."""
+    client._call(lambda now: client._execute([Transmit(f) for f in frames_list])).result(10)
+
+
+def _queued_for(broker: BrokerProcess, user: str) -> int:
+    with sqlite3.connect(broker.home / "broker" / "queue.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM queue WHERE recipient = ?", (user,)).fetchone()[0]
+
+
+def _junk_for(recipient: str) -> list[bytes]:
+    """A sealed-looking body claiming a fresh random sender key: it cannot open."""
+    body = b"\x01" + os.urandom(32) + os.urandom(48)
+    return pack(ChatMessage("alice", recipient, body), 1_700_000_000_000, new_msg_id())
+
+
+# --- point 6 (client side) and point 9: what does not open is consumed, and pins nothing ---------------
+def test_junk_messages_are_consumed_and_leave_bob_usable(make_client, broker):
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.send("bob", "genuine")  # pins keys both ways
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "genuine"
+    _transmit(alice, [_junk_for("bob") for _ in range(300)])
+    report = wait_for(bob, lambda e: isinstance(e, ev.ErrorReported))
+    assert report.error.code.value == "integrity"
+    wait_until(lambda: _queued_for(broker, "bob") == 0, what="bob's queue to empty")
+    alice.send("bob", "after the junk")
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "after the junk"
+    seen = []
+    while not bob.events.empty():
+        seen.append(bob.events.get())
+    assert not any(isinstance(e, ev.ErrorReported) for e in seen), "refusals are reported once, not per message"
+
+
+def test_forged_message_does_not_raise_a_key_change(make_client, broker):
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.send("bob", "genuine")
+    wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    pinned = bob.fingerprint_of("alice")
+    _transmit(alice, [_junk_for("bob")])  # claims another key for alice, but does not authenticate
+    event = wait_for(bob, lambda e: isinstance(e, (ev.ErrorReported, ev.PeerKeyChanged)))
+    assert isinstance(event, ev.ErrorReported), event
+    assert bob.pending_key_change("alice") is None
+    assert bob.fingerprint_of("alice") == pinned
+    bob.send("alice", "still trusted")  # not blocked by a key change
+    assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "still trusted"
