@@ -133,6 +133,7 @@ class ChatClient:
         self._peers: frozenset[str] = frozenset()
         self._closed = False
         self._agent_done = False
+        self._release_by_agent = False
         self._thread = threading.Thread(target=self._run, name=f"p2pchat-agent-{user}", daemon=True)
 
     # --- public API (any thread) ----------------------------------------------
@@ -157,8 +158,14 @@ class ChatClient:
             self._thread.start()
 
     def send(self, to: str, text: str, timeout: float | None = None) -> bytes:
-        """Send and wait for the broker's acknowledgement; returns the message id."""
+        """Send and wait for the broker's acknowledgement; returns the message id.
+
+        From an event callback (the agent thread, which must not wait for itself) it does not wait:
+        it returns once the message is queued, as ``send_async`` does.
+        """
         msg_id, acked = self.send_async(to, text)
+        if self._on_agent():
+            return msg_id
         try:
             acked.result(timeout if timeout is not None else self.config.send_timeout + 1)
         except FutureTimeout:
@@ -229,15 +236,24 @@ class ChatClient:
         if self._closed:
             return
         self._closed = True
+        if self._on_agent():  # from an event callback: the agent finishes the job when its loop ends
+            self._release_by_agent = True
+            return
         if self._thread.ident is not None:  # started: the agent closes its sockets and context
             self._waker.wake()
             self._thread.join()
         elif self._own_ctx:
             self._ctx.term()
+        self._release()
+
+    def _release(self) -> None:
         self._waker.close()
         if self._session.history is not None:
             self._session.history.close()
         self._claim.release()
+
+    def _on_agent(self) -> bool:
+        return threading.get_ident() == self._thread.ident
 
     def __enter__(self) -> ChatClient:
         return self
@@ -249,6 +265,12 @@ class ChatClient:
         future: Future = Future()
         if self._closed or self._agent_done:
             future.set_exception(ClosedError("client is closed"))
+            return future
+        if self._on_agent():  # an event callback: the agent itself, so run inline
+            try:
+                future.set_result(fn(time.monotonic()))
+            except Exception as exc:
+                future.set_exception(exc)
             return future
         self._commands.put((fn, future))
         self._waker.wake()
@@ -333,6 +355,8 @@ class ChatClient:
         self._run_commands(time.monotonic())  # fail any command queued during shutdown
         if self._own_ctx:
             self._ctx.term()
+        if self._release_by_agent:  # closed by an event callback: nobody joins us
+            self._release()
 
     def _flush_backlog(self, poller: zmq.Poller) -> None:
         """Send held frames while the DEALER takes them; poll for POLLOUT only while some are held."""

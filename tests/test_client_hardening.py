@@ -58,3 +58,47 @@ def test_forged_message_does_not_raise_a_key_change(make_client, broker):
     assert bob.fingerprint_of("alice") == pinned
     bob.send("alice", "still trusted")  # not blocked by a key change
     assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "still trusted"
+
+
+# --- point 5: an event callback may call back into the client ---------------------------------------
+def test_callback_that_cancels_and_accepts_keys_does_not_deadlock(make_client, broker, home, tmp_path):
+    import queue
+
+    from client.client import ClientConfig
+    from common import crypto
+    from common.errors import ErrorCode, P2PChatError
+    from tests.conftest import HEARTBEAT
+
+    seen: queue.Queue = queue.Queue()
+
+    def on_event(event) -> None:  # runs on bob's agent thread
+        if isinstance(event, ev.FileIncoming):
+            bob.cancel_transfer(event.xfer)
+            seen.put(("cancelled", event.xfer))
+        elif isinstance(event, ev.PeerKeyChanged):
+            seen.put(("accepted", bob.accept_peer_key(event.user)))
+            bob.send(event.user, "key accepted from a callback")
+
+    alice = make_client("alice")
+    bob = ChatClient("bob", ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT,
+                                         received_dir=tmp_path / "inbox"), on_event=on_event)
+    try:
+        bob.connect(timeout=10)
+        wait_peers(alice, {"alice", "bob"})
+        src = tmp_path / "f.bin"
+        src.write_bytes(os.urandom(1000))
+        xfer, done = alice.send_file("bob", src)
+        assert seen.get(timeout=10) == ("cancelled", xfer)
+        try:
+            done.result(10)
+            raise AssertionError("the transfer should have been cancelled")
+        except P2PChatError as exc:
+            assert exc.code is ErrorCode.CANCELLED
+        bob.e2e._pinned.put("alice", crypto.Identity.generate().public)  # alice's key "changes" in bob's eyes
+        bob.e2e._shared.clear()
+        alice.send("bob", "with my real key")
+        assert seen.get(timeout=10) == ("accepted", True)
+        assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "key accepted from a callback"
+        assert bob.pending_key_change("alice") is None
+    finally:
+        bob.close()
