@@ -37,7 +37,7 @@ import msgpack
 
 from client import events as ev
 from client.actions import Action, Emit, Transmit
-from client.filenames import publish_atomically, received_name
+from client.filenames import part_name, publish_atomically, received_name
 from client.partfile import PartFile
 from client.e2e import EndToEnd, PeerKeyChanged
 from common.crypto import TAG_BYTES, FileCipher
@@ -505,7 +505,7 @@ class TransferManager:
                 reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
                                        ErrorCode.UNWRITABLE)
         final_name = received_name(offer.sender, name, self._wall_time())
-        part = cfg.received_dir / f".{final_name[:180]}.{offer.xfer.hex()[:8]}.part"
+        part = cfg.received_dir / part_name(final_name, offer.xfer)
         if reject is None:
             try:
                 handle = PartFile.create(part, offer.chunk_size, write_behind=cfg.write_behind)

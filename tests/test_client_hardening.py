@@ -6,6 +6,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from client import events as ev
 from client.actions import Transmit
 from client.client import ChatClient
@@ -102,3 +104,79 @@ def test_callback_that_cancels_and_accepts_keys_does_not_deadlock(make_client, b
         assert bob.pending_key_change("alice") is None
     finally:
         bob.close()
+
+
+# --- point 9: names budgeted in bytes; publishing without hard links ------------------------------
+def test_long_multibyte_name_is_shortened_at_offer_time_and_arrives(make_client, tmp_path):
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    wait_peers(alice, {"alice", "bob"})
+    name = "b" * 190 + "." + "\N{GRINNING FACE}" * 16  # 255 bytes: the longest name the sender's disk allows
+    src = tmp_path / name
+    src.write_bytes(os.urandom(70_000))
+    _, done = alice.send_file("bob", src)
+    event = wait_for(bob, lambda e: isinstance(e, (ev.FileReceived, ev.FileFailed)), 30)
+    assert isinstance(event, ev.FileReceived), event
+    done.result(10)
+    assert event.path.read_bytes() == src.read_bytes()
+    assert len(event.path.name.encode()) <= 255 and event.path.name.endswith("\N{GRINNING FACE}" * 4)
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == [event.path.name]
+
+
+def test_part_and_final_names_fit_the_byte_limit_for_any_offered_name():
+    from client.filenames import NAME_MAX, part_name, received_name
+
+    for offered in ["b" * 300 + "." + "\N{GRINNING FACE}" * 16, "\N{GRINNING FACE}" * 300, "x." + "y" * 300,
+                    "\u00e9" * 400 + ".tar.gz"]:
+        final = received_name("a" * 32, offered, 0)
+        assert len(f"{final} (9999)".encode()) <= NAME_MAX
+        assert len(part_name(final, bytes(16)).encode()) <= NAME_MAX
+        final.encode("utf-8")  # whole characters only
+
+
+def _no_hard_links(monkeypatch, renameat2: bool) -> None:
+    """Last resort, said plainly: this kernel has no vfat/SMB to mount, so os.link fails as it does there."""
+    import errno
+
+    from client import filenames
+
+    def link(src, dst, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(filenames.os, "link", link)
+    if not renameat2:
+        monkeypatch.setattr(filenames, "_renameat2", None)
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2-noreplace", "exclusive-create"])
+def test_publish_without_hard_links_never_overwrites(tmp_path, monkeypatch, renameat2):
+    from client.filenames import publish_atomically
+
+    _no_hard_links(monkeypatch, renameat2)
+    (tmp_path / "report.pdf").write_bytes(b"precious")
+    paths = []
+    for content in (b"one", b"two"):
+        part = tmp_path / f".report.pdf.{content.hex()}.part"
+        part.write_bytes(content)
+        paths.append(publish_atomically(part, tmp_path, "report.pdf"))
+        assert not part.exists()
+    assert [p.name for p in paths] == ["report (1).pdf", "report (2).pdf"]
+    assert [p.read_bytes() for p in paths] == [b"one", b"two"]
+    assert (tmp_path / "report.pdf").read_bytes() == b"precious"
+
+
+def test_transfer_saves_on_a_file_system_without_hard_links(make_client, tmp_path, monkeypatch):
+    _no_hard_links(monkeypatch, renameat2=True)
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    wait_peers(alice, {"alice", "bob"})
+    src = tmp_path / "same.txt"
+    paths = []
+    for content in (b"first", b"second"):
+        src.write_bytes(content)
+        _, done = alice.send_file("bob", src)
+        event = wait_for(bob, lambda e: isinstance(e, (ev.FileReceived, ev.FileFailed)), 30)
+        assert isinstance(event, ev.FileReceived), event
+        done.result(10)
+        paths.append(event.path)
+    assert [p.read_bytes() for p in paths] == [b"first", b"second"]
