@@ -29,6 +29,7 @@ from client.broker_trust import resolve_broker_key
 from client.e2e import EndToEnd
 from client.history import History
 from client.identity import InstanceClaim
+from client.partfile import WriterPool
 from client.trust import KeyStore
 from common.crypto import Identity, fingerprint, safety_number
 from client.session import ClientSession, State, validate_text
@@ -63,6 +64,9 @@ class ClientConfig:
     key_port: int | None = None  # the broker's key service, server port + 2 unless given
     history: bool = True  # keep conversations and the outbox in SQLite (off: load-test clients)
     read_receipts: bool = True  # tell senders when we have read their messages
+    # TransferConfig overrides (max_incoming, max_incoming_per_peer, max_queued, max_queued_per_peer,
+    # give_up_after, max_age); defaults in client.transfer.
+    transfer_limits: dict[str, float] = field(default_factory=dict)
 
 
 def _forward_failure(command: Future, result: Future) -> None:
@@ -100,13 +104,15 @@ class ChatClient:
         self.identity = Identity.load_or_create(self.state_dir / "identity.key")
         self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / "peer_keys.json"),
                            KeyStore(self.state_dir / "peer_keys_changed.json"), enabled=cfg.encrypt)
+        self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
             user,
             TransferConfig(self.state_dir / "transfers", cfg.received_dir, cfg.max_file_size, cfg.chunk_size,
-                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness, write_behind=True),
+                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness, **cfg.transfer_limits),
             e2e=self.e2e,
             wall_ms=_wall_ms,
             wall_time=time.time,
+            writers=self._writers,
         )
         self._session = ClientSession(
             user,
@@ -247,6 +253,7 @@ class ChatClient:
         self._release()
 
     def _release(self) -> None:
+        self._writers.close()  # after the agent closed every .part file
         self._waker.close()
         if self._session.history is not None:
             self._session.history.close()

@@ -180,3 +180,156 @@ def test_transfer_saves_on_a_file_system_without_hard_links(make_client, tmp_pat
         done.result(10)
         paths.append(event.path)
     assert [p.read_bytes() for p in paths] == [b"first", b"second"]
+
+
+# --- point 5: bounded incoming transfers, shared writers, credit clamp, give-up, cleanup ------------
+def _offers(sender: ChatClient, recipient: str, count: int, size: int = 10_000_000) -> list[list[bytes]]:
+    """Well-formed sealed offers, as a hostile peer's library can make any number of."""
+    import time
+
+    import msgpack
+
+    from client.transfer import CHUNK_SIZE
+    from common.protocol import FileOffer
+
+    frames = []
+    for i in range(count):
+        xfer, ts = new_msg_id(), int(time.time() * 1000)
+        meta = msgpack.packb({"name": f"flood-{i}.bin", "key": os.urandom(32)}, use_bin_type=True)
+        body = sender.e2e.seal(recipient, xfer, ts, meta)
+        frames.append(pack(FileOffer(sender.user, recipient, xfer, size, CHUNK_SIZE, body), ts, xfer))
+    return frames
+
+
+def _threads() -> int:
+    import threading
+
+    return threading.active_count()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_thousand_offers_from_one_peer_keep_the_receiver_bounded_and_alive(make_client, tmp_path):
+    from client.transfer import MAX_INCOMING_PER_PEER, MAX_QUEUED_PER_PEER
+
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    wait_peers(alice, {"alice", "bob"})
+    alice.send("bob", "hi")  # pins keys both ways
+    wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    threads, fds = _threads(), _fds()
+    offers = _offers(alice, "bob", 1000)
+    for i in range(0, len(offers), 100):
+        _transmit(alice, offers[i:i + 100])
+    alice.send("bob", "marker")  # arrives after every offer (one conversation keeps its order)
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived), 60).text == "marker"
+    assert bob._thread.is_alive()
+    transfers = bob._session.transfers
+    assert len(transfers.incoming) == MAX_INCOMING_PER_PEER
+    assert len(transfers.queued) == MAX_QUEUED_PER_PEER
+    parts = [p for p in (tmp_path / "inbox").iterdir() if p.name.endswith(".part")]
+    assert len(parts) == MAX_INCOMING_PER_PEER
+    assert _threads() <= threads + 1  # the writer pool was already there
+    assert _fds() <= fds + MAX_INCOMING_PER_PEER + 2
+    bob.send("alice", "still here")
+    assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "still here"
+
+
+def test_queued_transfers_start_when_a_slot_frees_and_all_arrive(make_client, tmp_path):
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox", transfer_limits={"max_incoming_per_peer": 1})
+    wait_peers(alice, {"alice", "bob"})
+    sources, futures = [], []
+    for i in range(3):
+        src = tmp_path / f"file-{i}.bin"
+        src.write_bytes(os.urandom(600_000 + i))
+        sources.append(src)
+        futures.append(alice.send_file("bob", src)[1])
+    got, queued = {}, 0
+    while len(got) < 3:
+        event = wait_for(bob, lambda e: isinstance(e, (ev.FileQueued, ev.FileReceived, ev.FileFailed)), 30)
+        assert not isinstance(event, ev.FileFailed), event
+        if isinstance(event, ev.FileQueued):
+            queued += 1
+        else:
+            got[event.name] = event.path.read_bytes()
+    assert queued == 2
+    for future in futures:
+        future.result(10)
+    assert got == {src.name: src.read_bytes() for src in sources}
+
+
+def test_stalled_transfer_gives_up_with_timeout(make_client, tmp_path):
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox", transfer_limits={"give_up_after": 1.0})
+    wait_peers(alice, {"alice", "bob"})
+    alice.send("bob", "hi")
+    wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    _transmit(alice, _offers(alice, "bob", 1))  # offered, then never a chunk
+    wait_for(bob, lambda e: isinstance(e, ev.FileIncoming))
+    failed = wait_for(bob, lambda e: isinstance(e, ev.FileFailed), 15)
+    assert failed.error.code.value == "timeout"
+    assert not [p for p in (tmp_path / "inbox").iterdir() if p.name.endswith(".part")]
+
+
+def test_sender_clamps_a_huge_credit_to_its_own_window(make_client, tmp_path):
+    from client.transfer import CHUNK_SIZE, WINDOW
+    from common.protocol import FileChunk, FileCredit, FileOffer
+
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox", transfer_limits={"max_incoming": 0})
+    wait_peers(alice, {"alice", "bob"})
+    seen: list = []
+    manager = bob._session.transfers
+    original = manager.on_message
+
+    def spy(env, now):
+        seen.append(type(env.message))
+        return original(env, now)
+
+    manager.on_message = spy  # bob only queues (no slot ever): we play a hostile receiver for him
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        f.truncate(4 * WINDOW * CHUNK_SIZE)
+    xfer, _ = alice.send_file("bob", src)
+    wait_for(bob, lambda e: isinstance(e, ev.FileQueued))
+    _transmit(bob, [pack(FileCredit("bob", "alice", xfer, 0, 2**62, True), 1_700_000_000_000, new_msg_id())])
+    # alice's stall timer re-offers once she has sent all she will: count the chunks before that
+    wait_until(lambda: FileChunk in seen and seen[seen.index(FileChunk):].count(FileOffer) >= 1, 30,
+               "alice's re-offer after the chunks")
+    first = seen.index(FileChunk)
+    chunks = seen[first:first + seen[first:].index(FileOffer)].count(FileChunk)
+    assert chunks == WINDOW
+
+
+def test_abandoned_transfers_are_dropped_after_max_age_and_few_resume_at_once(make_client, tmp_path):
+    import time
+
+    from client.transfer import MAX_AGE
+
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    wait_peers(alice, {"alice", "bob"})
+    alice.send("bob", "hi")
+    wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    _transmit(alice, _offers(alice, "bob", 4))
+    for _ in range(4):
+        wait_for(bob, lambda e: isinstance(e, ev.FileIncoming))
+    records = bob.state_dir / "transfers" / "incoming"
+    bob.close()
+    parts = sorted(p for p in (tmp_path / "inbox").iterdir() if p.name.endswith(".part"))
+    assert len(parts) == 4 and len(list(records.glob("*.json"))) == 4
+    old = time.time() - MAX_AGE - 3600
+    aged = {}
+    for part in parts[:2]:  # untouched for over a week: abandoned
+        record = next(r for r in records.glob("*.json") if part.name.split(".")[-2] == r.stem[:8])
+        aged[part] = record
+        for path in (part, record):
+            os.utime(path, (old, old))
+    bob = make_client("bob", received_dir=tmp_path / "inbox", transfer_limits={"max_incoming": 1})
+    assert sorted(p for p in (tmp_path / "inbox").iterdir() if p.name.endswith(".part")) == parts[2:]
+    assert not any(r.exists() for r in aged.values())
+    transfers = bob._session.transfers
+    assert len(transfers.incoming) == 1 and len(transfers.queued) == 1  # at most max_incoming reopened
