@@ -417,8 +417,8 @@ class ChatClient:
                 future.set_exception(exc)
 
     def _execute(self, actions: list) -> None:
-        self._session.commit()  # history first: a CONSUME must never precede what it confirms
-        for action in actions:
+        # History first: a CONSUME must never precede what it confirms (the session holds them till then).
+        for action in [*actions, *self._session.commit()]:
             if type(action) is Transmit:
                 if self._dealer is None:
                     continue  # not connected yet: the session sends its outbox once registered

@@ -26,7 +26,7 @@ from client.presence import PresenceTracker
 from client.transfer import TransferManager
 from client.e2e import EndToEnd, PeerKeyChanged
 from common.crypto import KEY_BYTES, TAG_BYTES
-from common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
+from common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from common.protocol import (
     Ack,
     AckStatus,
@@ -159,6 +159,8 @@ class ClientSession:
         self._published: frozenset[str] = frozenset()
         self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
         self._refusals = RefusalLog(user)
+        self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
+        self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
                 self._pending[entry.msg_id] = _Pending(entry.peer, entry.text.encode("utf-8"), entry.ts)
@@ -178,7 +180,10 @@ class ClientSession:
         msg_id, ts = msg_id or new_msg_id(), self._wall_ms()
         if self.history is not None:
             self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
-            self.history.commit()
+            try:
+                self.history.commit()
+            except StorageError:
+                pass  # kept in memory and retried by the shell's next commit, which reports it
         self._pending[msg_id] = _Pending(recipient, body, ts)
         self._unsealed[msg_id] = None
         if len(self._pending) == 1:
@@ -194,10 +199,28 @@ class ClientSession:
             return []
         return [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
 
-    def commit(self) -> None:
-        """Make this batch's history durable (before its consumes and receipts go out)."""
-        if self.history is not None:
+    def commit(self) -> list[Action]:
+        """Make this batch's history durable; returns the consumes and receipts that waited for it.
+
+        While the history cannot be written they stay held (the broker keeps the messages queued) and
+        the next commit tries again; the first failure and the recovery are reported.
+        """
+        if self.history is None:
+            return []
+        try:
             self.history.commit()
+        except StorageError as exc:
+            if self._storage_failing:
+                return []
+            self._storage_failing = True
+            log.error("user=%s history not saved: %s; received messages stay queued at the broker until it is",
+                      self.user, exc.message)
+            return [Emit(ev.ErrorReported(exc))]
+        if self._storage_failing:
+            self._storage_failing = False
+            log.warning("user=%s history saved again", self.user)
+        held, self._after_commit = self._after_commit, []
+        return held
 
     def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
         assert self.transfers is not None
@@ -350,8 +373,15 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        return [self._transmit(pack(Consume(msg_id), self._wall_ms()), now),
-                self._receipt(sender, msg_id, ReceiptStatus.DELIVERED, now)]
+        return self._after_history([self._transmit(pack(Consume(msg_id), self._wall_ms()), now),
+                                    self._receipt(sender, msg_id, ReceiptStatus.DELIVERED, now)])
+
+    def _after_history(self, actions: list[Action]) -> list[Action]:
+        """With a history, ``actions`` wait for the commit of what they confirm (``commit`` returns them)."""
+        if self.history is None:
+            return actions
+        self._after_commit += actions
+        return []
 
     def _receipt(self, peer: str, ref: bytes, status: ReceiptStatus, now: float) -> Transmit:
         msg_id = new_msg_id()
@@ -361,7 +391,7 @@ class ClientSession:
         return self._transmit(pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id), now)
 
     def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
-        actions: list[Action] = [self._transmit(pack(Consume(msg_id), self._wall_ms()), now)]
+        actions = self._after_history([self._transmit(pack(Consume(msg_id), self._wall_ms()), now)])
         if msg.recipient != self.user:
             return actions
         if self.history is None or self.history.advance(msg.ref, msg.status.value):

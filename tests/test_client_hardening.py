@@ -333,3 +333,50 @@ def test_abandoned_transfers_are_dropped_after_max_age_and_few_resume_at_once(ma
     assert not any(r.exists() for r in aged.values())
     transfers = bob._session.transfers
     assert len(transfers.incoming) == 1 and len(transfers.queued) == 1  # at most max_incoming reopened
+
+
+# --- point 3, client side: a full disk loses nothing that was acknowledged ------------------------------
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_history_on_a_full_disk_consumes_nothing_until_saved(make_client, broker, small_disk):
+    from client.history import History
+
+    alice = make_client("alice")
+    bob = make_client("bob", state_dir=small_disk / "bob")
+    alice.send("bob", "before")  # pins keys both ways
+    wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    wait_until(lambda: _queued_for(broker, "bob") == 0, what="the first message consumed")
+    filler = _fill(small_disk)
+    texts = [f"{i:03d} " + "x" * 8000 for i in range(20)]
+    for text in texts:
+        alice.send("bob", text)
+    received, reports = 0, []
+    while received < len(texts) or not reports:
+        event = wait_for(bob, lambda e: isinstance(e, (ev.MessageReceived, ev.ErrorReported)))
+        if isinstance(event, ev.MessageReceived):
+            received += 1
+        else:
+            reports.append(event.error.code.value)
+    assert reports == ["no_space"]  # once, not per message
+    assert bob._thread.is_alive()
+    assert _queued_for(broker, "bob") == len(texts)  # nothing consumed that is not saved
+    filler.unlink()  # space returns: the next commit saves the backlog, then consumes
+    wait_until(lambda: _queued_for(broker, "bob") == 0, what="the backlog saved and consumed")
+    history = History(small_disk / "bob" / "history.sqlite")
+    try:
+        assert [e.text for e in history.conversation("alice")] == ["before", *texts]
+    finally:
+        history.close()
+    alice.send("bob", "after")
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "after"
