@@ -133,7 +133,10 @@ class Outgoing:
     hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     handle: object | None = None
     rate: _Rate | None = None
-    cipher: FileCipher | None = None  # end-to-end: every chunk sealed with the file's own key
+    cipher: FileCipher | None = None  # end-to-end: a fresh key for each sending session (never a nonce twice)
+    session: int = 1  # sending sessions of this transfer so far, this one included (persisted)
+    offer_id: bytes = b""  # the offer's id and ts, fixed for the session: a repeated offer is byte-identical
+    offer_ts: int = 0
     rewound_at: float = float("-inf")  # when a credit last sent us back to chunks already sent
 
     @property
@@ -143,7 +146,7 @@ class Outgoing:
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(self.path), "size": self.size,
                 "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size,
-                "file_key": self.cipher.key.hex() if self.cipher else None}
+                "session": self.session}
 
 
 @dataclass(slots=True)
@@ -165,6 +168,7 @@ class Incoming:
     cipher: FileCipher | None = None
     open_failures: int = 0  # sealed chunks that failed to open since the last good one
     resumed: bool = False  # from a record of an earlier run: its .part exists
+    session: int = 0  # the sender's sending session whose key ``cipher`` holds
 
     @property
     def chunks(self) -> int:
@@ -173,7 +177,8 @@ class Incoming:
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "part": str(self.part), "target_dir": str(self.target_dir),
-                "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None}
+                "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None,
+                "session": self.session}
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,16 +235,14 @@ class TransferManager:
         for out in self.outgoing.values():  # already resumed by resume_all
             if (out.peer, str(out.path), out.size, out.mtime_ns) == key:
                 return out.xfer, []
-        xfer = new_msg_id()
+        xfer, session = new_msg_id(), 1
         for record in self._records(self._out_dir):
             if (record["peer"], record["path"], record["size"], record["mtime_ns"]) == key:
-                xfer = bytes.fromhex(record["xfer"])
+                xfer, session = bytes.fromhex(record["xfer"]), record.get("session", 0) + 1
                 log.info("user=%s peer=%s xfer=%s resuming %s", self.user, peer, xfer.hex()[:8], path.name)
                 break
-        out = Outgoing(xfer, peer, path, st.st_size, st.st_mtime_ns, st.st_ino, self.config.chunk_size)
-        key = next((r["file_key"] for r in self._records(self._out_dir) if r["xfer"] == xfer.hex()), None)
-        if self.e2e.enabled:
-            out.cipher = FileCipher(bytes.fromhex(key) if key else FileCipher.new_key(), xfer)
+        out = Outgoing(xfer, peer, path, st.st_size, st.st_mtime_ns, st.st_ino, self.config.chunk_size,
+                       session=session)
         self._track_out(out, now)
         return xfer, self._offer(out, now)
 
@@ -262,9 +265,7 @@ class TransferManager:
             if xfer in self.outgoing:
                 continue
             out = Outgoing(xfer, record["peer"], Path(record["path"]), record["size"], record["mtime_ns"],
-                           record["inode"], record["chunk_size"])
-            if record.get("file_key"):
-                out.cipher = FileCipher(bytes.fromhex(record["file_key"]), xfer)
+                           record["inode"], record["chunk_size"], session=record.get("session", 0) + 1)
             self._track_out(out, now)
             actions += self._offer(out, now)
         for record in self._records(self._in_dir):
@@ -427,6 +428,13 @@ class TransferManager:
 
     # --- sender -------------------------------------------------------------
     def _track_out(self, out: Outgoing, now: float) -> None:
+        # A fresh key per sending session: a file changed in place (same size, mtime and inode) and sent
+        # again after a restart must not seal other bytes under a (key, nonce) pair already used.
+        if self.e2e.enabled:
+            out.cipher = FileCipher(FileCipher.new_key(), out.xfer)
+        # The offer is sealed under a key derived from its id, with a fixed nonce: the same id with
+        # other bytes (a new file key) or another ts would reuse that nonce. One id per session.
+        out.offer_id, out.offer_ts = frame_id(out.xfer), self._wall_ms()
         out.rate = _Rate(started=now, last_activity=now, heard=now)
         self.outgoing[out.xfer] = out
         self._by_prefix[out.xfer[:REF_PREFIX]] = out.xfer
@@ -445,8 +453,9 @@ class TransferManager:
         meta = {"name": out.path.name[:MAX_TEXT_CHARS]}
         if out.cipher is not None:
             meta["key"] = out.cipher.key
-        # The offer's id is the transfer id: a store-and-forward broker keeps one copy however often we offer.
-        msg_id, ts = out.xfer, self._wall_ms()
+            meta["session"] = out.session
+        # One id per sending session: a store-and-forward broker keeps one copy however often we offer.
+        msg_id, ts = out.offer_id, out.offer_ts
         body = self.e2e.seal(out.peer, msg_id, ts, msgpack.packb(meta, use_bin_type=True))
         offer = FileOffer(self.user, out.peer, out.xfer, out.size, out.chunk_size, body)
         return [Transmit(pack(offer, ts, msg_id))]
@@ -547,16 +556,18 @@ class TransferManager:
         offer: FileOffer = env.message  # type: ignore[assignment]
         inc = self.incoming.get(offer.xfer)
         if inc is not None and inc.peer == offer.sender:
+            self._rekey(inc, env)
             # A sender that offered starts at the next credit's ``next`` whatever its flag; not restarting
             # keeps one that already took our own restart credit from rewinding and sending chunks twice.
             return self._credit(inc, now, restart=False)
         queued = self.queued.get(offer.xfer)
         if queued is not None and queued.peer == offer.sender:
+            self._rekey(queued, env)
             return [self._hold(queued)]
         if (self._done_dir / offer.xfer.hex()).exists():  # our FILE_DONE was lost: say it again
             return [self._send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
         try:
-            name, file_key = self._open_offer(env)
+            name, file_key, session = self._open_offer(env)
         except PeerKeyChanged as exc:
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
         except ProtocolError as exc:
@@ -590,7 +601,7 @@ class TransferManager:
         final_name = received_name(offer.sender, name, self._wall_time())
         inc = Incoming(offer.xfer, offer.sender, name, offer.size, offer.chunk_size,
                        cfg.received_dir / part_name(final_name, offer.xfer), cfg.received_dir, final_name,
-                       cipher=FileCipher(file_key, offer.xfer) if file_key else None)
+                       cipher=FileCipher(file_key, offer.xfer) if file_key else None, session=session)
         if self._has_slot(inc.peer):
             return self._start(inc, now)
         return self._enqueue(inc)
@@ -665,8 +676,23 @@ class TransferManager:
                  inc.name, inc.size)
         return [Emit(ev.FileIncoming(inc.xfer, inc.peer, inc.name, inc.size))] + self._credit(inc, now, restart=True)
 
-    def _open_offer(self, env: Envelope) -> tuple[str, bytes | None]:
-        """The offer's sealed metadata: (name, file key). Raises ProtocolError if unacceptable."""
+    def _rekey(self, inc: Incoming, env: Envelope) -> None:
+        """A repeated offer from a newer sending session carries that session's key: use it from now on."""
+        if inc.cipher is None:
+            return
+        try:
+            _, key, session = self._open_offer(env)
+        except P2PChatError:
+            return  # a repeat we cannot open changes nothing
+        if session > inc.session and key is not None:
+            log.info("user=%s peer=%s xfer=%s sender's session %d: new file key", self.user, inc.peer,
+                     inc.xfer.hex()[:8], session)
+            inc.cipher, inc.session, inc.open_failures = FileCipher(key, inc.xfer), session, 0
+            if inc.xfer in self.incoming or inc.resumed:
+                self._save(self._in_dir, inc.xfer, inc.record())
+
+    def _open_offer(self, env: Envelope) -> tuple[str, bytes | None, int]:
+        """The offer's sealed metadata: (name, file key, sending session). Raises ProtocolError if unacceptable."""
         offer: FileOffer = env.message  # type: ignore[assignment]
         plain = self.e2e.open(offer.sender, env.msg_id, env.ts, offer.body)
         try:
@@ -674,12 +700,13 @@ class TransferManager:
                                    max_map_len=4, max_array_len=0)
         except Exception:  # msgpack raises a zoo; see common.protocol.decode
             raise ProtocolError("undecodable file offer") from None
-        if type(meta) is not dict or type(meta.get("name")) is not str or set(meta) - {"name", "key"}:
+        if (type(meta) is not dict or type(meta.get("name")) is not str or set(meta) - {"name", "key", "session"}
+                or type(meta.get("session", 0)) is not int or not 0 <= meta.get("session", 0) < 2**32):
             raise ProtocolError("malformed file offer")
         key = meta.get("key")
         if self.e2e.enabled and (type(key) is not bytes or len(key) != 32):
             raise ProtocolError("file offer without an end-to-end key refused")
-        return meta["name"], key if self.e2e.enabled else None
+        return meta["name"], key if self.e2e.enabled else None, meta.get("session", 0)
 
     def _resume_in(self, record: dict, now: float) -> list[Action]:
         """Take up a .part after a restart: its whole chunks are the resume point (started when a slot is free)."""
@@ -687,7 +714,7 @@ class TransferManager:
         inc = Incoming(xfer, record["peer"], record["name"], record["size"],
                        record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"],
                        cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None,
-                       resumed=True)
+                       resumed=True, session=record.get("session", 0))
         if self._has_slot(inc.peer):
             return self._start(inc, now)
         if not self._may_queue(inc.peer):  # more unfinished transfers than we would ever queue: drop the rest

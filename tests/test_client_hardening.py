@@ -380,3 +380,53 @@ def test_history_on_a_full_disk_consumes_nothing_until_saved(make_client, broker
         history.close()
     alice.send("bob", "after")
     assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "after"
+
+
+# --- point 9: a resumed sending session never reuses a (key, nonce) pair -------------------------------
+def test_each_sending_session_seals_under_a_fresh_key(tmp_path, monkeypatch):
+    """A file changed in place (size, mtime and inode kept) and sent again after a restart: no (key, nonce) twice."""
+    import msgpack
+
+    from client.e2e import EndToEnd
+    from client.transfer import TransferConfig, TransferManager
+    from client.trust import KeyStore
+    from common import crypto
+    from common.protocol import FileCredit, FileOffer, decode
+
+    ids = {name: crypto.Identity.generate() for name in ("alice", "bob")}
+    e2e = {name: EndToEnd(name, ids[name], KeyStore(tmp_path / f"{name}-pins.json"),
+                          KeyStore(tmp_path / f"{name}-pending.json")) for name in ids}
+    e2e["alice"].learn("bob", ids["bob"].public)
+    e2e["bob"].learn("alice", ids["alice"].public)
+    used: list[tuple[bytes, bytes]] = []
+    seal = crypto.FileCipher.seal
+    monkeypatch.setattr(crypto.FileCipher, "seal",
+                        lambda self, i, final, data: used.append((self.key, self.nonce(i, final))) or seal(self, i, final, data))
+    src = tmp_path / "doc.bin"
+    src.write_bytes(b"A" * 4000)
+    st = src.stat()
+    config = TransferConfig(tmp_path / "state", tmp_path / "inbox", chunk_size=1000)
+    offers = []
+    for session in (1, 2):
+        if session == 2:  # changed in place, size and mtime put back: the resume check cannot see it
+            with open(src, "r+b") as f:
+                f.write(b"B" * 4000)
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+        clock = iter(range(1_700_000_000_000, 1_800_000_000_000, 1000))  # every offer would get its own ts
+        manager = TransferManager("alice", config, e2e["alice"], wall_ms=lambda: next(clock),
+                                  wall_time=lambda: 1_700_000_000.0)
+        actions = manager.resume_all(0.0) if session == 2 else manager.send_file("bob", src, 0.0)[1]
+        offer_env = next(decode(a.frames) for a in actions if type(decode(a.frames).message) is FileOffer)
+        offers.append(offer_env)
+        credit = FileCredit("bob", "alice", offer_env.message.xfer, 0, 4, True)
+        manager.on_message(decode(pack(credit, 1_700_000_000_000, new_msg_id())), 0.1)
+        again = [a.frames for a in manager.on_tick(100.0) if type(decode(a.frames).message) is FileOffer]
+        first = next(a.frames for a in actions if type(decode(a.frames).message) is FileOffer)
+        assert [bytes(f) for f in again[0]] == [bytes(f) for f in first]  # a repeat is byte-identical
+        manager.close()
+    assert offers[0].message.xfer == offers[1].message.xfer  # the same transfer, resumed
+    metas = [msgpack.unpackb(e2e["bob"].open("alice", env.msg_id, env.ts, env.message.body)) for env in offers]
+    assert [m["session"] for m in metas] == [1, 2] and metas[0]["key"] != metas[1]["key"]
+    assert len(used) == 8 and len(set(used)) == 8  # 4 chunks per session, no (key, nonce) pair twice
+    assert offers[0].msg_id != offers[1].msg_id  # the offer's own seal: another id, so another message key
+    assert offers[0].msg_id[:10] == offers[0].message.xfer[:10]  # errors about it still name the transfer
