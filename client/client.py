@@ -140,6 +140,7 @@ class ChatClient:
         self._closed = False
         self._agent_done = False
         self._release_by_agent = False
+        self._dropped = 0  # frames whose handling raised
         self._thread = threading.Thread(target=self._run, name=f"p2pchat-agent-{user}", daemon=True)
 
     # --- public API (any thread) ----------------------------------------------
@@ -390,7 +391,14 @@ class ChatClient:
                 break
             # Header as bytes; a chunk payload stays a zero-copy buffer.
             frames = [parts[0].bytes, *(p.buffer for p in parts[1:])]
-            actions = handler(frames, time.monotonic())
+            try:
+                actions = handler(frames, time.monotonic())
+            except Exception:  # a bug must not stop the client at one frame: drop it and say so (rate-limited)
+                self._dropped += 1
+                if self._dropped & (self._dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
+                    log.exception("user=%s frame dropped after an internal error (%d so far)", self.user,
+                                  self._dropped)
+                continue
             batch += actions
             if any(type(a) is Transmit and a.urgent for a in actions):
                 self._execute(batch)  # a credit held back until the batch ends would stall the sender
