@@ -211,6 +211,7 @@ class TransferManager:
         self.outgoing: dict[bytes, Outgoing] = {}
         self.incoming: dict[bytes, Incoming] = {}
         self.queued: dict[bytes, Incoming] = {}  # in arrival order; no file opened yet
+        self._busy_refused: dict[str, int] = {}  # offers refused per sender while the queue was full
         self._by_prefix: dict[bytes, bytes] = {}
         self._online: frozenset[str] = frozenset()
         self._out_dir = config.state_dir / "outgoing"
@@ -591,7 +592,7 @@ class TransferManager:
                 reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
                                        ErrorCode.UNWRITABLE)
         if reject is None and not self._may_queue(offer.sender):
-            reject = TransferError("receiver busy: too many transfers waiting", ErrorCode.RECIPIENT_BUSY)
+            return self._busy(offer)
         if reject is not None:
             log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, offer.sender, offer.xfer.hex()[:8],
                         name, reject)
@@ -624,6 +625,16 @@ class TransferManager:
         log.info("user=%s peer=%s xfer=%s queued %r (%d bytes): %d transfers waiting", self.user, inc.peer,
                  inc.xfer.hex()[:8], inc.name, inc.size, len(self.queued))
         return [Emit(ev.FileQueued(inc.xfer, inc.peer, inc.name, inc.size, len(self.queued))), self._hold(inc)]
+
+    def _busy(self, offer: FileOffer) -> list[Action]:
+        """Refuse an offer beyond the queue's bounds: the sender is told; logged and counted, no event each."""
+        count = self._busy_refused[offer.sender] = self._busy_refused.get(offer.sender, 0) + 1
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
+            log.warning("user=%s peer=%s %d offers refused so far: too many transfers waiting", self.user,
+                        offer.sender, count)
+        message = "receiver busy: too many transfers waiting"
+        return [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.RECIPIENT_BUSY,
+                                                  message))]
 
     def _hold(self, inc: Incoming) -> Transmit:
         """A credit of nothing: accepted, wait (the sender keeps the transfer while we answer its offers)."""
