@@ -237,25 +237,43 @@ def test_a_thousand_offers_from_one_peer_keep_the_receiver_bounded_and_alive(mak
     assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "still here"
 
 
-def test_queued_transfers_start_when_a_slot_frees_and_all_arrive(make_client, tmp_path):
-    alice = make_client("alice")
+def test_queued_transfers_wait_without_the_sender_giving_up_then_all_arrive(make_client, tmp_path):
+    from common.protocol import FileOffer
+
+    alice = make_client("alice", transfer_limits={"give_up_after": 1.0})
     bob = make_client("bob", received_dir=tmp_path / "inbox", transfer_limits={"max_incoming_per_peer": 1})
     wait_peers(alice, {"alice", "bob"})
+    alice.send("bob", "hi")
+    wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    _transmit(alice, _offers(alice, "bob", 1))  # takes alice's one slot and never sends a chunk
+    stuck = wait_for(bob, lambda e: isinstance(e, ev.FileIncoming)).xfer
+    offers_seen: list[bytes] = []
+    manager = bob._session.transfers
+    original = manager.on_message
+
+    def spy(env, now):
+        if type(env.message) is FileOffer:
+            offers_seen.append(env.message.xfer)
+        return original(env, now)
+
+    manager.on_message = spy
     sources, futures = [], []
-    for i in range(3):
+    for i in range(2):
         src = tmp_path / f"file-{i}.bin"
         src.write_bytes(os.urandom(600_000 + i))
         sources.append(src)
-        futures.append(alice.send_file("bob", src)[1])
-    got, queued = {}, 0
-    while len(got) < 3:
-        event = wait_for(bob, lambda e: isinstance(e, (ev.FileQueued, ev.FileReceived, ev.FileFailed)), 30)
-        assert not isinstance(event, ev.FileFailed), event
-        if isinstance(event, ev.FileQueued):
-            queued += 1
-        else:
-            got[event.name] = event.path.read_bytes()
-    assert queued == 2
+        xfer, done = alice.send_file("bob", src)
+        futures.append(done)
+        assert wait_for(bob, lambda e: isinstance(e, ev.FileQueued)).xfer == xfer
+    # Held for several of alice's stall periods, longer than her give-up time: the holds keep her waiting.
+    wait_until(lambda: offers_seen.count(xfer) >= 4, 30, "alice's repeated offers, each answered by a hold")
+    assert not any(f.done() for f in futures)
+    bob.cancel_transfer(stuck)  # a slot frees: the queued ones start, one at a time
+    got = {}
+    while len(got) < 2:
+        event = wait_for(bob, lambda e: isinstance(e, (ev.FileReceived, ev.FileFailed)) and e.xfer != stuck, 30)
+        assert isinstance(event, ev.FileReceived), event
+        got[event.name] = event.path.read_bytes()
     for future in futures:
         future.result(10)
     assert got == {src.name: src.read_bytes() for src in sources}
