@@ -76,6 +76,7 @@ MAX_QUEUED = 256  # offers waiting for a slot (a few hundred bytes each); more a
 MAX_QUEUED_PER_PEER = 64
 GIVE_UP_AFTER = 600.0  # seconds an online peer may stay silent before its transfer fails with timeout
 MAX_AGE = 7 * 24 * 3600.0  # seconds an unfinished transfer is kept on disk (its .part, its record)
+REFUSED_SENDERS = 1000  # senders whose refused offers are counted apart (for aggregated logging)
 MIN_REWIND_INTERVAL = 0.5  # seconds: a sender goes back for chunks already sent at most this often
 
 
@@ -211,7 +212,7 @@ class TransferManager:
         self.outgoing: dict[bytes, Outgoing] = {}
         self.incoming: dict[bytes, Incoming] = {}
         self.queued: dict[bytes, Incoming] = {}  # in arrival order; no file opened yet
-        self._busy_refused: dict[str, int] = {}  # offers refused per sender while the queue was full
+        self._refused: dict[str, int] = {}  # junk or surplus offers refused, per sender
         self._by_prefix: dict[bytes, bytes] = {}
         self._online: frozenset[str] = frozenset()
         self._out_dir = config.state_dir / "outgoing"
@@ -572,10 +573,7 @@ class TransferManager:
         except PeerKeyChanged as exc:
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
         except ProtocolError as exc:
-            log.warning("user=%s peer=%s xfer=%s offer refused: %s", self.user, offer.sender, offer.xfer.hex()[:8],
-                        exc.message)
-            cancel = FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.INTEGRITY, exc.message)
-            return [self._send(offer.xfer, cancel), Emit(ev.ErrorReported(exc))]
+            return self._refuse(offer, ErrorCode.INTEGRITY, exc.message, report=exc)
         cfg = self.config
         reject = None
         if not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
@@ -592,7 +590,7 @@ class TransferManager:
                 reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
                                        ErrorCode.UNWRITABLE)
         if reject is None and not self._may_queue(offer.sender):
-            return self._busy(offer)
+            return self._refuse(offer, ErrorCode.RECIPIENT_BUSY, "receiver busy: too many transfers waiting")
         if reject is not None:
             log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, offer.sender, offer.xfer.hex()[:8],
                         name, reject)
@@ -626,15 +624,20 @@ class TransferManager:
                  inc.xfer.hex()[:8], inc.name, inc.size, len(self.queued))
         return [Emit(ev.FileQueued(inc.xfer, inc.peer, inc.name, inc.size, len(self.queued))), self._hold(inc)]
 
-    def _busy(self, offer: FileOffer) -> list[Action]:
-        """Refuse an offer beyond the queue's bounds: the sender is told; logged and counted, no event each."""
-        count = self._busy_refused[offer.sender] = self._busy_refused.get(offer.sender, 0) + 1
-        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
-            log.warning("user=%s peer=%s %d offers refused so far: too many transfers waiting", self.user,
-                        offer.sender, count)
-        message = "receiver busy: too many transfers waiting"
-        return [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.RECIPIENT_BUSY,
-                                                  message))]
+    def _refuse(self, offer: FileOffer, code: ErrorCode, message: str,
+                report: P2PChatError | None = None) -> list[Action]:
+        """Refuse a junk or surplus offer: the sender is told; logged and reported the 1st, 2nd, 4th, ... time."""
+        if len(self._refused) >= REFUSED_SENDERS and offer.sender not in self._refused:
+            self._refused.clear()  # bounded: counts restart rather than grow with the number of senders
+        count = self._refused[offer.sender] = self._refused.get(offer.sender, 0) + 1
+        actions: list[Action] = [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code,
+                                                                   message))]
+        if count & (count - 1) == 0:
+            log.warning("user=%s peer=%s xfer=%s offer refused (%d so far from this sender): %s", self.user,
+                        offer.sender, offer.xfer.hex()[:8], count, message)
+            if report is not None:
+                actions.append(Emit(ev.ErrorReported(report)))
+        return actions
 
     def _hold(self, inc: Incoming) -> Transmit:
         """A credit of nothing: accepted, wait (the sender keeps the transfer while we answer its offers)."""
