@@ -36,12 +36,16 @@ class WriterPool:
 
     def __init__(self, threads: int = WRITER_THREADS) -> None:
         self._jobs: queue.SimpleQueue[PartFile | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"p2pchat-part-writer-{i}", daemon=True)
-                         for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._size = threads
+        self._threads: list[threading.Thread] = []  # started with the first write
 
     def submit(self, part: PartFile) -> None:
+        """Called by the one thread that appends chunks (the agent)."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._work, name=f"p2pchat-part-writer-{i}", daemon=True)
+                             for i in range(self._size)]
+            for thread in self._threads:
+                thread.start()
         self._jobs.put(part)
 
     def close(self) -> None:

@@ -58,7 +58,7 @@ def test_chunks_land_in_order_with_the_exact_length(tmp_path, write_behind, tota
     assert part.size == total
     part.finish()
     assert path.read_bytes() == b"".join(chunks)
-    assert len(_writers()) == WRITER_THREADS
+    assert len(_writers()) <= WRITER_THREADS  # the pool's, never one per file
 
 
 def test_an_existing_file_is_never_opened_as_new(tmp_path):
@@ -88,7 +88,7 @@ def test_close_writes_what_was_queued_for_a_later_resume(tmp_path, pool):
     part.close()
     part.close()  # idempotent
     assert path.read_bytes() == b"".join(chunks)
-    assert len(_writers()) == WRITER_THREADS
+    assert len(_writers()) <= WRITER_THREADS  # the pool's, never one per file
 
 
 def test_unaligned_chunk_size_writes_through_the_page_cache(tmp_path, pool):
@@ -111,7 +111,7 @@ def test_a_full_disk_is_reported_by_a_later_call_and_nothing_hangs(small_disk, w
         part.finish()
     assert err.value.errno == errno.ENOSPC
     part.close()
-    assert len(_writers()) == WRITER_THREADS
+    assert len(_writers()) <= WRITER_THREADS  # the pool's, never one per file
 
 
 def test_pending_counts_chunks_not_yet_written(tmp_path, pool):
@@ -131,7 +131,7 @@ def test_many_part_files_share_the_pool_s_threads(tmp_path, pool):
     chunks = _chunks(3 * CHUNK)
     for part in parts:
         _append_all(part, chunks)
-    assert len(_writers()) == WRITER_THREADS
+    assert len(_writers()) <= WRITER_THREADS  # the pool's, never one per file
     for part in parts:
         part.finish()
     assert all((tmp_path / f"{i}.part").read_bytes() == b"".join(chunks) for i in range(100))
