@@ -373,25 +373,28 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        return self._after_history([self._transmit(pack(Consume(msg_id), self._wall_ms()), now),
-                                    self._receipt(sender, msg_id, ReceiptStatus.DELIVERED, now)])
+        return self._after_history([pack(Consume(msg_id), self._wall_ms()),
+                                    self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED)], now)
 
-    def _after_history(self, actions: list[Action]) -> list[Action]:
-        """With a history, ``actions`` wait for the commit of what they confirm (``commit`` returns them)."""
+    def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
+        """With a history, these frames wait for the commit of what they confirm (``commit`` returns them)."""
         if self.history is None:
-            return actions
-        self._after_commit += actions
+            return [self._transmit(f, now) for f in frames]
+        self._after_commit += [Transmit(f) for f in frames]  # not sent yet: the heartbeat clock runs on
         return []
 
     def _receipt(self, peer: str, ref: bytes, status: ReceiptStatus, now: float) -> Transmit:
+        return self._transmit(self._receipt_frames(peer, ref, status), now)
+
+    def _receipt_frames(self, peer: str, ref: bytes, status: ReceiptStatus) -> list[bytes]:
         msg_id = new_msg_id()
         self._receipts[msg_id] = None
         if len(self._receipts) > DEDUP_WINDOW:
             self._receipts.popitem(last=False)
-        return self._transmit(pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id), now)
+        return pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id)
 
     def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
-        actions = self._after_history([self._transmit(pack(Consume(msg_id), self._wall_ms()), now)])
+        actions = self._after_history([pack(Consume(msg_id), self._wall_ms())], now)
         if msg.recipient != self.user:
             return actions
         if self.history is None or self.history.advance(msg.ref, msg.status.value):

@@ -839,10 +839,13 @@ class TransferManager:
             return self._fail_in(inc, self._write_error(inc, exc), tell_peer=True)
         try:
             path = publish_atomically(inc.part, inc.target_dir, inc.final_name)
-            (self._done_dir / inc.xfer.hex()).touch()
         except OSError as exc:
             return self._fail_in(inc, TransferError(f"cannot save {inc.name}: {exc.strerror}",
                                                     ErrorCode.UNWRITABLE), tell_peer=True)
+        try:
+            (self._done_dir / inc.xfer.hex()).touch()
+        except OSError as exc:  # saved all the same; only a lost FILE_DONE could not be answered again
+            log.warning("user=%s xfer=%s cannot mark the transfer done: %s", self.user, inc.xfer.hex()[:8], exc)
         inc.phase = Phase.DONE
         self._close_in(inc, keep_part=True)
         log.info("user=%s peer=%s xfer=%s saved %s (%d bytes)", self.user, inc.peer, inc.xfer.hex()[:8], path,
