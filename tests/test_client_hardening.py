@@ -480,3 +480,13 @@ def test_sender_gives_up_on_a_silent_receiver_with_timeout(make_client, tmp_path
     failed = wait_for(alice, lambda e: isinstance(e, ev.FileFailed), 15)
     assert failed.error.code.value == "timeout"
     assert done.exception(5).code.value == "timeout"
+    # The receiver takes the newer session's key, and a stale offer (a stored copy) does not take it back.
+    bob = TransferManager("bob", TransferConfig(tmp_path / "bob-state", tmp_path / "inbox", chunk_size=1000),
+                          e2e["bob"], wall_ms=lambda: 1_700_000_000_000, wall_time=lambda: 1_700_000_000.0)
+    xfer = offers[0].message.xfer
+    keys = []
+    for env in (offers[0], offers[1], offers[0]):
+        bob.on_message(env, 0.0)
+        keys.append(bob.incoming[xfer].cipher.key)
+    assert keys == [metas[0]["key"], metas[1]["key"], metas[1]["key"]]
+    bob.close()
