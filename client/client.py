@@ -148,6 +148,8 @@ class ChatClient:
         """Start the agent and wait until registered. Raises RemoteError or BrokenError."""
         if self._closed:
             raise ClosedError("client is closed")
+        if self._on_agent():
+            return  # from an event callback: the agent is running, and must not wait for itself
         if not self._thread.is_alive():
             self._thread.start()
         try:
