@@ -293,6 +293,37 @@ def test_stalled_transfer_gives_up_with_timeout(make_client, tmp_path):
     assert not [p for p in (tmp_path / "inbox").iterdir() if p.name.endswith(".part")]
 
 
+def test_a_frame_that_breaks_the_session_is_dropped_not_the_agent(make_client):
+    alice, bob = make_client("alice"), make_client("bob")
+    original = bob._session.on_frames
+    broken = []
+
+    def on_frames(frames, now):
+        if not broken:
+            broken.append(True)
+            raise RuntimeError("a bug")
+        return original(frames, now)
+
+    bob._session.on_frames = on_frames
+    alice.send("bob", "first")  # whichever frame hits the bug, the agent goes on
+    alice.send("bob", "second")
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived) and e.text == "second")
+    assert broken and bob._thread.is_alive()
+
+
+def test_sender_gives_up_on_a_silent_receiver_with_timeout(make_client, tmp_path):
+    alice = make_client("alice", transfer_limits={"give_up_after": 1.0})
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    wait_peers(alice, {"alice", "bob"})
+    bob._session.transfers.on_message = lambda env, now: []  # bob's client ignores files: never a credit
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    _, done = alice.send_file("bob", src)
+    failed = wait_for(alice, lambda e: isinstance(e, ev.FileFailed), 15)
+    assert failed.error.code.value == "timeout"
+    assert done.exception(5).code.value == "timeout"
+
+
 def test_sender_clamps_a_huge_credit_to_its_own_window(make_client, tmp_path):
     from client.transfer import CHUNK_SIZE, WINDOW
     from common.protocol import FileChunk, FileCredit, FileOffer
@@ -449,37 +480,6 @@ def test_each_sending_session_seals_under_a_fresh_key(tmp_path, monkeypatch):
     assert len(used) == 8 and len(set(used)) == 8  # 4 chunks per session, no (key, nonce) pair twice
     assert offers[0].msg_id != offers[1].msg_id  # the offer's own seal: another id, so another message key
     assert offers[0].msg_id[:10] == offers[0].message.xfer[:10]  # errors about it still name the transfer
-
-
-def test_a_frame_that_breaks_the_session_is_dropped_not_the_agent(make_client):
-    alice, bob = make_client("alice"), make_client("bob")
-    original = bob._session.on_frames
-    broken = []
-
-    def on_frames(frames, now):
-        if not broken:
-            broken.append(True)
-            raise RuntimeError("a bug")
-        return original(frames, now)
-
-    bob._session.on_frames = on_frames
-    alice.send("bob", "first")  # whichever frame hits the bug, the agent goes on
-    alice.send("bob", "second")
-    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived) and e.text == "second")
-    assert broken and bob._thread.is_alive()
-
-
-def test_sender_gives_up_on_a_silent_receiver_with_timeout(make_client, tmp_path):
-    alice = make_client("alice", transfer_limits={"give_up_after": 1.0})
-    bob = make_client("bob", received_dir=tmp_path / "inbox")
-    wait_peers(alice, {"alice", "bob"})
-    bob._session.transfers.on_message = lambda env, now: []  # bob's client ignores files: never a credit
-    src = tmp_path / "f.bin"
-    src.write_bytes(b"x" * 1000)
-    _, done = alice.send_file("bob", src)
-    failed = wait_for(alice, lambda e: isinstance(e, ev.FileFailed), 15)
-    assert failed.error.code.value == "timeout"
-    assert done.exception(5).code.value == "timeout"
     # The receiver takes the newer session's key, and a stale offer (a stored copy) does not take it back.
     bob = TransferManager("bob", TransferConfig(tmp_path / "bob-state", tmp_path / "inbox", chunk_size=1000),
                           e2e["bob"], wall_ms=lambda: 1_700_000_000_000, wall_time=lambda: 1_700_000_000.0)
