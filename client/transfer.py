@@ -77,6 +77,7 @@ MAX_QUEUED_PER_PEER = 64
 GIVE_UP_AFTER = 600.0  # seconds an online peer may stay silent before its transfer fails with timeout
 MAX_AGE = 7 * 24 * 3600.0  # seconds an unfinished transfer is kept on disk (its .part, its record)
 REFUSED_SENDERS = 1000  # senders whose refused offers are counted apart (for aggregated logging)
+REFUSAL_PERIOD = 60.0  # seconds after which those counts start again
 MIN_REWIND_INTERVAL = 0.5  # seconds: a sender goes back for chunks already sent at most this often
 
 
@@ -212,7 +213,8 @@ class TransferManager:
         self.outgoing: dict[bytes, Outgoing] = {}
         self.incoming: dict[bytes, Incoming] = {}
         self.queued: dict[bytes, Incoming] = {}  # in arrival order; no file opened yet
-        self._refused: dict[str, int] = {}  # junk or surplus offers refused, per sender
+        self._refused: dict[str, int] = {}  # offers refused per sender in this period
+        self._refused_since = 0.0
         self._by_prefix: dict[bytes, bytes] = {}
         self._online: frozenset[str] = frozenset()
         self._out_dir = config.state_dir / "outgoing"
@@ -573,7 +575,7 @@ class TransferManager:
         except PeerKeyChanged as exc:
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
         except ProtocolError as exc:
-            return self._refuse(offer, ErrorCode.INTEGRITY, exc.message, report=exc)
+            return self._refuse(offer, now, exc.message, ErrorCode.INTEGRITY, ev.ErrorReported(exc))
         cfg = self.config
         reject = None
         if not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
@@ -590,13 +592,10 @@ class TransferManager:
                 reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
                                        ErrorCode.UNWRITABLE)
         if reject is None and not self._may_queue(offer.sender):
-            return self._refuse(offer, ErrorCode.RECIPIENT_BUSY, "receiver busy: too many transfers waiting")
+            return self._refuse(offer, now, "receiver busy: too many transfers waiting", ErrorCode.RECIPIENT_BUSY)
         if reject is not None:
-            log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, offer.sender, offer.xfer.hex()[:8],
-                        name, reject)
-            cancel = FileCancel(self.user, offer.sender, offer.xfer, reject.code, reject.message)
-            return [self._send(offer.xfer, cancel),
-                    Emit(ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))]
+            return self._refuse(offer, now, reject.message, reject.code,
+                                ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))
         final_name = received_name(offer.sender, name, self._wall_time())
         inc = Incoming(offer.xfer, offer.sender, name, offer.size, offer.chunk_size,
                        cfg.received_dir / part_name(final_name, offer.xfer), cfg.received_dir, final_name,
@@ -624,11 +623,14 @@ class TransferManager:
                  inc.xfer.hex()[:8], inc.name, inc.size, len(self.queued))
         return [Emit(ev.FileQueued(inc.xfer, inc.peer, inc.name, inc.size, len(self.queued))), self._hold(inc)]
 
-    def _refuse(self, offer: FileOffer, code: ErrorCode, message: str,
-                report: P2PChatError | None = None) -> list[Action]:
-        """Refuse a junk or surplus offer: the sender is told; logged and reported the 1st, 2nd, 4th, ... time."""
-        if len(self._refused) >= REFUSED_SENDERS and offer.sender not in self._refused:
-            self._refused.clear()  # bounded: counts restart rather than grow with the number of senders
+    def _refuse(self, offer: FileOffer, now: float, message: str, code: ErrorCode, report: ev.Event | None = None
+                ) -> list[Action]:
+        """Refuse an offer: the sender is told; logged and reported the 1st, 2nd, 4th, ... time per sender
+        and period (a peer sending thousands must not flood the log or the user)."""
+        if self._refused and (now - self._refused_since > REFUSAL_PERIOD or len(self._refused) >= REFUSED_SENDERS):
+            self._refused.clear()  # counts restart each period, and rather than grow with the number of senders
+        if not self._refused:
+            self._refused_since = now
         count = self._refused[offer.sender] = self._refused.get(offer.sender, 0) + 1
         actions: list[Action] = [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code,
                                                                    message))]
@@ -636,7 +638,7 @@ class TransferManager:
             log.warning("user=%s peer=%s xfer=%s offer refused (%d so far from this sender): %s", self.user,
                         offer.sender, offer.xfer.hex()[:8], count, message)
             if report is not None:
-                actions.append(Emit(ev.ErrorReported(report)))
+                actions.append(Emit(report))
         return actions
 
     def _hold(self, inc: Incoming) -> Transmit:
