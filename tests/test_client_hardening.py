@@ -450,8 +450,12 @@ def test_each_sending_session_seals_under_a_fresh_key(tmp_path, monkeypatch):
     e2e["bob"].learn("alice", ids["alice"].public)
     used: list[tuple[bytes, bytes]] = []
     seal = crypto.FileCipher.seal
-    monkeypatch.setattr(crypto.FileCipher, "seal",
-                        lambda self, i, final, data: used.append((self.key, self.nonce(i, final))) or seal(self, i, final, data))
+
+    def recording_seal(self, index, final, data):
+        used.append((self.key, self.nonce(index, final)))
+        return seal(self, index, final, data)
+
+    monkeypatch.setattr(crypto.FileCipher, "seal", recording_seal)
     src = tmp_path / "doc.bin"
     src.write_bytes(b"A" * 4000)
     st = src.stat()
