@@ -184,6 +184,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
         elif isinstance(event, ev.FileIncoming):
             emit({"type": "file_incoming", "from": event.sender, "name": event.name, "size": event.size,
                   "id": event.xfer.hex()}, f"[{event.sender}] sending {event.name} ({event.size} bytes)...")
+        elif isinstance(event, ev.FileQueued):
+            emit({"type": "file_queued", "from": event.sender, "name": event.name, "size": event.size,
+                  "id": event.xfer.hex(), "waiting": event.waiting},
+                 f"[{event.sender}] {event.name} waits: {event.waiting} transfers queued")
         elif isinstance(event, ev.FileReceived):
             emit({"type": "file", "from": event.sender, "name": event.name, "path": str(event.path),
                   "size": event.size, "id": event.xfer.hex()}, f"[{event.sender}] file saved: {event.path}")

@@ -29,6 +29,7 @@ from client.broker_trust import resolve_broker_key
 from client.e2e import EndToEnd
 from client.history import History
 from client.identity import InstanceClaim
+from client.partfile import WriterPool
 from client.trust import KeyStore
 from common.crypto import Identity, fingerprint, safety_number
 from client.session import ClientSession, State, validate_text
@@ -63,6 +64,9 @@ class ClientConfig:
     key_port: int | None = None  # the broker's key service, server port + 2 unless given
     history: bool = True  # keep conversations and the outbox in SQLite (off: load-test clients)
     read_receipts: bool = True  # tell senders when we have read their messages
+    # TransferConfig overrides (max_incoming, max_incoming_per_peer, max_queued, max_queued_per_peer,
+    # give_up_after, max_age); defaults in client.transfer.
+    transfer_limits: dict[str, float] = field(default_factory=dict)
 
 
 def _forward_failure(command: Future, result: Future) -> None:
@@ -100,13 +104,15 @@ class ChatClient:
         self.identity = Identity.load_or_create(self.state_dir / "identity.key")
         self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / "peer_keys.json"),
                            KeyStore(self.state_dir / "peer_keys_changed.json"), enabled=cfg.encrypt)
+        self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
             user,
             TransferConfig(self.state_dir / "transfers", cfg.received_dir, cfg.max_file_size, cfg.chunk_size,
-                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness, write_behind=True),
+                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness, **cfg.transfer_limits),
             e2e=self.e2e,
             wall_ms=_wall_ms,
             wall_time=time.time,
+            writers=self._writers,
         )
         self._session = ClientSession(
             user,
@@ -133,6 +139,8 @@ class ChatClient:
         self._peers: frozenset[str] = frozenset()
         self._closed = False
         self._agent_done = False
+        self._release_by_agent = False
+        self._dropped = 0  # frames whose handling raised
         self._thread = threading.Thread(target=self._run, name=f"p2pchat-agent-{user}", daemon=True)
 
     # --- public API (any thread) ----------------------------------------------
@@ -140,6 +148,8 @@ class ChatClient:
         """Start the agent and wait until registered. Raises RemoteError or BrokenError."""
         if self._closed:
             raise ClosedError("client is closed")
+        if self._on_agent():
+            return  # from an event callback: the agent is running, and must not wait for itself
         if not self._thread.is_alive():
             self._thread.start()
         try:
@@ -157,8 +167,14 @@ class ChatClient:
             self._thread.start()
 
     def send(self, to: str, text: str, timeout: float | None = None) -> bytes:
-        """Send and wait for the broker's acknowledgement; returns the message id."""
+        """Send and wait for the broker's acknowledgement; returns the message id.
+
+        From an event callback (the agent thread, which must not wait for itself) it does not wait:
+        it returns once the message is queued, as ``send_async`` does.
+        """
         msg_id, acked = self.send_async(to, text)
+        if self._on_agent():
+            return msg_id
         try:
             acked.result(timeout if timeout is not None else self.config.send_timeout + 1)
         except FutureTimeout:
@@ -229,15 +245,25 @@ class ChatClient:
         if self._closed:
             return
         self._closed = True
+        if self._on_agent():  # from an event callback: the agent finishes the job when its loop ends
+            self._release_by_agent = True
+            return
         if self._thread.ident is not None:  # started: the agent closes its sockets and context
             self._waker.wake()
             self._thread.join()
         elif self._own_ctx:
             self._ctx.term()
+        self._release()
+
+    def _release(self) -> None:
+        self._writers.close()  # after the agent closed every .part file
         self._waker.close()
         if self._session.history is not None:
             self._session.history.close()
         self._claim.release()
+
+    def _on_agent(self) -> bool:
+        return threading.get_ident() == self._thread.ident
 
     def __enter__(self) -> ChatClient:
         return self
@@ -249,6 +275,12 @@ class ChatClient:
         future: Future = Future()
         if self._closed or self._agent_done:
             future.set_exception(ClosedError("client is closed"))
+            return future
+        if self._on_agent():  # an event callback: the agent itself, so run inline
+            try:
+                future.set_result(fn(time.monotonic()))
+            except Exception as exc:
+                future.set_exception(exc)
             return future
         self._commands.put((fn, future))
         self._waker.wake()
@@ -333,6 +365,8 @@ class ChatClient:
         self._run_commands(time.monotonic())  # fail any command queued during shutdown
         if self._own_ctx:
             self._ctx.term()
+        if self._release_by_agent:  # closed by an event callback: nobody joins us
+            self._release()
 
     def _flush_backlog(self, poller: zmq.Poller) -> None:
         """Send held frames while the DEALER takes them; poll for POLLOUT only while some are held."""
@@ -359,7 +393,14 @@ class ChatClient:
                 break
             # Header as bytes; a chunk payload stays a zero-copy buffer.
             frames = [parts[0].bytes, *(p.buffer for p in parts[1:])]
-            actions = handler(frames, time.monotonic())
+            try:
+                actions = handler(frames, time.monotonic())
+            except Exception:  # a bug must not stop the client at one frame: drop it and say so (rate-limited)
+                self._dropped += 1
+                if self._dropped & (self._dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
+                    log.exception("user=%s frame dropped after an internal error (%d so far)", self.user,
+                                  self._dropped)
+                continue
             batch += actions
             if any(type(a) is Transmit and a.urgent for a in actions):
                 self._execute(batch)  # a credit held back until the batch ends would stall the sender
@@ -386,8 +427,8 @@ class ChatClient:
                 future.set_exception(exc)
 
     def _execute(self, actions: list) -> None:
-        self._session.commit()  # history first: a CONSUME must never precede what it confirms
-        for action in actions:
+        # History first: a CONSUME must never precede what it confirms (the session holds them till then).
+        for action in [*actions, *self._session.commit()]:
             if type(action) is Transmit:
                 if self._dealer is None:
                     continue  # not connected yet: the session sends its outbox once registered

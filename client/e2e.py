@@ -78,11 +78,21 @@ class EndToEnd:
         if not self.enabled:
             return body
         claimed = crypto.sealed_sender_key(body)
+        # Authenticate first: a forged body must neither pin a key nor raise a key-change prompt.
+        secret = self._shared.get(claimed) or self._exchange(claimed)
+        plaintext = crypto.open_message(secret, sender, self.user, msg_id, ts, body)
         self.learn(sender, claimed)
-        return crypto.open_message(self._secret(claimed), sender, self.user, msg_id, ts, body)
+        self._shared[claimed] = secret  # cached once pinned: junk claims must not grow the cache
+        return plaintext
 
     def _secret(self, key: bytes) -> bytes:
         secret = self._shared.get(key)
         if secret is None:
-            secret = self._shared[key] = self.identity.shared_secret(key)
+            secret = self._shared[key] = self._exchange(key)
         return secret
+
+    def _exchange(self, key: bytes) -> bytes:
+        try:
+            return self.identity.shared_secret(key)
+        except ValueError:  # a low-order point: no usable shared secret
+            raise crypto.IntegrityError("message claims an unusable sender key") from None

@@ -76,6 +76,17 @@ class FileIncoming:
 
 
 @dataclass(frozen=True, slots=True)
+class FileQueued:
+    """An offer accepted but waiting for a free slot (too many transfers at once); FileIncoming follows."""
+
+    xfer: bytes
+    sender: str
+    name: str
+    size: int
+    waiting: int  # transfers waiting, this one included
+
+
+@dataclass(frozen=True, slots=True)
 class FileProgress:
     xfer: bytes
     peer: str
@@ -136,5 +147,5 @@ class PeerKeyChanged:
 Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | Receipt | SendFailed
     | ErrorReported
-    | FileIncoming | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | Stopped
+    | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | Stopped
 )

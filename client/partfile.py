@@ -8,10 +8,11 @@ chunks are therefore written with ``O_DIRECT`` from page-aligned buffers: about
 does not push everything else out of it. Elsewhere (tmpfs, unaligned chunk
 sizes) the same code writes through the page cache.
 
-With ``write_behind`` a writer thread does the writes, so the agent thread can
-take the next chunk off the socket meanwhile; a write error is raised by the
-next call instead. The client's shell turns it on (``TransferConfig.write_behind``);
-without it nothing here starts a thread.
+With a ``WriterPool`` the pool's few threads do the writes, shared by every
+``.part`` file (one file's writes stay in order), so the agent thread can take
+the next chunk off the socket meanwhile and a thousand transfers never mean a
+thousand threads; a write error is raised by the next call instead. The client's
+shell owns the pool; without one nothing here starts a thread.
 """
 
 from __future__ import annotations
@@ -21,12 +22,43 @@ import mmap
 import os
 import queue
 import threading
+from collections import deque
 from pathlib import Path
 
 ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the block size
 DEPTH = 4  # chunk buffers per file: how far the writer may fall behind before the agent waits
 
-_STOP = None
+WRITER_THREADS = 2  # the agent decrypts on one CPU; two writers keep a disk busy without a thread per file
+
+
+class WriterPool:
+    """A fixed set of writer threads for every ``.part`` file of one client; its owner closes it."""
+
+    def __init__(self, threads: int = WRITER_THREADS) -> None:
+        self._jobs: queue.SimpleQueue[PartFile | None] = queue.SimpleQueue()
+        self._size = threads
+        self._threads: list[threading.Thread] = []  # started with the first write
+
+    def submit(self, part: PartFile) -> None:
+        """Called by the one thread that appends chunks (the agent)."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._work, name=f"p2pchat-part-writer-{i}", daemon=True)
+                             for i in range(self._size)]
+            for thread in self._threads:
+                thread.start()
+        self._jobs.put(part)
+
+    def close(self) -> None:
+        """Stop the threads once the jobs queued so far are done. Idempotent."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+    def _work(self) -> None:
+        while (part := self._jobs.get()) is not None:
+            part._write_queued()
 
 
 def _round_up(n: int) -> int:
@@ -36,37 +68,36 @@ def _round_up(n: int) -> int:
 class PartFile:
     """Appends chunks of one transfer to its ``.part`` file."""
 
-    def __init__(self, fd: int, size: int, chunk_size: int, *, direct: bool, write_behind: bool) -> None:
+    def __init__(self, fd: int, size: int, chunk_size: int, *, direct: bool, writers: WriterPool | None) -> None:
         self._fd = fd
         self._end = size  # where the next chunk goes: file length once every queued write is done
-        self._appended = self._written = 0  # chunks; each counter has one writer thread
+        self._appended = self._written = 0  # chunks; each counter has one writer thread at a time
         self._direct = direct
         self._error: OSError | None = None
         slot = _round_up(chunk_size)
-        self._buffers = [mmap.mmap(-1, slot) for _ in range(DEPTH if write_behind else 1)]
+        self._buffers = [mmap.mmap(-1, slot) for _ in range(DEPTH if writers else 1)]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(len(self._buffers)):
             self._free.put(i)
         self._current: int | None = None
-        self._queue: queue.Queue[tuple[int, int, int] | None] | None = None
-        self._thread: threading.Thread | None = None
-        if write_behind:
-            self._queue = queue.Queue()
-            self._thread = threading.Thread(target=self._writer, name="p2pchat-part-writer", daemon=True)
-            self._thread.start()
+        self._writers = writers
+        self._queued: deque[tuple[int, int, int]] = deque()  # writes for the pool, in order
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._scheduled = False  # a pool thread has this file's writes in hand (at most one does)
 
     # --- opening ----------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, chunk_size: int, *, write_behind: bool = False) -> PartFile:
+    def create(cls, path: Path, chunk_size: int, *, writers: WriterPool | None = None) -> PartFile:
         """A new, empty ``.part`` file (never an existing one)."""
         # Created first, then opened for writing: a file system without O_DIRECT may refuse that
         # flag only after it has made the file.
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
         fd, direct = _open(path, os.O_WRONLY, chunk_size)
-        return cls(fd, 0, chunk_size, direct=direct, write_behind=write_behind)
+        return cls(fd, 0, chunk_size, direct=direct, writers=writers)
 
     @classmethod
-    def resume(cls, path: Path, chunk_size: int, *, write_behind: bool = False) -> PartFile:
+    def resume(cls, path: Path, chunk_size: int, *, writers: WriterPool | None = None) -> PartFile:
         """Reopen a ``.part`` file, cut back to its last whole chunk."""
         fd, direct = _open(path, os.O_WRONLY, chunk_size)
         try:
@@ -75,7 +106,7 @@ class PartFile:
         except OSError:
             os.close(fd)
             raise
-        return cls(fd, size, chunk_size, direct=direct, write_behind=write_behind)
+        return cls(fd, size, chunk_size, direct=direct, writers=writers)
 
     @property
     def size(self) -> int:
@@ -106,13 +137,17 @@ class PartFile:
         index, self._current = self._current, None
         offset, self._end = self._end, self._end + size
         self._appended += 1
-        if self._queue is None:
+        if self._writers is None:
             try:
                 self._write(index, size, offset)
             finally:
                 self._free.put(index)
-        else:
-            self._queue.put((index, size, offset))
+            return
+        with self._lock:
+            self._queued.append((index, size, offset))
+            submit, self._scheduled = not self._scheduled, True
+        if submit:
+            self._writers.submit(self)
 
     def finish(self) -> None:
         """Every chunk on disk and synced; closes the file. Raises the first write error."""
@@ -126,25 +161,33 @@ class PartFile:
     def close(self) -> None:
         """Stop writing (what is queued is still written) and close the file. Idempotent."""
         self._drain()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:  # the descriptor is released anyway; a write error was already reported
+                pass
         self._buffers = []  # unmapped once the last view of them is gone
 
     # --- internals ----------------------------------------------------------------
     def _drain(self) -> None:
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
-            self._thread = None
+        with self._lock:
+            while self._scheduled:
+                self._idle.wait()
 
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def _writer(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            index, size, offset = item
+    def _write_queued(self) -> None:
+        """On a pool thread: write what is queued, in order, then hand the file back."""
+        while True:
+            with self._lock:
+                if not self._queued:
+                    self._scheduled = False
+                    self._idle.notify_all()
+                    return
+                index, size, offset = self._queued.popleft()
             if self._error is None:  # after an error, only hand buffers back: the agent stops at its next call
                 try:
                     self._write(index, size, offset)

@@ -26,7 +26,7 @@ from client.presence import PresenceTracker
 from client.transfer import TransferManager
 from client.e2e import EndToEnd, PeerKeyChanged
 from common.crypto import KEY_BYTES, TAG_BYTES
-from common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
+from common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from common.protocol import (
     Ack,
     AckStatus,
@@ -61,6 +61,8 @@ MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the seal
 # REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
 # TCP connection completes is dropped, and users should not wait a heartbeat.
 REGISTER_RETRY_FIRST = 0.02
+REFUSAL_PERIOD = 60.0  # seconds: refused messages are logged once per sender and period, then summed up
+REFUSAL_SENDERS = 100  # senders counted apart in one period
 
 
 class State(enum.Enum):
@@ -84,6 +86,39 @@ class _Pending:
     text: bytes
     ts: int  # fixed when queued: it is bound into the seal, so a re-send re-seals identically
     frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
+
+
+class RefusalLog:
+    """Messages refused (they do not open), logged per sender and period, never one line per message."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self._counts: dict[str, int] = {}
+        self._period_end = 0.0
+
+    def refused(self, sender: str, error: P2PChatError, now: float) -> list[Action]:
+        """Count a refusal; the first from a sender in a period is logged and reported."""
+        count = self._counts.get(sender, 0)
+        if not count and len(self._counts) >= REFUSAL_SENDERS:
+            sender = "(others)"  # bounded: one bucket for the long tail of senders
+            count = self._counts.get(sender, 0)
+        self._counts[sender] = count + 1
+        if count:
+            return []
+        if not self._period_end:
+            self._period_end = now + REFUSAL_PERIOD
+        log.warning("user=%s peer=%s message refused and consumed: %s", self.user, sender, error.message)
+        return [Emit(ev.ErrorReported(error))]
+
+    def on_tick(self, now: float) -> None:
+        if not self._period_end or now < self._period_end:
+            return
+        for sender, count in self._counts.items():
+            if count > 1:
+                log.warning("user=%s peer=%s %d more messages refused and consumed in the last %.0fs",
+                            self.user, sender, count - 1, REFUSAL_PERIOD)
+        self._counts.clear()
+        self._period_end = 0.0
 
 
 class ClientSession:
@@ -123,6 +158,9 @@ class ClientSession:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._published: frozenset[str] = frozenset()
         self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
+        self._refusals = RefusalLog(user)
+        self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
+        self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
                 self._pending[entry.msg_id] = _Pending(entry.peer, entry.text.encode("utf-8"), entry.ts)
@@ -142,7 +180,10 @@ class ClientSession:
         msg_id, ts = msg_id or new_msg_id(), self._wall_ms()
         if self.history is not None:
             self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
-            self.history.commit()
+            try:
+                self.history.commit()
+            except StorageError:
+                pass  # kept in memory and retried by the shell's next commit, which reports it
         self._pending[msg_id] = _Pending(recipient, body, ts)
         self._unsealed[msg_id] = None
         if len(self._pending) == 1:
@@ -158,10 +199,28 @@ class ClientSession:
             return []
         return [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
 
-    def commit(self) -> None:
-        """Make this batch's history durable (before its consumes and receipts go out)."""
-        if self.history is not None:
+    def commit(self) -> list[Action]:
+        """Make this batch's history durable; returns the consumes and receipts that waited for it.
+
+        While the history cannot be written they stay held (the broker keeps the messages queued) and
+        the next commit tries again; the first failure and the recovery are reported.
+        """
+        if self.history is None:
+            return []
+        try:
             self.history.commit()
+        except StorageError as exc:
+            if self._storage_failing:
+                return []
+            self._storage_failing = True
+            log.error("user=%s history not saved: %s; received messages stay queued at the broker until it is",
+                      self.user, exc.message)
+            return [Emit(ev.ErrorReported(exc))]
+        if self._storage_failing:
+            self._storage_failing = False
+            log.warning("user=%s history saved again", self.user)
+        held, self._after_commit = self._after_commit, []
+        return held
 
     def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
         assert self.transfers is not None
@@ -269,6 +328,7 @@ class ClientSession:
             actions.append(self._transmit(pack(Heartbeat(), self._wall_ms()), now))
         if self._snapshot_due is not None and now >= self._snapshot_due:
             actions += self._request_snapshot(now, force=True)
+        self._refusals.on_tick(now)
         if self.transfers is not None and self.state is State.READY:
             actions += self.transfers.on_tick(now)
             actions += self._ask_keys(self.transfers.take_key_wants(), now)
@@ -295,12 +355,13 @@ class ClientSession:
             return self._got(msg.sender, msg_id, now)
         try:
             plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body)
-        except PeerKeyChanged as exc:
-            log.warning("user=%s peer=%s message refused: %s", self.user, msg.sender, exc.message)
+        except PeerKeyChanged as exc:  # authentic under a new key: kept queued until the user decides
+            log.warning("user=%s peer=%s message held: %s", self.user, msg.sender, exc.message)
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
-        except ProtocolError as exc:  # tampered, replayed under a new id, or not encrypted
-            log.warning("user=%s peer=%s message refused: %s", self.user, msg.sender, exc.message)
-            return [Emit(ev.ErrorReported(exc))]
+        except ProtocolError as exc:  # tampered, replayed under a new id, not encrypted, or sealed to an old key
+            # Consumed: a message that cannot open now never will, and must not come back at every reconnect.
+            consume = self._transmit(pack(Consume(msg_id), self._wall_ms()), now)
+            return [consume] + self._refusals.refused(msg.sender, exc, now)
         self._seen[msg_id] = None  # only once authentic: a forged copy must not hide the real one
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
@@ -312,18 +373,28 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        return [self._transmit(pack(Consume(msg_id), self._wall_ms()), now),
-                self._receipt(sender, msg_id, ReceiptStatus.DELIVERED, now)]
+        return self._after_history([pack(Consume(msg_id), self._wall_ms()),
+                                    self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED)], now)
+
+    def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
+        """With a history, these frames wait for the commit of what they confirm (``commit`` returns them)."""
+        if self.history is None:
+            return [self._transmit(f, now) for f in frames]
+        self._after_commit += [Transmit(f) for f in frames]  # not sent yet: the heartbeat clock runs on
+        return []
 
     def _receipt(self, peer: str, ref: bytes, status: ReceiptStatus, now: float) -> Transmit:
+        return self._transmit(self._receipt_frames(peer, ref, status), now)
+
+    def _receipt_frames(self, peer: str, ref: bytes, status: ReceiptStatus) -> list[bytes]:
         msg_id = new_msg_id()
         self._receipts[msg_id] = None
         if len(self._receipts) > DEDUP_WINDOW:
             self._receipts.popitem(last=False)
-        return self._transmit(pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id), now)
+        return pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id)
 
     def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
-        actions: list[Action] = [self._transmit(pack(Consume(msg_id), self._wall_ms()), now)]
+        actions = self._after_history([pack(Consume(msg_id), self._wall_ms())], now)
         if msg.recipient != self.user:
             return actions
         if self.history is None or self.history.advance(msg.ref, msg.status.value):

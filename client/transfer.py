@@ -5,7 +5,12 @@ Two small state machines, driven by ``TransferManager``:
     outgoing: OFFERING -> SENDING -> DONE          (FAILED from any state)
                  ^  \\        |
                  |   WAITING (peer offline; re-offered when it is back)
-    incoming: RECEIVING -> DONE                    (FAILED from any state)
+    incoming: [QUEUED ->] RECEIVING -> DONE        (FAILED from any state)
+
+Incoming transfers are bounded per peer and in total; offers beyond the bound
+wait, QUEUED (no file, no descriptor), and start when a slot frees. A
+transfer whose peer is online but silent for ``give_up_after`` fails with
+``timeout``; unfinished transfers older than ``max_age`` are dropped at start.
 
 The receiver grants credit (``FileCredit``); the sender never has more than
 ``window`` chunks beyond the receiver's last verified chunk in flight, so the
@@ -37,8 +42,8 @@ import msgpack
 
 from client import events as ev
 from client.actions import Action, Emit, Transmit
-from client.filenames import publish_atomically, received_name
-from client.partfile import PartFile
+from client.filenames import part_name, publish_atomically, received_name
+from client.partfile import PartFile, WriterPool
 from client.e2e import EndToEnd, PeerKeyChanged
 from common.crypto import TAG_BYTES, FileCipher
 from common.errors import ErrorCode, P2PChatError, ProtocolError, RemoteError, TransferError
@@ -64,6 +69,16 @@ WINDOW = 32  # chunks in flight per transfer (see docs/PROTOCOL.md, bench/bench_
 PROGRESS_EVERY = 0.2  # seconds between progress events per transfer
 REF_PREFIX = 10  # file frames' message ids start with the transfer id's first bytes
 OPEN_RETRIES = 3  # a sealed chunk that fails to open is asked for again this often before it counts as tampering
+# Incoming transfers (docs/PROTOCOL.md §8): each holds a file, a descriptor and 2 MiB of buffers.
+MAX_INCOMING = 16
+MAX_INCOMING_PER_PEER = 4
+MAX_QUEUED = 256  # offers waiting for a slot (a few hundred bytes each); more are refused as recipient_busy
+MAX_QUEUED_PER_PEER = 64
+GIVE_UP_AFTER = 600.0  # seconds an online peer may stay silent before its transfer fails with timeout
+MAX_AGE = 7 * 24 * 3600.0  # seconds an unfinished transfer is kept on disk (its .part, its record)
+REFUSED_SENDERS = 1000  # senders whose refused offers are counted apart (for aggregated logging)
+REFUSAL_PERIOD = 60.0  # seconds after which those counts start again
+MIN_REWIND_INTERVAL = 0.5  # seconds: a sender goes back for chunks already sent at most this often
 
 
 def frame_id(xfer: bytes) -> bytes:
@@ -72,6 +87,7 @@ def frame_id(xfer: bytes) -> bytes:
 
 
 class Phase(enum.Enum):
+    QUEUED = "queued"
     OFFERING = "offering"
     SENDING = "sending"
     WAITING = "waiting"
@@ -86,7 +102,8 @@ class _Rate:
 
     started: float
     last_emit: float = 0.0
-    last_activity: float = 0.0
+    last_activity: float = 0.0  # we or the peer did something: the stall timer's clock
+    heard: float = 0.0  # the peer made progress (a chunk, a credit) or was offline: the give-up clock
 
     def progress(self, xfer: bytes, peer: str, name: str, direction: str, done: int, size: int,
                  now: float, force: bool = False) -> list[Action]:
@@ -118,7 +135,11 @@ class Outgoing:
     hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     handle: object | None = None
     rate: _Rate | None = None
-    cipher: FileCipher | None = None  # end-to-end: every chunk sealed with the file's own key
+    cipher: FileCipher | None = None  # end-to-end: a fresh key for each sending session (never a nonce twice)
+    session: int = 1  # sending sessions of this transfer so far, this one included (persisted)
+    offer_id: bytes = b""  # the offer's id and ts, fixed for the session: a repeated offer is byte-identical
+    offer_ts: int = 0
+    rewound_at: float = float("-inf")  # when a credit last sent us back to chunks already sent
 
     @property
     def chunks(self) -> int:
@@ -127,7 +148,7 @@ class Outgoing:
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(self.path), "size": self.size,
                 "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size,
-                "file_key": self.cipher.key.hex() if self.cipher else None}
+                "session": self.session}
 
 
 @dataclass(slots=True)
@@ -148,6 +169,8 @@ class Incoming:
     rate: _Rate | None = None
     cipher: FileCipher | None = None
     open_failures: int = 0  # sealed chunks that failed to open since the last good one
+    resumed: bool = False  # from a record of an earlier run: its .part exists
+    session: int = 0  # the sender's sending session whose key ``cipher`` holds
 
     @property
     def chunks(self) -> int:
@@ -156,7 +179,8 @@ class Incoming:
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "part": str(self.part), "target_dir": str(self.target_dir),
-                "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None}
+                "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None,
+                "session": self.session}
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +191,20 @@ class TransferConfig:
     chunk_size: int = CHUNK_SIZE
     window: int = WINDOW
     stall_timeout: float = 3.0
-    write_behind: bool = False  # the shell's choice: received chunks written by a thread (see client.partfile)
+    max_incoming: int = MAX_INCOMING
+    max_incoming_per_peer: int = MAX_INCOMING_PER_PEER
+    max_queued: int = MAX_QUEUED
+    max_queued_per_peer: int = MAX_QUEUED_PER_PEER
+    give_up_after: float = GIVE_UP_AFTER
+    max_age: float = MAX_AGE
 
 
 class TransferManager:
     def __init__(self, user: str, config: TransferConfig, e2e: EndToEnd, wall_ms: Callable[[], int],
-                 wall_time: Callable[[], float]):
+                 wall_time: Callable[[], float], writers: WriterPool | None = None):
+        """``writers``: the shell's threads that write received chunks (none: written inline)."""
         self.user = user
+        self._writers = writers
         self.e2e = e2e
         self._key_wants: set[str] = set()
         self.config = config
@@ -181,6 +212,9 @@ class TransferManager:
         self._wall_time = wall_time
         self.outgoing: dict[bytes, Outgoing] = {}
         self.incoming: dict[bytes, Incoming] = {}
+        self.queued: dict[bytes, Incoming] = {}  # in arrival order; no file opened yet
+        self._refused: dict[str, int] = {}  # offers refused per sender in this period
+        self._refused_since = 0.0
         self._by_prefix: dict[bytes, bytes] = {}
         self._online: frozenset[str] = frozenset()
         self._out_dir = config.state_dir / "outgoing"
@@ -205,16 +239,14 @@ class TransferManager:
         for out in self.outgoing.values():  # already resumed by resume_all
             if (out.peer, str(out.path), out.size, out.mtime_ns) == key:
                 return out.xfer, []
-        xfer = new_msg_id()
+        xfer, session = new_msg_id(), 1
         for record in self._records(self._out_dir):
             if (record["peer"], record["path"], record["size"], record["mtime_ns"]) == key:
-                xfer = bytes.fromhex(record["xfer"])
+                xfer, session = bytes.fromhex(record["xfer"]), record.get("session", 0) + 1
                 log.info("user=%s peer=%s xfer=%s resuming %s", self.user, peer, xfer.hex()[:8], path.name)
                 break
-        out = Outgoing(xfer, peer, path, st.st_size, st.st_mtime_ns, st.st_ino, self.config.chunk_size)
-        key = next((r["file_key"] for r in self._records(self._out_dir) if r["xfer"] == xfer.hex()), None)
-        if self.e2e.enabled:
-            out.cipher = FileCipher(bytes.fromhex(key) if key else FileCipher.new_key(), xfer)
+        out = Outgoing(xfer, peer, path, st.st_size, st.st_mtime_ns, st.st_ino, self.config.chunk_size,
+                       session=session)
         self._track_out(out, now)
         return xfer, self._offer(out, now)
 
@@ -223,25 +255,26 @@ class TransferManager:
         if xfer in self.outgoing:
             return self._fail_out(self.outgoing[xfer], error, tell_peer=True)
         if xfer in self.incoming:
-            return self._fail_in(self.incoming[xfer], error, tell_peer=True)
+            return self._fail_in(self.incoming[xfer], error, tell_peer=True) + self._promote(now)
+        if xfer in self.queued:
+            return self._fail_in(self.queued[xfer], error, tell_peer=True)
         return []
 
     def resume_all(self, now: float) -> list[Action]:
-        """Take up every unfinished transfer remembered on disk (after a restart)."""
+        """Take up every unfinished transfer remembered on disk (after a restart); drop those over ``max_age``."""
+        self._prune()
         actions: list[Action] = []
         for record in self._records(self._out_dir):
             xfer = bytes.fromhex(record["xfer"])
             if xfer in self.outgoing:
                 continue
             out = Outgoing(xfer, record["peer"], Path(record["path"]), record["size"], record["mtime_ns"],
-                           record["inode"], record["chunk_size"])
-            if record.get("file_key"):
-                out.cipher = FileCipher(bytes.fromhex(record["file_key"]), xfer)
+                           record["inode"], record["chunk_size"], session=record.get("session", 0) + 1)
             self._track_out(out, now)
             actions += self._offer(out, now)
         for record in self._records(self._in_dir):
             xfer = bytes.fromhex(record["xfer"])
-            if xfer not in self.incoming:
+            if xfer not in self.incoming and xfer not in self.queued:
                 actions += self._resume_in(record, now)
         return actions
 
@@ -249,11 +282,30 @@ class TransferManager:
         """The client stops: let go of every file; unfinished transfers stay on disk to resume."""
         for item in (*self.incoming.values(), *self.outgoing.values()):
             if item.handle is not None:
-                item.handle.close()
+                try:
+                    item.handle.close()
+                except OSError as exc:
+                    log.warning("user=%s xfer=%s closing failed: %s", self.user, item.xfer.hex()[:8], exc)
                 item.handle = None
 
     # --- inputs -------------------------------------------------------------
     def on_message(self, env: Envelope, now: float) -> list[Action]:
+        try:
+            actions = self._on_message(env, now)
+        except OSError as exc:  # any file error fails the transfer concerned, never the client
+            actions = self._fail_xfer(getattr(env.message, "xfer", b""), exc)
+        return actions + self._promote(now)
+
+    def _fail_xfer(self, xfer: bytes, exc: OSError) -> list[Action]:
+        code = ErrorCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.UNWRITABLE
+        error = TransferError(f"file error: {exc.strerror or exc}", code)
+        log.warning("user=%s xfer=%s file error: %s", self.user, xfer.hex()[:8], exc)
+        if xfer in self.outgoing:
+            return self._fail_out(self.outgoing[xfer], error, tell_peer=True)
+        inc = self.incoming.get(xfer) or self.queued.get(xfer)
+        return self._fail_in(inc, error, tell_peer=True) if inc is not None else []
+
+    def _on_message(self, env: Envelope, now: float) -> list[Action]:
         msg, payload = env.message, env.payload
         kind = type(msg)
         if kind is FileChunk:
@@ -271,8 +323,9 @@ class TransferManager:
             error = RemoteError(f"{msg.sender}: {msg.message}", msg.code)
             if msg.xfer in self.outgoing and self.outgoing[msg.xfer].peer == msg.sender:
                 return self._fail_out(self.outgoing[msg.xfer], error, tell_peer=False)
-            if msg.xfer in self.incoming and self.incoming[msg.xfer].peer == msg.sender:
-                return self._fail_in(self.incoming[msg.xfer], error, tell_peer=False)
+            inc = self.incoming.get(msg.xfer) or self.queued.get(msg.xfer)
+            if inc is not None and inc.peer == msg.sender:
+                return self._fail_in(inc, error, tell_peer=False)
         return []
 
     def on_error(self, ref: bytes, error: P2PChatError, now: float) -> list[Action] | None:
@@ -332,21 +385,36 @@ class TransferManager:
             if inc.phase is Phase.WAITING and inc.peer in came_back:
                 inc.phase = Phase.RECEIVING
                 actions += self._credit(inc, now, restart=True)
+        return actions + self._promote(now)
+
+    def _give_up(self, now: float) -> list[Action]:
+        """Fail transfers whose peer has been online but silent for ``give_up_after``."""
+        actions: list[Action] = []
+        limit = self.config.give_up_after
+        for item in (*self.incoming.values(), *self.outgoing.values()):
+            if item.peer not in self._online or item.phase is Phase.WAITING:
+                item.rate.heard = now  # time offline does not count
+            elif now - item.rate.heard > limit:
+                error = TransferError(f"{item.peer} silent for {limit:g}s: transfer given up", ErrorCode.TIMEOUT)
+                fail = self._fail_out if type(item) is Outgoing else self._fail_in
+                actions += fail(item, error, tell_peer=True)  # type: ignore[arg-type]
         return actions
 
     def on_reconnected(self, now: float) -> list[Action]:
         """After re-registering (broker restart): whatever was in flight may be lost."""
         actions: list[Action] = []
         for out in list(self.outgoing.values()):
+            out.rate.heard = now  # our own outage does not count against the peer
             actions += self._offer(out, now)
         for inc in list(self.incoming.values()):
+            inc.rate.heard = now
             inc.phase = Phase.RECEIVING
             actions += self._credit(inc, now, restart=True)
         return actions
 
     def on_tick(self, now: float) -> list[Action]:
         """A quiet transfer is asked again: frames may be lost to a restart, or a peer came back unseen."""
-        actions: list[Action] = []
+        actions = self._give_up(now) + self._promote(now)
         stall = self.config.stall_timeout
         for inc in list(self.incoming.values()):
             if now - inc.rate.last_activity > stall:
@@ -364,7 +432,14 @@ class TransferManager:
 
     # --- sender -------------------------------------------------------------
     def _track_out(self, out: Outgoing, now: float) -> None:
-        out.rate = _Rate(started=now, last_activity=now)
+        # A fresh key per sending session: a file changed in place (same size, mtime and inode) and sent
+        # again after a restart must not seal other bytes under a (key, nonce) pair already used.
+        if self.e2e.enabled:
+            out.cipher = FileCipher(FileCipher.new_key(), out.xfer)
+        # The offer is sealed under a key derived from its id, with a fixed nonce: the same id with
+        # other bytes (a new file key) or another ts would reuse that nonce. One id per session.
+        out.offer_id, out.offer_ts = frame_id(out.xfer), self._wall_ms()
+        out.rate = _Rate(started=now, last_activity=now, heard=now)
         self.outgoing[out.xfer] = out
         self._by_prefix[out.xfer[:REF_PREFIX]] = out.xfer
         self._save(self._out_dir, out.xfer, out.record())
@@ -382,23 +457,33 @@ class TransferManager:
         meta = {"name": out.path.name[:MAX_TEXT_CHARS]}
         if out.cipher is not None:
             meta["key"] = out.cipher.key
-        # The offer's id is the transfer id: a store-and-forward broker keeps one copy however often we offer.
-        msg_id, ts = out.xfer, self._wall_ms()
+            meta["session"] = out.session
+        # One id per sending session: a store-and-forward broker keeps one copy however often we offer.
+        msg_id, ts = out.offer_id, out.offer_ts
         body = self.e2e.seal(out.peer, msg_id, ts, msgpack.packb(meta, use_bin_type=True))
         offer = FileOffer(self.user, out.peer, out.xfer, out.size, out.chunk_size, body)
         return [Transmit(pack(offer, ts, msg_id))]
 
     def _on_credit(self, out: Outgoing, credit: FileCredit, now: float) -> list[Action]:
-        out.rate.last_activity = now
+        out.rate.last_activity = out.rate.heard = now
         out.accepted = True
         if credit.next > out.chunks:
             return self._fail_out(out, TransferError("receiver asked past the end of the file"), tell_peer=True)
-        if credit.restart or out.phase is not Phase.SENDING:
+        # Never more than our own window past what the receiver holds, whatever it grants: a huge
+        # credit must not make us read the whole file into memory at once.
+        upto = min(credit.upto, credit.next + self.config.window)
+        restart = credit.restart or out.phase is not Phase.SENDING
+        if restart and out.phase is Phase.SENDING and credit.next < out.send_next:
+            if now - out.rewound_at < MIN_REWIND_INTERVAL:
+                restart = False  # a flood of restart credits must not make us send a window each
+            else:
+                out.rewound_at = now
+        if restart:
             out.send_next = credit.next
-            out.upto = credit.upto
+            out.upto = upto
             out.phase = Phase.SENDING
         else:
-            out.upto = max(out.upto, credit.upto)
+            out.upto = max(out.upto, upto)
         out.confirmed = max(out.confirmed, credit.next)
         actions = out.rate.progress(out.xfer, out.peer, out.path.name, "out",
                                     min(out.size, out.confirmed * out.chunk_size), out.size, now)
@@ -475,20 +560,22 @@ class TransferManager:
         offer: FileOffer = env.message  # type: ignore[assignment]
         inc = self.incoming.get(offer.xfer)
         if inc is not None and inc.peer == offer.sender:
+            self._rekey(inc, env)
             # A sender that offered starts at the next credit's ``next`` whatever its flag; not restarting
             # keeps one that already took our own restart credit from rewinding and sending chunks twice.
             return self._credit(inc, now, restart=False)
+        queued = self.queued.get(offer.xfer)
+        if queued is not None and queued.peer == offer.sender:
+            self._rekey(queued, env)
+            return [self._hold(queued)]
         if (self._done_dir / offer.xfer.hex()).exists():  # our FILE_DONE was lost: say it again
             return [self._send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
         try:
-            name, file_key = self._open_offer(env)
+            name, file_key, session = self._open_offer(env)
         except PeerKeyChanged as exc:
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
         except ProtocolError as exc:
-            log.warning("user=%s peer=%s xfer=%s offer refused: %s", self.user, offer.sender, offer.xfer.hex()[:8],
-                        exc.message)
-            cancel = FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.INTEGRITY, exc.message)
-            return [self._send(offer.xfer, cancel), Emit(ev.ErrorReported(exc))]
+            return self._refuse(offer, now, exc.message, ErrorCode.INTEGRITY, ev.ErrorReported(exc))
         cfg = self.config
         reject = None
         if not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
@@ -504,30 +591,124 @@ class TransferManager:
             except OSError as exc:
                 reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
                                        ErrorCode.UNWRITABLE)
-        final_name = received_name(offer.sender, name, self._wall_time())
-        part = cfg.received_dir / f".{final_name[:180]}.{offer.xfer.hex()[:8]}.part"
-        if reject is None:
-            try:
-                handle = PartFile.create(part, offer.chunk_size, write_behind=cfg.write_behind)
-            except OSError as exc:
-                reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
-                                       ErrorCode.UNWRITABLE)
+        if reject is None and not self._may_queue(offer.sender):
+            return self._refuse(offer, now, "receiver busy: too many transfers waiting", ErrorCode.RECIPIENT_BUSY)
         if reject is not None:
-            log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, offer.sender, offer.xfer.hex()[:8],
-                        name, reject)
-            cancel = FileCancel(self.user, offer.sender, offer.xfer, reject.code, reject.message)
-            return [self._send(offer.xfer, cancel),
-                    Emit(ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))]
-        inc = Incoming(offer.xfer, offer.sender, name, offer.size, offer.chunk_size, part,
-                       cfg.received_dir, final_name, handle=handle,
-                       cipher=FileCipher(file_key, offer.xfer) if file_key else None)
+            return self._refuse(offer, now, reject.message, reject.code,
+                                ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))
+        final_name = received_name(offer.sender, name, self._wall_time())
+        inc = Incoming(offer.xfer, offer.sender, name, offer.size, offer.chunk_size,
+                       cfg.received_dir / part_name(final_name, offer.xfer), cfg.received_dir, final_name,
+                       cipher=FileCipher(file_key, offer.xfer) if file_key else None, session=session)
+        if self._has_slot(inc.peer):
+            return self._start(inc, now)
+        return self._enqueue(inc)
+
+    # --- admission: bounded incoming transfers, the rest queued -----------------------------
+    def _has_slot(self, peer: str) -> bool:
+        cfg = self.config
+        return (len(self.incoming) < cfg.max_incoming
+                and sum(i.peer == peer for i in self.incoming.values()) < cfg.max_incoming_per_peer)
+
+    def _may_queue(self, peer: str) -> bool:
+        cfg = self.config
+        return (len(self.queued) < cfg.max_queued
+                and sum(i.peer == peer for i in self.queued.values()) < cfg.max_queued_per_peer)
+
+    def _enqueue(self, inc: Incoming) -> list[Action]:
+        inc.phase = Phase.QUEUED
+        self.queued[inc.xfer] = inc
+        self._by_prefix[inc.xfer[:REF_PREFIX]] = inc.xfer
+        log.info("user=%s peer=%s xfer=%s queued %r (%d bytes): %d transfers waiting", self.user, inc.peer,
+                 inc.xfer.hex()[:8], inc.name, inc.size, len(self.queued))
+        return [Emit(ev.FileQueued(inc.xfer, inc.peer, inc.name, inc.size, len(self.queued))), self._hold(inc)]
+
+    def _refuse(self, offer: FileOffer, now: float, message: str, code: ErrorCode, report: ev.Event | None = None
+                ) -> list[Action]:
+        """Refuse an offer: the sender is told; logged and reported the 1st, 2nd, 4th, ... time per sender
+        and period (a peer sending thousands must not flood the log or the user)."""
+        if self._refused and (now - self._refused_since > REFUSAL_PERIOD or len(self._refused) >= REFUSED_SENDERS):
+            self._refused.clear()  # counts restart each period, and rather than grow with the number of senders
+        if not self._refused:
+            self._refused_since = now
+        count = self._refused[offer.sender] = self._refused.get(offer.sender, 0) + 1
+        actions: list[Action] = [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code,
+                                                                   message))]
+        if count & (count - 1) == 0:
+            log.warning("user=%s peer=%s xfer=%s offer refused (%d so far from this sender): %s", self.user,
+                        offer.sender, offer.xfer.hex()[:8], count, message)
+            if report is not None:
+                actions.append(Emit(report))
+        return actions
+
+    def _hold(self, inc: Incoming) -> Transmit:
+        """A credit of nothing: accepted, wait (the sender keeps the transfer while we answer its offers)."""
+        return self._send(inc.xfer, FileCredit(self.user, inc.peer, inc.xfer, 0, 0, False))
+
+    def _promote(self, now: float) -> list[Action]:
+        """Start queued transfers while slots are free (oldest first, peers online only)."""
+        actions: list[Action] = []
+        if not self.queued or len(self.incoming) >= self.config.max_incoming:
+            return actions
+        for inc in list(self.queued.values()):
+            if len(self.incoming) >= self.config.max_incoming:
+                break
+            if inc.peer in self._online and self._has_slot(inc.peer):
+                del self.queued[inc.xfer]
+                actions += self._start(inc, now)
+        return actions
+
+    def _start(self, inc: Incoming, now: float) -> list[Action]:
+        """Open the .part (new, or resumed from an earlier run) and grant the first credit."""
+        inc.phase = Phase.RECEIVING
+        try:
+            if inc.resumed:
+                inc.handle = PartFile.resume(inc.part, inc.chunk_size, writers=self._writers)
+                if inc.cipher is None:  # the whole-file hash covers the chunks already held
+                    with open(inc.part, "rb") as held:  # already cut back to whole chunks
+                        while block := held.read(1 << 20):
+                            inc.hasher.update(block)
+                inc.next = inc.handle.size // inc.chunk_size
+            else:
+                inc.handle = PartFile.create(inc.part, inc.chunk_size, writers=self._writers)
+        except OSError as exc:
+            if inc.handle is not None:
+                inc.handle.close()
+                inc.handle = None
+            verb = "resume" if inc.resumed else "write its download folder"
+            error = TransferError(f"receiver cannot {verb}: {exc.strerror}", ErrorCode.UNWRITABLE)
+            log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, inc.peer, inc.xfer.hex()[:8],
+                        inc.name, error)
+            self._forget(self._in_dir, inc.xfer)
+            self._by_prefix.pop(inc.xfer[:REF_PREFIX], None)
+            cancel = FileCancel(self.user, inc.peer, inc.xfer, error.code, error.message)
+            return [self._send(inc.xfer, cancel), Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in", error))]
         self._track_in(inc, now)
+        if inc.resumed:
+            log.info("user=%s peer=%s xfer=%s resuming %r at chunk %d", self.user, inc.peer, inc.xfer.hex()[:8],
+                     inc.name, inc.next)
+            return self._credit(inc, now, restart=True)
         log.info("user=%s peer=%s xfer=%s receiving %r (%d bytes)", self.user, inc.peer, inc.xfer.hex()[:8],
                  inc.name, inc.size)
         return [Emit(ev.FileIncoming(inc.xfer, inc.peer, inc.name, inc.size))] + self._credit(inc, now, restart=True)
 
-    def _open_offer(self, env: Envelope) -> tuple[str, bytes | None]:
-        """The offer's sealed metadata: (name, file key). Raises ProtocolError if unacceptable."""
+    def _rekey(self, inc: Incoming, env: Envelope) -> None:
+        """A repeated offer from a newer sending session carries that session's key: use it from now on."""
+        if inc.cipher is None:
+            return
+        try:
+            _, key, session = self._open_offer(env)
+        except P2PChatError:
+            return  # a repeat we cannot open changes nothing
+        if session > inc.session and key is not None:
+            log.info("user=%s peer=%s xfer=%s sender's session %d: new file key", self.user, inc.peer,
+                     inc.xfer.hex()[:8], session)
+            inc.cipher, inc.session, inc.open_failures = FileCipher(key, inc.xfer), session, 0
+            if inc.xfer in self.incoming or inc.resumed:
+                self._save(self._in_dir, inc.xfer, inc.record())
+
+    def _open_offer(self, env: Envelope) -> tuple[str, bytes | None, int]:
+        """The offer's sealed metadata: (name, file key, sending session). Raises ProtocolError if unacceptable."""
         offer: FileOffer = env.message  # type: ignore[assignment]
         plain = self.e2e.open(offer.sender, env.msg_id, env.ts, offer.body)
         try:
@@ -535,40 +716,58 @@ class TransferManager:
                                    max_map_len=4, max_array_len=0)
         except Exception:  # msgpack raises a zoo; see common.protocol.decode
             raise ProtocolError("undecodable file offer") from None
-        if type(meta) is not dict or type(meta.get("name")) is not str or set(meta) - {"name", "key"}:
+        if (type(meta) is not dict or type(meta.get("name")) is not str or set(meta) - {"name", "key", "session"}
+                or type(meta.get("session", 0)) is not int or not 0 <= meta.get("session", 0) < 2**32):
             raise ProtocolError("malformed file offer")
         key = meta.get("key")
         if self.e2e.enabled and (type(key) is not bytes or len(key) != 32):
             raise ProtocolError("file offer without an end-to-end key refused")
-        return meta["name"], key if self.e2e.enabled else None
+        return meta["name"], key if self.e2e.enabled else None, meta.get("session", 0)
 
     def _resume_in(self, record: dict, now: float) -> list[Action]:
-        """Reopen a .part after a restart: its whole chunks are the resume point."""
+        """Take up a .part after a restart: its whole chunks are the resume point (started when a slot is free)."""
         xfer = bytes.fromhex(record["xfer"])
         inc = Incoming(xfer, record["peer"], record["name"], record["size"],
                        record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"],
-                       cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None)
-        handle = None
-        try:
-            handle = PartFile.resume(inc.part, inc.chunk_size, write_behind=self.config.write_behind)
-            if inc.cipher is None:  # the whole-file hash covers the chunks already held
-                with open(inc.part, "rb") as held:  # already cut back to whole chunks
-                    while block := held.read(1 << 20):
-                        inc.hasher.update(block)
-        except OSError as exc:
-            if handle is not None:
-                handle.close()
-            self._forget(self._in_dir, inc.xfer)
-            return [Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in",
-                                       TransferError(f"cannot resume: {exc.strerror}", ErrorCode.UNWRITABLE)))]
-        inc.handle, inc.next = handle, handle.size // inc.chunk_size
-        self._track_in(inc, now)
-        log.info("user=%s peer=%s xfer=%s resuming %r at chunk %d", self.user, inc.peer, inc.xfer.hex()[:8],
-                 inc.name, inc.next)
-        return self._credit(inc, now, restart=True)
+                       cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None,
+                       resumed=True, session=record.get("session", 0))
+        if self._has_slot(inc.peer):
+            return self._start(inc, now)
+        if not self._may_queue(inc.peer):  # more unfinished transfers than we would ever queue: drop the rest
+            log.warning("user=%s peer=%s xfer=%s dropping unfinished %r: too many waiting", self.user, inc.peer,
+                        xfer.hex()[:8], inc.name)
+            self._discard(inc)
+            return []
+        inc.phase = Phase.QUEUED
+        self.queued[xfer] = inc
+        self._by_prefix[xfer[:REF_PREFIX]] = xfer
+        return [self._hold(inc)]
+
+    def _prune(self) -> None:
+        """Forget unfinished transfers untouched for ``max_age`` (their .part too), and old done marks."""
+        cutoff = self._wall_time() - self.config.max_age
+        for path in self._out_dir.glob("*.json"):
+            if _mtime(path) < cutoff:
+                log.info("user=%s dropping unfinished outgoing transfer %s: older than %gs", self.user, path.stem,
+                         self.config.max_age)
+                _unlink(path)
+        for record in self._records(self._in_dir):
+            record_path = self._in_dir / f"{record['xfer']}.json"
+            if max(_mtime(record_path), _mtime(Path(record["part"]))) < cutoff:
+                log.info("user=%s dropping unfinished incoming %r from %s: older than %gs", self.user,
+                         record["name"], record["peer"], self.config.max_age)
+                _unlink(Path(record["part"]))
+                _unlink(record_path)
+        for path in self._done_dir.iterdir():
+            if _mtime(path) < cutoff:
+                _unlink(path)
+
+    def _discard(self, inc: Incoming) -> None:
+        _unlink(inc.part)
+        self._forget(self._in_dir, inc.xfer)
 
     def _track_in(self, inc: Incoming, now: float) -> None:
-        inc.rate = _Rate(started=now, last_activity=now)
+        inc.rate = _Rate(started=now, last_activity=now, heard=now)
         self.incoming[inc.xfer] = inc
         self._by_prefix[inc.xfer[:REF_PREFIX]] = inc.xfer
         self._save(self._in_dir, inc.xfer, inc.record())
@@ -612,7 +811,7 @@ class TransferManager:
             return self._fail_in(inc, self._write_error(inc, exc), tell_peer=True)
         inc.open_failures = 0
         inc.next += 1
-        inc.rate.last_activity = now
+        inc.rate.last_activity = inc.rate.heard = now
         if final:
             return self._finish(inc, chunk, now)
         actions = inc.rate.progress(inc.xfer, inc.peer, inc.name, "in", inc.next * inc.chunk_size, inc.size, now)
@@ -642,10 +841,13 @@ class TransferManager:
             return self._fail_in(inc, self._write_error(inc, exc), tell_peer=True)
         try:
             path = publish_atomically(inc.part, inc.target_dir, inc.final_name)
-            (self._done_dir / inc.xfer.hex()).touch()
         except OSError as exc:
             return self._fail_in(inc, TransferError(f"cannot save {inc.name}: {exc.strerror}",
                                                     ErrorCode.UNWRITABLE), tell_peer=True)
+        try:
+            (self._done_dir / inc.xfer.hex()).touch()
+        except OSError as exc:  # saved all the same; only a lost FILE_DONE could not be answered again
+            log.warning("user=%s xfer=%s cannot mark the transfer done: %s", self.user, inc.xfer.hex()[:8], exc)
         inc.phase = Phase.DONE
         self._close_in(inc, keep_part=True)
         log.info("user=%s peer=%s xfer=%s saved %s (%d bytes)", self.user, inc.peer, inc.xfer.hex()[:8], path,
@@ -666,9 +868,11 @@ class TransferManager:
     def _close_in(self, inc: Incoming, keep_part: bool) -> None:
         if inc.handle is not None:
             inc.handle.close()
+            inc.handle = None
         if not keep_part:
-            inc.part.unlink(missing_ok=True)
-        del self.incoming[inc.xfer]
+            _unlink(inc.part)
+        self.incoming.pop(inc.xfer, None)
+        self.queued.pop(inc.xfer, None)
         self._by_prefix.pop(inc.xfer[:REF_PREFIX], None)
         self._forget(self._in_dir, inc.xfer)
 
@@ -686,12 +890,30 @@ class TransferManager:
                 log.warning("ignoring unreadable transfer record %s", path)
         return records
 
-    @staticmethod
-    def _save(directory: Path, xfer: bytes, record: dict) -> None:
+    def _save(self, directory: Path, xfer: bytes, record: dict) -> None:
         tmp = directory / f"{xfer.hex()}.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, directory / f"{xfer.hex()}.json")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, directory / f"{xfer.hex()}.json")
+        except OSError as exc:  # the transfer goes on; it just cannot resume after a restart
+            log.warning("user=%s xfer=%s cannot remember the transfer for a restart: %s", self.user,
+                        xfer.hex()[:8], exc)
+            _unlink(tmp)
 
     @staticmethod
     def _forget(directory: Path, xfer: bytes) -> None:
-        (directory / f"{xfer.hex()}.json").unlink(missing_ok=True)
+        _unlink(directory / f"{xfer.hex()}.json")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("-inf")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot delete %s: %s", path, exc)

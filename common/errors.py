@@ -5,7 +5,8 @@
     ├── RemoteError          the broker or a peer answered with an ERROR frame
     ├── ClosedError          you closed the client; further calls are refused
     ├── BrokenError          the broker is unreachable or stopped answering
-    └── TransferError        a file transfer failed (I/O, integrity, limits)
+    ├── TransferError        a file transfer failed (I/O, integrity, limits)
+    └── StorageError         a local store (the client's history) cannot write: kept in memory, retried
 
 Every error carries an ``ErrorCode``: the stable string that crosses the wire in
 an ERROR frame and that scripts can match on. The message is for humans.
@@ -78,3 +79,7 @@ class BrokenError(P2PChatError):
 
 class TransferError(P2PChatError):
     default_code = ErrorCode.TRANSFER_FAILED
+
+
+class StorageError(P2PChatError):
+    default_code = ErrorCode.NO_SPACE

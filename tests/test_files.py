@@ -218,8 +218,12 @@ def test_source_changed_mid_transfer_is_detected(pair, tmp_path):
 @pytest.mark.parametrize("io_threads", [1, pytest.param(2, marks=pytest.mark.broker_args("--io-threads", "2"))])
 def test_two_transfers_both_ways_while_chatting(make_client, broker, tmp_path, io_threads):
     # With two, the broker's connections (and their CURVE work) are spread over two libzmq I/O threads.
-    threads = {(p / "comm").read_text().strip() for p in Path(f"/proc/{broker.proc.pid}/task").iterdir()}
-    assert {f"ZMQbg/IO/{i}" for i in range(io_threads)} <= threads and f"ZMQbg/IO/{io_threads}" not in threads
+    def threads() -> set[str]:
+        return {(p / "comm").read_text().strip() for p in Path(f"/proc/{broker.proc.pid}/task").iterdir()}
+
+    # libzmq names its I/O threads once they run, which may be a moment after the broker says it listens.
+    wait_until(lambda: {f"ZMQbg/IO/{i}" for i in range(io_threads)} <= threads(), what="the broker's I/O threads")
+    assert f"ZMQbg/IO/{io_threads}" not in threads()
     alice = make_client("alice")
     bob = make_client("bob", received_dir=tmp_path / "inbox")
     wait_peers(alice, {"alice", "bob"})
