@@ -1,0 +1,342 @@
+"""The sans-I/O cores driven by hypothesis with arbitrary inputs in arbitrary orders.
+
+Each machine feeds one core (client transfers, client session, broker routing) frames
+and ticks it could meet from a confused or hostile peer, in any order, and after every
+step checks the invariants that must hold whatever came in: nothing raises, every frame
+the core emits is valid on the wire, and each core's own promises (credit is respected,
+a finished transfer stays quiet, a connection is one user, presence is sequenced +1, a
+queued message is consumed only by its recipient). The pattern is h2's
+test_state_machines.py; the rules are the table of inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import msgpack
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from client import events as ev
+from client.actions import Emit, Transmit
+from client.e2e import EndToEnd
+from client.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
+from common.crypto import Identity
+from common.errors import ErrorCode, P2PChatError, RemoteError
+from common.protocol import (
+    MAX_INT,
+    Envelope,
+    FileCancel,
+    FileChunk,
+    FileCredit,
+    FileDone,
+    FileOffer,
+    decode,
+    new_msg_id,
+)
+from tests.test_broker_core import MemoryKeyStore
+
+from collections import Counter
+SEEN = Counter()
+MACHINE = settings(max_examples=100, stateful_step_count=50, deadline=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+ME = "me"
+PEERS = ("ann", "bob")
+CHUNK, WINDOW = 16, 4  # tiny chunks: a few bytes make a many-chunk file
+MAX_FILE = 200
+SIZES = [0, 1, CHUNK, CHUNK + 1, 3 * CHUNK, 5 * CHUNK + 3, 7 * CHUNK]  # empty, one chunk, more than a window
+contents = st.builds(lambda size, seed: bytes((seed + i) % 256 for i in range(size)),
+                     st.sampled_from(SIZES), st.integers(0, 255))
+counts = st.sampled_from([0, 1, 2, 3, WINDOW, 7, 13, 2**31, MAX_INT]) | st.integers(0, 20)
+codes = st.sampled_from(list(ErrorCode))
+
+
+def transmitted(actions) -> list[Envelope]:
+    """The envelopes of every Transmit: the core must only ever emit valid frames."""
+    return [decode(a.frames) for a in actions if type(a) is Transmit]
+
+
+def emitted(actions) -> list[ev.Event]:
+    return [a.event for a in actions if type(a) is Emit]
+
+
+# --- client transfers ------------------------------------------------------------------------
+class TransferMachine(RuleBasedStateMachine):
+    """One TransferManager (``me``) sending files to and receiving files from two peers, plaintext (the
+    unencrypted path checks CRCs and the whole-file SHA-256 itself; the sealed path is GCM's job)."""
+
+    CHECK_WINDOW = False  # a sender keeps at most WINDOW chunks beyond the last confirmed one in flight
+    REOFFER_FAILED = False  # offers again an incoming transfer that failed (a stale or re-delivered offer)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="p2pchat-machine-"))
+        self.now = 0.0
+        self.sources = self.root / "sources"
+        self.sources.mkdir()
+        self.inbox = self.root / "inbox"
+        self.manager = self._manager()
+        self.out_peer: dict[bytes, str] = {}  # outgoing transfers ever started, to whom
+        self.granted: dict[bytes, int] = defaultdict(int)  # highest upto the right peer ever granted
+        self.confirmed: dict[bytes, int] = defaultdict(int)  # highest next the right peer ever reported
+        self.offers: dict[bytes, tuple[str, bytes]] = {}  # incoming transfers ever offered: sender, content
+        self.finished: set[tuple[bytes, str]] = set()  # (xfer, "in"/"out") that emitted FileReceived/Sent/Failed
+        self.failed: set[tuple[bytes, str]] = set()  # those that emitted FileFailed
+        self.received: set[Path] = set()  # files announced by FileReceived
+
+    def _manager(self) -> TransferManager:
+        config = TransferConfig(state_dir=self.root / "state", received_dir=self.inbox, max_file_size=MAX_FILE,
+                                chunk_size=CHUNK, window=WINDOW, stall_timeout=3.0)
+        e2e = EndToEnd(ME, Identity.generate(), MemoryKeyStore(), MemoryKeyStore(), enabled=False)
+        return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
+
+    def teardown(self) -> None:
+        self.manager.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # --- what every step must respect ---------------------------------------------------
+    def apply(self, actions, credit: tuple[bytes, FileCredit] | None = None) -> None:
+        for env in transmitted(actions):
+            msg = env.message
+            assert msg.sender == ME, msg
+            if type(msg) is FileChunk:
+                assert credit is not None and credit[0] == msg.xfer, f"chunk {msg.index} sent without a credit"
+                assert (msg.xfer, "out") not in self.finished, f"chunk after the transfer ended: {msg}"
+                assert msg.index < self.granted[msg.xfer], f"chunk {msg.index} beyond credit {self.granted[msg.xfer]}"
+                if self.CHECK_WINDOW:
+                    assert msg.index < self.confirmed[msg.xfer] + WINDOW, (
+                        f"chunk {msg.index} with only {self.confirmed[msg.xfer]} confirmed and a window of {WINDOW}")
+            elif type(msg) is FileOffer:
+                assert (msg.xfer, "out") not in self.finished, f"offer after the transfer ended: {msg}"
+            elif type(msg) is FileCredit:
+                assert (msg.xfer, "in") not in self.finished, f"credit after the transfer ended: {msg}"
+                assert msg.next <= msg.upto <= msg.next + WINDOW, msg
+        for event in emitted(actions):
+            direction = getattr(event, "direction", None)
+            if type(event) in (ev.FileSent, ev.FileReceived, ev.FileFailed, ev.FileProgress):
+                direction = direction or ("out" if type(event) is ev.FileSent else "in")
+                assert (event.xfer, direction) not in self.finished, f"{event} after the transfer ended"
+            if type(event) in (ev.FileSent, ev.FileReceived, ev.FileFailed):
+                self.finished.add((event.xfer, direction))
+                SEEN[type(event).__name__] += 1
+            if type(event) in (ev.FileFailed, ev.FileIncoming):
+                assert (event.xfer, "in") not in self.finished or type(event) is ev.FileFailed, event
+            if type(event) is ev.FileFailed:
+                self.failed.add((event.xfer, event.direction))
+            if type(event) is ev.FileReceived:  # damaged chunks may cost retries, never the content
+                assert event.path.read_bytes() == self.offers[event.xfer][1], "received file differs from the sent one"
+                self.received.add(event.path)
+
+    @invariant()
+    def files_appear_only_after_verification(self) -> None:
+        if self.inbox.exists():
+            visible = {p for p in self.inbox.iterdir() if not p.name.startswith(".")}
+            assert visible == self.received, visible ^ self.received
+
+    @invariant()
+    def nothing_is_written_beyond_the_offered_size(self) -> None:
+        for inc in self.manager.incoming.values():
+            if inc.part.exists():
+                assert inc.part.stat().st_size <= inc.size
+            assert inc.next <= inc.chunks
+
+    @invariant()
+    def ended_transfers_are_forgotten(self) -> None:
+        for direction, table in (("out", self.manager.outgoing), ("in", self.manager.incoming)):
+            for xfer, item in table.items():
+                assert (xfer, direction) not in self.finished and item.phase not in (Phase.DONE, Phase.FAILED)
+
+    # --- sending ----------------------------------------------------------------------------
+    @rule(peer=st.sampled_from(PEERS), content=contents)
+    def send_file(self, peer, content):
+        path = self.sources / f"file-{len(self.out_peer)}"
+        path.write_bytes(content)
+        xfer, actions = self.manager.send_file(peer, path, self.now)
+        self.out_peer[xfer] = peer
+        self.apply(actions)
+
+    def _out_xfer(self, data) -> bytes:
+        # Insertion order, never sorted: transfer ids are random, and hypothesis must replay the same draws.
+        return data.draw(st.sampled_from(list(self.out_peer)) if self.out_peer and data.draw(st.booleans())
+                         else st.binary(min_size=16, max_size=16))
+
+    @rule(data=st.data(), right_peer=st.booleans(), next_=counts, upto=counts, restart=st.booleans())
+    def credit(self, data, right_peer, next_, upto, restart):
+        xfer = self._out_xfer(data)
+        peer = self.out_peer.get(xfer, PEERS[0])
+        sender = peer if right_peer else data.draw(st.sampled_from([p for p in (*PEERS, ME) if p != peer]))
+        msg = FileCredit(sender, ME, xfer, next_, upto, restart)
+        if sender == peer:
+            self.granted[xfer] = max(self.granted[xfer], upto)
+            self.confirmed[xfer] = max(self.confirmed[xfer], next_)
+        self.apply(self.manager.on_message(Envelope(frame_id(xfer), 0, msg), self.now), credit=(xfer, msg))
+
+    @precondition(lambda self: self.manager.outgoing)
+    @rule(data=st.data(), restart=st.booleans())
+    def honest_receiver(self, data, restart):
+        """The receiver of a live transfer confirms what it was sent and grants the next window."""
+        xfer = data.draw(st.sampled_from(list(self.manager.outgoing)))
+        out = self.manager.outgoing[xfer]
+        held = min(out.send_next, out.chunks)
+        msg = FileCredit(out.peer, ME, xfer, held, held + WINDOW, restart)
+        self.granted[xfer] = max(self.granted[xfer], msg.upto)
+        self.confirmed[xfer] = max(self.confirmed[xfer], msg.next)
+        self.apply(self.manager.on_message(Envelope(frame_id(xfer), 0, msg), self.now), credit=(xfer, msg))
+
+    @rule(data=st.data(), right_peer=st.booleans())
+    def done(self, data, right_peer):
+        xfer = self._out_xfer(data)
+        peer = self.out_peer.get(xfer, PEERS[0])
+        sender = peer if right_peer else PEERS[1] if peer == PEERS[0] else PEERS[0]
+        self.apply(self.manager.on_message(Envelope(frame_id(xfer), 0, FileDone(sender, ME, xfer)), self.now))
+
+    @rule(data=st.data(), sender=st.sampled_from(PEERS), code=codes)
+    def cancel_from_peer(self, data, sender, code):
+        xfer = self._out_xfer(data) if data.draw(st.booleans()) else self._in_xfer(data)
+        msg = FileCancel(sender, ME, xfer, code, "no")
+        self.apply(self.manager.on_message(Envelope(frame_id(xfer), 0, msg), self.now))
+
+    @rule(data=st.data())
+    def cancel_by_me(self, data):
+        xfer = self._out_xfer(data) if data.draw(st.booleans()) else self._in_xfer(data)
+        self.apply(self.manager.cancel(xfer, self.now))
+
+    @rule(data=st.data(), code=codes, exact=st.booleans())
+    def error_from_broker(self, data, code, exact):
+        xfer = self._out_xfer(data) if data.draw(st.booleans()) else self._in_xfer(data)
+        ref = frame_id(xfer) if exact else xfer[:REF_PREFIX - 1] + bytes(16 - REF_PREFIX + 1)
+        self.apply(self.manager.on_error(ref, RemoteError("broker says no", code), self.now) or [])
+
+    @rule(data=st.data())
+    def source_changes(self, data):
+        """The file being sent is rewritten or deleted."""
+        if not self.out_peer:
+            return
+        path = self.sources / f"file-{data.draw(st.integers(0, len(self.out_peer) - 1))}"
+        if data.draw(st.booleans()):
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(data.draw(st.binary(max_size=3 * CHUNK)))
+
+    # --- receiving --------------------------------------------------------------------------
+    def _in_xfer(self, data) -> bytes:
+        """Mostly a live incoming transfer, else any offered one, else an unknown id."""
+        live, offered = list(self.manager.incoming), list(self.offers)
+        pick = data.draw(st.sampled_from(["live", "live", "live", "offered", "unknown"]))
+        if live and pick == "live":
+            return data.draw(st.sampled_from(live))
+        if offered and pick != "unknown":
+            return data.draw(st.sampled_from(offered))
+        return data.draw(st.binary(min_size=16, max_size=16))
+
+    @rule(data=st.data(), sender=st.sampled_from(PEERS), content=contents,
+          name=st.sampled_from(["a.txt", "../../etc/passwd", "", ".", "CON", "x" * 300, "é😀.bin"]),
+          chunk_size=st.sampled_from([CHUNK, CHUNK, CHUNK, 0, 1, 2**31]),
+          claimed_size=st.sampled_from([None, None, None, 0, MAX_FILE + 1, MAX_INT]), repeat=st.booleans())
+    def offer(self, data, sender, content, name, chunk_size, claimed_size, repeat):
+        again = [x for x in self.offers if self.REOFFER_FAILED or (x, "in") not in self.failed]
+        if repeat and again:
+            xfer = data.draw(st.sampled_from(again))
+            sender, content = self.offers[xfer]
+        else:
+            xfer = hashlib.sha256(b"offer %d" % len(self.offers)).digest()[:16]
+            self.offers[xfer] = (sender, content)
+        size = len(content) if claimed_size is None else claimed_size
+        body = msgpack.packb({"name": name})
+        msg = FileOffer(sender, ME, xfer, size, chunk_size, body)
+        self.apply(self.manager.on_message(Envelope(xfer, 0, msg), self.now))
+
+    @rule(data=st.data(), which=st.sampled_from(["next", "next", "next", "other"]),
+          damage=st.sampled_from(["none", "none", "none", "crc", "data", "size", "final", "sha", "sender"]),
+          repeat=st.integers(1, 8))
+    def chunks(self, data, which, damage, repeat):
+        """``repeat`` chunks of one transfer, each the next one the receiver expects or any other."""
+        xfer = self._in_xfer(data)
+        live = xfer in self.manager.incoming
+        for _ in range(repeat):
+            if live and xfer not in self.manager.incoming:
+                break  # it ended: one more would only repeat the first stray chunk's case
+            self._chunk(data, xfer, which, damage)
+
+    @precondition(lambda self: self.manager.incoming)
+    @rule(data=st.data())
+    def honest_sender(self, data):
+        """The sender of a live transfer sends the rest of it, as granted."""
+        xfer = data.draw(st.sampled_from(list(self.manager.incoming)))
+        while xfer in self.manager.incoming:
+            inc = self.manager.incoming[xfer]
+            held = inc.next
+            if held >= inc.granted:
+                break  # the receiver's credit is used up
+            self._chunk(data, xfer, "next", "none")
+            if inc.next == held:
+                break  # refused: the offer did not describe this content
+
+    def _chunk(self, data, xfer, which, damage):
+        sender, content = self.offers.get(xfer, (PEERS[0], b""))
+        inc = self.manager.incoming.get(xfer)
+        index = inc.next if inc is not None and which == "next" else data.draw(counts)
+        piece = content[index * CHUNK:(index + 1) * CHUNK]
+        chunks = max(1, -(-len(content) // CHUNK))
+        final = index == chunks - 1
+        sha = hashlib.sha256(content).digest() if final else None
+        if damage == "data":
+            piece = bytes(b ^ 0xFF for b in piece) or b"?"
+        elif damage == "size":
+            piece += b"!"
+        elif damage == "final":
+            final = not final
+        elif damage == "sha":
+            sha = bytes(32)
+        elif damage == "sender":
+            sender = PEERS[1] if sender == PEERS[0] else PEERS[0]
+        crc = zlib.crc32(piece) if damage != "crc" else zlib.crc32(piece) ^ 1
+        msg = FileChunk(sender, ME, xfer, index, final, crc, sha)
+        self.apply(self.manager.on_message(Envelope(frame_id(xfer), 0, msg, piece), self.now))
+
+    # --- time, presence, connection -----------------------------------------------------------
+    @rule(dt=st.sampled_from([0.0, 0.1, 1.0, 3.5, 60.0]))
+    def tick(self, dt):
+        self.now += dt
+        self.apply(self.manager.on_tick(self.now))
+
+    @rule(online=st.frozensets(st.sampled_from(PEERS)))
+    def peers(self, online):
+        self.apply(self.manager.on_peers(online, self.now))
+
+    @rule()
+    def reconnected(self):
+        self.apply(self.manager.on_reconnected(self.now))
+
+    @rule(peer=st.sampled_from(PEERS))
+    def key_arrives(self, peer):
+        self.apply(self.manager.on_key(peer, self.now))
+
+    @rule(peer=st.sampled_from(PEERS))
+    def peer_has_no_key(self, peer):
+        self.apply(self.manager.fail_peer(peer, P2PChatError("no key", ErrorCode.UNKNOWN_RECIPIENT)))
+
+    @rule()
+    def restart(self):
+        """The client stops and starts again: unfinished transfers resume from disk."""
+        self.manager.close()
+        self.manager = self._manager()
+        self.apply(self.manager.resume_all(self.now))
+
+
+TransferMachine.TestCase.settings = MACHINE
+test_transfer_manager_keeps_its_promises_under_any_input = TransferMachine.TestCase
+
+
+class TransferWindowMachine(TransferMachine):
+    CHECK_WINDOW = True
+
+
+TransferWindowMachine.TestCase.settings = MACHINE
+test_a_sender_keeps_at_most_a_window_in_flight = TransferWindowMachine.TestCase
