@@ -23,6 +23,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from broker.directory import LocalDirectory
+from broker.routing import BrokerCore, Publish, Relay, Send
 from client import events as ev
 from client.actions import Emit, Transmit
 from client.e2e import EndToEnd
@@ -31,16 +33,32 @@ from common.crypto import Identity
 from common.errors import ErrorCode, P2PChatError, RemoteError
 from common.protocol import (
     MAX_INT,
+    Ack,
+    ChatMessage,
+    Consume,
     Envelope,
+    Error,
     FileCancel,
     FileChunk,
     FileCredit,
     FileDone,
     FileOffer,
+    Heartbeat,
+    KeyInfo,
+    KeyRequest,
+    PeerSync,
+    PeerUpdate,
+    Receipt,
+    Register,
+    Registered,
+    Snapshot,
+    SnapshotRequest,
+    Unregister,
     decode,
-    new_msg_id,
+    pack,
 )
-from tests.test_broker_core import MemoryKeyStore
+from tests.test_broker_core import KeyBook, MemoryKeyStore
+from tests.test_protocol import example_message
 
 from collections import Counter
 SEEN = Counter()
@@ -340,3 +358,178 @@ class TransferWindowMachine(TransferMachine):
 
 TransferWindowMachine.TestCase.settings = MACHINE
 test_a_sender_keeps_at_most_a_window_in_flight = TransferWindowMachine.TestCase
+
+
+# --- broker routing ----------------------------------------------------------------------------
+class MemoryStore:
+    """A MessageStore in memory that remembers who consumed what."""
+
+    durable = True
+
+    def __init__(self, max_per_user: int = 6) -> None:
+        self.max_per_user = max_per_user
+        self.queues: dict[str, dict[bytes, tuple[bytes, int]]] = defaultdict(dict)
+        self.consumed: list[tuple[str, bytes]] = []
+
+    def append(self, msg_id: bytes, recipient: str, header: bytes, expires_ms: int) -> bool:
+        queue = self.queues[recipient]
+        if msg_id not in queue and len(queue) >= self.max_per_user:
+            return False
+        queue.setdefault(msg_id, (header, expires_ms))
+        return True
+
+    def pending(self, recipient: str, now_ms: int) -> list[bytes]:
+        return [header for header, expires in self.queues[recipient].values() if expires > now_ms]
+
+    def consume(self, recipient: str, msg_id: bytes) -> None:
+        self.consumed.append((recipient, msg_id))
+        self.queues[recipient].pop(msg_id, None)
+
+    def expire(self, now_ms: int) -> int:
+        return 0
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+USERS = ("alice", "bob", "carol", "mallory")
+# Connections and the CURVE key each proved: alice has two devices, mallory two connections.
+CONNS = {b"a1": "alice", b"a2": "alice", b"b1": "bob", b"m1": "mallory", b"m2": "mallory"}
+RELAYED_TYPES = [ChatMessage, Receipt, FileOffer, FileCredit, FileChunk, FileDone, FileCancel]
+SERVER_ONLY = [Registered, Ack, Error, Snapshot, PeerUpdate, PeerSync, KeyInfo]
+JUNK = [[b""], [b"\xc1"], [b"\x80"], [msgpack.packb({"v": 1, "t": "register"})], [pack(Heartbeat(), 0)[0]] * 3,
+        [msgpack.packb({"v": 1, "t": {}, "id": b"i" * 16, "ts": 0})], [msgpack.packb([1, 2, 3])]]
+conns = st.sampled_from(list(CONNS))
+users = st.sampled_from(USERS)
+
+
+def curve_key(user: str) -> bytes:
+    return hashlib.sha256(user.encode()).digest()
+
+
+class BrokerMachine(RuleBasedStateMachine):
+    """One BrokerCore (in-memory directory, keys and store) and five connections sending anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = MemoryStore()
+        self.core = BrokerCore(LocalDirectory(b"epoch-01"), broker_id=b"broker-1", heartbeat_ivl=1.0, liveness=3,
+                               wall_ms=lambda: 0, keys=KeyBook(), store=self.store)
+        self.now = 0.0
+        self.seq = 0  # the last presence update seen
+        self.online: set[str] = set()  # presence as a subscriber sees it
+        self.authentic: set[bytes] = set()  # ids of relayed frames sent by a connection registered as their sender
+        self.ids = 0
+
+    def step(self, conn: bytes | None, actions) -> None:
+        """Check what the core asked its shell to do."""
+        for action in actions:
+            if type(action) is Publish:
+                msg = decode(action.frames).message
+                if type(msg) is PeerUpdate:
+                    assert msg.seq == self.seq + 1, f"presence update {msg.seq} after {self.seq}"
+                    self.seq = msg.seq
+                    (self.online.add if msg.online else self.online.discard)(msg.user)
+                else:
+                    assert type(msg) is PeerSync and msg.seq == self.seq, msg
+                continue
+            assert type(action) in (Send, Relay), action
+            env = decode(action.frames)
+            msg = env.message
+            if msg.RELAYED:
+                assert self.core.user_of(action.conn) == msg.recipient, f"{msg} sent to {action.conn}"
+                assert env.msg_id in self.authentic, f"{msg} was not sent by {msg.sender}"
+            if type(action) is Relay:
+                assert action.sender == conn and (action.on_success is None or decode(action.on_success))
+                decode(action.on_failure())
+
+    @invariant()
+    def sessions_and_directory_agree(self) -> None:
+        held = [self.core.user_of(conn) for conn in CONNS if self.core.user_of(conn) is not None]
+        assert len(held) == len(set(held)), f"a user holds two connections: {held}"
+        assert set(held) == set(self.core.directory.online()) == self.online
+        for user in held:
+            where = self.core.directory.locate(user)
+            assert self.core.user_of(where.conn) == user
+
+    def send(self, conn: bytes, frames) -> None:
+        before = self.core.user_of(conn)
+        consumed = len(self.store.consumed)
+        self.step(conn, self.core.on_frames(conn, frames, self.now, lambda: curve_key(CONNS[conn])))
+        for recipient, _ in self.store.consumed[consumed:]:
+            assert recipient == before, f"{conn} registered as {before} consumed {recipient}'s message"
+
+    def new_id(self) -> bytes:
+        self.ids += 1
+        return hashlib.sha256(b"id %d" % self.ids).digest()[:16]
+
+    @initialize()
+    def everyone_registers(self):
+        for conn in (b"a1", b"b1", b"m1"):
+            self.register(conn, None, True, False)
+
+    @rule(conn=conns, user=st.none() | users, own_key=st.booleans(), shared_token=st.booleans())
+    def register(self, conn, user, own_key, shared_token):
+        """As the connection's own user (None) or anyone, with the connection's key or the user's."""
+        user = user or CONNS[conn]
+        key = curve_key(CONNS[conn] if own_key else user)
+        token = b"install-" + (CONNS[conn].encode() if shared_token else conn)
+        self.send(conn, pack(Register(user, token, key), 0, self.new_id()))
+
+    @rule(conn=conns, kind=st.sampled_from([Unregister, Heartbeat, SnapshotRequest]))
+    def request(self, conn, kind):
+        self.send(conn, pack(kind(), 0, self.new_id()))
+
+    @rule(conn=conns, user=users | st.just("nobody"))
+    def key_request(self, conn, user):
+        self.send(conn, pack(KeyRequest(user), 0, self.new_id()))
+
+    @rule(conn=conns, kind=st.sampled_from(RELAYED_TYPES), sender=st.none() | users,
+          recipient=users | st.just("nobody"), count=counts)
+    def relay(self, conn, kind, sender, recipient, count):
+        """From the connection's user (None), or spoofing anyone."""
+        sender = sender or self.core.user_of(conn) or CONNS[conn]
+        msg_id = self.new_id()
+        if self.core.user_of(conn) == sender:
+            self.authentic.add(msg_id)
+        msg = example_message(kind, sender=sender, recipient=recipient, index=count, next=count, upto=count,
+                              size=count)
+        self.send(conn, pack(msg, 0, msg_id, b"payload" if kind.HAS_PAYLOAD else None))
+
+    @rule(conn=conns, data=st.data())
+    def consume(self, conn, data):
+        queued = [msg_id for queue in self.store.queues.values() for msg_id in queue]
+        ref = data.draw(st.sampled_from(queued)) if queued and data.draw(st.booleans()) else self.new_id()
+        self.send(conn, pack(Consume(ref), 0, self.new_id()))
+
+    @rule(conn=conns, frames=st.sampled_from(JUNK) | st.sampled_from(SERVER_ONLY).map(
+        lambda cls: pack(example_message(cls), 0)))
+    def junk(self, conn, frames):
+        self.send(conn, frames)
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 1.0, 3.5]))
+    def tick(self, dt):
+        self.now += dt
+        self.step(None, self.core.on_tick(self.now))
+
+    @rule(user=users)
+    def delivery_failed(self, user):
+        self.core.on_delivery_failed(user)
+
+    @rule(conn=conns, user=users)
+    def kicked(self, conn, user):
+        """Another broker took the session over: it ends here without a presence change."""
+        before = self.core.user_of(conn)
+        self.step(None, self.core.on_kicked(conn, user))
+        if before == user:
+            self.online.discard(user)  # a cluster directory announces the move; this one has no other broker
+
+
+BrokerMachine.TestCase.settings = MACHINE
+test_broker_core_keeps_sessions_presence_and_queues_consistent = BrokerMachine.TestCase
