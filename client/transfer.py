@@ -480,6 +480,9 @@ class TransferManager:
             return self._credit(inc, now, restart=False)
         if (self._done_dir / offer.xfer.hex()).exists():  # our FILE_DONE was lost: say it again
             return [self._send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
+        if (self._done_dir / f"{offer.xfer.hex()}.failed").exists():  # a stale offer crossed our FILE_CANCEL
+            return [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.CANCELLED,
+                                                      "this transfer was refused or cancelled earlier"))]
         try:
             name, file_key = self._open_offer(env)
         except PeerKeyChanged as exc:
@@ -516,6 +519,7 @@ class TransferManager:
             log.warning("user=%s peer=%s xfer=%s refused %r: %s", self.user, offer.sender, offer.xfer.hex()[:8],
                         name, reject)
             cancel = FileCancel(self.user, offer.sender, offer.xfer, reject.code, reject.message)
+            self._remember_failed(offer.xfer)
             return [self._send(offer.xfer, cancel),
                     Emit(ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))]
         inc = Incoming(offer.xfer, offer.sender, name, offer.size, offer.chunk_size, part,
@@ -657,11 +661,19 @@ class TransferManager:
     def _fail_in(self, inc: Incoming, error: P2PChatError, tell_peer: bool) -> list[Action]:
         inc.phase = Phase.FAILED
         self._close_in(inc, keep_part=False)
+        self._remember_failed(inc.xfer)
         log.warning("user=%s peer=%s xfer=%s receiving failed: %s", self.user, inc.peer, inc.xfer.hex()[:8], error)
         actions: list[Action] = []
         if tell_peer:
             actions.append(self._send(inc.xfer, FileCancel(self.user, inc.peer, inc.xfer, error.code, error.message)))
         return actions + [Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in", error))]
+
+    def _remember_failed(self, xfer: bytes) -> None:
+        """A failed transfer stays failed: its sender forgets the id once told, so a later offer of it is stale."""
+        try:
+            (self._done_dir / f"{xfer.hex()}.failed").touch()
+        except OSError:  # a full disk: a stale offer may then start the transfer again, no worse than before
+            pass
 
     def _close_in(self, inc: Incoming, keep_part: bool) -> None:
         if inc.handle is not None:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -28,12 +29,14 @@ from broker.routing import BrokerCore, Publish, Relay, Send
 from client import events as ev
 from client.actions import Emit, Transmit
 from client.e2e import EndToEnd
+from client.session import ClientSession, State, validate_text
 from client.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
 from common.crypto import Identity
 from common.errors import ErrorCode, P2PChatError, RemoteError
 from common.protocol import (
     MAX_INT,
     Ack,
+    AckStatus,
     ChatMessage,
     Consume,
     Envelope,
@@ -49,6 +52,7 @@ from common.protocol import (
     PeerSync,
     PeerUpdate,
     Receipt,
+    ReceiptStatus,
     Register,
     Registered,
     Snapshot,
@@ -90,7 +94,6 @@ class TransferMachine(RuleBasedStateMachine):
     unencrypted path checks CRCs and the whole-file SHA-256 itself; the sealed path is GCM's job)."""
 
     CHECK_WINDOW = False  # a sender keeps at most WINDOW chunks beyond the last confirmed one in flight
-    REOFFER_FAILED = False  # offers again an incoming transfer that failed (a stale or re-delivered offer)
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,7 +108,6 @@ class TransferMachine(RuleBasedStateMachine):
         self.confirmed: dict[bytes, int] = defaultdict(int)  # highest next the right peer ever reported
         self.offers: dict[bytes, tuple[str, bytes]] = {}  # incoming transfers ever offered: sender, content
         self.finished: set[tuple[bytes, str]] = set()  # (xfer, "in"/"out") that emitted FileReceived/Sent/Failed
-        self.failed: set[tuple[bytes, str]] = set()  # those that emitted FileFailed
         self.received: set[Path] = set()  # files announced by FileReceived
 
     def _manager(self) -> TransferManager:
@@ -145,8 +147,7 @@ class TransferMachine(RuleBasedStateMachine):
                 SEEN[type(event).__name__] += 1
             if type(event) in (ev.FileFailed, ev.FileIncoming):
                 assert (event.xfer, "in") not in self.finished or type(event) is ev.FileFailed, event
-            if type(event) is ev.FileFailed:
-                self.failed.add((event.xfer, event.direction))
+
             if type(event) is ev.FileReceived:  # damaged chunks may cost retries, never the content
                 assert event.path.read_bytes() == self.offers[event.xfer][1], "received file differs from the sent one"
                 self.received.add(event.path)
@@ -199,7 +200,8 @@ class TransferMachine(RuleBasedStateMachine):
     @rule(data=st.data(), restart=st.booleans())
     def honest_receiver(self, data, restart):
         """The receiver of a live transfer confirms what it was sent and grants the next window."""
-        xfer = data.draw(st.sampled_from(list(self.manager.outgoing)))
+        # In the order we started them: after a restart the manager's own order follows the random ids.
+        xfer = data.draw(st.sampled_from([x for x in self.out_peer if x in self.manager.outgoing]))
         out = self.manager.outgoing[xfer]
         held = min(out.send_next, out.chunks)
         msg = FileCredit(out.peer, ME, xfer, held, held + WINDOW, restart)
@@ -245,7 +247,8 @@ class TransferMachine(RuleBasedStateMachine):
     # --- receiving --------------------------------------------------------------------------
     def _in_xfer(self, data) -> bytes:
         """Mostly a live incoming transfer, else any offered one, else an unknown id."""
-        live, offered = list(self.manager.incoming), list(self.offers)
+        offered = list(self.offers)
+        live = [x for x in offered if x in self.manager.incoming]
         pick = data.draw(st.sampled_from(["live", "live", "live", "offered", "unknown"]))
         if live and pick == "live":
             return data.draw(st.sampled_from(live))
@@ -258,9 +261,8 @@ class TransferMachine(RuleBasedStateMachine):
           chunk_size=st.sampled_from([CHUNK, CHUNK, CHUNK, 0, 1, 2**31]),
           claimed_size=st.sampled_from([None, None, None, 0, MAX_FILE + 1, MAX_INT]), repeat=st.booleans())
     def offer(self, data, sender, content, name, chunk_size, claimed_size, repeat):
-        again = [x for x in self.offers if self.REOFFER_FAILED or (x, "in") not in self.failed]
-        if repeat and again:
-            xfer = data.draw(st.sampled_from(again))
+        if repeat and self.offers:  # the sender's stall timer, or the broker re-delivering: maybe after we failed it
+            xfer = data.draw(st.sampled_from(list(self.offers)))
             sender, content = self.offers[xfer]
         else:
             xfer = hashlib.sha256(b"offer %d" % len(self.offers)).digest()[:16]
@@ -282,11 +284,11 @@ class TransferMachine(RuleBasedStateMachine):
                 break  # it ended: one more would only repeat the first stray chunk's case
             self._chunk(data, xfer, which, damage)
 
-    @precondition(lambda self: self.manager.incoming)
+    @precondition(lambda self: any(x in self.manager.incoming for x in self.offers))
     @rule(data=st.data())
     def honest_sender(self, data):
         """The sender of a live transfer sends the rest of it, as granted."""
-        xfer = data.draw(st.sampled_from(list(self.manager.incoming)))
+        xfer = data.draw(st.sampled_from([x for x in self.offers if x in self.manager.incoming]))
         while xfer in self.manager.incoming:
             inc = self.manager.incoming[xfer]
             held = inc.next
@@ -357,7 +359,9 @@ class TransferWindowMachine(TransferMachine):
 
 
 TransferWindowMachine.TestCase.settings = MACHINE
-test_a_sender_keeps_at_most_a_window_in_flight = TransferWindowMachine.TestCase
+test_a_sender_keeps_at_most_a_window_in_flight = pytest.mark.xfail(
+    strict=False, reason="issue 13 point 5 (clientside branch); hypothesis finds it in some runs, "
+    "test_a_credit_beyond_the_window_sends_only_a_window always")(TransferWindowMachine.TestCase)
 
 
 # --- broker routing ----------------------------------------------------------------------------
@@ -533,3 +537,225 @@ class BrokerMachine(RuleBasedStateMachine):
 
 BrokerMachine.TestCase.settings = MACHINE
 test_broker_core_keeps_sessions_presence_and_queues_consistent = BrokerMachine.TestCase
+
+
+
+# --- what the transfer machines found, as plain tests --------------------------------------------
+def transfer_manager(root: Path) -> TransferManager:
+    config = TransferConfig(state_dir=root / "state", received_dir=root / "inbox", chunk_size=CHUNK, window=WINDOW)
+    e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore(), enabled=False)
+    return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 point 5 (clientside branch): a sender takes any credit the receiver "
+                                       "grants, so one credit with upto = 2**63-1 sends the whole file at once")
+def test_a_credit_beyond_the_window_sends_only_a_window(tmp_path):
+    manager = transfer_manager(tmp_path)
+    source = tmp_path / "seven-chunks"
+    source.write_bytes(bytes(7 * CHUNK))
+    xfer, _ = manager.send_file("ann", source, 0.0)
+    credit = FileCredit("ann", ME, xfer, 0, MAX_INT, False)
+    sent = transmitted(manager.on_message(Envelope(frame_id(xfer), 0, credit), 0.0))
+    assert [env.message.index for env in sent] == list(range(WINDOW))
+
+
+def test_an_offer_repeated_after_the_receiver_cancelled_is_refused_again(tmp_path):
+    # The sender's stall timer re-offers while our FILE_CANCEL is on its way (or lost to a broker restart).
+    manager = transfer_manager(tmp_path)
+    xfer = b"x" * 16
+    offer = Envelope(xfer, 0, FileOffer("ann", ME, xfer, 5, CHUNK, msgpack.packb({"name": "a.txt"})))
+    manager.on_message(offer, 0.0)
+    manager.cancel(xfer, 0.0)
+    actions = manager.on_message(offer, 1.0)
+    assert emitted(actions) == [] and xfer not in manager.incoming
+    [cancel] = [env.message for env in transmitted(actions)]
+    assert type(cancel) is FileCancel and cancel.code is ErrorCode.CANCELLED
+    assert not list((tmp_path / "inbox").iterdir())
+
+
+def test_an_offer_refused_once_is_refused_again_without_a_second_failure_event(tmp_path):
+    manager = transfer_manager(tmp_path)
+    xfer = b"y" * 16
+    offer = Envelope(xfer, 0, FileOffer("ann", ME, xfer, 5, 0, msgpack.packb({"name": "a.txt"})))  # chunk size 0
+    assert [type(e) for e in emitted(manager.on_message(offer, 0.0))] == [ev.FileFailed]
+    actions = manager.on_message(offer, 1.0)
+    assert emitted(actions) == []
+    assert [type(env.message) for env in transmitted(actions)] == [FileCancel]
+
+
+# --- client session ---------------------------------------------------------------------------
+EPOCHS = (b"epoch-01", b"epoch-02")
+
+
+def identity(user: str) -> Identity:
+    return Identity.from_private_bytes(hashlib.sha256(b"identity " + user.encode()).digest())
+
+
+class SessionMachine(RuleBasedStateMachine):
+    """One ClientSession (``me``, end-to-end on, with transfers) fed anything a broker or a forger could send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="p2pchat-session-"))
+        self.now = 0.0
+        e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore())
+        config = TransferConfig(state_dir=self.root / "state", received_dir=self.root / "inbox",
+                                chunk_size=CHUNK, window=WINDOW)
+        transfers = TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
+        self.session = ClientSession(ME, wall_ms=lambda: 0, heartbeat_ivl=1.0, e2e=e2e, transfers=transfers)
+        self.peers = {user: EndToEnd(user, identity(user), MemoryKeyStore(), MemoryKeyStore()) for user in PEERS}
+        for e2e_of_peer in self.peers.values():
+            e2e_of_peer.learn(ME, identity(ME).public)
+        self.sent_to_me: dict[bytes, str] = {}  # ids of authentic messages to me -> their text
+        self.received: set[bytes] = set()
+        self.refs: list[bytes] = []  # ids the session transmitted: what acks, errors and receipts refer to
+        self.ids = 0
+        self.closed = False
+        self.apply(self.session.start(self.now))
+
+    def teardown(self) -> None:
+        self.session.close(self.now)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def new_id(self) -> bytes:
+        self.ids += 1
+        return hashlib.sha256(b"id %d" % self.ids).digest()[:16]
+
+    def apply(self, actions) -> None:
+        if self.closed:
+            assert actions == [], f"a closed session acted: {actions}"
+        published = self.session.peers
+        for action in actions:
+            if type(action) is Transmit:
+                env = decode(action.frames)
+                self.refs.append(env.msg_id)
+                if env.message.RELAYED:
+                    assert env.message.sender == ME, env
+            else:
+                event = action.event
+                if type(event) is ev.MessageReceived:
+                    assert self.sent_to_me.get(event.msg_id) == event.text, f"not sent to me: {event}"
+                    assert event.msg_id not in self.received, f"delivered twice: {event}"
+                    self.received.add(event.msg_id)
+                elif type(event) is ev.PeersChanged:
+                    assert not event.joined & event.left
+                    assert event.peers == (published | event.joined) - event.left, event
+                    published = event.peers
+        assert published == self.session.peers
+        self.closed = self.session.state is State.CLOSED
+
+    @invariant()
+    def a_synced_session_shows_its_tracker(self) -> None:
+        if self.session.presence.synced and self.session.state is State.READY:
+            assert self.session.peers == frozenset(self.session.presence.peers)
+
+    def from_broker(self, message, msg_id: bytes | None = None, ts: int = 0, payload=None) -> None:
+        self.apply(self.session.on_frames(pack(message, ts, msg_id or self.new_id(), payload), self.now))
+
+    def a_ref(self, data) -> bytes:
+        return data.draw(st.sampled_from(self.refs)) if self.refs and data.draw(st.booleans()) else self.new_id()
+
+    # --- the broker's answers ------------------------------------------------------------------
+    @rule(heartbeat_ms=st.sampled_from([0, 1, 200, 1000, MAX_INT]), epoch=st.sampled_from(EPOCHS))
+    def registered(self, heartbeat_ms, epoch):
+        self.from_broker(Registered(ME, epoch, heartbeat_ms))
+
+    @rule(data=st.data(), code=codes, with_ref=st.booleans())
+    def error(self, data, code, with_ref):
+        self.from_broker(Error(code, "no", self.a_ref(data) if with_ref else None))
+
+    @rule(data=st.data(), status=st.sampled_from(list(AckStatus)))
+    def ack(self, data, status):
+        self.from_broker(Ack(self.a_ref(data), status))
+
+    @rule(user=st.sampled_from((*PEERS, ME, "nobody")), true_key=st.booleans())
+    def key_info(self, user, true_key):
+        self.from_broker(KeyInfo(user, identity(user).public if true_key else identity("forger").public))
+
+    @rule(epoch=st.sampled_from(EPOCHS), seq=st.integers(0, 6), peers=st.frozensets(st.sampled_from((*PEERS, ME))))
+    def snapshot(self, epoch, seq, peers):
+        self.from_broker(Snapshot(epoch, seq, tuple(sorted(peers))))
+
+    @rule()
+    def heartbeat(self):
+        self.from_broker(Heartbeat())
+
+    # --- peers' messages, honest and not ----------------------------------------------------------
+    @rule(sender=st.sampled_from(PEERS), text=st.sampled_from(["hi", "", "é😀"]), redeliver=st.booleans(),
+          forged=st.sampled_from(["no", "no", "key", "body", "recipient"]))
+    def chat(self, sender, text, redeliver, forged):
+        """A message from a peer: honest, sealed by another key, tampered with, or addressed to someone else."""
+        msg_id = next(iter(self.sent_to_me)) if redeliver and self.sent_to_me else self.new_id()
+        text = self.sent_to_me.get(msg_id, text)
+        signer = identity(sender if forged != "key" else "forger")
+        sealer = EndToEnd(sender, signer, MemoryKeyStore(), MemoryKeyStore())
+        sealer.learn(ME, identity(ME).public)
+        body = sealer.seal(ME, msg_id, 0, text.encode())
+        if forged == "body":
+            body = body[:-1] + bytes([body[-1] ^ 1])
+        pinned = self.session.e2e.pinned_key(sender)
+        authentic = forged in ("no", "key") and pinned in (None, signer.public)  # trust on first use
+        if authentic and not self.closed:
+            self.sent_to_me.setdefault(msg_id, text)
+        self.from_broker(ChatMessage(sender, "bob" if forged == "recipient" else ME, body), msg_id)
+
+    @rule(data=st.data(), sender=st.sampled_from(PEERS), status=st.sampled_from(list(ReceiptStatus)))
+    def receipt(self, data, sender, status):
+        self.from_broker(Receipt(sender, ME, self.a_ref(data), status))
+
+    @rule(data=st.data(), kind=st.sampled_from([FileOffer, FileCredit, FileChunk, FileDone, FileCancel]),
+          sender=st.sampled_from(PEERS), count=counts)
+    def file_frame(self, data, kind, sender, count):
+        msg = example_message(kind, sender=sender, recipient=ME, xfer=self.a_ref(data), index=count, next=count,
+                              upto=count, size=count, chunk_size=CHUNK)
+        self.from_broker(msg, payload=b"p" * CHUNK if kind.HAS_PAYLOAD else None)
+
+    @rule(frames=st.sampled_from(JUNK))
+    def junk(self, frames):
+        self.apply(self.session.on_frames(list(frames), self.now))
+
+    # --- presence ------------------------------------------------------------------------------
+    @rule(epoch=st.sampled_from(EPOCHS), step=st.sampled_from([1, 1, 1, 0, 2, -1]), user=st.sampled_from(PEERS),
+          online=st.booleans())
+    def peer_update(self, epoch, step, user, online):
+        tracker = self.session.presence
+        before = (tracker.synced, tracker.epoch, tracker.seq)
+        seq = max(0, tracker.seq + step)
+        self.apply(self.session.on_publish(pack(PeerUpdate(epoch, seq, user, online), 0), self.now))
+        if before[0] and tracker.synced and tracker.epoch == before[1]:
+            assert tracker.seq - before[2] in (0, 1), "an update skipped a sequence number"
+
+    @rule(epoch=st.sampled_from(EPOCHS), step=st.sampled_from([0, 0, 1, -1]))
+    def peer_sync(self, epoch, step):
+        seq = max(0, self.session.presence.seq + step)
+        self.apply(self.session.on_publish(pack(PeerSync(epoch, seq), 0), self.now))
+
+    @rule(frames=st.sampled_from(JUNK))
+    def junk_published(self, frames):
+        self.apply(self.session.on_publish(list(frames), self.now))
+
+    # --- the user and the clock ------------------------------------------------------------------
+    @rule(recipient=st.sampled_from((*PEERS, "nobody")), text=st.sampled_from(["yo", "é" * 100]))
+    def send_text(self, recipient, text):
+        if self.closed:
+            return
+        self.apply(self.session.send_text(recipient, validate_text(recipient, text), self.now))
+
+    @rule(peer=st.sampled_from(PEERS))
+    def accept_key(self, peer):
+        self.session.accept_peer_key(peer)
+
+    @rule(dt=st.sampled_from([0.0, 0.02, 0.5, 1.0, 3.5, 6.0]))
+    def tick(self, dt):
+        self.now += dt
+        self.apply(self.session.on_tick(self.now))
+
+    @rule()
+    def close(self):
+        if not self.closed:
+            self.session.close(self.now)
+            self.closed = True
+
+
+SessionMachine.TestCase.settings = MACHINE
+test_client_session_stays_consistent_under_any_broker_input = SessionMachine.TestCase
