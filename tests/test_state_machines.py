@@ -11,6 +11,7 @@ test_state_machines.py; the rules are the table of inputs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import tempfile
@@ -62,7 +63,7 @@ from common.protocol import (
     pack,
 )
 from tests.test_broker_core import KeyBook, MemoryKeyStore
-from tests.test_protocol import example_message
+from tests.test_protocol import example_message as slow_example_message
 
 from collections import Counter
 SEEN = Counter()
@@ -77,6 +78,9 @@ contents = st.builds(lambda size, seed: bytes((seed + i) % 256 for i in range(si
                      st.sampled_from(SIZES), st.integers(0, 255))
 counts = st.sampled_from([0, 1, 2, 3, WINDOW, 7, 13, 2**31, MAX_INT]) | st.integers(0, 20)
 codes = st.sampled_from(list(ErrorCode))
+
+
+example_message = functools.cache(slow_example_message)  # it reads type hints on every call
 
 
 def transmitted(actions) -> list[Envelope]:
