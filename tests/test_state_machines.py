@@ -65,8 +65,6 @@ from common.protocol import (
 from tests.test_broker_core import KeyBook, MemoryKeyStore
 from tests.test_protocol import example_message as slow_example_message
 
-from collections import Counter
-SEEN = Counter()
 MACHINE = settings(max_examples=100, stateful_step_count=50, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 ME = "me"
@@ -78,8 +76,6 @@ contents = st.builds(lambda size, seed: bytes((seed + i) % 256 for i in range(si
                      st.sampled_from(SIZES), st.integers(0, 255))
 counts = st.sampled_from([0, 1, 2, 3, WINDOW, 7, 13, 2**31, MAX_INT]) | st.integers(0, 20)
 codes = st.sampled_from(list(ErrorCode))
-
-
 example_message = functools.cache(slow_example_message)  # it reads type hints on every call
 
 
@@ -148,7 +144,6 @@ class TransferMachine(RuleBasedStateMachine):
                 assert (event.xfer, direction) not in self.finished, f"{event} after the transfer ended"
             if type(event) in (ev.FileSent, ev.FileReceived, ev.FileFailed):
                 self.finished.add((event.xfer, direction))
-                SEEN[type(event).__name__] += 1
             if type(event) in (ev.FileFailed, ev.FileIncoming):
                 assert (event.xfer, "in") not in self.finished or type(event) is ev.FileFailed, event
 
