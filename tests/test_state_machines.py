@@ -32,7 +32,7 @@ from client.actions import Emit, Transmit
 from client.e2e import EndToEnd
 from client.session import ClientSession, State, validate_text
 from client.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
-from common.crypto import Identity
+from common.crypto import FileCipher, Identity
 from common.errors import ErrorCode, P2PChatError, RemoteError
 from common.protocol import (
     MAX_INT,
@@ -79,6 +79,10 @@ codes = st.sampled_from(list(ErrorCode))
 example_message = functools.cache(slow_example_message)  # it reads type hints on every call
 
 
+def identity(user: str) -> Identity:
+    return Identity.from_private_bytes(hashlib.sha256(b"identity " + user.encode()).digest())
+
+
 def transmitted(actions) -> list[Envelope]:
     """The envelopes of every Transmit: the core must only ever emit valid frames."""
     return [decode(a.frames) for a in actions if type(a) is Transmit]
@@ -94,6 +98,7 @@ class TransferMachine(RuleBasedStateMachine):
     unencrypted path checks CRCs and the whole-file SHA-256 itself; the sealed path is GCM's job)."""
 
     CHECK_WINDOW = False  # a sender keeps at most WINDOW chunks beyond the last confirmed one in flight
+    SEALED = False  # end-to-end: offers sealed to us, chunks sealed with the file's key
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,6 +107,12 @@ class TransferMachine(RuleBasedStateMachine):
         self.sources = self.root / "sources"
         self.sources.mkdir()
         self.inbox = self.root / "inbox"
+        self.pinned = MemoryKeyStore()  # our peers' keys, known before any transfer (kept across restarts)
+        self.peer_e2e = {}
+        for peer in PEERS:
+            self.pinned.put(peer, identity(peer).public)
+            self.peer_e2e[peer] = EndToEnd(peer, identity(peer), MemoryKeyStore(), MemoryKeyStore())
+            self.peer_e2e[peer].learn(ME, identity(ME).public)
         self.manager = self._manager()
         self.out_peer: dict[bytes, str] = {}  # outgoing transfers ever started, to whom
         self.granted: dict[bytes, int] = defaultdict(int)  # highest upto the right peer ever granted
@@ -113,7 +124,7 @@ class TransferMachine(RuleBasedStateMachine):
     def _manager(self) -> TransferManager:
         config = TransferConfig(state_dir=self.root / "state", received_dir=self.inbox, max_file_size=MAX_FILE,
                                 chunk_size=CHUNK, window=WINDOW, stall_timeout=3.0)
-        e2e = EndToEnd(ME, Identity.generate(), MemoryKeyStore(), MemoryKeyStore(), enabled=False)
+        e2e = EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), enabled=self.SEALED)
         return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
 
     def teardown(self) -> None:
@@ -267,7 +278,11 @@ class TransferMachine(RuleBasedStateMachine):
             xfer = hashlib.sha256(b"offer %d" % len(self.offers)).digest()[:16]
             self.offers[xfer] = (sender, content)
         size = len(content) if claimed_size is None else claimed_size
-        body = msgpack.packb({"name": name})
+        if self.SEALED:
+            meta = msgpack.packb({"name": name, "key": file_key(xfer)})
+            body = self.peer_e2e[sender].seal(ME, xfer, 0, meta)
+        else:
+            body = msgpack.packb({"name": name})
         msg = FileOffer(sender, ME, xfer, size, chunk_size, body)
         self.apply(self.manager.on_message(Envelope(xfer, 0, msg), self.now))
 
@@ -317,6 +332,14 @@ class TransferMachine(RuleBasedStateMachine):
             sender = PEERS[1] if sender == PEERS[0] else PEERS[0]
         crc = zlib.crc32(piece) if damage != "crc" else zlib.crc32(piece) ^ 1
         msg = FileChunk(sender, ME, xfer, index, final, crc, sha)
+        if self.SEALED:  # the peer seals the true chunk; damage is done on the way, to the sealed bytes
+            piece = FileCipher(file_key(xfer), xfer).seal(index, msg.final if damage == "final" else final,
+                                                          content[index * CHUNK:(index + 1) * CHUNK])
+            if damage in ("data", "crc"):
+                piece = piece[:-1] + bytes([piece[-1] ^ 1])
+            elif damage == "size":
+                piece += b"!"
+            msg = FileChunk(sender, ME, xfer, index, final)
         self.apply(self.manager.on_message(Envelope(frame_id(xfer), 0, msg, piece), self.now))
 
     # --- time, presence, connection -----------------------------------------------------------
@@ -351,6 +374,14 @@ class TransferMachine(RuleBasedStateMachine):
 
 TransferMachine.TestCase.settings = MACHINE
 test_transfer_manager_keeps_its_promises_under_any_input = TransferMachine.TestCase
+
+
+class SealedTransferMachine(TransferMachine):
+    SEALED = True
+
+
+SealedTransferMachine.TestCase.settings = MACHINE
+test_sealed_transfers_keep_their_promises_under_any_input = SealedTransferMachine.TestCase
 
 
 class TransferWindowMachine(TransferMachine):
@@ -539,6 +570,10 @@ test_broker_core_keeps_sessions_presence_and_queues_consistent = BrokerMachine.T
 
 
 
+def file_key(xfer: bytes) -> bytes:
+    return hashlib.sha256(b"file key " + xfer).digest()
+
+
 # --- what the transfer machines found, as plain tests --------------------------------------------
 def transfer_manager(root: Path) -> TransferManager:
     config = TransferConfig(state_dir=root / "state", received_dir=root / "inbox", chunk_size=CHUNK, window=WINDOW)
@@ -584,10 +619,6 @@ def test_an_offer_refused_once_is_refused_again_without_a_second_failure_event(t
 
 # --- client session ---------------------------------------------------------------------------
 EPOCHS = (b"epoch-01", b"epoch-02")
-
-
-def identity(user: str) -> Identity:
-    return Identity.from_private_bytes(hashlib.sha256(b"identity " + user.encode()).digest())
 
 
 class SessionMachine(RuleBasedStateMachine):
