@@ -641,6 +641,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.refs: list[bytes] = []  # ids the session transmitted: what acks, errors and receipts refer to
         self.ids = 0
         self.closed = False
+        self.state = State.CONNECTING  # as of the last step
         self.apply(self.session.start(self.now))
 
     def teardown(self) -> None:
@@ -661,6 +662,8 @@ class SessionMachine(RuleBasedStateMachine):
                 self.refs.append(env.msg_id)
                 if env.message.RELAYED:
                     assert env.message.sender == ME, env
+                if type(env.message) is ChatMessage:  # only over a registered session: never lost to a stale one
+                    assert State.READY in (self.state, self.session.state), env
             else:
                 event = action.event
                 if type(event) is ev.MessageReceived:
@@ -672,7 +675,8 @@ class SessionMachine(RuleBasedStateMachine):
                     assert event.peers == (published | event.joined) - event.left, event
                     published = event.peers
         assert published == self.session.peers
-        self.closed = self.session.state is State.CLOSED
+        self.state = self.session.state
+        self.closed = self.state is State.CLOSED
 
     @invariant()
     def a_synced_session_shows_its_tracker(self) -> None:
