@@ -395,7 +395,8 @@ def example_from_mallory(cls: type[Message], recipient: str, user: str) -> Messa
 def plausible(rng: random.Random, cls: type[Message]) -> Frames:
     """A valid ``cls`` from mallory to one of the users."""
     msg = example_from_mallory(cls, rng.choice(USERS), rng.choice(USERS))
-    return encode(Envelope(rng.randbytes(16), rng.randrange(2**41), msg, rng.randbytes(64) if cls.HAS_PAYLOAD else None))
+    payload = rng.randbytes(64) if cls.HAS_PAYLOAD else None
+    return encode(Envelope(rng.randbytes(16), rng.randrange(2**41), msg, payload))
 
 
 def truncations(rng: random.Random) -> Iterator[Frames]:
@@ -681,8 +682,8 @@ def test_a_hundred_thousand_hostile_frames_from_a_registered_user_harm_nobody(br
         bursts(rng, WrongOrder(rng, keys, queued, xfer), FLOOD_FRAMES))
     elapsed = time.monotonic() - started
     rss_after, rss_peak = broker_memory(pid)
-    print(f"\nflood: {stats['sent']} frames in {elapsed:.1f}s (broker CPU {cpu_seconds(pid) - cpu_before:.1f}s), broker RSS {rss_before >> 20} -> {rss_after >> 20} MiB "
-          f"(peak {rss_peak >> 20} MiB); {dict(stats)}")
+    print(f"\nflood: {stats['sent']} frames in {elapsed:.1f}s (broker CPU {cpu_seconds(pid) - cpu_before:.1f}s), "
+          f"broker RSS {rss_before >> 20} -> {rss_after >> 20} MiB (peak {rss_peak >> 20} MiB); {dict(stats)}")
 
     assert stats["sent"] >= FLOOD_FRAMES
     assert stats["refused by the decoder"] == stats["sent malformed"]  # each one decoded, refused, answered
