@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ MAX_QUEUED_PER_PEER = 64
 GIVE_UP_AFTER = 600.0  # seconds an online peer may stay silent before its transfer fails with timeout
 MAX_AGE = 7 * 24 * 3600.0  # seconds an unfinished transfer is kept on disk (its .part, its record)
 REFUSED_SENDERS = 1000  # senders whose refused offers are counted apart (for aggregated logging)
+REMEMBER_FAILED = 4096  # refused or failed incoming transfer ids kept to refuse their stale offers again
 REFUSAL_PERIOD = 60.0  # seconds after which those counts start again
 MIN_REWIND_INTERVAL = 0.5  # seconds: a sender goes back for chunks already sent at most this often
 
@@ -215,6 +217,7 @@ class TransferManager:
         self.queued: dict[bytes, Incoming] = {}  # in arrival order; no file opened yet
         self._refused: dict[str, int] = {}  # offers refused per sender in this period
         self._refused_since = 0.0
+        self._failed: OrderedDict[bytes, None] = OrderedDict()  # refused or failed incoming ids, newest last
         self._by_prefix: dict[bytes, bytes] = {}
         self._online: frozenset[str] = frozenset()
         self._out_dir = config.state_dir / "outgoing"
@@ -222,6 +225,14 @@ class TransferManager:
         self._done_dir = config.state_dir / "received"
         for d in (self._out_dir, self._in_dir, self._done_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._failed_log = config.state_dir / "failed.ids"
+        try:
+            held = self._failed_log.read_bytes()
+        except OSError:
+            held = b""
+        ids = [held[i:i + 16] for i in range(0, len(held) - len(held) % 16, 16)]
+        self._failed.update(dict.fromkeys(ids[-REMEMBER_FAILED:]))
+        self._failed_logged = len(ids)
 
     # --- commands -----------------------------------------------------------
     def send_file(self, peer: str, path: Path, now: float) -> tuple[bytes, list[Action]]:
@@ -570,6 +581,9 @@ class TransferManager:
             return [self._hold(queued)]
         if (self._done_dir / offer.xfer.hex()).exists():  # our FILE_DONE was lost: say it again
             return [self._send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
+        if offer.xfer in self._failed:  # a stale offer crossed our FILE_CANCEL
+            return [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.CANCELLED,
+                                                      "this transfer was refused or cancelled earlier"))]
         try:
             name, file_key, session = self._open_offer(env)
         except PeerKeyChanged as exc:
@@ -632,6 +646,7 @@ class TransferManager:
         if not self._refused:
             self._refused_since = now
         count = self._refused[offer.sender] = self._refused.get(offer.sender, 0) + 1
+        self._remember_failed(offer.xfer)
         actions: list[Action] = [self._send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code,
                                                                    message))]
         if count & (count - 1) == 0:
@@ -859,11 +874,32 @@ class TransferManager:
     def _fail_in(self, inc: Incoming, error: P2PChatError, tell_peer: bool) -> list[Action]:
         inc.phase = Phase.FAILED
         self._close_in(inc, keep_part=False)
+        self._remember_failed(inc.xfer)
         log.warning("user=%s peer=%s xfer=%s receiving failed: %s", self.user, inc.peer, inc.xfer.hex()[:8], error)
         actions: list[Action] = []
         if tell_peer:
             actions.append(self._send(inc.xfer, FileCancel(self.user, inc.peer, inc.xfer, error.code, error.message)))
         return actions + [Emit(ev.FileFailed(inc.xfer, inc.peer, inc.name, "in", error))]
+
+    def _remember_failed(self, xfer: bytes) -> None:
+        """A failed transfer stays failed, across restarts too: its sender forgets the id once told, so a later
+        offer of it is stale. The newest ``REMEMBER_FAILED`` ids are kept, in an append-only file compacted
+        when it doubles (a peer sending thousands of offers must not leave thousands of files)."""
+        self._failed[xfer] = None
+        if len(self._failed) > REMEMBER_FAILED:
+            self._failed.popitem(last=False)
+        try:
+            self._failed_logged += 1
+            if self._failed_logged > 2 * REMEMBER_FAILED:
+                tmp = self._failed_log.with_suffix(".tmp")
+                tmp.write_bytes(b"".join(self._failed))
+                os.replace(tmp, self._failed_log)
+                self._failed_logged = len(self._failed)
+            else:
+                with open(self._failed_log, "ab") as log_file:
+                    log_file.write(xfer)
+        except OSError:  # a full disk: a stale offer after a restart may start the transfer again
+            pass
 
     def _close_in(self, inc: Incoming, keep_part: bool) -> None:
         if inc.handle is not None:
