@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.credit import CreditLedger, CreditLimits
 from broker.directory import Location, PeerDirectory
 from broker.keys import KeyRegistry
 from broker.ratelimit import ConnectionLimiter, RateLimits
@@ -25,6 +26,10 @@ from common.protocol import (
     Consume,
     Envelope,
     Error,
+    FileCancel,
+    FileChunk,
+    FileCredit,
+    FileDone,
     Heartbeat,
     KeyInfo,
     KeyRequest,
@@ -112,6 +117,7 @@ class BrokerCore:
         queue_limits: QueueLimits = QueueLimits(),
         require_key: bool = True,
         limits: RateLimits = RateLimits(),
+        credit: CreditLimits = CreditLimits(),
     ) -> None:
         self.directory = directory
         self.keys = keys
@@ -123,6 +129,9 @@ class BrokerCore:
         self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
         self.limits = limits
         self._limiters: OrderedDict[bytes, ConnectionLimiter] = OrderedDict()
+        self.credit = CreditLedger(credit)
+        self._credit_drops: dict[bytes, int] = {}  # sender conn -> chunks refused since its last relayed one
+        self._now = 0.0  # the latest tick's time, for inputs that come without one (on_forwarded)
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness
@@ -162,7 +171,7 @@ class BrokerCore:
             return [Send(conn, self._error(exc.code, exc.message, exc.ref))]
         msg = env.message
         if msg.RELAYED:
-            return self._relay(conn, session, env, frames)
+            return self._relay(conn, session, env, frames, now)
         if type(msg) is Register:
             return self._on_register(conn, env, now, peer_key)
         handler = self._handlers.get(type(msg))
@@ -172,6 +181,7 @@ class BrokerCore:
 
     def on_tick(self, now: float) -> list[Action]:
         """Expire silent sessions; publish the periodic PEER_SYNC."""
+        self._now = now
         actions: list[Action] = []
         while self._sessions:
             conn, session = next(iter(self._sessions.items()))
@@ -191,6 +201,7 @@ class BrokerCore:
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_SWEEP
             self.store.expire(self._wall_ms())
+            self.credit.expire(now)
         if now >= self._next_sync:
             self._next_sync = now + self.heartbeat_ivl
             actions.append(Publish(pack(PeerSync(self.directory.epoch, self.directory.seq()), self._wall_ms())))
@@ -246,6 +257,7 @@ class BrokerCore:
             # The same installation reconnected before its old session expired: hand over quietly.
             log.info("user=%s conn=%s takes over from conn=%s", user, conn.hex(), stale.hex())
             del self._sessions[stale]
+            self.credit.recipient_gone(user)
             self.directory.release(user, Location(self.broker_id, stale))
             self.directory.claim(user, Location(self.broker_id, conn))
             self._sessions[conn] = _Session(user, msg.token, now)
@@ -281,7 +293,8 @@ class BrokerCore:
             return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"no key known for {user!r}", env.msg_id))]
         return [Send(conn, pack(KeyInfo(user, key), self._wall_ms()))]
 
-    def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames) -> list[Action]:
+    def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames,
+               now: float) -> list[Action]:
         msg = env.message
         if session is None:
             return [self._not_registered(conn, env)]
@@ -299,12 +312,48 @@ class BrokerCore:
         if where is None:
             return [Send(conn, self._error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
                                            env.msg_id))]
+        if type(msg) is FileChunk:
+            return self._relay_chunk(conn, env, frames, where, now)
+        if where.broker == self.broker_id or type(msg) is not FileCredit:
+            self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
         ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
         if where.broker != self.broker_id:  # relayed = handed to the other broker's stream
             return [Forward(where.broker, recipient, frames)] + ([Send(conn, ack)] if ack is not None else [])
         return [Relay(where.conn, frames, conn, ack,
                       lambda: self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
                                           env.msg_id))]
+
+    def _relay_chunk(self, conn: bytes, env: Envelope, frames: Frames, where: Location, now: float) -> list[Action]:
+        """A file chunk goes on only inside its recipient's credit window (broker/credit.py)."""
+        msg: FileChunk = env.message  # type: ignore[assignment]
+        size = len(frames[1]) if len(frames) > 1 else 0
+        if not self.credit.admit(msg.sender, msg.recipient, msg.xfer, msg.index, size, now):
+            drops = self._credit_drops[conn] = self._credit_drops.get(conn, 0) + 1
+            if drops == 1 or drops % 1000 == 0:  # say so, without amplifying a flood
+                log.warning("user=%s conn=%s xfer=%s %d chunks refused: outside the recipient's credit",
+                            msg.sender, conn.hex(), msg.xfer.hex(), drops)
+                return [Send(conn, self._error(ErrorCode.CREDIT_EXCEEDED, f"chunk {msg.index} is outside the credit "
+                                               f"{msg.recipient!r} granted; wait for file_credit", env.msg_id))]
+            return []
+        if self._credit_drops:
+            self._credit_drops.pop(conn, None)
+        if where.broker != self.broker_id:
+            return [Forward(where.broker, msg.recipient, frames)]
+
+        def refused() -> Frames:  # the recipient's queue is full: the chunk is not in flight after all
+            self.credit.unadmit(msg.sender, msg.recipient, msg.xfer, msg.index, size)
+            return self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {msg.recipient!r} is not keeping up", env.msg_id)
+
+        return [Relay(where.conn, frames, conn, None, refused)]
+
+    def _track_transfer(self, msg: Message, now: float) -> None:
+        """Keep the credit ledger up to date with a relayed transfer control frame."""
+        kind = type(msg)
+        if kind is FileCredit:  # from the file's recipient to its sender
+            self.credit.on_credit(msg.recipient, msg.sender, msg.xfer, msg.next, msg.upto, now)  # type: ignore
+        elif kind is FileDone or kind is FileCancel:
+            self.credit.forget(msg.recipient, msg.sender, msg.xfer)  # type: ignore[attr-defined]
+            self.credit.forget(msg.sender, msg.recipient, msg.xfer)  # type: ignore[attr-defined]
 
     def _store_and_forward(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
                            where: Location | None) -> list[Action]:
@@ -348,6 +397,11 @@ class BrokerCore:
         where = self.directory.locate(user)
         if where is None or where.broker != self.broker_id or where.conn not in self._sessions:
             return []  # moved on: durable frames wait in the shared store, transfers resume
+        try:
+            msg = decode(frames).message
+        except ProtocolError:
+            return []
+        self._track_transfer(msg, self._now)
         return [Send(where.conn, frames, user)]
 
     def on_kicked(self, conn: bytes, user: str) -> list[Action]:
@@ -357,6 +411,7 @@ class BrokerCore:
             return []
         del self._sessions[conn]
         self._limiters.pop(conn, None)
+        self.credit.recipient_gone(user)
         self.directory.release(user, Location(self.broker_id, conn))  # no-op in Redis: it moved already
         log.info("user=%s conn=%s session taken over by another broker", user, conn.hex())
         return [Send(conn, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))]
@@ -379,7 +434,9 @@ class BrokerCore:
 
     def _drop(self, conn: bytes) -> list[Action]:
         self._limiters.pop(conn, None)
+        self._credit_drops.pop(conn, None)
         session = self._sessions.pop(conn)
+        self.credit.recipient_gone(session.user)
         if self.directory.release(session.user, Location(self.broker_id, conn)):
             return self._presence(session.user, False)
         return []

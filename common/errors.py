@@ -28,6 +28,8 @@ class ErrorCode(str, enum.Enum):
     BROKER_KEY_CHANGED = "broker_key_changed"
     RATE_LIMITED = "rate_limited"
     QUEUE_FULL = "queue_full"
+    STORAGE_FULL = "storage_full"
+    CREDIT_EXCEEDED = "credit_exceeded"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     RECIPIENT_OFFLINE = "recipient_offline"
     RECIPIENT_BUSY = "recipient_busy"

@@ -1,0 +1,102 @@
+"""Broker resource bounds against real broker processes: file credit, full disk, queue shares.
+
+Raw DEALER sockets (tests/test_broker_fuzz.py's ``Dealers``) play the misbehaving clients; real
+``ChatClient``s check that honest users are still served afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import zmq
+
+from client import events as ev
+from common.errors import ErrorCode
+from common.protocol import ChatMessage, Error, FileChunk, FileCredit, Heartbeat, decode, new_msg_id, pack
+from tests.conftest import wait_for
+from tests.test_broker_fuzz import Dealers, dealers, recv, register  # noqa: F401  (dealers is a fixture)
+
+MIB = 1024 * 1024
+CHUNK = b"\xa5" * MIB
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def drain_until(sock: zmq.Socket, broker, kind: type, timeout: float = 30.0) -> list:
+    """Messages from ``sock`` up to and including the first of type ``kind``."""
+    seen = []
+    while True:
+        msg = decode(recv(sock, broker, timeout)).message
+        seen.append(msg)
+        if type(msg) is kind:
+            return seen
+
+
+def flood_chunks(mallory: zmq.Socket, bob: zmq.Socket, broker, xfer: bytes, count: int) -> list:
+    """``count`` 1-MiB chunks from mallory to bob, who keeps his session but reads nothing; mallory's replies."""
+    replies = []
+    for index in range(count):
+        mallory.send_multipart(pack(FileChunk("mallory", "bob", xfer, index, index == count - 1), 0, payload=CHUNK),
+                               copy=False)
+        if index % 100 == 99:  # bob stays registered; round trips pace the flood so the broker's input
+            bob.send_multipart(pack(Heartbeat(), 0))  # queue is not what we measure
+        if index % 500 == 499:
+            mallory.send_multipart(pack(Heartbeat(), 0))
+            replies += drain_until(mallory, broker, Heartbeat)
+    mallory.send_multipart(pack(Heartbeat(), 0))
+    return replies + drain_until(mallory, broker, Heartbeat)
+
+
+def assert_refused_with_credit_exceeded(replies: list) -> None:
+    codes = [m.code for m in replies if type(m) is Error]
+    assert ErrorCode.CREDIT_EXCEEDED in codes
+    assert set(codes) <= {ErrorCode.CREDIT_EXCEEDED, ErrorCode.RATE_LIMITED}, codes
+    assert codes.count(ErrorCode.CREDIT_EXCEEDED) < 10  # aggregated, not one per chunk
+
+
+def assert_others_still_chat(make_client) -> None:
+    alice, carol = make_client("alice"), make_client("carol")
+    alice.send("carol", "still standing?")
+    assert wait_for(carol, lambda e: isinstance(e, ev.MessageReceived)).text == "still standing?"
+
+
+def test_chunks_without_credit_are_dropped_and_broker_memory_stays_flat(broker, dealers, make_client):
+    """3,000 1-MiB chunks at a recipient that never granted credit (and never reads)."""
+    mallory, bob = dealers.open(), dealers.open()
+    register(dealers, mallory, "mallory")
+    register(dealers, bob, "bob")
+    bob.setsockopt(zmq.RCVHWM, 1)
+    before = rss_mib(broker.proc.pid)
+    replies = flood_chunks(mallory, bob, broker, new_msg_id(), 3000)
+    growth = rss_mib(broker.proc.pid) - before
+    print(f"broker RSS growth after 3,000 chunks without credit: {growth:.1f} MiB")
+    assert broker.alive()
+    assert growth < 64, growth
+    assert_refused_with_credit_exceeded(replies)
+    assert_others_still_chat(make_client)
+
+
+def test_a_huge_credit_is_clamped_and_inflight_bytes_are_capped(broker, dealers, make_client):
+    """bob grants mallory ``upto = 2**62`` and then reads nothing: the broker holds at most its cap."""
+    mallory, bob = dealers.open(), dealers.open()
+    register(dealers, mallory, "mallory")
+    register(dealers, bob, "bob")
+    xfer = new_msg_id()
+    bob.send_multipart(pack(FileCredit("bob", "mallory", xfer, 0, 2**62, True), 0))
+    assert type(decode(recv(mallory, broker)).message) is FileCredit
+    bob.setsockopt(zmq.RCVHWM, 1)
+    before = rss_mib(broker.proc.pid)
+    replies = flood_chunks(mallory, bob, broker, xfer, 3000)
+    growth = rss_mib(broker.proc.pid) - before
+    print(f"broker RSS growth after 3,000 chunks under a 2**62 credit: {growth:.1f} MiB")
+    assert broker.alive()
+    assert growth < 64 + 32, growth  # the 64-chunk window, at most the 64 MiB per-recipient cap, plus slack
+    assert_refused_with_credit_exceeded(replies)
+    assert_others_still_chat(make_client)
