@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker.directory import Location
-from broker.store import QueueLimits, StoreUnavailable
+from broker.store import QueueLimits, Refusal, StoreUnavailable
 from common.crypto import KEY_BYTES, Identity
 from common.protocol import PeerUpdate, pack
 
@@ -160,11 +160,14 @@ for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return 1
 """
 
+# One page of a queue after seq ARGV[1]: {id, seq, frame, ...}.
 _PENDING = """
 local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local v = redis.call('HGET', KEYS[1], id)
-  if v then out[#out + 1] = id; out[#out + 1] = v else redis.call('ZREM', KEYS[2], id) end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+for i = 1, #ids, 2 do
+  local v = redis.call('HGET', KEYS[1], ids[i])
+  if v then out[#out + 1] = ids[i]; out[#out + 1] = ids[i + 1]; out[#out + 1] = v
+  else redis.call('ZREM', KEYS[2], ids[i]) end
 end
 return out
 """
@@ -340,7 +343,8 @@ class RedisMessageStore:
 
     The per-user bound is checked against a cached length (refreshed every few seconds), so two
     brokers racing for one queue may overshoot it by a batch. Expired frames are dropped when read,
-    and a queue untouched for its TTL disappears with its keys.
+    and a queue untouched for its TTL disappears with its keys. Not yet enforced here: the byte
+    bounds, the per-sender share and the store-wide bounds of ``QueueLimits`` (the SQLite store's).
     """
 
     durable = True
@@ -363,28 +367,28 @@ class RedisMessageStore:
             self._counts[user] = (count, now)
         return count
 
-    def append(self, msg_id: bytes, recipient: str, header: bytes, expires_ms: int) -> bool:
+    def append(self, msg_id: bytes, sender: str, recipient: str, header: bytes, expires_ms: int) -> Refusal | None:
         count = self._count(recipient)
         if count >= self.limits.max_per_user:
-            return False
+            return Refusal.QUEUE_FULL
         ttl_ms = max(1, int(self.limits.ttl_seconds * 1000))
         self._append(keys=list(self._keys.queue(recipient)),
                      args=[msg_id, struct.pack(">q", expires_ms) + header, ttl_ms], client=self._link.pipe)
         self._counts[recipient] = (count + 1, self._counts[recipient][1])
-        return True
+        return None
 
-    def pending(self, recipient: str, now_ms: int) -> list[bytes]:
+    def pending(self, recipient: str, now_ms: int, after: int, limit: int) -> list[tuple[int, bytes]]:
         self._link.flush_soon()  # this batch's appends must be visible to the read
         h, z, _ = self._keys.queue(recipient)
         try:
-            flat = self._pending(keys=[h, z])
+            flat = self._pending(keys=[h, z], args=[after, limit])
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         out = []
-        for i in range(0, len(flat), 2):
-            msg_id, value = flat[i], flat[i + 1]
+        for i in range(0, len(flat), 3):
+            msg_id, seq, value = flat[i], int(float(flat[i + 1])), flat[i + 2]
             if struct.unpack(">q", value[:8])[0] > now_ms:
-                out.append(value[8:])
+                out.append((seq, value[8:]))
             else:
                 self.consume(recipient, msg_id)
         return out

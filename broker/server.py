@@ -156,6 +156,7 @@ class BrokerServer:
         if not config.insecure:
             self._bind(self.key_service, config.key_service_port)
         self._next_refresh = 0.0
+        self._store_failing = False
         self._refreshed_once = False
         self._cluster_recovered = False
         if self._cluster is not None:
@@ -233,7 +234,8 @@ class BrokerServer:
         return actions
 
     def _commit_then_execute(self, actions: list[Action]) -> None:
-        """Acknowledge nothing that is not committed: commit the batch's queue changes first."""
+        """Acknowledge nothing that is not committed: commit the batch's queue changes first; the core
+        then answers its durable frames (``on_commit``), and everything else goes out either way."""
         try:
             if self._cluster is not None:  # cross-broker frames ride in the same pipeline: one round trip
                 for action in actions:
@@ -243,12 +245,16 @@ class BrokerServer:
                         self._cluster.kick(action.broker, action.conn, action.user)
                 self._cluster.flush()
             self._store.commit()
-        except (sqlite3.Error, StoreUnavailable):
-            # Nothing of this batch is durable: say nothing, so senders keep it in their outboxes.
-            log.exception("store commit failed; %d actions of this batch dropped", len(actions))
+            committed = True
+        except (sqlite3.Error, StoreUnavailable) as exc:
             self._store.rollback()
-            return
-        self._execute(actions)
+            committed = False
+            if not self._store_failing:  # once per outage, not once per batch
+                log.error("store commit failed (%s): answering storage_full until it works again", exc)
+        if committed and self._store_failing:
+            log.info("store commits work again")
+        self._store_failing = not committed
+        self._execute(actions + self.core.on_commit(committed))
 
     def _cluster_tick(self, now: float) -> None:
         """Cluster chores: frames from other brokers, presence to republish, liveness and reaping."""

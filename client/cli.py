@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, default=10_000.0,
                    help="frames per second one connection may send, bursts of twice that (default 10000)")
     p.add_argument("--fsync", action="store_true", help="fsync every group commit (survive power loss too)")
-    p.add_argument("--queue-max", type=int, default=10_000, help="undelivered frames kept per user (default 10000)")
+    p.add_argument("--queue-max", type=int, default=20_000,
+                   help="undelivered frames kept per user (default 20000; one sender may use at most 10000)")
     p.add_argument("--queue-ttl", type=float, default=7 * 24 * 3600.0,
                    help="seconds an undelivered frame is kept (default 7 days)")
     p.add_argument("--cluster", default=None, metavar="redis://HOST:PORT/DB",
