@@ -12,9 +12,10 @@ import pytest
 import zmq
 
 from client import events as ev
-from common.errors import ErrorCode
+from client.client import ChatClient, ClientConfig
+from common.errors import ErrorCode, RemoteError
 from common.protocol import ChatMessage, Error, FileChunk, FileCredit, Heartbeat, decode, new_msg_id, pack
-from tests.conftest import wait_for
+from tests.conftest import HEARTBEAT, BrokerProcess, wait_for
 from tests.test_broker_fuzz import Dealers, dealers, recv, register  # noqa: F401  (dealers is a fixture)
 
 MIB = 1024 * 1024
@@ -102,3 +103,89 @@ def test_a_huge_credit_is_clamped_and_inflight_bytes_are_capped(broker, dealers,
     assert growth < 64 + 32, growth  # the 64-chunk window, at most the 64 MiB per-recipient cap, plus slack
     assert_refused_with_credit_exceeded(replies)
     assert_others_still_chat(make_client)
+
+
+# --- full disk ------------------------------------------------------------------------
+def fill(directory, name: str = "filler") -> None:
+    """Take every free byte of ``directory``'s file system."""
+    with open(directory / name, "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+
+
+def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small_disk, tmp_path, home):
+    broker = BrokerProcess.launch(tmp_path / "broker-home", ["--data-dir", str(small_disk / "broker")])
+    clients: list[ChatClient] = []
+
+    def client(user: str) -> ChatClient:
+        made = ChatClient(user, ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT))
+        clients.append(made)
+        made.connect(timeout=10)
+        return made
+
+    try:
+        alice, bob = client("alice"), client("bob")
+        client("carol").close()  # carol is known, and offline: her messages must be stored
+        fill(small_disk)
+        refused = None
+        for i in range(200):  # the WAL may still hold a few pages: write until the disk says no
+            status = alice.send_async("carol", f"{i:04d} " + "x" * 2000)[1]
+            try:
+                status.result(10)
+            except RemoteError as exc:
+                refused = exc
+                break
+        assert refused is not None and refused.code is ErrorCode.STORAGE_FULL, refused
+        assert broker.alive()
+        # Online delivery and heartbeats go on while nothing can be stored.
+        assert alice.send_async("bob", "through a full disk")[1].result(10) == "relayed"
+        assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "through a full disk"
+        assert bob.send_async("alice", "and back")[1].result(10) == "relayed"
+        assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "and back"
+        # Space returns: storing works again by itself.
+        (small_disk / "filler").unlink()
+        assert alice.send_async("carol", "after the disk was freed")[1].result(10) == "stored"
+        assert broker.alive()
+        carol = client("carol")
+        texts = [wait_for(carol, lambda e: isinstance(e, ev.MessageReceived)).text for _ in range(i + 1)]
+        assert texts[-1] == "after the disk was freed"
+    finally:
+        for made in clients:
+            made.close()
+        broker.stop()
+
+
+# --- queue shares and paged delivery ------------------------------------------------------
+@pytest.mark.broker_args("--queue-max", "100", "--queue-sender-max", "50")
+def test_one_sender_cannot_fill_another_users_queue(broker, dealers, make_client):
+    """mallory floods offline bob with junk; alice can still reach him, and bob gets her message."""
+    make_client("bob").close()
+    mallory = dealers.open()
+    register(dealers, mallory, "mallory")
+    for i in range(60):
+        mallory.send_multipart(pack(ChatMessage("mallory", "bob", b"junk %d" % i), 0))
+    replies = [decode(recv(mallory, broker)).message for _ in range(60)]
+    codes = [getattr(r, "code", None) or r.status for r in replies]
+    assert codes.count("stored") == 50 and codes.count(ErrorCode.QUEUE_FULL) == 10, codes
+    alice = make_client("alice")
+    assert alice.send_async("bob", "hello despite mallory")[1].result(10) == "stored"
+    bob = make_client("bob")
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "hello despite mallory"
+
+
+def test_a_long_queue_is_delivered_in_pages_in_order_exactly_once(make_client):
+    """More than a page (256) of queued messages: all arrive, in order, once."""
+    total = 700
+    alice = make_client("alice")
+    make_client("bob").close()
+    statuses = [alice.send_async("bob", f"m{i:04d}")[1] for i in range(total)]
+    assert {s.result(30) for s in statuses} == {"stored"}
+    bob = make_client("bob")
+    got = [wait_for(bob, lambda e: isinstance(e, ev.MessageReceived), 30).text for _ in range(total)]
+    assert got == [f"m{i:04d}" for i in range(total)]
+    alice.send("bob", "live after the backlog")
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "live after the backlog"
