@@ -460,6 +460,8 @@ class BrokerCore:
             msg = decode(frames).message
         except ProtocolError:
             return []
+        if msg.DURABLE and self.store.durable and self._sessions[where.conn].draining:
+            return []  # it is in the shared queue, behind older frames: a later page brings it, in order
         self._track_transfer(msg, self._now)
         return [Send(where.conn, frames, user)]
 

@@ -137,8 +137,10 @@ class BrokerServer:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES) + 1024)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.RCVHWM, 10_000)
-        self.router.setsockopt(zmq.SNDHWM, 10_000)
+        # Per-connection pipes, in messages: a relayed header is at most ~70 KiB (64 KiB body) and file
+        # chunks are bounded in bytes by the credit ledger (broker/credit.py), so these bound bytes too.
+        self.router.setsockopt(zmq.RCVHWM, 256)
+        self.router.setsockopt(zmq.SNDHWM, 1_000)
         self.pub = self._ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
