@@ -152,11 +152,33 @@ if #last > 0 then pos = last[1][1] end
 return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]) or '0', pos, redis.call('HGETALL', KEYS[4])}
 """
 
+# KEYS: frames hash, order zset, seq counter, meta hash (bytes "b", per sender "c:S" / "b:S", "i:ID" -> sender).
 _APPEND = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+local size = #ARGV[2] - 8
+redis.call('HINCRBY', KEYS[4], 'b', size)
+redis.call('HINCRBY', KEYS[4], 'c:' .. ARGV[4], 1)
+redis.call('HINCRBY', KEYS[4], 'b:' .. ARGV[4], size)
+redis.call('HSET', KEYS[4], 'i:' .. ARGV[1], ARGV[4])
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+_CONSUME = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if not v then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local size = #v - 8
+redis.call('HINCRBY', KEYS[3], 'b', -size)
+local s = redis.call('HGET', KEYS[3], 'i:' .. ARGV[1])
+if s then
+  redis.call('HDEL', KEYS[3], 'i:' .. ARGV[1])
+  if redis.call('HINCRBY', KEYS[3], 'c:' .. s, -1) <= 0 then redis.call('HDEL', KEYS[3], 'c:' .. s, 'b:' .. s)
+  else redis.call('HINCRBY', KEYS[3], 'b:' .. s, -size) end
+end
 return 1
 """
 
@@ -341,10 +363,10 @@ class RedisKeyRegistry:
 class RedisMessageStore:
     """Store-and-forward queues in Redis, written through the batch pipeline (group commit).
 
-    The per-user bound is checked against a cached length (refreshed every few seconds), so two
-    brokers racing for one queue may overshoot it by a batch. Expired frames are dropped when read,
-    and a queue untouched for its TTL disappears with its keys. Not yet enforced here: the byte
-    bounds, the per-sender share and the store-wide bounds of ``QueueLimits`` (the SQLite store's).
+    The per-user and per-sender bounds are checked against cached sizes (refreshed every few
+    seconds), so brokers racing for one queue may overshoot them by a batch. Expired frames are
+    dropped when read, and a queue untouched for its TTL disappears with its keys. The store-wide
+    bounds (``max_total_bytes``, ``max_recipients``) are left to Redis's own ``maxmemory``.
     """
 
     durable = True
@@ -354,27 +376,41 @@ class RedisMessageStore:
         self.limits = limits
         self._append = self._r.register_script(_APPEND)
         self._pending = self._r.register_script(_PENDING)
-        self._counts: dict[str, tuple[int, float]] = {}
+        self._consume = self._r.register_script(_CONSUME)
+        # (recipient, sender) -> [queue count, queue bytes, sender's count, sender's bytes, read at]
+        self._sizes: dict[tuple[str, str], list[float]] = {}
 
-    def _count(self, user: str) -> int:
-        count, at = self._counts.get(user, (0, -1e9))
+    def _meta(self, user: str) -> str:
+        return self._keys.queue(user)[0][:-2] + ":m"
+
+    def _sizes_of(self, recipient: str, sender: str) -> list[float]:
+        key = (recipient, sender)
+        sizes = self._sizes.get(key)
         now = time.monotonic()
-        if now - at > COUNT_REFRESH:
+        if sizes is None or now - sizes[4] > COUNT_REFRESH:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hlen(self._keys.queue(recipient)[0])
+            pipe.hmget(self._meta(recipient), "b", "c:" + sender, "b:" + sender)
             try:
-                count = self._r.hlen(self._keys.queue(user)[0])
+                count, (size, share, share_size) = pipe.execute()
             except REDIS_ERRORS as exc:
                 raise StoreUnavailable(str(exc)) from exc
-            self._counts[user] = (count, now)
-        return count
+            if len(self._sizes) >= 100_000:  # a cache, bounded
+                self._sizes.clear()
+            sizes = self._sizes[key] = [count, int(size or 0), int(share or 0), int(share_size or 0), now]
+        return sizes
 
     def append(self, msg_id: bytes, sender: str, recipient: str, header: bytes, expires_ms: int) -> Refusal | None:
-        count = self._count(recipient)
-        if count >= self.limits.max_per_user:
+        sizes, lim, size = self._sizes_of(recipient, sender), self.limits, len(header)
+        if sizes[0] >= lim.max_per_user or sizes[1] + size > lim.max_bytes_per_user:
             return Refusal.QUEUE_FULL
+        if sizes[2] >= lim.max_per_sender or sizes[3] + size > lim.max_bytes_per_sender:
+            return Refusal.SHARE_FULL
         ttl_ms = max(1, int(self.limits.ttl_seconds * 1000))
-        self._append(keys=list(self._keys.queue(recipient)),
-                     args=[msg_id, struct.pack(">q", expires_ms) + header, ttl_ms], client=self._link.pipe)
-        self._counts[recipient] = (count + 1, self._counts[recipient][1])
+        self._append(keys=[*self._keys.queue(recipient), self._meta(recipient)],
+                     args=[msg_id, struct.pack(">q", expires_ms) + header, ttl_ms, sender], client=self._link.pipe)
+        for i, grow in enumerate((1, size, 1, size)):
+            sizes[i] += grow
         return None
 
     def pending(self, recipient: str, now_ms: int, after: int, limit: int) -> list[tuple[int, bytes]]:
@@ -395,11 +431,8 @@ class RedisMessageStore:
 
     def consume(self, recipient: str, msg_id: bytes) -> None:
         h, z, _ = self._keys.queue(recipient)
-        self._link.pipe.hdel(h, msg_id)
-        self._link.pipe.zrem(z, msg_id)
-        if recipient in self._counts:
-            count, at = self._counts[recipient]
-            self._counts[recipient] = (max(0, count - 1), at)
+        # The cached sizes catch up within COUNT_REFRESH: a full queue refuses a little longer.
+        self._consume(keys=[h, z, self._meta(recipient)], args=[msg_id], client=self._link.pipe)
 
     def expire(self, now_ms: int) -> int:
         return 0  # lazily in pending(); abandoned queues expire with their keys
@@ -409,7 +442,7 @@ class RedisMessageStore:
 
     def rollback(self) -> None:
         self._link.discard()
-        self._counts.clear()
+        self._sizes.clear()
 
     def close(self) -> None:
         pass

@@ -16,7 +16,8 @@ from client.client import ChatClient, ClientConfig
 from common.errors import ErrorCode, RemoteError
 from common.protocol import ChatMessage, Error, FileChunk, FileCredit, Heartbeat, decode, new_msg_id, pack
 from tests.conftest import HEARTBEAT, BrokerProcess, wait_for
-from tests.test_broker_fuzz import Dealers, dealers, recv, register  # noqa: F401  (dealers is a fixture)
+from tests.test_broker_fuzz import Dealers, dealers, recv, register  # noqa: F401  (fixtures)
+from tests.test_cluster import redis_server  # noqa: F401
 
 MIB = 1024 * 1024
 CHUNK = b"\xa5" * MIB
@@ -160,21 +161,48 @@ def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small
 
 
 # --- queue shares and paged delivery ------------------------------------------------------
-@pytest.mark.broker_args("--queue-max", "100", "--queue-sender-max", "50")
-def test_one_sender_cannot_fill_another_users_queue(broker, dealers, make_client):
+def assert_one_sender_cannot_fill_another_users_queue(broker: BrokerProcess, make_client) -> None:
     """mallory floods offline bob with junk; alice can still reach him, and bob gets her message."""
     make_client("bob").close()
-    mallory = dealers.open()
-    register(dealers, mallory, "mallory")
-    for i in range(60):
-        mallory.send_multipart(pack(ChatMessage("mallory", "bob", b"junk %d" % i), 0))
-    replies = [decode(recv(mallory, broker)).message for _ in range(60)]
+    pool = Dealers(broker)
+    try:
+        mallory = pool.open()
+        register(pool, mallory, "mallory")
+        for i in range(60):
+            mallory.send_multipart(pack(ChatMessage("mallory", "bob", b"junk %d" % i), 0))
+        replies = [decode(recv(mallory, broker)).message for _ in range(60)]
+    finally:
+        pool.close()
     codes = [getattr(r, "code", None) or r.status for r in replies]
     assert codes.count("stored") == 50 and codes.count(ErrorCode.QUEUE_FULL) == 10, codes
     alice = make_client("alice")
     assert alice.send_async("bob", "hello despite mallory")[1].result(10) == "stored"
     bob = make_client("bob")
     assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "hello despite mallory"
+
+
+@pytest.mark.broker_args("--queue-max", "100", "--queue-sender-max", "50")
+def test_one_sender_cannot_fill_another_users_queue(broker, make_client):
+    assert_one_sender_cannot_fill_another_users_queue(broker, make_client)
+
+
+def test_one_sender_cannot_fill_another_users_queue_in_redis(redis_server, tmp_path, home):
+    broker = BrokerProcess.launch(tmp_path / "broker-home", ["--cluster", redis_server.url, "--queue-max", "100",
+                                                            "--queue-sender-max", "50"])
+    clients: list[ChatClient] = []
+
+    def make_client(user: str) -> ChatClient:
+        made = ChatClient(user, ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT))
+        clients.append(made)
+        made.connect(timeout=10)
+        return made
+
+    try:
+        assert_one_sender_cannot_fill_another_users_queue(broker, make_client)
+    finally:
+        for made in clients:
+            made.close()
+        broker.stop()
 
 
 def test_a_long_queue_is_delivered_in_pages_in_order_exactly_once(make_client):
