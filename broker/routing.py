@@ -217,7 +217,8 @@ class BrokerCore:
                     actions += self._next_page(where.conn)
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_SWEEP
-            self.store.expire(self._wall_ms())
+            if self.store.expire(self._wall_ms()) >= self.queue_limits.expire_batch:
+                self._next_expiry = now + self.heartbeat_ivl  # more are due: next step soon, loop never stalls
             self.credit.expire(now)
         if now >= self._next_sync:
             self._next_sync = now + self.heartbeat_ivl

@@ -217,3 +217,27 @@ def test_a_long_queue_is_delivered_in_pages_in_order_exactly_once(make_client):
     assert got == [f"m{i:04d}" for i in range(total)]
     alice.send("bob", "live after the backlog")
     assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "live after the backlog"
+
+
+def test_a_cluster_broker_forwards_no_chunk_beyond_credit_to_another_broker(redis_server, tmp_path):
+    """mallory on one broker, bob on another: chunks without credit never reach Redis's inbox streams."""
+    extra = ["--cluster", redis_server.url, "--heartbeat", "1.0"]
+    near = BrokerProcess.launch(tmp_path / "near", extra)
+    far = BrokerProcess.launch(tmp_path / "far", extra)
+    near_pool, far_pool = Dealers(near), Dealers(far)
+    try:
+        mallory, bob = near_pool.open(), far_pool.open()
+        register(near_pool, mallory, "mallory")
+        register(far_pool, bob, "bob")
+        used = redis_server.client().info("memory")["used_memory"]
+        replies = flood_chunks(mallory, bob, near, new_msg_id(), 300)
+        growth = (redis_server.client().info("memory")["used_memory"] - used) / MIB
+        print(f"redis memory growth after 300 chunks without credit: {growth:.1f} MiB")
+        assert growth < 16, growth
+        assert_refused_with_credit_exceeded(replies)
+        assert near.alive() and far.alive()
+    finally:
+        near_pool.close()
+        far_pool.close()
+        near.stop()
+        far.stop()
