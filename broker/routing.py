@@ -393,7 +393,7 @@ class BrokerCore:
 
         Committed: ``ack stored`` and delivery to a recipient here. Not committed (disk full, Redis
         down): a recipient online here still gets the frame (``ack relayed``); the rest get
-        ``error storage_full`` and stay in their senders' outboxes.
+        ``error storage_full``: not stored, to be sent again later.
         """
         if not self._appended:
             return []
