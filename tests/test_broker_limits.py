@@ -131,6 +131,8 @@ def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small
     try:
         alice, bob = client("alice"), client("bob")
         client("carol").close()  # carol is known, and offline: her messages must be stored
+        before = [alice.send_async("carol", f"before {i}")[1].result(10) for i in range(3)]
+        assert before == ["stored"] * 3
         fill(small_disk)
         refused = None
         for i in range(200):  # the WAL may still hold a few pages: write until the disk says no
@@ -152,8 +154,8 @@ def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small
         assert alice.send_async("carol", "after the disk was freed")[1].result(10) == "stored"
         assert broker.alive()
         carol = client("carol")
-        texts = [wait_for(carol, lambda e: isinstance(e, ev.MessageReceived)).text for _ in range(i + 1)]
-        assert texts[-1] == "after the disk was freed"
+        texts = [wait_for(carol, lambda e: isinstance(e, ev.MessageReceived)).text for _ in range(i + 4)]
+        assert texts[:3] == ["before 0", "before 1", "before 2"] and texts[-1] == "after the disk was freed"
     finally:
         for made in clients:
             made.close()
