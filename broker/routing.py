@@ -473,6 +473,7 @@ class BrokerCore:
             return []
         del self._sessions[conn]
         self._limiters.pop(conn, None)
+        self._credit_drops.pop(conn, None)
         self.credit.recipient_gone(user)
         self.directory.release(user, Location(self.broker_id, conn))  # no-op in Redis: it moved already
         log.info("user=%s conn=%s session taken over by another broker", user, conn.hex())
