@@ -315,6 +315,7 @@ class BrokerServer:
         return [parts[0].bytes, *parts[1:]] if parts else []
 
     def _execute(self, actions: list[Action]) -> None:
+        missed: set[str] = set()  # a queued frame did not reach them: the rest follows in the re-page, in order
         for action in actions:
             if type(action) is Relay:
                 if self._send(action.conn, action.frames):
@@ -323,8 +324,12 @@ class BrokerServer:
                 else:
                     self._send(action.sender, action.on_failure())
             elif type(action) is Send:
-                if not self._send(action.conn, action.frames) and action.queued_for is not None:
-                    self.core.on_delivery_failed(action.queued_for)
+                user = action.queued_for
+                if user is None:
+                    self._send(action.conn, action.frames)
+                elif user not in missed and not self._send(action.conn, action.frames):
+                    missed.add(user)
+                    self.core.on_delivery_failed(user)
             elif type(action) is Publish:
                 self.pub.send_multipart(action.frames)
 
