@@ -41,7 +41,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker.directory import Location
-from broker.store import QueueLimits, StoreUnavailable
+from broker.store import QueueLimits, Refusal, StoreUnavailable
 from common.crypto import KEY_BYTES, Identity
 from common.protocol import PeerUpdate, pack
 
@@ -165,19 +165,44 @@ if #last > 0 then pos = last[1][1] end
 return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]) or '0', pos, redis.call('HGETALL', KEYS[4])}
 """
 
+# KEYS: frames hash, order zset, seq counter, meta hash (bytes "b", per sender "c:S" / "b:S", "i:ID" -> sender).
 _APPEND = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+local size = #ARGV[2] - 8
+redis.call('HINCRBY', KEYS[4], 'b', size)
+redis.call('HINCRBY', KEYS[4], 'c:' .. ARGV[4], 1)
+redis.call('HINCRBY', KEYS[4], 'b:' .. ARGV[4], size)
+redis.call('HSET', KEYS[4], 'i:' .. ARGV[1], ARGV[4])
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return 1
 """
 
+_CONSUME = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if not v then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local size = #v - 8
+redis.call('HINCRBY', KEYS[3], 'b', -size)
+local s = redis.call('HGET', KEYS[3], 'i:' .. ARGV[1])
+if s then
+  redis.call('HDEL', KEYS[3], 'i:' .. ARGV[1])
+  if redis.call('HINCRBY', KEYS[3], 'c:' .. s, -1) <= 0 then redis.call('HDEL', KEYS[3], 'c:' .. s, 'b:' .. s)
+  else redis.call('HINCRBY', KEYS[3], 'b:' .. s, -size) end
+end
+return 1
+"""
+
+# One page of a queue after seq ARGV[1]: {id, seq, frame, ...}.
 _PENDING = """
 local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local v = redis.call('HGET', KEYS[1], id)
-  if v then out[#out + 1] = id; out[#out + 1] = v else redis.call('ZREM', KEYS[2], id) end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+for i = 1, #ids, 2 do
+  local v = redis.call('HGET', KEYS[1], ids[i])
+  if v then out[#out + 1] = ids[i]; out[#out + 1] = ids[i + 1]; out[#out + 1] = v
+  else redis.call('ZREM', KEYS[2], ids[i]) end
 end
 return out
 """
@@ -565,9 +590,10 @@ class RedisKeyRegistry:
 class RedisMessageStore:
     """Store-and-forward queues in Redis, written through the batch pipeline (group commit).
 
-    The per-user bound is checked against a cached length (refreshed every few seconds), so two
-    brokers racing for one queue may overshoot it by a batch. Expired frames are dropped when read,
-    and a queue untouched for its TTL disappears with its keys.
+    The per-user and per-sender bounds are checked against cached sizes (refreshed every few
+    seconds), so brokers racing for one queue may overshoot them by a batch. Expired frames are
+    dropped when read, and a queue untouched for its TTL disappears with its keys. The store-wide
+    bounds (``max_total_bytes``, ``max_recipients``) are left to Redis's own ``maxmemory``.
     """
 
     durable = True
@@ -577,43 +603,57 @@ class RedisMessageStore:
         self.limits = limits
         self._append = self._r.register_script(_APPEND)
         self._pending = self._r.register_script(_PENDING)
-        self._counts: dict[str, tuple[int, float]] = {}
+        self._consume = self._r.register_script(_CONSUME)
+        # (recipient, sender) -> [queue count, queue bytes, sender's count, sender's bytes, read at]
+        self._sizes: dict[tuple[str, str], list[float]] = {}
 
-    def _count(self, user: str) -> int:
-        count, at = self._counts.get(user, (0, -1e9))
+    def _meta(self, user: str) -> str:
+        return self._keys.queue(user)[0][:-2] + ":m"
+
+    def _sizes_of(self, recipient: str, sender: str) -> list[float]:
+        key = (recipient, sender)
+        sizes = self._sizes.get(key)
         now = time.monotonic()
-        if now - at > COUNT_REFRESH:
+        if sizes is None or now - sizes[4] > COUNT_REFRESH:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hlen(self._keys.queue(recipient)[0])
+            pipe.hmget(self._meta(recipient), "b", "c:" + sender, "b:" + sender)
             try:
-                count = self._r.hlen(self._keys.queue(user)[0])
+                count, (size, share, share_size) = pipe.execute()
             except REDIS_ERRORS as exc:
                 raise StoreUnavailable(str(exc)) from exc
-            self._counts[user] = (count, now)
-        return count
+            if len(self._sizes) >= 100_000:  # a cache, bounded
+                self._sizes.clear()
+            sizes = self._sizes[key] = [count, int(size or 0), int(share or 0), int(share_size or 0), now]
+        return sizes
 
-    def append(self, msg_id: bytes, recipient: str, header: bytes, expires_ms: int) -> bool:
+    def append(self, msg_id: bytes, sender: str, recipient: str, header: bytes, expires_ms: int) -> Refusal | None:
         with unavailable_on_error():  # down: refuse now rather than fail the whole batch's commit
             self._link.health.check()
-        count = self._count(recipient)
-        if count >= self.limits.max_per_user:
-            return False
+        sizes, lim, size = self._sizes_of(recipient, sender), self.limits, len(header)
+        if sizes[0] >= lim.max_per_user or sizes[1] + size > lim.max_bytes_per_user:
+            return Refusal.QUEUE_FULL
+        if sizes[2] >= lim.max_per_sender or sizes[3] + size > lim.max_bytes_per_sender:
+            return Refusal.SHARE_FULL
         ttl_ms = max(1, int(self.limits.ttl_seconds * 1000))
-        self._append(keys=list(self._keys.queue(recipient)),
-                     args=[msg_id, struct.pack(">q", expires_ms) + header, ttl_ms], client=self._link.pipe)
-        self._counts[recipient] = (count + 1, self._counts[recipient][1])
-        return True
+        self._append(keys=[*self._keys.queue(recipient), self._meta(recipient)],
+                     args=[msg_id, struct.pack(">q", expires_ms) + header, ttl_ms, sender], client=self._link.pipe)
+        for i, grow in enumerate((1, size, 1, size)):
+            sizes[i] += grow
+        return None
 
-    def pending(self, recipient: str, now_ms: int) -> list[bytes]:
+    def pending(self, recipient: str, now_ms: int, after: int, limit: int) -> list[tuple[int, bytes]]:
         self._link.flush_soon()  # this batch's appends must be visible to the read
         h, z, _ = self._keys.queue(recipient)
         try:
-            flat = self._pending(keys=[h, z])
+            flat = self._pending(keys=[h, z], args=[after, limit])
         except REDIS_ERRORS:
             return []  # Redis down: the shell has every session's queue delivered again once it is back
         out = []
-        for i in range(0, len(flat), 2):
-            msg_id, value = flat[i], flat[i + 1]
+        for i in range(0, len(flat), 3):
+            msg_id, seq, value = flat[i], int(float(flat[i + 1])), flat[i + 2]
             if struct.unpack(">q", value[:8])[0] > now_ms:
-                out.append(value[8:])
+                out.append((seq, value[8:]))
             else:
                 self.consume(recipient, msg_id)
         return out
@@ -622,11 +662,8 @@ class RedisMessageStore:
         if not self._link.health.available:
             return  # the frame stays queued and comes again after the outage; clients drop duplicates by id
         h, z, _ = self._keys.queue(recipient)
-        self._link.pipe.hdel(h, msg_id)
-        self._link.pipe.zrem(z, msg_id)
-        if recipient in self._counts:
-            count, at = self._counts[recipient]
-            self._counts[recipient] = (max(0, count - 1), at)
+        # The cached sizes catch up within COUNT_REFRESH: a full queue refuses a little longer.
+        self._consume(keys=[h, z, self._meta(recipient)], args=[msg_id], client=self._link.pipe)
 
     def expire(self, now_ms: int) -> int:
         return 0  # lazily in pending(); abandoned queues expire with their keys
@@ -636,7 +673,7 @@ class RedisMessageStore:
 
     def rollback(self) -> None:
         self._link.discard()
-        self._counts.clear()
+        self._sizes.clear()
 
     def close(self) -> None:
         pass

@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.credit import CreditLedger, CreditLimits
 from broker.directory import Location, PeerDirectory
 from broker.keys import KeyRegistry
 from broker.ratelimit import ConnectionLimiter, RateLimits
-from broker.store import MessageStore, NoStore, QueueLimits, StoreUnavailable
+from broker.store import MessageStore, NoStore, QueueLimits, Refusal, StoreUnavailable
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
     Ack,
@@ -25,6 +26,10 @@ from common.protocol import (
     Consume,
     Envelope,
     Error,
+    FileCancel,
+    FileChunk,
+    FileCredit,
+    FileDone,
     Heartbeat,
     KeyInfo,
     KeyRequest,
@@ -96,6 +101,22 @@ class _Session:
     user: str
     token: bytes
     last_seen: float
+    # Paged delivery of the queue: the last seq sent, whether pages remain, frames sent but not consumed.
+    cursor: int = 0
+    draining: bool = True
+    unconsumed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Appended:
+    """A durable frame appended in the open batch: answered once the shell reports the commit."""
+
+    sender: bytes
+    msg_id: bytes
+    acked: bool
+    recipient: str
+    frames: Frames
+    queued: bool  # False: the store refused it for space (store bound or disk); relay it or say storage_full
 
 
 class BrokerCore:
@@ -112,17 +133,22 @@ class BrokerCore:
         queue_limits: QueueLimits = QueueLimits(),
         require_key: bool = True,
         limits: RateLimits = RateLimits(),
+        credit: CreditLimits = CreditLimits(),
     ) -> None:
         self.directory = directory
         self.keys = keys
         self.store = store or NoStore()
         self.queue_limits = queue_limits
         self._next_expiry = 0.0
-        self._stalled: set[str] = set()
+        self._stalled: set[str] = set()  # users whose next page is due at the next redelivery tick
+        self._appended: list[_Appended] = []
         self._next_redelivery = 0.0
         self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
         self.limits = limits
         self._limiters: OrderedDict[bytes, ConnectionLimiter] = OrderedDict()
+        self.credit = CreditLedger(credit)
+        self._credit_drops: dict[bytes, int] = {}  # sender conn -> chunks refused since its last relayed one
+        self._now = 0.0  # the latest tick's time, for inputs that come without one (on_forwarded)
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness
@@ -163,7 +189,7 @@ class BrokerCore:
         msg = env.message
         try:
             if msg.RELAYED:
-                return self._relay(conn, session, env, frames)
+                return self._relay(conn, session, env, frames, now)
             if type(msg) is Register:
                 return self._on_register(conn, env, now, peer_key)
             handler = self._handlers.get(type(msg))
@@ -176,6 +202,7 @@ class BrokerCore:
 
     def on_tick(self, now: float) -> list[Action]:
         """Expire silent sessions; publish the periodic PEER_SYNC."""
+        self._now = now
         actions: list[Action] = []
         while self._sessions:
             conn, session = next(iter(self._sessions.items()))
@@ -187,14 +214,16 @@ class BrokerCore:
             self._stalled.add(self._recheck.popleft()[1])
         if self._stalled and now >= self._next_redelivery:
             self._next_redelivery = now + self.heartbeat_ivl
-            for user in self._stalled:
+            users, self._stalled = self._stalled, set()
+            for user in users:
                 where = self.directory.locate(user)
-                if where is not None and where.broker == self.broker_id:
-                    actions += self._deliver_queued(where.conn, user)
-            self._stalled.clear()
+                if where is not None and where.broker == self.broker_id and where.conn in self._sessions:
+                    actions += self._next_page(where.conn)
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_SWEEP
-            self.store.expire(self._wall_ms())
+            if self.store.expire(self._wall_ms()) >= self.queue_limits.expire_batch:
+                self._next_expiry = now + self.heartbeat_ivl  # more are due: next step soon, loop never stalls
+            self.credit.expire(now)
         if now >= self._next_sync:
             self._next_sync = now + self.heartbeat_ivl
             actions.append(Publish(pack(PeerSync(self.directory.epoch, self.directory.seq()), self._wall_ms())))
@@ -244,20 +273,21 @@ class BrokerCore:
                 if previous is not None:  # the session lived on another broker, now gone or replaced
                     log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
                     self._sessions[conn] = _Session(user, msg.token, now)
-                    return [Kick(previous.broker, previous.conn, user), reply] + self._deliver_queued(conn, user)
+                    return [Kick(previous.broker, previous.conn, user), reply] + self._next_page(conn)
                 log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
                 return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
             # The same installation reconnected before its old session expired: hand over quietly.
             log.info("user=%s conn=%s takes over from conn=%s", user, conn.hex(), stale.hex())
             del self._sessions[stale]
+            self.credit.recipient_gone(user)
             self.directory.release(user, Location(self.broker_id, stale))
             self.directory.claim(user, Location(self.broker_id, conn))
             self._sessions[conn] = _Session(user, msg.token, now)
             replaced = Send(stale, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
-            return [replaced, reply] + self._deliver_queued(conn, user)
+            return [replaced, reply] + self._next_page(conn)
         self._sessions[conn] = _Session(user, msg.token, now)
         log.info("user=%s conn=%s registered", user, conn.hex())
-        return actions + self._presence(user, True) + self._deliver_queued(conn, user)
+        return actions + self._presence(user, True) + self._next_page(conn)
 
     def _on_unregister(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
         if conn not in self._sessions:
@@ -285,7 +315,8 @@ class BrokerCore:
             return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"no key known for {user!r}", env.msg_id))]
         return [Send(conn, pack(KeyInfo(user, key), self._wall_ms()))]
 
-    def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames) -> list[Action]:
+    def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames,
+               now: float) -> list[Action]:
         msg = env.message
         if session is None:
             return [self._not_registered(conn, env)]
@@ -308,6 +339,10 @@ class BrokerCore:
         if where is None:
             return [Send(conn, self._error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
                                            env.msg_id))]
+        if type(msg) is FileChunk:
+            return self._relay_chunk(conn, env, frames, where, now)
+        if where.broker == self.broker_id or type(msg) is not FileCredit:
+            self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
         ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
         if where.broker != self.broker_id:  # relayed = handed to the other broker's stream
             return [Forward(where.broker, recipient, frames)] + ([Send(conn, ack)] if ack is not None else [])
@@ -315,19 +350,81 @@ class BrokerCore:
                       lambda: self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
                                           env.msg_id))]
 
+    def _relay_chunk(self, conn: bytes, env: Envelope, frames: Frames, where: Location, now: float) -> list[Action]:
+        """A file chunk goes on only inside its recipient's credit window (broker/credit.py)."""
+        msg: FileChunk = env.message  # type: ignore[assignment]
+        size = len(frames[1]) if len(frames) > 1 else 0
+        if not self.credit.admit(msg.sender, msg.recipient, msg.xfer, msg.index, size, now):
+            drops = self._credit_drops[conn] = self._credit_drops.get(conn, 0) + 1
+            if drops == 1 or drops % 1000 == 0:  # say so, without amplifying a flood
+                log.warning("user=%s conn=%s xfer=%s %d chunks refused: outside the recipient's credit",
+                            msg.sender, conn.hex(), msg.xfer.hex(), drops)
+                return [Send(conn, self._error(ErrorCode.CREDIT_EXCEEDED, f"chunk {msg.index} is outside the credit "
+                                               f"{msg.recipient!r} granted; wait for file_credit", env.msg_id))]
+            return []
+        if self._credit_drops:
+            self._credit_drops.pop(conn, None)
+        if where.broker != self.broker_id:
+            return [Forward(where.broker, msg.recipient, frames)]
+
+        def refused() -> Frames:  # the recipient's queue is full: the chunk is not in flight after all
+            self.credit.unadmit(msg.sender, msg.recipient, msg.xfer, msg.index, size)
+            return self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {msg.recipient!r} is not keeping up", env.msg_id)
+
+        return [Relay(where.conn, frames, conn, None, refused)]
+
+    def _track_transfer(self, msg: Message, now: float) -> None:
+        """Keep the credit ledger up to date with a relayed transfer control frame."""
+        kind = type(msg)
+        if kind is FileCredit:  # from the file's recipient to its sender
+            self.credit.on_credit(msg.recipient, msg.sender, msg.xfer, msg.next, msg.upto, now)  # type: ignore
+        elif kind is FileDone or kind is FileCancel:
+            self.credit.forget(msg.recipient, msg.sender, msg.xfer)  # type: ignore[attr-defined]
+            self.credit.forget(msg.sender, msg.recipient, msg.xfer)  # type: ignore[attr-defined]
+
     def _store_and_forward(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
                            where: Location | None) -> list[Action]:
-        """Queue first (the shell commits before acting), then deliver if the recipient is here."""
+        """Queue first; acknowledge and deliver once the shell reports the commit (``on_commit``)."""
         expires = self._wall_ms() + int(self.queue_limits.ttl_seconds * 1000)
-        if not self.store.append(env.msg_id, recipient, bytes(frames[0]), expires):
-            return [Send(conn, self._error(ErrorCode.QUEUE_FULL, f"{recipient!r} has too many undelivered "
-                                           f"messages ({self.queue_limits.max_per_user}); try later", env.msg_id))]
+        sender: str = env.message.sender  # type: ignore[attr-defined]
+        refusal = self.store.append(env.msg_id, sender, recipient, bytes(frames[0]), expires)
+        if refusal is Refusal.QUEUE_FULL or refusal is Refusal.SHARE_FULL:
+            whose = f"{recipient!r} has" if refusal is Refusal.QUEUE_FULL else f"your share of {recipient!r}'s queue has"
+            return [Send(conn, self._error(ErrorCode.QUEUE_FULL, f"{whose} too many undelivered messages; try later",
+                                           env.msg_id))]
+        self._appended.append(_Appended(conn, env.msg_id, env.message.ACKED, recipient, frames, refusal is None))
+        if refusal is None and where is not None and where.broker != self.broker_id:
+            return [Forward(where.broker, recipient, [bytes(frames[0])])]  # in the same pipeline as the append
+        return []
+
+    def on_commit(self, failure: ErrorCode | None = None) -> list[Action]:
+        """The shell committed the batch (``failure`` None) or could not: answer and deliver its durable frames.
+
+        Committed: ``ack stored`` and delivery to a recipient here. Not committed: a recipient online
+        here still gets the frame (``ack relayed``); the rest get ``error`` with the failure's code
+        (``storage_full``: disk full; ``storage_unavailable``: Redis down): not stored, send again later.
+        """
+        ok = failure is None
+        if not self._appended:
+            return []
+        appended, self._appended = self._appended, []
         actions: list[Action] = []
-        if where is not None:
-            actions.append(Send(where.conn, frames, recipient) if where.broker == self.broker_id
-                           else Forward(where.broker, recipient, [bytes(frames[0])]))
-        if env.message.ACKED:
-            actions.append(Send(conn, pack(Ack(env.msg_id, AckStatus.STORED), self._wall_ms())))
+        for item in appended:
+            where = self.directory.locate(item.recipient)
+            session = self._sessions.get(where.conn) if where is not None and where.broker == self.broker_id else None
+            if ok and item.queued:
+                if session is not None and not session.draining:  # else it comes with a later page
+                    actions.append(Send(where.conn, item.frames, item.recipient))  # type: ignore[union-attr]
+                if item.acked:
+                    actions.append(Send(item.sender, pack(Ack(item.msg_id, AckStatus.STORED), self._wall_ms())))
+            elif session is not None:
+                ack = pack(Ack(item.msg_id, AckStatus.RELAYED), self._wall_ms()) if item.acked else None
+                actions.append(Relay(where.conn, item.frames, item.sender, ack,  # type: ignore[union-attr]
+                                     lambda r=item.recipient, m=item.msg_id: self._error(
+                                         ErrorCode.RECIPIENT_BUSY, f"recipient {r!r} is not keeping up", m)))
+            else:
+                actions.append(Send(item.sender, self._error(
+                    failure, "the broker cannot store messages now; try again later", item.msg_id)))
         return actions
 
     def _on_consume(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
@@ -335,6 +432,10 @@ class BrokerCore:
         if session is None:
             return [self._not_registered(conn, env)]
         self.store.consume(session.user, env.message.ref)  # type: ignore[attr-defined]
+        if session.unconsumed:
+            session.unconsumed -= 1
+            if session.draining and session.unconsumed <= self.queue_limits.page // 2:
+                return self._next_page(conn)
         return []
 
     # --- helpers ------------------------------------------------------------
@@ -346,17 +447,33 @@ class BrokerCore:
         session = self._sessions.get(where.conn)
         return where.conn if session is not None and session.token == token else None
 
-    def _deliver_queued(self, conn: bytes, user: str) -> list[Action]:
-        queued = self.store.pending(user, self._wall_ms())
-        if queued:
-            log.info("user=%s delivering %d queued frames", user, len(queued))
-        return [Send(conn, [header], user) for header in queued]
+    def _next_page(self, conn: bytes) -> list[Action]:
+        """The next page of ``conn``'s queue, in order: never the whole queue at once."""
+        session = self._sessions[conn]
+        limit = self.queue_limits.page
+        page = self.store.pending(session.user, self._wall_ms(), session.cursor, limit)
+        session.draining = len(page) == limit
+        if session.draining:  # one more page a heartbeat even if the recipient consumes nothing
+            self._stalled.add(session.user)
+        if not page:
+            return []
+        session.cursor = page[-1][0]
+        session.unconsumed += len(page)
+        log.debug("user=%s delivering %d queued frames", session.user, len(page))
+        return [Send(conn, [header], session.user) for _, header in page]
 
     def on_forwarded(self, user: str, frames: Frames) -> list[Action]:
         """Frames another broker routed to ``user`` here: deliver if they are still connected here."""
         where = self.directory.locate(user)
         if where is None or where.broker != self.broker_id or where.conn not in self._sessions:
             return []  # moved on: durable frames wait in the shared store, transfers resume
+        try:
+            msg = decode(frames).message
+        except ProtocolError:
+            return []
+        if msg.DURABLE and self.store.durable and self._sessions[where.conn].draining:
+            return []  # it is in the shared queue, behind older frames: a later page brings it, in order
+        self._track_transfer(msg, self._now)
         return [Send(where.conn, frames, user)]
 
     def on_kicked(self, conn: bytes, user: str) -> list[Action]:
@@ -366,6 +483,8 @@ class BrokerCore:
             return []
         del self._sessions[conn]
         self._limiters.pop(conn, None)
+        self._credit_drops.pop(conn, None)
+        self.credit.recipient_gone(user)
         self.directory.release(user, Location(self.broker_id, conn))  # no-op in Redis: it moved already
         log.info("user=%s conn=%s session taken over by another broker", user, conn.hex())
         return [Send(conn, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))]
@@ -375,7 +494,11 @@ class BrokerCore:
         return [(s.user, conn, s.token) for conn, s in self._sessions.items()]
 
     def on_delivery_failed(self, user: str) -> None:
-        """The shell could not hand a queued frame to ``user`` (high-water mark): try again soon."""
+        """The shell could not hand a queued frame to ``user`` (high-water mark): page it again soon."""
+        where = self.directory.locate(user)
+        session = self._sessions.get(where.conn) if where is not None and where.broker == self.broker_id else None
+        if session is not None:
+            session.cursor, session.draining, session.unconsumed = 0, True, 0
         self._stalled.add(user)
 
     def _limiter(self, conn: bytes, now: float) -> ConnectionLimiter:
@@ -388,7 +511,9 @@ class BrokerCore:
 
     def _drop(self, conn: bytes) -> list[Action]:
         self._limiters.pop(conn, None)
+        self._credit_drops.pop(conn, None)
         session = self._sessions.pop(conn)
+        self.credit.recipient_gone(session.user)
         if self.directory.release(session.user, Location(self.broker_id, conn)):
             return self._presence(session.user, False)
         return []

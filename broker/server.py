@@ -139,8 +139,10 @@ class BrokerServer:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES) + 1024)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.RCVHWM, 10_000)
-        self.router.setsockopt(zmq.SNDHWM, 10_000)
+        # Per-connection pipes, in messages: a relayed header is at most ~70 KiB (64 KiB body) and file
+        # chunks are bounded in bytes by the credit ledger (broker/credit.py), so these bound bytes too.
+        self.router.setsockopt(zmq.RCVHWM, 256)
+        self.router.setsockopt(zmq.SNDHWM, 1_000)
         self.pub = self._ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
@@ -158,6 +160,7 @@ class BrokerServer:
         if not config.insecure:
             self._bind(self.key_service, config.key_service_port)
         self._next_refresh = 0.0
+        self._store_failing = False
         self._refreshed_once = False
         if self._cluster is not None:
             self._cluster.start_reader(self._directory.stream_pos)
@@ -234,7 +237,8 @@ class BrokerServer:
         return actions
 
     def _commit_then_execute(self, actions: list[Action]) -> None:
-        """Acknowledge nothing that is not committed: commit the batch's queue changes first."""
+        """Acknowledge nothing that is not committed: commit the batch's queue changes first; the core
+        then answers its durable frames (``on_commit``), and everything else goes out either way."""
         try:
             if self._cluster is not None:  # cross-broker frames ride in the same pipeline: one round trip
                 for action in actions:
@@ -244,13 +248,16 @@ class BrokerServer:
                         self._cluster.kick(action.broker, action.conn, action.user)
                 self._cluster.flush()
             self._store.commit()
+            failure = None
         except (sqlite3.Error, StoreUnavailable) as exc:
-            # Nothing of this batch is durable: say nothing, so senders keep it in their outboxes.
-            log.warning("store commit failed (%s); %d actions of this batch dropped", exc, len(actions),
-                        exc_info=not isinstance(exc, StoreUnavailable))
             self._store.rollback()
-            return
-        self._execute(actions)
+            failure = exc.code if isinstance(exc, StoreUnavailable) else ErrorCode.STORAGE_FULL
+            if not self._store_failing:  # once per outage, not once per batch
+                log.error("store commit failed (%s): answering %s until it works again", exc, failure.value)
+        if failure is None and self._store_failing:
+            log.info("store commits work again")
+        self._store_failing = failure is not None
+        self._execute(actions + self.core.on_commit(failure))
 
     def _cluster_tick(self, now: float) -> None:
         """Cluster chores: frames from other brokers, presence to republish, liveness and reaping."""
@@ -318,6 +325,7 @@ class BrokerServer:
         return [parts[0].bytes, *parts[1:]] if parts else []
 
     def _execute(self, actions: list[Action]) -> None:
+        missed: set[str] = set()  # a queued frame did not reach them: the rest follows in the re-page, in order
         for action in actions:
             if type(action) is Relay:
                 if self._send(action.conn, action.frames):
@@ -326,8 +334,12 @@ class BrokerServer:
                 else:
                     self._send(action.sender, action.on_failure())
             elif type(action) is Send:
-                if not self._send(action.conn, action.frames) and action.queued_for is not None:
-                    self.core.on_delivery_failed(action.queued_for)
+                user = action.queued_for
+                if user is None:
+                    self._send(action.conn, action.frames)
+                elif user not in missed and not self._send(action.conn, action.frames):
+                    missed.add(user)
+                    self.core.on_delivery_failed(user)
             elif type(action) is Publish:
                 self.pub.send_multipart(action.frames)
 

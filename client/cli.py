@@ -97,7 +97,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         heartbeat_ivl=args.heartbeat, insecure=args.insecure, key_port=args.key_port,
         durable=not args.no_store, fsync=args.fsync,
         limits=RateLimits(frames_per_s=args.rate_limit, frame_burst=2 * args.rate_limit),
-        queue=QueueLimits(max_per_user=args.queue_max, ttl_seconds=args.queue_ttl),
+        queue=QueueLimits(max_per_user=args.queue_max, max_per_sender=args.queue_sender_max,
+                          ttl_seconds=args.queue_ttl),
         cluster=args.cluster, reuse_port=args.reuse_port or args.workers > 1, io_threads=max(1, args.io_threads),
     )
     server = BrokerServer(config)
@@ -304,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, default=10_000.0,
                    help="frames per second one connection may send, bursts of twice that (default 10000)")
     p.add_argument("--fsync", action="store_true", help="fsync every group commit (survive power loss too)")
-    p.add_argument("--queue-max", type=int, default=10_000, help="undelivered frames kept per user (default 10000)")
+    p.add_argument("--queue-max", type=int, default=20_000,
+                   help="undelivered frames kept per user (default 20000)")
+    p.add_argument("--queue-sender-max", type=int, default=10_000,
+                   help="of those, frames one sender may keep queued for one user (default 10000)")
     p.add_argument("--queue-ttl", type=float, default=7 * 24 * 3600.0,
                    help="seconds an undelivered frame is kept (default 7 days)")
     p.add_argument("--cluster", default=None, metavar="redis://HOST:PORT/DB",

@@ -344,8 +344,9 @@ class TransferManager:
         xfer = self._by_prefix.get(ref[:REF_PREFIX])
         if xfer is None:
             return None
-        # After a broker restart a peer is "unknown" until it registers again.
-        peer_gone = error.code in (ErrorCode.RECIPIENT_OFFLINE, ErrorCode.RECIPIENT_BUSY, ErrorCode.UNKNOWN_RECIPIENT)
+        # After a broker restart a peer is "unknown" until it registers again (and the broker forgot its credit).
+        peer_gone = error.code in (ErrorCode.RECIPIENT_OFFLINE, ErrorCode.RECIPIENT_BUSY, ErrorCode.UNKNOWN_RECIPIENT,
+                                   ErrorCode.CREDIT_EXCEEDED)
         if xfer in self.outgoing:
             out = self.outgoing[xfer]
             if peer_gone and out.accepted:

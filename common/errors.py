@@ -30,6 +30,8 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     QUEUE_FULL = "queue_full"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    STORAGE_FULL = "storage_full"
+    CREDIT_EXCEEDED = "credit_exceeded"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     RECIPIENT_OFFLINE = "recipient_offline"
     RECIPIENT_BUSY = "recipient_busy"

@@ -27,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from broker.directory import LocalDirectory
 from broker.routing import BrokerCore, Publish, Relay, Send
+from broker.store import Refusal
 from client import events as ev
 from client.actions import Emit, Transmit
 from client.e2e import EndToEnd
@@ -400,18 +401,22 @@ class MemoryStore:
 
     def __init__(self, max_per_user: int = 6) -> None:
         self.max_per_user = max_per_user
-        self.queues: dict[str, dict[bytes, tuple[bytes, int]]] = defaultdict(dict)
+        self.queues: dict[str, dict[bytes, tuple[int, bytes, int]]] = defaultdict(dict)  # (seq, header, expires)
+        self.seq = 0
         self.consumed: list[tuple[str, bytes]] = []
 
-    def append(self, msg_id: bytes, recipient: str, header: bytes, expires_ms: int) -> bool:
+    def append(self, msg_id: bytes, sender: str, recipient: str, header: bytes, expires_ms: int) -> Refusal | None:
         queue = self.queues[recipient]
         if msg_id not in queue and len(queue) >= self.max_per_user:
-            return False
-        queue.setdefault(msg_id, (header, expires_ms))
-        return True
+            return Refusal.QUEUE_FULL
+        if msg_id not in queue:
+            self.seq += 1
+            queue[msg_id] = (self.seq, header, expires_ms)
+        return None
 
-    def pending(self, recipient: str, now_ms: int) -> list[bytes]:
-        return [header for header, expires in self.queues[recipient].values() if expires > now_ms]
+    def pending(self, recipient: str, now_ms: int, after: int, limit: int) -> list[tuple[int, bytes]]:
+        return [(seq, header) for seq, header, expires in self.queues[recipient].values()
+                if expires > now_ms and seq > after][:limit]
 
     def consume(self, recipient: str, msg_id: bytes) -> None:
         self.consumed.append((recipient, msg_id))
@@ -493,7 +498,8 @@ class BrokerMachine(RuleBasedStateMachine):
     def send(self, conn: bytes, frames) -> None:
         before = self.core.user_of(conn)
         consumed = len(self.store.consumed)
-        self.step(conn, self.core.on_frames(conn, frames, self.now, lambda: curve_key(CONNS[conn])))
+        actions = self.core.on_frames(conn, frames, self.now, lambda: curve_key(CONNS[conn]))
+        self.step(conn, actions + self.core.on_commit())
         for recipient, _ in self.store.consumed[consumed:]:
             assert recipient == before, f"{conn} registered as {before} consumed {recipient}'s message"
 
