@@ -188,12 +188,17 @@ def register_frames(user: str, key: bytes) -> Frames:
     return pack(Register(user, b"fuzz-token-" + user.encode(), key), 0)
 
 
-def connect_as(dealers: Dealers, user: str, keypair: tuple[bytes, bytes] | None = None) -> zmq.Socket:
-    """An authenticated connection registered as ``user``: the one place tests get one (admission goes here)."""
-    sock = dealers.open(keypair)
+def register(dealers: Dealers, sock: zmq.Socket, user: str) -> None:
+    """Register an open connection as ``user`` and wait for the broker's answer."""
     sock.send_multipart(register_frames(user, dealers.keys[sock]))
     reply = decode(recv(sock, dealers.broker)).message
     assert type(reply) is Registered and reply.user == user, reply
+
+
+def connect_as(dealers: Dealers, user: str, keypair: tuple[bytes, bytes] | None = None) -> zmq.Socket:
+    """An authenticated connection registered as ``user``: the one place tests get one (admission goes here)."""
+    sock = dealers.open(keypair)
+    register(dealers, sock, user)
     return sock
 
 
