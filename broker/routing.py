@@ -16,7 +16,7 @@ from typing import Any
 
 from broker.directory import Location, PeerDirectory
 from broker.keys import KeyRegistry
-from broker.ratelimit import ConnectionLimiter, RateLimits
+from broker.ratelimit import BadFrameLog, ConnectionLimiter, RateLimits
 from broker.store import MessageStore, NoStore, QueueLimits
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
 MAX_LIMITERS = 200_000
 EXPIRY_SWEEP = 60.0  # seconds between sweeps of expired queued frames
+BIND_REFUSALS = {
+    ErrorCode.ID_TAKEN: "user ID {user!r} belongs to another key",
+    ErrorCode.TOO_MANY_IDS: "this key has claimed as many user IDs as the broker allows",
+    ErrorCode.REGISTRY_FULL: "the broker binds no more user IDs",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,7 @@ class _Session:
     user: str
     token: bytes
     last_seen: float
+    key: bytes | None = None  # the CURVE key that registered it: every later frame must carry the same one
 
 
 class BrokerCore:
@@ -123,6 +129,7 @@ class BrokerCore:
         self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
         self.limits = limits
         self._limiters: OrderedDict[bytes, ConnectionLimiter] = OrderedDict()
+        self.bad_frames = BadFrameLog()
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness
@@ -152,13 +159,17 @@ class BrokerCore:
                 return [Send(conn, self._error(ErrorCode.RATE_LIMITED, "slow down: frames are being dropped", None))]
             return []
         session = self._sessions.get(conn)
-        if session is not None:  # any traffic counts as a heartbeat, even a malformed frame
-            session.last_seen = now
+        if session is not None:
+            if self.require_key and peer_key() != session.key:  # a routing id is no credential
+                self.bad_frames.record(conn, session.user, "CURVE key is not the session's", now)
+                return [Send(conn, self._error(ErrorCode.KEY_MISMATCH, "this frame's CURVE key is not the key of "
+                                               "the session on this routing id", None))]
+            session.last_seen = now  # any traffic counts as a heartbeat, even a malformed frame
             self._sessions.move_to_end(conn)
         try:
             env = decode(frames)
         except ProtocolError as exc:
-            log.warning("conn=%s bad frame: %s", conn.hex(), exc.message)
+            self.bad_frames.record(conn, session.user if session else None, exc.message, now)
             return [Send(conn, self._error(exc.code, exc.message, exc.ref))]
         msg = env.message
         if msg.RELAYED:
@@ -173,6 +184,7 @@ class BrokerCore:
     def on_tick(self, now: float) -> list[Action]:
         """Expire silent sessions; publish the periodic PEER_SYNC."""
         actions: list[Action] = []
+        self.bad_frames.flush(now)
         while self._sessions:
             conn, session = next(iter(self._sessions.items()))
             if now - session.last_seen <= self.expiry:
@@ -223,10 +235,10 @@ class BrokerCore:
         if self.require_key and msg.key != peer_key():
             return [Send(conn, self._error(ErrorCode.KEY_MISMATCH,
                                            "the key in REGISTER is not this connection's CURVE key", env.msg_id))]
-        if not self.keys.bind(user, msg.key):
-            log.warning("user=%s conn=%s refused: ID bound to another key", user, conn.hex())
-            return [Send(conn, self._error(ErrorCode.ID_TAKEN,
-                                           f"user ID {user!r} belongs to another key", env.msg_id))]
+        refused = self.keys.bind(user, msg.key)
+        if refused is not None:
+            log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
+            return [Send(conn, self._error(refused, BIND_REFUSALS[refused].format(user=user), env.msg_id))]
         reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
@@ -239,7 +251,7 @@ class BrokerCore:
                 previous = self.directory.take_over(user, Location(self.broker_id, conn), msg.token)
                 if previous is not None:  # the session lived on another broker, now gone or replaced
                     log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
-                    self._sessions[conn] = _Session(user, msg.token, now)
+                    self._sessions[conn] = _Session(user, msg.token, now, msg.key)
                     return [Kick(previous.broker, previous.conn, user), reply] + self._deliver_queued(conn, user)
                 log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
                 return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
@@ -248,10 +260,10 @@ class BrokerCore:
             del self._sessions[stale]
             self.directory.release(user, Location(self.broker_id, stale))
             self.directory.claim(user, Location(self.broker_id, conn))
-            self._sessions[conn] = _Session(user, msg.token, now)
+            self._sessions[conn] = _Session(user, msg.token, now, msg.key)
             replaced = Send(stale, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
             return [replaced, reply] + self._deliver_queued(conn, user)
-        self._sessions[conn] = _Session(user, msg.token, now)
+        self._sessions[conn] = _Session(user, msg.token, now, msg.key)
         log.info("user=%s conn=%s registered", user, conn.hex())
         return actions + self._presence(user, True) + self._deliver_queued(conn, user)
 

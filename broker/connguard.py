@@ -1,0 +1,191 @@
+"""Connection guard: what libzmq does not bound, watched from outside and cut at the TCP level.
+
+libzmq keeps the parts of an unfinished multipart message without limit (outside the high-water
+mark; ``ZMQ_MAXMSGSIZE`` is per frame), and keeps a connection that never registers for ever. The
+guard learns each accepted connection's descriptor from the socket monitor, maps ROUTER routing ids
+to descriptors (the ``SRCFD`` property of received frames) and counts what the application received
+from each. When the process RSS climbs past a watermark it asks the kernel how many bytes each
+connection delivered (``TCP_INFO`` ``tcpi_bytes_received``): a connection whose bytes the
+application never saw by more than ``max_unread`` is holding them inside libzmq, and is cut with
+``shutdown()`` on its descriptor (libzmq then tears the pipe down and frees the parts); glibc gets
+the memory back with ``malloc_trim``. ROUTER connections without a session after
+``unregistered_timeout`` are cut the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+TCPI_BYTES_RECEIVED = 128  # offset of the u64 in struct tcp_info (Linux >= 4.1)
+WIRE_OVERHEAD = 48  # ZMTP + CURVE bytes per frame on top of its payload, rounded up: over-counting is safe
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class GuardLimits:
+    check_every: float = 0.02  # seconds between RSS reads (one pread of /proc/self/statm)
+    rss_step: int = 16 * 2**20  # RSS growth since the last scan that triggers a scan of every connection
+    max_unread: int = 4 * 2**20  # bytes a connection may have delivered that the application has not received
+    unregistered_timeout: float = 10.0  # seconds a ROUTER connection may stay without a session
+    trim_threshold: int = 8 * 2**20  # free heap top glibc keeps (see _Libc.cap_trim_threshold)
+
+
+def pick_culprits(unread: dict[int, int], max_unread: int) -> list[int]:
+    """The descriptors holding more unreceived bytes than allowed, worst first."""
+    return sorted((fd for fd, n in unread.items() if n > max_unread), key=lambda fd: -unread[fd])
+
+
+class _Libc:
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+    def trim(self) -> None:
+        trim = getattr(self._libc, "malloc_trim", None)
+        if trim is not None:  # glibc only
+            trim(0)
+
+    def cap_trim_threshold(self, size: int) -> None:
+        """glibc shrinks a thread arena's heap only when its free top exceeds M_TRIM_THRESHOLD, and
+        malloc_trim never does: with common/allocator.py's 64 MiB, what a cut connection held (freed on
+        libzmq's I/O thread) stayed in the broker, 20 MiB more per flood."""
+        mallopt = getattr(self._libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(ctypes.c_int(-1), ctypes.c_int(size))  # M_TRIM_THRESHOLD
+
+    def seed_rand(self) -> None:
+        """libzmq starts a ROUTER's routing ids at libc ``rand()``: unseeded, 0x6b8b4567 in every process."""
+        self._libc.srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "big")))
+
+
+LIBC = _Libc()
+
+
+class ConnectionGuard:
+    """Descriptors of a ROUTER's and a PUB's accepted connections, and what the application read from them."""
+
+    def __init__(self, limits: GuardLimits, registered: Callable[[bytes], bool]) -> None:
+        self.limits = limits
+        self._registered = registered  # routing id -> has a session
+        self._router: dict[int, list] = {}  # fd -> [accepted at, routing id or None, app bytes]
+        self._by_conn: dict[bytes, int] = {}
+        self._pub: set[int] = set()
+        LIBC.cap_trim_threshold(limits.trim_threshold)
+        self._statm = os.open("/proc/self/statm", os.O_RDONLY)
+        self._watermark = self.rss() + limits.rss_step
+        self._next_check = 0.0
+        self._next_sweep = 0.0
+        self._trims = 0  # trims still to do after a cut: libzmq frees the parts on its I/O thread, later
+        self.cut_count = 0
+
+    def rss(self) -> int:
+        return int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
+
+    # --- events from the shell ---------------------------------------------------------
+    def accepted(self, fd: int, pub: bool, now: float) -> None:
+        if pub:
+            self._pub.add(fd)
+        else:
+            self.disconnected(fd, False)
+            self._router[fd] = [now, None, 0]
+
+    def disconnected(self, fd: int, pub: bool) -> None:
+        if pub:
+            self._pub.discard(fd)
+            return
+        entry = self._router.pop(fd, None)
+        if entry is not None and entry[1] is not None:
+            self._by_conn.pop(entry[1], None)
+
+    def received(self, conn: bytes, parts: list, nbytes: int) -> None:
+        """A message the application received from ``conn`` (``parts`` as received, routing id first)."""
+        fd = self._by_conn.get(conn)
+        if fd is None:
+            fd = self._learn(conn, parts)
+            if fd is None:
+                return
+        self._router[fd][2] += nbytes + WIRE_OVERHEAD * (len(parts) - 1)
+
+    def _learn(self, conn: bytes, parts: list) -> int | None:
+        try:
+            fd = parts[1].get(zmq.SRCFD) if len(parts) > 1 else None
+        except zmq.ZMQError:
+            return None
+        entry = self._router.get(fd)
+        if entry is None or entry[1] is not None:
+            return None  # the monitor has not told us yet, or the descriptor is another's: learn it next time
+        entry[1] = conn
+        self._by_conn[conn] = fd
+        return fd
+
+    # --- periodic checks -----------------------------------------------------------------
+    def next_check(self) -> float:
+        return self._next_check
+
+    def check(self, now: float) -> None:
+        if now < self._next_check:
+            return
+        self._next_check = now + self.limits.check_every
+        if self._trims:
+            self._trims -= 1
+            LIBC.trim()
+        rss = self.rss()
+        if rss > self._watermark:
+            self._scan()
+            self._watermark = self.rss() + self.limits.rss_step
+        else:
+            self._watermark = min(self._watermark, rss + self.limits.rss_step)
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(1.0, self.limits.unregistered_timeout / 4)
+            self._sweep_unregistered(now)
+
+    def _scan(self) -> None:
+        unread = {fd: _bytes_received(fd) - entry[2] for fd, entry in self._router.items()}
+        unread.update({fd: _bytes_received(fd) for fd in self._pub})
+        for fd in pick_culprits(unread, self.limits.max_unread):
+            log.warning("connection fd=%d cut: %d bytes it sent are held inside ZeroMQ unread (an unfinished "
+                        "multipart message?)%s", fd, unread[fd], "" if fd in self._pub else
+                        f" conn={(self._router[fd][1] or b'').hex() or '?'}")
+            self._cut(fd)
+
+    def _sweep_unregistered(self, now: float) -> None:
+        timeout = self.limits.unregistered_timeout
+        for fd, entry in list(self._router.items()):
+            if entry[1] is not None and self._registered(entry[1]):
+                entry[0] = now  # registered now: the timeout counts from when it last was
+            elif now - entry[0] > timeout:
+                log.info("connection fd=%d conn=%s cut: no session for %.0fs", fd,
+                         (entry[1] or b"").hex() or "?", timeout)
+                self._cut(fd)
+                self.disconnected(fd, False)
+
+    def _cut(self, fd: int) -> None:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as dup:
+                dup.shutdown(socket.SHUT_RDWR)  # libzmq sees the end of the stream and drops the connection
+        except OSError as exc:
+            log.info("cutting fd=%d: %s", fd, exc)
+        self.cut_count += 1
+        self._trims = 10
+
+    def close(self) -> None:
+        os.close(self._statm)
+
+
+def _bytes_received(fd: int) -> int:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as dup:
+            info = dup.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_BYTES_RECEIVED + 8)
+    except OSError:
+        return 0
+    return struct.unpack_from("Q", info, TCPI_BYTES_RECEIVED)[0] if len(info) >= TCPI_BYTES_RECEIVED + 8 else 0
