@@ -9,7 +9,7 @@ connection delivered (``TCP_INFO`` ``tcpi_bytes_received``): a connection whose 
 application never saw by more than ``max_unread`` is holding them inside libzmq, and is cut with
 ``shutdown()`` on its descriptor (libzmq then tears the pipe down and frees the parts); glibc gets
 the memory back with ``malloc_trim``. ROUTER connections without a session after
-``unregistered_timeout`` are cut the same way.
+``unregistered_beats`` heartbeat intervals are cut the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class GuardLimits:
     check_every: float = 0.02  # seconds between RSS reads (one pread of /proc/self/statm)
     rss_step: int = 16 * 2**20  # RSS growth since the last scan that triggers a scan of every connection
     max_unread: int = 4 * 2**20  # bytes a connection may have delivered that the application has not received
-    unregistered_timeout: float = 10.0  # seconds a ROUTER connection may stay without a session
+    unregistered_beats: float = 10.0  # heartbeat intervals a ROUTER connection may stay without a session
     trim_threshold: int = 8 * 2**20  # free heap top glibc keeps (see _Libc.cap_trim_threshold)
 
 
@@ -74,8 +74,9 @@ LIBC = _Libc()
 class ConnectionGuard:
     """Descriptors of a ROUTER's and a PUB's accepted connections, and what the application read from them."""
 
-    def __init__(self, limits: GuardLimits, registered: Callable[[bytes], bool]) -> None:
+    def __init__(self, limits: GuardLimits, heartbeat_ivl: float, registered: Callable[[bytes], bool]) -> None:
         self.limits = limits
+        self.unregistered_timeout = limits.unregistered_beats * heartbeat_ivl
         self._registered = registered  # routing id -> has a session
         self._router: dict[int, list] = {}  # fd -> [accepted at, routing id or None, app bytes]
         self._by_conn: dict[bytes, int] = {}
@@ -146,7 +147,7 @@ class ConnectionGuard:
         else:
             self._watermark = min(self._watermark, rss + self.limits.rss_step)
         if now >= self._next_sweep:
-            self._next_sweep = now + min(1.0, self.limits.unregistered_timeout / 4)
+            self._next_sweep = now + min(1.0, self.unregistered_timeout / 4)
             self._sweep_unregistered(now)
 
     def _scan(self) -> None:
@@ -159,7 +160,7 @@ class ConnectionGuard:
             self._cut(fd)
 
     def _sweep_unregistered(self, now: float) -> None:
-        timeout = self.limits.unregistered_timeout
+        timeout = self.unregistered_timeout
         for fd, entry in list(self._router.items()):
             if entry[1] is not None and self._registered(entry[1]):
                 entry[0] = now  # registered now: the timeout counts from when it last was

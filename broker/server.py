@@ -191,7 +191,7 @@ class BrokerServer:
         events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
         self._monitor = self.router.get_monitor_socket(events)
         self._pub_monitor = self.pub.get_monitor_socket(events)
-        self.guard = ConnectionGuard(config.guard, lambda conn: self.core.user_of(conn) is not None)
+        self.guard = ConnectionGuard(config.guard, config.heartbeat_ivl, lambda conn: self.core.user_of(conn) is not None)
         self._bind(self.router, config.port)
         self._bind(self.pub, config.publish_port)
         self.key_service: KeyServiceListener | None = None
