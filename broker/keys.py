@@ -28,6 +28,14 @@ class KeyLimits:
     ticket_ttl: float = 60.0  # seconds a ticket admits its key
 
 
+REFUSALS = {  # why a key gets no ID (or no ticket), for the ERROR or ERR line
+    ErrorCode.ID_TAKEN: "user ID {user!r} belongs to another key",
+    ErrorCode.TOO_MANY_IDS: "this key has claimed as many user IDs as the broker allows",
+    ErrorCode.REGISTRY_FULL: "the broker binds no more user IDs",
+    ErrorCode.ADMISSION_FULL: "too many admissions pending; retry later",
+}
+
+
 class KeyRegistry(Protocol):
     def bind(self, user: str, key: bytes) -> ErrorCode | None:
         """Bind ``user`` to ``key`` if unbound; None if ``user`` is (now) bound to ``key``, else why not."""

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.keys import KeyRegistry
+from broker.keys import REFUSALS, KeyRegistry
 from broker.ratelimit import TokenBucket
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import check_user_id
@@ -94,7 +94,7 @@ class KeyServiceCore:
             refused = self.keys.issue_ticket(request.key, now)
         if refused is not None:
             log.info("admission of user=%s from %s refused: %s", request.user, source, refused.value)
-            return error_line(refused, _ADMIT_REFUSALS[refused])
+            return error_line(refused, REFUSALS[refused].format(user=request.user))
         return b"OK\n"
 
     def _bucket(self, source: str, now: float) -> TokenBucket:
@@ -105,14 +105,6 @@ class KeyServiceCore:
                 self._buckets.popitem(last=False)
         self._buckets[source] = bucket  # most recent last
         return bucket
-
-
-_ADMIT_REFUSALS = {
-    ErrorCode.ID_TAKEN: "this user ID belongs to another key",
-    ErrorCode.TOO_MANY_IDS: "this key has claimed as many user IDs as the broker allows",
-    ErrorCode.REGISTRY_FULL: "the broker binds no more user IDs",
-    ErrorCode.ADMISSION_FULL: "too many admissions pending; retry later",
-}
 
 
 class KeyServiceConnection:

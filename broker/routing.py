@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.directory import Location, PeerDirectory
-from broker.keys import KeyRegistry
+from broker.keys import REFUSALS, KeyRegistry
 from broker.ratelimit import BadFrameLog, ConnectionLimiter, RateLimits
 from broker.store import MessageStore, NoStore, QueueLimits
 from common.errors import ErrorCode, ProtocolError
@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
 MAX_LIMITERS = 200_000
 EXPIRY_SWEEP = 60.0  # seconds between sweeps of expired queued frames
-BIND_REFUSALS = {
-    ErrorCode.ID_TAKEN: "user ID {user!r} belongs to another key",
-    ErrorCode.TOO_MANY_IDS: "this key has claimed as many user IDs as the broker allows",
-    ErrorCode.REGISTRY_FULL: "the broker binds no more user IDs",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +233,7 @@ class BrokerCore:
         refused = self.keys.bind(user, msg.key)
         if refused is not None:
             log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
-            return [Send(conn, self._error(refused, BIND_REFUSALS[refused].format(user=user), env.msg_id))]
+            return [Send(conn, self._error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
         reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]

@@ -32,7 +32,7 @@ from common.crypto import Identity, fingerprint
 from common.errors import P2PChatError
 from broker.routing import Action, BrokerCore, Forward, Kick, Publish, Relay, Send
 from common.paths import broker_dir, ensure_private_dir
-from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, pack
+from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
 from common.wakeup import Waker
 
 log = logging.getLogger(__name__)
