@@ -18,6 +18,7 @@ import zmq
 from zmq.utils import z85
 
 from bench.more_flood import flood, rss_mib
+from broker.keyservice import KeyServiceConnection, KeyServiceCore, KeyServiceLimits
 from client.broker_trust import admit, fetch_broker_key
 from common import crypto
 from common.errors import ErrorCode, RemoteError
@@ -215,3 +216,51 @@ def test_insecure_broker_on_loopback_warns_loudly(tmp_path):
         assert any("PLAINTEXT" in line and "NOT FOR USE" in line for line in proc.lines)
     finally:
         proc.stop()
+
+
+# --- the key service core, without sockets --------------------------------------------------------
+class _Registry:
+    """Just enough KeyRegistry for the key service: ``taken`` IDs belong to another key."""
+
+    def __init__(self, taken: set[str] = frozenset()) -> None:
+        self.taken, self.tickets = taken, []
+
+    def can_bind(self, user: str, key: bytes):
+        return ErrorCode.ID_TAKEN if user in self.taken else None
+
+    def issue_ticket(self, key: bytes, now: float):
+        self.tickets.append(key)
+        return None
+
+
+def _service(**limits) -> KeyServiceCore:
+    return KeyServiceCore(b"\x01" * 32, _Registry({"alice"}), KeyServiceLimits(**limits))
+
+
+def test_key_service_core_answers_key_and_admit_lines():
+    core, conn = _service(), KeyServiceConnection("127.0.0.1", 0.0)
+    reply, close = conn.receive(b"KEY\nADMIT bob " + b"ab" * 32 + b"\nADMIT alice " + b"cd" * 32 + b"\n", core, 0.0)
+    assert reply.split(b"\n")[:3] == [b"KEY " + b"01" * 32, b"OK", b"ERR id_taken user ID 'alice' belongs to another key"]
+    assert not close
+    assert core.keys.tickets == [b"\xab" * 32]
+
+
+def test_key_service_core_closes_after_a_bad_or_overlong_line_or_four_requests():
+    core = _service()
+    reply, close = KeyServiceConnection("h", 0.0).receive(b"HELLO\n", core, 0.0)
+    assert reply.startswith(b"ERR bad_frame ") and close
+    reply, close = KeyServiceConnection("h", 0.0).receive(b"K" * 256, core, 0.0)
+    assert reply.startswith(b"ERR too_large ") and close
+    reply, close = KeyServiceConnection("h", 0.0).receive(b"KEY\n" * 5, core, 0.0)
+    assert reply.count(b"\n") == 4 and close
+    assert KeyServiceConnection("h", 0.0).receive(b"KE", core, 0.0) == (b"", False)  # waits for the rest
+
+
+def test_key_service_core_limits_admissions_per_source_address():
+    core = _service(admit_rate=1.0, admit_burst=2.0)
+    admit_line = b"ADMIT bob " + b"ab" * 32 + b"\n"
+    answers = [KeyServiceConnection(source, 0.0).receive(admit_line, core, 0.0)[0]
+               for source in ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2")]
+    assert answers[:2] == [b"OK\n", b"OK\n"]
+    assert answers[2].startswith(b"ERR rate_limited ")
+    assert answers[3] == b"OK\n"  # another address has its own bucket
