@@ -78,8 +78,9 @@ class ConnectionGuard:
         self.limits = limits
         self.unregistered_timeout = limits.unregistered_beats * heartbeat_ivl
         self._registered = registered  # routing id -> has a session
-        self._router: dict[int, list] = {}  # fd -> [accepted at, routing id or None, app bytes]
+        self._router: dict[int, list] = {}  # fd -> [accepted at (or last seen registered), routing id or None]
         self._by_conn: dict[bytes, int] = {}
+        self._read: dict[bytes, int] = {}  # routing id -> bytes the application received from it (over-counted)
         self._pub: set[int] = set()
         LIBC.cap_trim_threshold(limits.trim_threshold)
         self._statm = os.open("/proc/self/statm", os.O_RDONLY)
@@ -98,7 +99,7 @@ class ConnectionGuard:
             self._pub.add(fd)
         else:
             self.disconnected(fd, False)
-            self._router[fd] = [now, None, 0]
+            self._router[fd] = [now, None]
 
     def disconnected(self, fd: int, pub: bool) -> None:
         if pub:
@@ -107,27 +108,27 @@ class ConnectionGuard:
         entry = self._router.pop(fd, None)
         if entry is not None and entry[1] is not None:
             self._by_conn.pop(entry[1], None)
+            self._read.pop(entry[1], None)
 
-    def received(self, conn: bytes, parts: list, nbytes: int) -> None:
+    def received(self, conn: bytes, parts: list) -> None:
         """A message the application received from ``conn`` (``parts`` as received, routing id first)."""
-        fd = self._by_conn.get(conn)
-        if fd is None:
-            fd = self._learn(conn, parts)
-            if fd is None:
-                return
-        self._router[fd][2] += nbytes + WIRE_OVERHEAD * (len(parts) - 1)
+        size = sum(map(len, parts)) + WIRE_OVERHEAD * len(parts)
+        try:
+            self._read[conn] += size  # the hot path: one dict update per message
+        except KeyError:
+            self._learn(conn, parts, size)
 
-    def _learn(self, conn: bytes, parts: list) -> int | None:
+    def _learn(self, conn: bytes, parts: list, size: int) -> None:
         try:
             fd = parts[1].get(zmq.SRCFD) if len(parts) > 1 else None
         except zmq.ZMQError:
-            return None
+            return
         entry = self._router.get(fd)
         if entry is None or entry[1] is not None:
-            return None  # the monitor has not told us yet, or the descriptor is another's: learn it next time
+            return  # the monitor has not told us yet, or the descriptor is another's: learn it next time
         entry[1] = conn
         self._by_conn[conn] = fd
-        return fd
+        self._read[conn] = size
 
     # --- periodic checks -----------------------------------------------------------------
     def next_check(self) -> float:
@@ -151,7 +152,8 @@ class ConnectionGuard:
             self._sweep_unregistered(now)
 
     def _scan(self) -> None:
-        unread = {fd: _bytes_received(fd) - entry[2] for fd, entry in self._router.items()}
+        read = self._read
+        unread = {fd: _bytes_received(fd) - read.get(entry[1], 0) for fd, entry in self._router.items()}
         unread.update({fd: _bytes_received(fd) for fd in self._pub})
         for fd in pick_culprits(unread, self.limits.max_unread):
             log.warning("connection fd=%d cut: %d bytes it sent are held inside ZeroMQ unread (an unfinished "

@@ -276,7 +276,7 @@ class BrokerServer:
 
     def _handle(self, parts: list[zmq.Frame]) -> list[Action]:
         conn = parts[0].bytes
-        self.guard.received(conn, parts, sum(map(len, parts[1:])))
+        self.guard.received(conn, parts)
 
         # The CURVE key ZAP authenticated for this frame's connection; the core checks it on every frame.
         def peer_key() -> bytes | None:
