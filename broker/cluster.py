@@ -317,7 +317,11 @@ class RedisKeyRegistry:
     # Atomic bind with the per-key and global caps: 0 bound, 1 taken, 2 too many IDs for the key, 3 full.
     _BIND = """
     local bound = redis.call('HGET', KEYS[1], ARGV[1])
-    if bound then if bound == ARGV[2] then return 0 end return 1 end
+    if bound then
+      if bound ~= ARGV[2] then return 1 end
+      redis.call('HSETNX', KEYS[2], ARGV[2], 1)  -- bound before IDs were counted: admitted by ZAP from now on
+      return 0
+    end
     if tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0') >= tonumber(ARGV[3]) then return 2 end
     if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 3 end
     redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
