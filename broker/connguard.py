@@ -5,10 +5,11 @@ mark; ``ZMQ_MAXMSGSIZE`` is per frame), and keeps a connection that never regist
 guard learns each accepted connection's descriptor from the socket monitor, maps ROUTER routing ids
 to descriptors (the ``SRCFD`` property of received frames) and counts what the application received
 from each. When the process RSS climbs past a watermark it asks the kernel how many bytes each
-connection delivered (``TCP_INFO`` ``tcpi_bytes_received``): a connection whose bytes the
-application never saw by more than ``max_unread`` is holding them inside libzmq, and is cut with
-``shutdown()`` on its descriptor (libzmq then tears the pipe down and frees the parts); glibc gets
-the memory back with ``malloc_trim``. ROUTER connections without a session after
+connection delivered (``TCP_INFO`` ``tcpi_bytes_received``). A connection that delivered more than
+``max_unread`` bytes the application has not received, and that hands the application nothing
+for ``STRIKES`` checks in a row, is stuck inside a message that never ends (a connection that is
+only behind on whole messages delivers some): it is cut with ``shutdown()`` on its descriptor
+(libzmq then tears the pipe down and frees the parts), and glibc gives the memory back. ROUTER connections without a session after
 ``unregistered_beats`` heartbeat intervals are cut the same way.
 """
 
@@ -27,6 +28,7 @@ import zmq
 
 log = logging.getLogger(__name__)
 
+STRIKES = 2  # checks in a row a suspect may deliver nothing before it is cut
 TCPI_BYTES_RECEIVED = 128  # offset of the u64 in struct tcp_info (Linux >= 4.1)
 WIRE_OVERHEAD = 48  # ZMTP + CURVE bytes per frame on top of its payload, rounded up: over-counting is safe
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -34,7 +36,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass(frozen=True, slots=True)
 class GuardLimits:
-    check_every: float = 0.02  # seconds between RSS reads (one pread of /proc/self/statm)
+    check_every: float = 0.01  # seconds between RSS reads (one pread of /proc/self/statm)
     rss_step: int = 16 * 2**20  # RSS growth since the last scan that triggers a scan of every connection
     max_unread: int = 4 * 2**20  # bytes a connection may have delivered that the application has not received
     unregistered_beats: float = 10.0  # heartbeat intervals a ROUTER connection may stay without a session
@@ -81,6 +83,7 @@ class ConnectionGuard:
         self._router: dict[int, list] = {}  # fd -> [accepted at (or last seen registered), routing id or None]
         self._by_conn: dict[bytes, int] = {}
         self._read: dict[bytes, int] = {}  # routing id -> bytes the application received from it (over-counted)
+        self._suspects: dict[int, list] = {}  # fd -> [bytes read when suspected, checks without progress]
         self._pub: set[int] = set()
         LIBC.cap_trim_threshold(limits.trim_threshold)
         self._statm = os.open("/proc/self/statm", os.O_RDONLY)
@@ -102,6 +105,7 @@ class ConnectionGuard:
             self._router[fd] = [now, None]
 
     def disconnected(self, fd: int, pub: bool) -> None:
+        self._suspects.pop(fd, None)
         if pub:
             self._pub.discard(fd)
             return
@@ -144,22 +148,46 @@ class ConnectionGuard:
         rss = self.rss()
         if rss > self._watermark:
             self._scan()
-            self._watermark = self.rss() + self.limits.rss_step
+            self._watermark = rss + self.limits.rss_step
         else:
             self._watermark = min(self._watermark, rss + self.limits.rss_step)
+        if self._suspects:
+            self._judge()
         if now >= self._next_sweep:
             self._next_sweep = now + min(1.0, self.unregistered_timeout / 4)
             self._sweep_unregistered(now)
 
+    def _unread(self, fd: int) -> tuple[int, int]:
+        """(bytes the kernel delivered that the application has not received, bytes it received)."""
+        entry = self._router.get(fd)
+        read = self._read.get(entry[1], 0) if entry is not None and entry[1] is not None else 0
+        return _bytes_received(fd) - read, read
+
     def _scan(self) -> None:
-        read = self._read
-        unread = {fd: _bytes_received(fd) - read.get(entry[1], 0) for fd, entry in self._router.items()}
-        unread.update({fd: _bytes_received(fd) for fd in self._pub})
+        """Memory grew: every connection holding too much unread becomes a suspect."""
+        unread = {fd: self._unread(fd)[0] for fd in (*self._router, *self._pub)}
         for fd in pick_culprits(unread, self.limits.max_unread):
-            log.warning("connection fd=%d cut: %d bytes it sent are held inside ZeroMQ unread (an unfinished "
-                        "multipart message?)%s", fd, unread[fd], "" if fd in self._pub else
-                        f" conn={(self._router[fd][1] or b'').hex() or '?'}")
-            self._cut(fd)
+            self._suspects.setdefault(fd, [self._unread(fd)[1], 0])
+
+    def _judge(self) -> None:
+        """A suspect that delivers nothing for ``STRIKES`` checks in a row is stuck inside a message that
+        never ends (libzmq hands nothing of a connection over until its current message is whole):
+        cut it. One that delivers is only behind (a backlog of whole messages): let it be."""
+        for fd, (read_then, strikes) in list(self._suspects.items()):
+            if fd not in self._router and fd not in self._pub:
+                del self._suspects[fd]
+                continue
+            unread, read = self._unread(fd)
+            if unread <= self.limits.max_unread or read != read_then:
+                del self._suspects[fd]
+            elif strikes + 1 < STRIKES:
+                self._suspects[fd][1] = strikes + 1
+            else:
+                del self._suspects[fd]
+                log.warning("connection fd=%d cut: %d bytes it sent are held inside ZeroMQ unread (an unfinished "
+                            "multipart message?)%s", fd, unread, "" if fd in self._pub else
+                            f" conn={(self._router[fd][1] or b'').hex() or '?'}")
+                self._cut(fd)
 
     def _sweep_unregistered(self, now: float) -> None:
         timeout = self.unregistered_timeout
