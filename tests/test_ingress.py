@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,12 +19,14 @@ import zmq
 from zmq.utils import z85
 
 from bench.more_flood import flood, rss_mib
+from broker.server import BrokerConfig, BrokerServer
 from broker.keyservice import KeyServiceConnection, KeyServiceCore, KeyServiceLimits
 from client.broker_trust import admit, fetch_broker_key
 from common import crypto
+from common.endpoints import ServerAddress
 from common.errors import ErrorCode, RemoteError
 from common.protocol import Error, Heartbeat, Register, Registered, decode, pack
-from tests.conftest import ROOT, BrokerProcess, wait_until
+from tests.conftest import ROOT, BrokerProcess, free_port_pair, wait_until
 from tests.test_broker_fuzz import assert_broker_still_serves, recv
 
 RSS_BOUND_MIB = 64  # issue 13: growth under a flood of unfinished multipart messages
@@ -264,3 +267,73 @@ def test_key_service_core_limits_admissions_per_source_address():
     assert answers[:2] == [b"OK\n", b"OK\n"]
     assert answers[2].startswith(b"ERR rate_limited ")
     assert answers[3] == b"OK\n"  # another address has its own bucket
+
+
+# --- point 8: ZMTP heartbeats drop a peer that went silent under an open TCP connection ---------------
+class _FreezableRelay:
+    """Loopback TCP relay to ``port``; after ``freeze()`` nothing more goes upstream (a half-open peer)."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.frozen, self.closed_by_broker = threading.Event(), threading.Event()
+        self._upstream = port
+        self._socks: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        inner, _ = self.listener.accept()
+        outer = socket.create_connection(("127.0.0.1", self._upstream))
+        self._socks += [inner, outer]
+        threading.Thread(target=self._down, args=(outer, inner), daemon=True).start()
+        try:
+            while data := inner.recv(1 << 16):
+                if not self.frozen.is_set():
+                    outer.sendall(data)
+        except OSError:
+            pass
+
+    def _down(self, outer: socket.socket, inner: socket.socket) -> None:
+        try:
+            while data := outer.recv(1 << 16):
+                inner.sendall(data)
+        except OSError:
+            pass
+        self.closed_by_broker.set()
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+
+def test_zmtp_heartbeats_drop_a_peer_that_stopped_answering(tmp_path):
+    # Application heartbeats (60 s) and the unregistered-connection timeout are out of the way: only
+    # the ZMTP pings can notice this peer.
+    config = BrokerConfig(port=free_port_pair(), data_dir=tmp_path / "broker", heartbeat_ivl=60.0,
+                          zmtp_heartbeat_ivl=0.1)
+    server = BrokerServer(config)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    ctx = zmq.Context()
+    relay = _FreezableRelay(config.port)
+    try:
+        me = crypto.Identity.generate()
+        address = ServerAddress("127.0.0.1", config.port)
+        admit(address, config.port + 2, "sleeper", me.public, 10.0)
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey = z85.encode(server.identity.public)
+        sock.curve_publickey, sock.curve_secretkey = me.curve_public, me.curve_secret
+        sock.connect(f"tcp://127.0.0.1:{relay.port}")
+        sock.send_multipart(pack(Register("sleeper", os.urandom(16), me.public), 0))
+        assert sock.poll(10_000) and type(decode(sock.recv_multipart()).message) is Registered
+        relay.freeze()  # the peer's host vanished: its TCP connection stays open, nothing comes from it
+        assert relay.closed_by_broker.wait(10), "the broker kept a connection that stopped answering pings"
+    finally:
+        relay.close()
+        ctx.destroy(0)
+        server.stop()
+        thread.join(10)
