@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STRIKES = 2  # checks in a row a suspect may deliver nothing before it is cut
 TCPI_BYTES_RECEIVED = 128  # offset of the u64 in struct tcp_info (Linux >= 4.1)
+PONG_ALLOWANCE = 16  # bytes/s a subscriber sends that we never read (ZMTP PONGs to our PINGs)
 WIRE_OVERHEAD = 48  # ZMTP + CURVE bytes per frame on top of its payload, rounded up: over-counting is safe
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -81,17 +82,15 @@ class ConnectionGuard:
         self.unregistered_timeout = limits.unregistered_beats * heartbeat_ivl
         self._registered = registered  # routing id -> has a session
         self._router: dict[int, list] = {}  # fd -> [accepted at (or last seen registered), routing id or None]
-        self._by_conn: dict[bytes, int] = {}
         self._read: dict[bytes, int] = {}  # routing id -> bytes the application received from it (over-counted)
         self._suspects: dict[int, list] = {}  # fd -> [bytes read when suspected, checks without progress]
-        self._pub: set[int] = set()
+        self._pub: dict[int, float] = {}  # fd -> accepted at
         LIBC.cap_trim_threshold(limits.trim_threshold)
         self._statm = os.open("/proc/self/statm", os.O_RDONLY)
         self._watermark = self.rss() + limits.rss_step
         self._next_check = 0.0
         self._next_sweep = 0.0
         self._trims = 0  # trims still to do after a cut: libzmq frees the parts on its I/O thread, later
-        self.cut_count = 0
 
     def rss(self) -> int:
         return int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
@@ -99,7 +98,7 @@ class ConnectionGuard:
     # --- events from the shell ---------------------------------------------------------
     def accepted(self, fd: int, pub: bool, now: float) -> None:
         if pub:
-            self._pub.add(fd)
+            self._pub[fd] = now
         else:
             self.disconnected(fd, False)
             self._router[fd] = [now, None]
@@ -107,11 +106,10 @@ class ConnectionGuard:
     def disconnected(self, fd: int, pub: bool) -> None:
         self._suspects.pop(fd, None)
         if pub:
-            self._pub.discard(fd)
+            self._pub.pop(fd, None)
             return
         entry = self._router.pop(fd, None)
         if entry is not None and entry[1] is not None:
-            self._by_conn.pop(entry[1], None)
             self._read.pop(entry[1], None)
 
     def received(self, conn: bytes, parts: list) -> None:
@@ -131,7 +129,6 @@ class ConnectionGuard:
         if entry is None or entry[1] is not None:
             return  # the monitor has not told us yet, or the descriptor is another's: learn it next time
         entry[1] = conn
-        self._by_conn[conn] = fd
         self._read[conn] = size
 
     # --- periodic checks -----------------------------------------------------------------
@@ -147,29 +144,31 @@ class ConnectionGuard:
             LIBC.trim()
         rss = self.rss()
         if rss > self._watermark:
-            self._scan()
+            self._scan(now)
             self._watermark = rss + self.limits.rss_step
         else:
             self._watermark = min(self._watermark, rss + self.limits.rss_step)
         if self._suspects:
-            self._judge()
+            self._judge(now)
         if now >= self._next_sweep:
             self._next_sweep = now + min(1.0, self.unregistered_timeout / 4)
             self._sweep_unregistered(now)
 
-    def _unread(self, fd: int) -> tuple[int, int]:
+    def _unread(self, fd: int, now: float) -> tuple[int, int]:
         """(bytes the kernel delivered that the application has not received, bytes it received)."""
         entry = self._router.get(fd)
-        read = self._read.get(entry[1], 0) if entry is not None and entry[1] is not None else 0
+        if entry is None:  # a PUB connection: we never read from those
+            return _bytes_received(fd) - int(PONG_ALLOWANCE * (now - self._pub.get(fd, now))), 0
+        read = self._read.get(entry[1], 0) if entry[1] is not None else 0
         return _bytes_received(fd) - read, read
 
-    def _scan(self) -> None:
+    def _scan(self, now: float) -> None:
         """Memory grew: every connection holding too much unread becomes a suspect."""
-        unread = {fd: self._unread(fd)[0] for fd in (*self._router, *self._pub)}
+        unread = {fd: self._unread(fd, now)[0] for fd in (*self._router, *self._pub)}
         for fd in pick_culprits(unread, self.limits.max_unread):
-            self._suspects.setdefault(fd, [self._unread(fd)[1], 0])
+            self._suspects.setdefault(fd, [self._unread(fd, now)[1], 0])
 
-    def _judge(self) -> None:
+    def _judge(self, now: float) -> None:
         """A suspect that delivers nothing for ``STRIKES`` checks in a row is stuck inside a message that
         never ends (libzmq hands nothing of a connection over until its current message is whole):
         cut it. One that delivers is only behind (a backlog of whole messages): let it be."""
@@ -177,7 +176,7 @@ class ConnectionGuard:
             if fd not in self._router and fd not in self._pub:
                 del self._suspects[fd]
                 continue
-            unread, read = self._unread(fd)
+            unread, read = self._unread(fd, now)
             if unread <= self.limits.max_unread or read != read_then:
                 del self._suspects[fd]
             elif strikes + 1 < STRIKES:
@@ -206,7 +205,6 @@ class ConnectionGuard:
                 dup.shutdown(socket.SHUT_RDWR)  # libzmq sees the end of the stream and drops the connection
         except OSError as exc:
             log.info("cutting fd=%d: %s", fd, exc)
-        self.cut_count += 1
         self._trims = 10
 
     def close(self) -> None:

@@ -255,6 +255,8 @@ class BrokerServer:
                 deadline = min(core.next_deadline(), guard.next_check())
                 timeout_ms = max(0, int((deadline - now) * 1000) + 1)
                 ready = dict(poller.poll(timeout_ms))
+                if self._monitor in ready or self._pub_monitor in ready:  # first: the guard maps new fds
+                    self._connection_events()
                 if router in ready:
                     # Drain a batch: fewer poll calls, one group commit, bounded so ticks still run.
                     batch: list[Action] = []
@@ -265,8 +267,6 @@ class BrokerServer:
                             break
                         batch += self._handle(parts)
                     self._commit_then_execute(batch)
-                if self._monitor in ready or self._pub_monitor in ready:
-                    self._connection_events()
                 if self._waker.fileno() in ready:
                     self._waker.drain()
                 if keys is not None:
