@@ -52,7 +52,8 @@ class _CappedRelay:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.result = FloodResult()
-        self.done = threading.Event()
+        self.cut = threading.Event()  # the broker closed the connection (before we did)
+        self._closing = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -61,19 +62,18 @@ class _CappedRelay:
             inner, _ = self.listener.accept()
             outer = socket.create_connection(self.target)
         except OSError:
-            self.done.set()
+            self.cut.set()
             return
         threading.Thread(target=self._down, args=(outer, inner), daemon=True).start()
         try:
-            while self.result.bytes_forwarded < self.budget and not self.done.is_set():
+            while self.result.bytes_forwarded < self.budget and not self.cut.is_set():
                 data = inner.recv(min(1 << 16, self.budget - self.result.bytes_forwarded))
                 if not data:
                     break
                 outer.sendall(data)
                 self.result.bytes_forwarded += len(data)
         except OSError:
-            self.result.cut = True
-        self.done.set()
+            self._cut()
         self._sink = (inner, outer)  # keep both open: the message stays unfinished
 
     def _down(self, outer: socket.socket, inner: socket.socket) -> None:
@@ -82,11 +82,15 @@ class _CappedRelay:
                 inner.sendall(data)
         except OSError:
             pass
-        if not self.done.is_set():  # the broker closed the connection while we were still sending
+        self._cut()
+
+    def _cut(self) -> None:
+        if not self._closing:
             self.result.cut = True
-            self.done.set()
+            self.cut.set()
 
     def close(self) -> None:
+        self._closing = True
         for sock in (*getattr(self, "_sink", ()), self.listener):
             sock.close()
 
@@ -130,7 +134,7 @@ def flood(target: str, server: ServerAddress, key_port: int, parts: int, size: i
         for _ in range(parts):
             sock.send(part, zmq.SNDMORE)
         sock.send(b"")  # the last part: libzmq writes the message now, and the relay never forwards this
-        relay.done.wait(seconds)
+        relay.cut.wait(seconds)  # hold the unfinished message until the broker cuts us or time is up
         sock.close(0)
         ctx.term()
         return relay.result
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", type=int, default=1_000_000)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--user", default="flooder")
-    parser.add_argument("--seconds", type=float, default=300.0, help="give up waiting after this long")
+    parser.add_argument("--seconds", type=float, default=300.0,
+                        help="hold the connection at most this long, waiting for the broker to cut it")
     args = parser.parse_args(argv)
     before = peak = rss_mib(args.pid)
     done = threading.Event()

@@ -5,8 +5,9 @@ mark; ``ZMQ_MAXMSGSIZE`` is per frame), and keeps a connection that never regist
 guard learns each accepted connection's descriptor from the socket monitor, maps ROUTER routing ids
 to descriptors (the ``SRCFD`` property of received frames) and counts what the application received
 from each. When the process RSS climbs past a watermark it asks the kernel how many bytes each
-connection delivered (``TCP_INFO`` ``tcpi_bytes_received``). A connection that delivered more than
-``max_unread`` bytes the application has not received, and that hands the application nothing
+connection delivered (``TCP_INFO`` ``tcpi_bytes_received``). A connection that delivered more bytes
+the application has not received than it may (``max_unread`` with a session, ``stranger_unread``
+for a subscriber or a connection without one), and that hands the application nothing
 for ``STRIKES`` checks in a row, is stuck inside a message that never ends (a connection that is
 only behind on whole messages delivers some): it is cut with ``shutdown()`` on its descriptor
 (libzmq then tears the pipe down and frees the parts), and glibc gives the memory back. ROUTER connections without a session after
@@ -39,14 +40,15 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 class GuardLimits:
     check_every: float = 0.01  # seconds between RSS reads (one pread of /proc/self/statm)
     rss_step: int = 16 * 2**20  # RSS growth since the last scan that triggers a scan of every connection
-    max_unread: int = 4 * 2**20  # bytes a connection may have delivered that the application has not received
+    max_unread: int = 4 * 2**20  # bytes a session's connection may have delivered that we have not received
+    stranger_unread: int = 64 * 2**10  # the same for a subscriber or a ROUTER connection without a session
     unregistered_beats: float = 10.0  # heartbeat intervals a ROUTER connection may stay without a session
     trim_threshold: int = 8 * 2**20  # free heap top glibc keeps (see _Libc.cap_trim_threshold)
 
 
-def pick_culprits(unread: dict[int, int], max_unread: int) -> list[int]:
-    """The descriptors holding more unreceived bytes than allowed, worst first."""
-    return sorted((fd for fd, n in unread.items() if n > max_unread), key=lambda fd: -unread[fd])
+def pick_culprits(excess: dict[int, int]) -> list[int]:
+    """The descriptors holding more unreceived bytes than they may (excess > 0), worst first."""
+    return sorted((fd for fd, n in excess.items() if n > 0), key=lambda fd: -excess[fd])
 
 
 class _Libc:
@@ -154,19 +156,24 @@ class ConnectionGuard:
             self._next_sweep = now + min(1.0, self.unregistered_timeout / 4)
             self._sweep_unregistered(now)
 
-    def _unread(self, fd: int, now: float) -> tuple[int, int]:
-        """(bytes the kernel delivered that the application has not received, bytes it received)."""
+    def _excess(self, fd: int, now: float) -> tuple[int, int]:
+        """(bytes delivered by the kernel, not received by us, beyond what this connection may hold;
+        bytes we received). A subscriber sends us nothing but subscriptions and PONGs, and a connection
+        without a session nothing but a small REGISTER: they may hold little."""
         entry = self._router.get(fd)
         if entry is None:  # a PUB connection: we never read from those
-            return _bytes_received(fd) - int(PONG_ALLOWANCE * (now - self._pub.get(fd, now))), 0
-        read = self._read.get(entry[1], 0) if entry[1] is not None else 0
-        return _bytes_received(fd) - read, read
+            allowance = self.limits.stranger_unread + int(PONG_ALLOWANCE * (now - self._pub.get(fd, now)))
+            return _bytes_received(fd) - allowance, 0
+        conn = entry[1]
+        read = self._read.get(conn, 0) if conn is not None else 0
+        may = self.limits.max_unread if conn is not None and self._registered(conn) else self.limits.stranger_unread
+        return _bytes_received(fd) - read - may, read
 
     def _scan(self, now: float) -> None:
-        """Memory grew: every connection holding too much unread becomes a suspect."""
-        unread = {fd: self._unread(fd, now)[0] for fd in (*self._router, *self._pub)}
-        for fd in pick_culprits(unread, self.limits.max_unread):
-            self._suspects.setdefault(fd, [self._unread(fd, now)[1], 0])
+        """Memory grew: every connection holding more unread than it may becomes a suspect."""
+        excess = {fd: self._excess(fd, now)[0] for fd in (*self._router, *self._pub)}
+        for fd in pick_culprits(excess):
+            self._suspects.setdefault(fd, [self._excess(fd, now)[1], 0])
 
     def _judge(self, now: float) -> None:
         """A suspect that delivers nothing for ``STRIKES`` checks in a row is stuck inside a message that
@@ -176,15 +183,15 @@ class ConnectionGuard:
             if fd not in self._router and fd not in self._pub:
                 del self._suspects[fd]
                 continue
-            unread, read = self._unread(fd, now)
-            if unread <= self.limits.max_unread or read != read_then:
+            excess, read = self._excess(fd, now)
+            if excess <= 0 or read != read_then:
                 del self._suspects[fd]
             elif strikes + 1 < STRIKES:
                 self._suspects[fd][1] = strikes + 1
             else:
                 del self._suspects[fd]
-                log.warning("connection fd=%d cut: %d bytes it sent are held inside ZeroMQ unread (an unfinished "
-                            "multipart message?)%s", fd, unread, "" if fd in self._pub else
+                log.warning("connection fd=%d cut: %d bytes more than it may are held inside ZeroMQ unread (an "
+                            "unfinished multipart message?)%s", fd, excess, "" if fd in self._pub else
                             f" conn={(self._router[fd][1] or b'').hex() or '?'}")
                 self._cut(fd)
 

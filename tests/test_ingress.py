@@ -69,6 +69,21 @@ def test_unfinished_multipart_flood_leaves_broker_memory_bounded(broker, make_cl
     assert_broker_still_serves(broker, make_client)
 
 
+def test_many_small_unfinished_floods_on_the_pub_are_cut_too(broker, make_client):
+    # Each stays under a session's 4 MiB, all together they would hold about 80 MiB.
+    before = rss_mib(broker.proc.pid)
+    results: list = []
+    floods = [threading.Thread(target=lambda: results.append(
+        flood("pub", broker.address, broker.port + 2, 2048, 1024, "flooder", seconds=20))) for _ in range(24)]
+    for thread in floods:
+        thread.start()
+    for thread in floods:
+        thread.join(60)
+    assert len(results) == 24 and all(result.cut for result in results)
+    assert rss_mib(broker.proc.pid) - before < RSS_BOUND_MIB
+    assert_broker_still_serves(broker, make_client)
+
+
 def test_key_service_answers_key_and_closes_overlong_requests(broker):
     key = fetch_broker_key(broker.address, broker.port + 2, 10.0)
     assert key == crypto.Identity.load_or_create(broker.home / "broker" / "broker.key").public
