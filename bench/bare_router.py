@@ -9,8 +9,8 @@ pair, and everything else one of them sends goes, untouched, to the other.
 
 With ``--transport curve`` its ROUTER is a CURVE server (a fresh keypair; no
 ZAP handler, so any client key is let in: authentication costs only at the
-handshake, encryption on every frame), and a key service on port + 2 answers
-any request with the public key, as the broker's does.
+handshake, encryption on every frame), and the broker's key service on port + 2
+answers KEY with the public key and every ADMIT with OK.
 
 With ``--ack`` it also answers every relayed message with one prebuilt ACK frame
 (a constant, not referring to the message), so the sender does the same
@@ -58,7 +58,7 @@ def serve(port: int, ack: bool, curve: bool) -> int:
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
-    key_service = ctx.socket(zmq.ROUTER)
+    key_service = None
     peers: list[bytes] = []
     other: dict[bytes, bytes] = {}
     relayed = dropped = 0
@@ -67,18 +67,17 @@ def serve(port: int, ack: bool, curve: bool) -> int:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, 10_000)
         router.setsockopt(zmq.SNDHWM, 10_000)
-        key_service.setsockopt(zmq.LINGER, 0)
-        key_reply = None
         if curve:
             from zmq.utils import z85
 
-            from common.protocol import BrokerKey
+            from broker.keyservice import KeyServiceCore, KeyServiceListener
 
             public, secret = zmq.curve_keypair()
             router.curve_server = True
             router.curve_secretkey = secret
-            key_reply = pack(BrokerKey(z85.decode(public)), int(time.time() * 1000))[0]
-            key_service.bind(f"tcp://127.0.0.1:{port + 2}")
+            # The broker's key service (KEY, ADMIT), admitting every key: no ZAP handler here.
+            key_service = KeyServiceListener("127.0.0.1", port + 2, KeyServiceCore(z85.decode(public), _AdmitAll()),
+                                             clock=time.monotonic)
         router.bind(f"tcp://127.0.0.1:{port}")
         endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         print(f"bare router listening on {endpoint} (ack={'on' if ack else 'off'}, curve={'on' if curve else 'off'})",
@@ -97,11 +96,19 @@ def serve(port: int, ack: bool, curve: bool) -> int:
 
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
-        poller.register(key_service, zmq.POLLIN)
+        if key_service is not None:
+            poller.register(key_service.fileno(), zmq.POLLIN)
+            key_service.on_open = lambda fd: poller.register(fd, zmq.POLLIN)
+            key_service.on_close = poller.unregister
         while not stopping:
             ready = dict(poller.poll(100))  # wake now and then to notice a signal
-            if key_service in ready:
-                _answer_key_request(key_service, key_reply)
+            if key_service is not None:
+                key_service.expire(time.monotonic())
+                if key_service.fileno() in ready:
+                    key_service.accept()
+                for fd in ready:
+                    if type(fd) is int and key_service.owns(fd):
+                        key_service.readable(fd)
             if router not in ready:
                 continue
             for _ in range(DRAIN_BATCH):
@@ -127,23 +134,22 @@ def serve(port: int, ack: bool, curve: bool) -> int:
                         other = {peers[0]: peers[1], peers[1]: peers[0]}
                     send([rid, *registered])
     finally:
-        key_service.close(linger=0)
+        if key_service is not None:
+            key_service.close()
         router.close(linger=0)
         ctx.term()
         print(f"bare router stopped: relayed={relayed} dropped={dropped}", file=sys.stderr, flush=True)
     return 0
 
 
-def _answer_key_request(sock: zmq.Socket, reply: bytes | None) -> None:
-    try:
-        parts = sock.recv_multipart(zmq.NOBLOCK)
-    except zmq.Again:
-        return
-    if reply is not None:
-        try:
-            sock.send_multipart([parts[0], reply], zmq.DONTWAIT)
-        except zmq.ZMQError:
-            pass
+class _AdmitAll:
+    """Every ADMIT is answered OK: without a ZAP handler every key gets in anyway."""
+
+    def can_bind(self, user: str, key: bytes) -> None:
+        return None
+
+    def issue_ticket(self, key: bytes, now: float) -> None:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

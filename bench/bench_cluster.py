@@ -47,7 +47,7 @@ def load(proc_index: int, endpoint: str, server_key: bytes | None, pairs: int, w
     poller = zmq.Poller()
     socks = []
 
-    def dealer():
+    def dealer(user: str):
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         public, secret = zmq.curve_keypair()
@@ -55,6 +55,11 @@ def load(proc_index: int, endpoint: str, server_key: bytes | None, pairs: int, w
         if server_key is not None:
             from zmq.utils import z85
 
+            from client.broker_trust import ADMIT_TIMEOUT, admit
+            from common.endpoints import ServerAddress
+
+            server = ServerAddress.parse(endpoint.removeprefix("tcp://"))
+            admit(server, server.port + 2, user, z85.decode(public), ADMIT_TIMEOUT)
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
             key = z85.decode(public)
         sock.connect(endpoint)
@@ -64,8 +69,8 @@ def load(proc_index: int, endpoint: str, server_key: bytes | None, pairs: int, w
     senders, receivers, names = [], [], []
     for i in range(pairs):
         for role in ("s", "r"):
-            sock, key = dealer()
             user = f"p{proc_index}{role}{i}"
+            sock, key = dealer(user)
             sock.send_multipart(pack(Register(user, os.urandom(16), key), 0))
             while True:
                 env = decode(sock.recv_multipart())
@@ -121,7 +126,7 @@ def run(workers: int, args, redis_url: str, redis_pid: int, tmp: Path) -> dict:
     port = free_ports(3)
     home = tmp / f"home-{workers}"
     cmd = [sys.executable, "-m", "client.cli", "--log-level", "WARNING", "broker", "--port", str(port),
-           "--heartbeat", "5", "--rate-limit", "1e9", "--cluster", redis_url, "--workers", str(workers)]
+           "--heartbeat", "5", "--rate-limit", "1e9", "--admit-rate", "1e9", "--admit-burst", "1e9", "--cluster", redis_url, "--workers", str(workers)]
     if args.transport == "plain":
         cmd.append("--insecure")
     env = dict(os.environ, P2PCHAT_HOME=str(home))
@@ -178,20 +183,14 @@ def _cpu(proc: psutil.Process) -> float:
 
 
 def _fetch_key(port: int) -> bytes:
-    import zmq
     from zmq.utils import z85
 
-    from common.protocol import decode
+    from client.broker_trust import fetch_broker_key
+    from common.endpoints import ServerAddress
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    sock.send(b"key?")
-    key = decode(sock.recv_multipart()).message.key
-    sock.close()
-    ctx.term()
+    key = fetch_broker_key(ServerAddress("127.0.0.1", port), port, 5.0)
+    if key is None:
+        raise RuntimeError(f"no broker key from the key service on port {port}")
     return z85.encode(key)
 
 

@@ -99,16 +99,21 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _dealer(ctx, plan: Plan):
+def _dealer(ctx, plan: Plan, user: str):
     """A DEALER to the server, and the raw public key it connects with (its CURVE key, if CURVE is on)."""
     import zmq
     from zmq.utils import z85
+
+    from client.broker_trust import ADMIT_TIMEOUT, admit
+    from common.endpoints import ServerAddress
 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)  # a blocked send fails instead of hanging
     public, secret = zmq.curve_keypair()
-    if plan.server_key is not None:
+    if plan.server_key is not None:  # the broker admits only keys with an ID or a ticket (§10.1)
+        server = ServerAddress.parse(plan.endpoint.removeprefix("tcp://"))
+        admit(server, server.port + 2, user, z85.decode(public), ADMIT_TIMEOUT)
         sock.curve_serverkey = plan.server_key
         sock.curve_publickey = public
         sock.curve_secretkey = secret
@@ -152,7 +157,7 @@ def _worker(role: str, plan: Plan, received, bob_ready, result_pipe) -> None:
     ctx = zmq.Context()
     sock = None
     try:
-        sock, key = _dealer(ctx, plan)
+        sock, key = _dealer(ctx, plan, role)
         _register(sock, role, key)
         body = _bob if role == "bob" else _alice
         result = body(sock, plan, received, bob_ready)
@@ -378,17 +383,12 @@ def free_ports() -> int:
 
 def fetch_server_key(port: int, timeout: float = 5.0) -> bytes:
     """Ask the key service on ``port`` + 2 for the server's CURVE key, as a client does on first use."""
-    import zmq
     from zmq.utils import z85
 
     from client.broker_trust import fetch_broker_key
     from common.endpoints import ServerAddress
 
-    ctx = zmq.Context()
-    try:
-        key = fetch_broker_key(ctx, ServerAddress("127.0.0.1", port), port + 2, timeout)
-    finally:
-        ctx.term()
+    key = fetch_broker_key(ServerAddress("127.0.0.1", port), port + 2, timeout)
     if key is None:
         raise BenchError(f"no broker key from the key service on port {port + 2}")
     return z85.encode(key)

@@ -52,6 +52,9 @@ def config(port: int, data_dir: Path, transport: str, store: str | None = None) 
     if "limits" in fields:
         limits_type = type(BrokerConfig().limits)
         options["limits"] = limits_type(**{f.name: UNREACHABLE for f in dataclasses.fields(limits_type)})
+    if "key_service" in fields:  # every benchmark client comes from this host
+        service_type = type(BrokerConfig().key_service)
+        options["key_service"] = service_type(admit_rate=UNREACHABLE, admit_burst=UNREACHABLE)
     return BrokerConfig(**options)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +45,49 @@ class ConnectionLimiter:
         ok = self.frames.take(1, now) and self.bytes.take(size, now)
         self.refused = 0 if ok else self.refused + 1
         return ok
+
+
+class BadFrameLog:
+    """Bad frames, logged aggregated: a connection's first one at once, then one line per interval with a count.
+
+    A flood of junk must not become a flood of log lines. At most ``max_conns`` connections are
+    tracked; past that the rest are only counted, in one line per interval.
+    """
+
+    def __init__(self, interval: float = 10.0, max_conns: int = 10_000) -> None:
+        self.interval, self.max_conns = interval, max_conns
+        self._seen: dict[bytes, list] = {}  # conn -> [logged at, frames since, user, last reason]
+        self._untracked = 0
+        self._next_flush = 0.0
+
+    def record(self, conn: bytes, user: str | None, reason: str, now: float) -> None:
+        entry = self._seen.get(conn)
+        if entry is not None:
+            entry[1] += 1
+            entry[3] = reason
+        elif len(self._seen) < self.max_conns:
+            self._seen[conn] = [now, 0, user, reason]
+            log.warning("conn=%s user=%s bad frame: %s (more from it are counted, logged every %.0fs)",
+                        conn.hex(), user, reason, self.interval)
+        else:
+            self._untracked += 1
+
+    def flush(self, now: float) -> None:
+        if now < self._next_flush:
+            return
+        self._next_flush = now + 1.0
+        done = []
+        for conn, entry in self._seen.items():
+            if now - entry[0] < self.interval:
+                continue
+            if entry[1]:
+                log.warning("conn=%s user=%s %d more bad frames in %.0fs, the last: %s", conn.hex(), entry[2],
+                            entry[1], now - entry[0], entry[3])
+                entry[0], entry[1] = now, 0
+            else:
+                done.append(conn)
+        for conn in done:
+            del self._seen[conn]
+        if self._untracked:
+            log.warning("%d bad frames from connections past the %d tracked", self._untracked, self.max_conns)
+            self._untracked = 0

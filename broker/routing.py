@@ -16,8 +16,8 @@ from typing import Any
 
 from broker.credit import CreditLedger, CreditLimits
 from broker.directory import Location, PeerDirectory
-from broker.keys import KeyRegistry
-from broker.ratelimit import ConnectionLimiter, RateLimits
+from broker.keys import REFUSALS, KeyRegistry
+from broker.ratelimit import BadFrameLog, ConnectionLimiter, RateLimits
 from broker.store import MessageStore, NoStore, QueueLimits, Refusal, StoreUnavailable
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
@@ -101,6 +101,7 @@ class _Session:
     user: str
     token: bytes
     last_seen: float
+    key: bytes | None = None  # the CURVE key that registered it: every later frame must carry the same one
     # Paged delivery of the queue: the last seq sent, whether pages remain, frames sent but not consumed.
     cursor: int = 0
     draining: bool = True
@@ -149,6 +150,7 @@ class BrokerCore:
         self.credit = CreditLedger(credit)
         self._credit_drops: dict[bytes, int] = {}  # sender conn -> chunks refused since its last relayed one
         self._now = 0.0  # the latest tick's time, for inputs that come without one (on_forwarded)
+        self.bad_frames = BadFrameLog()
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness
@@ -178,13 +180,17 @@ class BrokerCore:
                 return [Send(conn, self._error(ErrorCode.RATE_LIMITED, "slow down: frames are being dropped", None))]
             return []
         session = self._sessions.get(conn)
-        if session is not None:  # any traffic counts as a heartbeat, even a malformed frame
-            session.last_seen = now
+        if session is not None:
+            if self.require_key and peer_key() != session.key:  # a routing id is no credential
+                self.bad_frames.record(conn, session.user, "CURVE key is not the session's", now)
+                return [Send(conn, self._error(ErrorCode.KEY_MISMATCH, "this frame's CURVE key is not the key of "
+                                               "the session on this routing id", None))]
+            session.last_seen = now  # any traffic counts as a heartbeat, even a malformed frame
             self._sessions.move_to_end(conn)
         try:
             env = decode(frames)
         except ProtocolError as exc:
-            log.warning("conn=%s bad frame: %s", conn.hex(), exc.message)
+            self.bad_frames.record(conn, session.user if session else None, exc.message, now)
             return [Send(conn, self._error(exc.code, exc.message, exc.ref))]
         msg = env.message
         try:
@@ -204,6 +210,7 @@ class BrokerCore:
         """Expire silent sessions; publish the periodic PEER_SYNC."""
         self._now = now
         actions: list[Action] = []
+        self.bad_frames.flush(now)
         while self._sessions:
             conn, session = next(iter(self._sessions.items()))
             if now - session.last_seen <= self.expiry:
@@ -256,10 +263,10 @@ class BrokerCore:
         if self.require_key and msg.key != peer_key():
             return [Send(conn, self._error(ErrorCode.KEY_MISMATCH,
                                            "the key in REGISTER is not this connection's CURVE key", env.msg_id))]
-        if not self.keys.bind(user, msg.key):
-            log.warning("user=%s conn=%s refused: ID bound to another key", user, conn.hex())
-            return [Send(conn, self._error(ErrorCode.ID_TAKEN,
-                                           f"user ID {user!r} belongs to another key", env.msg_id))]
+        refused = self.keys.bind(user, msg.key)
+        if refused is not None:
+            log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
+            return [Send(conn, self._error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
         reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
@@ -272,7 +279,7 @@ class BrokerCore:
                 previous = self.directory.take_over(user, Location(self.broker_id, conn), msg.token)
                 if previous is not None:  # the session lived on another broker, now gone or replaced
                     log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
-                    self._sessions[conn] = _Session(user, msg.token, now)
+                    self._sessions[conn] = _Session(user, msg.token, now, msg.key)
                     return [Kick(previous.broker, previous.conn, user), reply] + self._next_page(conn)
                 log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
                 return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
@@ -282,10 +289,10 @@ class BrokerCore:
             self.credit.recipient_gone(user)
             self.directory.release(user, Location(self.broker_id, stale))
             self.directory.claim(user, Location(self.broker_id, conn))
-            self._sessions[conn] = _Session(user, msg.token, now)
+            self._sessions[conn] = _Session(user, msg.token, now, msg.key)
             replaced = Send(stale, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
             return [replaced, reply] + self._next_page(conn)
-        self._sessions[conn] = _Session(user, msg.token, now)
+        self._sessions[conn] = _Session(user, msg.token, now, msg.key)
         log.info("user=%s conn=%s registered", user, conn.hex())
         return actions + self._presence(user, True) + self._next_page(conn)
 

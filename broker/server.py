@@ -7,6 +7,7 @@ reported instead of silently dropped or stalling everyone else.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -21,14 +22,17 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
+from broker.connguard import LIBC, ConnectionGuard, GuardLimits
 from broker.directory import LocalDirectory
-from broker.keys import SqliteKeyRegistry
+from broker.keys import KeyLimits, SqliteKeyRegistry
+from broker.keyservice import KeyServiceCore, KeyServiceLimits, KeyServiceListener
 from broker.ratelimit import RateLimits
 from broker.store import NoStore, QueueLimits, SqliteMessageStore, StoreUnavailable
 from common.crypto import Identity, fingerprint
+from common.errors import ErrorCode, P2PChatError
 from broker.routing import Action, BrokerCore, Forward, Kick, Publish, Relay, Send
 from common.paths import broker_dir, ensure_private_dir
-from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, BrokerKey, pack
+from common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
 from common.wakeup import Waker
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,7 @@ class BrokerConfig:
     heartbeat_ivl: float = 1.0
     liveness: int = 3
     insecure: bool = False  # plaintext transport, for debugging only
-    key_port: int | None = None  # port + 2 unless given; plaintext key service for trust on first use
+    key_port: int | None = None  # port + 2 unless given; plain TCP key service: trust on first use, admission
     limits: RateLimits = RateLimits()
     durable: bool = True  # store-and-forward in SQLite; False: relay to online peers only
     fsync: bool = False  # also survive power loss, not just a killed broker
@@ -51,6 +55,10 @@ class BrokerConfig:
     cluster: str | None = None  # redis://HOST:PORT/DB: share directory, keys, queues and presence (broker/cluster.py)
     reuse_port: bool = False  # SO_REUSEPORT: several brokers listen on one port and the kernel spreads clients
     io_threads: int = 1  # libzmq I/O threads: connections (and their CURVE work) are spread over them
+    key_limits: KeyLimits = KeyLimits()
+    key_service: KeyServiceLimits = KeyServiceLimits()
+    guard: GuardLimits = GuardLimits()
+    zmtp_heartbeat_ivl: float = 10.0  # ZMTP pings on idle connections; a silent peer is dropped after 3 of them
 
     @property
     def publish_port(self) -> int:
@@ -62,6 +70,12 @@ class BrokerConfig:
 
 
 ACCEPT_BACKLOG = 4096
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TCP_KEEPALIVE = (60, 10, 6)  # idle seconds, probe interval, probes: a half-open peer goes within ~2 minutes
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 _MORE = int(zmq.SNDMORE | zmq.DONTWAIT)
 _NOWAIT = int(zmq.DONTWAIT)
 
@@ -77,10 +91,25 @@ def raise_fd_limit() -> int:
 
 def _curve_key(frame: zmq.Frame) -> bytes | None:
     user_id = frame.get("User-Id")
+    return _decode_key(user_id) if user_id else None
+
+
+@functools.lru_cache(maxsize=4096)  # read on every frame: the few keys of busy connections stay decoded
+def _decode_key(user_id: str) -> bytes | None:
     try:
-        return z85.decode(user_id) if user_id else None
+        return z85.decode(user_id)
     except ValueError:
         return None
+
+
+class _Admission:
+    """The ZAP credentials callback: runs on the authenticator thread, reads memory only."""
+
+    def __init__(self, keys) -> None:
+        self._keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self._keys.admits(z85.decode(key), time.monotonic())
 
 
 def _wall_ms() -> int:
@@ -89,6 +118,9 @@ def _wall_ms() -> int:
 
 class BrokerServer:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
+        if config.insecure and not is_loopback(config.host):
+            raise P2PChatError(f"--insecure is refused on {config.host}: without CURVE a user ID protects nothing, "
+                               "so only a loopback host may run it")
         self.config = config
         self._ctx = context or zmq.Context(io_threads=config.io_threads)
         self._own_ctx = context is None
@@ -107,12 +139,12 @@ class BrokerServer:
             self._cluster = link = cluster.ClusterLink(config.cluster, epoch, config.heartbeat_ivl * config.liveness,
                                                        self._waker.wake, timeout=timeout)
             self.identity = cluster.shared_broker_identity(link.redis, link.keys, config.data_dir / "broker.key")
-            self._keys = cluster.RedisKeyRegistry(link.redis, link.keys)
+            self._keys = cluster.RedisKeyRegistry(link.redis, link.keys, config.key_limits)
             self._store = cluster.RedisMessageStore(link, config.queue) if config.durable else NoStore()
             directory = self._directory = cluster.RedisDirectory(link.redis, epoch, link.keys, _wall_ms, link.health)
         else:
             self.identity = Identity.load_or_create(config.data_dir / "broker.key")
-            self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite")
+            self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite", config.key_limits)
             self._store = (SqliteMessageStore(config.data_dir / "queue.sqlite", config.queue, config.fsync)
                            if config.durable else NoStore())
             directory = LocalDirectory(epoch)
@@ -130,11 +162,13 @@ class BrokerServer:
         )
         self._auth: ThreadAuthenticator | None = None
         if not config.insecure:
-            # Without a ZAP handler in this context CURVE would accept any key silently; with it, every
-            # client completes a CURVE handshake and its key reaches us as the User-Id of its frames.
+            # Without a ZAP handler in this context CURVE would accept any key silently. Ours admits only
+            # keys bound to an ID or holding a fresh ticket from the key service (§10.1), and their key
+            # reaches us as the User-Id of their frames.
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("broker.zap"))
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_Admission(self._keys))
+        LIBC.seed_rand()  # before the ROUTER exists: its routing ids start at rand()
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES) + 1024)
@@ -146,29 +180,41 @@ class BrokerServer:
         self.pub = self._ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        if not config.insecure:
-            for sock in (self.router, self.pub):
+        for sock in (self.router, self.pub):
+            if not config.insecure:
                 sock.curve_server = True
                 sock.curve_secretkey = self.identity.curve_secret
-        self.key_service = self._ctx.socket(zmq.ROUTER)
-        self.key_service.setsockopt(zmq.LINGER, 0)
-        self.key_service.setsockopt(zmq.MAXMSGSIZE, 1024)
-        self._monitor = self.router.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED)
+            ivl_ms = int(config.zmtp_heartbeat_ivl * 1000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl_ms)
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            for option, value in zip((zmq.TCP_KEEPALIVE_IDLE, zmq.TCP_KEEPALIVE_INTVL, zmq.TCP_KEEPALIVE_CNT),
+                                     TCP_KEEPALIVE):
+                sock.setsockopt(option, value)
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
+        self._monitor = self.router.get_monitor_socket(events)
+        self._pub_monitor = self.pub.get_monitor_socket(events)
+        self.guard = ConnectionGuard(config.guard, config.heartbeat_ivl, lambda conn: self.core.user_of(conn) is not None)
         self._bind(self.router, config.port)
         self._bind(self.pub, config.publish_port)
+        self.key_service: KeyServiceListener | None = None
         if not config.insecure:
-            self._bind(self.key_service, config.key_service_port)
+            self.key_service = KeyServiceListener(
+                config.host, config.key_service_port, KeyServiceCore(self.identity.public, self._keys,
+                                                                     config.key_service),
+                reuse_port=config.reuse_port, clock=time.monotonic)
         self._next_refresh = 0.0
         self._store_failing = False
         self._refreshed_once = False
         if self._cluster is not None:
             self._cluster.start_reader(self._directory.stream_pos)
-        self._key_reply = pack(BrokerKey(self.identity.public), _wall_ms())[0]
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pub_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         if config.insecure:
-            log.warning("PLAINTEXT transport (--insecure): anyone on the network can read and inject traffic")
+            log.warning("PLAINTEXT transport (--insecure), NOT FOR USE: no encryption, and anyone who can reach "
+                        "%s can register as any user by quoting their public key and read their queue",
+                        config.host)
         else:
             log.info("broker key fingerprint %s (clients can pin it with --server-key)",
                      fingerprint(self.identity.public))
@@ -193,17 +239,28 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._pub_monitor, zmq.POLLIN)
         poller.register(self._waker.fileno(), zmq.POLLIN)
-        poller.register(self.key_service, zmq.POLLIN)
-        router, core = self.router, self.core
+        keys = self.key_service
+        if keys is not None:
+            poller.register(keys.fileno(), zmq.POLLIN)
+            keys.on_open = lambda fd: poller.register(fd, zmq.POLLIN)
+            keys.on_close = poller.unregister
+        router, core, guard = self.router, self.core, self.guard
         try:
             while not self._stopping:
                 now = time.monotonic()
                 if self._cluster is not None:
                     self._cluster_tick(now)
                 self._commit_then_execute(core.on_tick(now))
-                timeout_ms = max(0, int((core.next_deadline() - now) * 1000) + 1)
+                guard.check(now)
+                if keys is not None:
+                    keys.expire(now)
+                deadline = min(core.next_deadline(), guard.next_check())
+                timeout_ms = max(0, int((deadline - now) * 1000) + 1)
                 ready = dict(poller.poll(timeout_ms))
+                if self._monitor in ready or self._pub_monitor in ready:  # first: the guard maps new fds
+                    self._connection_events()
                 if router in ready:
                     # Drain a batch: fewer poll calls, one group commit, bounded so ticks still run.
                     batch: list[Action] = []
@@ -214,18 +271,18 @@ class BrokerServer:
                             break
                         batch += self._handle(parts)
                     self._commit_then_execute(batch)
-                if self._monitor in ready:
-                    self._log_connection_event()
                 if self._waker.fileno() in ready:
                     self._waker.drain()
-                if self.key_service in ready:
-                    self._answer_key_request()
+                if keys is not None:
+                    self._serve_keys(keys, ready)
         finally:
             self._close()
 
     def _handle(self, parts: list[zmq.Frame]) -> list[Action]:
         conn = parts[0].bytes
-        # The CURVE key ZAP authenticated; read only when the core asks (REGISTER), off the hot path.
+        self.guard.received(conn, parts)
+
+        # The CURVE key ZAP authenticated for this frame's connection; the core checks it on every frame.
         def peer_key() -> bytes | None:
             return None if self.config.insecure or len(parts) < 2 else _curve_key(parts[1])
 
@@ -360,37 +417,44 @@ class BrokerServer:
             log.info("conn=%s unreachable: frame dropped", conn.hex())
         return False
 
-    def _answer_key_request(self) -> None:
-        try:
-            parts = self.key_service.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        if len(parts) >= 2:  # [routing id, (empty delimiter from REQ,) anything]: answer with our key
-            reply = [parts[0], b"", self._key_reply] if parts[1] == b"" else [parts[0], self._key_reply]
-            try:
-                self.key_service.send_multipart(reply, zmq.DONTWAIT)
-            except zmq.ZMQError:
-                pass
+    @staticmethod
+    def _serve_keys(keys: KeyServiceListener, ready: dict) -> None:
+        if keys.fileno() in ready:
+            keys.accept()
+        for fd in ready:
+            if type(fd) is int and keys.owns(fd):
+                keys.readable(fd)
 
-    def _log_connection_event(self) -> None:
+    def _connection_events(self) -> None:
         # Drain them all: libzmq sends monitor events blocking, under a lock, so a backlog of unread
         # events stalls its I/O thread (and later disable_monitor()).
-        while True:
-            try:
-                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_ACCEPT_FAILED:
-                log.warning("accept failed: %s (file descriptors exhausted?)", os.strerror(event["value"]))
-                continue
-            kind = "connect" if event["event"] == zmq.EVENT_ACCEPTED else "disconnect"
-            log.info("%s from %s", kind, event["endpoint"].decode(errors="replace"))
+        now = time.monotonic()
+        for monitor, pub in ((self._monitor, False), (self._pub_monitor, True)):
+            while True:
+                try:
+                    event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if event["event"] == zmq.EVENT_ACCEPT_FAILED:
+                    log.warning("accept failed: %s (file descriptors exhausted?)", os.strerror(event["value"]))
+                    continue
+                accepted = event["event"] == zmq.EVENT_ACCEPTED
+                if accepted:
+                    self.guard.accepted(event["value"], pub, now)
+                else:
+                    self.guard.disconnected(event["value"], pub)
+                log.debug("%s fd=%d %s", "connect" if accepted else "disconnect", event["value"],
+                          "presence" if pub else "requests")
 
     def _close(self) -> None:
-        self._log_connection_event()
+        self._connection_events()
         self.router.disable_monitor()
-        for sock in (self._monitor, self.router, self.pub, self.key_service):
+        self.pub.disable_monitor()
+        for sock in (self._monitor, self._pub_monitor, self.router, self.pub):
             sock.close(linger=0)
+        if self.key_service is not None:
+            self.key_service.close()
+        self.guard.close()
         if self._auth is not None:
             self._auth.stop()
         self._keys.close()

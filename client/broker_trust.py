@@ -1,25 +1,29 @@
 """Which broker key to trust: pinned on the command line, remembered (known_brokers), or on first use.
 
-CurveZMQ needs the broker's public key before connecting, so the broker also
-answers on a plaintext *key port* (server port + 2) with its key. That answer
-is only ever trusted the first time (loudly), or when it matches a pin.
+CurveZMQ needs the broker's public key before connecting, so the broker also runs a small plain
+TCP *key service* (server port + 2, docs/PROTOCOL.md §10.1) that answers ``KEY`` with its key. That
+answer is only ever trusted the first time (loudly), or when it matches a pin. The same service
+admits a client key to the CURVE sockets (``ADMIT``) before it has registered an ID.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import zmq
 
 from client.trust import KeyStore
 from common.crypto import fingerprint
 from common.endpoints import ServerAddress
-from common.errors import ErrorCode, ProtocolError, RemoteError
-from common.protocol import BrokerKey, decode
+from common.errors import BrokenError, ErrorCode, RemoteError
 
 log = logging.getLogger(__name__)
+
+MAX_REPLY = 256  # the service's replies are one short line
+ADMIT_TIMEOUT = 30.0  # seconds to get a ticket while the broker says "later"
+RETRY_LATER = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.ADMISSION_FULL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,33 +36,75 @@ def _normalise(fp: str) -> str:
     return "".join(fp.lower().split())
 
 
-def fetch_broker_key(ctx: zmq.Context, server: ServerAddress, key_port: int, timeout: float) -> bytes | None:
-    """Ask the key port once; None if it does not answer in time or answers nonsense."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, 1024)
+def key_service_request(server: ServerAddress, key_port: int, line: str, timeout: float) -> str | None:
+    """Send one request line, return the reply line (without newline); None if unreachable or silent."""
     try:
-        sock.connect(f"tcp://{server.host}:{key_port}")
-        sock.send_multipart([b"", b"key?"])
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        parts = sock.recv_multipart()
-        msg = decode(parts[-1:]).message
-        return msg.key if type(msg) is BrokerKey else None
-    except (zmq.ZMQError, ProtocolError):
+        with socket.create_connection((server.host, key_port), timeout=timeout) as sock:
+            sock.sendall(line.encode("ascii") + b"\n")
+            reply = b""
+            while b"\n" not in reply and len(reply) < MAX_REPLY:
+                data = sock.recv(MAX_REPLY - len(reply))
+                if not data:
+                    return None
+                reply += data
+    except OSError:
         return None
-    finally:
-        sock.close(0)
+    line_out, newline, _ = reply.partition(b"\n")
+    return line_out.decode("ascii", "replace") if newline else None
 
 
-def resolve_broker_key(ctx: zmq.Context, server: ServerAddress, key_port: int, known: KeyStore,
+def fetch_broker_key(server: ServerAddress, key_port: int, timeout: float) -> bytes | None:
+    """Ask the key service once; None if it does not answer in time or answers nonsense."""
+    reply = key_service_request(server, key_port, "KEY", timeout)
+    word, _, key = (reply or "").partition(" ")
+    if word != "KEY" or len(key) != 64:
+        return None
+    try:
+        return bytes.fromhex(key)
+    except ValueError:
+        return None
+
+
+def admit(server: ServerAddress, key_port: int, user: str, key: bytes, timeout: float,
+          stopped: Callable[[], bool] = lambda: False) -> None:
+    """Have the broker admit ``key`` to its CURVE sockets for registering ``user`` (a no-op once bound).
+
+    Retries while the broker says "later" (rate_limited, admission_full) until ``timeout``; raises
+    RemoteError with the broker's code when it refuses, BrokenError when the service is unreachable.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        remaining = deadline - time.monotonic()
+        reply = key_service_request(server, key_port, f"ADMIT {user} {key.hex()}", max(0.05, min(remaining, 2.0)))
+        if reply == "OK":
+            return
+        code, message = ErrorCode.BROKER_UNREACHABLE, "the key service did not answer"
+        if reply is not None:
+            word, _, rest = reply.partition(" ")
+            text, _, message = rest.partition(" ")
+            try:
+                code = ErrorCode(text) if word == "ERR" else ErrorCode.BAD_FRAME
+            except ValueError:
+                code = ErrorCode.BAD_FRAME
+            if code not in RETRY_LATER:
+                raise RemoteError(f"the broker refused to admit {user!r}: {message or reply}", code)
+        if stopped() or time.monotonic() + delay >= deadline:
+            if code is ErrorCode.BROKER_UNREACHABLE:
+                raise BrokenError(f"the key service {server.host}:{key_port} did not answer")
+            raise RemoteError(f"the broker refused to admit {user!r}: {message}", code)
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def resolve_broker_key(server: ServerAddress, key_port: int, known: KeyStore,
                        pinned_fingerprint: str | None, stopped: Callable[[], bool]) -> TrustedKey | None:
     """The key to use for ``server``; raises RemoteError(BROKER_KEY_CHANGED) on a mismatch, None if stopped."""
     name = str(server)
     remembered = known.get(name)
     delay = 0.05
     while not stopped():
-        offered = fetch_broker_key(ctx, server, key_port, timeout=delay * 4)
+        offered = fetch_broker_key(server, key_port, timeout=delay * 4)
         if offered is None and remembered is not None:
             offered = remembered  # key port unreachable: the CURVE handshake checks the pin anyway
         if offered is not None:

@@ -75,11 +75,18 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
 
 # --- subcommands -------------------------------------------------------------
 def cmd_broker(args: argparse.Namespace) -> int:
-    from broker.server import BrokerConfig, BrokerServer
+    from broker.keys import KeyLimits
+    from broker.keyservice import KeyServiceLimits
+    from broker.server import BrokerConfig, BrokerServer, is_loopback
     from broker.ratelimit import RateLimits
     from broker.store import QueueLimits
     from common.paths import broker_dir
 
+    if args.insecure and not is_loopback(args.host):
+        # Without CURVE anyone can register as anyone by quoting a public key: never beyond this host.
+        print(f"p2pchat broker: --insecure turns off authentication and encryption; it is refused on {args.host} "
+              "(only a loopback host such as 127.0.0.1 may run it)", file=sys.stderr)
+        return EXIT_USAGE
     if args.workers > 1:
         if not args.cluster:
             print("p2pchat broker: --workers N needs --cluster redis://HOST:PORT/DB (the workers share "
@@ -100,6 +107,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         queue=QueueLimits(max_per_user=args.queue_max, max_per_sender=args.queue_sender_max,
                           ttl_seconds=args.queue_ttl),
         cluster=args.cluster, reuse_port=args.reuse_port or args.workers > 1, io_threads=max(1, args.io_threads),
+        key_limits=KeyLimits(ids_per_key=args.ids_per_key),
+        key_service=KeyServiceLimits(admit_rate=args.admit_rate, admit_burst=args.admit_burst),
     )
     server = BrokerServer(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -297,9 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pub-port", type=int, default=None, help="presence port (default: --port + 1)")
     p.add_argument("--data-dir", default=None, help="broker state (default: $P2PCHAT_HOME/broker)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds (default 1)")
-    p.add_argument("--key-port", type=int, default=None, help="plaintext key service for clients' trust on first use "
-                   "(default: --port + 2)")
-    p.add_argument("--insecure", action="store_true", help="plaintext transport, no CURVE: for debugging only")
+    p.add_argument("--key-port", type=int, default=None, help="plain TCP key service: the broker key for clients' "
+                   "trust on first use, admission tickets for new keys (default: --port + 2)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext transport, no CURVE and no identity protection: debugging on a loopback host only")
+    p.add_argument("--ids-per-key", type=int, default=4, help="user IDs one key may claim (default 4)")
+    p.add_argument("--admit-rate", type=float, default=20.0,
+                   help="admissions of new keys per second per source address (default 20; raise it for load "
+                        "tests from one host)")
+    p.add_argument("--admit-burst", type=float, default=200.0,
+                   help="burst of admissions per source address (default 200)")
     p.add_argument("--no-store", action="store_true",
                    help="no offline delivery: relay to online peers only (no SQLite store)")
     p.add_argument("--rate-limit", type=float, default=10_000.0,

@@ -25,7 +25,7 @@ from zmq.utils import z85
 
 from client import events as ev
 from client.actions import Emit, Transmit
-from client.broker_trust import resolve_broker_key
+from client.broker_trust import ADMIT_TIMEOUT, admit, resolve_broker_key
 from client.e2e import EndToEnd
 from client.history import History
 from client.identity import InstanceClaim
@@ -292,11 +292,16 @@ class ChatClient:
     def _run(self) -> None:
         server = self.config.server
         if not self.config.insecure:
+            key_port = self.config.key_port or server.port + 2
             try:
                 trusted = resolve_broker_key(
-                    self._ctx, server, self.config.key_port or server.port + 2,
-                    KeyStore(ensure_private_dir(home_dir()) / "known_brokers.json"),
+                    server, key_port, KeyStore(ensure_private_dir(home_dir()) / "known_brokers.json"),
                     self.config.server_key, stopped=self._idle_while_resolving)
+                if trusted is not None:  # the broker lets only keys with an ID or a ticket through CURVE
+                    admit(server, key_port, self.user, self.identity.public, ADMIT_TIMEOUT,
+                          stopped=self._idle_while_resolving)
+            except BrokenError as exc:  # key service gone since: a bound key still gets in, and we retry
+                log.info("user=%s admission not confirmed (%s); connecting anyway", self.user, exc.message)
             except P2PChatError as exc:
                 self._dispatch(ev.RegisterFailed(exc))
                 self._finish_agent()

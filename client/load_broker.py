@@ -65,6 +65,9 @@ def _child_setup(nofile: int | None) -> None:
     raise_nofile(nofile)
 
 
+UNLIMITED_ADMISSIONS = 1e9
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerCommand:
     port: int
@@ -82,7 +85,9 @@ class BrokerCommand:
                 data_dir=self.data_dir, heartbeat=self.heartbeat)) + list(self.extra)
         argv = [sys.executable, "-m", "client.cli", "broker", "--port", str(self.port),
                 "--data-dir", str(self.data_dir), "--heartbeat", str(self.heartbeat),
-                "--rate-limit", str(self.rate_limit)]
+                "--rate-limit", str(self.rate_limit),
+                # every load client comes from this host: no per-address admission limit (docs/SECURITY.md)
+                "--admit-rate", str(UNLIMITED_ADMISSIONS), "--admit-burst", str(UNLIMITED_ADMISSIONS)]
         return argv + (["--insecure"] if self.insecure else []) + list(self.extra)
 
 

@@ -34,7 +34,7 @@ from typing import TextIO
 
 import zmq
 
-from client.broker_trust import fetch_broker_key
+from client.broker_trust import ADMIT_TIMEOUT, admit, fetch_broker_key
 from client.load_broker import BrokerCommand, BrokerFailed, ResourceSampler, Sample, SpawnedBroker, free_port_triple
 from client.load_config import LoadConfig
 from client.load_script import ScriptPlan
@@ -112,9 +112,12 @@ class RunResult:
 class ProbeClient:
     """The coordinator's own client for presence probes: its REGISTER and UNREGISTER are the timed changes."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, server_key: bytes | None, user: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, server_key: bytes | None, user: str,
+                 key_service: ServerAddress | None) -> None:
         self.user = user
         self.identity = Identity.generate()
+        if key_service is not None:
+            admit(key_service, key_service.port, user, self.identity.public, ADMIT_TIMEOUT)
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if server_key is not None:
@@ -183,6 +186,7 @@ class LoadRun:
         self.server: ServerAddress | None = None
         self.pub_endpoint = ""
         self.server_key: bytes | None = None
+        self.key_service: ServerAddress | None = None  # host and key port, with CURVE
         self.prefix = ""
         self.phase = "start"
         self._next_sample = 0.0
@@ -257,6 +261,7 @@ class LoadRun:
         result.transport = "plaintext" if config.insecure else "curve"
         if not config.insecure:
             self.server_key = self._broker_key(key_port)
+            self.key_service = ServerAddress(self.server.host, key_port)
         sample = self._sample()
         if sample is not None:
             result.rss_baseline = sample.rss
@@ -283,7 +288,7 @@ class LoadRun:
         deadline = time.monotonic() + 15.0
         key = None
         while key is None and time.monotonic() < deadline:
-            key = fetch_broker_key(self.ctx, self.server, key_port, timeout=1.0)
+            key = fetch_broker_key(self.server, key_port, timeout=1.0)
         if key is None:
             raise RunFailed(f"no answer from the key port {self.server.host}:{key_port} (is the broker running "
                             "with CURVE? use --insecure for a plaintext one)")
@@ -311,7 +316,8 @@ class LoadRun:
         for w in range(processes):
             spec = WorkerSpec(worker=w, indices=range(w, config.clients, processes), plan=self.plan,
                               user_prefix=self.prefix, endpoint=self.server.endpoint, pub_endpoint=self.pub_endpoint,
-                              server_key=self.server_key, subscribe=config.subscribe, nofile=config.nofile)
+                              server_key=self.server_key, key_service=self.key_service,
+                              subscribe=config.subscribe, nofile=config.nofile)
             parent, child = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=worker_main, args=(spec, child), name=f"p2pchat-load-{w}", daemon=True)
             proc.start()
@@ -349,7 +355,7 @@ class LoadRun:
                             f"within {budget:.0f}s")
         subscribers = self.total("subscribed")
         for user in users:
-            probe = ProbeClient(self.ctx, self.server.endpoint, self.server_key, user)
+            probe = ProbeClient(self.ctx, self.server.endpoint, self.server_key, user, self.key_service)
             try:
                 t_on = probe.register()
                 self._pump(lambda: self._presence_seen(f"{user}:1") >= subscribers, PROBE_WAIT, tick=probe.keep_alive)

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 import zmq
 
+from client.broker_trust import ADMIT_TIMEOUT, admit
 from client.load_script import CONNECT, NEVER, NS, Connect, ScriptedClient, ScriptPlan
 from client.load_stats import ProcessStats
 from common.crypto import Identity
+from common.endpoints import ServerAddress
 from common.protocol import MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class WorkerSpec:
     endpoint: str
     pub_endpoint: str
     server_key: bytes | None  # the broker's raw public key; None: plaintext (--insecure)
+    key_service: ServerAddress | None  # where each client's key gets its admission ticket (with CURVE)
     subscribe: bool  # also open a SUB per client (subscribed on the coordinator's word)
     nofile: int | None
     progress_every: float = 0.1
@@ -126,6 +129,8 @@ class Worker:
         wall_ms = lambda: int(time.time() * 1000)  # noqa: E731
         for index in spec.indices:
             identity = Identity.generate()
+            if spec.key_service is not None:
+                admit(spec.key_service, spec.key_service.port, names[index], identity.public, ADMIT_TIMEOUT)
             self.curve[index] = (identity.curve_public, identity.curve_secret)
             self.clients[index] = ScriptedClient(index, names, identity.public, spec.plan, self.stats, wall_ms,
                                                  watch=self.watch)

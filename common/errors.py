@@ -46,6 +46,9 @@ class ErrorCode(str, enum.Enum):
     NO_SPACE = "no_space"
     UNWRITABLE = "unwritable"
     SOURCE_CHANGED = "source_changed"
+    TOO_MANY_IDS = "too_many_ids"
+    REGISTRY_FULL = "registry_full"
+    ADMISSION_FULL = "admission_full"
 
 
 class P2PChatError(Exception):

@@ -63,16 +63,27 @@ class KeyBook:
     def __init__(self) -> None:
         self._keys: dict[str, bytes] = {}
 
-    def bind(self, user: str, key: bytes) -> bool:
-        return self._keys.setdefault(user, key) == key
+    def bind(self, user: str, key: bytes) -> ErrorCode | None:
+        return None if self._keys.setdefault(user, key) == key else ErrorCode.ID_TAKEN
 
     def lookup(self, user: str) -> bytes | None:
         return self._keys.get(user)
 
 
+class CurveCore(BrokerCore):
+    """The core as the CURVE shell drives it: every frame carries the key its connection authenticated with."""
+
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, **options)
+        self.curve_keys: dict[bytes, bytes] = {}  # conn -> its CURVE key, learned from ``register``
+
+    def on_frames(self, conn, frames, now, peer_key=None):
+        return super().on_frames(conn, frames, now, peer_key or (lambda: self.curve_keys.get(conn)))
+
+
 def make_core(**options) -> BrokerCore:
-    return BrokerCore(LocalDirectory(EPOCH), broker_id=BROKER, heartbeat_ivl=IVL, liveness=LIVENESS,
-                      wall_ms=lambda: 0, keys=KeyBook(), **options)
+    return CurveCore(LocalDirectory(EPOCH), broker_id=BROKER, heartbeat_ivl=IVL, liveness=LIVENESS,
+                     wall_ms=lambda: 0, keys=KeyBook(), **options)
 
 
 @pytest.fixture
@@ -109,9 +120,17 @@ def register(core: BrokerCore, conn: bytes, user: str, now: float = 0.0, msg_id:
     """REGISTER ``user`` from ``conn``; by default with the user's key, which CURVE proved for ``conn``."""
     token = token if token is not None else b"token-of-" + conn  # one installation per connection
     key = key if key is not None else key_of(user)
-    curve_key = curve_key if curve_key is not None else key
+    curve_key = curve_key if curve_key is not None else core.curve_keys.get(conn, key)  # fixed per connection
     frames = pack(example_message(Register, user=user, token=token, key=key), 0, msg_id)
+    core.curve_keys.setdefault(conn, curve_key)
     return core.on_frames(conn, frames, now, lambda: curve_key)
+
+
+def test_a_frame_with_another_key_on_a_sessions_routing_id_is_refused(core):
+    register(core, A, "alice")
+    error = only_error(core.on_frames(A, pack(Heartbeat(), 0), 0.1, lambda: key_of("mallory")), A)
+    assert error.code is ErrorCode.KEY_MISMATCH
+    assert replies(core.on_frames(A, pack(Heartbeat(), 0), 0.2), A) == [Heartbeat()]  # alice's own key still works
 
 
 def chat(core: BrokerCore, conn: bytes, sender: str, recipient: str, now: float = 0.0, msg_id: bytes = MSG_ID):

@@ -6,7 +6,6 @@ Raw DEALER sockets (tests/test_broker_fuzz.py's ``Dealers``) play the misbehavin
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import zmq

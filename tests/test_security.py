@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker.server import BrokerConfig, BrokerServer
 from client import events as ev
+from client.broker_trust import admit
 from client.client import ChatClient, ClientConfig
 from common import crypto
 from common.endpoints import ServerAddress
@@ -110,9 +111,13 @@ def _broker_key(broker) -> bytes:
     return crypto.Identity.load_or_create(broker.home / "broker" / "broker.key").public
 
 
-def _curve_dealer(ctx: zmq.Context, port: int, identity: crypto.Identity, server_key: bytes) -> zmq.Socket:
+def _curve_dealer(ctx: zmq.Context, port: int, identity: crypto.Identity, server_key: bytes,
+                  user: str | None = None) -> zmq.Socket:
+    """A raw CURVE DEALER; with ``user``, first admitted through the key service as a client would be."""
     from zmq.utils import z85
 
+    if user is not None:
+        admit(ServerAddress("127.0.0.1", port), port + 2, user, identity.public, 10.0)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.curve_serverkey = z85.encode(server_key)
@@ -146,7 +151,7 @@ def test_impersonation_survives_a_broker_restart(make_client, broker, tmp_path):
 def test_register_with_a_key_other_than_the_connections_is_refused(broker):
     ctx = zmq.Context()
     me, claimed = crypto.Identity.generate(), crypto.Identity.generate()
-    sock = _curve_dealer(ctx, broker.port, me, _broker_key(broker))
+    sock = _curve_dealer(ctx, broker.port, me, _broker_key(broker), user="carol")
     try:
         sock.send_multipart(pack(Register("carol", b"t" * 16, claimed.public), 0))
         assert sock.poll(10_000), "no answer"
@@ -370,7 +375,7 @@ def test_flooder_is_limited_while_others_keep_chatting(make_client, broker):
     alice, bob = make_client("alice"), make_client("bob")
     ctx = zmq.Context()
     flooder_id = crypto.Identity.generate()
-    sock = _curve_dealer(ctx, broker.port, flooder_id, _broker_key(broker))
+    sock = _curve_dealer(ctx, broker.port, flooder_id, _broker_key(broker), user="flooder")
     stop = threading.Event()
     errors: list[Error] = []
 

@@ -20,7 +20,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import msgpack
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
