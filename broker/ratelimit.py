@@ -47,15 +47,16 @@ class ConnectionLimiter:
         return ok
 
 
-class BadFrameLog:
-    """Bad frames, logged aggregated: a connection's first one at once, then one line per interval with a count.
+class AggregatedLog:
+    """Per-connection incidents (``what``: bad frames, dropped frames), logged aggregated: a connection's
+    first one at once, then one line per interval with a count.
 
-    A flood of junk must not become a flood of log lines. At most ``max_conns`` connections are
-    tracked; past that the rest are only counted, in one line per interval.
+    A flood must not become a flood of log lines. At most ``max_conns`` connections are tracked; past
+    that the rest are only counted, in one line per interval.
     """
 
-    def __init__(self, interval: float = 10.0, max_conns: int = 10_000) -> None:
-        self.interval, self.max_conns = interval, max_conns
+    def __init__(self, what: str, interval: float = 10.0, max_conns: int = 10_000) -> None:
+        self.what, self.interval, self.max_conns = what, interval, max_conns
         self._seen: dict[bytes, list] = {}  # conn -> [logged at, frames since, user, last reason]
         self._untracked = 0
         self._next_flush = 0.0
@@ -67,8 +68,8 @@ class BadFrameLog:
             entry[3] = reason
         elif len(self._seen) < self.max_conns:
             self._seen[conn] = [now, 0, user, reason]
-            log.warning("conn=%s user=%s bad frame: %s (more from it are counted, logged every %.0fs)",
-                        conn.hex(), user, reason, self.interval)
+            log.warning("conn=%s user=%s %s: %s (more are counted, logged every %.0fs)",
+                        conn.hex(), user, self.what, reason, self.interval)
         else:
             self._untracked += 1
 
@@ -81,13 +82,13 @@ class BadFrameLog:
             if now - entry[0] < self.interval:
                 continue
             if entry[1]:
-                log.warning("conn=%s user=%s %d more bad frames in %.0fs, the last: %s", conn.hex(), entry[2],
-                            entry[1], now - entry[0], entry[3])
+                log.warning("conn=%s user=%s %d more (%s) in %.0fs, the last: %s", conn.hex(), entry[2],
+                            entry[1], self.what, now - entry[0], entry[3])
                 entry[0], entry[1] = now, 0
             else:
                 done.append(conn)
         for conn in done:
             del self._seen[conn]
         if self._untracked:
-            log.warning("%d bad frames from connections past the %d tracked", self._untracked, self.max_conns)
+            log.warning("%d more (%s) on connections past the %d tracked", self._untracked, self.what, self.max_conns)
             self._untracked = 0

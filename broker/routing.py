@@ -17,7 +17,7 @@ from typing import Any
 from broker.credit import CreditLedger, CreditLimits
 from broker.directory import Location, PeerDirectory
 from broker.keys import REFUSALS, KeyRegistry
-from broker.ratelimit import BadFrameLog, ConnectionLimiter, RateLimits
+from broker.ratelimit import AggregatedLog, ConnectionLimiter, RateLimits
 from broker.store import MessageStore, NoStore, QueueLimits, Refusal, StoreUnavailable
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import (
@@ -150,7 +150,7 @@ class BrokerCore:
         self.credit = CreditLedger(credit)
         self._credit_drops: dict[bytes, int] = {}  # sender conn -> chunks refused since its last relayed one
         self._now = 0.0  # the latest tick's time, for inputs that come without one (on_forwarded)
-        self.bad_frames = BadFrameLog()
+        self.bad_frames = AggregatedLog("bad frame")
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness

@@ -23,10 +23,11 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.connguard import LIBC, ConnectionGuard, GuardLimits
+from broker.backlog import SendBacklog
 from broker.directory import LocalDirectory
 from broker.keys import KeyLimits, SqliteKeyRegistry
 from broker.keyservice import KeyServiceCore, KeyServiceLimits, KeyServiceListener
-from broker.ratelimit import RateLimits
+from broker.ratelimit import AggregatedLog, RateLimits
 from broker.store import NoStore, QueueLimits, SqliteMessageStore, StoreUnavailable
 from common.crypto import Identity, fingerprint
 from common.errors import ErrorCode, P2PChatError
@@ -70,6 +71,7 @@ class BrokerConfig:
 
 
 ACCEPT_BACKLOG = 4096
+BACKLOG_RETRY = 0.005  # seconds between tries to send held frames
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TCP_KEEPALIVE = (60, 10, 6)  # idle seconds, probe interval, probes: a half-open peer goes within ~2 minutes
 
@@ -125,6 +127,8 @@ class BrokerServer:
         self._ctx = context or zmq.Context(io_threads=config.io_threads)
         self._own_ctx = context is None
         self._waker = Waker()
+        self._dropped = AggregatedLog("frame dropped")  # sends to a gone peer, or past its backlog
+        self._backlog = SendBacklog()  # answers a peer's full pipe could not take yet
         self._stopping = False
         epoch = os.urandom(8)
         ensure_private_dir(config.data_dir)
@@ -253,10 +257,14 @@ class BrokerServer:
                 if self._cluster is not None:
                     self._cluster_tick(now)
                 self._commit_then_execute(core.on_tick(now))
+                self._dropped.flush(now)
                 guard.check(now)
                 if keys is not None:
                     keys.expire(now)
+                self._backlog.flush(self._try_send)
                 deadline = min(core.next_deadline(), guard.next_check())
+                if self._backlog:  # held frames: look again soon (POLLOUT on a ROUTER means any peer)
+                    deadline = min(deadline, now + BACKLOG_RETRY)
                 timeout_ms = max(0, int((deadline - now) * 1000) + 1)
                 ready = dict(poller.poll(timeout_ms))
                 if self._monitor in ready or self._pub_monitor in ready:  # first: the guard maps new fds
@@ -401,21 +409,31 @@ class BrokerServer:
                 self.pub.send_multipart(action.frames)
 
     def _send(self, conn: bytes, frames) -> bool:
+        """Send now, or hold behind what ``conn`` already waits for; False if it was dropped."""
+        sent = False if self._backlog.holds(conn) else self._try_send(conn, frames)
+        if sent is False:
+            if self._backlog.hold(conn, frames):
+                return True
+            self._dropped.record(conn, self.core.user_of(conn), "its send backlog is full", time.monotonic())
+        return bool(sent)
+
+    def _try_send(self, conn: bytes, frames) -> bool | None:
+        """True: sent; False: its pipe is full (try later); None: the connection is gone."""
         send = self.router.send
         try:
             # Part by part with plain int flags: send_multipart's flag-enum arithmetic is a hot-path cost.
-            send(conn, _MORE)  # ROUTER_MANDATORY: an unroutable peer fails here, before any payload
+            send(conn, _MORE)  # ROUTER_MANDATORY: an unroutable or full peer fails here, before any payload
             last = len(frames) - 1
             for i, frame in enumerate(frames):
                 send(frame, _NOWAIT if i == last else _MORE, copy=False)
             return True
         except zmq.Again:
-            log.warning("conn=%s at its high-water mark: frame dropped", conn.hex())
+            return False
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            log.info("conn=%s unreachable: frame dropped", conn.hex())
-        return False
+            self._dropped.record(conn, self.core.user_of(conn), "the connection is gone", time.monotonic())
+            return None
 
     @staticmethod
     def _serve_keys(keys: KeyServiceListener, ready: dict) -> None:

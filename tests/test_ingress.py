@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import pytest
 import zmq
 from zmq.utils import z85
@@ -25,7 +26,7 @@ from client.broker_trust import admit, fetch_broker_key
 from common import crypto
 from common.endpoints import ServerAddress
 from common.errors import ErrorCode, RemoteError
-from common.protocol import Error, Heartbeat, Register, Registered, decode, pack
+from common.protocol import Error, Heartbeat, Register, Registered, Unregister, decode, pack
 from tests.conftest import ROOT, BrokerProcess, free_port_pair, wait_until
 from tests.test_broker_fuzz import assert_broker_still_serves, recv
 
@@ -34,9 +35,14 @@ PARTS = 200_000  # 195 MiB of 1 KiB parts: well past the bound, so holding them 
 
 
 def _raw_dealer(ctx: zmq.Context, broker: BrokerProcess, identity: crypto.Identity,
-                routing_id: bytes | None = None, reconnect: bool = True) -> zmq.Socket:
+                routing_id: bytes | None = None, reconnect: bool = True, deaf: bool = False) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if deaf:  # buffers as small as they go: what we do not read backs up into the broker at once
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 4096)
+    else:
+        sock.setsockopt(zmq.RCVHWM, 0)  # read everything, so the broker never drops an answer to us
     if not reconnect:
         sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a cut connection stays cut
     if routing_id is not None:
@@ -215,6 +221,29 @@ def test_two_thousand_junk_frames_do_not_write_two_thousand_log_lines(broker):
             assert type(decode(recv(sock, broker)).message) is Error
         lines = [line for line in broker.lines if "bad frame" in line]
         assert 1 <= len(lines) <= 5, lines[:10]
+    finally:
+        ctx.destroy(0)
+
+
+def test_replies_dropped_at_a_peers_high_water_mark_are_logged_aggregated(broker):
+    """A client that asks and never reads fills its pipe and then its backlog at the broker: the frames
+    past that are dropped, and each drop must not be a log line."""
+    ctx = zmq.Context()
+    try:
+        me = crypto.Identity.generate()
+        admit(broker.address, broker.port + 2, "deaf", me.public, 10.0)
+        sock = _raw_dealer(ctx, broker, me, deaf=True)
+        assert type(_register(sock, broker, "deaf", me)) is Registered
+        sock.setsockopt(zmq.SNDHWM, 0)
+        # Each answer is an error of about 1 KB naming the unknown field: 15 MB that nobody reads, past the
+        # pipe (1,000 answers), the socket buffers and the backlog (8 MiB).
+        bad = msgpack.packb({"v": 1, "t": "heartbeat", "id": bytes(16), "ts": 0, "x" * 900: 1})
+        for _ in range(15_000):
+            sock.send(bad)
+        wait_until(lambda: any("frame dropped" in line for line in broker.lines), 30, "a drop logged")
+        sock.send(pack(Unregister(), 0)[0])  # handled after every bad frame: then all drops have happened
+        wait_until(lambda: any("deaf" in line and "unregistered" in line for line in broker.lines), 30, "unregistered")
+        assert len([line for line in broker.lines if "frame dropped" in line]) <= 3
     finally:
         ctx.destroy(0)
 
