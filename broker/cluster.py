@@ -482,7 +482,7 @@ class RedisDirectory:
                 keys=[self._keys.epoch, self._keys.seq, self._keys.presence, self._keys.online],
                 args=[os.urandom(8)])
         self.epoch, self._seq, self._stale = epoch, int(seq), False
-        if self.stream_pos == "0-0":
+        if self.stream_pos in ("0-0", "$"):  # the reader starts where this snapshot ends
             self.stream_pos = pos.decode() if isinstance(pos, bytes) else pos
         self._replica = {flat[i].decode(): _parse_loc(flat[i + 1]) for i in range(0, len(flat), 2)}
         log.info("presence replica at seq %d: %d users online in the cluster", self._seq, len(self._replica))
@@ -845,21 +845,24 @@ class ClusterLink:
                                   *(self.keys.inbox(b) + ":bytes" for b in brokers))
 
     # --- the reader thread ------------------------------------------------------
-    def start_reader(self, presence_pos: str) -> None:
+    def start_reader(self, presence_pos: Callable[[], str]) -> None:
+        """``presence_pos()``: where the replica's snapshot ends ("$" until a degraded broker has one)."""
         self._reader = threading.Thread(target=self._read, args=(presence_pos,), name="cluster-reader", daemon=True)
         self._reader.start()
 
-    def _read(self, presence_pos: str) -> None:
+    def _read(self, presence_pos: Callable[[], str]) -> None:
         r = connect(self.url, self.timeout, reader=True)
         taken = r.register_script(_TAKEN)
-        positions = {self.inbox: "$", self.keys.presence: presence_pos}
+        positions = {self.inbox: "$", self.keys.presence: "$"}
         backoff = 0.05
         while not self._stop.is_set():
             try:
-                for name, pos in positions.items():  # "$" (the end, as of the first contact): pin it down
-                    if pos == "$":
-                        positions[name] = self._last_id(r, name)
-                reply = r.xread(positions, count=1000, block=READ_BLOCK_MS)
+                if positions[self.inbox] == "$":  # the end, as of the first contact: pin it down
+                    positions[self.inbox] = self._last_id(r, self.inbox)
+                if positions[self.keys.presence] == "$":  # from the end of the replica's snapshot, once it has one
+                    positions[self.keys.presence] = presence_pos()
+                reading = {name: pos for name, pos in positions.items() if pos != "$"}
+                reply = r.xread(reading, count=1000, block=READ_BLOCK_MS)
                 backoff = 0.05
             except REDIS_ERRORS as exc:
                 if not self._was_down:

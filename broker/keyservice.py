@@ -92,7 +92,7 @@ class KeyServiceCore:
             return error_line(ErrorCode.RATE_LIMITED, "too many admissions from this address; retry later")
         try:
             refused = self.keys.can_bind(request.user, request.key)
-            if refused is None:
+            if refused is None and self.keys.lookup(request.user) != request.key:  # bound keys need no ticket
                 refused = self.keys.issue_ticket(request.key, now)
         except StoreUnavailable:  # cluster mode with Redis away: bindings and tickets cannot be checked
             return error_line(ErrorCode.STORAGE_UNAVAILABLE, "the broker's shared store is unavailable; retry later")

@@ -212,7 +212,7 @@ class BrokerServer:
         self._store_failing = False
         self._refreshed_once = False
         if self._cluster is not None:
-            self._cluster.start_reader(self._directory.stream_pos)
+            self._cluster.start_reader(lambda: self._directory.stream_pos)
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pub_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         if config.insecure:

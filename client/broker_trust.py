@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_REPLY = 256  # the service's replies are one short line
 ADMIT_TIMEOUT = 30.0  # seconds to get a ticket while the broker says "later"
-RETRY_LATER = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.ADMISSION_FULL})
+RETRY_LATER = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.ADMISSION_FULL, ErrorCode.STORAGE_UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +66,15 @@ def fetch_broker_key(server: ServerAddress, key_port: int, timeout: float) -> by
 
 
 def admit(server: ServerAddress, key_port: int, user: str, key: bytes, timeout: float,
-          stopped: Callable[[], bool] = lambda: False) -> None:
+          stopped: Callable[[], bool] = lambda: False,
+          waiting: Callable[[RemoteError], None] = lambda error: None) -> None:
     """Have the broker admit ``key`` to its CURVE sockets for registering ``user`` (a no-op once bound).
 
-    Retries while the broker says "later" (rate_limited, admission_full) until ``timeout``; raises
-    RemoteError with the broker's code when it refuses, BrokenError when the service is unreachable.
+    Retries while the broker says "later" (rate_limited, admission_full, storage_unavailable) until
+    ``timeout``, calling ``waiting`` with the first such answer; raises RemoteError with the broker's
+    code when it refuses, BrokenError when the service is unreachable.
     """
+    told = False
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
@@ -89,6 +92,9 @@ def admit(server: ServerAddress, key_port: int, user: str, key: bytes, timeout: 
                 code = ErrorCode.BAD_FRAME
             if code not in RETRY_LATER:
                 raise RemoteError(f"the broker refused to admit {user!r}: {message or reply}", code)
+            if not told:
+                told = True
+                waiting(RemoteError(f"the broker cannot admit {user!r} yet: {message}; retrying", code))
         if stopped() or time.monotonic() + delay >= deadline:
             if code is ErrorCode.BROKER_UNREACHABLE:
                 raise BrokenError(f"the key service {server.host}:{key_port} did not answer")

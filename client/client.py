@@ -25,7 +25,7 @@ from zmq.utils import z85
 
 from client import events as ev
 from client.actions import Emit, Transmit
-from client.broker_trust import ADMIT_TIMEOUT, admit, resolve_broker_key
+from client.broker_trust import ADMIT_TIMEOUT, RETRY_LATER, admit, resolve_broker_key
 from client.e2e import EndToEnd
 from client.history import History
 from client.identity import InstanceClaim
@@ -36,7 +36,7 @@ from client.session import ClientSession, State, validate_text
 from client.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
 from common.paths import ensure_private_dir, home_dir, user_dir
 from common.endpoints import ServerAddress
-from common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError
+from common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError, RemoteError
 from common.protocol import MAX_HEADER_BYTES, check_user_id, new_msg_id
 from common.wakeup import Waker
 
@@ -298,8 +298,7 @@ class ChatClient:
                     server, key_port, KeyStore(ensure_private_dir(home_dir()) / "known_brokers.json"),
                     self.config.server_key, stopped=self._idle_while_resolving)
                 if trusted is not None:  # the broker lets only keys with an ID or a ticket through CURVE
-                    admit(server, key_port, self.user, self.identity.public, ADMIT_TIMEOUT,
-                          stopped=self._idle_while_resolving)
+                    self._admit(server, key_port)
             except BrokenError as exc:  # key service gone since: a bound key still gets in, and we retry
                 log.info("user=%s admission not confirmed (%s); connecting anyway", self.user, exc.message)
             except P2PChatError as exc:
@@ -359,6 +358,18 @@ class ChatClient:
             self._sub.close(linger=0)
             self._dealer = self._sub = None
             self._finish_agent()
+
+    def _admit(self, server: ServerAddress, key_port: int) -> None:
+        """Get a ticket for our key; while the broker says "later", say why once and keep asking."""
+        while True:
+            try:
+                admit(server, key_port, self.user, self.identity.public, ADMIT_TIMEOUT,
+                      stopped=self._idle_while_resolving,
+                      waiting=lambda error: self._dispatch(ev.ErrorReported(error)))
+                return
+            except RemoteError as exc:
+                if exc.code not in RETRY_LATER or self._closed:
+                    raise
 
     def _idle_while_resolving(self) -> bool:
         """Between tries to reach the broker: still take commands (sends go to the outbox)."""

@@ -73,9 +73,10 @@ class Identity:
         return identity
 
     def save(self, path: Path) -> None:
-        """Write the secret to ``path`` (mode 0600), atomically."""
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Write the secret to ``path`` (mode 0600), atomically; several processes may do it at once
+        (cluster workers keep the shared key beside them), so each writes its own temporary file."""
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(self.private_bytes())
         os.replace(tmp, path)

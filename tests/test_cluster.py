@@ -378,7 +378,7 @@ def test_a_worker_restarted_during_an_outage_starts_degraded(tmp_path, redis_ser
         wait_until(lambda: listening(cluster) >= 3, 20, "the supervisor to restart the worker")
         assert len(worker_crashes(cluster)) == 1  # the one we killed: the restarted worker keeps running
         redis_server.start()
-        wait_until(lambda: logged(cluster, "redis is back") >= 1, 20, "a worker to find Redis")
+        wait_until(lambda: logged(cluster, "redis is back") >= 2, 20, "both workers to find Redis")
         bob = connect("bob", cluster.address)
         wait_peers(bob, {"alice", "bob"}, timeout=20)
         bob.send("alice", "after the outage", timeout=10)

@@ -267,13 +267,16 @@ def test_insecure_broker_on_loopback_warns_loudly(tmp_path):
 
 # --- the key service core, without sockets --------------------------------------------------------
 class _Registry:
-    """Just enough KeyRegistry for the key service: ``taken`` IDs belong to another key."""
+    """Just enough KeyRegistry for the key service: ``taken`` IDs belong to another key, ``bound`` to theirs."""
 
-    def __init__(self, taken: set[str] = frozenset()) -> None:
-        self.taken, self.tickets = taken, []
+    def __init__(self, taken: set[str] = frozenset(), bound: dict[str, bytes] | None = None) -> None:
+        self.taken, self.bound, self.tickets = taken, bound or {}, []
 
     def can_bind(self, user: str, key: bytes):
         return ErrorCode.ID_TAKEN if user in self.taken else None
+
+    def lookup(self, user: str) -> bytes | None:
+        return self.bound.get(user)
 
     def issue_ticket(self, key: bytes, now: float):
         self.tickets.append(key)
@@ -282,6 +285,13 @@ class _Registry:
 
 def _service(**limits) -> KeyServiceCore:
     return KeyServiceCore(b"\x01" * 32, _Registry({"alice"}), KeyServiceLimits(**limits))
+
+
+def test_key_service_core_admits_a_bound_key_without_a_ticket():
+    """A bound key is let in by its binding: no ticket, so no write a Redis outage could refuse."""
+    core = KeyServiceCore(b"\x01" * 32, _Registry(bound={"carol": b"\xef" * 32}), KeyServiceLimits())
+    reply, _ = KeyServiceConnection("127.0.0.1", 0.0).receive(b"ADMIT carol " + b"ef" * 32 + b"\n", core, 0.0)
+    assert reply == b"OK\n" and core.keys.tickets == []
 
 
 def test_key_service_core_answers_key_and_admit_lines():
