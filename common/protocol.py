@@ -132,7 +132,6 @@ class MsgType(str, enum.Enum):
     PEER_SYNC = "peer_sync"
     CONSUME = "consume"
     RECEIPT = "receipt"
-    BROKER_KEY = "broker_key"
     KEY_REQ = "key_req"
     KEY_INFO = "key_info"
     FILE_OFFER = "file_offer"
@@ -178,14 +177,6 @@ class Register(Message):
     user: UserId
     token: Token  # proves a reconnect is the same installation: it may take over its stale session
     key: PublicKey  # the user's X25519 key; with CURVE it must be the key of this connection
-
-
-@_message
-class BrokerKey(Message):
-    """The key service's answer (plaintext port, for trust on first use)."""
-
-    TYPE = MsgType.BROKER_KEY
-    key: PublicKey
 
 
 @_message
@@ -412,7 +403,7 @@ def register_message_type(cls: type[Message]) -> type[Message]:
 
 
 for _cls in (
-    Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error, BrokerKey, KeyRequest, KeyInfo,
+    Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error, KeyRequest, KeyInfo,
     SnapshotRequest, Snapshot, PeerUpdate, PeerSync, Consume, Receipt,
     FileOffer, FileCredit, FileChunk, FileDone, FileCancel,
 ):

@@ -41,7 +41,6 @@ from common.protocol import (
     USER_ID_MAX,
     Ack,
     AckStatus,
-    BrokerKey,
     ChatMessage,
     Consume,
     Envelope,
@@ -363,7 +362,7 @@ RSS_GROWTH_BOUND = 64 * 1024 * 1024
 NO_PROGRESS = 30.0  # seconds without any frame from the broker: it is stuck
 BEAT = 0.3  # the bystanders' heartbeat (the flood broker expires sessions after 3 s)
 USERS = ("mallory", "sam", "olga", "vera")
-SERVER_ONLY = [Registered, Ack, Error, BrokerKey, KeyInfo, Snapshot, PeerUpdate, PeerSync]  # a client may not send them
+SERVER_ONLY = [Registered, Ack, Error, KeyInfo, Snapshot, PeerUpdate, PeerSync]  # a client may not send them
 WIRE_KEYS = sorted({"v", "t", "id", "ts", *(wire for cls in ALL_TYPES for _, wire, _, _ in fields_of(cls))})
 
 
