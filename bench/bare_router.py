@@ -151,6 +151,9 @@ class _AdmitAll:
     def issue_ticket(self, key: bytes, now: float) -> None:
         return None
 
+    def lookup(self, user: str) -> None:
+        return None
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

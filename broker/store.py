@@ -160,6 +160,7 @@ class QueueBook:
         return self.users.get(recipient, (0, 0))[0]
 
 
+CONSUME_BATCH = 500  # ids per DELETE (SQLite allows 32,766 parameters)
 _FULL_ERRORS = ("full", "disk i/o error")  # SQLITE_FULL, and SQLITE_IOERR when a write hits ENOSPC
 
 
@@ -192,17 +193,20 @@ class SqliteMessageStore:
             self.book.add(sender, recipient, count, size, journal=False)
         self._in_tx = False
         self._lost = False  # SQLite rolled the open batch back by itself (disk full)
+        self._consumed: dict[str, list[bytes]] = {}  # recipient -> ids consumed in the open batch
 
     def _begin(self) -> None:
         if not self._db.in_transaction:
             self._db.execute("BEGIN")
             self._in_tx = True
 
-    def _write(self, sql: str, args: tuple) -> list[tuple] | None:
-        """Run a write in the batch; None if the disk refused it."""
+    def _write(self, sql: str, args: tuple, rows: bool = False) -> list[tuple] | int | None:
+        """Run a write in the batch: the rows it returns (``rows``) or how many it changed; None if the disk
+        refused it. (RETURNING costs about as much as the write itself: only where the rows are needed.)"""
         self._begin()
         try:
-            return self._db.execute(sql, args).fetchall()
+            cursor = self._db.execute(sql, args)
+            return cursor.fetchall() if rows else cursor.rowcount
         except sqlite3.OperationalError as exc:
             if not any(word in str(exc).lower() for word in _FULL_ERRORS):
                 raise
@@ -215,11 +219,11 @@ class SqliteMessageStore:
         refusal = self.book.refusal(sender, recipient, len(header))
         if refusal is not None:
             return refusal
-        rows = self._write("INSERT OR IGNORE INTO queue (msg_id, recipient, header, expires_ms, sender) "
-                           "VALUES (?, ?, ?, ?, ?) RETURNING seq", (msg_id, recipient, header, expires_ms, sender))
-        if rows is None:
+        inserted = self._write("INSERT OR IGNORE INTO queue (msg_id, recipient, header, expires_ms, sender) "
+                               "VALUES (?, ?, ?, ?, ?)", (msg_id, recipient, header, expires_ms, sender))
+        if inserted is None:
             return Refusal.STORE_FULL
-        if rows:
+        if inserted:  # not a repeat of a frame already queued
             self.book.add(sender, recipient, 1, len(header))
         return None
 
@@ -230,18 +234,25 @@ class SqliteMessageStore:
                                 "ORDER BY seq LIMIT ?", (recipient, after, now_ms, limit)).fetchall()
 
     def consume(self, recipient: str, msg_id: bytes) -> None:
-        if not self.book.queued(recipient):
-            return
-        rows = self._write("DELETE FROM queue WHERE recipient = ? AND msg_id = ? RETURNING sender, length(header)",
-                           (recipient, msg_id))
-        for sender, size in rows or ():
-            self.book.add(sender, recipient, -1, -size)
+        """Forgotten at the batch's commit: one DELETE per recipient and batch, not one per frame."""
+        if self.book.queued(recipient):
+            self._consumed.setdefault(recipient, []).append(msg_id)
+
+    def _delete_consumed(self) -> None:
+        consumed, self._consumed = self._consumed, {}
+        for recipient, ids in consumed.items():
+            for start in range(0, len(ids), CONSUME_BATCH):
+                part = ids[start:start + CONSUME_BATCH]
+                rows = self._write(f"DELETE FROM queue WHERE recipient = ? AND msg_id IN ({','.join('?' * len(part))}) "
+                                   "RETURNING sender, length(header)", (recipient, *part), rows=True)
+                for sender, size in rows or ():
+                    self.book.add(sender, recipient, -1, -size)
 
     def expire(self, now_ms: int) -> int:
         """One bounded step through the expiry index: the broker loop never scans the table."""
         rows = self._write("DELETE FROM queue WHERE seq IN (SELECT seq FROM queue WHERE expires_ms <= ? "
                            "ORDER BY expires_ms LIMIT ?) RETURNING recipient, sender, length(header)",
-                           (now_ms, self.limits.expire_batch)) or []
+                           (now_ms, self.limits.expire_batch), rows=True) or []
         for recipient, sender, size in rows:
             self.book.add(sender, recipient, -1, -size)
         if rows:
@@ -252,6 +263,7 @@ class SqliteMessageStore:
         return self.book.queued(recipient)
 
     def commit(self) -> None:
+        self._delete_consumed()
         lost, self._lost = self._lost, False
         if lost:
             self.rollback()
@@ -274,6 +286,7 @@ class SqliteMessageStore:
                 log.warning("rollback: %s", exc)
         self._in_tx = False
         self._lost = False
+        self._consumed.clear()
         self.book.undo()
 
     def close(self) -> None:

@@ -6,6 +6,9 @@ Raw DEALER sockets (tests/test_broker_fuzz.py's ``Dealers``) play the misbehavin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -117,8 +120,10 @@ def fill(directory, name: str = "filler") -> None:
             pass
 
 
-def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small_disk, tmp_path, home):
-    broker = BrokerProcess.launch(tmp_path / "broker-home", ["--data-dir", str(small_disk / "broker")])
+@contextlib.contextmanager
+def broker_and_clients(tmp_path: Path, args: list[str]) -> Iterator[tuple[BrokerProcess, Callable[[str], ChatClient]]]:
+    """A broker process of our own (``args``) and a factory of connected clients; all stopped after."""
+    broker = BrokerProcess.launch(tmp_path / "broker-home", args)
     clients: list[ChatClient] = []
 
     def client(user: str) -> ChatClient:
@@ -128,6 +133,15 @@ def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small
         return made
 
     try:
+        yield broker, client
+    finally:
+        for made in clients:
+            made.close()
+        broker.stop()
+
+
+def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small_disk, tmp_path, home):
+    with broker_and_clients(tmp_path, ["--data-dir", str(small_disk / "broker")]) as (broker, client):
         alice, bob = client("alice"), client("bob")
         client("carol").close()  # carol is known, and offline: her messages must be stored
         before = [alice.send_async("carol", f"before {i}")[1].result(10) for i in range(3)]
@@ -155,10 +169,6 @@ def test_full_disk_broker_keeps_relaying_answers_storage_full_and_recovers(small
         carol = client("carol")
         texts = [wait_for(carol, lambda e: isinstance(e, ev.MessageReceived)).text for _ in range(i + 4)]
         assert texts[:3] == ["before 0", "before 1", "before 2"] and texts[-1] == "after the disk was freed"
-    finally:
-        for made in clients:
-            made.close()
-        broker.stop()
 
 
 # --- queue shares and paged delivery ------------------------------------------------------
@@ -188,22 +198,9 @@ def test_one_sender_cannot_fill_another_users_queue(broker, make_client):
 
 
 def test_one_sender_cannot_fill_another_users_queue_in_redis(redis_server, tmp_path, home):
-    broker = BrokerProcess.launch(tmp_path / "broker-home", ["--cluster", redis_server.url, "--queue-max", "100",
-                                                            "--queue-sender-max", "50"])
-    clients: list[ChatClient] = []
-
-    def make_client(user: str) -> ChatClient:
-        made = ChatClient(user, ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT))
-        clients.append(made)
-        made.connect(timeout=10)
-        return made
-
-    try:
+    args = ["--cluster", redis_server.url, "--queue-max", "100", "--queue-sender-max", "50"]
+    with broker_and_clients(tmp_path, args) as (broker, make_client):
         assert_one_sender_cannot_fill_another_users_queue(broker, make_client)
-    finally:
-        for made in clients:
-            made.close()
-        broker.stop()
 
 
 def test_a_long_queue_is_delivered_in_pages_in_order_exactly_once(make_client):

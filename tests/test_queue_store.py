@@ -120,3 +120,23 @@ def test_a_failed_commit_relays_to_online_recipients_and_answers_storage_full_fo
     error = sends_to(actions, b"alice")[0]
     assert type(error) is Error and error.code is ErrorCode.STORAGE_FULL and error.ref == decode(to_carol).msg_id
     assert store.queued("bob") == store.queued("carol") == 0
+
+
+def test_consumes_of_a_batch_are_forgotten_at_its_commit_and_undone_by_a_rollback(tmp_path):
+    """Consumes are deleted in one statement at commit; a rolled-back batch consumed nothing."""
+    store = SqliteMessageStore(tmp_path / "q.sqlite")
+    ids = [bytes([i]) * 16 for i in range(5)]
+    for msg_id in ids:
+        assert store.append(msg_id, "alice", "bob", b"frame", 2**40) is None
+    store.commit()
+    for msg_id in ids[:3]:
+        store.consume("bob", msg_id)
+    store.rollback()
+    assert store.queued("bob") == 5
+    for msg_id in ids[:3]:
+        store.consume("bob", msg_id)
+    store.commit()
+    assert store.queued("bob") == 2
+    assert [frame for _, frame in store.pending("bob", 0, 0, 10)] == [b"frame", b"frame"]
+    reopened = SqliteMessageStore(tmp_path / "q.sqlite")  # what the disk holds, counted afresh
+    assert reopened.queued("bob") == 2
