@@ -79,6 +79,7 @@ def _forward_failure(command: Future, result: Future) -> None:
 
 
 SLICE = 0.02  # seconds the agent spends on one source before looking at the others
+REOPEN_FACTOR = 3  # expiry periods without registering before the agent opens new sockets
 
 
 def _wall_ms() -> int:
@@ -128,6 +129,7 @@ class ChatClient:
         self.broker_key: bytes | None = None
         self._dealer: zmq.Socket | None = None
         self._backlog: deque[list] = deque()  # frames the DEALER could not take yet (high-water mark)
+        self._unregistered_since: float | None = None  # since when the session has tried to register
         self._sub: zmq.Socket | None = None
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
@@ -309,26 +311,9 @@ class ChatClient:
                 self._finish_agent()
                 return
             self.broker_key = trusted.key
-        self._dealer = self._ctx.socket(zmq.DEALER)
-        self._sub = self._ctx.socket(zmq.SUB)
-        for sock in (self._dealer, self._sub):
-            if self.broker_key is not None:
-                sock.curve_serverkey = z85.encode(self.broker_key)
-                sock.curve_publickey = self.identity.curve_public
-                sock.curve_secretkey = self.identity.curve_secret
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-            sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 1024)
-        self._dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that isn't there
-        self._dealer.setsockopt(zmq.SNDHWM, 10_000)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.connect(server.pub_endpoint)  # subscribe before the snapshot (Clone)
-        self._dealer.connect(server.endpoint)
         poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._sub, zmq.POLLIN)
         poller.register(self._waker.fileno(), zmq.POLLIN)
+        self._open_sockets(poller)
         session = self._session
         try:
             self._execute(session.start(time.monotonic()))
@@ -347,6 +332,7 @@ class ChatClient:
                     backlog |= self._drain(self._sub, session.on_publish)
                 self._execute(session.on_tick(time.monotonic()))
                 self._flush_backlog(poller)
+                self._reopen_if_stuck(poller)
             self._execute(session.close(time.monotonic()))
         except Exception as exc:  # the agent must not die silently: report, then clean up
             log.exception("user=%s client agent crashed", self.user)
@@ -370,6 +356,47 @@ class ChatClient:
             except RemoteError as exc:
                 if exc.code not in RETRY_LATER or self._closed:
                     raise
+
+    def _open_sockets(self, poller: zmq.Poller) -> None:
+        server = self.config.server
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._sub = self._ctx.socket(zmq.SUB)
+        for sock in (self._dealer, self._sub):
+            if self.broker_key is not None:
+                sock.curve_serverkey = z85.encode(self.broker_key)
+                sock.curve_publickey = self.identity.curve_public
+                sock.curve_secretkey = self.identity.curve_secret
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 1024)
+        self._dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that isn't there
+        self._dealer.setsockopt(zmq.SNDHWM, 10_000)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(server.pub_endpoint)  # subscribe before the snapshot (Clone)
+        self._dealer.connect(server.endpoint)
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._sub, zmq.POLLIN)
+        self._unregistered_since = None
+
+    def _reopen_if_stuck(self, poller: zmq.Poller) -> None:
+        """Open new sockets when registering has failed for a while. libzmq never reconnects a
+        connection whose handshake the broker refused (its ZAP check could not reach Redis, say):
+        without new sockets such a client would stay cut off until restarted."""
+        if self._session.state is not State.CONNECTING:
+            self._unregistered_since = None
+            return
+        now = time.monotonic()
+        if self._unregistered_since is None:
+            self._unregistered_since = now
+        elif now - self._unregistered_since > REOPEN_FACTOR * self.config.heartbeat_ivl * self.config.liveness:
+            log.info("user=%s not registered for %.1fs: opening new connections", self.user,
+                     now - self._unregistered_since)
+            for sock in (self._dealer, self._sub):
+                poller.unregister(sock)
+                sock.close(linger=0)
+            self._backlog.clear()
+            self._open_sockets(poller)
 
     def _idle_while_resolving(self) -> bool:
         """Between tries to reach the broker: still take commands (sends go to the outbox)."""
