@@ -44,10 +44,12 @@ class FloodResult:
     cut: bool = False  # the broker closed the connection on us
 
 
-class _CappedRelay:
-    """Listens on a loopback port; forwards one connection to ``target`` until ``budget`` bytes went upstream."""
+class CappedRelay:
+    """Listens on a loopback port; forwards one connection to ``target`` until ``budget`` bytes went upstream
+    (or until ``freeze()``), then holds it open: the broker sees a peer that stopped mid-message. ``cut``
+    is set when the broker closes the connection."""
 
-    def __init__(self, target: tuple[str, int], budget: int) -> None:
+    def __init__(self, target: tuple[str, int], budget: float = float("inf")) -> None:
         self.target, self.budget = target, budget
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -64,17 +66,17 @@ class _CappedRelay:
         except OSError:
             self.cut.set()
             return
+        self._sink = (inner, outer)  # kept open after the loop: the message stays unfinished; close() ends them
         threading.Thread(target=self._down, args=(outer, inner), daemon=True).start()
         try:
             while self.result.bytes_forwarded < self.budget and not self.cut.is_set():
-                data = inner.recv(min(1 << 16, self.budget - self.result.bytes_forwarded))
+                data = inner.recv(int(min(1 << 16, self.budget - self.result.bytes_forwarded)))
                 if not data:
                     break
                 outer.sendall(data)
                 self.result.bytes_forwarded += len(data)
         except OSError:
             self._cut()
-        self._sink = (inner, outer)  # keep both open: the message stays unfinished
 
     def _down(self, outer: socket.socket, inner: socket.socket) -> None:
         try:
@@ -83,6 +85,10 @@ class _CappedRelay:
         except OSError:
             pass
         self._cut()
+
+    def freeze(self) -> None:
+        """Forward nothing more upstream (what is in flight may still go)."""
+        self.budget = self.result.bytes_forwarded
 
     def _cut(self) -> None:
         if not self._closing:
@@ -114,7 +120,7 @@ def flood(target: str, server: ServerAddress, key_port: int, parts: int, size: i
     budget = parts * size
     if target == "key" and _plain_key_service(server.host, key_port):
         return _raw_flood((server.host, key_port), budget, size)
-    relay = _CappedRelay((server.host, port), budget)
+    relay = CappedRelay((server.host, port), budget)
     try:
         ctx = zmq.Context()
         sock = ctx.socket({"key": zmq.DEALER, "router": zmq.DEALER, "pub": zmq.XSUB}[target])

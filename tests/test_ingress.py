@@ -19,7 +19,7 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from bench.more_flood import flood, rss_mib
+from bench.more_flood import CappedRelay, flood, rss_mib
 from broker.server import BrokerConfig, BrokerServer
 from broker.keyservice import KeyServiceConnection, KeyServiceCore, KeyServiceLimits
 from client.broker_trust import admit, fetch_broker_key
@@ -324,45 +324,6 @@ def test_key_service_core_limits_admissions_per_source_address():
 
 
 # --- point 8: ZMTP heartbeats drop a peer that went silent under an open TCP connection ---------------
-class _FreezableRelay:
-    """Loopback TCP relay to ``port``; after ``freeze()`` nothing more goes upstream (a half-open peer)."""
-
-    def __init__(self, port: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.frozen, self.closed_by_broker = threading.Event(), threading.Event()
-        self._upstream = port
-        self._socks: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        inner, _ = self.listener.accept()
-        outer = socket.create_connection(("127.0.0.1", self._upstream))
-        self._socks += [inner, outer]
-        threading.Thread(target=self._down, args=(outer, inner), daemon=True).start()
-        try:
-            while data := inner.recv(1 << 16):
-                if not self.frozen.is_set():
-                    outer.sendall(data)
-        except OSError:
-            pass
-
-    def _down(self, outer: socket.socket, inner: socket.socket) -> None:
-        try:
-            while data := outer.recv(1 << 16):
-                inner.sendall(data)
-        except OSError:
-            pass
-        self.closed_by_broker.set()
-
-    def freeze(self) -> None:
-        self.frozen.set()
-
-    def close(self) -> None:
-        for sock in self._socks:
-            sock.close()
-
-
 def test_zmtp_heartbeats_drop_a_peer_that_stopped_answering(tmp_path):
     # Application heartbeats (60 s) and the unregistered-connection timeout are out of the way: only
     # the ZMTP pings can notice this peer.
@@ -372,7 +333,7 @@ def test_zmtp_heartbeats_drop_a_peer_that_stopped_answering(tmp_path):
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     ctx = zmq.Context()
-    relay = _FreezableRelay(config.port)
+    relay = CappedRelay(("127.0.0.1", config.port))
     try:
         me = crypto.Identity.generate()
         address = ServerAddress("127.0.0.1", config.port)
@@ -385,7 +346,7 @@ def test_zmtp_heartbeats_drop_a_peer_that_stopped_answering(tmp_path):
         sock.send_multipart(pack(Register("sleeper", os.urandom(16), me.public), 0))
         assert sock.poll(10_000) and type(decode(sock.recv_multipart()).message) is Registered
         relay.freeze()  # the peer's host vanished: its TCP connection stays open, nothing comes from it
-        assert relay.closed_by_broker.wait(10), "the broker kept a connection that stopped answering pings"
+        assert relay.cut.wait(10), "the broker kept a connection that stopped answering pings"
     finally:
         relay.close()
         ctx.destroy(0)

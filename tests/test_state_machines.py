@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from broker.directory import LocalDirectory
 from broker.routing import BrokerCore, Publish, Relay, Send
-from broker.store import Refusal
+from broker.store import NoStore, Refusal
 from client import events as ev
 from client.actions import Emit, Transmit
 from client.e2e import EndToEnd
@@ -393,8 +393,8 @@ test_a_sender_keeps_at_most_a_window_in_flight = TransferWindowMachine.TestCase
 
 
 # --- broker routing ----------------------------------------------------------------------------
-class MemoryStore:
-    """A MessageStore in memory that remembers who consumed what."""
+class MemoryStore(NoStore):
+    """A MessageStore in memory that remembers who consumed what (NoStore's no-op commit and expiry)."""
 
     durable = True
 
@@ -420,18 +420,6 @@ class MemoryStore:
     def consume(self, recipient: str, msg_id: bytes) -> None:
         self.consumed.append((recipient, msg_id))
         self.queues[recipient].pop(msg_id, None)
-
-    def expire(self, now_ms: int) -> int:
-        return 0
-
-    def commit(self) -> None:
-        pass
-
-    def rollback(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 USERS = ("alice", "bob", "carol", "mallory")
