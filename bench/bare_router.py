@@ -33,10 +33,10 @@ import time
 
 import zmq
 
-from common.protocol import Ack, AckStatus, Registered, pack
+from p2pchat.common.protocol import Ack, AckStatus, Registered, pack
 
 MAX_PEERS = 2
-DRAIN_BATCH = 1000  # as in broker/server.py
+DRAIN_BATCH = 1000  # as in broker/shell/server.py
 
 
 def _prebuilt(ack: bool) -> tuple[list[bytes], list[bytes] | None]:
@@ -70,7 +70,7 @@ def serve(port: int, ack: bool, curve: bool) -> int:
         if curve:
             from zmq.utils import z85
 
-            from broker.keyservice import KeyServiceCore, KeyServiceListener
+            from p2pchat.broker.shell.keyservice import KeyServiceCore, KeyServiceListener
 
             public, secret = zmq.curve_keypair()
             router.curve_server = True

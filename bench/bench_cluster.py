@@ -41,7 +41,7 @@ def load(proc_index: int, endpoint: str, server_key: bytes | None, pairs: int, w
          duration: float, result: mp.Queue) -> None:
     import zmq
 
-    from common.protocol import Ack, ChatMessage, Consume, Error, Register, Registered, decode, pack
+    from p2pchat.common.protocol import Ack, ChatMessage, Consume, Error, Register, Registered, decode, pack
 
     ctx = zmq.Context()
     poller = zmq.Poller()
@@ -55,8 +55,8 @@ def load(proc_index: int, endpoint: str, server_key: bytes | None, pairs: int, w
         if server_key is not None:
             from zmq.utils import z85
 
-            from client.broker_trust import ADMIT_TIMEOUT, admit
-            from common.endpoints import ServerAddress
+            from p2pchat.client.broker_trust import ADMIT_TIMEOUT, admit
+            from p2pchat.common.endpoints import ServerAddress
 
             server = ServerAddress.parse(endpoint.removeprefix("tcp://"))
             admit(server, server.port + 2, user, z85.decode(public), ADMIT_TIMEOUT)
@@ -125,7 +125,7 @@ def load(proc_index: int, endpoint: str, server_key: bytes | None, pairs: int, w
 def run(workers: int, args, redis_url: str, redis_pid: int, tmp: Path) -> dict:
     port = free_ports(3)
     home = tmp / f"home-{workers}"
-    cmd = [sys.executable, "-m", "client.cli", "--log-level", "WARNING", "broker", "--port", str(port),
+    cmd = [sys.executable, "-m", "p2pchat.client.cli", "--log-level", "WARNING", "broker", "--port", str(port),
            "--heartbeat", "5", "--rate-limit", "1e9", "--admit-rate", "1e9", "--admit-burst", "1e9", "--cluster", redis_url, "--workers", str(workers)]
     if args.transport == "plain":
         cmd.append("--insecure")
@@ -185,8 +185,8 @@ def _cpu(proc: psutil.Process) -> float:
 def _fetch_key(port: int) -> bytes:
     from zmq.utils import z85
 
-    from client.broker_trust import fetch_broker_key
-    from common.endpoints import ServerAddress
+    from p2pchat.client.broker_trust import fetch_broker_key
+    from p2pchat.common.endpoints import ServerAddress
 
     key = fetch_broker_key(ServerAddress("127.0.0.1", port), port, 5.0)
     if key is None:

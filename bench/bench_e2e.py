@@ -43,8 +43,8 @@ CONFIGS = {
 
 def _client(user: str, home: str, port: int, insecure: bool, encrypt: bool, on_event=None):
     os.environ["P2PCHAT_HOME"] = home
-    from client.client import ChatClient, ClientConfig
-    from common.endpoints import ServerAddress
+    from p2pchat.client.chat_client import ChatClient, ClientConfig
+    from p2pchat.common.endpoints import ServerAddress
 
     config = ClientConfig(server=ServerAddress("127.0.0.1", port), insecure=insecure, encrypt=encrypt,
                           history=True, send_timeout=60)
@@ -54,8 +54,7 @@ def _client(user: str, home: str, port: int, insecure: bool, encrypt: bool, on_e
 
 
 def _bob(home: str, port: int, insecure: bool, encrypt: bool, expect: int, ready, result) -> None:
-    from client import events as ev
-
+    from p2pchat.client import events as ev
     hist = HdrHistogram(1, 60_000_000, 3)
     state = {"count": 0, "first": None, "last": None}
 

@@ -37,7 +37,7 @@ from hdrh.histogram import HdrHistogram
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.transfer import CHUNK_SIZE, WINDOW  # noqa: E402
+from p2pchat.client.core.transfer import CHUNK_SIZE, WINDOW  # noqa: E402
 from tests.conftest import BrokerProcess, free_port_pair  # noqa: E402  (the same broker fixture the tests use)
 
 MiB = 1024 * 1024
@@ -143,16 +143,16 @@ VARIANTS = {  # name: (CURVE transport, end-to-end sealed chunks)
 
 
 def _config(port: int, curve: bool, sealed: bool, **extra):
-    from client.client import ClientConfig
-    from common.endpoints import ServerAddress
+    from p2pchat.client.chat_client import ClientConfig
+    from p2pchat.common.endpoints import ServerAddress
 
     return ClientConfig(server=ServerAddress("127.0.0.1", port), insecure=not curve, encrypt=sealed, **extra)
 
 
 def _receive_files(port: int, home: str, inbox: str, window: int, curve: bool, sealed: bool, ready, stop) -> None:
     os.environ["P2PCHAT_HOME"] = home
-    from client.client import ChatClient
-    from common.allocator import tune_for_bulk_transfer
+    from p2pchat.client.chat_client import ChatClient
+    from p2pchat.common.allocator import tune_for_bulk_transfer
 
     tune_for_bulk_transfer()  # as `p2pchat` does at start
     with ChatClient("bob", _config(port, curve, sealed, received_dir=Path(inbox), window=window)) as client:
@@ -163,8 +163,8 @@ def _receive_files(port: int, home: str, inbox: str, window: int, curve: bool, s
 
 def _send_file(port: int, home: str, path: str, chunk: int, curve: bool, sealed: bool, result) -> None:
     os.environ["P2PCHAT_HOME"] = home
-    from client.client import ChatClient
-    from common.allocator import tune_for_bulk_transfer
+    from p2pchat.client.chat_client import ChatClient
+    from p2pchat.common.allocator import tune_for_bulk_transfer
 
     tune_for_bulk_transfer()
     try:
@@ -181,8 +181,8 @@ def _send_file(port: int, home: str, path: str, chunk: int, curve: bool, sealed:
 def _chat_probe(port: int, home: str, curve: bool, sealed: bool, stop, result) -> None:
     """pinger -> ponger at 100 msg/s; one-way latency on one clock (same process)."""
     os.environ["P2PCHAT_HOME"] = home
-    from client import events as ev
-    from client.client import ChatClient
+    from p2pchat.client import events as ev
+    from p2pchat.client.chat_client import ChatClient
 
     hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
     config = _config(port, curve, sealed)

@@ -1,6 +1,6 @@
 """Load benchmark: the broker's message throughput with many clients connected against two, in one run.
 
-Each scenario is one ``p2pchat load --json`` run (``client/load.py``) against a
+Each scenario is one ``p2pchat load --json`` run (``client/load/main.py``) against a
 fresh broker the tool starts on free 127.0.0.1 ports; rounds interleave the
 scenarios (order alternating) and the table shows medians:
 
@@ -48,7 +48,7 @@ class BenchError(Exception):
 
 def load(args: list[str], timeout: float) -> dict:
     """One ``p2pchat load`` run; its JSON report (a failed verdict is still a report)."""
-    cmd = [sys.executable, "-m", "client.cli", "load", "--json", "--quiet", *args]
+    cmd = [sys.executable, "-m", "p2pchat.client.cli", "load", "--json", "--quiet", *args]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -104,8 +104,8 @@ def _dealer(ctx, plan: Plan, user: str):
     import zmq
     from zmq.utils import z85
 
-    from client.broker_trust import ADMIT_TIMEOUT, admit
-    from common.endpoints import ServerAddress
+    from p2pchat.client.broker_trust import ADMIT_TIMEOUT, admit
+    from p2pchat.common.endpoints import ServerAddress
 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -125,7 +125,7 @@ def _register_frames(user: str, key: bytes) -> list[bytes]:
     """REGISTER for a scripted client. The protocol grows fields; one not filled here fails loudly."""
     import dataclasses
 
-    from common.protocol import Register, pack
+    from p2pchat.common.protocol import Register, pack
 
     values = {"user": user, "token": os.urandom(32), "key": key}
     missing = [f.name for f in dataclasses.fields(Register) if f.name not in values]
@@ -136,7 +136,7 @@ def _register_frames(user: str, key: bytes) -> list[bytes]:
 
 def _register(sock, user: str, key: bytes) -> None:
     """REGISTER, then wait for REGISTERED (sent once: without IMMEDIATE it waits for the connection)."""
-    from common.protocol import Error, Registered, decode
+    from p2pchat.common.protocol import Error, Registered, decode
 
     sock.send_multipart(_register_frames(user, key))
     deadline = time.monotonic() + REGISTER_TIMEOUT
@@ -176,10 +176,10 @@ def _bob(sock, plan: Plan, received, bob_ready) -> dict:
     import zmq
     from hdrh.histogram import HdrHistogram
 
-    from common.protocol import ChatMessage, decode, pack
+    from p2pchat.common.protocol import ChatMessage, decode, pack
 
     if plan.consume:
-        from common.protocol import Consume
+        from p2pchat.common.protocol import Consume
     bob_ready.set()
     hist = HdrHistogram(*HIST_ARGS)
     expected_seq = [0, 0, 0]
@@ -246,7 +246,7 @@ class _Alice:
                              f"bob has {self.received.value})")
 
     def _send(self, phase: int, seq: int) -> None:
-        from common.protocol import ChatMessage, pack
+        from p2pchat.common.protocol import ChatMessage, pack
 
         body = BODY.pack(phase, seq, time.perf_counter_ns()) + self.padding
         msg_id = struct.pack(">QQ", phase, seq)
@@ -256,7 +256,7 @@ class _Alice:
     def drain(self) -> None:
         import zmq
 
-        from common.protocol import Ack, Error, decode
+        from p2pchat.common.protocol import Ack, Error, decode
 
         while True:
             try:
@@ -385,8 +385,8 @@ def fetch_server_key(port: int, timeout: float = 5.0) -> bytes:
     """Ask the key service on ``port`` + 2 for the server's CURVE key, as a client does on first use."""
     from zmq.utils import z85
 
-    from client.broker_trust import fetch_broker_key
-    from common.endpoints import ServerAddress
+    from p2pchat.client.broker_trust import fetch_broker_key
+    from p2pchat.common.endpoints import ServerAddress
 
     key = fetch_broker_key(ServerAddress("127.0.0.1", port), port + 2, timeout)
     if key is None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils import z85
 
-from common.crypto import Identity
-from common.endpoints import ServerAddress
+from p2pchat.common.crypto import Identity
+from p2pchat.common.endpoints import ServerAddress
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -102,8 +102,7 @@ class CappedRelay:
 
 
 def _broker_key(server: ServerAddress, key_port: int) -> bytes:
-    from client import broker_trust
-
+    from p2pchat.client import broker_trust
     try:
         key = broker_trust.fetch_broker_key(server, key_port, timeout=5.0)
     except TypeError:  # a broker from before the plain TCP key service: the client asked with a ZeroMQ context
@@ -129,8 +128,7 @@ def flood(target: str, server: ServerAddress, key_port: int, parts: int, size: i
         if target != "key":
             identity = Identity.generate()
             broker_key = _broker_key(server, key_port)
-            from client import broker_trust
-
+            from p2pchat.client import broker_trust
             if hasattr(broker_trust, "admit"):
                 broker_trust.admit(server, key_port, user, identity.public, timeout=5.0)
             sock.curve_serverkey = z85.encode(broker_key)

@@ -27,14 +27,14 @@ from pathlib import Path
 import bench_relay as bench  # this directory is sys.path[0] when run as a script
 import run_broker
 
-from broker.server import BrokerServer
+from p2pchat.broker.shell.server import BrokerServer
 
 PLACES = (  # (label, substring of the profiler's file or function name), first match wins
-    ("broker/server.py (shell)", "broker/server.py"),
-    ("broker/routing.py (core)", "broker/routing.py"),
-    ("broker/directory.py", "broker/directory.py"),
-    ("broker/store.py", "broker/store.py"),
-    ("broker/ratelimit.py", "broker/ratelimit.py"),
+    ("broker/shell/server.py (shell)", "broker/shell/server.py"),
+    ("broker/core/routing.py (core)", "broker/core/routing.py"),
+    ("broker/core/directory.py", "broker/core/directory.py"),
+    ("broker/backends/sqlite_store.py", "broker/backends/sqlite_store.py"),
+    ("broker/core/ratelimit.py", "broker/core/ratelimit.py"),
     ("sqlite3", "sqlite3"),
     ("common/protocol.py (codec)", "common/protocol.py"),
     ("msgpack", "msgpack"),

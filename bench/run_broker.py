@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from broker.server import BrokerConfig, BrokerServer
+from p2pchat.broker.shell.server import BrokerConfig, BrokerServer
 
 HEARTBEAT_S = 60.0
 UNREACHABLE = 1e15  # per second and burst, for every field of the broker's RateLimits

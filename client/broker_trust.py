@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from client.trust import KeyStore
-from common.crypto import fingerprint
-from common.endpoints import ServerAddress
-from common.errors import BrokenError, ErrorCode, RemoteError
+from p2pchat.client.storage.trust import KeyStore
+from p2pchat.common.crypto import fingerprint
+from p2pchat.common.endpoints import ServerAddress
+from p2pchat.common.errors import BrokenError, ErrorCode, RemoteError
 
 log = logging.getLogger(__name__)
 

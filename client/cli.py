@@ -18,12 +18,12 @@ from pathlib import Path
 
 import zmq
 
-from client import events as ev
-from common.allocator import tune_for_bulk_transfer
-from common.endpoints import ServerAddress
-from common.errors import BrokenError, P2PChatError, RemoteError, TransferError
+from p2pchat.client import events as ev
+from p2pchat.common.allocator import tune_for_bulk_transfer
+from p2pchat.common.endpoints import ServerAddress
+from p2pchat.broker.cli import configure_parser as configure_broker
+from p2pchat.common.errors import BrokenError, ExitCode, P2PChatError, RemoteError, TransferError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 log = logging.getLogger("p2pchat")
 
@@ -55,7 +55,7 @@ def _client_options(parser: argparse.ArgumentParser, user_default: str | None = 
 
 
 def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event], None] | None = None):
-    from client.client import ChatClient, ClientConfig
+    from p2pchat.client.chat_client import ChatClient, ClientConfig
 
     server = ServerAddress(args.server.host, args.server.port, args.pub_port)
     config = ClientConfig(server=server, send_timeout=args.timeout, insecure=args.insecure,
@@ -74,54 +74,11 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
 
 
 # --- subcommands -------------------------------------------------------------
-def cmd_broker(args: argparse.Namespace) -> int:
-    from broker.keys import KeyLimits
-    from broker.keyservice import KeyServiceLimits
-    from broker.server import BrokerConfig, BrokerServer, is_loopback
-    from broker.ratelimit import RateLimits
-    from broker.store import QueueLimits
-    from common.paths import broker_dir
-
-    if args.insecure and not is_loopback(args.host):
-        # Without CURVE anyone can register as anyone by quoting a public key: never beyond this host.
-        print(f"p2pchat broker: --insecure turns off authentication and encryption; it is refused on {args.host} "
-              "(only a loopback host such as 127.0.0.1 may run it)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.workers > 1:
-        if not args.cluster:
-            print("p2pchat broker: --workers N needs --cluster redis://HOST:PORT/DB (the workers share "
-                  "their state through Redis)", file=sys.stderr)
-            return EXIT_USAGE
-        from broker.workers import WorkerPool, strip_workers
-
-        pool = WorkerPool(strip_workers(sys.argv[1:]), args.workers)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: pool.stop())
-        return pool.run()
-    config = BrokerConfig(
-        host=args.host, port=args.port, pub_port=args.pub_port,
-        data_dir=Path(args.data_dir) if args.data_dir else broker_dir(),
-        heartbeat_ivl=args.heartbeat, insecure=args.insecure, key_port=args.key_port,
-        durable=not args.no_store, fsync=args.fsync,
-        limits=RateLimits(frames_per_s=args.rate_limit, frame_burst=2 * args.rate_limit),
-        queue=QueueLimits(max_per_user=args.queue_max, max_per_sender=args.queue_sender_max,
-                          ttl_seconds=args.queue_ttl),
-        cluster=args.cluster, reuse_port=args.reuse_port or args.workers > 1, io_threads=max(1, args.io_threads),
-        key_limits=KeyLimits(ids_per_key=args.ids_per_key),
-        key_service=KeyServiceLimits(admit_rate=args.admit_rate, admit_burst=args.admit_burst),
-    )
-    server = BrokerServer(config)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stop())
-    server.serve_forever()
-    return EXIT_OK
-
-
 def cmd_send(args: argparse.Namespace) -> int:
     text = " ".join(args.text) if args.text else sys.stdin.read()
     with _connect(args, args.user) as client:
         client.send(args.to, text, timeout=args.timeout)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_send_file(args: argparse.Namespace) -> int:
@@ -150,7 +107,7 @@ def cmd_send_file(args: argparse.Namespace) -> int:
                 bar.update(size - bar.n)
     finally:
         bar.close()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -166,7 +123,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
             raise BrokenError("no peer list from the broker")
         peers = sorted(client.peers() - {user})
     print(json.dumps(peers) if args.json else "\n".join(peers))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -215,14 +172,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
     with _connect(args, args.user, on_event):
         emit({"type": "status", "status": "connected", "user": args.user}, f"! listening as {args.user}")
         stop.wait()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from client.trust import KeyStore
-    from common.crypto import Identity, fingerprint, safety_number
-    from common.paths import ensure_private_dir, user_dir
-    from common.protocol import check_user_id
+    from p2pchat.client.storage.trust import KeyStore
+    from p2pchat.common.crypto import Identity, fingerprint, safety_number
+    from p2pchat.common.paths import ensure_private_dir, user_dir
+    from p2pchat.common.protocol import check_user_id
 
     state = ensure_private_dir(user_dir(check_user_id(args.user)))
     me = Identity.load_or_create(state / "identity.key")
@@ -232,36 +189,36 @@ def cmd_keys(args: argparse.Namespace) -> int:
              for user, key in pinned.items()]
     if args.json:
         print(json.dumps({"user": args.user, "fingerprint": fingerprint(me.public), "peers": peers}))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"{args.user} (you): {fingerprint(me.public)}")
     for peer in peers:
         line = f"{peer['user']}: {peer['fingerprint']}   safety number {peer['safety_number']}"
         if peer["changed_to"]:
             line += f"   KEY CHANGED to {peer['changed_to']}: verify, then p2pchat trust --peer {peer['user']}"
         print(line)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
-    from client.e2e import accept_pending
-    from client.trust import KeyStore
-    from common.paths import user_dir
-    from common.protocol import check_user_id
+    from p2pchat.client.e2e import accept_pending
+    from p2pchat.client.storage.trust import KeyStore
+    from p2pchat.common.paths import user_dir
+    from p2pchat.common.protocol import check_user_id
 
     state = user_dir(check_user_id(args.user))
     if not accept_pending(KeyStore(state / "peer_keys.json"), KeyStore(state / "peer_keys_changed.json"),
                           check_user_id(args.peer)):
         raise P2PChatError(f"no changed key waiting for {args.peer!r}")
     print(f"accepted the new key of {args.peer}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     import time as _time
 
-    from client.history import History
-    from common.paths import user_dir
-    from common.protocol import check_user_id
+    from p2pchat.client.storage.history import History
+    from p2pchat.common.paths import user_dir
+    from p2pchat.common.protocol import check_user_id
 
     path = user_dir(check_user_id(args.user)) / "history.sqlite"
     if not path.exists():
@@ -285,11 +242,11 @@ def cmd_history(args: argparse.Namespace) -> int:
             when = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(e.ts / 1000))
             who = f"you -> {e.peer}" if e.outgoing else f"{e.peer} -> you"
             print(f"{when}  {who}: {e.text}" + (f"  [{e.state}]" if e.outgoing else ""))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
-    from client.gui import run_gui
+    from p2pchat.client.gui.app import run_gui
 
     return run_gui(args)
 
@@ -301,42 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("broker", help="run a broker", description="Run a broker: ROUTER on --port, presence PUB on --pub-port.")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=5555, help="request port (default 5555)")
-    p.add_argument("--pub-port", type=int, default=None, help="presence port (default: --port + 1)")
-    p.add_argument("--data-dir", default=None, help="broker state (default: $P2PCHAT_HOME/broker)")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds (default 1)")
-    p.add_argument("--key-port", type=int, default=None, help="plain TCP key service: the broker key for clients' "
-                   "trust on first use, admission tickets for new keys (default: --port + 2)")
-    p.add_argument("--insecure", action="store_true",
-                   help="plaintext transport, no CURVE and no identity protection: debugging on a loopback host only")
-    p.add_argument("--ids-per-key", type=int, default=4, help="user IDs one key may claim (default 4)")
-    p.add_argument("--admit-rate", type=float, default=20.0,
-                   help="admissions of new keys per second per source address (default 20; raise it for load "
-                        "tests from one host)")
-    p.add_argument("--admit-burst", type=float, default=200.0,
-                   help="burst of admissions per source address (default 200)")
-    p.add_argument("--no-store", action="store_true",
-                   help="no offline delivery: relay to online peers only (no SQLite store)")
-    p.add_argument("--rate-limit", type=float, default=10_000.0,
-                   help="frames per second one connection may send, bursts of twice that (default 10000)")
-    p.add_argument("--fsync", action="store_true", help="fsync every group commit (survive power loss too)")
-    p.add_argument("--queue-max", type=int, default=20_000,
-                   help="undelivered frames kept per user (default 20000)")
-    p.add_argument("--queue-sender-max", type=int, default=10_000,
-                   help="of those, frames one sender may keep queued for one user (default 10000)")
-    p.add_argument("--queue-ttl", type=float, default=7 * 24 * 3600.0,
-                   help="seconds an undelivered frame is kept (default 7 days)")
-    p.add_argument("--cluster", default=None, metavar="redis://HOST:PORT/DB",
-                   help="cluster mode: share users, keys, queues and presence with other brokers through Redis")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="run N broker processes on one port (SO_REUSEPORT; needs --cluster)")
-    p.add_argument("--io-threads", type=int, default=1, metavar="N",
-                   help="ZeroMQ I/O threads; each carries about 600 MiB/s of CURVE-encrypted file data per "
-                        "direction: raise it on a host with spare cores and heavy file traffic (default 1)")
-    p.add_argument("--reuse-port", action="store_true",
-                   help="listen with SO_REUSEPORT, so several brokers (with --cluster) share the port")
-    p.set_defaults(func=cmd_broker)
+    configure_broker(p)
 
     p = sub.add_parser("send", help="send one message", description="Send a message and wait for the broker's acknowledgement.")
     _client_options(p, _default_user())
@@ -389,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("load", help="load- or soak-test a broker with scripted clients",
                        description="Scripted DEALER clients: throughput, latency percentiles, loss, duplicates.")
-    from client.load import configure_parser as configure_load
+    from p2pchat.client.load.main import configure_parser as configure_load
 
     configure_load(p)
 
@@ -401,8 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_index(argv: Sequence[str]) -> int:
+    """Where the subcommand stands in ``argv``: the first word that is neither an option nor its value."""
+    i = 0
+    while argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    return i
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "broker":  # its own options, for --workers to hand to each worker process
+        args.broker_argv = argv[_command_index(argv) + 1:]
     level = args.log_level or ("INFO" if args.command == "broker" else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_for_bulk_transfer()  # every command may move file chunks, the broker included
@@ -410,13 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except RemoteError as exc:
         print(f"p2pchat {args.command}: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     except BrokenError as exc:
         print(f"p2pchat {args.command}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return ExitCode.UNREACHABLE
     except (P2PChatError, OSError, zmq.ZMQError) as exc:
         print(f"p2pchat {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -7,9 +7,9 @@ message). A different key later is never used silently: it is parked as
 
 from __future__ import annotations
 
-from common import crypto
-from common.errors import ErrorCode, P2PChatError
-from client.trust import KeyStore
+from p2pchat.common import crypto
+from p2pchat.common.errors import ErrorCode, P2PChatError
+from p2pchat.client.storage.trust import KeyStore
 
 
 class PeerKeyChanged(P2PChatError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import P2PChatError
+from p2pchat.common.errors import P2PChatError
 
 
 @dataclass(frozen=True, slots=True)

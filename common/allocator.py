@@ -15,7 +15,7 @@ import ctypes
 import logging
 import sys
 
-from common.protocol import MAX_FRAME_BYTES
+from p2pchat.common.protocol import MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from zmq.utils import z85
 
-from common.errors import ErrorCode, ProtocolError
+from p2pchat.common.errors import ErrorCode, ProtocolError
 
 KEY_BYTES = 32
 TAG_BYTES = 16

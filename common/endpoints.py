@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.errors import P2PChatError
+from p2pchat.common.errors import P2PChatError
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,23 @@
     └── StorageError         a local store (the client's history) cannot write: kept in memory, retried
 
 Every error carries an ``ErrorCode``: the stable string that crosses the wire in
-an ERROR frame and that scripts can match on. The message is for humans.
+an ERROR frame and that scripts can match on. The message is for humans. ``ExitCode`` is what
+the command line makes of them.
 """
 
 from __future__ import annotations
 
 import enum
+
+
+class ExitCode(enum.IntEnum):
+    """The command line's exit statuses: part of its public contract."""
+
+    OK = 0
+    ERROR = 1  # anything else that went wrong (a local file, a failed transfer)
+    USAGE = 2  # bad options
+    UNREACHABLE = 3  # the broker is unreachable or stopped answering (BrokenError)
+    REFUSED = 4  # the broker or a peer refused (RemoteError)
 
 
 class ErrorCode(str, enum.Enum):

@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar
 
 import msgpack
 
-from common.errors import ErrorCode, ProtocolError
+from p2pchat.common.errors import ErrorCode, ProtocolError
 
 # --- limits (named in docs/PROTOCOL.md, section "Limits") -------------------
 PROTOCOL_VERSION = 1

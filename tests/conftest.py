@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from client import events as ev
-from client.client import ChatClient, ClientConfig
-from common.endpoints import ServerAddress
+from p2pchat.client import events as ev
+from p2pchat.client.chat_client import ChatClient, ClientConfig
+from p2pchat.common.endpoints import ServerAddress
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT = 0.2  # fast heartbeats keep expiry and reconnect tests short
@@ -65,7 +65,7 @@ class BrokerProcess:
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
         env = dict(os.environ, P2PCHAT_HOME=str(self.home), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "client.cli", "broker", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "p2pchat.client.cli", "broker", "--port", str(self.port),
                "--heartbeat", str(HEARTBEAT), *self.extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,552 @@
+"""The client's session core: register, heartbeat, send, receive, presence.
+
+Sans-I/O: frames and ``now`` (monotonic seconds) in, ``Transmit``/``Emit``
+actions out. The agent thread owns the sockets and carries the actions out.
+
+States: CONNECTING (REGISTER sent, re-sent every heartbeat until answered),
+READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
+restarted) sends a READY session back to CONNECTING; messages not yet
+acknowledged are sent again once registered, and receivers drop duplicates by
+message id.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from p2pchat.client import events as ev
+from p2pchat.client.core.actions import Action, Emit, Transmit
+from p2pchat.client.storage.history import History
+from p2pchat.client.core.presence import PresenceTracker
+from p2pchat.client.core.transfer import TransferManager
+from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
+from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
+from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
+from p2pchat.common.protocol import (
+    Ack,
+    AckStatus,
+    ChatMessage,
+    Consume,
+    Receipt,
+    ReceiptStatus,
+    Error,
+    Heartbeat,
+    KeyInfo,
+    KeyRequest,
+    PeerSync,
+    PeerUpdate,
+    Register,
+    Registered,
+    Snapshot,
+    SnapshotRequest,
+    Unregister,
+    check_user_id,
+    decode,
+    new_msg_id,
+    pack,
+    MAX_BODY_BYTES,
+)
+
+log = logging.getLogger(__name__)
+
+DEDUP_WINDOW = 10_000
+RESEND_AFTER = 5.0  # seconds without any acknowledgement before pending messages are sent again
+RATE_LIMIT_BACKOFF = 1.0
+MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the sealing overhead
+# REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
+# TCP connection completes is dropped, and users should not wait a heartbeat.
+REGISTER_RETRY_FIRST = 0.02
+REFUSAL_PERIOD = 60.0  # seconds: refused messages are logged once per sender and period, then summed up
+REFUSAL_SENDERS = 100  # senders counted apart in one period
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+def validate_text(recipient: str, text: str) -> bytes:
+    """The UTF-8 body of a message, or ProtocolError for a bad recipient or an oversized text."""
+    check_user_id(recipient)
+    body = text.encode("utf-8")
+    if len(body) > MAX_TEXT_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_TEXT_BYTES}", ErrorCode.TOO_LARGE)
+    return body
+
+
+@dataclass(slots=True)
+class _Pending:
+    recipient: str
+    text: bytes
+    ts: int  # fixed when queued: it is bound into the seal, so a re-send re-seals identically
+    frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
+
+
+class RefusalLog:
+    """Messages refused (they do not open), logged per sender and period, never one line per message."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self._counts: dict[str, int] = {}
+        self._period_end = 0.0
+
+    def refused(self, sender: str, error: P2PChatError, now: float) -> list[Action]:
+        """Count a refusal; the first from a sender in a period is logged and reported."""
+        count = self._counts.get(sender, 0)
+        if not count and len(self._counts) >= REFUSAL_SENDERS:
+            sender = "(others)"  # bounded: one bucket for the long tail of senders
+            count = self._counts.get(sender, 0)
+        self._counts[sender] = count + 1
+        if count:
+            return []
+        if not self._period_end:
+            self._period_end = now + REFUSAL_PERIOD
+        log.warning("user=%s peer=%s message refused and consumed: %s", self.user, sender, error.message)
+        return [Emit(ev.ErrorReported(error))]
+
+    def on_tick(self, now: float) -> None:
+        if not self._period_end or now < self._period_end:
+            return
+        for sender, count in self._counts.items():
+            if count > 1:
+                log.warning("user=%s peer=%s %d more messages refused and consumed in the last %.0fs",
+                            self.user, sender, count - 1, REFUSAL_PERIOD)
+        self._counts.clear()
+        self._period_end = 0.0
+
+
+class ClientSession:
+    def __init__(
+        self,
+        user: str,
+        *,
+        wall_ms: Callable[[], int],
+        heartbeat_ivl: float = 1.0,
+        liveness: int = 3,
+        history: History | None = None,
+        read_receipts: bool = True,
+        e2e: EndToEnd,
+        transfers: TransferManager | None = None,
+        token: bytes | None = None,
+    ) -> None:
+        self.user = check_user_id(user)
+        self.e2e = e2e
+        self._token = token or os.urandom(32)
+        self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
+        self._resend_at = 0.0  # when unacknowledged messages are sent again
+        self.state = State.CONNECTING
+        self.presence = PresenceTracker()
+        self.transfers = transfers
+        self._wall_ms = wall_ms
+        self._hb_ivl = heartbeat_ivl
+        self._expiry = heartbeat_ivl * liveness
+        self.history = history
+        self.read_receipts = read_receipts
+        self._receipts: OrderedDict[bytes, None] = OrderedDict()  # ids of receipts we sent (ignore their errors)
+        self._registered_once = False
+        self._register_retry = REGISTER_RETRY_FIRST
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._snapshot_due: float | None = None
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._published: frozenset[str] = frozenset()
+        self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
+        self._refusals = RefusalLog(user)
+        self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
+        self._storage_failing = False
+        if history is not None:  # the outbox of an earlier run goes out again, same ids
+            for entry in history.outbox():
+                self._pending[entry.msg_id] = _Pending(entry.peer, entry.text.encode("utf-8"), entry.ts)
+                self._unsealed[entry.msg_id] = None
+
+    # --- commands -----------------------------------------------------------
+    def start(self, now: float) -> list[Action]:
+        self._last_heard = now
+        return [self._transmit(self._register_frames(), now)]
+
+    def send_text(self, recipient: str, body: bytes, now: float, msg_id: bytes | None = None
+                  ) -> list[Action]:
+        """Queue ``body`` (from ``validate_text``) for ``recipient``; sealed once their key is known.
+
+        With a history, the message is committed to the outbox before anything is sent.
+        """
+        msg_id, ts = msg_id or new_msg_id(), self._wall_ms()
+        if self.history is not None:
+            self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
+            try:
+                self.history.commit()
+            except StorageError:
+                pass  # kept in memory and retried by the shell's next commit, which reports it
+        self._pending[msg_id] = _Pending(recipient, body, ts)
+        self._unsealed[msg_id] = None
+        if len(self._pending) == 1:
+            self._resend_at = now + RESEND_AFTER
+        return self._flush(now)
+
+    def mark_read(self, peer: str, now: float) -> list[Action]:
+        """The user has seen ``peer``'s conversation: record it and, if enabled, tell ``peer``."""
+        if self.history is None:
+            return []
+        ids = self.history.mark_read(peer)
+        if not self.read_receipts:
+            return []
+        return [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
+
+    def commit(self) -> list[Action]:
+        """Make this batch's history durable; returns the consumes and receipts that waited for it.
+
+        While the history cannot be written they stay held (the broker keeps the messages queued) and
+        the next commit tries again; the first failure and the recovery are reported.
+        """
+        if self.history is None:
+            return []
+        try:
+            self.history.commit()
+        except StorageError as exc:
+            if self._storage_failing:
+                return []
+            self._storage_failing = True
+            log.error("user=%s history not saved: %s; received messages stay queued at the broker until it is",
+                      self.user, exc.message)
+            return [Emit(ev.ErrorReported(exc))]
+        if self._storage_failing:
+            self._storage_failing = False
+            log.warning("user=%s history saved again", self.user)
+        held, self._after_commit = self._after_commit, []
+        return held
+
+    def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
+        assert self.transfers is not None
+        xfer, actions = self.transfers.send_file(check_user_id(recipient), path, now)
+        return xfer, actions + self._flush(now)
+
+    def accept_peer_key(self, user: str) -> bool:
+        """The user verified ``user``'s new key: use it from now on."""
+        return self.e2e.accept(user)
+
+    def close(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self.state is State.READY:
+            actions.append(self._transmit(pack(Unregister(), self._wall_ms()), now))
+        self.state = State.CLOSED
+        if self.transfers is not None:
+            self.transfers.close()
+        kept = " (kept in the outbox for the next run)" if self.history is not None else ""
+        for msg_id in list(self._pending):
+            del self._pending[msg_id]
+            actions.append(Emit(ev.SendFailed(msg_id, BrokenError(
+                "client closed before the broker acknowledged" + kept, ErrorCode.CLOSED))))
+        return actions
+
+    @property
+    def peers(self) -> frozenset[str]:
+        return self._published
+
+    # --- inputs -------------------------------------------------------------
+    def on_frames(self, frames: list[bytes], now: float) -> list[Action]:
+        """A message from the broker on the DEALER."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            env = decode(frames)
+        except ProtocolError as exc:
+            log.warning("user=%s dropped a bad frame from the broker: %s", self.user, exc.message)
+            return []
+        self._last_heard = now
+        msg = env.message
+        if type(msg) is ChatMessage:
+            return self._on_chat(env.msg_id, msg, env.ts, now)
+        if type(msg) is Receipt:
+            return self._on_receipt(env.msg_id, msg, now)
+        if msg.RELAYED:  # file transfer frames
+            if self.transfers is None or msg.recipient != self.user:  # type: ignore[attr-defined]
+                return []
+            actions = self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
+            if msg.DURABLE:  # a queued file offer: the transfer manager has taken it over
+                actions.append(self._transmit(pack(Consume(env.msg_id), self._wall_ms()), now))
+            return actions
+        if type(msg) is Ack:  # of a message, or of a file offer (its ref is the transfer id)
+            if self._pending.pop(msg.ref, None) is None:
+                return [Emit(ev.Acked(msg.ref, msg.status.value))]
+            self._resend_at = now + RESEND_AFTER  # progress: whatever is still pending is in flight
+            if self.history is not None:
+                self.history.advance(msg.ref, "stored" if msg.status is AckStatus.STORED else "sent")
+            return [Emit(ev.Acked(msg.ref, msg.status.value))]
+        if type(msg) is Error:
+            return self._on_error(msg, now)
+        if type(msg) is KeyInfo:
+            return self._on_key_info(msg, now)
+        if type(msg) is Registered:
+            if msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
+                self._hb_ivl = min(self._hb_ivl, msg.heartbeat_ms / 1000)
+            return self._on_registered(now)
+        if type(msg) is Snapshot:
+            self._snapshot_due = None
+            if not self.presence.on_snapshot(msg):
+                return self._request_snapshot(now)
+            return self._peers_changed(now)
+        return []  # HEARTBEAT replies need nothing beyond _last_heard
+
+    def on_publish(self, frames: list[bytes], now: float) -> list[Action]:
+        """A message from the broker's PUB on the SUB."""
+        if self.state is not State.READY:
+            return []
+        try:
+            msg = decode(frames).message
+        except ProtocolError as exc:
+            log.warning("user=%s dropped a bad presence frame: %s", self.user, exc.message)
+            return []
+        if type(msg) is PeerUpdate:
+            in_sync = self.presence.on_update(msg)
+        elif type(msg) is PeerSync:
+            in_sync = self.presence.on_sync(msg)
+        else:
+            return []
+        if not in_sync:
+            return self._request_snapshot(now)
+        return self._peers_changed(now)
+
+    def on_tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self.state is State.CLOSED:
+            return actions
+        if self.state is State.READY and self._pending and now >= self._resend_at:
+            actions += self._resend_unacknowledged(now)
+        if self.state is State.READY and now - self._last_heard > self._expiry:
+            actions += self._lost("broker silent for %.1fs" % (now - self._last_heard), now)
+        elif self.state is State.CONNECTING and now - self._last_sent >= self._register_retry:
+            self._register_retry = min(self._register_retry * 2, self._hb_ivl)
+            actions.append(self._transmit(self._register_frames(), now))
+        elif self.state is State.READY and now - self._last_sent >= self._hb_ivl:
+            actions.append(self._transmit(pack(Heartbeat(), self._wall_ms()), now))
+        if self._snapshot_due is not None and now >= self._snapshot_due:
+            actions += self._request_snapshot(now, force=True)
+        self._refusals.on_tick(now)
+        if self.transfers is not None and self.state is State.READY:
+            actions += self.transfers.on_tick(now)
+            actions += self._ask_keys(self.transfers.take_key_wants(), now)
+        return actions
+
+    def next_deadline(self) -> float:
+        retry = self._register_retry if self.state is State.CONNECTING else self._hb_ivl
+        deadline = self._last_sent + retry
+        if self.state is State.READY and self._pending:
+            deadline = min(deadline, self._resend_at)
+        if self.state is State.READY:
+            deadline = min(deadline, self._last_heard + self._expiry)
+        if self._snapshot_due is not None:
+            deadline = min(deadline, self._snapshot_due)
+        if self.transfers is not None and self.state is State.READY:
+            deadline = min(deadline, self.transfers.next_deadline())
+        return deadline
+
+    # --- handlers -----------------------------------------------------------
+    def _on_chat(self, msg_id: bytes, msg: ChatMessage, ts: int, now: float) -> list[Action]:
+        if msg.recipient != self.user:
+            return []
+        if msg_id in self._seen:  # a redelivery: say again that we have it, in case that was lost
+            return self._got(msg.sender, msg_id, now)
+        try:
+            plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body)
+        except PeerKeyChanged as exc:  # authentic under a new key: kept queued until the user decides
+            log.warning("user=%s peer=%s message held: %s", self.user, msg.sender, exc.message)
+            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
+        except ProtocolError as exc:  # tampered, replayed under a new id, not encrypted, or sealed to an old key
+            # Consumed: a message that cannot open now never will, and must not come back at every reconnect.
+            consume = self._transmit(pack(Consume(msg_id), self._wall_ms()), now)
+            return [consume] + self._refusals.refused(msg.sender, exc, now)
+        self._seen[msg_id] = None  # only once authentic: a forged copy must not hide the real one
+        if len(self._seen) > DEDUP_WINDOW:
+            self._seen.popitem(last=False)
+        text = plaintext.decode("utf-8", errors="replace")
+        got = self._got(msg.sender, msg_id, now)
+        if self.history is not None and not self.history.add_incoming(msg_id, msg.sender, text, ts):
+            return got  # received in an earlier run
+        return [Emit(ev.MessageReceived(msg_id, msg.sender, text, ts))] + got
+
+    def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
+        """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
+        return self._after_history([pack(Consume(msg_id), self._wall_ms()),
+                                    self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED)], now)
+
+    def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
+        """With a history, these frames wait for the commit of what they confirm (``commit`` returns them)."""
+        if self.history is None:
+            return [self._transmit(f, now) for f in frames]
+        self._after_commit += [Transmit(f) for f in frames]  # not sent yet: the heartbeat clock runs on
+        return []
+
+    def _receipt(self, peer: str, ref: bytes, status: ReceiptStatus, now: float) -> Transmit:
+        return self._transmit(self._receipt_frames(peer, ref, status), now)
+
+    def _receipt_frames(self, peer: str, ref: bytes, status: ReceiptStatus) -> list[bytes]:
+        msg_id = new_msg_id()
+        self._receipts[msg_id] = None
+        if len(self._receipts) > DEDUP_WINDOW:
+            self._receipts.popitem(last=False)
+        return pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id)
+
+    def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
+        actions = self._after_history([pack(Consume(msg_id), self._wall_ms())], now)
+        if msg.recipient != self.user:
+            return actions
+        if self.history is None or self.history.advance(msg.ref, msg.status.value):
+            actions.append(Emit(ev.Receipt(msg.ref, msg.sender, msg.status.value)))
+        return actions
+
+    def _on_key_info(self, msg: KeyInfo, now: float) -> list[Action]:
+        try:
+            self.e2e.learn(msg.user, msg.key)
+        except PeerKeyChanged as exc:
+            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))] + self._fail_sends_to(msg.user, exc)
+        actions = self._flush(now)
+        if self.transfers is not None:
+            actions += self.transfers.on_key(msg.user, now)
+        return actions
+
+    def _on_registered(self, now: float) -> list[Action]:
+        if self.state is not State.CONNECTING:
+            return []
+        self.state = State.READY
+        self._register_retry = REGISTER_RETRY_FIRST
+        reconnect = self._registered_once
+        actions: list[Action] = [Emit(ev.Registered(self.user, reconnect=reconnect))]
+        self._registered_once = True
+        log.info("user=%s registered", self.user)
+        self._key_requests.clear()  # lost with the old session
+        for pending in self._pending.values():  # at-least-once: receivers dedup by id
+            if pending.frames is not None:
+                actions.append(self._transmit(pending.frames, now))
+        self.presence.reset()
+        actions += self._request_snapshot(now, force=True)
+        if self.transfers is not None:
+            actions += self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
+        return actions + self._flush(now)
+
+    def _on_error(self, msg: Error, now: float) -> list[Action]:
+        error = RemoteError(msg.message, msg.code)
+        if msg.code is ErrorCode.NOT_REGISTERED:  # the broker restarted and forgot us
+            return self._lost("broker no longer knows this session", now) if self.state is State.READY else []
+        if msg.code is ErrorCode.RATE_LIMITED:  # some frames were dropped: slow down, then send again
+            log.warning("user=%s rate limited by the broker; re-sending unacknowledged messages shortly", self.user)
+            self._resend_at = now + RATE_LIMIT_BACKOFF
+            return []
+        if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over; this one must stop
+            self.state = State.CLOSED
+            return [Emit(ev.ErrorReported(error))]
+        if self.state is State.CONNECTING and msg.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED):
+            if not self._registered_once:
+                self.state = State.CLOSED
+                return [Emit(ev.RegisterFailed(error))]
+            return []  # our own stale session: it expires soon, keep re-registering
+        if msg.ref is not None and self._pending.pop(msg.ref, None) is not None:
+            if self.history is not None:
+                self.history.fail(msg.ref)
+            return [Emit(ev.SendFailed(msg.ref, error))]
+        if msg.ref in self._receipts:
+            return []  # a receipt that could not be delivered (durability off): nothing to do
+        if msg.ref in self._key_requests:
+            return self._fail_sends_to(self._key_requests.pop(msg.ref), error)
+        if msg.ref is not None and self.transfers is not None:
+            handled = self.transfers.on_error(msg.ref, error, now)
+            if handled is not None:
+                return handled
+        return [Emit(ev.ErrorReported(error))]
+
+    # --- helpers ------------------------------------------------------------
+    def _lost(self, reason: str, now: float) -> list[Action]:
+        log.warning("user=%s connection lost: %s; re-registering", self.user, reason)
+        self.state = State.CONNECTING
+        self._last_heard = now
+        self.presence.reset()
+        self._snapshot_due = None
+        return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
+
+    def _register_frames(self) -> list[bytes]:
+        return pack(Register(self.user, self._token, self.e2e.identity.public), self._wall_ms())
+
+    def _flush(self, now: float) -> list[Action]:
+        """Seal what waited for a key, ask for keys still missing, transmit if registered."""
+        actions: list[Action] = []
+        wanted: set[str] = set()
+        for msg_id in list(self._unsealed):  # only these: a long outbox must not make each send O(n)
+            pending = self._pending.get(msg_id)
+            if pending is None:
+                del self._unsealed[msg_id]
+                continue
+            try:
+                key = self.e2e.key_of(pending.recipient) if self.e2e.enabled else b""
+            except PeerKeyChanged as exc:
+                del self._pending[msg_id], self._unsealed[msg_id]
+                if self.history is not None:
+                    self.history.fail(msg_id)
+                actions.append(Emit(ev.SendFailed(msg_id, exc)))
+                continue
+            if key is None:
+                wanted.add(pending.recipient)
+                continue
+            del self._unsealed[msg_id]
+            body = self.e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
+            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
+            if self.state is State.READY:
+                actions.append(self._transmit(pending.frames, now))
+        if self.transfers is not None:
+            wanted |= self.transfers.take_key_wants()
+        return actions + self._ask_keys(wanted, now)
+
+    def _resend_unacknowledged(self, now: float) -> list[Action]:
+        """No acknowledgement for a while (frames dropped on the way): send the sealed ones again."""
+        self._resend_at = now + RESEND_AFTER
+        return [self._transmit(p.frames, now) for p in self._pending.values() if p.frames is not None]
+
+    def _ask_keys(self, users: set[str], now: float) -> list[Action]:
+        if self.state is not State.READY:
+            return []  # asked again after registering
+        asked = set(self._key_requests.values())
+        actions: list[Action] = []
+        for user in sorted(users - asked):
+            msg_id = new_msg_id()
+            self._key_requests[msg_id] = user
+            actions.append(self._transmit(pack(KeyRequest(user), self._wall_ms(), msg_id), now))
+        return actions
+
+    def _fail_sends_to(self, user: str, error: P2PChatError) -> list[Action]:
+        actions: list[Action] = []
+        for msg_id in list(self._unsealed):
+            pending = self._pending.get(msg_id)
+            if pending is not None and pending.recipient == user:
+                del self._pending[msg_id], self._unsealed[msg_id]
+                if self.history is not None:
+                    self.history.fail(msg_id)
+                actions.append(Emit(ev.SendFailed(msg_id, error)))
+        if self.transfers is not None:
+            actions += self.transfers.fail_peer(user, error)
+        return actions
+
+    def _request_snapshot(self, now: float, force: bool = False) -> list[Action]:
+        if self._snapshot_due is not None and not force:
+            return []  # one in flight; re-asked at the deadline if lost
+        self._snapshot_due = now + self._expiry
+        return [self._transmit(pack(SnapshotRequest(), self._wall_ms()), now)]
+
+    def _peers_changed(self, now: float) -> list[Action]:
+        current = frozenset(self.presence.peers)
+        if current == self._published:
+            return []
+        joined, left = current - self._published, self._published - current
+        self._published = current
+        actions: list[Action] = [Emit(ev.PeersChanged(current, joined, left))]
+        if self.transfers is not None:
+            actions += self.transfers.on_peers(current, now)
+        return actions
+
+    def _transmit(self, frames: list[bytes], now: float) -> Transmit:
+        self._last_sent = now
+        return Transmit(frames)

@@ -1,0 +1,172 @@
+"""A file message in the timeline: icon, name and size, a progress bar, one status line, one action.
+
+Plain Tk, embedded in the conversation's ``Text`` like an avatar. It renders a
+``FileLine`` and nothing else; its button only posts a window event (Cancel,
+Open folder) for ``ChatWindow.handle`` to act on.
+"""
+
+from __future__ import annotations
+
+import tkinter as tk
+from collections.abc import Callable
+from pathlib import PurePath
+
+from p2pchat.client.gui.layout import FILE_CANCEL, FILE_OPEN_FOLDER
+from p2pchat.client.gui.model import FileLine, Transfer, human_size, short_path, transfer_status
+from p2pchat.client.gui.theme import Fonts, Palette, avatar_colour
+
+BAR_WIDTH, BAR_HEIGHT = 380, 6
+ICON_W, ICON_H, FOLD = 36, 44, 10
+NAME_CHARS = 44
+TEXT_WIDTH = BAR_WIDTH + 20  # px: every card is as wide, whatever its state
+ACTION_WIDTH = 130  # px: room for the widest button, kept even when there is none
+
+Action = Callable[[str, bytes], None]  # (window event key, transfer id)
+
+
+def short_name(name: str, limit: int = NAME_CHARS) -> str:
+    """Cut in the middle, so the extension stays readable."""
+    if len(name) <= limit:
+        return name
+    keep = limit - 1
+    return name[: keep - keep // 3] + "…" + name[-(keep // 3):]
+
+
+def extension_label(name: str) -> str:
+    suffix = PurePath(name).suffix[1:].upper()
+    return suffix[:4] if suffix.isalnum() else "FILE"
+
+
+class FileCard(tk.Frame):
+    def __init__(self, master: tk.Text, line: FileLine, pal: Palette, fonts: Fonts, on_action: Action) -> None:
+        super().__init__(master, background=pal.card_bg, highlightthickness=1, highlightbackground=pal.border,
+                         borderwidth=0, cursor="arrow")
+        self.pal, self.fonts, self.xfer = pal, fonts, line.xfer
+        self._on_action = on_action
+        self._action_key = ""
+        bg = pal.card_bg
+
+        ext = extension_label(line.name)
+        self.icon = tk.Canvas(self, width=ICON_W, height=ICON_H, background=bg, highlightthickness=0, borderwidth=0)
+        colour = avatar_colour(pal, ext)
+        self.icon.create_polygon(0, 0, ICON_W - FOLD, 0, ICON_W, FOLD, ICON_W, ICON_H, 0, ICON_H, fill=colour,
+                                 outline="")
+        self.icon.create_polygon(ICON_W - FOLD, 0, ICON_W - FOLD, FOLD, ICON_W, FOLD, fill=lighter(colour),
+                                 outline="")
+        self.icon.create_text(ICON_W // 2, ICON_H - 12, text=ext, fill="#FFFFFF", font=fonts.tiny_bold)
+        self.icon.grid(row=0, column=0, rowspan=4, padx=(12, 12), pady=10, sticky="n")
+
+        title = tk.Frame(self, background=bg)
+        self.name = tk.Label(title, text=short_name(line.name), font=fonts.bold, foreground=pal.text,
+                             background=bg, anchor="w")
+        self.size = tk.Label(title, text="", font=fonts.small, foreground=pal.muted, background=bg, anchor="w")
+        self.name.pack(side="left")
+        self.size.pack(side="left", padx=(8, 0))
+        title.grid(row=0, column=1, sticky="w", pady=(9, 0))
+
+        self.bar = tk.Canvas(self, width=BAR_WIDTH, height=BAR_HEIGHT, background=bg, highlightthickness=0,
+                             borderwidth=0)
+        half = BAR_HEIGHT / 2
+        self.bar.create_line(half, half, BAR_WIDTH - half, half, width=BAR_HEIGHT, capstyle="round",
+                             fill=pal.border)
+        self._fill = self.bar.create_line(half, half, half, half, width=BAR_HEIGHT, capstyle="round",
+                                          fill=pal.accent, state="hidden")
+        self.bar.grid(row=1, column=1, sticky="w", pady=(6, 2))
+
+        self.status = tk.Label(self, text="", font=fonts.small, foreground=pal.muted, background=bg, anchor="w",
+                               justify="left", wraplength=TEXT_WIDTH)
+        self.status.grid(row=2, column=1, sticky="w", pady=(0, 9))
+        self.saved = tk.Label(self, text="", font=fonts.small, foreground=pal.muted, background=bg, anchor="w",
+                              justify="left", wraplength=TEXT_WIDTH)
+
+        self.action = tk.Button(self, text="", font=fonts.small_bold, relief="flat", borderwidth=0,
+                                highlightthickness=1, highlightbackground=pal.border, background=bg,
+                                activebackground=pal.border, padx=10, pady=3, cursor="hand2",
+                                command=self._clicked)
+        self.columnconfigure(1, weight=1, minsize=TEXT_WIDTH)
+        self.columnconfigure(2, minsize=ACTION_WIDTH)
+        self.render(line)
+
+    def render(self, line: FileLine) -> None:
+        pal = self.pal
+        self.size.configure(text=human_size(line.size) if line.size or line.state is not Transfer.FAILED else "")
+        status_colour = {Transfer.FAILED: pal.error, Transfer.DONE: pal.ok}.get(line.state, pal.muted)
+        self.status.configure(text=transfer_status(line), foreground=status_colour)
+        if line.state is Transfer.DONE and line.path is not None:
+            self.saved.configure(text=short_path(line.path))
+            self.status.grid_configure(pady=0)
+            self.saved.grid(row=3, column=1, sticky="w", pady=(0, 9))
+        if line.finished:
+            self.bar.grid_remove()
+        else:
+            self.bar.grid()
+            self._draw_fraction(line.fraction)
+        if line.state in (Transfer.OFFERING, Transfer.ACTIVE):
+            self._show_action(FILE_CANCEL, "Cancel", pal.muted)
+        elif line.state is Transfer.DONE and not line.outgoing and line.path is not None:
+            self._show_action(FILE_OPEN_FOLDER, "Open folder", pal.accent)
+        else:
+            self._show_action("", "", pal.muted)
+
+    def _draw_fraction(self, fraction: float) -> None:
+        half = BAR_HEIGHT / 2
+        if fraction <= 0:
+            self.bar.itemconfigure(self._fill, state="hidden")
+            return
+        end = half + (BAR_WIDTH - BAR_HEIGHT) * fraction
+        self.bar.coords(self._fill, half, half, end, half)
+        self.bar.itemconfigure(self._fill, state="normal")
+
+    def _show_action(self, key: str, text: str, colour: str) -> None:
+        self._action_key = key
+        if not key:
+            self.action.grid_remove()
+            return
+        self.action.configure(text=text, foreground=colour, activeforeground=colour)
+        self.action.grid(row=0, column=2, rowspan=4, padx=(8, 12), sticky="e")
+
+    def _clicked(self) -> None:
+        if self._action_key:
+            self._on_action(self._action_key, self.xfer)
+
+    # --- what a user sees (tests) ------------------------------------------------------
+    @property
+    def action_text(self) -> str:
+        return str(self.action.cget("text")) if self.action.grid_info() else ""
+
+    @property
+    def status_text(self) -> str:
+        return str(self.status.cget("text"))
+
+    @property
+    def saved_text(self) -> str:
+        return str(self.saved.cget("text")) if self.saved.grid_info() else ""
+
+    @property
+    def bar_shown(self) -> bool:
+        return bool(self.bar.grid_info())
+
+    def bar_fraction(self) -> float:
+        if self.bar.itemcget(self._fill, "state") == "hidden":
+            return 0.0
+        x0, _, x1, _ = self.bar.coords(self._fill)
+        return (x1 - x0) / (BAR_WIDTH - BAR_HEIGHT)
+
+
+def lighter(colour: str, amount: float = 0.45) -> str:
+    """``colour`` mixed with white: the folded corner of the file icon."""
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(c + (255 - c) * amount):02X}" for c in rgb)
+
+
+def forward_wheel(widget: tk.Misc, text: tk.Text) -> None:
+    """Wheel over an embedded widget scrolls the conversation, as it does over the text."""
+    def scroll(units: int) -> str:
+        text.yview_scroll(units, "units")
+        return "break"
+
+    widget.bind("<Button-4>", lambda _e: scroll(-3), add=True)
+    widget.bind("<Button-5>", lambda _e: scroll(3), add=True)
+    widget.bind("<MouseWheel>", lambda e: scroll(-1 if e.delta > 0 else 1) if e.delta else None, add=True)
+    for child in widget.winfo_children():
+        forward_wheel(child, text)

@@ -1,0 +1,347 @@
+"""The chat window's layout: element keys, sizes, and the PySimpleGUI/Tk styling that makes it a chat app.
+
+Build-only: no state and no behaviour beyond key bindings that turn keystrokes
+into window events. ``ChatWindow`` owns the window this builds.
+"""
+
+from __future__ import annotations
+
+import tkinter as tk
+from tkinter import ttk
+from typing import Any
+
+import PySimpleGUI as sg
+
+from p2pchat.client.gui.settings import GuiSettings
+from p2pchat.client.gui.theme import Fonts, Palette, apply_sg_theme
+
+# --- element and event keys ---------------------------------------------------------
+CLIENT_EVENT = "-CLIENT-EVENT-"  # value: (client generation, client event)
+TOAST_CLICKED = "-TOAST-CLICKED-"  # value: the sender whose conversation to open
+K_CONNECT_VIEW, K_CHAT_VIEW = "-CONNECT-VIEW-", "-CHAT-VIEW-"
+K_HOST, K_PORT, K_USER, K_CONNECT = "-HOST-", "-PORT-", "-USER-", "-CONNECT-"
+K_FORM_ERROR, K_FORM_PROGRESS = "-FORM-ERROR-", "-FORM-PROGRESS-"
+K_SIDEBAR, K_SIDEBAR_RULE = "-SIDEBAR-", "-SIDEBAR-RULE-"
+K_ME, K_PEOPLE_COUNT, K_PEERS, K_DISCONNECT = "-ME-", "-PEOPLE-COUNT-", "-PEERS-", "-DISCONNECT-"
+K_PEER_NAME, K_PEER_PRESENCE = "-PEER-NAME-", "-PEER-PRESENCE-"
+K_CONVERSATION, K_COMPOSER, K_SEND, K_LOG = "-CONVERSATION-", "-COMPOSER-", "-SEND-", "-LOG-"
+K_STATUS_DOT, K_STATUS, K_STATUS_DETAIL = "-STATUS-DOT-", "-STATUS-", "-STATUS-DETAIL-"
+K_THEME, K_NOTIFY = "-THEME-", "-NOTIFY-"
+K_STATUS_KEY, K_STATUS_TRANSFERS = "-STATUS-KEY-", "-STATUS-TRANSFERS-"
+K_ATTACH, K_COMPOSER_NOTE = "-ATTACH-", "-COMPOSER-NOTE-"
+K_PEER_KEY, K_KEY_INFO = "-PEER-KEY-", "-KEY-INFO-"  # header: the peer's fingerprint, and "Verify"
+K_KEY_PANEL, K_KEY_PANEL_TITLE, K_KEY_HIDE = "-KEY-PANEL-", "-KEY-PANEL-TITLE-", "-KEY-HIDE-"
+K_SAFETY, K_PEER_FP_LABEL, K_PEER_FP, K_OWN_FP = "-SAFETY-", "-PEER-FP-LABEL-", "-PEER-FP-", "-OWN-FP-"
+K_KEY_PANEL_NOTE = "-KEY-PANEL-NOTE-"
+K_KEY_BANNER, K_KEY_BANNER_TITLE, K_KEY_BANNER_TEXT = "-KEY-BANNER-", "-KEY-BANNER-TITLE-", "-KEY-BANNER-TEXT-"
+K_ACCEPT_KEY, K_COMPARE_KEY = "-ACCEPT-KEY-", "-COMPARE-KEY-"
+K_SEARCH, K_SEARCH_CLOSE = "-SEARCH-", "-SEARCH-CLOSE-"
+K_RECEIPTS, K_RECEIPTS_NOTE = "-RECEIPTS-", "-RECEIPTS-NOTE-"
+SEARCH_OPEN = "-SEARCH-OPEN-"  # value: the id of the message a search result shows
+WINDOW_FOCUSED = "-WINDOW-FOCUSED-"  # the window took the keyboard focus: the open conversation is being read
+FILE_CANCEL = "-FILE-CANCEL-"  # value: the transfer id
+FILE_OPEN_FOLDER = "-FILE-OPEN-FOLDER-"  # value: the transfer id
+SEND_SUFFIX = "+SEND"
+COMPOSER_SEND = K_COMPOSER + SEND_SUFFIX
+FORM_SUBMIT = "+SUBMIT"
+ESCAPE = "+ESCAPE"
+SEARCH_SUBMIT, SEARCH_ESCAPE = K_SEARCH + FORM_SUBMIT, K_SEARCH + ESCAPE
+
+WINDOW_SIZE = (1000, 680)
+MIN_SIZE = (820, 540)
+SIDEBAR_WIDTH = 250
+DOT_COLUMN = 26
+WRAP_PX = 600  # banner and panel prose: wrapped, not widening the window
+
+
+def build_window(settings: GuiSettings, pal: Palette, fonts: Fonts, *, notify_toggle: bool,
+                 location: tuple[int, int] | None = None, size: tuple[int, int] | None = None) -> sg.Window:
+    apply_sg_theme(pal)
+    layout = [
+        [_connect_view(settings, pal, fonts), _chat_view(settings, pal, fonts)],
+        [_status_bar(pal, fonts, notify_toggle)],
+    ]
+    window = sg.Window(
+        "p2p-chat", layout, size=size or WINDOW_SIZE, location=location or (None, None), resizable=True,
+        margins=(0, 0), element_padding=(0, 0), font=fonts.base, background_color=pal.chat_bg,
+        enable_close_attempted_event=True, finalize=True,
+    )
+    window.TKroot.minsize(*MIN_SIZE)
+    _style_widgets(window, pal, fonts)
+    return window
+
+
+def _connect_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
+    def label(text: str) -> sg.Text:
+        return sg.Text(text, font=fonts.small_bold, text_color=pal.muted, background_color=pal.chat_bg,
+                       pad=(0, (12, 4)))
+
+    def field(key: str, value: str, width: int, placeholder: str) -> sg.Input:
+        return sg.Input(value, key=key, size=(width, 1), font=fonts.base, border_width=0, expand_x=True,
+                        placeholder=placeholder, placeholder_text_color=pal.muted,
+                        background_color=pal.input_bg, text_color=pal.input_text, pad=(0, 0))
+
+    host_col = sg.Column([[label("Broker host")], [field(K_HOST, settings.host, 24, "127.0.0.1")]],
+                         background_color=pal.chat_bg, pad=((0, 12), 0), expand_x=True)
+    port_col = sg.Column([[label("Port")], [field(K_PORT, str(settings.port), 8, "5555")]],
+                         background_color=pal.chat_bg, pad=0)
+    card = [
+        [sg.Text("p2p-chat", font=fonts.display, text_color=pal.text, background_color=pal.chat_bg)],
+        [sg.Text("Sign in to a broker to start chatting.", font=fonts.base, text_color=pal.muted,
+                 background_color=pal.chat_bg, pad=(0, (4, 6)))],
+        [host_col, port_col],
+        [label("User ID")],
+        [field(K_USER, settings.user, 36, "your name, e.g. alice")],
+        [sg.Text("", key=K_FORM_ERROR, font=fonts.small, text_color=pal.error, background_color=pal.chat_bg,
+                 size=(46, 2), pad=(0, (10, 4)))],
+        [sg.Button("Connect", key=K_CONNECT, font=fonts.bold, border_width=0, expand_x=True,
+                   button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
+                   pad=(0, (4, 6)))],
+        [sg.Text("", key=K_FORM_PROGRESS, font=fonts.small, text_color=pal.muted, background_color=pal.chat_bg)],
+    ]
+    inner = sg.Column(card, background_color=pal.chat_bg, pad=0)
+    return sg.Column(
+        [[sg.VPush(pal.chat_bg)], [sg.Push(pal.chat_bg), inner, sg.Push(pal.chat_bg)], [sg.VPush(pal.chat_bg)]],
+        key=K_CONNECT_VIEW, background_color=pal.chat_bg, expand_x=True, expand_y=True, pad=0,
+    )
+
+
+def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
+    flat = dict(border_width=0, font=fonts.small)
+    sidebar = sg.Column([
+        [sg.Text("p2p-chat", font=fonts.heading, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
+                 pad=((16, 16), (16, 0)))],
+        [sg.Text("", key=K_ME, font=fonts.small, text_color=pal.sidebar_muted, background_color=pal.sidebar_bg,
+                 pad=((16, 16), (2, 12)))],
+        [sg.Input("", key=K_SEARCH, size=(20, 1), font=fonts.base, border_width=0, expand_x=True,
+                  placeholder="Search messages", placeholder_text_color=pal.muted, tooltip=" Press Enter to search ",
+                  background_color=pal.sidebar_field,
+                  text_color=pal.input_text, pad=((12, 12), (0, 16)))],
+        [sg.Text("PEOPLE", font=fonts.small_bold, text_color=pal.sidebar_muted, background_color=pal.sidebar_bg,
+                 pad=((16, 0), (0, 6))),
+         sg.Push(pal.sidebar_bg),
+         sg.Text("", key=K_PEOPLE_COUNT, font=fonts.small, text_color=pal.sidebar_muted,
+                 background_color=pal.sidebar_bg, pad=((0, 16), (0, 6)))],
+        [sg.Table([], headings=["name", "unread"], key=K_PEERS, col_widths=[20, 4], auto_size_columns=False,
+                  justification="left", num_rows=10, row_height=34, font=fonts.base, enable_events=True,
+                  select_mode=sg.TABLE_SELECT_MODE_BROWSE, background_color=pal.sidebar_bg,
+                  text_color=pal.sidebar_text, selected_row_colors=(pal.select_text, pal.select_bg),
+                  border_width=0, expand_x=True, expand_y=True, hide_vertical_scroll=True,
+                  pad=((8, 8), 0))],
+        [sg.Checkbox("Send read receipts", key=K_RECEIPTS, default=settings.read_receipts, enable_events=True,
+                     font=fonts.small, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
+                     checkbox_color=pal.sidebar_field,
+                     tooltip=" Let people see when you have read their messages ", pad=((12, 12), (8, 0)))],
+        [sg.Text("", key=K_RECEIPTS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
+                 background_color=pal.sidebar_bg, pad=((16, 12), (0, 0)))],
+        [sg.Button("Disconnect", key=K_DISCONNECT, button_color=(pal.sidebar_text, pal.border),
+                   mouseover_colors=(pal.sidebar_text, pal.offline), expand_x=True, pad=((12, 12), (8, 12)), **flat)],
+    ], key=K_SIDEBAR, background_color=pal.sidebar_bg, expand_y=True, pad=0)
+
+    rule = dict(background_color=pal.border, pad=0)
+    header = sg.Column([[
+        sg.Text("", key=K_PEER_NAME, font=fonts.heading, text_color=pal.text, background_color=pal.chat_bg,
+                pad=((20, 10), (14, 12))),
+        sg.Text("", key=K_PEER_PRESENCE, font=fonts.small, text_color=pal.muted, background_color=pal.chat_bg,
+                pad=(0, (18, 12))),
+        sg.Push(pal.chat_bg),
+        sg.Text("", key=K_PEER_KEY, font=fonts.small, text_color=pal.muted, background_color=pal.chat_bg,
+                pad=((0, 8), (16, 12))),
+        sg.Button("Verify", key=K_KEY_INFO, font=fonts.small, border_width=0, tooltip=" Compare keys with them ",
+                  button_color=(pal.text, pal.chat_bg), mouseover_colors=(pal.text, pal.border),
+                  pad=((0, 16), (12, 10))),
+        sg.Button("Close search", key=K_SEARCH_CLOSE, font=fonts.small, border_width=0, visible=False,
+                  tooltip=" Back to the conversation (Esc) ", button_color=(pal.text, pal.chat_bg),
+                  mouseover_colors=(pal.text, pal.border), pad=((0, 16), (12, 10))),
+    ]], background_color=pal.chat_bg, expand_x=True, pad=0)
+    composer_row = sg.Column([[
+        sg.Button("Attach", key=K_ATTACH, font=fonts.bold, border_width=0, size=(7, 1), tooltip=" Send a file ",
+                  button_color=(pal.text, pal.input_bg), mouseover_colors=(pal.text, pal.border),
+                  disabled_button_color=(pal.muted, pal.chat_bg), pad=((16, 10), 12)),
+        sg.Multiline("", key=K_COMPOSER, size=(40, 2), font=fonts.base, no_scrollbar=True, border_width=0,
+                     background_color=pal.input_bg, text_color=pal.input_text, expand_x=True,
+                     pad=((0, 10), 12)),
+        sg.Button("Send", key=K_SEND, font=fonts.bold, border_width=0, size=(7, 1),
+                  button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
+                  disabled_button_color=(pal.muted, pal.border), pad=((0, 16), 12)),
+    ]], background_color=pal.chat_bg, expand_x=True, pad=0)
+    log_panel = sg.Column([
+        [sg.Text("CONNECTION LOG", font=fonts.small_bold, text_color=pal.muted, background_color=pal.log_bg,
+                 pad=((16, 0), (8, 2)))],
+        [sg.Multiline("", key=K_LOG, size=(40, 4), font=fonts.mono, disabled=True, border_width=0,
+                      background_color=pal.log_bg, text_color=pal.log_text, expand_x=True,
+                      sbar_trough_color=pal.log_bg, sbar_background_color=pal.border, sbar_arrow_color=pal.muted,
+                      sbar_relief="flat", pad=((16, 8), (0, 8)))],
+    ], background_color=pal.log_bg, expand_x=True, pad=0)
+    composer_note = sg.Text("", key=K_COMPOSER_NOTE, font=fonts.small, text_color=pal.warn,
+                            background_color=pal.chat_bg, pad=((16, 16), (10, 0)))
+    main = sg.Column([
+        [header],
+        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [sg.pin(_key_banner(pal, fonts), expand_x=True)],
+        [sg.pin(_key_panel(pal, fonts), expand_x=True)],
+        [sg.Multiline("", key=K_CONVERSATION, disabled=True, border_width=0, expand_x=True, expand_y=True,
+                      background_color=pal.chat_bg, text_color=pal.text, sbar_trough_color=pal.chat_bg,
+                      sbar_background_color=pal.border, sbar_arrow_color=pal.muted, sbar_relief="flat", pad=0)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [sg.pin(composer_note)],
+        [composer_row],
+        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [log_panel],
+    ], background_color=pal.chat_bg, expand_x=True, expand_y=True, pad=0)
+    return sg.Column([[sidebar, sg.Column([[]], key=K_SIDEBAR_RULE, size=(1, 1), expand_y=True, **rule), main]],
+                     key=K_CHAT_VIEW, background_color=pal.chat_bg, expand_x=True, expand_y=True, pad=0,
+                     visible=False)
+
+
+def _key_banner(pal: Palette, fonts: Fonts) -> sg.Column:
+    """Shown in a conversation whose peer changed keys, until the user accepts the new one."""
+    bg = dict(background_color=pal.warn_bg)
+    text = sg.Column([
+        [sg.Text("", key=K_KEY_BANNER_TITLE, font=fonts.bold, text_color=pal.warn_text, pad=(0, (0, 2)), **bg)],
+        [sg.Text("", key=K_KEY_BANNER_TEXT, font=fonts.small, text_color=pal.warn_text, pad=0, **bg)],
+        [sg.Button("Accept new key", key=K_ACCEPT_KEY, font=fonts.small_bold, border_width=0,
+                   button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
+                   pad=((0, 8), (10, 0))),
+         sg.Button("Compare keys", key=K_COMPARE_KEY, font=fonts.small_bold, border_width=0,
+                   button_color=(pal.warn_text, pal.warn_bg), mouseover_colors=(pal.warn_text, pal.warn_border),
+                   pad=(0, (10, 0)))],
+    ], pad=((0, 20), 0), vertical_alignment="top", **bg)
+    icon = sg.Column([[sg.Text("⚠", font=fonts.title, text_color=pal.warn, pad=0, **bg)]],
+                     pad=((20, 12), 0), vertical_alignment="top", **bg)
+    row = [icon, text]
+    return sg.Column([
+        [sg.Column([row], pad=(0, 12), expand_x=True, **bg)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.warn_border, pad=0)],
+    ], key=K_KEY_BANNER, visible=False, expand_x=True, pad=0, **bg)
+
+
+def _key_panel(pal: Palette, fonts: Fonts) -> sg.Column:
+    """The peer's key, ours, and the safety number to compare with them out of band."""
+    bg = dict(background_color=pal.sidebar_bg)
+
+    def label(text: str, key: str | None = None) -> sg.Text:
+        return sg.Text(text, key=key, font=fonts.small, text_color=pal.muted, size=(14, 1), pad=((20, 0), 3), **bg)
+
+    def value(key: str, font: tuple[Any, ...]) -> sg.Text:
+        return sg.Text("", key=key, font=font, text_color=pal.text, pad=((0, 16), 3), **bg)
+
+    rows = [
+        [sg.Text("", key=K_KEY_PANEL_TITLE, font=fonts.small_bold, text_color=pal.muted, pad=((20, 0), (12, 6)),
+                 **bg),
+         sg.Push(pal.sidebar_bg),
+         sg.Button("Hide", key=K_KEY_HIDE, font=fonts.small, border_width=0, button_color=(pal.muted, pal.sidebar_bg),
+                   mouseover_colors=(pal.text, pal.border), pad=((0, 14), (8, 0)))],
+        [label("Safety number"), value(K_SAFETY, fonts.mono_large)],
+        [label("", K_PEER_FP_LABEL), value(K_PEER_FP, fonts.mono)],
+        [label("Your key"), value(K_OWN_FP, fonts.mono)],
+        [sg.Text("", key=K_KEY_PANEL_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 12)), **bg)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.border, pad=0)],
+    ]
+    return sg.Column(rows, key=K_KEY_PANEL, visible=False, expand_x=True, pad=0, **bg)
+
+
+def _status_bar(pal: Palette, fonts: Fonts, notify_toggle: bool) -> sg.Column:
+    bar: list[Any] = [
+        sg.Text("●", key=K_STATUS_DOT, font=fonts.small, text_color=pal.offline, background_color=pal.status_bg,
+                pad=((14, 4), 5)),
+        sg.Text("", key=K_STATUS, font=fonts.small_bold, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=((0, 8), 5)),
+        sg.Text("", key=K_STATUS_DETAIL, font=fonts.small, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=(0, 5)),
+        sg.Text("", key=K_STATUS_KEY, font=fonts.small, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=((14, 0), 5)),
+        sg.Push(pal.status_bg),
+        sg.Text("", key=K_STATUS_TRANSFERS, font=fonts.small, text_color=pal.status_text,
+                background_color=pal.status_bg, pad=((0, 12), 5)),
+    ]
+    toggle = dict(font=fonts.small, border_width=0, button_color=(pal.status_text, pal.status_bg),
+                  mouseover_colors=(pal.text, pal.border), pad=((0, 6), 2))
+    if notify_toggle:
+        bar.append(sg.Button("Notifications: on", key=K_NOTIFY, **toggle))
+    bar.append(sg.Button("Dark theme", key=K_THEME, **toggle))
+    return sg.Column([bar], background_color=pal.status_bg, expand_x=True, pad=0)
+
+
+def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
+    """What PySimpleGUI does not expose: focus rings, inner padding, key bindings, table chrome."""
+    for key in (K_HOST, K_PORT, K_USER, K_SEARCH):
+        entry = window[key].Widget
+        # A flat border in the entry's own colour is the only inner padding a Tk Entry has.
+        entry.configure(highlightthickness=1, highlightbackground=pal.border, highlightcolor=pal.accent,
+                        relief="flat", borderwidth=7 if key != K_SEARCH else 5, insertbackground=pal.text,
+                        font=fonts.base)
+        window[key].bind("<Return>", FORM_SUBMIT, propagate=False)
+        window[key].bind("<KP_Enter>", FORM_SUBMIT, propagate=False)
+    window[K_SEARCH].bind("<Escape>", ESCAPE, propagate=False)
+    receipts = window[K_RECEIPTS].Widget
+    receipts.configure(activebackground=pal.sidebar_bg, activeforeground=pal.sidebar_text, highlightthickness=0,
+                       cursor="hand2", borderwidth=0)
+    composer = window[K_COMPOSER].Widget
+    composer.configure(highlightthickness=1, highlightbackground=pal.border, highlightcolor=pal.accent,
+                       padx=10, pady=8, insertbackground=pal.text, wrap="word", relief="flat")
+    window[K_COMPOSER].bind("<Return>", SEND_SUFFIX, propagate=False)
+    window[K_COMPOSER].bind("<KP_Enter>", SEND_SUFFIX, propagate=False)
+    # Shift+Enter is typing, not an app event: insert now, so fast typing cannot reorder it.
+    composer.bind("<Shift-Return>", _insert_newline)
+    for key in (K_CONNECT, K_SEND, K_DISCONNECT):
+        window[key].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=0)
+    window[K_ACCEPT_KEY].Widget.configure(padx=12, pady=4, cursor="hand2", relief="flat", highlightthickness=0)
+    window[K_COMPARE_KEY].Widget.configure(padx=12, pady=3, cursor="hand2", relief="flat", highlightthickness=1,
+                                           highlightbackground=pal.warn_border)
+    window[K_ATTACH].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=1,
+                                      highlightbackground=pal.border)
+    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE):
+        if key in window.AllKeysDict:
+            window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
+    for key in (K_KEY_BANNER_TEXT, K_KEY_PANEL_NOTE):
+        window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
+    log_widget = window[K_LOG].Widget
+    log_widget.configure(highlightthickness=0, padx=0, pady=2, cursor="arrow")
+    log_widget.tag_configure("time", foreground=pal.muted)
+    tree = window[K_PEERS].Widget
+    tree.configure(show="tree", cursor="hand2")  # no headings: a list of people, not a spreadsheet
+    tree.column("#0", width=DOT_COLUMN, minwidth=DOT_COLUMN, stretch=False)
+    tree.column("#1", anchor="w", width=SIDEBAR_WIDTH - 16 - 44 - DOT_COLUMN, stretch=True)
+    tree.column("#2", anchor="e", width=44, stretch=False)
+    # sg packs expand_y columns with expand=True, which also widens them: keep the sidebar narrow.
+    for key in (K_SIDEBAR, K_SIDEBAR_RULE):
+        window[key].Widget.pack_configure(expand=False)
+    style_name = tree.cget("style")
+    style = ttk.Style()
+    style.configure(style_name, borderwidth=0, relief="flat", highlightthickness=0, fieldbackground=pal.sidebar_bg)
+    style.layout(style_name, [("Treeview.treearea", {"sticky": "nswe"})])  # drop the sunken border
+    # Rows are flat: no expand/collapse indicator in front of the presence dot.
+    style.layout(f"{style_name}.Item", [("Treeitem.padding", {"sticky": "nswe", "children": [
+        ("Treeitem.image", {"side": "left", "sticky": ""}),
+        ("Treeitem.text", {"side": "left", "sticky": ""})]})])
+    for key, trough in ((K_CONVERSATION, pal.chat_bg), (K_LOG, pal.log_bg)):
+        _slim_scrollbar(style, window[key].vsb_style_name, trough, pal.border, pal.muted)
+
+
+def dot_image(master: tk.Misc, colour: str, size: int = 10, margin: int = 6) -> tk.PhotoImage:
+    """A filled circle with clear margins (Treeview rows take images, not per-cell colours)."""
+    image = tk.PhotoImage(master=master, width=size + 2 * margin, height=size)
+    r = size / 2
+    for y in range(size):
+        dy = y + 0.5 - r
+        half = (r * r - dy * dy) ** 0.5
+        x0, x1 = round(r - half), round(r + half)
+        if x1 > x0:
+            image.put(colour, to=(margin + x0, y, margin + x1, y + 1))
+    return image
+
+
+def _insert_newline(event: tk.Event) -> str:
+    event.widget.insert("insert", "\n")
+    event.widget.see("insert")
+    return "break"  # stop the <Return> binding (send) from seeing this key
+
+
+def _slim_scrollbar(style: ttk.Style, name: str, trough: str, thumb: str, hover: str) -> None:
+    """A thin thumb without arrows, like a chat app's, instead of Tk's 1990s scrollbar."""
+    style.layout(name, [("Vertical.Scrollbar.trough", {"sticky": "ns", "children": [
+        ("Vertical.Scrollbar.thumb", {"expand": "1", "sticky": "nswe"})]})])
+    style.configure(name, width=8, troughcolor=trough, background=thumb, borderwidth=0, relief="flat",
+                    troughrelief="flat", gripcount=0, bordercolor=trough, lightcolor=thumb, darkcolor=thumb)
+    style.map(name, background=[("active", hover), ("pressed", hover)])

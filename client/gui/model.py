@@ -1,0 +1,476 @@
+"""What the chat window shows, as plain data: conversations, file transfers, presence, unread counts, keys.
+
+No Tk here. The window feeds client events, history and user actions in and
+renders what this model says, so the rules (who is unread, what a delivery or
+transfer state means, how history merges with what arrived meanwhile, when to
+notify, whose key is in doubt) are tested without a display.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import os
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from p2pchat.client.storage.history import HistoryEntry
+from p2pchat.common.errors import ErrorCode, P2PChatError
+
+LOG_LINES = 500  # the connection log is a view, not an archive
+
+
+class Link(enum.Enum):
+    """The window's view of the connection (the session's states plus "never started")."""
+
+    OFFLINE = "offline"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+
+
+class Delivery(enum.Enum):
+    """Ours: SENDING, SENT, DELIVERED, READ in that order only, or FAILED. Theirs: RECEIVED, then READ."""
+
+    SENDING = "sending"  # in the outbox: not acknowledged by the broker yet
+    SENT = "sent"  # the broker has it (stored, or relayed at once)
+    DELIVERED = "delivered"  # the recipient's client has it
+    READ = "read"  # the recipient opened the conversation (ours), or we did (theirs)
+    FAILED = "failed"
+    RECEIVED = "received"  # theirs, not seen by the user yet
+
+
+PROGRESS = (Delivery.SENDING, Delivery.SENT, Delivery.DELIVERED, Delivery.READ)
+
+# History's states (client.history) as the window shows them.
+FROM_HISTORY = {
+    "queued": Delivery.SENDING, "sent": Delivery.SENT, "stored": Delivery.SENT, "delivered": Delivery.DELIVERED,
+    "read": Delivery.READ, "failed": Delivery.FAILED, "received": Delivery.RECEIVED,
+}
+RECEIPTS = {"delivered": Delivery.DELIVERED, "read": Delivery.READ}
+HISTORY_LIMIT = 200  # messages per conversation loaded at connect; search reaches the older ones
+
+
+@dataclass(slots=True)
+class ChatLine:
+    msg_id: bytes
+    peer: str  # the other side of the conversation
+    outgoing: bool
+    text: str
+    ts_ms: int
+    delivery: Delivery
+    failure: str = ""
+
+
+class Transfer(enum.Enum):
+    """A file in the timeline. DONE, FAILED and CANCELLED are final: a late event changes nothing."""
+
+    OFFERING = "offering"  # ours: waiting for the receiver to take it
+    ACTIVE = "active"  # bytes moving, either way
+    PAUSED = "paused"  # we disconnected: the library resumes it on the next connect
+    DONE = "done"  # verified and saved by the receiver
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({Transfer.DONE, Transfer.FAILED, Transfer.CANCELLED})
+
+
+@dataclass(slots=True)
+class FileLine:
+    """A file message: one per transfer, in the conversation with the peer, whichever way it goes."""
+
+    xfer: bytes
+    peer: str
+    outgoing: bool
+    name: str
+    size: int
+    ts_ms: int
+    state: Transfer
+    done: int = 0  # bytes the receiver has verified
+    rate: float = 0.0  # bytes/s
+    eta: float | None = None  # seconds
+    path: Path | None = None  # where a received file was saved
+    failure: str = ""
+    cancel_asked: bool = False  # we pressed Cancel: the CANCELLED that follows is ours, not the peer's
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL
+
+    @property
+    def fraction(self) -> float:
+        if self.state is Transfer.DONE:
+            return 1.0
+        return min(1.0, self.done / self.size) if self.size > 0 else 0.0
+
+
+Line = ChatLine | FileLine
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """A peer presents a key other than the pinned one: fingerprints as the user compares them."""
+
+    old: str
+    new: str
+    new_key: bytes = b""  # for the safety number the user checks before accepting
+
+
+@dataclass(slots=True)
+class Conversation:
+    peer: str
+    lines: list[Line] = field(default_factory=list)
+    unread: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    """Messages matching ``query`` in every conversation: the newest ``results``, newest first, of ``total``."""
+
+    query: str
+    results: tuple[HistoryEntry, ...]
+    total: int
+    capped: bool = False  # there may be more than ``total``
+
+
+def search_summary(search: Search) -> str:
+    total = f"{search.total}+" if search.capped else str(search.total)
+    if search.total == 0:
+        return f"nothing matches “{search.query}”"
+    if len(search.results) < search.total:
+        return f"newest {len(search.results)} of {total} messages matching “{search.query}”"
+    return f"{total} message{'s' if search.total != 1 else ''} matching “{search.query}”"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRow:
+    name: str
+    online: bool
+    unread: int
+    key_changed: bool = False
+
+
+def describe_failure(error: P2PChatError) -> str:
+    """A delivery failure in the words a chat user expects."""
+    friendly = {
+        ErrorCode.RECIPIENT_OFFLINE: "recipient is offline",
+        ErrorCode.UNKNOWN_RECIPIENT: "no such user on this broker",
+        ErrorCode.TIMEOUT: "no answer from the broker",
+        ErrorCode.CLOSED: "disconnected before delivery",
+        ErrorCode.TOO_LARGE: "message too large",
+        ErrorCode.RECIPIENT_BUSY: "recipient is busy, try again",
+        ErrorCode.PEER_KEY_CHANGED: "their key changed; accept the new key first",
+    }
+    return friendly.get(error.code, error.message)
+
+
+def match_spans(text: str, query: str) -> list[tuple[int, int]]:
+    """Where the query's words start words of ``text`` (the history search matches word prefixes)."""
+    words = [re.escape(w) for w in query.split() if w]
+    if not words:
+        return []
+    pattern = re.compile(r"\b(?:" + "|".join(sorted(words, key=len, reverse=True)) + ")", re.IGNORECASE)
+    return [m.span() for m in pattern.finditer(text) if m.end() > m.start()]
+
+
+def describe_transfer_failure(error: P2PChatError, line: FileLine) -> str:
+    """Why a transfer stopped, from this side's point of view."""
+    if error.code is ErrorCode.CANCELLED:
+        return "Cancelled" if line.cancel_asked else f"Cancelled by {line.peer}"
+    friendly = {
+        ErrorCode.RECIPIENT_OFFLINE: f"{line.peer} is offline",
+        ErrorCode.UNKNOWN_RECIPIENT: f"{line.peer} is not on this broker",
+        ErrorCode.PEER_KEY_CHANGED: f"{line.peer}'s key changed; accept the new key first",
+        ErrorCode.CLOSED: "disconnected before it finished",
+        ErrorCode.BROKER_UNREACHABLE: "the connection to the broker was lost",
+        ErrorCode.SOURCE_CHANGED: error.message,
+    }
+    return friendly.get(error.code, error.message)
+
+
+# --- numbers as people read them ---------------------------------------------------------------
+def human_size(n: float) -> str:
+    """Decimal units, as file managers show them: 999 B, 1.2 KB, 34 MB, 1.5 GB."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.5 or unit == "TB":
+            return f"{n:.1f} {unit}" if n < 99.95 else f"{n:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def human_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{max(s, 1)} s left"
+    if s < 3600:
+        return f"{round(s / 60)} min left"
+    return f"{s // 3600} h {s % 3600 // 60} min left"
+
+
+def transfer_status(line: FileLine) -> str:
+    """The one line under a file's name: direction, progress, rate and time left, or how it ended."""
+    if line.state is Transfer.OFFERING:
+        return f"Waiting for {line.peer} to accept…"
+    if line.state is Transfer.ACTIVE:
+        verb = "Sending" if line.outgoing else "Receiving"
+        parts = [f"{verb} {round(line.fraction * 100)}%",
+                 f"{human_size(line.done)} of {human_size(line.size)}"]
+        if line.rate > 0:
+            parts.append(f"{human_size(line.rate)}/s")
+        if line.eta is not None and line.done < line.size:
+            parts.append(human_eta(line.eta))
+        return " · ".join(parts)
+    if line.state is Transfer.PAUSED:
+        return f"Paused at {round(line.fraction * 100)}% · resumes when you reconnect"
+    if line.state is Transfer.DONE:
+        if line.outgoing:
+            return f"Sent ✓ · {line.peer} verified and saved it"
+        return "Received ✓ · verified and saved"
+    if line.state is Transfer.CANCELLED:
+        return line.failure or "Cancelled"
+    return f"Failed: {line.failure}" if line.failure else "Failed"
+
+
+def short_path(path: Path | None) -> str:
+    """``~/...`` for paths under the home directory: shorter, and the same on every machine."""
+    if path is None:
+        return ""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
+class ChatModel:
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.link = Link.OFFLINE
+        self.online: frozenset[str] = frozenset()
+        self.active: str | None = None
+        self.search: Search | None = None  # results shown instead of the open conversation
+        self.log: deque[tuple[int, str]] = deque(maxlen=LOG_LINES)
+        self.key_changed: dict[str, KeyChange] = {}  # peers whose new key awaits the user's decision
+        self._conversations: dict[str, Conversation] = {}
+        self._by_id: dict[bytes, ChatLine] = {}
+        self._files: dict[bytes, FileLine] = {}
+
+    # --- presence -------------------------------------------------------------
+    def set_online(self, peers: frozenset[str]) -> None:
+        self.online = peers - {self.user}
+
+    def roster(self) -> list[PeerRow]:
+        """Online peers first, then people we have talked to (in this run or an earlier one); each group by name."""
+        names = set(self.online) | {c.peer for c in self._conversations.values() if c.lines}
+        names |= set(self.key_changed)
+        rows = [PeerRow(n, n in self.online, self.conversation(n).unread, n in self.key_changed) for n in names]
+        return sorted(rows, key=lambda r: (not r.online, r.name.lower()))
+
+    # --- conversations --------------------------------------------------------
+    def conversation(self, peer: str) -> Conversation:
+        if peer not in self._conversations:
+            self._conversations[peer] = Conversation(peer)
+        return self._conversations[peer]
+
+    def open(self, peer: str) -> Conversation:
+        self.active = peer
+        self.search = None
+        conv = self.conversation(peer)
+        conv.unread = 0
+        return conv
+
+    def load(self, peer: str, entries: Iterable[HistoryEntry]) -> Conversation:
+        """Merge ``peer``'s history (oldest first) into what this run already shows.
+
+        Safe to repeat and to race with events: a message already shown keeps its
+        line and only moves its delivery state forward; lines history does not keep
+        (files, messages refused before sending) stay where their time puts them.
+        """
+        conv = self.conversation(peer)
+        loaded: list[Line] = []
+        for entry in entries:
+            line = self._by_id.get(entry.msg_id)
+            state = FROM_HISTORY.get(entry.state, Delivery.SENT if entry.outgoing else Delivery.RECEIVED)
+            if line is None:
+                line = ChatLine(entry.msg_id, peer, entry.outgoing, entry.text, entry.ts, state)
+                self._by_id[entry.msg_id] = line
+                if not entry.outgoing and state is Delivery.RECEIVED and peer != self.active:
+                    conv.unread += 1
+            else:
+                _advance(line, state)
+            loaded.append(line)
+        ids = {id(line) for line in loaded}
+        rest = [line for line in conv.lines if id(line) not in ids]
+        conv.lines = list(heapq.merge(loaded, rest, key=lambda line: line.ts_ms))
+        return conv
+
+    def receive(self, msg_id: bytes, sender: str, text: str, ts_ms: int) -> ChatLine | None:
+        """The new line, or None if it is already shown (history loaded it first)."""
+        if msg_id in self._by_id:
+            return None
+        line = ChatLine(msg_id, sender, False, text, ts_ms, Delivery.RECEIVED)
+        conv = self.conversation(sender)
+        conv.lines.append(line)
+        if sender != self.active:
+            conv.unread += 1
+        self._by_id[msg_id] = line
+        return line
+
+    def mark_read(self, peer: str) -> bool:
+        """The user has seen ``peer``'s conversation; True if that is news (something was unread)."""
+        news = False
+        for line in self.conversation(peer).lines:
+            if isinstance(line, ChatLine) and line.delivery is Delivery.RECEIVED:
+                line.delivery, news = Delivery.READ, True
+        return news
+
+    def has_unread(self, peer: str | None) -> bool:
+        """Whether ``peer`` sent anything the user has not seen (read receipts to send)."""
+        return peer is not None and any(isinstance(line, ChatLine) and line.delivery is Delivery.RECEIVED
+                                        for line in self.conversation(peer).lines)
+
+    def line(self, msg_id: bytes) -> ChatLine | None:
+        return self._by_id.get(msg_id)
+
+    def sending(self, msg_id: bytes, peer: str, text: str, ts_ms: int) -> ChatLine:
+        line = ChatLine(msg_id, peer, True, text, ts_ms, Delivery.SENDING)
+        self.conversation(peer).lines.append(line)
+        self._by_id[msg_id] = line
+        return line
+
+    def refused(self, peer: str, text: str, ts_ms: int, reason: str) -> ChatLine:
+        """A message the client library refused before it reached the wire."""
+        line = self.sending(os.urandom(8), peer, text, ts_ms)
+        line.delivery, line.failure = Delivery.FAILED, reason
+        return line
+
+    def acked(self, msg_id: bytes) -> ChatLine | None:
+        """The broker has the message; the line if that changed what it shows."""
+        return self._advance(msg_id, Delivery.SENT)
+
+    def receipt(self, msg_id: bytes, status: str) -> ChatLine | None:
+        """The recipient's client reports ``status`` ("delivered" or "read"); the line if it changed."""
+        state = RECEIPTS.get(status)
+        return self._advance(msg_id, state) if state is not None else None
+
+    def failed(self, msg_id: bytes, reason: str) -> ChatLine | None:
+        line = self._by_id.get(msg_id)
+        if line is None or line.delivery is not Delivery.SENDING:
+            return None
+        line.delivery, line.failure = Delivery.FAILED, reason
+        return line
+
+    def _advance(self, msg_id: bytes, state: Delivery) -> ChatLine | None:
+        line = self._by_id.get(msg_id)
+        return line if line is not None and line.outgoing and _advance(line, state) else None
+
+    # --- files ----------------------------------------------------------------
+    def file_sending(self, xfer: bytes, peer: str, name: str, size: int, ts_ms: int) -> FileLine:
+        line = FileLine(xfer, peer, True, name, size, ts_ms, Transfer.OFFERING)
+        return self._add_file(line)
+
+    def file_refused(self, peer: str, name: str, ts_ms: int, reason: str) -> FileLine:
+        """A file the client library refused before offering it (unreadable, not a file, ...)."""
+        line = FileLine(os.urandom(8), peer, True, name, 0, ts_ms, Transfer.FAILED, failure=reason)
+        return self._add_file(line)
+
+    def file_incoming(self, xfer: bytes, sender: str, name: str, size: int, ts_ms: int) -> tuple[FileLine, bool]:
+        """(line, is_new): an offer repeated after a reconnect is the same file, not another unread one."""
+        line = self._files.get(xfer)
+        if line is not None:
+            if line.state is Transfer.PAUSED:
+                line.state = Transfer.ACTIVE
+            return line, False
+        line = self._add_file(FileLine(xfer, sender, False, name, size, ts_ms, Transfer.ACTIVE))
+        if sender != self.active:
+            self.conversation(sender).unread += 1
+        return line, True
+
+    def file_progress(self, xfer: bytes, peer: str, name: str, outgoing: bool, done: int, size: int,
+                      rate: float, eta: float | None, ts_ms: int) -> tuple[FileLine, bool] | None:
+        """(line, is_new), or None once final. A transfer resumed after a restart starts with progress."""
+        line = self._files.get(xfer)
+        is_new = line is None
+        if line is None:
+            line = self._add_file(FileLine(xfer, peer, outgoing, name, size, ts_ms, Transfer.ACTIVE))
+        elif line.finished:
+            return None
+        line.state, line.done, line.size, line.rate, line.eta = Transfer.ACTIVE, done, size, rate, eta
+        return line, is_new
+
+    def file_received(self, xfer: bytes, sender: str, name: str, path: Path, size: int, ts_ms: int) -> FileLine:
+        line = self._files.get(xfer) or self._add_file(FileLine(xfer, sender, False, name, size, ts_ms,
+                                                                Transfer.ACTIVE))
+        if not line.finished:
+            line.state, line.done, line.path, line.eta = Transfer.DONE, size, path, None
+        return line
+
+    def file_sent(self, xfer: bytes) -> FileLine | None:
+        line = self._files.get(xfer)
+        if line is None or line.finished:
+            return None
+        line.state, line.done, line.eta = Transfer.DONE, line.size, None
+        return line
+
+    def file_failed(self, xfer: bytes, error: P2PChatError) -> FileLine | None:
+        line = self._files.get(xfer)
+        if line is None or line.finished:
+            return None
+        line.state = Transfer.CANCELLED if error.code is ErrorCode.CANCELLED else Transfer.FAILED
+        line.failure, line.eta = describe_transfer_failure(error, line), None
+        return line
+
+    def pause_transfers(self) -> list[FileLine]:
+        paused = self.active_transfers()
+        for line in paused:
+            line.state, line.rate, line.eta = Transfer.PAUSED, 0.0, None
+        return paused
+
+    def file(self, xfer: bytes) -> FileLine | None:
+        return self._files.get(xfer)
+
+    def active_transfers(self) -> list[FileLine]:
+        return [line for line in self._files.values() if not line.finished]
+
+    def _add_file(self, line: FileLine) -> FileLine:
+        self.conversation(line.peer).lines.append(line)
+        self._files[line.xfer] = line
+        return line
+
+    # --- keys -------------------------------------------------------------------
+    def peer_key_changed(self, peer: str, change: KeyChange) -> bool:
+        """True if this is news (the library reports a change again on each refused message)."""
+        news = self.key_changed.get(peer) != change
+        self.key_changed[peer] = change
+        return news
+
+    def peer_key_accepted(self, peer: str) -> None:
+        self.key_changed.pop(peer, None)
+
+    def add_log(self, ts_ms: int, text: str) -> None:
+        self.log.append((ts_ms, text))
+
+
+def _advance(line: ChatLine, state: Delivery) -> bool:
+    """Move ``line`` forward to ``state``; events and history may report states late or twice."""
+    if line.outgoing:
+        if line.delivery not in PROGRESS or state not in PROGRESS:
+            return False  # FAILED is final, and history only fails what it never sent
+        if PROGRESS.index(state) <= PROGRESS.index(line.delivery):
+            return False
+    elif not (line.delivery is Delivery.RECEIVED and state is Delivery.READ):
+        return False
+    line.delivery = state
+    return True
+
+
+def should_notify(enabled: bool, window_focused: bool, active_peer: str | None, sender: str) -> bool:
+    """Pop a notification unless the user is already looking at this conversation."""
+    return enabled and (not window_focused or active_peer != sender)
