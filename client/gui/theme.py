@@ -50,35 +50,51 @@ class Palette:
     avatars: tuple[str, ...]
 
 
-LIGHT = Palette(
-    name="light",
-    chat_bg="#FFFFFF", text="#1F2328", muted="#6B7280", border="#E3E6EA",
-    sidebar_bg="#F4F5F7", sidebar_text="#1F2328", sidebar_muted="#6B7280", sidebar_field="#FFFFFF",
-    select_bg="#2F6FEB", select_text="#FFFFFF",
-    accent="#2F6FEB", accent_text="#FFFFFF", accent_hover="#2558C5",
-    input_bg="#F6F7F9", input_text="#1F2328", own_name="#2F6FEB",
-    status_bg="#ECEEF1", status_text="#4B5563",
-    log_bg="#FAFAFB", log_text="#57606A",
-    ok="#1A7F37", warn="#B35900", error="#CF222E", offline="#8C959F",
-    card_bg="#F7F8FA", warn_bg="#FFF5E1", warn_text="#5C3400", warn_border="#F0C36D",
-    found_bg="#FFF1B8",
-    avatars=("#E8590C", "#2F9E44", "#1C7ED6", "#9C36B5", "#C2255C", "#0C8599", "#5F3DC4", "#E67700"),
+# Each role's colour as (light, dark): side by side, so the two themes stay a matched pair.
+_ROLE_COLOURS: dict[str, tuple[str, str]] = {
+    "chat_bg": ("#FFFFFF", "#1E2227"),
+    "text": ("#1F2328", "#E6E8EB"),
+    "muted": ("#6B7280", "#8B949E"),
+    "border": ("#E3E6EA", "#30363D"),
+    "sidebar_bg": ("#F4F5F7", "#16191D"),
+    "sidebar_text": ("#1F2328", "#D7DADF"),
+    "sidebar_muted": ("#6B7280", "#8B949E"),
+    "sidebar_field": ("#FFFFFF", "#262B31"),
+    "select_bg": ("#2F6FEB", "#2F6FEB"),
+    "select_text": ("#FFFFFF", "#FFFFFF"),
+    "accent": ("#2F6FEB", "#3B7BF0"),
+    "accent_text": ("#FFFFFF", "#FFFFFF"),
+    "accent_hover": ("#2558C5", "#5A90F2"),
+    "input_bg": ("#F6F7F9", "#262B31"),
+    "input_text": ("#1F2328", "#E6E8EB"),
+    "own_name": ("#2F6FEB", "#6EA2FF"),
+    "status_bg": ("#ECEEF1", "#121417"),
+    "status_text": ("#4B5563", "#9AA3AD"),
+    "log_bg": ("#FAFAFB", "#191C20"),
+    "log_text": ("#57606A", "#9AA3AD"),
+    "ok": ("#1A7F37", "#3FB950"),
+    "warn": ("#B35900", "#E3A008"),
+    "error": ("#CF222E", "#F85149"),
+    "offline": ("#8C959F", "#6E7681"),
+    "card_bg": ("#F7F8FA", "#252A30"),
+    "warn_bg": ("#FFF5E1", "#35290F"),
+    "warn_text": ("#5C3400", "#F3D58E"),
+    "warn_border": ("#F0C36D", "#6B5220"),
+    "found_bg": ("#FFF1B8", "#4D3F12"),
+}
+_AVATARS = (
+    ("#E8590C", "#2F9E44", "#1C7ED6", "#9C36B5", "#C2255C", "#0C8599", "#5F3DC4", "#E67700"),
+    ("#F76707", "#37B24D", "#339AF0", "#AE3EC9", "#E64980", "#15AABF", "#7950F2", "#F59F00"),
 )
 
-DARK = Palette(
-    name="dark",
-    chat_bg="#1E2227", text="#E6E8EB", muted="#8B949E", border="#30363D",
-    sidebar_bg="#16191D", sidebar_text="#D7DADF", sidebar_muted="#8B949E", sidebar_field="#262B31",
-    select_bg="#2F6FEB", select_text="#FFFFFF",
-    accent="#3B7BF0", accent_text="#FFFFFF", accent_hover="#5A90F2",
-    input_bg="#262B31", input_text="#E6E8EB", own_name="#6EA2FF",
-    status_bg="#121417", status_text="#9AA3AD",
-    log_bg="#191C20", log_text="#9AA3AD",
-    ok="#3FB950", warn="#E3A008", error="#F85149", offline="#6E7681",
-    card_bg="#252A30", warn_bg="#35290F", warn_text="#F3D58E", warn_border="#6B5220",
-    found_bg="#4D3F12",
-    avatars=("#F76707", "#37B24D", "#339AF0", "#AE3EC9", "#E64980", "#15AABF", "#7950F2", "#F59F00"),
-)
+
+def _theme(name: str, column: int) -> Palette:
+    return Palette(name=name, avatars=_AVATARS[column],
+                   **{role: colours[column] for role, colours in _ROLE_COLOURS.items()})
+
+
+LIGHT = _theme("light", 0)
+DARK = _theme("dark", 1)
 
 PALETTES = {p.name: p for p in (LIGHT, DARK)}
 

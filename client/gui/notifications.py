@@ -1,8 +1,10 @@
-"""A non-blocking message notification in the corner of the screen.
+"""Message notifications: a ``Toast`` in the corner of the screen, and when the window pops one.
 
 ``sg.popup_notify`` runs its own read loop for the whole display time (seconds
-of a frozen chat window), so this builds the same kind of borderless,
+of a frozen chat window), so ``Toast`` builds the same kind of borderless,
 always-on-top window and lets Tk timers close it while the main loop runs on.
+``Notifications`` is a mixin of ``ChatWindow`` (window.py holds its state);
+``should_notify`` in model.py is the rule.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 import PySimpleGUI as sg
 
+from p2pchat.client.gui.layout import TOAST_CLICKED
 from p2pchat.client.gui.theme import Fonts, Palette
 
 MARGIN = 24
@@ -56,3 +59,20 @@ class Toast:
         except tk.TclError:
             pass  # the timer is what called us
         self.window.close()
+
+
+class Notifications:
+    """When the window pops a ``Toast``: a mixin of ``ChatWindow`` (window.py holds its state)."""
+
+    def _notifications_on(self) -> bool:
+        return self.options.notifications and self.settings.notifications
+
+    def _notify(self, sender: str, text: str) -> None:
+        if self._toast is not None:
+            self._toast.close()
+        self._toast = Toast(self.palette, self.fonts, sender, text, self.options.toast_ms,
+                            on_click=lambda: self.window.write_event_value(TOAST_CLICKED, sender))
+
+    @property
+    def toast(self) -> Toast | None:
+        return self._toast if self._toast is not None and self._toast.is_open else None

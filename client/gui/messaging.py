@@ -1,0 +1,75 @@
+"""Opening a conversation, sending what was typed, messages and their delivery states arriving, marking as read.
+
+A mixin of ``ChatWindow`` (window.py holds its state and dispatches the events).
+"""
+
+from __future__ import annotations
+
+from p2pchat.client import events as ev
+from p2pchat.client.gui.model import ChatLine, Link, describe_failure, should_notify
+from p2pchat.client.gui.rendering import now_ms
+from p2pchat.common.errors import ErrorCode, P2PChatError
+
+
+class Messaging:
+    def open_conversation(self, peer: str, reveal: bytes | None = None) -> None:
+        """Show ``peer``'s conversation (leaving a search), scrolled to the end or to message ``reveal``."""
+        if peer == self.model.active and self.model.search is None and reveal is None:
+            return
+        conv = self.model.open(peer)
+        self._check_pending_key(peer)
+        self._view().show(conv, self._empty_hint(), reveal)
+        self._render_roster(select=peer)
+        self._render_header()
+        self._composer().focus_set()
+        self._mark_read_if_viewing(opened=True)
+
+    def _mark_read_if_viewing(self, opened: bool = False) -> None:
+        """The user sees the open conversation (just opened, or the window has the focus): tell the library.
+
+        Only when something in it is unread, so focus changes and new messages cost nothing otherwise;
+        and only while connected, so the read receipts it sends are not lost on the way.
+        """
+        peer, client = self.model.active, self.client
+        if peer is None or client is None or self.model.link is not Link.CONNECTED or self.model.search is not None:
+            return
+        if (opened or self._focused()) and self.model.mark_read(peer):
+            client.mark_read(peer)
+
+    def send_composed(self) -> None:
+        composer = self._composer()
+        text = composer.get("1.0", "end-1c").strip("\n")
+        peer = self.model.active
+        if not text.strip() or peer is None or self.client is None or not self._can_send():
+            return
+        now = now_ms()
+        try:
+            msg_id, _acked = self.client.send_async(peer, text)  # the ack arrives as an event
+            line: ChatLine = self.model.sending(msg_id, peer, text, now)
+        except P2PChatError as exc:
+            line = self.model.refused(peer, text, now, describe_failure(exc))
+        composer.delete("1.0", "end")
+        self._view().append(line)
+        self._render_roster()
+        self._mark_read_if_viewing()  # replying is reading
+
+    def _on_message(self, event: ev.MessageReceived) -> None:
+        line = self.model.receive(event.msg_id, event.sender, event.text, event.ts)
+        if line is None:  # history showed it already
+            return
+        if self._showing(event.sender):
+            self._view().append(line)
+            self._render_security()  # the first message pins the peer's key
+            self._mark_read_if_viewing()
+        self._render_roster()
+        if should_notify(self._notifications_on(), self._focused(), self.model.active, event.sender):
+            self._notify(event.sender, line.text)
+
+    def _on_send_failed(self, event: ev.SendFailed) -> None:
+        line = self.model.failed(event.msg_id, describe_failure(event.error))
+        if line is not None:
+            self._log(f"Message to {line.peer} failed: {line.failure}")
+            if event.error.code is ErrorCode.PEER_KEY_CHANGED:
+                self._check_pending_key(line.peer)
+            if self._showing(line.peer):
+                self._view().update_delivery(line)

@@ -1,0 +1,145 @@
+"""Driving real chat windows as a user would: click, type, pick a person, attach a file, search; and look.
+
+Each input runs inside the window's own read loop, where real input happens
+(``act``); ``pump`` (conftest.py) then steps the windows until the screen shows
+the outcome.
+"""
+
+from __future__ import annotations
+
+import time
+import tkinter as tk
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from p2pchat.client.gui.desktop import Desktop
+from p2pchat.client.gui.filecard import FileCard
+from p2pchat.client.gui.layout import K_ATTACH, K_COMPOSER, K_PEERS, K_SEARCH
+from p2pchat.client.gui.model import ChatLine, FileLine
+from p2pchat.client.gui.window import ChatWindow
+from tests.client.gui.conftest import STEP_MS, pump
+
+
+@dataclass
+class FakeDesktop:
+    """Answers the file dialog with what the test queued; records the folders it was asked to show."""
+
+    to_choose: list[Path] = field(default_factory=list)
+    opened: list[Path] = field(default_factory=list)
+
+    def choose_file(self, _parent: tk.Misc, _peer: str) -> str | None:
+        return str(self.to_choose.pop(0)) if self.to_choose else None
+
+    def open_folder(self, folder: Path) -> None:
+        self.opened.append(folder)
+
+    def desktop(self) -> Desktop:
+        return Desktop(choose_file=self.choose_file, open_folder=self.open_folder)
+
+
+def act(window: ChatWindow, action: Callable[[], None], timeout: float = 10.0) -> None:
+    """Run a synthetic input inside this window's own ``read``, where real input happens.
+
+    PySimpleGUI keeps one pending event per window, and a ``read`` that finds a client event queued returns
+    that and forgets the pending one: an input generated between reads could be lost.
+    """
+    ran: list[bool] = []
+    window.window.TKroot.after(0, lambda: (action(), ran.append(True)))
+    deadline = time.monotonic() + timeout
+    while not ran:
+        if time.monotonic() > deadline:
+            raise AssertionError("the window never ran its event loop")
+        window.step(STEP_MS)
+
+
+def click(window: ChatWindow, key: str) -> None:
+    act(window, window.window[key].click)
+
+
+def select_peer(window: ChatWindow, peer: str, others: list[ChatWindow]) -> None:
+    """Click a row of the people list (a real Treeview selection, through the window's own events)."""
+    tree = window.window[K_PEERS].Widget
+    rows = window.roster_text()
+    index = next(i for i, row in enumerate(rows) if row.split()[1] == peer)
+    act(window, lambda: tree.selection_set(tree.get_children()[index]))
+    pump([window, *others], lambda: window.model.active == peer, f"{peer}'s conversation to open")
+
+
+def focus(window: ChatWindow) -> None:
+    """The user comes back to this window: the composer has the keyboard focus."""
+    composer = window.window[K_COMPOSER].Widget
+    # Tk sends a key to the widget it believes focused, which changes only once X confirms the focus.
+    act(window, composer.focus_force)
+    pump([window], lambda: composer.focus_get() == composer, "the composer to take the keyboard focus")
+
+
+def type_and_press(window: ChatWindow, text: str, key: str = "<Return>") -> None:
+    """Type into the composer and press a key, as the keyboard would."""
+    composer = window.window[K_COMPOSER].Widget
+    focus(window)
+
+    def keyboard() -> None:
+        composer.insert("insert", text)
+        composer.event_generate(key)
+
+    act(window, keyboard)
+
+
+def shows(window: ChatWindow, peer: str, marker: str) -> bool:
+    return any(row.split()[:2] == [marker, peer] for row in window.roster_text())
+
+
+def meet(a: ChatWindow, b: ChatWindow) -> None:
+    """Both online, each with the other's conversation open."""
+    pump([a, b], lambda: shows(a, b.model.user, "●") and shows(b, a.model.user, "●"), "each to see the other")
+    select_peer(a, b.model.user, [b])
+    select_peer(b, a.model.user, [a])
+
+
+def attach(window: ChatWindow, desktop: FakeDesktop, path: Path) -> FileLine:
+    """Press Attach and pick ``path`` in the (faked) dialog; the file's line in the timeline."""
+    desktop.to_choose.append(path)
+    before = {card.xfer for card in window.file_cards()}
+    click(window, K_ATTACH)
+    new = [window.model.file(card.xfer) for card in window.file_cards() if card.xfer not in before]
+    sent = [line for line in new if line is not None and line.outgoing]
+    assert len(sent) == 1, "the file appears in the timeline at once"
+    return sent[0]
+
+
+def sparse(path: Path, size: int) -> Path:
+    """A big file that costs nothing to make: it reads as zeros."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def moving(card: FileCard | None, verb: str) -> bool:
+    """The row shows a transfer under way, with its rate and time left."""
+    return card is not None and card.status_text.startswith(verb) and "/s · " in card.status_text \
+        and card.status_text.endswith(" left")
+
+
+def line_of(window: ChatWindow, peer: str, text: str) -> ChatLine:
+    return next(line for line in window.model.conversation(peer).lines
+                if isinstance(line, ChatLine) and line.text == text)
+
+
+def state(window: ChatWindow, peer: str, text: str) -> tuple[str, str]:
+    """The delivery state of our message ``text`` to ``peer`` as on screen: (text, style)."""
+    return window.delivery_shown(line_of(window, peer, text).msg_id)
+
+
+def search_for(window: ChatWindow, query: str) -> None:
+    """Type into the sidebar's search box and press Enter."""
+    entry = window.window[K_SEARCH].Widget
+    act(window, entry.focus_force)
+    pump([window], lambda: entry.focus_get() == entry, "the search box to take the keyboard focus")
+
+    def keyboard() -> None:
+        window.window[K_SEARCH].update(query)  # typed text (the element tracks whether its placeholder shows)
+        entry.icursor("end")
+        entry.event_generate("<Return>")
+
+    act(window, keyboard)

@@ -1,0 +1,191 @@
+"""The rules behind the window, without a display: unread counts, delivery and transfer states, keys, wording."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2pchat.client.gui.model import (
+    ChatLine,
+    ChatModel,
+    Delivery,
+    KeyChange,
+    Link,
+    Search,
+    Transfer,
+    describe_failure,
+    human_eta,
+    human_size,
+    match_spans,
+    search_summary,
+    should_notify,
+    transfer_status,
+)
+from p2pchat.client.storage.history import HistoryEntry
+from p2pchat.common.errors import ErrorCode, RemoteError, TransferError
+
+
+def test_unread_counts_and_roster_order():
+    model = ChatModel("me")
+    model.set_online(frozenset({"me", "zed", "amy"}))
+    model.receive(b"1", "zed", "hi", 0)
+    model.receive(b"2", "zed", "there", 0)
+    model.receive(b"3", "gone", "bye", 0)  # talked to us, no longer online
+    assert [(r.name, r.online, r.unread) for r in model.roster()] == [
+        ("amy", True, 0), ("zed", True, 2), ("gone", False, 1)]
+    model.open("zed")
+    model.receive(b"4", "zed", "read at once", 0)
+    assert model.conversation("zed").unread == 0
+
+
+def test_delivery_only_moves_forward_and_a_failure_is_final():
+    model = ChatModel("me")
+    line = model.sending(b"a", "bob", "x", 0)
+    assert model.acked(b"a") is line and line.delivery is Delivery.SENT
+    assert model.failed(b"a", "late") is None and line.delivery is Delivery.SENT  # the broker has it
+    assert model.receipt(b"a", "read") is line and line.delivery is Delivery.READ  # "delivered" may come later
+    assert model.receipt(b"a", "delivered") is None and model.acked(b"a") is None and line.delivery is Delivery.READ
+    failed = model.sending(b"b", "bob", "y", 0)
+    assert model.failed(b"b", "recipient is offline") is failed and failed.delivery is Delivery.FAILED
+    assert model.acked(b"b") is None and model.receipt(b"b", "delivered") is None
+    refused = model.refused("bob", "z", 0, "message too large")
+    assert refused.delivery is Delivery.FAILED and refused.failure == "message too large"
+    model.receive(b"c", "bob", "theirs", 0)
+    assert model.receipt(b"c", "read") is None  # receipts are about our messages only
+    assert model.link is Link.OFFLINE
+
+
+def entry(msg_id: bytes, peer: str, outgoing: bool, text: str, ts: int, state: str) -> HistoryEntry:
+    return HistoryEntry(msg_id, peer, outgoing, text, ts, state)
+
+
+def test_history_merges_with_what_this_run_already_shows():
+    model = ChatModel("me")
+    model.file_incoming(b"f", "bob", "f.bin", 10, 150)  # files are not in history
+    mine = model.sending(b"2", "bob", "mine", 200)
+    model.receive(b"3", "bob", "theirs", 300)
+    history = [entry(b"1", "bob", False, "old", 100, "received"), entry(b"2", "bob", True, "mine", 200, "delivered"),
+               entry(b"3", "bob", False, "theirs", 300, "received")]
+    conv = model.load("bob", history)
+    assert [line.text if isinstance(line, ChatLine) else line.name for line in conv.lines] == \
+        ["old", "f.bin", "mine", "theirs"]
+    assert conv.lines[2] is mine and mine.delivery is Delivery.DELIVERED
+    assert conv.unread == 3  # the file, "theirs", and "old" from an earlier run
+    model.load("bob", history)  # loading again, or an event arriving after the load, changes nothing
+    assert model.receive(b"1", "bob", "old", 100) is None
+    assert len(conv.lines) == 4 and conv.unread == 3
+    model.load("bob", [entry(b"2", "bob", True, "mine", 200, "sent")])
+    assert mine.delivery is Delivery.DELIVERED  # history read before a receipt never undoes it
+
+
+def test_people_from_history_are_listed_offline_after_those_online():
+    model = ChatModel("me")
+    model.set_online(frozenset({"amy"}))
+    model.load("zed", [entry(b"1", "zed", True, "hi", 0, "read")])
+    model.load("bea", [entry(b"2", "bea", False, "yo", 0, "received"), entry(b"3", "bea", False, "?", 0, "read")])
+    assert [(r.name, r.online, r.unread) for r in model.roster()] == [
+        ("amy", True, 0), ("bea", False, 1), ("zed", False, 0)]
+
+
+def test_reading_a_conversation_is_news_once():
+    model = ChatModel("me")
+    model.sending(b"1", "bob", "mine", 0)
+    assert not model.has_unread("bob") and not model.mark_read("bob")
+    model.receive(b"2", "bob", "theirs", 0)
+    assert model.has_unread("bob") and model.mark_read("bob")
+    assert not model.has_unread("bob") and not model.mark_read("bob") and not model.has_unread(None)
+
+
+def test_search_marks_the_words_the_query_starts():
+    assert match_spans("Numbers for Thursday, thus", "thu num") == [(0, 3), (12, 15), (22, 25)]
+    assert match_spans("re: the re-run, more", "re") == [(0, 2), (8, 10)] and match_spans("anything", "  ") == []
+    one = entry(b"1", "bob", False, "hi", 0, "read")
+    assert search_summary(Search("hi", (one,), 1)) == "1 message matching “hi”"
+    assert search_summary(Search("hi", (one,), 1000, capped=True)) == "newest 1 of 1000+ messages matching “hi”"
+    assert search_summary(Search("zz", (), 0)) == "nothing matches “zz”"
+
+
+@pytest.mark.parametrize("enabled, focused, active, expected", [
+    (True, True, "bob", False),  # already reading it
+    (True, True, "carol", True),  # another conversation is open
+    (True, True, None, True),
+    (True, False, "bob", True),  # window in the background
+    (False, False, "carol", False),  # turned off
+])
+def test_notification_rule(enabled, focused, active, expected):
+    assert should_notify(enabled, focused, active, "bob") is expected
+
+
+def test_failure_descriptions_speak_chat():
+    assert describe_failure(RemoteError("x", ErrorCode.RECIPIENT_OFFLINE)) == "recipient is offline"
+    assert describe_failure(RemoteError("odd thing", ErrorCode.BAD_FRAME)) == "odd thing"
+
+
+def test_a_transfer_ends_once_and_late_events_change_nothing():
+    model = ChatModel("me")
+    line = model.file_sending(b"x1", "bob", "a.bin", 1000, 0)
+    assert line.state is Transfer.OFFERING and transfer_status(line) == "Waiting for bob to accept…"
+    model.file_progress(b"x1", "bob", "a.bin", True, 250, 1000, 125.0, 6.0, 0)
+    assert line.state is Transfer.ACTIVE and line.fraction == 0.25
+    assert transfer_status(line) == "Sending 25% · 250 B of 1.0 KB · 125 B/s · 6 s left"
+    assert model.file_sent(b"x1") is line and line.state is Transfer.DONE and line.fraction == 1.0
+    assert model.file_failed(b"x1", TransferError("late", ErrorCode.CANCELLED)) is None
+    assert model.file_progress(b"x1", "bob", "a.bin", True, 10, 1000, 1.0, 1.0, 0) is None
+    assert line.state is Transfer.DONE and model.active_transfers() == []
+
+
+def test_who_cancelled_is_said_from_this_sides_point_of_view():
+    model = ChatModel("me")
+    mine = model.file_sending(b"a", "bob", "a.bin", 10, 0)
+    mine.cancel_asked = True
+    theirs, _ = model.file_incoming(b"b", "bob", "b.bin", 10, 0)
+    model.file_failed(b"a", TransferError("cancelled by you", ErrorCode.CANCELLED))
+    model.file_failed(b"b", RemoteError("bob: cancelled by you", ErrorCode.CANCELLED))
+    assert (mine.state, transfer_status(mine)) == (Transfer.CANCELLED, "Cancelled")
+    assert (theirs.state, transfer_status(theirs)) == (Transfer.CANCELLED, "Cancelled by bob")
+    broken, _ = model.file_incoming(b"c", "bob", "c.bin", 10, 0)
+    model.file_failed(b"c", TransferError("c.bin: chunk 0 failed authentication", ErrorCode.INTEGRITY))
+    assert transfer_status(broken) == "Failed: c.bin: chunk 0 failed authentication"
+
+
+def test_an_incoming_file_is_unread_once_even_if_offered_again():
+    model = ChatModel("me")
+    _, new = model.file_incoming(b"f", "bob", "f.bin", 10, 0)
+    again, new_again = model.file_incoming(b"f", "bob", "f.bin", 10, 0)  # re-offered after a reconnect
+    assert new and not new_again and model.conversation("bob").unread == 1
+    assert [r.name for r in model.roster()] == ["bob"] and len(model.conversation("bob").lines) == 1
+    model.open("bob")
+    model.file_incoming(b"g", "bob", "g.bin", 10, 0)
+    assert model.conversation("bob").unread == 0
+
+
+def test_disconnecting_pauses_transfers_and_progress_resumes_them():
+    model = ChatModel("me")
+    line = model.file_sending(b"p", "bob", "p.bin", 100, 0)
+    model.file_progress(b"p", "bob", "p.bin", True, 40, 100, 10.0, 6.0, 0)
+    assert model.pause_transfers() == [line] and line.state is Transfer.PAUSED
+    assert transfer_status(line) == "Paused at 40% · resumes when you reconnect"
+    model.file_progress(b"p", "bob", "p.bin", True, 60, 100, 10.0, 4.0, 0)
+    assert line.state is Transfer.ACTIVE
+    resumed, new = model.file_progress(b"q", "carol", "q.bin", False, 5, 10, 1.0, 5.0, 0)  # from an earlier run
+    assert new and not resumed.outgoing and model.conversation("carol").lines == [resumed]
+
+
+def test_a_key_change_marks_the_peer_until_accepted():
+    model = ChatModel("me")
+    change = KeyChange("aaaa", "bbbb")
+    assert model.peer_key_changed("bob", change) and not model.peer_key_changed("bob", change)  # news once
+    assert [(r.name, r.key_changed) for r in model.roster()] == [("bob", True)]
+    model.peer_key_accepted("bob")
+    assert model.roster() == []
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (1_234_567, "1.2 MB"),
+                                     (150_000_000, "150 MB"), (3 * 10**12, "3.0 TB")])
+def test_sizes_read_like_a_file_manager(n, text):
+    assert human_size(n) == text
+
+
+@pytest.mark.parametrize("seconds, text", [(None, ""), (0.2, "1 s left"), (42, "42 s left"), (150, "2 min left"),
+                                           (3 * 3600 + 5 * 60, "3 h 5 min left")])
+def test_time_left_reads_naturally(seconds, text):
+    assert human_eta(seconds) == text

@@ -1,0 +1,140 @@
+"""Screenshots of a busy window in both themes, a changed key, search results and the connect panel.
+
+Each run writes them to ``artifacts/screenshots`` (git-ignored, or
+``$P2PCHAT_SCREENSHOTS``); docs/screenshots holds the copies the README shows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PySimpleGUI", reason="the desktop GUI needs PySimpleGUI")
+
+from p2pchat.client.gui.layout import K_CONNECT, K_KEY_INFO, K_PEER_NAME, K_THEME, K_USER  # noqa: E402
+from p2pchat.client.gui.window import ChatWindow  # noqa: E402
+from p2pchat.client.storage.history import History  # noqa: E402
+from p2pchat.common.crypto import Identity  # noqa: E402
+from p2pchat.common.paths import user_dir  # noqa: E402
+from tests.client.gui.conftest import pump, received_dir  # noqa: E402
+from tests.client.gui.driving import (  # noqa: E402
+    FakeDesktop,
+    act,
+    attach,
+    click,
+    focus,
+    moving,
+    search_for,
+    select_peer,
+    shows,
+    sparse,
+    state,
+    type_and_press,
+)
+from tests.conftest import ROOT  # noqa: E402
+
+SCREENSHOTS = Path(os.environ.get("P2PCHAT_SCREENSHOTS", ROOT / "artifacts" / "screenshots"))
+
+
+def earlier_run(user: str, peer: str, messages: list[tuple[bool, str, str]], minutes_ago: int) -> None:
+    """What a previous run of ``user``'s client left in history: (outgoing, text, state) a while ago."""
+    history = History(user_dir(user) / "history.sqlite")
+    ts = int(time.time() * 1000) - minutes_ago * 60_000
+    for i, (outgoing, text, state_) in enumerate(messages):
+        msg_id = os.urandom(16)
+        if outgoing:
+            history.add_outgoing(msg_id, peer, text, ts + i * 60_000)
+            history.advance(msg_id, state_)
+        else:
+            history.add_incoming(msg_id, peer, text, ts + i * 60_000)
+    history.mark_read(peer)
+    history.close()
+
+
+def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(received_dir(tmp_path, "alice").parent))  # paths read "~/client_received/…"
+    user_dir("alice").mkdir(parents=True, mode=0o700)
+    earlier_run("alice", "dave", [(False, "Is the nightly build green again?", "received"),
+                                  (True, "Yes, fixed last night. Flaky test.", "read")], minutes_ago=26 * 60)
+    alice_desktop, bob_desktop = FakeDesktop(), FakeDesktop()
+    alice = make_window("alice", desktop=alice_desktop, slow_files=True)
+    bob = make_window("bob", desktop=bob_desktop, slow_files=True)
+    carol = make_window("carol")
+    everyone = [alice, bob, carol]
+    pump(everyone, lambda: shows(alice, "bob", "●") and shows(alice, "carol", "●") and shows(bob, "alice", "●"),
+         "everyone online")
+    select_peer(bob, "alice", everyone)
+    type_and_press(bob, "Hi Alice! Did the broker restart go fine last night?")
+    pump(everyone, lambda: "●  bob  1" in alice.roster_text(), "bob's message")
+    select_peer(alice, "bob", everyone)
+    type_and_press(alice, "Yes, every client reconnected within a second.", "<Shift-Return>")
+    type_and_press(alice, "No messages lost, and the logs are attached.")
+    logs = tmp_path / "broker-logs.tar.gz"
+    logs.write_bytes(os.urandom(1_400_000))
+    attach(alice, alice_desktop, logs)
+    both_lines = "Yes, every client reconnected within a second.\nNo messages lost, and the logs are attached."
+    pump(everyone, lambda: state(alice, "bob", both_lines)[0] == "delivered ✓✓", "delivered at alice")
+    type_and_press(bob, "Great, thanks for checking. Here are the numbers for Thursday.")
+    report = tmp_path / "Q3 report.pdf"
+    report.write_bytes(os.urandom(2_400_000))
+    attach(bob, bob_desktop, report)
+    pump(everyone, lambda: [c.status_text.split(" ")[0] for c in alice.file_cards()] == ["Sent", "Received"],
+         "bob's report")
+    type_and_press(alice, "Thanks! The numbers look right.")
+    pump(everyone, lambda: state(alice, "bob", "Thanks! The numbers look right.")[0] == "delivered ✓✓",
+         "delivered at alice")
+    focus(bob)  # bob looks at his window again: he has read it
+    pump(everyone, lambda: state(alice, "bob", "Thanks! The numbers look right.")[0] == "read ✓✓", "read at alice")
+    type_and_press(alice, "Sending the VM snapshot from last night too.")
+    snapshot = attach(alice, alice_desktop, sparse(tmp_path / "vm-snapshot.qcow2", 1 << 30))
+    select_peer(carol, "alice", everyone)
+    type_and_press(carol, "Lunch at 12?")
+    pump(everyone, lambda: moving(alice.file_card(snapshot.xfer), "Sending") and snapshot.fraction > 0.01
+         and "●  carol  1" in alice.roster_text() and state(alice, "bob", both_lines)[0] == "read ✓✓"
+         and state(alice, "bob", "Sending the VM snapshot from last night too.")[0] == "delivered ✓✓",
+         "the rest of the conversation")
+    assert "○  dave" in alice.roster_text()
+
+    if shutil.which("import") is None:
+        pytest.skip("ImageMagick's import is not installed: no screenshots")
+    for theme in ("light", "dark"):
+        if alice.settings.theme != theme:
+            click(alice, K_THEME)
+            pump(everyone, lambda: alice.settings.theme == theme, f"the {theme} theme")
+        screenshot(alice, f"gui-{theme}.png")
+    act(alice, alice.file_card(snapshot.xfer).action.invoke)  # Cancel: the snapshot has been seen enough
+
+    click(alice, K_THEME)
+    alice.client.e2e._pinned.put("carol", Identity.generate().public)
+    type_and_press(carol, "New laptop, same Carol. Can you check my key?")
+    pump(everyone, lambda: "⚠" in " ".join(alice.roster_text()), "carol's key change at alice")
+    select_peer(alice, "carol", everyone)
+    click(alice, K_KEY_INFO)
+    screenshot(alice, "gui-key-changed.png")
+
+    search_for(alice, "night")
+    pump(everyone, lambda: alice.window[K_PEER_NAME].get() == "Search", "the search results")
+    screenshot(alice, "gui-search.png")
+
+    signin = make_window(connect=False)
+    signin.window[K_USER].update("bad id!")
+    click(signin, K_CONNECT)
+    pump([signin], lambda: "User IDs are" in signin.form_error(), "the inline message")
+    screenshot(signin, "gui-connect.png")
+
+
+def screenshot(window: ChatWindow, name: str) -> None:
+    root = window.window.TKroot
+    root.lift()
+    root.update()
+    root.winfo_pointerxy()  # a round trip: the X server has drawn everything Tk sent
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    target = SCREENSHOTS / name
+    subprocess.run(["import", "-window", root.wm_frame(), str(target)], check=True, timeout=20,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert target.stat().st_size > 10_000
