@@ -148,3 +148,5 @@ class ConnectionFlow:
             self._log(f"{name} went offline")
         self._render_roster()
         self._render_header()
+        if self.model.active is None and self.model.search is None:  # the empty pane's hint depends on who is online
+            self._view().show(None, self._empty_hint())

@@ -29,6 +29,15 @@ def test_closing_a_window_signs_the_user_out(make_window):
     pump([alice], lambda: "nobody else online" in alice.window[K_PEOPLE_COUNT].get(), "bob to leave")
 
 
+def test_the_empty_pane_follows_who_is_online(make_window):
+    alice = make_window("alice")
+    pump([alice], lambda: "Nobody else is online yet." in alice.conversation_text(), "the empty pane's hint")
+    bob = make_window("bob")
+    pump([alice, bob], lambda: "Pick someone on the left" in alice.conversation_text(), "the hint once bob is online")
+    bob.window.write_event_value(sg.WINDOW_CLOSE_ATTEMPTED_EVENT, None)
+    pump([alice, bob], lambda: "Nobody else is online yet." in alice.conversation_text(), "the hint once bob left")
+
+
 def test_invalid_connect_input_shows_an_inline_message(make_window):
     window = make_window(connect=False)
     cases = [
