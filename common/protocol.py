@@ -446,8 +446,8 @@ _UNPACK_LIMITS = dict(
 
 def decode(frames: Sequence[bytes]) -> Envelope:
     """ZeroMQ frames -> Envelope, or ProtocolError. Bounded on hostile input."""
-    if not 1 <= len(frames) <= MAX_PARTS:
-        raise ProtocolError(f"expected 1 or 2 frames, got {len(frames)}")
+    if not frames:
+        raise ProtocolError("expected 1 or 2 frames, got 0")
     raw = frames[0]
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}", ErrorCode.TOO_LARGE)
@@ -462,6 +462,8 @@ def decode(frames: Sequence[bytes]) -> Envelope:
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {version!r}", ErrorCode.UNSUPPORTED_VERSION, ref=ref)
+    if len(frames) > MAX_PARTS:  # after the header: its id is the ref of the answer (§3)
+        raise ProtocolError(f"expected 1 or 2 frames, got {len(frames)}", ref=ref)
     kind = header.get("t")
     cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
     if cls is None:

@@ -73,7 +73,8 @@ def parse_request(line: bytes) -> Request:
 
 
 def error_line(code: ErrorCode, message: str) -> bytes:
-    return f"ERR {code.value} {message}\n".encode("ascii", "replace")
+    """``ERR <code> <message>``, cut to fit one reply line (a message may quote what was sent)."""
+    return f"ERR {code.value} {message}".encode("ascii", "replace")[:MAX_REQUEST - 1] + b"\n"
 
 
 class KeyServiceCore:

@@ -272,7 +272,7 @@ class ClientSession:
             if msg.DURABLE:  # a queued file offer: the transfer manager has taken it over
                 actions.append(self._transmit(pack(Consume(env.msg_id), self._wall_ms()), now))
             return actions
-        if type(msg) is Ack:  # of a message, or of a file offer (its ref is the transfer id)
+        if type(msg) is Ack:  # of a message, or of a file offer (its ref is the offer's id)
             if self._pending.pop(msg.ref, None) is None:
                 return [Emit(ev.Acked(msg.ref, msg.status.value))]
             self._resend_at = now + RESEND_AFTER  # progress: whatever is still pending is in flight

@@ -383,7 +383,7 @@ MALFORMED = {  # frames, the error code, and its ref: the id whenever the header
     "extra-field": ([msgpack.packb({**HEARTBEAT_HEADER, "x": 1})], ErrorCode.BAD_FRAME, ID),
     "missing-field": ([msgpack.packb({**HEARTBEAT_HEADER, "t": "register"})], ErrorCode.BAD_FRAME, ID),
     "stray-payload": ([msgpack.packb(HEARTBEAT_HEADER), b"payload"], ErrorCode.BAD_FRAME, ID),
-    "three-frames": ([msgpack.packb(HEARTBEAT_HEADER)] * 3, ErrorCode.BAD_FRAME, None),
+    "three-frames": ([msgpack.packb(HEARTBEAT_HEADER)] * 3, ErrorCode.BAD_FRAME, ID),
     "oversized": ([b"\x00" * (MAX_HEADER_BYTES + 1)], ErrorCode.TOO_LARGE, None),
 }
 

@@ -377,6 +377,14 @@ def test_wrong_number_of_frames_is_rejected(count):
     rejected(frames)
 
 
+@pytest.mark.parametrize("count", [MAX_PARTS + 1, 10])
+def test_too_many_frames_are_refused_with_the_headers_id_as_ref(count):
+    """§3: the ref is set whenever the header decodes with a valid id, whatever else is wrong."""
+    msg_id = p.new_msg_id()
+    error = rejected([pack(Heartbeat(), 0, msg_id)[0]] * count)
+    assert (error.code, error.ref) == (ErrorCode.BAD_FRAME, msg_id)
+
+
 @pytest.mark.parametrize("cls", PLAIN_TYPES, ids=type_id)
 @FAST
 @given(data=st.data())
