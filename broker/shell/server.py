@@ -144,7 +144,7 @@ def _decode_key(user_id: str) -> bytes | None:
 class _Admission:
     """The ZAP credentials callback: runs on the authenticator thread, reads memory only."""
 
-    def __init__(self, keys) -> None:
+    def __init__(self, keys: AdmissionRegistry) -> None:
         self._keys = keys
 
     def callback(self, domain: str, key: bytes) -> bool:
