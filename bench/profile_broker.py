@@ -31,10 +31,9 @@ from p2pchat.broker.shell.server import BrokerServer
 
 PLACES = (  # (label, substring of the profiler's file or function name), first match wins
     ("broker/shell/server.py (shell)", "broker/shell/server.py"),
-    ("broker/core/routing.py (core)", "broker/core/routing.py"),
-    ("broker/core/directory.py", "broker/core/directory.py"),
-    ("broker/backends/sqlite_store.py", "broker/backends/sqlite_store.py"),
     ("broker/core/ratelimit.py", "broker/core/ratelimit.py"),
+    ("broker/core/ (routing core)", "broker/core/"),
+    ("broker/backends/ (SQLite store, directory)", "broker/backends/"),
     ("sqlite3", "sqlite3"),
     ("common/protocol.py (codec)", "common/protocol.py"),
     ("msgpack", "msgpack"),

@@ -59,11 +59,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the broker the parsed options describe, until SIGINT or SIGTERM."""
-    from p2pchat.broker.backends.sqlite_keys import KeyLimits
+    from p2pchat.broker.backends.tickets import KeyLimits
+    from p2pchat.broker.core.ports import QueueLimits
+    from p2pchat.broker.core.ratelimit import RateLimits
     from p2pchat.broker.shell.keyservice import KeyServiceLimits
     from p2pchat.broker.shell.server import BrokerConfig, BrokerServer, is_loopback
-    from p2pchat.broker.core.ratelimit import RateLimits
-    from p2pchat.broker.backends.sqlite_store import QueueLimits
 
     if args.insecure and not is_loopback(args.host):
         # Without CURVE anyone can register as anyone by quoting a public key: never beyond this host.

@@ -1,4 +1,4 @@
-"""Store-and-forward: the broker's durable per-recipient queues.
+"""Store-and-forward: the broker's durable per-recipient queues in SQLite (the single broker's ``QueueStore``).
 
 Every durable frame (message, file offer, receipt) is appended here before its
 sender is acknowledged, and stays until its recipient *consumes* it. The shell
@@ -10,102 +10,14 @@ SQLite in WAL mode has written it to the OS once the commit returns
 
 from __future__ import annotations
 
-import enum
 import logging
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
+from p2pchat.broker.core.ports import QueueLimits, Refusal, StoreUnavailable
 from p2pchat.common.errors import ErrorCode
 
 log = logging.getLogger(__name__)
-
-
-MIB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class QueueLimits:
-    """Bounds of the store-and-forward queues (docs/PROTOCOL.md §11 lists them with their defaults)."""
-
-    max_per_user: int = 20_000  # frames queued for one recipient
-    max_bytes_per_user: int = 64 * MIB
-    # One sender's share of one recipient's queue: after a flood from one user, others still have half.
-    max_per_sender: int = 10_000
-    max_bytes_per_sender: int = 32 * MIB
-    max_total_bytes: int = 1024 * MIB  # the whole store
-    max_recipients: int = 100_000
-    ttl_seconds: float = 7 * 24 * 3600.0
-    page: int = 256  # queued frames handed to a recipient at once
-    expire_batch: int = 1_000  # expired frames deleted per sweep step
-
-
-class Refusal(enum.Enum):
-    """Why ``append`` did not queue a frame."""
-
-    QUEUE_FULL = "queue_full"  # the recipient's queue is at its bound
-    SHARE_FULL = "share_full"  # the sender's share of that queue is
-    STORE_FULL = "store_full"  # the store as a whole, or its disk
-
-
-class StoreUnavailable(Exception):
-    """The store could not commit (Redis unreachable, disk full): nothing of the batch is durable.
-    ``code`` is what the broker answers the frames it could not store."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.STORAGE_UNAVAILABLE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class MessageStore(Protocol):
-    durable: bool
-
-    def append(self, msg_id: bytes, sender: str, recipient: str, header: bytes, expires_ms: int) -> Refusal | None:
-        """Queue ``header`` for ``recipient`` (None), or say why not. Idempotent by id."""
-
-    def pending(self, recipient: str, now_ms: int, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` unexpired (seq, frame) queued for ``recipient`` after ``after``, oldest first."""
-
-    def consume(self, recipient: str, msg_id: bytes) -> None: ...
-
-    def expire(self, now_ms: int) -> int:
-        """Delete at most one batch of expired frames; how many."""
-
-    def commit(self) -> None:
-        """Make the batch durable; raises ``StoreUnavailable`` (after undoing it) if it could not."""
-
-    def rollback(self) -> None:
-        """Undo the batch; safe whatever state a failed commit left."""
-
-    def close(self) -> None: ...
-
-
-class NoStore:
-    """Durability off: nothing is queued; offline recipients get an error."""
-
-    durable = False
-
-    def append(self, msg_id: bytes, sender: str, recipient: str, header: bytes, expires_ms: int) -> Refusal | None:
-        return Refusal.STORE_FULL
-
-    def pending(self, recipient: str, now_ms: int, after: int, limit: int) -> list[tuple[int, bytes]]:
-        return []
-
-    def consume(self, recipient: str, msg_id: bytes) -> None:
-        pass
-
-    def expire(self, now_ms: int) -> int:
-        return 0
-
-    def commit(self) -> None:
-        pass
-
-    def rollback(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class QueueBook:

@@ -1,31 +1,46 @@
 """The broker's routing core: frames from a connection in, actions out.
 
-No sockets, threads or clock reads: the shell hands in ``now`` (monotonic
-seconds) and a wall clock for timestamps, and carries out the returned
-``Send`` / ``Relay`` / ``Publish`` actions. Sessions are kept in an ordered
-dict by last activity, so heartbeat expiry pops from the front in O(1).
+No sockets, threads, clock reads or randomness: the shell hands in ``now`` (monotonic seconds), a
+wall clock for timestamps and an id source for the broker's own frames, and carries out the
+returned ``Send`` / ``Relay`` / ``Publish`` actions (broker/core/actions.py). Everything kept
+outside this process goes through the ports of broker/core/ports.py, so one broker and a cluster
+run the same code: they differ only in the implementations the shell wires in. Sessions are kept
+in an ordered dict by last activity, so heartbeat expiry pops from the front in O(1).
+Store-and-forward is broker/core/delivery.py; the credit ledger for file chunks broker/core/credit.py.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
+from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
-from p2pchat.broker.core.directory import Location, PeerDirectory
-from p2pchat.broker.backends.sqlite_keys import REFUSALS, KeyRegistry
-from p2pchat.broker.core.ratelimit import AggregatedLog, ConnectionLimiter, RateLimits
-from p2pchat.broker.backends.sqlite_store import MessageStore, NoStore, QueueLimits, Refusal, StoreUnavailable
+from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery
+from p2pchat.broker.core.ports import (
+    REFUSALS,
+    BrokerLink,
+    Forwarded,
+    Frames,
+    KeyRegistry,
+    Kicked,
+    LinkEvent,
+    Location,
+    PeerDirectory,
+    QueueLimits,
+    QueueStore,
+    StoreUnavailable,
+)
+from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
+from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import (
     Ack,
     AckStatus,
     Consume,
     Envelope,
-    Error,
     FileCancel,
     FileChunk,
     FileCredit,
@@ -42,58 +57,11 @@ from p2pchat.common.protocol import (
     SnapshotRequest,
     Unregister,
     decode,
-    pack,
 )
 
 log = logging.getLogger(__name__)
 
-Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
 MAX_LIMITERS = 200_000
-EXPIRY_SWEEP = 60.0  # seconds between sweeps of expired queued frames
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    conn: bytes
-    frames: Frames
-    queued_for: str | None = None  # a store-and-forward delivery: report a failed send (on_delivery_failed)
-
-
-@dataclass(frozen=True, slots=True)
-class Relay:
-    """Forward ``frames`` to ``conn``; then send ``on_success`` or ``on_failure()`` to ``sender``."""
-
-    conn: bytes
-    frames: Frames
-    sender: bytes
-    on_success: Frames | None
-    on_failure: Callable[[], Frames]  # built only when needed: the common case never pays for it
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    frames: Frames
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """Cluster mode: hand ``frames`` for ``user`` to the broker that holds their connection."""
-
-    broker: bytes
-    user: str
-    frames: Frames
-
-
-@dataclass(frozen=True, slots=True)
-class Kick:
-    """Cluster mode: tell ``broker`` that its session ``conn`` of ``user`` was taken over elsewhere."""
-
-    broker: bytes
-    conn: bytes
-    user: str
-
-
-Action = Send | Relay | Publish | Forward | Kick
 
 
 @dataclass(slots=True)
@@ -102,22 +70,6 @@ class _Session:
     token: bytes
     last_seen: float
     key: bytes | None = None  # the CURVE key that registered it: every later frame must carry the same one
-    # Paged delivery of the queue: the last seq sent, whether pages remain, frames sent but not consumed.
-    cursor: int = 0
-    draining: bool = True
-    unconsumed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Appended:
-    """A durable frame appended in the open batch: answered once the shell reports the commit."""
-
-    sender: bytes
-    msg_id: bytes
-    acked: bool
-    recipient: str
-    frames: Frames
-    queued: bool  # False: the store refused it for space (store bound or disk); relay it or say storage_full
 
 
 class BrokerCore:
@@ -129,38 +81,34 @@ class BrokerCore:
         heartbeat_ivl: float,
         liveness: int,
         wall_ms: Callable[[], int],
+        new_id: Callable[[], bytes],
         keys: KeyRegistry,
-        store: MessageStore | None = None,
+        store: QueueStore,
+        link: BrokerLink,
         queue_limits: QueueLimits = QueueLimits(),
         require_key: bool = True,
         limits: RateLimits = RateLimits(),
         credit: CreditLimits = CreditLimits(),
     ) -> None:
-        self.directory = directory
-        self.keys = keys
-        self.store = store or NoStore()
-        self.queue_limits = queue_limits
-        self._next_expiry = 0.0
-        self._stalled: set[str] = set()  # users whose next page is due at the next redelivery tick
-        self._appended: list[_Appended] = []
-        self._next_redelivery = 0.0
-        self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
-        self.limits = limits
-        self._limiters: OrderedDict[bytes, ConnectionLimiter] = OrderedDict()
-        self.credit = CreditLedger(credit)
-        self._credit_drops: dict[bytes, int] = {}  # sender conn -> chunks refused since its last relayed one
-        self._now = 0.0  # the latest tick's time, for inputs that come without one (on_forwarded)
-        self.bad_frames = AggregatedLog("bad frame")
+        self.directory, self.keys, self.link = directory, keys, link
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness
-        self._wall_ms = wall_ms
+        self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
+        self.limits = limits
+        self._frames = FrameMaker(new_id, wall_ms)
+        self.delivery = QueuedDelivery(store, queue_limits, directory, link, self._frames, wall_ms, broker_id,
+                                       heartbeat_ivl)
+        self.credit = CreditLedger(credit)
+        self._limiters: OrderedDict[bytes, ConnectionLimiter] = OrderedDict()
+        # Per connection, logged aggregated; the first of a period is also answered (never one reply per frame).
+        self.bad_frames = IncidentLog("bad frame", log)
+        self.rate_limited = IncidentLog("rate limited", log)
+        self.credit_refused = IncidentLog("chunks refused", log)
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self._next_sync = 0.0
-        # Cluster: a frame queued by another broker just before this one registered its recipient may
-        # miss both the first delivery and the registration's sweep; sweep once more a beat later.
-        self._recheck: deque[tuple[float, str]] = deque()
-        self._handlers: dict[type[Message], Callable[[bytes, Envelope, Frames, float], list[Action]]] = {
+        self._next_sweep = 0.0
+        self._handlers: dict[type[Message], Callable[[bytes, Envelope, float], list[Action]]] = {
             Unregister: self._on_unregister,
             Heartbeat: self._on_heartbeat,
             SnapshotRequest: self._on_snapshot_request,
@@ -174,24 +122,23 @@ class BrokerCore:
         """One ZeroMQ message from ``conn`` (routing id stripped); ``peer_key()`` gives its CURVE key."""
         size = len(frames[0]) + (len(frames[1]) if len(frames) > 1 else 0)  # more parts fail decode anyway
         if not self._limiter(conn, now).allow(size, now):
-            refused = self._limiters[conn].refused
-            if refused == 1 or refused % 1000 == 0:  # say so, without amplifying the flood
-                log.warning("conn=%s user=%s rate limited", conn.hex(), self.user_of(conn))
-                return [Send(conn, self._error(ErrorCode.RATE_LIMITED, "slow down: frames are being dropped", None))]
-            return []
+            if self.rate_limited.record(conn, self._who(conn), "frames are being dropped", now):
+                return [Send(conn, self._frames.error(ErrorCode.RATE_LIMITED, "slow down: frames are being dropped",
+                                                      None))]
+            return []  # no reply per dropped frame: no amplification
         session = self._sessions.get(conn)
         if session is not None:
             if self.require_key and peer_key() != session.key:  # a routing id is no credential
-                self.bad_frames.record(conn, session.user, "CURVE key is not the session's", now)
-                return [Send(conn, self._error(ErrorCode.KEY_MISMATCH, "this frame's CURVE key is not the key of "
-                                               "the session on this routing id", None))]
+                self.bad_frames.record(conn, self._who(conn), "CURVE key is not the session's", now)
+                return [Send(conn, self._frames.error(ErrorCode.KEY_MISMATCH, "this frame's CURVE key is not the key "
+                                                      "of the session on this routing id", None))]
             session.last_seen = now  # any traffic counts as a heartbeat, even a malformed frame
             self._sessions.move_to_end(conn)
         try:
             env = decode(frames)
         except ProtocolError as exc:
-            self.bad_frames.record(conn, session.user if session else None, exc.message, now)
-            return [Send(conn, self._error(exc.code, exc.message, exc.ref))]
+            self.bad_frames.record(conn, self._who(conn), exc.message, now)
+            return [Send(conn, self._frames.error(exc.code, exc.message, exc.ref))]
         msg = env.message
         try:
             if msg.RELAYED:
@@ -200,41 +147,43 @@ class BrokerCore:
                 return self._on_register(conn, env, now, peer_key)
             handler = self._handlers.get(type(msg))
             if handler is None:
-                return [Send(conn, self._error(ErrorCode.BAD_FRAME, f"{msg.TYPE.value} is not a request", env.msg_id))]
-            return handler(conn, env, frames, now)
+                return [Send(conn, self._frames.error(ErrorCode.BAD_FRAME, f"{msg.TYPE.value} is not a request",
+                                                      env.msg_id))]
+            return handler(conn, env, now)
         except StoreUnavailable:  # a shared store (cluster: Redis) is down; the request changed nothing
-            return [Send(conn, self._error(ErrorCode.STORAGE_UNAVAILABLE,
-                                           "the broker's shared store is unavailable; try again later", env.msg_id))]
+            return [Send(conn, self._frames.error(ErrorCode.STORAGE_UNAVAILABLE, "the broker's shared store is "
+                                                  "unavailable; try again later", env.msg_id))]
 
     def on_tick(self, now: float) -> list[Action]:
-        """Expire silent sessions; publish the periodic PEER_SYNC."""
-        self._now = now
+        """Expire silent sessions; take in what other brokers sent; publish presence and the periodic PEER_SYNC."""
+        for incidents in (self.bad_frames, self.rate_limited, self.credit_refused):
+            incidents.flush(now)
         actions: list[Action] = []
-        self.bad_frames.flush(now)
         while self._sessions:
             conn, session = next(iter(self._sessions.items()))
             if now - session.last_seen <= self.expiry:
                 break
             log.info("user=%s conn=%s expired after %.1fs of silence", session.user, conn.hex(), self.expiry)
             actions += self._drop(conn)
-        while self._recheck and self._recheck[0][0] <= now:
-            self._stalled.add(self._recheck.popleft()[1])
-        if self._stalled and now >= self._next_redelivery:
-            self._next_redelivery = now + self.heartbeat_ivl
-            users, self._stalled = self._stalled, set()
-            for user in users:
-                where = self.directory.locate(user)
-                if where is not None and where.broker == self.broker_id and where.conn in self._sessions:
-                    actions += self._next_page(where.conn)
-        if now >= self._next_expiry:
-            self._next_expiry = now + EXPIRY_SWEEP
-            if self.store.expire(self._wall_ms()) >= self.queue_limits.expire_batch:
-                self._next_expiry = now + self.heartbeat_ivl  # more are due: next step soon, loop never stalls
+        for event in self.link.receive(now):
+            actions += self._on_link_event(event, now)
+        actions += self._presence()
+        actions += self.delivery.on_tick(now, self.directory.recheck(now))
+        if now >= self._next_sweep:
+            self._next_sweep = now + EXPIRY_SWEEP
             self.credit.expire(now)
         if now >= self._next_sync:
             self._next_sync = now + self.heartbeat_ivl
-            actions.append(Publish(pack(PeerSync(self.directory.epoch, self.directory.seq()), self._wall_ms())))
+            actions.append(Publish(self._frames.make(PeerSync(self.directory.epoch, self.directory.seq()))))
         return actions
+
+    def on_commit(self, failure: ErrorCode | None = None) -> list[Action]:
+        """The shell committed its batch (``failure`` None) or could not: answer the batch's durable frames."""
+        return self.delivery.on_commit(failure)
+
+    def on_delivery_failed(self, user: str) -> None:
+        """The shell could not hand a queued frame to ``user`` (high-water mark): page it again soon."""
+        self.delivery.failed(user)
 
     def next_deadline(self) -> float:
         """When ``on_tick`` next has work to do."""
@@ -251,132 +200,173 @@ class BrokerCore:
     def session_count(self) -> int:
         return len(self._sessions)
 
-    # --- handlers -----------------------------------------------------------
+    # --- registration -------------------------------------------------------
     def _on_register(self, conn: bytes, env: Envelope, now: float,
                      peer_key: Callable[[], bytes | None]) -> list[Action]:
         msg: Register = env.message  # type: ignore[assignment]
         user = msg.user
         session = self._sessions.get(conn)
         if session is not None and session.user != user:
-            return [Send(conn, self._error(ErrorCode.ALREADY_REGISTERED,
-                                           f"this connection is registered as {session.user!r}", env.msg_id))]
+            return [Send(conn, self._frames.error(ErrorCode.ALREADY_REGISTERED,
+                                                  f"this connection is registered as {session.user!r}", env.msg_id))]
         if self.require_key and msg.key != peer_key():
-            return [Send(conn, self._error(ErrorCode.KEY_MISMATCH,
-                                           "the key in REGISTER is not this connection's CURVE key", env.msg_id))]
+            return [Send(conn, self._frames.error(ErrorCode.KEY_MISMATCH, "the key in REGISTER is not this "
+                                                  "connection's CURVE key", env.msg_id))]
         refused = self.keys.bind(user, msg.key)
         if refused is not None:
             log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
-            return [Send(conn, self._error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
-        reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
+            return [Send(conn, self._frames.error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
+        reply = Send(conn, self._frames.make(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000))))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
-        actions: list[Action] = [reply]
-        if self.directory.shared:
-            self._recheck.append((now + self.heartbeat_ivl, user))
-        if not self.directory.claim(user, Location(self.broker_id, conn), msg.token):
-            stale = self._stale_session_of(user, msg.token)
-            if stale is None:
-                previous = self.directory.take_over(user, Location(self.broker_id, conn), msg.token)
-                if previous is not None:  # the session lived on another broker, now gone or replaced
-                    log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
-                    self._sessions[conn] = _Session(user, msg.token, now, msg.key)
-                    return [Kick(previous.broker, previous.conn, user), reply] + self._next_page(conn)
-                log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
-                return [Send(conn, self._error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online", env.msg_id))]
-            # The same installation reconnected before its old session expired: hand over quietly.
+        here = Location(self.broker_id, conn)
+        if self.directory.claim(user, here, msg.token):
+            log.info("user=%s conn=%s registered", user, conn.hex())
+            return [reply] + self._open(conn, msg, now) + self._presence()
+        stale = self._stale_session_of(user, msg.token)
+        if stale is not None:  # the same installation reconnected before its old session expired: hand over quietly
             log.info("user=%s conn=%s takes over from conn=%s", user, conn.hex(), stale.hex())
-            del self._sessions[stale]
-            self.credit.recipient_gone(user)
-            self.directory.release(user, Location(self.broker_id, stale))
-            self.directory.claim(user, Location(self.broker_id, conn))
-            self._sessions[conn] = _Session(user, msg.token, now, msg.key)
-            replaced = Send(stale, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
-            return [replaced, reply] + self._next_page(conn)
-        self._sessions[conn] = _Session(user, msg.token, now, msg.key)
-        log.info("user=%s conn=%s registered", user, conn.hex())
-        return actions + self._presence(user, True) + self._next_page(conn)
+            self._end(stale)
+            self.directory.hand_over(user, Location(self.broker_id, stale), here, msg.token)
+            replaced = Send(stale, self._frames.error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
+            return [replaced, reply] + self._open(conn, msg, now) + self._presence()
+        previous = self.directory.take_over(user, here, msg.token)
+        if previous is None:
+            log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
+            return [Send(conn, self._frames.error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online",
+                                                  env.msg_id))]
+        # The session lived on another broker, now gone or replaced by this one (the same token).
+        log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
+        if previous.broker:
+            self.link.kick(previous.broker, previous.conn, user)
+        return [reply] + self._open(conn, msg, now) + self._presence()
 
-    def _on_unregister(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+    def _open(self, conn: bytes, msg: Register, now: float) -> list[Action]:
+        self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key)
+        return self.delivery.opened(conn, msg.user)
+
+    def _stale_session_of(self, user: str, token: bytes) -> bytes | None:
+        """The connection holding ``user`` on this broker, if it was registered with ``token``."""
+        where = self.directory.locate(user)
+        if where is None or where.broker != self.broker_id:
+            return None
+        session = self._sessions.get(where.conn)
+        return where.conn if session is not None and session.token == token else None
+
+    def _on_unregister(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
         log.info("user=%s conn=%s unregistered", self._sessions[conn].user, conn.hex())
         return self._drop(conn)
 
-    def _on_heartbeat(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+    def _drop(self, conn: bytes) -> list[Action]:
+        """``conn``'s session ends here (unregistered or expired): its user goes offline."""
+        session = self._end(conn)
+        self.directory.release(session.user, Location(self.broker_id, conn))
+        return self._presence()
+
+    def _end(self, conn: bytes) -> _Session:
+        """Forget session ``conn`` and what this broker held for it."""
+        session = self._sessions.pop(conn)
+        self._limiters.pop(conn, None)
+        for incidents in (self.bad_frames, self.rate_limited, self.credit_refused):
+            incidents.forget(conn)
+        self.credit.recipient_gone(session.user)
+        self.delivery.closed(conn)
+        return session
+
+    def _presence(self) -> list[Action]:
+        """Publish the directory's changes (one broker: its own; a cluster: everyone's, in the global order).
+        Always an input's last actions: a cluster's changes may come now or with a later tick."""
+        changes = self.directory.changes()
+        if not changes:
+            return []
+        epoch = self.directory.epoch
+        return [Publish(self._frames.make(PeerUpdate(epoch, c.seq, c.user, c.online))) for c in changes]
+
+    # --- requests -------------------------------------------------------------
+    def _on_heartbeat(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
-        return [Send(conn, pack(Heartbeat(), self._wall_ms()))]
+        return [Send(conn, self._frames.make(Heartbeat()))]
 
-    def _on_snapshot_request(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+    def _on_snapshot_request(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
         snap = Snapshot(self.directory.epoch, self.directory.seq(), tuple(self.directory.online()))
-        return [Send(conn, pack(snap, self._wall_ms()))]
+        return [Send(conn, self._frames.make(snap))]
 
-    def _on_key_request(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
+    def _on_key_request(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
         user = env.message.user  # type: ignore[attr-defined]
         key = self.keys.lookup(user)
         if key is None:
-            return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"no key known for {user!r}", env.msg_id))]
-        return [Send(conn, pack(KeyInfo(user, key), self._wall_ms()))]
+            return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"no key known for {user!r}",
+                                                  env.msg_id))]
+        return [Send(conn, self._frames.make(KeyInfo(user, key)))]
 
+    def _on_consume(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
+        if conn not in self._sessions:
+            return [self._not_registered(conn, env)]
+        return self.delivery.consumed(conn, env.message.ref)  # type: ignore[attr-defined]
+
+    # --- relaying -----------------------------------------------------------
     def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames,
                now: float) -> list[Action]:
         msg = env.message
         if session is None:
             return [self._not_registered(conn, env)]
         if msg.sender != session.user:  # type: ignore[attr-defined]
-            return [Send(conn, self._error(ErrorCode.SPOOFED_SENDER,
-                                           f"sender must be {session.user!r}", env.msg_id))]
+            return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"sender must be {session.user!r}",
+                                                  env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]
         where = self.directory.locate(recipient)
         known = where is not None or self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
         if not known:
-            return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"recipient {recipient!r} is unknown",
-                                           env.msg_id))]
-        if msg.DURABLE and self.store.durable:
+            return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"recipient {recipient!r} is unknown",
+                                                  env.msg_id))]
+        if msg.DURABLE and self.delivery.durable:
             try:
-                return self._store_and_forward(conn, env, frames, recipient, where)
+                return self.delivery.queue(conn, env, frames, recipient, where)
             except StoreUnavailable:
                 if where is None or where.broker != self.broker_id:
                     raise
                 # The store is down but the recipient is here: relay it unstored, acknowledged "relayed".
         if where is None:
-            return [Send(conn, self._error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
-                                           env.msg_id))]
+            return [Send(conn, self._frames.error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
+                                                  env.msg_id))]
         if type(msg) is FileChunk:
             return self._relay_chunk(conn, env, frames, where, now)
         if where.broker == self.broker_id or type(msg) is not FileCredit:
             self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
-        ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
-        if where.broker != self.broker_id:  # relayed = handed to the other broker's stream
-            return [Forward(where.broker, recipient, frames)] + ([Send(conn, ack)] if ack is not None else [])
+        ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if msg.ACKED else None
+        if where.broker != self.broker_id:  # relayed = handed to the link to the other broker
+            self.link.forward(where.broker, recipient, frames)
+            return [Send(conn, ack)] if ack is not None else []
         return [Relay(where.conn, frames, conn, ack,
-                      lambda: self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
-                                          env.msg_id))]
+                      lambda: self._frames.error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
+                                                 env.msg_id))]
 
     def _relay_chunk(self, conn: bytes, env: Envelope, frames: Frames, where: Location, now: float) -> list[Action]:
         """A file chunk goes on only inside its recipient's credit window (broker/core/credit.py)."""
         msg: FileChunk = env.message  # type: ignore[assignment]
         size = len(frames[1]) if len(frames) > 1 else 0
         if not self.credit.admit(msg.sender, msg.recipient, msg.xfer, msg.index, size, now):
-            drops = self._credit_drops[conn] = self._credit_drops.get(conn, 0) + 1
-            if drops == 1 or drops % 1000 == 0:  # say so, without amplifying a flood
-                log.warning("user=%s conn=%s xfer=%s %d chunks refused: outside the recipient's credit",
-                            msg.sender, conn.hex(), msg.xfer.hex(), drops)
-                return [Send(conn, self._error(ErrorCode.CREDIT_EXCEEDED, f"chunk {msg.index} is outside the credit "
-                                               f"{msg.recipient!r} granted; wait for file_credit", env.msg_id))]
-            return []
-        if self._credit_drops:
-            self._credit_drops.pop(conn, None)
+            if self.credit_refused.record(conn, self._who(conn), f"xfer={msg.xfer.hex()} outside the credit "
+                                          f"{msg.recipient!r} granted", now):
+                return [Send(conn, self._frames.error(ErrorCode.CREDIT_EXCEEDED, f"chunk {msg.index} is outside the "
+                                                      f"credit {msg.recipient!r} granted; wait for file_credit",
+                                                      env.msg_id))]
+            return []  # no reply per refused chunk: no amplification
         if where.broker != self.broker_id:
-            return [Forward(where.broker, msg.recipient, frames)]
+            self.link.forward(where.broker, msg.recipient, frames)
+            return []
 
         def refused() -> Frames:  # the recipient's queue is full: the chunk is not in flight after all
             self.credit.unadmit(msg.sender, msg.recipient, msg.xfer, msg.index, size)
-            return self._error(ErrorCode.RECIPIENT_BUSY, f"recipient {msg.recipient!r} is not keeping up", env.msg_id)
+            return self._frames.error(ErrorCode.RECIPIENT_BUSY, f"recipient {msg.recipient!r} is not keeping up",
+                                      env.msg_id)
 
         return [Relay(where.conn, frames, conn, None, refused)]
 
@@ -389,87 +379,16 @@ class BrokerCore:
             self.credit.forget(msg.recipient, msg.sender, msg.xfer)  # type: ignore[attr-defined]
             self.credit.forget(msg.sender, msg.recipient, msg.xfer)  # type: ignore[attr-defined]
 
-    def _store_and_forward(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
-                           where: Location | None) -> list[Action]:
-        """Queue first; acknowledge and deliver once the shell reports the commit (``on_commit``)."""
-        expires = self._wall_ms() + int(self.queue_limits.ttl_seconds * 1000)
-        sender: str = env.message.sender  # type: ignore[attr-defined]
-        refusal = self.store.append(env.msg_id, sender, recipient, bytes(frames[0]), expires)
-        if refusal is Refusal.QUEUE_FULL or refusal is Refusal.SHARE_FULL:
-            whose = f"{recipient!r} has" if refusal is Refusal.QUEUE_FULL else f"your share of {recipient!r}'s queue has"
-            return [Send(conn, self._error(ErrorCode.QUEUE_FULL, f"{whose} too many undelivered messages; try later",
-                                           env.msg_id))]
-        self._appended.append(_Appended(conn, env.msg_id, env.message.ACKED, recipient, frames, refusal is None))
-        if refusal is None and where is not None and where.broker != self.broker_id:
-            return [Forward(where.broker, recipient, [bytes(frames[0])])]  # in the same pipeline as the append
+    # --- other brokers --------------------------------------------------------
+    def _on_link_event(self, event: LinkEvent, now: float) -> list[Action]:
+        if type(event) is Forwarded:
+            return self._on_forwarded(event.user, event.frames, now)
+        if type(event) is Kicked:
+            return self._on_kicked(event.conn, event.user)
+        self.delivery.failed_all()  # Rejoined: queues could not be read meanwhile
         return []
 
-    def on_commit(self, failure: ErrorCode | None = None) -> list[Action]:
-        """The shell committed the batch (``failure`` None) or could not: answer and deliver its durable frames.
-
-        Committed: ``ack stored`` and delivery to a recipient here. Not committed: a recipient online
-        here still gets the frame (``ack relayed``); the rest get ``error`` with the failure's code
-        (``storage_full``: disk full; ``storage_unavailable``: Redis down): not stored, send again later.
-        """
-        ok = failure is None
-        if not self._appended:
-            return []
-        appended, self._appended = self._appended, []
-        actions: list[Action] = []
-        for item in appended:
-            where = self.directory.locate(item.recipient)
-            session = self._sessions.get(where.conn) if where is not None and where.broker == self.broker_id else None
-            if ok and item.queued:
-                if session is not None and not session.draining:  # else it comes with a later page
-                    actions.append(Send(where.conn, item.frames, item.recipient))  # type: ignore[union-attr]
-                if item.acked:
-                    actions.append(Send(item.sender, pack(Ack(item.msg_id, AckStatus.STORED), self._wall_ms())))
-            elif session is not None:
-                ack = pack(Ack(item.msg_id, AckStatus.RELAYED), self._wall_ms()) if item.acked else None
-                actions.append(Relay(where.conn, item.frames, item.sender, ack,  # type: ignore[union-attr]
-                                     lambda r=item.recipient, m=item.msg_id: self._error(
-                                         ErrorCode.RECIPIENT_BUSY, f"recipient {r!r} is not keeping up", m)))
-            else:
-                actions.append(Send(item.sender, self._error(
-                    failure, "the broker cannot store messages now; try again later", item.msg_id)))
-        return actions
-
-    def _on_consume(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
-        session = self._sessions.get(conn)
-        if session is None:
-            return [self._not_registered(conn, env)]
-        self.store.consume(session.user, env.message.ref)  # type: ignore[attr-defined]
-        if session.unconsumed:
-            session.unconsumed -= 1
-            if session.draining and session.unconsumed <= self.queue_limits.page // 2:
-                return self._next_page(conn)
-        return []
-
-    # --- helpers ------------------------------------------------------------
-    def _stale_session_of(self, user: str, token: bytes) -> bytes | None:
-        """The connection holding ``user`` on this broker, if it was registered with ``token``."""
-        where = self.directory.locate(user)
-        if where is None or where.broker != self.broker_id:
-            return None
-        session = self._sessions.get(where.conn)
-        return where.conn if session is not None and session.token == token else None
-
-    def _next_page(self, conn: bytes) -> list[Action]:
-        """The next page of ``conn``'s queue, in order: never the whole queue at once."""
-        session = self._sessions[conn]
-        limit = self.queue_limits.page
-        page = self.store.pending(session.user, self._wall_ms(), session.cursor, limit)
-        session.draining = len(page) == limit
-        if session.draining:  # one more page a heartbeat even if the recipient consumes nothing
-            self._stalled.add(session.user)
-        if not page:
-            return []
-        session.cursor = page[-1][0]
-        session.unconsumed += len(page)
-        log.debug("user=%s delivering %d queued frames", session.user, len(page))
-        return [Send(conn, [header], session.user) for _, header in page]
-
-    def on_forwarded(self, user: str, frames: Frames) -> list[Action]:
+    def _on_forwarded(self, user: str, frames: Frames, now: float) -> list[Action]:
         """Frames another broker routed to ``user`` here: deliver if they are still connected here."""
         where = self.directory.locate(user)
         if where is None or where.broker != self.broker_id or where.conn not in self._sessions:
@@ -478,36 +397,23 @@ class BrokerCore:
             msg = decode(frames).message
         except ProtocolError:
             return []
-        if msg.DURABLE and self.store.durable and self._sessions[where.conn].draining:
-            return []  # it is in the shared queue, behind older frames: a later page brings it, in order
-        self._track_transfer(msg, self._now)
+        if self.delivery.delivers_later(where.conn, msg):
+            return []
+        self._track_transfer(msg, now)
         return [Send(where.conn, frames, user)]
 
-    def on_kicked(self, conn: bytes, user: str) -> list[Action]:
-        """Another broker took ``user``'s session over (same token): end ours without a presence change."""
+    def _on_kicked(self, conn: bytes, user: str) -> list[Action]:
+        """Another broker took ``user``'s session over (same token): end ours; it stays online there."""
         session = self._sessions.get(conn)
         if session is None or session.user != user:
             return []
-        del self._sessions[conn]
-        self._limiters.pop(conn, None)
-        self._credit_drops.pop(conn, None)
-        self.credit.recipient_gone(user)
-        self.directory.release(user, Location(self.broker_id, conn))  # no-op in Redis: it moved already
+        self._end(conn)
+        self.directory.release(user, Location(self.broker_id, conn))  # a no-op where the entry moved already
         log.info("user=%s conn=%s session taken over by another broker", user, conn.hex())
-        return [Send(conn, self._error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))]
+        replaced = Send(conn, self._frames.error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
+        return [replaced] + self._presence()
 
-    def sessions(self) -> list[tuple[str, bytes, bytes]]:
-        """(user, conn, token) of every session here: a cluster broker re-asserts them after an outage."""
-        return [(s.user, conn, s.token) for conn, s in self._sessions.items()]
-
-    def on_delivery_failed(self, user: str) -> None:
-        """The shell could not hand a queued frame to ``user`` (high-water mark): page it again soon."""
-        where = self.directory.locate(user)
-        session = self._sessions.get(where.conn) if where is not None and where.broker == self.broker_id else None
-        if session is not None:
-            session.cursor, session.draining, session.unconsumed = 0, True, 0
-        self._stalled.add(user)
-
+    # --- helpers ------------------------------------------------------------
     def _limiter(self, conn: bytes, now: float) -> ConnectionLimiter:
         limiter = self._limiters.get(conn)
         if limiter is None:
@@ -516,23 +422,9 @@ class BrokerCore:
                 self._limiters.popitem(last=False)
         return limiter
 
-    def _drop(self, conn: bytes) -> list[Action]:
-        self._limiters.pop(conn, None)
-        self._credit_drops.pop(conn, None)
-        session = self._sessions.pop(conn)
-        self.credit.recipient_gone(session.user)
-        if self.directory.release(session.user, Location(self.broker_id, conn)):
-            return self._presence(session.user, False)
-        return []
-
-    def _presence(self, user: str, online: bool) -> list[Action]:
-        if self.directory.shared:  # the cluster directory sequences it and every broker republishes it
-            return []
-        update = PeerUpdate(self.directory.epoch, self.directory.next_seq(), user, online)
-        return [Publish(pack(update, self._wall_ms()))]
+    def _who(self, conn: bytes) -> str:
+        """``conn`` and its user, for a log line."""
+        return f"conn={conn.hex()} user={self.user_of(conn)}"
 
     def _not_registered(self, conn: bytes, env: Envelope) -> Send:
-        return Send(conn, self._error(ErrorCode.NOT_REGISTERED, "register first", env.msg_id))
-
-    def _error(self, code: ErrorCode, message: str, ref: bytes | None) -> list[bytes]:
-        return pack(Error(code, message[:1024], ref), self._wall_ms())
+        return Send(conn, self._frames.error(ErrorCode.NOT_REGISTERED, "register first", env.msg_id))

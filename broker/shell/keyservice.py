@@ -16,10 +16,10 @@ import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from p2pchat.broker.backends.sqlite_keys import REFUSALS, KeyRegistry
+from p2pchat.broker.core.ports import REFUSALS, KeyRegistry, StoreUnavailable
 from p2pchat.broker.core.ratelimit import TokenBucket
-from p2pchat.broker.backends.sqlite_store import StoreUnavailable
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.protocol import check_user_id
 
@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 256  # bytes of one request line, newline included
 MAX_REQUESTS = 4  # per connection; then it is closed
 KEY_HEX = 64
+
+
+class AdmissionRegistry(KeyRegistry, Protocol):
+    """The key registry as the key service and the ZAP handler use it (backends/sqlite_keys.py, redis_keys.py)."""
+
+    def can_bind(self, user: str, key: bytes) -> ErrorCode | None:
+        """What ``bind`` would answer, without binding."""
+
+    def issue_ticket(self, key: bytes, now: float) -> ErrorCode | None:
+        """Admit ``key`` to the CURVE sockets until ``now + ticket_ttl``; an error when too many are pending."""
+
+    def admits(self, key: bytes, now: float) -> bool:
+        """Bound to an ID, or holding a fresh ticket (thread-safe, non-blocking: the ZAP thread asks)."""
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +95,8 @@ def error_line(code: ErrorCode, message: str) -> bytes:
 class KeyServiceCore:
     """Answers requests: KEY with the broker's key, ADMIT with a ticket (or why not)."""
 
-    def __init__(self, broker_key: bytes, keys: KeyRegistry, limits: KeyServiceLimits = KeyServiceLimits()) -> None:
+    def __init__(self, broker_key: bytes, keys: AdmissionRegistry,
+                 limits: KeyServiceLimits = KeyServiceLimits()) -> None:
         self._key_line = f"KEY {broker_key.hex()}\n".encode()
         self.keys, self.limits = keys, limits
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()

@@ -2,7 +2,10 @@
 
 It polls, hands frames to ``BrokerCore`` and carries out the actions. Every
 send is non-blocking with ROUTER_MANDATORY, so an unroutable or slow peer is
-reported instead of silently dropped or stalling everyone else.
+reported instead of silently dropped or stalling everyone else. The core's
+ports come from a ``Backend``: a single broker's (SQLite, in process) or a
+cluster's (Redis); that choice, in ``open_backend``, is the only place where
+the two modes differ.
 """
 
 from __future__ import annotations
@@ -12,28 +15,31 @@ import logging
 import os
 import resource
 import socket
-import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from p2pchat.broker.shell.connguard import LIBC, ConnectionGuard, GuardLimits
+from p2pchat.broker.backends.single import SingleBackend
+from p2pchat.broker.backends.tickets import KeyLimits
+from p2pchat.broker.core.actions import Action, Publish, Relay, Send
+from p2pchat.broker.core.ports import BrokerLink, PeerDirectory, QueueLimits, QueueStore, StoreUnavailable
+from p2pchat.broker.core.ratelimit import RateLimits
+from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.broker.shell.backlog import SendBacklog
-from p2pchat.broker.core.directory import LocalDirectory
-from p2pchat.broker.backends.sqlite_keys import KeyLimits, SqliteKeyRegistry
-from p2pchat.broker.shell.keyservice import KeyServiceCore, KeyServiceLimits, KeyServiceListener
-from p2pchat.broker.core.ratelimit import AggregatedLog, RateLimits
-from p2pchat.broker.backends.sqlite_store import NoStore, QueueLimits, SqliteMessageStore, StoreUnavailable
+from p2pchat.broker.shell.connguard import LIBC, ConnectionGuard, GuardLimits
+from p2pchat.broker.shell.keyservice import AdmissionRegistry, KeyServiceCore, KeyServiceLimits, KeyServiceListener
 from p2pchat.common.crypto import Identity, fingerprint
-from p2pchat.common.errors import ErrorCode, P2PChatError
-from p2pchat.broker.core.routing import Action, BrokerCore, Forward, Kick, Publish, Relay, Send
+from p2pchat.common.errors import P2PChatError
+from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.paths import broker_dir, ensure_private_dir
-from p2pchat.common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
+from p2pchat.common.protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, new_msg_id
 from p2pchat.common.wakeup import Waker
 
 log = logging.getLogger(__name__)
@@ -53,7 +59,7 @@ class BrokerConfig:
     durable: bool = True  # store-and-forward in SQLite; False: relay to online peers only
     fsync: bool = False  # also survive power loss, not just a killed broker
     queue: QueueLimits = QueueLimits()
-    cluster: str | None = None  # redis://HOST:PORT/DB: share directory, keys, queues and presence (broker/backends/redis_cluster.py)
+    cluster: str | None = None  # redis://HOST:PORT/DB: share directory, keys, queues and presence (redis_cluster.py)
     reuse_port: bool = False  # SO_REUSEPORT: several brokers listen on one port and the kernel spreads clients
     io_threads: int = 1  # libzmq I/O threads: connections (and their CURVE work) are spread over them
     key_limits: KeyLimits = KeyLimits()
@@ -68,6 +74,37 @@ class BrokerConfig:
     @property
     def key_service_port(self) -> int:
         return self.key_port if self.key_port is not None else self.port + 2
+
+
+class Backend(Protocol):
+    """The core's ports and what the shell does with them: ``backends/single.py`` or ``backends/redis_cluster.py``."""
+
+    identity: Identity  # the broker's CURVE keypair
+    directory: PeerDirectory
+    store: QueueStore
+    keys: AdmissionRegistry
+    link: BrokerLink
+    description: str  # for the start-up log line
+
+    def start(self) -> None: ...
+
+    def commit(self) -> None:
+        """Make the batch's queue writes and link sends durable; ``StoreUnavailable`` (batch undone) if not."""
+
+    def rollback(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_backend(config: BrokerConfig, epoch: bytes, wake: Callable[[], None]) -> Backend:
+    if not config.cluster:
+        return SingleBackend(config.data_dir, epoch, durable=config.durable, fsync=config.fsync,
+                             queue_limits=config.queue, key_limits=config.key_limits)
+    from p2pchat.broker.backends.redis_cluster import ClusterBackend  # Redis is needed only in cluster mode
+
+    return ClusterBackend(config.cluster, epoch, config.data_dir, heartbeat_ivl=config.heartbeat_ivl,
+                          liveness=config.liveness, wake=wake, durable=config.durable, queue_limits=config.queue,
+                          key_limits=config.key_limits)
 
 
 ACCEPT_BACKLOG = 4096
@@ -107,7 +144,7 @@ def _decode_key(user_id: str) -> bytes | None:
 class _Admission:
     """The ZAP credentials callback: runs on the authenticator thread, reads memory only."""
 
-    def __init__(self, keys) -> None:
+    def __init__(self, keys: AdmissionRegistry) -> None:
         self._keys = keys
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -127,39 +164,25 @@ class BrokerServer:
         self._ctx = context or zmq.Context(io_threads=config.io_threads)
         self._own_ctx = context is None
         self._waker = Waker()
-        self._dropped = AggregatedLog("frame dropped")  # sends to a gone peer, or past its backlog
+        self._dropped = IncidentLog("frame dropped", log)  # sends to a gone peer, or past its backlog
         self._backlog = SendBacklog()  # answers a peer's full pipe could not take yet
         self._stopping = False
         epoch = os.urandom(8)
         ensure_private_dir(config.data_dir)
         fds = raise_fd_limit()
         log.info("file descriptor limit %d: about %d clients with presence subscriptions", fds, (fds - 50) // 2)
-        self._cluster = None
-        if config.cluster:
-            from p2pchat.broker.backends import redis_cluster as cluster  # Redis is needed only in cluster mode
-
-            # Every Redis call is bounded by half a heartbeat (within 0.25-1 s), then fails fast while down.
-            timeout = min(cluster.TIMEOUT_MAX, max(cluster.TIMEOUT_MIN, config.heartbeat_ivl / 2))
-            self._cluster = link = cluster.ClusterLink(config.cluster, epoch, config.heartbeat_ivl * config.liveness,
-                                                       self._waker.wake, timeout=timeout)
-            self.identity = cluster.shared_broker_identity(link.redis, link.keys, config.data_dir / "broker.key")
-            self._keys = cluster.RedisKeyRegistry(link.redis, link.keys, config.key_limits)
-            self._store = cluster.RedisMessageStore(link, config.queue) if config.durable else NoStore()
-            directory = self._directory = cluster.RedisDirectory(link.redis, epoch, link.keys, _wall_ms, link.health)
-        else:
-            self.identity = Identity.load_or_create(config.data_dir / "broker.key")
-            self._keys = SqliteKeyRegistry(config.data_dir / "keys.sqlite", config.key_limits)
-            self._store = (SqliteMessageStore(config.data_dir / "queue.sqlite", config.queue, config.fsync)
-                           if config.durable else NoStore())
-            directory = LocalDirectory(epoch)
+        backend = self._backend = open_backend(config, epoch, self._waker.wake)
+        self.identity = backend.identity
         self.core = BrokerCore(
-            directory,
+            backend.directory,
             broker_id=epoch,
             heartbeat_ivl=config.heartbeat_ivl,
             liveness=config.liveness,
             wall_ms=_wall_ms,
-            keys=self._keys,
-            store=self._store,
+            new_id=new_msg_id,
+            keys=backend.keys,
+            store=backend.store,
+            link=backend.link,
             queue_limits=config.queue,
             require_key=not config.insecure,
             limits=config.limits,
@@ -171,7 +194,7 @@ class BrokerServer:
             # reaches us as the User-Id of their frames.
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("broker.zap"))
             self._auth.start()
-            self._auth.configure_curve_callback(domain="*", credentials_provider=_Admission(self._keys))
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_Admission(backend.keys))
         LIBC.seed_rand()  # before the ROUTER exists: its routing ids start at rand()
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -205,14 +228,11 @@ class BrokerServer:
         self.key_service: KeyServiceListener | None = None
         if not config.insecure:
             self.key_service = KeyServiceListener(
-                config.host, config.key_service_port, KeyServiceCore(self.identity.public, self._keys,
+                config.host, config.key_service_port, KeyServiceCore(self.identity.public, backend.keys,
                                                                      config.key_service),
                 reuse_port=config.reuse_port, clock=time.monotonic)
-        self._next_refresh = 0.0
         self._store_failing = False
-        self._refreshed_once = False
-        if self._cluster is not None:
-            self._cluster.start_reader(lambda: self._directory.stream_pos)
+        backend.start()
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pub_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         if config.insecure:
@@ -223,8 +243,7 @@ class BrokerServer:
             log.info("broker key fingerprint %s (clients can pin it with --server-key)",
                      fingerprint(self.identity.public))
         log.info("broker listening on %s, presence on %s, data in %s%s", self.endpoint, self.pub_endpoint,
-                 config.data_dir, f", cluster {config.cluster} as broker {epoch.hex()} pid {os.getpid()}"
-                 if config.cluster else "")
+                 config.data_dir, f", {backend.description}" if backend.description else "")
 
     def _bind(self, sock: zmq.Socket, port: int) -> None:
         if self.config.reuse_port:
@@ -254,8 +273,6 @@ class BrokerServer:
         try:
             while not self._stopping:
                 now = time.monotonic()
-                if self._cluster is not None:
-                    self._cluster_tick(now)
                 self._commit_then_execute(core.on_tick(now))
                 self._dropped.flush(now)
                 guard.check(now)
@@ -302,82 +319,21 @@ class BrokerServer:
         return actions
 
     def _commit_then_execute(self, actions: list[Action]) -> None:
-        """Acknowledge nothing that is not committed: commit the batch's queue changes first; the core
-        then answers its durable frames (``on_commit``), and everything else goes out either way."""
+        """Acknowledge nothing that is not committed: commit the batch's queue changes (and, in a cluster,
+        its frames for other brokers) first; the core then answers its durable frames (``on_commit``),
+        and everything else goes out either way."""
         try:
-            if self._cluster is not None:  # cross-broker frames ride in the same pipeline: one round trip
-                for action in actions:
-                    if type(action) is Forward:
-                        self._cluster.forward(action.broker, action.user, action.frames)
-                    elif type(action) is Kick and action.broker:
-                        self._cluster.kick(action.broker, action.conn, action.user)
-                self._cluster.flush()
-            self._store.commit()
+            self._backend.commit()
             failure = None
-        except (sqlite3.Error, StoreUnavailable) as exc:
-            self._store.rollback()
-            failure = exc.code if isinstance(exc, StoreUnavailable) else ErrorCode.STORAGE_FULL
+        except StoreUnavailable as exc:
+            self._backend.rollback()
+            failure = exc.code
             if not self._store_failing:  # once per outage, not once per batch
                 log.error("store commit failed (%s): answering %s until it works again", exc, failure.value)
         if failure is None and self._store_failing:
             log.info("store commits work again")
         self._store_failing = failure is not None
         self._execute(actions + self.core.on_commit(failure))
-
-    def _cluster_tick(self, now: float) -> None:
-        """Cluster chores: frames from other brokers, presence to republish, liveness and reaping."""
-        link, core, batch = self._cluster, self.core, []
-        while True:
-            try:
-                kind, fields = link.entries.get_nowait()
-            except Exception:  # queue.Empty
-                break
-            if kind == "presence":
-                update = self._directory.apply(fields)
-                if update is not None:
-                    self.pub.send_multipart(update)
-            elif kind == "inbox":
-                user = fields[b"u"].decode()
-                if fields[b"k"] == b"k":
-                    batch += core.on_kicked(fields[b"c"], user)
-                else:
-                    frames = [fields[b"h"], fields[b"p"]] if b"p" in fields else [fields[b"h"]]
-                    batch += core.on_forwarded(user, frames)
-            elif kind == "up":
-                link.health.retry_now()  # the reader got through: probe at once
-        if batch:
-            self._commit_then_execute(batch)
-        health = link.health
-        if health.available and now < self._next_refresh or not health.available and not health.due(now):
-            return
-        self._next_refresh = now + self.config.heartbeat_ivl
-        try:
-            with health.probing():  # while down, only this probe gets through
-                lapsed = link.refresh()
-                if not health.available or lapsed and self._refreshed_once:
-                    self._reassert()
-            if not health.available:
-                log.info("redis is back after %.1fs: cluster mode whole again", health.recovered())
-            self._refreshed_once = True
-            link.drop_inboxes(self._directory.reap())
-        except StoreUnavailable:
-            pass  # RedisHealth logged it and schedules the next probe; local clients are still served
-        except Exception:  # a bug must cost one round of chores, never the broker
-            log.exception("cluster chores failed; retrying next beat")
-
-    def _reassert(self) -> None:
-        """Redis is back (or others reaped us): make it agree with the sessions that exist here."""
-        sessions = self.core.sessions()
-        kicks, lost = self._directory.reconcile(sessions)
-        batch: list[Action] = [Kick(where.broker, where.conn, user) for where, user in kicks]
-        for conn, user in lost:
-            log.warning("user=%s conn=%s lost its ID to a session elsewhere during the redis outage", user, conn.hex())
-            batch += self.core.on_kicked(conn, user)
-        for user, _, _ in sessions:  # queues could not be read while Redis was down
-            self.core.on_delivery_failed(user)
-        self._commit_then_execute(batch)
-        log.info("cluster state reconciled: %d sessions here, %d taken over, %d lost",
-                 len(sessions) - len(lost), len(kicks), len(lost))
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from any thread or a signal handler)."""
@@ -414,8 +370,11 @@ class BrokerServer:
         if sent is False:
             if self._backlog.hold(conn, frames):
                 return True
-            self._dropped.record(conn, self.core.user_of(conn), "its send backlog is full", time.monotonic())
+            self._dropped.record(conn, self._who(conn), "its send backlog is full", time.monotonic())
         return bool(sent)
+
+    def _who(self, conn: bytes) -> str:
+        return f"conn={conn.hex()} user={self.core.user_of(conn)}"
 
     def _try_send(self, conn: bytes, frames) -> bool | None:
         """True: sent; False: its pipe is full (try later); None: the connection is gone."""
@@ -432,7 +391,7 @@ class BrokerServer:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            self._dropped.record(conn, self.core.user_of(conn), "the connection is gone", time.monotonic())
+            self._dropped.record(conn, self._who(conn), "the connection is gone", time.monotonic())
             return None
 
     @staticmethod
@@ -475,10 +434,7 @@ class BrokerServer:
         self.guard.close()
         if self._auth is not None:
             self._auth.stop()
-        self._keys.close()
-        self._store.close()
-        if self._cluster is not None:
-            self._cluster.close()
+        self._backend.close()
         self._waker.close()
         if self._own_ctx:
             self._ctx.term()

@@ -426,23 +426,26 @@ def test_a_hung_redis_never_blocks_the_broker_past_a_heartbeat(cluster_broker, r
     assert cluster_broker.alive()
 
 
-def test_cross_broker_inboxes_are_bounded_in_entries_and_bytes(redis_server):
-    from p2pchat.broker.backends import redis_cluster as cl
+def test_cross_broker_inboxes_are_bounded_in_entries_and_bytes(redis_server, tmp_path):
+    from p2pchat.broker.backends.redis_cluster import ClusterBackend
+    from p2pchat.broker.backends.redis_link import INBOX_MAX_BYTES, INBOX_MAXLEN
     r = redis_server.client()
-    link = cl.ClusterLink(redis_server.url, os.urandom(8), 1.0, lambda: None)
+    backend = ClusterBackend(redis_server.url, os.urandom(8), tmp_path, heartbeat_ivl=1.0, liveness=1,
+                             wake=lambda: None)
+    link = backend.link
     try:
         dead = os.urandom(8)  # a broker that never reads its inbox
-        for _ in range(cl.INBOX_MAXLEN + 50):
+        for _ in range(INBOX_MAXLEN + 50):
             link.forward(dead, "bob", [b"h" * 10])
-        link.flush()
+        backend.commit()
         inbox = link.keys.inbox(dead.hex())
-        assert r.xlen(inbox) == cl.INBOX_MAXLEN
+        assert r.xlen(inbox) == INBOX_MAXLEN
         r.delete(inbox, inbox + ":bytes")
         chunk = os.urandom(1024 * 1024)
-        for _ in range(cl.INBOX_MAX_BYTES // len(chunk) + 10):
+        for _ in range(INBOX_MAX_BYTES // len(chunk) + 10):
             link.forward(dead, "bob", [b"h", chunk])
-        link.flush()
-        assert int(r.get(inbox + ":bytes")) <= cl.INBOX_MAX_BYTES
-        assert r.xlen(inbox) < cl.INBOX_MAX_BYTES // len(chunk)
+        backend.commit()
+        assert int(r.get(inbox + ":bytes")) <= INBOX_MAX_BYTES
+        assert r.xlen(inbox) < INBOX_MAX_BYTES // len(chunk)
     finally:
-        link.close()
+        backend.close()

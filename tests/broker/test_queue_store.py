@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from p2pchat.broker.core.directory import LocalDirectory
-from p2pchat.broker.core.routing import BrokerCore, Relay, Send
-from p2pchat.broker.backends.sqlite_store import QueueLimits, Refusal, SqliteMessageStore
+from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink
+from p2pchat.broker.backends.sqlite_store import SqliteMessageStore
+from p2pchat.broker.core.actions import Relay, Send
+from p2pchat.broker.core.ports import QueueLimits, Refusal
+from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.common.errors import ErrorCode
 from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Error, Register, decode, new_msg_id, pack
-from tests.broker.test_routing import BROKER, EPOCH, IVL, LIVENESS, KeyBook
+from tests.broker.test_routing import BROKER, EPOCH, IVL, LIVENESS, KeyBook, id_source
 
 LIMITS = QueueLimits(max_per_user=100, max_bytes_per_user=10_000, max_per_sender=60, max_bytes_per_sender=6_000,
                      max_total_bytes=25_000, max_recipients=3, page=8, expire_batch=5)
@@ -77,8 +79,9 @@ def test_pending_pages_by_sequence_and_skips_expired(store):
 
 # --- the core over a real store ------------------------------------------------------
 def core_with(store: SqliteMessageStore) -> BrokerCore:
-    return BrokerCore(LocalDirectory(EPOCH), broker_id=BROKER, heartbeat_ivl=IVL, liveness=LIVENESS,
-                      wall_ms=lambda: 0, keys=KeyBook(), store=store, queue_limits=LIMITS, require_key=False)
+    return BrokerCore(LocalDirectory(EPOCH), broker_id=BROKER, heartbeat_ivl=IVL, liveness=LIVENESS, wall_ms=lambda: 0,
+                      new_id=id_source(), keys=KeyBook(), store=store, link=LocalLink(), queue_limits=LIMITS,
+                      require_key=False)
 
 
 def register(core: BrokerCore, conn: bytes, user: str) -> list:
@@ -140,3 +143,19 @@ def test_consumes_of_a_batch_are_forgotten_at_its_commit_and_undone_by_a_rollbac
     assert [frame for _, frame in store.pending("bob", 0, 0, 10)] == [b"frame", b"frame"]
     reopened = SqliteMessageStore(tmp_path / "q.sqlite")  # what the disk holds, counted afresh
     assert reopened.queued("bob") == 2
+
+
+def test_a_frame_the_full_store_refused_is_answered_storage_full_when_its_recipient_is_offline(store):
+    core = core_with(store)
+    for user in ("alice", "carol"):
+        register(core, user.encode(), user)
+    core._drop(b"carol")  # carol goes offline: her frames need the store
+    for recipient in ("u1", "u2"):  # with alice and carol's queues, the store holds as many recipients as it may
+        fill(store, "a", recipient, 1)
+    fill(store, "a", "alice", 1)
+    store.commit()
+    to_carol = pack(ChatMessage("alice", "carol", b"hi"), 0)
+    assert core.on_frames(b"alice", to_carol, 0.0) == []
+    store.commit()
+    error = sends_to(core.on_commit(), b"alice")[-1]
+    assert type(error) is Error and (error.code, error.ref) == (ErrorCode.STORAGE_FULL, decode(to_carol).msg_id)

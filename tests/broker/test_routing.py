@@ -8,6 +8,7 @@ without a socket, in microseconds.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import defaultdict, deque
 from collections.abc import Callable
 
@@ -16,9 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pchat.broker.core.directory import LocalDirectory, Location
+from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink, NoStore
+from p2pchat.broker.core.actions import Publish, Relay, Send
+from p2pchat.broker.core.ports import Location
 from p2pchat.broker.core.ratelimit import RateLimits
-from p2pchat.broker.core.routing import BrokerCore, Publish, Relay, Send
+from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.e2e import EndToEnd
@@ -31,6 +34,7 @@ from p2pchat.common.protocol import (
     AckStatus,
     ChatMessage,
     Error,
+    FileChunk,
     FileCredit,
     Heartbeat,
     KeyInfo,
@@ -81,9 +85,16 @@ class CurveCore(BrokerCore):
         return super().on_frames(conn, frames, now, peer_key or (lambda: self.curve_keys.get(conn)))
 
 
+def id_source() -> Callable[[], bytes]:
+    """Message ids for the broker's own frames: fixed, so a run can be replayed byte for byte."""
+    counter = itertools.count(1)
+    return lambda: next(counter).to_bytes(16, "big")
+
+
 def make_core(**options) -> BrokerCore:
-    return CurveCore(LocalDirectory(EPOCH), broker_id=BROKER, heartbeat_ivl=IVL, liveness=LIVENESS,
-                     wall_ms=lambda: 0, keys=KeyBook(), **options)
+    return CurveCore(LocalDirectory(EPOCH), **{**dict(
+        broker_id=BROKER, heartbeat_ivl=IVL, liveness=LIVENESS, wall_ms=lambda: 0, new_id=id_source(), keys=KeyBook(),
+        store=NoStore(), link=LocalLink()), **options})
 
 
 @pytest.fixture
@@ -213,6 +224,40 @@ def test_flood_is_refused_with_one_rate_limited_error_then_silence():
     assert core.on_frames(A, heartbeat, 0.0) == []  # no reply per dropped frame: no amplification
     assert replies(register(core, B, "bob"), B)  # other connections have their own bucket
     assert replies(core.on_frames(A, heartbeat, 1.0), A) == [Heartbeat()]  # refilled
+
+
+def test_a_connection_that_keeps_flooding_is_told_once_per_period():
+    """The rate_limited error is an incident: the first refused frame of a period is answered, the rest of
+    the period only counted, however often the bucket refills in between."""
+    core = make_core(limits=RateLimits(frames_per_s=1.0, frame_burst=1.0), liveness=100)
+    register(core, A, "alice")  # the one token
+    heartbeat = pack(Heartbeat(), 0)
+    assert only_error(core.on_frames(A, heartbeat, 0.0), A).code is ErrorCode.RATE_LIMITED
+    for t in (2.0, 4.0, 6.0):
+        assert replies(core.on_frames(A, heartbeat, t), A) == [Heartbeat()]  # refilled
+        assert core.on_frames(A, heartbeat, t) == []  # refused again, within the period: not answered
+    core.on_tick(10.0)  # the period ends
+    assert replies(core.on_frames(A, heartbeat, 10.0), A) == [Heartbeat()]
+    assert only_error(core.on_frames(A, heartbeat, 10.0), A).code is ErrorCode.RATE_LIMITED
+
+
+def test_chunks_outside_the_credit_are_refused_with_one_error_per_period():
+    core = make_core(liveness=100)
+    register(core, A, "alice")
+    register(core, B, "bob")
+    xfer = b"x" * 16
+
+    def chunk(index: int, now: float):
+        return core.on_frames(A, pack(FileChunk("alice", "bob", xfer, index, False), 0, MSG_ID, b"data"), now)
+
+    error = only_error(chunk(0, 0.0), A)  # bob granted nothing
+    assert (error.code, error.ref) == (ErrorCode.CREDIT_EXCEEDED, MSG_ID)
+    assert [chunk(i, 1.0) for i in range(1, 50)] == [[]] * 49  # no reply per refused chunk
+    core.on_tick(10.0)
+    assert only_error(chunk(50, 10.0), A).code is ErrorCode.CREDIT_EXCEEDED
+    core.on_frames(B, pack(FileCredit("bob", "alice", xfer, 0, 4, True), 0), 10.0)
+    [relay] = chunk(0, 10.0)
+    assert type(relay) is Relay and relay.conn == B  # inside the credit: relayed
 
 
 def test_unregister_announces_offline_and_frees_the_id(core):
@@ -620,7 +665,8 @@ def test_pair_sessions_recover_after_a_broker_restart():
     net = Network()
     alice, bob = net.join("alice"), net.join("bob")
     net.core = BrokerCore(LocalDirectory(b"epoch-02"), broker_id=b"broker-2", heartbeat_ivl=IVL, liveness=LIVENESS,
-                          wall_ms=lambda: 0, keys=KeyBook(), require_key=False)  # a new broker that knows no one
+                          wall_ms=lambda: 0, new_id=id_source(), keys=KeyBook(), store=NoStore(), link=LocalLink(),
+                          require_key=False)  # a new broker that knows no one
     net.tick(IVL)  # heartbeats get NOT_REGISTERED: both re-register on their own
     assert [e.reconnect for e in of_type(net.events["alice"], ev.Registered)] == [False, True]
     assert of_type(net.events["bob"], ev.Reconnecting)

@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from p2pchat.broker.core.directory import LocalDirectory
-from p2pchat.broker.core.routing import BrokerCore, Publish, Relay, Send
-from p2pchat.broker.backends.sqlite_store import NoStore, Refusal
+from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink, NoStore
+from p2pchat.broker.core.actions import Publish, Relay, Send
+from p2pchat.broker.core.ports import Kicked, LinkEvent, Refusal
+from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.e2e import EndToEnd
@@ -62,7 +63,7 @@ from p2pchat.common.protocol import (
     decode,
     pack,
 )
-from tests.broker.test_routing import KeyBook, MemoryKeyStore
+from tests.broker.test_routing import KeyBook, MemoryKeyStore, id_source
 from tests.common.test_protocol import example_message as slow_example_message
 
 MACHINE = settings(max_examples=100, stateful_step_count=50, deadline=None,
@@ -422,6 +423,17 @@ class MemoryStore(NoStore):
         self.queues[recipient].pop(msg_id, None)
 
 
+class InjectedLink(LocalLink):
+    """What another broker would send, injected by the test."""
+
+    def __init__(self) -> None:
+        self.events: list[LinkEvent] = []
+
+    def receive(self, now: float) -> list[LinkEvent]:
+        events, self.events = self.events, []
+        return events
+
+
 USERS = ("alice", "bob", "carol", "mallory")
 # Connections and the CURVE key each proved: alice has two devices, mallory two connections.
 CONNS = {b"a1": "alice", b"a2": "alice", b"b1": "bob", b"m1": "mallory", b"m2": "mallory"}
@@ -443,8 +455,9 @@ class BrokerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.store = MemoryStore()
+        self.link = InjectedLink()
         self.core = BrokerCore(LocalDirectory(b"epoch-01"), broker_id=b"broker-1", heartbeat_ivl=1.0, liveness=3,
-                               wall_ms=lambda: 0, keys=KeyBook(), store=self.store)
+                               wall_ms=lambda: 0, new_id=id_source(), keys=KeyBook(), store=self.store, link=self.link)
         self.now = 0.0
         self.seq = 0  # the last presence update seen
         self.online: set[str] = set()  # presence as a subscriber sees it
@@ -549,11 +562,10 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @rule(conn=conns, user=users)
     def kicked(self, conn, user):
-        """Another broker took the session over: it ends here without a presence change."""
-        before = self.core.user_of(conn)
-        self.step(None, self.core.on_kicked(conn, user))
-        if before == user:
-            self.online.discard(user)  # a cluster directory announces the move; this one has no other broker
+        """Another broker took the session over: it ends here (a cluster's directory announces the move;
+        this one, with no other broker, announces the user offline)."""
+        self.link.events.append(Kicked(conn, user))
+        self.step(None, self.core.on_tick(self.now))
 
 
 BrokerMachine.TestCase.settings = MACHINE

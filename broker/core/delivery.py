@@ -1,0 +1,182 @@
+"""Store-and-forward: durable frames wait in their recipient's queue until it consumes them.
+
+Sans-I/O like the routing core that owns it: the queue is a ``QueueStore`` port, the time comes in.
+A durable frame is appended in the shell's open batch and answered only once the shell reports the
+batch's commit (``on_commit``): ``ack stored`` and delivery when it is durable. A recipient gets its
+queue a page at a time, in order; the next page goes out when it has consumed half of the last one,
+or a heartbeat later if it consumes nothing (docs/PROTOCOL.md §11).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from p2pchat.broker.core.actions import Action, FrameMaker, Relay, Send
+from p2pchat.broker.core.ports import BrokerLink, Frames, Location, PeerDirectory, QueueLimits, QueueStore, Refusal
+from p2pchat.common.errors import ErrorCode
+from p2pchat.common.protocol import Ack, AckStatus, Envelope, Message
+
+log = logging.getLogger(__name__)
+
+EXPIRY_SWEEP = 60.0  # seconds between sweeps of expired queued frames
+
+
+@dataclass(slots=True)
+class _Pages:
+    """One session's paged delivery of its queue."""
+
+    user: str
+    cursor: int = 0  # the last seq sent
+    draining: bool = True  # pages remain: frames queued meanwhile come with a later page, in order
+    unconsumed: int = 0  # frames sent but not consumed
+
+
+@dataclass(frozen=True, slots=True)
+class _Appended:
+    """A durable frame appended in the open batch: answered once the shell reports the commit."""
+
+    sender: bytes
+    msg_id: bytes
+    acked: bool
+    recipient: str
+    frames: Frames
+    queued: bool  # False: the store refused it for space (store bound or disk); relay it or say storage_full
+
+
+class QueuedDelivery:
+    def __init__(self, store: QueueStore, limits: QueueLimits, directory: PeerDirectory, link: BrokerLink,
+                 frames: FrameMaker, wall_ms: Callable[[], int], broker_id: bytes, heartbeat_ivl: float) -> None:
+        self.store, self.limits = store, limits
+        self.durable = store.durable
+        self._directory, self._link, self._frames, self._wall_ms = directory, link, frames, wall_ms
+        self._broker_id, self._heartbeat_ivl = broker_id, heartbeat_ivl
+        self._ttl_ms = int(limits.ttl_seconds * 1000)
+        self._pages: dict[bytes, _Pages] = {}  # conn -> its session's paging
+        self._appended: list[_Appended] = []
+        self._stalled: set[str] = set()  # users whose next page is due at the next redelivery tick
+        self._next_redelivery = 0.0
+        self._next_expiry = 0.0
+
+    # --- sessions ------------------------------------------------------------------------------
+    def opened(self, conn: bytes, user: str) -> list[Action]:
+        """A session started: its first page."""
+        self._pages[conn] = _Pages(user)
+        return self.next_page(conn)
+
+    def closed(self, conn: bytes) -> None:
+        self._pages.pop(conn, None)
+
+    # --- durable frames in ---------------------------------------------------------------------
+    def queue(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
+              where: Location | None) -> list[Action]:
+        """Append first; acknowledge and deliver once the shell reports the commit (``on_commit``).
+        Raises ``StoreUnavailable`` if the store cannot take it now."""
+        sender: str = env.message.sender  # type: ignore[attr-defined]
+        refusal = self.store.append(env.msg_id, sender, recipient, bytes(frames[0]), self._wall_ms() + self._ttl_ms)
+        if refusal is Refusal.QUEUE_FULL or refusal is Refusal.SHARE_FULL:
+            whose = (f"{recipient!r} has" if refusal is Refusal.QUEUE_FULL
+                     else f"your share of {recipient!r}'s queue has")
+            return [Send(conn, self._frames.error(ErrorCode.QUEUE_FULL, f"{whose} too many undelivered messages; "
+                                                  "try later", env.msg_id))]
+        self._appended.append(_Appended(conn, env.msg_id, env.message.ACKED, recipient, frames, refusal is None))
+        if refusal is None and where is not None and where.broker != self._broker_id:
+            self._link.forward(where.broker, recipient, [bytes(frames[0])])  # goes out with the append's commit
+        return []
+
+    def on_commit(self, failure: ErrorCode | None) -> list[Action]:
+        """The shell committed the batch (``failure`` None) or could not: answer and deliver its durable frames.
+
+        Committed: ``ack stored`` and delivery to a recipient here. Not committed: a recipient online
+        here still gets the frame (``ack relayed``); the rest get ``error`` with the failure's code
+        (``storage_full``: disk full; ``storage_unavailable``: Redis down): not stored, send again later.
+        """
+        if not self._appended:
+            return []
+        appended, self._appended = self._appended, []
+        make = self._frames.make
+        actions: list[Action] = []
+        for item in appended:
+            conn = self._conn_here(item.recipient)
+            if failure is None and item.queued:
+                if conn is not None and not self._pages[conn].draining:  # else it comes with a later page
+                    actions.append(Send(conn, item.frames, item.recipient))
+                if item.acked:
+                    actions.append(Send(item.sender, make(Ack(item.msg_id, AckStatus.STORED))))
+            elif conn is not None:
+                ack = make(Ack(item.msg_id, AckStatus.RELAYED)) if item.acked else None
+                actions.append(Relay(conn, item.frames, item.sender, ack,
+                                     lambda r=item.recipient, m=item.msg_id: self._frames.error(
+                                         ErrorCode.RECIPIENT_BUSY, f"recipient {r!r} is not keeping up", m)))
+            else:
+                actions.append(Send(item.sender, self._frames.error(
+                    failure or ErrorCode.STORAGE_FULL, "the broker cannot store messages now; try again later",
+                    item.msg_id)))
+        return actions
+
+    def delivers_later(self, conn: bytes, msg: Message) -> bool:
+        """Does ``msg``, sent to session ``conn`` by another broker, wait in the queue instead? Yes for a
+        durable frame while the queue is being paged: a later page brings it, behind older frames."""
+        return msg.DURABLE and self.durable and self._pages[conn].draining
+
+    # --- paging --------------------------------------------------------------------------------
+    def consumed(self, conn: bytes, msg_id: bytes) -> list[Action]:
+        pages = self._pages[conn]
+        self.store.consume(pages.user, msg_id)
+        if pages.unconsumed:
+            pages.unconsumed -= 1
+            if pages.draining and pages.unconsumed <= self.limits.page // 2:
+                return self.next_page(conn)
+        return []
+
+    def next_page(self, conn: bytes) -> list[Action]:
+        """The next page of ``conn``'s queue, in order: never the whole queue at once."""
+        pages = self._pages[conn]
+        limit = self.limits.page
+        page = self.store.pending(pages.user, self._wall_ms(), pages.cursor, limit)
+        pages.draining = len(page) == limit
+        if pages.draining:  # one more page a heartbeat even if the recipient consumes nothing
+            self._stalled.add(pages.user)
+        if not page:
+            return []
+        pages.cursor = page[-1][0]
+        pages.unconsumed += len(page)
+        log.debug("user=%s delivering %d queued frames", pages.user, len(page))
+        return [Send(conn, [header], pages.user) for _, header in page]
+
+    def failed(self, user: str) -> None:
+        """A queued frame did not reach ``user``, or the queue could not be read: page it again from the start."""
+        conn = self._conn_here(user)
+        if conn is not None:
+            pages = self._pages[conn]
+            pages.cursor, pages.draining, pages.unconsumed = 0, True, 0
+        self._stalled.add(user)
+
+    def failed_all(self) -> None:
+        for pages in self._pages.values():
+            self.failed(pages.user)
+
+    def on_tick(self, now: float, recheck: Iterable[str]) -> list[Action]:
+        """Pages that are due (and the ``recheck`` users'), and a bounded step of the expiry sweep."""
+        self._stalled.update(recheck)
+        actions: list[Action] = []
+        if self._stalled and now >= self._next_redelivery:
+            self._next_redelivery = now + self._heartbeat_ivl
+            users, self._stalled = self._stalled, set()
+            for user in users:
+                conn = self._conn_here(user)
+                if conn is not None:
+                    actions += self.next_page(conn)
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRY_SWEEP
+            if self.store.expire(self._wall_ms()) >= self.limits.expire_batch:
+                self._next_expiry = now + self._heartbeat_ivl  # more are due: next step soon, loop never stalls
+        return actions
+
+    def _conn_here(self, user: str) -> bytes | None:
+        """The connection of ``user``'s session on this broker, if it has one."""
+        where = self._directory.locate(user)
+        if where is None or where.broker != self._broker_id or where.conn not in self._pages:
+            return None
+        return where.conn

@@ -1,0 +1,185 @@
+"""The ports the routing core talks to, and the plain data that crosses them.
+
+The core never opens a database, a socket or a thread: it calls these narrow interfaces, which the
+shell wires to one of two sets of implementations (docs/SCALING.md):
+
+| port (broker/backends/) | single broker | cluster |
+|---|---|---|
+| ``PeerDirectory`` | ``in_process.LocalDirectory`` | ``redis_directory.RedisDirectory`` |
+| ``QueueStore`` | ``sqlite_store.SqliteMessageStore`` (durability off: ``in_process.NoStore``) | ``redis_store.RedisMessageStore`` |
+| ``KeyRegistry`` | ``sqlite_keys.SqliteKeyRegistry`` | ``redis_keys.RedisKeyRegistry`` |
+| ``BrokerLink`` | ``in_process.LocalLink`` (there are no other brokers) | ``redis_link.RedisLink`` |
+
+Cluster mode differs from single mode only there: the core has the same code paths for both.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from p2pchat.common.errors import ErrorCode
+
+Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
+MIB = 1024 * 1024
+
+
+# --- who is online where ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Location:
+    broker: bytes  # which broker holds the connection
+    conn: bytes  # that broker's ROUTER routing id for it
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """One numbered change of the peer list, for the core to publish as a PEER_UPDATE."""
+
+    seq: int
+    user: str
+    online: bool
+
+
+class PeerDirectory(Protocol):
+    epoch: bytes  # changes whenever sequence numbers restart
+
+    def claim(self, user: str, where: Location, token: bytes) -> bool:
+        """Mark ``user`` online at ``where``; False if online elsewhere already."""
+
+    def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
+        """Move ``user`` to ``where`` from another broker's session with the same ``token``, or from a
+        broker that stopped refreshing its entries; the previous location (``broker`` empty if nobody
+        held it any more), or None if refused."""
+
+    def hand_over(self, user: str, old: Location, new: Location, token: bytes) -> None:
+        """Move ``user`` from ``old`` to ``new`` on this broker (the same installation reconnected
+        before its old session expired): no presence change."""
+
+    def release(self, user: str, where: Location) -> None:
+        """Mark ``user`` offline if it is still at ``where``."""
+
+    def changes(self) -> list[PresenceChange]:
+        """The peer-list changes since the last call, in sequence order (the core publishes them)."""
+
+    def recheck(self, now: float) -> list[str]:
+        """Users claimed here whose queue another broker may have written without seeing the claim
+        (its replica lagged), now that every replica has caught up: the core pages them once more."""
+
+    def locate(self, user: str) -> Location | None: ...
+
+    def is_known(self, user: str) -> bool:
+        """Has ``user`` ever registered (so it is offline, not unknown)?"""
+
+    def online(self) -> list[str]: ...
+
+    def seq(self) -> int:
+        """The sequence number of the last change published."""
+
+
+# --- store-and-forward ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """Bounds of the store-and-forward queues (docs/PROTOCOL.md §11 lists them with their defaults)."""
+
+    max_per_user: int = 20_000  # frames queued for one recipient
+    max_bytes_per_user: int = 64 * MIB
+    # One sender's share of one recipient's queue: after a flood from one user, others still have half.
+    max_per_sender: int = 10_000
+    max_bytes_per_sender: int = 32 * MIB
+    max_total_bytes: int = 1024 * MIB  # the whole store
+    max_recipients: int = 100_000
+    ttl_seconds: float = 7 * 24 * 3600.0
+    page: int = 256  # queued frames handed to a recipient at once
+    expire_batch: int = 1_000  # expired frames deleted per sweep step
+
+
+class Refusal(enum.Enum):
+    """Why ``append`` did not queue a frame."""
+
+    QUEUE_FULL = "queue_full"  # the recipient's queue is at its bound
+    SHARE_FULL = "share_full"  # the sender's share of that queue is
+    STORE_FULL = "store_full"  # the store as a whole, or its disk
+
+
+class StoreUnavailable(Exception):
+    """A backend could not serve or commit (Redis unreachable, disk full): nothing of the batch is
+    durable. ``code`` is what the broker answers the frames it could not store."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.STORAGE_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class QueueStore(Protocol):
+    """Durable per-recipient queues. Writes belong to the shell's open batch: it commits them before
+    the core answers the frames (``BrokerCore.on_commit``)."""
+
+    durable: bool
+
+    def append(self, msg_id: bytes, sender: str, recipient: str, header: bytes, expires_ms: int) -> Refusal | None:
+        """Queue ``header`` for ``recipient`` (None), or say why not. Idempotent by id."""
+
+    def pending(self, recipient: str, now_ms: int, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` unexpired (seq, frame) queued for ``recipient`` after ``after``, oldest first."""
+
+    def consume(self, recipient: str, msg_id: bytes) -> None: ...
+
+    def expire(self, now_ms: int) -> int:
+        """Delete at most one batch of expired frames; how many."""
+
+
+# --- user ID -> key bindings ------------------------------------------------------------------------
+REFUSALS = {  # why a key gets no ID (or no ticket), for the ERROR or ERR line
+    ErrorCode.ID_TAKEN: "user ID {user!r} belongs to another key",
+    ErrorCode.TOO_MANY_IDS: "this key has claimed as many user IDs as the broker allows",
+    ErrorCode.REGISTRY_FULL: "the broker binds no more user IDs",
+    ErrorCode.ADMISSION_FULL: "too many admissions pending; retry later",
+}
+
+
+class KeyRegistry(Protocol):
+    def bind(self, user: str, key: bytes) -> ErrorCode | None:
+        """Bind ``user`` to ``key`` if unbound; None if ``user`` is (now) bound to ``key``, else why not."""
+
+    def lookup(self, user: str) -> bytes | None: ...
+
+
+# --- other brokers ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """Frames another broker routed to ``user``, whose connection it believed to be here."""
+
+    user: str
+    frames: Frames
+
+
+@dataclass(frozen=True, slots=True)
+class Kicked:
+    """``user``'s session ``conn`` here was taken over by a session on another broker."""
+
+    conn: bytes
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejoined:
+    """The shared state is whole again (after an outage, or after others took this broker for dead)
+    and agrees with this broker's sessions: queues that could not be read meanwhile are paged again."""
+
+
+LinkEvent = Forwarded | Kicked | Rejoined
+
+
+class BrokerLink(Protocol):
+    """Broker-to-broker traffic: what leaves goes with the shell's batch commit."""
+
+    def forward(self, broker: bytes, user: str, frames: Frames) -> None:
+        """Hand ``frames`` (as the core built or received them) to ``user`` on ``broker``."""
+
+    def kick(self, broker: bytes, conn: bytes, user: str) -> None:
+        """Tell ``broker`` that its session ``conn`` of ``user`` was taken over here."""
+
+    def receive(self, now: float) -> list[LinkEvent]:
+        """What other brokers sent, and what the link's own upkeep found, since the last call."""
