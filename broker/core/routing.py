@@ -105,6 +105,7 @@ class BrokerCore:
         self.bad_frames = IncidentLog("bad frame", log)
         self.rate_limited = IncidentLog("rate limited", log)
         self.credit_refused = IncidentLog("chunks refused", log)
+        self._refusing: set[bytes] = set()  # connections whose last chunk was refused (§8: said once per run)
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self._next_sync = 0.0
         self._next_sweep = 0.0
@@ -271,6 +272,7 @@ class BrokerCore:
         self._limiters.pop(conn, None)
         for incidents in (self.bad_frames, self.rate_limited, self.credit_refused):
             incidents.forget(conn)
+        self._refusing.discard(conn)
         self.credit.recipient_gone(session.user)
         self.delivery.closed(conn)
         return session
@@ -353,12 +355,15 @@ class BrokerCore:
         msg: FileChunk = env.message  # type: ignore[assignment]
         size = len(frames[1]) if len(frames) > 1 else 0
         if not self.credit.admit(msg.sender, msg.recipient, msg.xfer, msg.index, size, now):
-            if self.credit_refused.record(conn, self._who(conn), f"xfer={msg.xfer.hex()} outside the credit "
-                                          f"{msg.recipient!r} granted", now):
-                return [Send(conn, self._frames.error(ErrorCode.CREDIT_EXCEEDED, f"chunk {msg.index} is outside the "
-                                                      f"credit {msg.recipient!r} granted; wait for file_credit",
-                                                      env.msg_id))]
-            return []  # no reply per refused chunk: no amplification
+            self.credit_refused.record(conn, self._who(conn), f"xfer={msg.xfer.hex()} outside the credit "
+                                       f"{msg.recipient!r} granted", now)
+            if conn in self._refusing:
+                return []  # one reply per run of refused chunks: a flood is not amplified
+            self._refusing.add(conn)
+            return [Send(conn, self._frames.error(ErrorCode.CREDIT_EXCEEDED, f"chunk {msg.index} is outside the "
+                                                  f"credit {msg.recipient!r} granted; wait for file_credit",
+                                                  env.msg_id))]
+        self._refusing.discard(conn)
         if where.broker != self.broker_id:
             self.link.forward(where.broker, msg.recipient, frames)
             return []

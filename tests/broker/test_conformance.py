@@ -990,12 +990,13 @@ def test_s6_1_shared_store_unreachable_gets_storage_unavailable(tmp_path):
 # --- registry_full: the broker's core and key service in-process, the same raw bytes -------------------------------
 def test_s10_2_register_beyond_the_brokers_bindings_gets_registry_full(tmp_path):
     from p2pchat.broker.backends.sqlite_keys import KeyLimits, SqliteKeyRegistry
-    from p2pchat.broker.core.directory import LocalDirectory
+    from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink, NoStore
     from p2pchat.broker.core.routing import BrokerCore
 
     keys = SqliteKeyRegistry(tmp_path / "keys.sqlite", KeyLimits(bound_ids=1))
     core = BrokerCore(LocalDirectory(b"epoch"), broker_id=b"b", heartbeat_ivl=HEARTBEAT, liveness=LIVENESS,
-                      wall_ms=lambda: 0, keys=keys, require_key=False)
+                      wall_ms=lambda: 0, new_id=lambda: bytes(16), keys=keys, store=NoStore(), link=LocalLink(),
+                      require_key=False)
     try:
         replies = []
         for conn, user in ((b"c1", "first"), (b"c2", "second")):

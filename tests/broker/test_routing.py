@@ -241,7 +241,7 @@ def test_a_connection_that_keeps_flooding_is_told_once_per_period():
     assert only_error(core.on_frames(A, heartbeat, 10.0), A).code is ErrorCode.RATE_LIMITED
 
 
-def test_chunks_outside_the_credit_are_refused_with_one_error_per_period():
+def test_chunks_outside_the_credit_are_refused_with_one_error_per_run():
     core = make_core(liveness=100)
     register(core, A, "alice")
     register(core, B, "bob")
@@ -253,11 +253,11 @@ def test_chunks_outside_the_credit_are_refused_with_one_error_per_period():
     error = only_error(chunk(0, 0.0), A)  # bob granted nothing
     assert (error.code, error.ref) == (ErrorCode.CREDIT_EXCEEDED, MSG_ID)
     assert [chunk(i, 1.0) for i in range(1, 50)] == [[]] * 49  # no reply per refused chunk
-    core.on_tick(10.0)
-    assert only_error(chunk(50, 10.0), A).code is ErrorCode.CREDIT_EXCEEDED
     core.on_frames(B, pack(FileCredit("bob", "alice", xfer, 0, 4, True), 0), 10.0)
     [relay] = chunk(0, 10.0)
-    assert type(relay) is Relay and relay.conn == B  # inside the credit: relayed
+    assert type(relay) is Relay and relay.conn == B  # inside the credit: relayed, and the run of refusals ends
+    assert only_error(chunk(9, 10.0), A).code is ErrorCode.CREDIT_EXCEEDED  # a new run is said again
+    assert chunk(10, 10.0) == []
 
 
 def test_unregister_announces_offline_and_frees_the_id(core):
