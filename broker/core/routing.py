@@ -42,6 +42,7 @@ from p2pchat.common.protocol import (
     SnapshotRequest,
     Unregister,
     decode,
+    new_msg_id,
     pack,
 )
 
@@ -135,8 +136,10 @@ class BrokerCore:
         require_key: bool = True,
         limits: RateLimits = RateLimits(),
         credit: CreditLimits = CreditLimits(),
+        new_id: Callable[[], bytes] = new_msg_id,
     ) -> None:
         self.directory = directory
+        self._new_id = new_id  # ids of the broker's own frames: fixed in a replayed session
         self.keys = keys
         self.store = store or NoStore()
         self.queue_limits = queue_limits
@@ -233,7 +236,7 @@ class BrokerCore:
             self.credit.expire(now)
         if now >= self._next_sync:
             self._next_sync = now + self.heartbeat_ivl
-            actions.append(Publish(pack(PeerSync(self.directory.epoch, self.directory.seq()), self._wall_ms())))
+            actions.append(Publish(self._pack(PeerSync(self.directory.epoch, self.directory.seq()))))
         return actions
 
     def next_deadline(self) -> float:
@@ -267,7 +270,7 @@ class BrokerCore:
         if refused is not None:
             log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
             return [Send(conn, self._error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
-        reply = Send(conn, pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000)), self._wall_ms()))
+        reply = Send(conn, self._pack(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000))))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
         actions: list[Action] = [reply]
@@ -305,13 +308,13 @@ class BrokerCore:
     def _on_heartbeat(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
-        return [Send(conn, pack(Heartbeat(), self._wall_ms()))]
+        return [Send(conn, self._pack(Heartbeat()))]
 
     def _on_snapshot_request(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
         snap = Snapshot(self.directory.epoch, self.directory.seq(), tuple(self.directory.online()))
-        return [Send(conn, pack(snap, self._wall_ms()))]
+        return [Send(conn, self._pack(snap))]
 
     def _on_key_request(self, conn: bytes, env: Envelope, frames: Frames, now: float) -> list[Action]:
         if conn not in self._sessions:
@@ -320,7 +323,7 @@ class BrokerCore:
         key = self.keys.lookup(user)
         if key is None:
             return [Send(conn, self._error(ErrorCode.UNKNOWN_RECIPIENT, f"no key known for {user!r}", env.msg_id))]
-        return [Send(conn, pack(KeyInfo(user, key), self._wall_ms()))]
+        return [Send(conn, self._pack(KeyInfo(user, key)))]
 
     def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames,
                now: float) -> list[Action]:
@@ -350,7 +353,7 @@ class BrokerCore:
             return self._relay_chunk(conn, env, frames, where, now)
         if where.broker == self.broker_id or type(msg) is not FileCredit:
             self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
-        ack = pack(Ack(env.msg_id, AckStatus.RELAYED), self._wall_ms()) if msg.ACKED else None
+        ack = self._pack(Ack(env.msg_id, AckStatus.RELAYED)) if msg.ACKED else None
         if where.broker != self.broker_id:  # relayed = handed to the other broker's stream
             return [Forward(where.broker, recipient, frames)] + ([Send(conn, ack)] if ack is not None else [])
         return [Relay(where.conn, frames, conn, ack,
@@ -423,9 +426,9 @@ class BrokerCore:
                 if session is not None and not session.draining:  # else it comes with a later page
                     actions.append(Send(where.conn, item.frames, item.recipient))  # type: ignore[union-attr]
                 if item.acked:
-                    actions.append(Send(item.sender, pack(Ack(item.msg_id, AckStatus.STORED), self._wall_ms())))
+                    actions.append(Send(item.sender, self._pack(Ack(item.msg_id, AckStatus.STORED))))
             elif session is not None:
-                ack = pack(Ack(item.msg_id, AckStatus.RELAYED), self._wall_ms()) if item.acked else None
+                ack = self._pack(Ack(item.msg_id, AckStatus.RELAYED)) if item.acked else None
                 actions.append(Relay(where.conn, item.frames, item.sender, ack,  # type: ignore[union-attr]
                                      lambda r=item.recipient, m=item.msg_id: self._error(
                                          ErrorCode.RECIPIENT_BUSY, f"recipient {r!r} is not keeping up", m)))
@@ -529,10 +532,13 @@ class BrokerCore:
         if self.directory.shared:  # the cluster directory sequences it and every broker republishes it
             return []
         update = PeerUpdate(self.directory.epoch, self.directory.next_seq(), user, online)
-        return [Publish(pack(update, self._wall_ms()))]
+        return [Publish(self._pack(update))]
 
     def _not_registered(self, conn: bytes, env: Envelope) -> Send:
         return Send(conn, self._error(ErrorCode.NOT_REGISTERED, "register first", env.msg_id))
 
     def _error(self, code: ErrorCode, message: str, ref: bytes | None) -> list[bytes]:
-        return pack(Error(code, message[:1024], ref), self._wall_ms())
+        return self._pack(Error(code, message[:1024], ref))
+
+    def _pack(self, message: Message) -> list[bytes]:
+        return pack(message, self._wall_ms(), self._new_id())
