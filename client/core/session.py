@@ -2,6 +2,9 @@
 
 Sans-I/O: frames and ``now`` (monotonic seconds) in, ``Transmit``/``Emit``
 actions out. The agent thread owns the sockets and carries the actions out.
+Ids come from the shell's ``new_id``, the register token from the shell too;
+the history is a port (``core.ports.Conversations``) whose writes the shell
+commits, telling the session (``history_saved``/``history_failed``).
 
 States: CONNECTING (REGISTER sent, re-sent every heartbeat until answered),
 READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
@@ -13,7 +16,6 @@ message id.
 from __future__ import annotations
 
 import enum
-import os
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,12 +23,13 @@ from dataclasses import dataclass
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
-from p2pchat.client.storage.history import History
+from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
 from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
+from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import (
     Ack,
     AckStatus,
@@ -47,7 +50,6 @@ from p2pchat.common.protocol import (
     Unregister,
     check_user_id,
     decode,
-    new_msg_id,
     pack,
     MAX_BODY_BYTES,
 )
@@ -61,7 +63,7 @@ MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the seal
 # REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
 # TCP connection completes is dropped, and users should not wait a heartbeat.
 REGISTER_RETRY_FIRST = 0.02
-REFUSAL_PERIOD = 60.0  # seconds: refused messages are logged once per sender and period, then summed up
+REFUSAL_PERIOD = 60.0  # seconds: refused messages are logged and reported once per sender and period, then summed up
 REFUSAL_SENDERS = 100  # senders counted apart in one period
 
 
@@ -88,39 +90,6 @@ class _Pending:
     frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
 
 
-class RefusalLog:
-    """Messages refused (they do not open), logged per sender and period, never one line per message."""
-
-    def __init__(self, user: str) -> None:
-        self.user = user
-        self._counts: dict[str, int] = {}
-        self._period_end = 0.0
-
-    def refused(self, sender: str, error: P2PChatError, now: float) -> list[Action]:
-        """Count a refusal; the first from a sender in a period is logged and reported."""
-        count = self._counts.get(sender, 0)
-        if not count and len(self._counts) >= REFUSAL_SENDERS:
-            sender = "(others)"  # bounded: one bucket for the long tail of senders
-            count = self._counts.get(sender, 0)
-        self._counts[sender] = count + 1
-        if count:
-            return []
-        if not self._period_end:
-            self._period_end = now + REFUSAL_PERIOD
-        log.warning("user=%s peer=%s message refused and consumed: %s", self.user, sender, error.message)
-        return [Emit(ev.ErrorReported(error))]
-
-    def on_tick(self, now: float) -> None:
-        if not self._period_end or now < self._period_end:
-            return
-        for sender, count in self._counts.items():
-            if count > 1:
-                log.warning("user=%s peer=%s %d more messages refused and consumed in the last %.0fs",
-                            self.user, sender, count - 1, REFUSAL_PERIOD)
-        self._counts.clear()
-        self._period_end = 0.0
-
-
 class ClientSession:
     def __init__(
         self,
@@ -129,15 +98,19 @@ class ClientSession:
         wall_ms: Callable[[], int],
         heartbeat_ivl: float = 1.0,
         liveness: int = 3,
-        history: History | None = None,
+        history: Conversations | None = None,
         read_receipts: bool = True,
         e2e: EndToEnd,
         transfers: TransferManager | None = None,
-        token: bytes | None = None,
+        token: bytes,
+        new_id: Callable[[], bytes],
     ) -> None:
+        """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
+        frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session)."""
         self.user = check_user_id(user)
         self.e2e = e2e
-        self._token = token or os.urandom(32)
+        self._token = token
+        self._new_id = new_id
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
         self._resend_at = 0.0  # when unacknowledged messages are sent again
         self.state = State.CONNECTING
@@ -158,7 +131,8 @@ class ClientSession:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._published: frozenset[str] = frozenset()
         self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
-        self._refusals = RefusalLog(user)
+        self._refusals = IncidentLog("messages refused and consumed", log, interval=REFUSAL_PERIOD,
+                                     max_keys=REFUSAL_SENDERS)
         self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
         self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
@@ -175,15 +149,11 @@ class ClientSession:
                   ) -> list[Action]:
         """Queue ``body`` (from ``validate_text``) for ``recipient``; sealed once their key is known.
 
-        With a history, the message is committed to the outbox before anything is sent.
+        With a history, the message joins the outbox, which the shell commits before it sends anything.
         """
-        msg_id, ts = msg_id or new_msg_id(), self._wall_ms()
+        msg_id, ts = msg_id or self._new_id(), self._wall_ms()
         if self.history is not None:
             self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
-            try:
-                self.history.commit()
-            except StorageError:
-                pass  # kept in memory and retried by the shell's next commit, which reports it
         self._pending[msg_id] = _Pending(recipient, body, ts)
         self._unsealed[msg_id] = None
         if len(self._pending) == 1:
@@ -199,28 +169,23 @@ class ClientSession:
             return []
         return [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
 
-    def commit(self) -> list[Action]:
-        """Make this batch's history durable; returns the consumes and receipts that waited for it.
-
-        While the history cannot be written they stay held (the broker keeps the messages queued) and
-        the next commit tries again; the first failure and the recovery are reported.
-        """
-        if self.history is None:
-            return []
-        try:
-            self.history.commit()
-        except StorageError as exc:
-            if self._storage_failing:
-                return []
-            self._storage_failing = True
-            log.error("user=%s history not saved: %s; received messages stay queued at the broker until it is",
-                      self.user, exc.message)
-            return [Emit(ev.ErrorReported(exc))]
+    def history_saved(self) -> list[Action]:
+        """The shell committed this batch's history: the consumes and receipts that waited for it go out."""
         if self._storage_failing:
             self._storage_failing = False
             log.warning("user=%s history saved again", self.user)
         held, self._after_commit = self._after_commit, []
         return held
+
+    def history_failed(self, error: StorageError) -> list[Action]:
+        """The shell could not commit: what waited stays held (the broker keeps the messages queued) until a
+        later commit succeeds; the first failure is reported."""
+        if self._storage_failing:
+            return []
+        self._storage_failing = True
+        log.error("user=%s history not saved: %s; received messages stay queued at the broker until it is",
+                  self.user, error.message)
+        return [Emit(ev.ErrorReported(error))]
 
     def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
         assert self.transfers is not None
@@ -234,7 +199,7 @@ class ClientSession:
     def close(self, now: float) -> list[Action]:
         actions: list[Action] = []
         if self.state is State.READY:
-            actions.append(self._transmit(pack(Unregister(), self._wall_ms()), now))
+            actions.append(self._transmit(self._pack(Unregister()), now))
         self.state = State.CLOSED
         if self.transfers is not None:
             self.transfers.close()
@@ -270,7 +235,7 @@ class ClientSession:
                 return []
             actions = self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
             if msg.DURABLE:  # a queued file offer: the transfer manager has taken it over
-                actions.append(self._transmit(pack(Consume(env.msg_id), self._wall_ms()), now))
+                actions.append(self._transmit(self._pack(Consume(env.msg_id)), now))
             return actions
         if type(msg) is Ack:  # of a message, or of a file offer (its ref is the transfer id)
             if self._pending.pop(msg.ref, None) is None:
@@ -325,10 +290,10 @@ class ClientSession:
             self._register_retry = min(self._register_retry * 2, self._hb_ivl)
             actions.append(self._transmit(self._register_frames(), now))
         elif self.state is State.READY and now - self._last_sent >= self._hb_ivl:
-            actions.append(self._transmit(pack(Heartbeat(), self._wall_ms()), now))
+            actions.append(self._transmit(self._pack(Heartbeat()), now))
         if self._snapshot_due is not None and now >= self._snapshot_due:
             actions += self._request_snapshot(now, force=True)
-        self._refusals.on_tick(now)
+        self._refusals.flush(now)
         if self.transfers is not None and self.state is State.READY:
             actions += self.transfers.on_tick(now)
             actions += self._ask_keys(self.transfers.take_key_wants(), now)
@@ -360,8 +325,10 @@ class ClientSession:
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
         except ProtocolError as exc:  # tampered, replayed under a new id, not encrypted, or sealed to an old key
             # Consumed: a message that cannot open now never will, and must not come back at every reconnect.
-            consume = self._transmit(pack(Consume(msg_id), self._wall_ms()), now)
-            return [consume] + self._refusals.refused(msg.sender, exc, now)
+            consume = self._transmit(self._pack(Consume(msg_id)), now)
+            if not self._refusals.record(msg.sender, f"user={self.user} peer={msg.sender}", exc.message, now):
+                return [consume]
+            return [consume, Emit(ev.ErrorReported(exc))]
         self._seen[msg_id] = None  # only once authentic: a forged copy must not hide the real one
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
@@ -373,11 +340,11 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        return self._after_history([pack(Consume(msg_id), self._wall_ms()),
+        return self._after_history([self._pack(Consume(msg_id)),
                                     self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED)], now)
 
     def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
-        """With a history, these frames wait for the commit of what they confirm (``commit`` returns them)."""
+        """With a history, these frames wait for the commit of what they confirm (``history_saved`` returns them)."""
         if self.history is None:
             return [self._transmit(f, now) for f in frames]
         self._after_commit += [Transmit(f) for f in frames]  # not sent yet: the heartbeat clock runs on
@@ -387,14 +354,14 @@ class ClientSession:
         return self._transmit(self._receipt_frames(peer, ref, status), now)
 
     def _receipt_frames(self, peer: str, ref: bytes, status: ReceiptStatus) -> list[bytes]:
-        msg_id = new_msg_id()
+        msg_id = self._new_id()
         self._receipts[msg_id] = None
         if len(self._receipts) > DEDUP_WINDOW:
             self._receipts.popitem(last=False)
         return pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id)
 
     def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
-        actions = self._after_history([pack(Consume(msg_id), self._wall_ms())], now)
+        actions = self._after_history([self._pack(Consume(msg_id))], now)
         if msg.recipient != self.user:
             return actions
         if self.history is None or self.history.advance(msg.ref, msg.status.value):
@@ -470,7 +437,7 @@ class ClientSession:
         return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
 
     def _register_frames(self) -> list[bytes]:
-        return pack(Register(self.user, self._token, self.e2e.identity.public), self._wall_ms())
+        return self._pack(Register(self.user, self._token, self.e2e.identity.public))
 
     def _flush(self, now: float) -> list[Action]:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""
@@ -512,7 +479,7 @@ class ClientSession:
         asked = set(self._key_requests.values())
         actions: list[Action] = []
         for user in sorted(users - asked):
-            msg_id = new_msg_id()
+            msg_id = self._new_id()
             self._key_requests[msg_id] = user
             actions.append(self._transmit(pack(KeyRequest(user), self._wall_ms(), msg_id), now))
         return actions
@@ -534,7 +501,7 @@ class ClientSession:
         if self._snapshot_due is not None and not force:
             return []  # one in flight; re-asked at the deadline if lost
         self._snapshot_due = now + self._expiry
-        return [self._transmit(pack(SnapshotRequest(), self._wall_ms()), now)]
+        return [self._transmit(self._pack(SnapshotRequest()), now)]
 
     def _peers_changed(self, now: float) -> list[Action]:
         current = frozenset(self.presence.peers)
@@ -546,6 +513,9 @@ class ClientSession:
         if self.transfers is not None:
             actions += self.transfers.on_peers(current, now)
         return actions
+
+    def _pack(self, message) -> list[bytes]:
+        return pack(message, self._wall_ms(), self._new_id())
 
     def _transmit(self, frames: list[bytes], now: float) -> Transmit:
         self._last_sent = now

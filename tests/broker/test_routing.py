@@ -447,7 +447,8 @@ class Network:
         self._incarnation += 1
         conn = f"{user}#{self._incarnation}".encode()
         e2e = EndToEnd(user, self.identity(user), MemoryKeyStore(), MemoryKeyStore())
-        session = ClientSession(user, wall_ms=lambda: 0, heartbeat_ivl=IVL, liveness=LIVENESS, e2e=e2e)
+        session = ClientSession(user, wall_ms=lambda: 0, heartbeat_ivl=IVL, liveness=LIVENESS, e2e=e2e,
+                                token=b"install " + conn, new_id=new_msg_id)
         self.sessions[conn] = session
         self._from_client(conn, session.start(self.now))
         self.run()

@@ -32,6 +32,7 @@ from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.e2e import EndToEnd
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
+from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.common.crypto import FileCipher, Identity
 from p2pchat.common.errors import ErrorCode, P2PChatError, RemoteError
 from p2pchat.common.protocol import (
@@ -83,6 +84,18 @@ def identity(user: str) -> Identity:
     return Identity.from_private_bytes(hashlib.sha256(b"identity " + user.encode()).digest())
 
 
+def id_source(seed: str):
+    """A deterministic ``new_id``: hypothesis must see the same ids when it replays an example."""
+    count = 0
+
+    def new_id() -> bytes:
+        nonlocal count
+        count += 1
+        return hashlib.sha256(b"%s %d" % (seed.encode(), count)).digest()[:16]
+
+    return new_id
+
+
 def transmitted(actions) -> list[Envelope]:
     """The envelopes of every Transmit: the core must only ever emit valid frames."""
     return [decode(a.frames) for a in actions if type(a) is Transmit]
@@ -122,10 +135,14 @@ class TransferMachine(RuleBasedStateMachine):
         self.received: set[Path] = set()  # files announced by FileReceived
 
     def _manager(self) -> TransferManager:
-        config = TransferConfig(state_dir=self.root / "state", received_dir=self.inbox, max_file_size=MAX_FILE,
-                                chunk_size=CHUNK, window=WINDOW, stall_timeout=3.0)
-        e2e = EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), enabled=self.SEALED)
-        return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
+        config = TransferConfig(received_dir=self.inbox, max_file_size=MAX_FILE, chunk_size=CHUNK, window=WINDOW,
+                                stall_timeout=3.0)
+        e2e = EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), enabled=self.SEALED,
+                       random_bytes=lambda n: bytes(n))
+        self.restarts = getattr(self, "restarts", 0) + 1  # each run of the client draws other ids
+        return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
+                               new_id=id_source(f"run {self.restarts}"), files=LocalFiles(),
+                               records=RecordDir(self.root / "state", ME))
 
     def teardown(self) -> None:
         self.manager.close()
@@ -567,9 +584,10 @@ def file_key(xfer: bytes) -> bytes:
 
 # --- what the transfer machines found, as plain tests --------------------------------------------
 def transfer_manager(root: Path) -> TransferManager:
-    config = TransferConfig(state_dir=root / "state", received_dir=root / "inbox", chunk_size=CHUNK, window=WINDOW)
+    config = TransferConfig(received_dir=root / "inbox", chunk_size=CHUNK, window=WINDOW)
     e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore(), enabled=False)
-    return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
+    return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
+                           new_id=id_source("manager"), files=LocalFiles(), records=RecordDir(root / "state", ME))
 
 
 def test_a_credit_beyond_the_window_sends_only_a_window(tmp_path):
@@ -617,11 +635,13 @@ class SessionMachine(RuleBasedStateMachine):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="p2pchat-session-"))
         self.now = 0.0
-        e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore())
-        config = TransferConfig(state_dir=self.root / "state", received_dir=self.root / "inbox",
-                                chunk_size=CHUNK, window=WINDOW)
-        transfers = TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
-        self.session = ClientSession(ME, wall_ms=lambda: 0, heartbeat_ivl=1.0, e2e=e2e, transfers=transfers)
+        e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore(), random_bytes=lambda n: bytes(n))
+        config = TransferConfig(received_dir=self.root / "inbox", chunk_size=CHUNK, window=WINDOW)
+        new_id = id_source("session")
+        transfers = TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
+                                    new_id=new_id, files=LocalFiles(), records=RecordDir(self.root / "state", ME))
+        self.session = ClientSession(ME, wall_ms=lambda: 0, heartbeat_ivl=1.0, e2e=e2e, transfers=transfers,
+                                     token=b"token of me", new_id=new_id)
         self.peers = {user: EndToEnd(user, identity(user), MemoryKeyStore(), MemoryKeyStore()) for user in PEERS}
         for e2e_of_peer in self.peers.values():
             e2e_of_peer.learn(ME, identity(ME).public)
