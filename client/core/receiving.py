@@ -27,16 +27,8 @@ import msgpack
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.core.ports import PartWriter
-from p2pchat.client.core.transfer_machine import (
-    IGNORE,
-    PEER_GONE,
-    Input,
-    Phase,
-    Progress,
-    Table,
-    TransferContext,
-    TransferMachine,
-)
+from p2pchat.client.core.transfer_machine import IGNORE, PEER_GONE, Input, Phase, Progress, Table
+from p2pchat.client.core.transfer_machine import TransferMachine
 from p2pchat.client.e2e import EndToEnd
 from p2pchat.common.crypto import TAG_BYTES, FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, ProtocolError, TransferError
@@ -94,9 +86,6 @@ class Incoming(TransferMachine):
     TABLE = RECEIVER
     DIRECTION = "in"
 
-    ctx: TransferContext
-    xfer: bytes
-    peer: str
     name: str
     size: int
     chunk_size: int

@@ -26,17 +26,8 @@ import msgpack
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.core.ports import Source, SourceFile
-from p2pchat.client.core.transfer_machine import (
-    IGNORE,
-    PEER_GONE,
-    Input,
-    Phase,
-    Progress,
-    Table,
-    TransferContext,
-    TransferMachine,
-    frame_id,
-)
+from p2pchat.client.core.transfer_machine import IGNORE, PEER_GONE, Input, Phase, Progress, Table
+from p2pchat.client.core.transfer_machine import TransferContext, TransferMachine, frame_id
 from p2pchat.client.e2e import PeerKeyChanged
 from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, TransferError
@@ -74,9 +65,6 @@ class Outgoing(TransferMachine):
     TABLE = SENDER
     DIRECTION = "out"
 
-    ctx: TransferContext
-    xfer: bytes
-    peer: str
     path: Path
     size: int
     mtime_ns: int

@@ -19,10 +19,10 @@ import enum
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
+from p2pchat.client.core.outbox import Outbox
 from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
@@ -57,7 +57,6 @@ from p2pchat.common.protocol import (
 log = logging.getLogger(__name__)
 
 DEDUP_WINDOW = 10_000
-RESEND_AFTER = 5.0  # seconds without any acknowledgement before pending messages are sent again
 RATE_LIMIT_BACKOFF = 1.0
 MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the sealing overhead
 # REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
@@ -82,14 +81,6 @@ def validate_text(recipient: str, text: str) -> bytes:
     return body
 
 
-@dataclass(slots=True)
-class _Pending:
-    recipient: str
-    text: bytes
-    ts: int  # fixed when queued: it is bound into the seal, so a re-send re-seals identically
-    frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
-
-
 class ClientSession:
     def __init__(
         self,
@@ -112,7 +103,7 @@ class ClientSession:
         self._token = token
         self._new_id = new_id
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
-        self._resend_at = 0.0  # when unacknowledged messages are sent again
+        self.outbox = Outbox(self.user)
         self.state = State.CONNECTING
         self.presence = PresenceTracker()
         self.transfers = transfers
@@ -127,18 +118,15 @@ class ClientSession:
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._snapshot_due: float | None = None
-        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._published: frozenset[str] = frozenset()
-        self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
         self._refusals = IncidentLog("messages refused and consumed", log, interval=REFUSAL_PERIOD,
                                      max_keys=REFUSAL_SENDERS)
         self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
         self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
-                self._pending[entry.msg_id] = _Pending(entry.peer, entry.text.encode("utf-8"), entry.ts)
-                self._unsealed[entry.msg_id] = None
+                self.outbox.add(entry.msg_id, entry.peer, entry.text.encode("utf-8"), entry.ts, 0.0)
 
     # --- commands -----------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -154,10 +142,7 @@ class ClientSession:
         msg_id, ts = msg_id or self._new_id(), self._wall_ms()
         if self.history is not None:
             self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
-        self._pending[msg_id] = _Pending(recipient, body, ts)
-        self._unsealed[msg_id] = None
-        if len(self._pending) == 1:
-            self._resend_at = now + RESEND_AFTER
+        self.outbox.add(msg_id, recipient, body, ts, now)
         return self._flush(now)
 
     def mark_read(self, peer: str, now: float) -> list[Action]:
@@ -204,8 +189,8 @@ class ClientSession:
         if self.transfers is not None:
             self.transfers.close()
         kept = " (kept in the outbox for the next run)" if self.history is not None else ""
-        for msg_id in list(self._pending):
-            del self._pending[msg_id]
+        for msg_id in self.outbox:
+            self.outbox.drop(msg_id)
             actions.append(Emit(ev.SendFailed(msg_id, BrokenError(
                 "client closed before the broker acknowledged" + kept, ErrorCode.CLOSED))))
         return actions
@@ -238,9 +223,8 @@ class ClientSession:
                 actions.append(self._transmit(self._pack(Consume(env.msg_id)), now))
             return actions
         if type(msg) is Ack:  # of a message, or of a file offer (its ref is the transfer id)
-            if self._pending.pop(msg.ref, None) is None:
+            if not self.outbox.acked(msg.ref, now):
                 return [Emit(ev.Acked(msg.ref, msg.status.value))]
-            self._resend_at = now + RESEND_AFTER  # progress: whatever is still pending is in flight
             if self.history is not None:
                 self.history.advance(msg.ref, "stored" if msg.status is AckStatus.STORED else "sent")
             return [Emit(ev.Acked(msg.ref, msg.status.value))]
@@ -282,8 +266,8 @@ class ClientSession:
         actions: list[Action] = []
         if self.state is State.CLOSED:
             return actions
-        if self.state is State.READY and self._pending and now >= self._resend_at:
-            actions += self._resend_unacknowledged(now)
+        if self.state is State.READY and self.outbox and now >= self.outbox.resend_at:
+            actions += [self._transmit(frames, now) for frames in self.outbox.resend(now)]
         if self.state is State.READY and now - self._last_heard > self._expiry:
             actions += self._lost("broker silent for %.1fs" % (now - self._last_heard), now)
         elif self.state is State.CONNECTING and now - self._last_sent >= self._register_retry:
@@ -302,8 +286,8 @@ class ClientSession:
     def next_deadline(self) -> float:
         retry = self._register_retry if self.state is State.CONNECTING else self._hb_ivl
         deadline = self._last_sent + retry
-        if self.state is State.READY and self._pending:
-            deadline = min(deadline, self._resend_at)
+        if self.state is State.READY and self.outbox:
+            deadline = min(deadline, self.outbox.resend_at)
         if self.state is State.READY:
             deadline = min(deadline, self._last_heard + self._expiry)
         if self._snapshot_due is not None:
@@ -388,9 +372,8 @@ class ClientSession:
         self._registered_once = True
         log.info("user=%s registered", self.user)
         self._key_requests.clear()  # lost with the old session
-        for pending in self._pending.values():  # at-least-once: receivers dedup by id
-            if pending.frames is not None:
-                actions.append(self._transmit(pending.frames, now))
+        for frames in self.outbox.sealed():  # at-least-once: receivers dedup by id
+            actions.append(self._transmit(frames, now))
         self.presence.reset()
         actions += self._request_snapshot(now, force=True)
         if self.transfers is not None:
@@ -403,7 +386,7 @@ class ClientSession:
             return self._lost("broker no longer knows this session", now) if self.state is State.READY else []
         if msg.code is ErrorCode.RATE_LIMITED:  # some frames were dropped: slow down, then send again
             log.warning("user=%s rate limited by the broker; re-sending unacknowledged messages shortly", self.user)
-            self._resend_at = now + RATE_LIMIT_BACKOFF
+            self.outbox.resend_at = now + RATE_LIMIT_BACKOFF
             return []
         if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over; this one must stop
             self.state = State.CLOSED
@@ -413,7 +396,7 @@ class ClientSession:
                 self.state = State.CLOSED
                 return [Emit(ev.RegisterFailed(error))]
             return []  # our own stale session: it expires soon, keep re-registering
-        if msg.ref is not None and self._pending.pop(msg.ref, None) is not None:
+        if self.outbox.drop(msg.ref):
             if self.history is not None:
                 self.history.fail(msg.ref)
             return [Emit(ev.SendFailed(msg.ref, error))]
@@ -443,35 +426,19 @@ class ClientSession:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""
         actions: list[Action] = []
         wanted: set[str] = set()
-        for msg_id in list(self._unsealed):  # only these: a long outbox must not make each send O(n)
-            pending = self._pending.get(msg_id)
-            if pending is None:
-                del self._unsealed[msg_id]
-                continue
-            try:
-                key = self.e2e.key_of(pending.recipient) if self.e2e.enabled else b""
-            except PeerKeyChanged as exc:
-                del self._pending[msg_id], self._unsealed[msg_id]
+        for msg_id, sealed in self.outbox.seal(self.e2e):
+            if type(sealed) is str:
+                wanted.add(sealed)
+            elif type(sealed) is list:
+                if self.state is State.READY:
+                    actions.append(self._transmit(sealed, now))
+            else:
                 if self.history is not None:
                     self.history.fail(msg_id)
-                actions.append(Emit(ev.SendFailed(msg_id, exc)))
-                continue
-            if key is None:
-                wanted.add(pending.recipient)
-                continue
-            del self._unsealed[msg_id]
-            body = self.e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
-            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
-            if self.state is State.READY:
-                actions.append(self._transmit(pending.frames, now))
+                actions.append(Emit(ev.SendFailed(msg_id, sealed)))
         if self.transfers is not None:
             wanted |= self.transfers.take_key_wants()
         return actions + self._ask_keys(wanted, now)
-
-    def _resend_unacknowledged(self, now: float) -> list[Action]:
-        """No acknowledgement for a while (frames dropped on the way): send the sealed ones again."""
-        self._resend_at = now + RESEND_AFTER
-        return [self._transmit(p.frames, now) for p in self._pending.values() if p.frames is not None]
 
     def _ask_keys(self, users: set[str], now: float) -> list[Action]:
         if self.state is not State.READY:
@@ -486,13 +453,10 @@ class ClientSession:
 
     def _fail_sends_to(self, user: str, error: P2PChatError) -> list[Action]:
         actions: list[Action] = []
-        for msg_id in list(self._unsealed):
-            pending = self._pending.get(msg_id)
-            if pending is not None and pending.recipient == user:
-                del self._pending[msg_id], self._unsealed[msg_id]
-                if self.history is not None:
-                    self.history.fail(msg_id)
-                actions.append(Emit(ev.SendFailed(msg_id, error)))
+        for msg_id in self.outbox.drop_unsealed_to(user):
+            if self.history is not None:
+                self.history.fail(msg_id)
+            actions.append(Emit(ev.SendFailed(msg_id, error)))
         if self.transfers is not None:
             actions += self.transfers.fail_peer(user, error)
         return actions

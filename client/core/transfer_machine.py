@@ -141,17 +141,16 @@ class TransferContext:
         return Transmit(pack(msg, self.wall_ms(), frame_id(xfer, self.new_id), payload), urgent)
 
 
+@dataclass(slots=True, eq=False)
 class TransferMachine:
-    """The gate and the frame handlers both machines have; each overrides the handlers its table accepts."""
+    """The gate and the frame handlers both machines have; each overrides the handlers its table accepts.
+    Subclasses add ``phase`` (their initial one as its default), ``name`` and ``rate``."""
 
-    __slots__ = ()
     TABLE: ClassVar[Table]
     DIRECTION: ClassVar[str]  # "out" or "in", as events name it
     ctx: TransferContext
     xfer: bytes
     peer: str
-    name: str
-    phase: Phase
 
     def enter(self, what: Input) -> list[Action] | None:
         """Take ``what`` through the table: None if it moved the machine (the caller acts), [] if it is
