@@ -4,6 +4,9 @@ Front + agent, as in the ZeroMQ Guide's ``clone.py``: every call on
 ``ChatClient`` becomes a command the agent runs on its own thread, so the DEALER
 and SUB sockets are only ever touched by one thread. Events reach the user by
 callback (called on the agent thread: keep it short) or through ``events``.
+The agent is the cores' shell: it owns the sockets, the history's commits, the
+transfers' files (``storage.transfers``) and the writer threads.
+(Over 500 lines: the front and its agent are two halves of one object, read together.)
 """
 
 from __future__ import annotations

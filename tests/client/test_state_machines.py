@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import shutil
 import tempfile
 import zlib
@@ -270,6 +271,10 @@ class TransferMachine(RuleBasedStateMachine):
             path.unlink(missing_ok=True)
         else:
             path.write_bytes(data.draw(st.binary(max_size=3 * CHUNK)))
+            # A new modification time, always: the file system's clock ticks coarsely, and a rewrite it did
+            # not see would make the run depend on timing (hypothesis could not replay it).
+            self.rewrites = getattr(self, "rewrites", 0) + 1
+            os.utime(path, ns=(self.rewrites, self.rewrites))
 
     # --- receiving --------------------------------------------------------------------------
     def _in_xfer(self, data) -> bytes:
@@ -622,6 +627,26 @@ def test_an_offer_refused_once_is_refused_again_without_a_second_failure_event(t
     actions = manager.on_message(offer, 1.0)
     assert emitted(actions) == []
     assert [type(env.message) for env in transmitted(actions)] == [FileCancel]
+
+
+def test_refused_offers_are_reported_once_per_sender_and_period_and_each_answered(tmp_path):
+    from p2pchat.client.core.transfer import REFUSAL_PERIOD
+
+    manager = transfer_manager(tmp_path)
+
+    def offers(sender: str, first: int, count: int, now: float) -> list:
+        actions = []
+        for n in range(first, first + count):  # chunk size 0: refused
+            xfer = hashlib.sha256(b"refused %d" % n).digest()[:16]
+            body = msgpack.packb({"name": "a.txt"})
+            actions += manager.on_message(Envelope(xfer, 0, FileOffer(sender, ME, xfer, 5, 0, body)), now)
+        return actions
+
+    flood = offers("ann", 0, 50, 0.0) + offers("bob", 50, 3, 0.0)
+    assert [e.peer for e in emitted(flood)] == ["ann", "bob"]  # one report per sender, not one per offer
+    assert [type(env.message) for env in transmitted(flood)] == [FileCancel] * 53  # every offer answered
+    manager.on_tick(REFUSAL_PERIOD + 1)  # the period ends: the counts are logged
+    assert [e.peer for e in emitted(offers("ann", 60, 2, REFUSAL_PERIOD + 2))] == ["ann"]
 
 
 # --- client session ---------------------------------------------------------------------------

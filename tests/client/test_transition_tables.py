@@ -205,3 +205,16 @@ def test_the_tables_name_only_live_phases_and_every_live_phase_fails_cleanly_whe
         assert {phase for phase, _ in table} == live
         for phase in live:
             assert table[(phase, Input.ABORT)] is Phase.FAILED and table[(phase, Input.CANCEL)] is Phase.FAILED
+
+
+def test_a_frame_only_the_other_direction_sends_fails_the_transfer_and_a_strangers_is_ignored(tmp_path):
+    bench = Bench(tmp_path, sealed=True)
+    inc = bench.receiver_in(Phase.RECEIVING, 5 * CHUNK, held=1)
+    xfer = inc.xfer
+    stranger = FileCredit("mallory", ME, xfer, 0, WINDOW, False)
+    assert bench.manager.on_message(Envelope(frame_id(xfer), 0, stranger), 1.0) == []
+    assert inc.phase is Phase.RECEIVING
+    credit = FileCredit(PEER, ME, xfer, 0, WINDOW, False)  # ann sends us this file: a credit is hers to get
+    actions = bench.manager.on_message(Envelope(frame_id(xfer), 0, credit), 1.0)
+    assert reported_failure(actions, xfer) == ([ErrorCode.BAD_FRAME], [ErrorCode.BAD_FRAME])
+    assert left_behind(bench, inc) == []
