@@ -6,7 +6,9 @@ step checks the invariants that must hold whatever came in: nothing raises, ever
 the core emits is valid on the wire, and each core's own promises (credit is respected,
 a finished transfer stays quiet, a connection is one user, presence is sequenced +1, a
 queued message is consumed only by its recipient). The pattern is h2's
-test_state_machines.py; the rules are the table of inputs.
+test_state_machines.py; the rules are the table of inputs. The cores get deterministic id and key
+sources, so hypothesis can replay any run it found.
+(Over 500 lines: one machine per core and the plain tests they led to, sharing the helpers at the top.)
 """
 
 from __future__ import annotations
@@ -466,7 +468,7 @@ class BrokerMachine(RuleBasedStateMachine):
         super().__init__()
         self.store = MemoryStore()
         self.core = BrokerCore(LocalDirectory(b"epoch-01"), broker_id=b"broker-1", heartbeat_ivl=1.0, liveness=3,
-                               wall_ms=lambda: 0, keys=KeyBook(), store=self.store)
+                               wall_ms=lambda: 0, keys=KeyBook(), store=self.store, new_id=id_source("broker"))
         self.now = 0.0
         self.seq = 0  # the last presence update seen
         self.online: set[str] = set()  # presence as a subscriber sees it
