@@ -4,6 +4,9 @@ Front + agent, as in the ZeroMQ Guide's ``clone.py``: every call on
 ``ChatClient`` becomes a command the agent runs on its own thread, so the DEALER
 and SUB sockets are only ever touched by one thread. Events reach the user by
 callback (called on the agent thread: keep it short) or through ``events``.
+The agent is the cores' shell: it owns the sockets, the history's commits, the
+transfers' files (``storage.transfers``) and the writer threads.
+(Over 500 lines: the front and its agent are two halves of one object, read together.)
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ from p2pchat.client.e2e import EndToEnd
 from p2pchat.client.storage.history import History
 from p2pchat.client.storage.identity import InstanceClaim
 from p2pchat.client.storage.partfile import WriterPool
+from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.client.storage.trust import KeyStore
 from p2pchat.common.crypto import Identity, fingerprint, safety_number
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
 from p2pchat.common.paths import ensure_private_dir, home_dir, user_dir
 from p2pchat.common.endpoints import ServerAddress
-from p2pchat.common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError, RemoteError
+from p2pchat.common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError, RemoteError, StorageError
+from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import MAX_HEADER_BYTES, check_user_id, new_msg_id
 from p2pchat.common.wakeup import Waker
 
@@ -108,23 +113,27 @@ class ChatClient:
         self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
             user,
-            TransferConfig(self.state_dir / "transfers", cfg.received_dir, cfg.max_file_size, cfg.chunk_size,
-                           cfg.window, stall_timeout=cfg.heartbeat_ivl * cfg.liveness, **cfg.transfer_limits),
-            e2e=self.e2e,
+            TransferConfig(cfg.received_dir, cfg.max_file_size, cfg.chunk_size, cfg.window,
+                           stall_timeout=cfg.heartbeat_ivl * cfg.liveness, **cfg.transfer_limits),
+            self.e2e,
             wall_ms=_wall_ms,
             wall_time=time.time,
-            writers=self._writers,
+            new_id=new_msg_id,
+            files=LocalFiles(self._writers),
+            records=RecordDir(self.state_dir / "transfers", user),
         )
+        self._history = History(self.state_dir / "history.sqlite") if cfg.history else None
         self._session = ClientSession(
             user,
             wall_ms=_wall_ms,
             heartbeat_ivl=cfg.heartbeat_ivl,
             liveness=cfg.liveness,
-            history=History(self.state_dir / "history.sqlite") if cfg.history else None,
+            history=self._history,
             read_receipts=cfg.read_receipts,
             e2e=self.e2e,
             transfers=transfers,
             token=self._claim.token,
+            new_id=new_msg_id,
         )
         self.broker_key: bytes | None = None
         self._dealer: zmq.Socket | None = None
@@ -142,7 +151,7 @@ class ChatClient:
         self._closed = False
         self._agent_done = False
         self._release_by_agent = False
-        self._dropped = 0  # frames whose handling raised
+        self._dropped = IncidentLog("frames dropped after an internal error", log)  # per kind of error
         self._thread = threading.Thread(target=self._run, name=f"p2pchat-agent-{user}", daemon=True)
 
     # --- public API (any thread) ----------------------------------------------
@@ -260,8 +269,8 @@ class ChatClient:
     def _release(self) -> None:
         self._writers.close()  # after the agent closed every .part file
         self._waker.close()
-        if self._session.history is not None:
-            self._session.history.close()
+        if self._history is not None:
+            self._history.close()
         self._claim.release()
 
     def _on_agent(self) -> bool:
@@ -331,6 +340,7 @@ class ChatClient:
                 if backlog or self._sub in ready:
                     backlog |= self._drain(self._sub, session.on_publish)
                 self._execute(session.on_tick(time.monotonic()))
+                self._dropped.flush(time.monotonic())
                 self._flush_backlog(poller)
                 self._reopen_if_stuck(poller)
             self._execute(session.close(time.monotonic()))
@@ -436,13 +446,12 @@ class ChatClient:
                 break
             # Header as bytes; a chunk payload stays a zero-copy buffer.
             frames = [parts[0].bytes, *(p.buffer for p in parts[1:])]
+            now = time.monotonic()
             try:
-                actions = handler(frames, time.monotonic())
-            except Exception:  # a bug must not stop the client at one frame: drop it and say so (rate-limited)
-                self._dropped += 1
-                if self._dropped & (self._dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
-                    log.exception("user=%s frame dropped after an internal error (%d so far)", self.user,
-                                  self._dropped)
+                actions = handler(frames, now)
+            except Exception as exc:  # a bug must not stop the client at one frame: drop it and say so (throttled)
+                if self._dropped.record(type(exc).__name__, f"user={self.user}", repr(exc), now, quiet=True):
+                    log.exception("user=%s frame dropped after an internal error (more are counted)", self.user)
                 continue
             batch += actions
             if any(type(a) is Transmit and a.urgent for a in actions):
@@ -469,9 +478,20 @@ class ChatClient:
             except Exception as exc:
                 future.set_exception(exc)
 
+    def _commit(self) -> list:
+        """Make the batch's history durable; the session hands back what waited for it (consumes, receipts)."""
+        if self._history is None:
+            return []
+        try:
+            self._history.commit()
+        except StorageError as exc:  # kept in memory and retried at the next commit
+            return self._session.history_failed(exc)
+        return self._session.history_saved()
+
     def _execute(self, actions: list) -> None:
-        # History first: a CONSUME must never precede what it confirms (the session holds them till then).
-        for action in [*actions, *self._session.commit()]:
+        # History first: a CONSUME must never precede what it confirms (the session holds them till then),
+        # and a sent message is in the outbox before it goes out.
+        for action in [*actions, *self._commit()]:
             if type(action) is Transmit:
                 if self._dealer is None:
                     continue  # not connected yet: the session sends its outbox once registered

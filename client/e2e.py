@@ -3,13 +3,31 @@
 Peer keys are pinned on first contact (from the broker's KEY_INFO or a sealed
 message). A different key later is never used silently: it is parked as
 *pending* and sending to that peer is blocked until the user accepts it.
+
+No I/O of its own: the pinned and pending keys live behind ``PeerKeys`` (the shell passes key files,
+tests and load clients memory), and the randomness of new file keys comes from ``random_bytes``.
+Sealing a message is deterministic (its key derives from the message id), so with fixed identities
+and a fixed ``random_bytes`` a whole session seals to the same bytes every time.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Protocol
+
 from p2pchat.common import crypto
 from p2pchat.common.errors import ErrorCode, P2PChatError
-from p2pchat.client.storage.trust import KeyStore
+
+
+class PeerKeys(Protocol):
+    """Keys by user ID (``storage.trust.KeyStore`` keeps them in a file, ``MemoryKeys`` in memory)."""
+
+    def get(self, name: str) -> bytes | None: ...
+
+    def put(self, name: str, key: bytes) -> None: ...
+
+    def delete(self, name: str) -> None: ...
 
 
 class PeerKeyChanged(P2PChatError):
@@ -21,7 +39,25 @@ class PeerKeyChanged(P2PChatError):
         self.user, self.old, self.new = user, old, new
 
 
-def accept_pending(pinned: KeyStore, pending: KeyStore, user: str) -> bool:
+class MemoryKeys:
+    """``PeerKeys`` in memory: nothing survives the process (load clients, tests)."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self) -> None:
+        self._keys: dict[str, bytes] = {}
+
+    def get(self, name: str) -> bytes | None:
+        return self._keys.get(name)
+
+    def put(self, name: str, key: bytes) -> None:
+        self._keys[name] = key
+
+    def delete(self, name: str) -> None:
+        self._keys.pop(name, None)
+
+
+def accept_pending(pinned: PeerKeys, pending: PeerKeys, user: str) -> bool:
     key = pending.get(user)
     if key is None:
         return False
@@ -31,11 +67,12 @@ def accept_pending(pinned: KeyStore, pending: KeyStore, user: str) -> bool:
 
 
 class EndToEnd:
-    def __init__(self, user: str, identity: crypto.Identity, pinned: KeyStore, pending: KeyStore,
-                 enabled: bool = True) -> None:
+    def __init__(self, user: str, identity: crypto.Identity, pinned: PeerKeys, pending: PeerKeys,
+                 enabled: bool = True, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.user = user
         self.identity = identity
         self.enabled = enabled
+        self._random_bytes = random_bytes
         self._pinned = pinned
         self._pending = pending  # changed keys awaiting the user's decision, kept across restarts
         self._shared: dict[bytes, bytes] = {}
@@ -65,6 +102,10 @@ class EndToEnd:
 
     def accept(self, user: str) -> bool:
         return accept_pending(self._pinned, self._pending, user)
+
+    def new_file_key(self) -> bytes:
+        """A fresh key for one sending session of a file (never a (key, nonce) pair twice)."""
+        return self._random_bytes(crypto.KEY_BYTES)
 
     def seal(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> bytes:
         if not self.enabled:

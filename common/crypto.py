@@ -152,10 +152,6 @@ class FileCipher:
         self._aad = b"p2pchat v1 file" + xfer
 
     @staticmethod
-    def new_key() -> bytes:
-        return AESGCM.generate_key(bit_length=256)
-
-    @staticmethod
     def nonce(index: int, final: bool) -> bytes:
         return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 

@@ -38,6 +38,7 @@ USER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
 def new_msg_id() -> bytes:
+    """A fresh random message id: the shells' id source (cores take theirs as ``new_id``)."""
     return os.urandom(MSG_ID_BYTES)
 
 
@@ -429,7 +430,9 @@ def encode(env: Envelope) -> list[bytes]:
 
 
 def pack(message: Message, ts: int, msg_id: bytes | None = None, payload: bytes | None = None) -> list[bytes]:
-    return encode(Envelope(msg_id or new_msg_id(), ts, message, payload))
+    """``message`` as frames under the caller's id. The cores always pass one, from the ``new_id`` source their
+    shell gave them, so a recorded session replays byte for byte; tools and tests may leave it to ``new_msg_id``."""
+    return encode(Envelope(new_msg_id() if msg_id is None else msg_id, ts, message, payload))
 
 
 _UNPACK_LIMITS = dict(

@@ -2,6 +2,9 @@
 
 Sans-I/O: frames and ``now`` (monotonic seconds) in, ``Transmit``/``Emit``
 actions out. The agent thread owns the sockets and carries the actions out.
+Ids come from the shell's ``new_id``, the register token from the shell too;
+the history is a port (``core.ports.Conversations``) whose writes the shell
+commits, telling the session (``history_saved``/``history_failed``).
 
 States: CONNECTING (REGISTER sent, re-sent every heartbeat until answered),
 READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
@@ -13,20 +16,20 @@ message id.
 from __future__ import annotations
 
 import enum
-import os
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
-from p2pchat.client.storage.history import History
+from p2pchat.client.core.outbox import Outbox
+from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
 from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
+from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import (
     Ack,
     AckStatus,
@@ -47,7 +50,6 @@ from p2pchat.common.protocol import (
     Unregister,
     check_user_id,
     decode,
-    new_msg_id,
     pack,
     MAX_BODY_BYTES,
 )
@@ -55,13 +57,12 @@ from p2pchat.common.protocol import (
 log = logging.getLogger(__name__)
 
 DEDUP_WINDOW = 10_000
-RESEND_AFTER = 5.0  # seconds without any acknowledgement before pending messages are sent again
 RATE_LIMIT_BACKOFF = 1.0
 MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the sealing overhead
 # REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
 # TCP connection completes is dropped, and users should not wait a heartbeat.
 REGISTER_RETRY_FIRST = 0.02
-REFUSAL_PERIOD = 60.0  # seconds: refused messages are logged once per sender and period, then summed up
+REFUSAL_PERIOD = 60.0  # seconds: refused messages are logged and reported once per sender and period, then summed up
 REFUSAL_SENDERS = 100  # senders counted apart in one period
 
 
@@ -80,47 +81,6 @@ def validate_text(recipient: str, text: str) -> bytes:
     return body
 
 
-@dataclass(slots=True)
-class _Pending:
-    recipient: str
-    text: bytes
-    ts: int  # fixed when queued: it is bound into the seal, so a re-send re-seals identically
-    frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
-
-
-class RefusalLog:
-    """Messages refused (they do not open), logged per sender and period, never one line per message."""
-
-    def __init__(self, user: str) -> None:
-        self.user = user
-        self._counts: dict[str, int] = {}
-        self._period_end = 0.0
-
-    def refused(self, sender: str, error: P2PChatError, now: float) -> list[Action]:
-        """Count a refusal; the first from a sender in a period is logged and reported."""
-        count = self._counts.get(sender, 0)
-        if not count and len(self._counts) >= REFUSAL_SENDERS:
-            sender = "(others)"  # bounded: one bucket for the long tail of senders
-            count = self._counts.get(sender, 0)
-        self._counts[sender] = count + 1
-        if count:
-            return []
-        if not self._period_end:
-            self._period_end = now + REFUSAL_PERIOD
-        log.warning("user=%s peer=%s message refused and consumed: %s", self.user, sender, error.message)
-        return [Emit(ev.ErrorReported(error))]
-
-    def on_tick(self, now: float) -> None:
-        if not self._period_end or now < self._period_end:
-            return
-        for sender, count in self._counts.items():
-            if count > 1:
-                log.warning("user=%s peer=%s %d more messages refused and consumed in the last %.0fs",
-                            self.user, sender, count - 1, REFUSAL_PERIOD)
-        self._counts.clear()
-        self._period_end = 0.0
-
-
 class ClientSession:
     def __init__(
         self,
@@ -129,17 +89,21 @@ class ClientSession:
         wall_ms: Callable[[], int],
         heartbeat_ivl: float = 1.0,
         liveness: int = 3,
-        history: History | None = None,
+        history: Conversations | None = None,
         read_receipts: bool = True,
         e2e: EndToEnd,
         transfers: TransferManager | None = None,
-        token: bytes | None = None,
+        token: bytes,
+        new_id: Callable[[], bytes],
     ) -> None:
+        """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
+        frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session)."""
         self.user = check_user_id(user)
         self.e2e = e2e
-        self._token = token or os.urandom(32)
+        self._token = token
+        self._new_id = new_id
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
-        self._resend_at = 0.0  # when unacknowledged messages are sent again
+        self.outbox = Outbox(self.user)
         self.state = State.CONNECTING
         self.presence = PresenceTracker()
         self.transfers = transfers
@@ -154,17 +118,15 @@ class ClientSession:
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._snapshot_due: float | None = None
-        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._published: frozenset[str] = frozenset()
-        self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
-        self._refusals = RefusalLog(user)
+        self._refusals = IncidentLog("messages refused and consumed", log, interval=REFUSAL_PERIOD,
+                                     max_keys=REFUSAL_SENDERS)
         self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
         self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
-                self._pending[entry.msg_id] = _Pending(entry.peer, entry.text.encode("utf-8"), entry.ts)
-                self._unsealed[entry.msg_id] = None
+                self.outbox.add(entry.msg_id, entry.peer, entry.text.encode("utf-8"), entry.ts, 0.0)
 
     # --- commands -----------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -175,19 +137,12 @@ class ClientSession:
                   ) -> list[Action]:
         """Queue ``body`` (from ``validate_text``) for ``recipient``; sealed once their key is known.
 
-        With a history, the message is committed to the outbox before anything is sent.
+        With a history, the message joins the outbox, which the shell commits before it sends anything.
         """
-        msg_id, ts = msg_id or new_msg_id(), self._wall_ms()
+        msg_id, ts = msg_id or self._new_id(), self._wall_ms()
         if self.history is not None:
             self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
-            try:
-                self.history.commit()
-            except StorageError:
-                pass  # kept in memory and retried by the shell's next commit, which reports it
-        self._pending[msg_id] = _Pending(recipient, body, ts)
-        self._unsealed[msg_id] = None
-        if len(self._pending) == 1:
-            self._resend_at = now + RESEND_AFTER
+        self.outbox.add(msg_id, recipient, body, ts, now)
         return self._flush(now)
 
     def mark_read(self, peer: str, now: float) -> list[Action]:
@@ -199,28 +154,23 @@ class ClientSession:
             return []
         return [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
 
-    def commit(self) -> list[Action]:
-        """Make this batch's history durable; returns the consumes and receipts that waited for it.
-
-        While the history cannot be written they stay held (the broker keeps the messages queued) and
-        the next commit tries again; the first failure and the recovery are reported.
-        """
-        if self.history is None:
-            return []
-        try:
-            self.history.commit()
-        except StorageError as exc:
-            if self._storage_failing:
-                return []
-            self._storage_failing = True
-            log.error("user=%s history not saved: %s; received messages stay queued at the broker until it is",
-                      self.user, exc.message)
-            return [Emit(ev.ErrorReported(exc))]
+    def history_saved(self) -> list[Action]:
+        """The shell committed this batch's history: the consumes and receipts that waited for it go out."""
         if self._storage_failing:
             self._storage_failing = False
             log.warning("user=%s history saved again", self.user)
         held, self._after_commit = self._after_commit, []
         return held
+
+    def history_failed(self, error: StorageError) -> list[Action]:
+        """The shell could not commit: what waited stays held (the broker keeps the messages queued) until a
+        later commit succeeds; the first failure is reported."""
+        if self._storage_failing:
+            return []
+        self._storage_failing = True
+        log.error("user=%s history not saved: %s; received messages stay queued at the broker until it is",
+                  self.user, error.message)
+        return [Emit(ev.ErrorReported(error))]
 
     def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
         assert self.transfers is not None
@@ -234,13 +184,13 @@ class ClientSession:
     def close(self, now: float) -> list[Action]:
         actions: list[Action] = []
         if self.state is State.READY:
-            actions.append(self._transmit(pack(Unregister(), self._wall_ms()), now))
+            actions.append(self._transmit(self._pack(Unregister()), now))
         self.state = State.CLOSED
         if self.transfers is not None:
             self.transfers.close()
         kept = " (kept in the outbox for the next run)" if self.history is not None else ""
-        for msg_id in list(self._pending):
-            del self._pending[msg_id]
+        for msg_id in self.outbox:
+            self.outbox.drop(msg_id)
             actions.append(Emit(ev.SendFailed(msg_id, BrokenError(
                 "client closed before the broker acknowledged" + kept, ErrorCode.CLOSED))))
         return actions
@@ -270,12 +220,11 @@ class ClientSession:
                 return []
             actions = self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
             if msg.DURABLE:  # a queued file offer: the transfer manager has taken it over
-                actions.append(self._transmit(pack(Consume(env.msg_id), self._wall_ms()), now))
+                actions.append(self._transmit(self._pack(Consume(env.msg_id)), now))
             return actions
         if type(msg) is Ack:  # of a message, or of a file offer (its ref is the offer's id)
-            if self._pending.pop(msg.ref, None) is None:
+            if not self.outbox.acked(msg.ref, now):
                 return [Emit(ev.Acked(msg.ref, msg.status.value))]
-            self._resend_at = now + RESEND_AFTER  # progress: whatever is still pending is in flight
             if self.history is not None:
                 self.history.advance(msg.ref, "stored" if msg.status is AckStatus.STORED else "sent")
             return [Emit(ev.Acked(msg.ref, msg.status.value))]
@@ -317,18 +266,18 @@ class ClientSession:
         actions: list[Action] = []
         if self.state is State.CLOSED:
             return actions
-        if self.state is State.READY and self._pending and now >= self._resend_at:
-            actions += self._resend_unacknowledged(now)
+        if self.state is State.READY and self.outbox and now >= self.outbox.resend_at:
+            actions += [self._transmit(frames, now) for frames in self.outbox.resend(now)]
         if self.state is State.READY and now - self._last_heard > self._expiry:
             actions += self._lost("broker silent for %.1fs" % (now - self._last_heard), now)
         elif self.state is State.CONNECTING and now - self._last_sent >= self._register_retry:
             self._register_retry = min(self._register_retry * 2, self._hb_ivl)
             actions.append(self._transmit(self._register_frames(), now))
         elif self.state is State.READY and now - self._last_sent >= self._hb_ivl:
-            actions.append(self._transmit(pack(Heartbeat(), self._wall_ms()), now))
+            actions.append(self._transmit(self._pack(Heartbeat()), now))
         if self._snapshot_due is not None and now >= self._snapshot_due:
             actions += self._request_snapshot(now, force=True)
-        self._refusals.on_tick(now)
+        self._refusals.flush(now)
         if self.transfers is not None and self.state is State.READY:
             actions += self.transfers.on_tick(now)
             actions += self._ask_keys(self.transfers.take_key_wants(), now)
@@ -337,8 +286,8 @@ class ClientSession:
     def next_deadline(self) -> float:
         retry = self._register_retry if self.state is State.CONNECTING else self._hb_ivl
         deadline = self._last_sent + retry
-        if self.state is State.READY and self._pending:
-            deadline = min(deadline, self._resend_at)
+        if self.state is State.READY and self.outbox:
+            deadline = min(deadline, self.outbox.resend_at)
         if self.state is State.READY:
             deadline = min(deadline, self._last_heard + self._expiry)
         if self._snapshot_due is not None:
@@ -360,8 +309,10 @@ class ClientSession:
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
         except ProtocolError as exc:  # tampered, replayed under a new id, not encrypted, or sealed to an old key
             # Consumed: a message that cannot open now never will, and must not come back at every reconnect.
-            consume = self._transmit(pack(Consume(msg_id), self._wall_ms()), now)
-            return [consume] + self._refusals.refused(msg.sender, exc, now)
+            consume = self._transmit(self._pack(Consume(msg_id)), now)
+            if not self._refusals.record(msg.sender, f"user={self.user} peer={msg.sender}", exc.message, now):
+                return [consume]
+            return [consume, Emit(ev.ErrorReported(exc))]
         self._seen[msg_id] = None  # only once authentic: a forged copy must not hide the real one
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
@@ -373,11 +324,11 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        return self._after_history([pack(Consume(msg_id), self._wall_ms()),
+        return self._after_history([self._pack(Consume(msg_id)),
                                     self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED)], now)
 
     def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
-        """With a history, these frames wait for the commit of what they confirm (``commit`` returns them)."""
+        """With a history, these frames wait for the commit of what they confirm (``history_saved`` returns them)."""
         if self.history is None:
             return [self._transmit(f, now) for f in frames]
         self._after_commit += [Transmit(f) for f in frames]  # not sent yet: the heartbeat clock runs on
@@ -387,14 +338,14 @@ class ClientSession:
         return self._transmit(self._receipt_frames(peer, ref, status), now)
 
     def _receipt_frames(self, peer: str, ref: bytes, status: ReceiptStatus) -> list[bytes]:
-        msg_id = new_msg_id()
+        msg_id = self._new_id()
         self._receipts[msg_id] = None
         if len(self._receipts) > DEDUP_WINDOW:
             self._receipts.popitem(last=False)
         return pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id)
 
     def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
-        actions = self._after_history([pack(Consume(msg_id), self._wall_ms())], now)
+        actions = self._after_history([self._pack(Consume(msg_id))], now)
         if msg.recipient != self.user:
             return actions
         if self.history is None or self.history.advance(msg.ref, msg.status.value):
@@ -421,9 +372,8 @@ class ClientSession:
         self._registered_once = True
         log.info("user=%s registered", self.user)
         self._key_requests.clear()  # lost with the old session
-        for pending in self._pending.values():  # at-least-once: receivers dedup by id
-            if pending.frames is not None:
-                actions.append(self._transmit(pending.frames, now))
+        for frames in self.outbox.sealed():  # at-least-once: receivers dedup by id
+            actions.append(self._transmit(frames, now))
         self.presence.reset()
         actions += self._request_snapshot(now, force=True)
         if self.transfers is not None:
@@ -436,7 +386,7 @@ class ClientSession:
             return self._lost("broker no longer knows this session", now) if self.state is State.READY else []
         if msg.code is ErrorCode.RATE_LIMITED:  # some frames were dropped: slow down, then send again
             log.warning("user=%s rate limited by the broker; re-sending unacknowledged messages shortly", self.user)
-            self._resend_at = now + RATE_LIMIT_BACKOFF
+            self.outbox.resend_at = now + RATE_LIMIT_BACKOFF
             return []
         if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over; this one must stop
             self.state = State.CLOSED
@@ -446,7 +396,7 @@ class ClientSession:
                 self.state = State.CLOSED
                 return [Emit(ev.RegisterFailed(error))]
             return []  # our own stale session: it expires soon, keep re-registering
-        if msg.ref is not None and self._pending.pop(msg.ref, None) is not None:
+        if self.outbox.drop(msg.ref):
             if self.history is not None:
                 self.history.fail(msg.ref)
             return [Emit(ev.SendFailed(msg.ref, error))]
@@ -470,41 +420,25 @@ class ClientSession:
         return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
 
     def _register_frames(self) -> list[bytes]:
-        return pack(Register(self.user, self._token, self.e2e.identity.public), self._wall_ms())
+        return self._pack(Register(self.user, self._token, self.e2e.identity.public))
 
     def _flush(self, now: float) -> list[Action]:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""
         actions: list[Action] = []
         wanted: set[str] = set()
-        for msg_id in list(self._unsealed):  # only these: a long outbox must not make each send O(n)
-            pending = self._pending.get(msg_id)
-            if pending is None:
-                del self._unsealed[msg_id]
-                continue
-            try:
-                key = self.e2e.key_of(pending.recipient) if self.e2e.enabled else b""
-            except PeerKeyChanged as exc:
-                del self._pending[msg_id], self._unsealed[msg_id]
+        for msg_id, sealed in self.outbox.seal(self.e2e):
+            if type(sealed) is str:
+                wanted.add(sealed)
+            elif type(sealed) is list:
+                if self.state is State.READY:
+                    actions.append(self._transmit(sealed, now))
+            else:
                 if self.history is not None:
                     self.history.fail(msg_id)
-                actions.append(Emit(ev.SendFailed(msg_id, exc)))
-                continue
-            if key is None:
-                wanted.add(pending.recipient)
-                continue
-            del self._unsealed[msg_id]
-            body = self.e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
-            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
-            if self.state is State.READY:
-                actions.append(self._transmit(pending.frames, now))
+                actions.append(Emit(ev.SendFailed(msg_id, sealed)))
         if self.transfers is not None:
             wanted |= self.transfers.take_key_wants()
         return actions + self._ask_keys(wanted, now)
-
-    def _resend_unacknowledged(self, now: float) -> list[Action]:
-        """No acknowledgement for a while (frames dropped on the way): send the sealed ones again."""
-        self._resend_at = now + RESEND_AFTER
-        return [self._transmit(p.frames, now) for p in self._pending.values() if p.frames is not None]
 
     def _ask_keys(self, users: set[str], now: float) -> list[Action]:
         if self.state is not State.READY:
@@ -512,20 +446,17 @@ class ClientSession:
         asked = set(self._key_requests.values())
         actions: list[Action] = []
         for user in sorted(users - asked):
-            msg_id = new_msg_id()
+            msg_id = self._new_id()
             self._key_requests[msg_id] = user
             actions.append(self._transmit(pack(KeyRequest(user), self._wall_ms(), msg_id), now))
         return actions
 
     def _fail_sends_to(self, user: str, error: P2PChatError) -> list[Action]:
         actions: list[Action] = []
-        for msg_id in list(self._unsealed):
-            pending = self._pending.get(msg_id)
-            if pending is not None and pending.recipient == user:
-                del self._pending[msg_id], self._unsealed[msg_id]
-                if self.history is not None:
-                    self.history.fail(msg_id)
-                actions.append(Emit(ev.SendFailed(msg_id, error)))
+        for msg_id in self.outbox.drop_unsealed_to(user):
+            if self.history is not None:
+                self.history.fail(msg_id)
+            actions.append(Emit(ev.SendFailed(msg_id, error)))
         if self.transfers is not None:
             actions += self.transfers.fail_peer(user, error)
         return actions
@@ -534,7 +465,7 @@ class ClientSession:
         if self._snapshot_due is not None and not force:
             return []  # one in flight; re-asked at the deadline if lost
         self._snapshot_due = now + self._expiry
-        return [self._transmit(pack(SnapshotRequest(), self._wall_ms()), now)]
+        return [self._transmit(self._pack(SnapshotRequest()), now)]
 
     def _peers_changed(self, now: float) -> list[Action]:
         current = frozenset(self.presence.peers)
@@ -546,6 +477,9 @@ class ClientSession:
         if self.transfers is not None:
             actions += self.transfers.on_peers(current, now)
         return actions
+
+    def _pack(self, message) -> list[bytes]:
+        return pack(message, self._wall_ms(), self._new_id())
 
     def _transmit(self, frames: list[bytes], now: float) -> Transmit:
         self._last_sent = now

@@ -24,7 +24,7 @@ from p2pchat.broker.core.ratelimit import RateLimits
 from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
-from p2pchat.client.e2e import EndToEnd
+from p2pchat.client.e2e import EndToEnd, MemoryKeys
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import ErrorCode, RemoteError
@@ -452,20 +452,7 @@ def test_malformed_frames_from_a_registered_connection_count_as_a_sign_of_life(c
 
 
 # --- in-memory pairs: client cores wired to a broker core --------------------------------
-class MemoryKeyStore:
-    """KeyStore's interface (get/put/delete), without the file."""
-
-    def __init__(self) -> None:
-        self._keys: dict[str, bytes] = {}
-
-    def get(self, name: str) -> bytes | None:
-        return self._keys.get(name)
-
-    def put(self, name: str, key: bytes) -> None:
-        self._keys[name] = key
-
-    def delete(self, name: str) -> None:
-        self._keys.pop(name, None)
+MemoryKeyStore = MemoryKeys  # the client library's in-memory PeerKeys
 
 
 class Network:
@@ -492,7 +479,8 @@ class Network:
         self._incarnation += 1
         conn = f"{user}#{self._incarnation}".encode()
         e2e = EndToEnd(user, self.identity(user), MemoryKeyStore(), MemoryKeyStore())
-        session = ClientSession(user, wall_ms=lambda: 0, heartbeat_ivl=IVL, liveness=LIVENESS, e2e=e2e)
+        session = ClientSession(user, wall_ms=lambda: 0, heartbeat_ivl=IVL, liveness=LIVENESS, e2e=e2e,
+                                token=b"install " + conn, new_id=new_msg_id)
         self.sessions[conn] = session
         self._from_client(conn, session.start(self.now))
         self.run()

@@ -13,6 +13,7 @@ import pytest
 from p2pchat.client import events as ev
 from p2pchat.client.core.transfer import CHUNK_SIZE, MAX_CHUNK_BYTES, WINDOW
 from p2pchat.common.errors import ErrorCode, P2PChatError, TransferError
+from p2pchat.common.protocol import decode
 from tests.conftest import ROOT, wait_for, wait_peers, wait_until
 
 
@@ -335,21 +336,23 @@ def test_chunk_corrupted_in_flight_is_never_saved(make_client, tmp_path, encrypt
     wait_peers(alice, {"alice", "bob"})
     src = make_file(tmp_path / "f.bin", 3 * CHUNK_SIZE)
     transfers = alice._session.transfers
-    original = transfers._chunk
+    original = transfers.on_message
     lock = threading.Lock()
     damaged = []
 
-    def corrupt_once(out, index):  # flip a byte in chunk 1 on its first sending, header untouched
-        transmit = original(out, index)
+    def corrupt_once(env, now):  # flip a byte in chunk 1 on its first sending, header untouched
+        actions = original(env, now)
         with lock:
-            if index == 1 and not damaged:
-                damaged.append(index)
-                payload = bytearray(transmit.frames[1])
-                payload[0] ^= 0xFF
-                transmit.frames[1] = bytes(payload)
-        return transmit
+            for action in actions:
+                if len(getattr(action, "frames", ())) == 2 and decode(action.frames).message.index == 1 \
+                        and not damaged:
+                    damaged.append(1)
+                    payload = bytearray(action.frames[1])
+                    payload[0] ^= 0xFF
+                    action.frames[1] = bytes(payload)
+        return actions
 
-    transfers._chunk = corrupt_once
+    transfers.on_message = corrupt_once  # alice's answers to bob's credits
     _, done = alice.send_file("bob", src)
     event = received(bob)
     done.result(30)

@@ -212,7 +212,7 @@ def _fds() -> int:
 
 def test_a_thousand_offers_from_one_peer_keep_the_receiver_bounded_and_alive(make_client, tmp_path):
     from p2pchat.client.storage.partfile import WRITER_THREADS
-    from p2pchat.client.core.transfer import MAX_INCOMING_PER_PEER, MAX_QUEUED_PER_PEER
+    from p2pchat.client.core.transfer_machine import MAX_INCOMING_PER_PEER, MAX_QUEUED_PER_PEER
 
     alice = make_client("alice")
     bob = make_client("bob", received_dir=tmp_path / "inbox")
@@ -438,6 +438,7 @@ def test_each_sending_session_seals_under_a_fresh_key(tmp_path, monkeypatch):
 
     from p2pchat.client.e2e import EndToEnd
     from p2pchat.client.core.transfer import TransferConfig, TransferManager
+    from p2pchat.client.storage.transfers import LocalFiles, RecordDir
     from p2pchat.client.storage.trust import KeyStore
     from p2pchat.common import crypto
     from p2pchat.common.protocol import FileCredit, FileOffer, decode
@@ -458,7 +459,7 @@ def test_each_sending_session_seals_under_a_fresh_key(tmp_path, monkeypatch):
     src = tmp_path / "doc.bin"
     src.write_bytes(b"A" * 4000)
     st = src.stat()
-    config = TransferConfig(tmp_path / "state", tmp_path / "inbox", chunk_size=1000)
+    config = TransferConfig(tmp_path / "inbox", chunk_size=1000)
     offers = []
     for session in (1, 2):
         if session == 2:  # changed in place, size and mtime put back: the resume check cannot see it
@@ -467,7 +468,8 @@ def test_each_sending_session_seals_under_a_fresh_key(tmp_path, monkeypatch):
             os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
         clock = iter(range(1_700_000_000_000, 1_800_000_000_000, 1000))  # every offer would get its own ts
         manager = TransferManager("alice", config, e2e["alice"], wall_ms=lambda: next(clock),
-                                  wall_time=lambda: 1_700_000_000.0)
+                                  wall_time=lambda: 1_700_000_000.0, new_id=new_msg_id, files=LocalFiles(),
+                                  records=RecordDir(tmp_path / "state", "alice"))
         actions = manager.resume_all(0.0) if session == 2 else manager.send_file("bob", src, 0.0)[1]
         offer_env = next(decode(a.frames) for a in actions if type(decode(a.frames).message) is FileOffer)
         offers.append(offer_env)
@@ -484,8 +486,9 @@ def test_each_sending_session_seals_under_a_fresh_key(tmp_path, monkeypatch):
     assert offers[0].msg_id != offers[1].msg_id  # the offer's own seal: another id, so another message key
     assert offers[0].msg_id[:10] == offers[0].message.xfer[:10]  # errors about it still name the transfer
     # The receiver takes the newer session's key, and a stale offer (a stored copy) does not take it back.
-    bob = TransferManager("bob", TransferConfig(tmp_path / "bob-state", tmp_path / "inbox", chunk_size=1000),
-                          e2e["bob"], wall_ms=lambda: 1_700_000_000_000, wall_time=lambda: 1_700_000_000.0)
+    bob = TransferManager("bob", TransferConfig(tmp_path / "inbox", chunk_size=1000), e2e["bob"],
+                          wall_ms=lambda: 1_700_000_000_000, wall_time=lambda: 1_700_000_000.0, new_id=new_msg_id,
+                          files=LocalFiles(), records=RecordDir(tmp_path / "bob-state", "bob"))
     xfer = offers[0].message.xfer
     keys = []
     for env in (offers[0], offers[1], offers[0]):

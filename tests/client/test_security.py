@@ -93,7 +93,7 @@ def test_tampered_message_does_not_open(damage):
 @pytest.mark.parametrize("damage", ["reorder", "truncate-before-final", "other-file", "flip"])
 def test_tampered_file_chunk_does_not_open(damage):
     xfer = os.urandom(16)
-    cipher = crypto.FileCipher(crypto.FileCipher.new_key(), xfer)
+    cipher = crypto.FileCipher(os.urandom(crypto.KEY_BYTES), xfer)
     chunk0, chunk1 = cipher.seal(0, False, b"a" * 100), cipher.seal(1, True, b"b" * 10)
     with pytest.raises(crypto.IntegrityError):
         if damage == "reorder":
@@ -349,17 +349,18 @@ def test_tampered_file_chunk_fails_the_transfer_with_integrity(make_client, brok
     bob = make_client("bob", received_dir=tmp_path / "inbox")
     wait_peers(alice, {"alice", "bob"})
     transfers = alice._session.transfers
-    original = transfers._chunk
+    original = transfers.on_message
 
-    def tamper(out, index):  # flip a byte of chunk 1 every time it is sent: only the AEAD can notice
-        transmit = original(out, index)
-        if index == 1:
-            payload = bytearray(transmit.frames[1])
-            payload[3] ^= 1
-            transmit.frames[1] = bytes(payload)
-        return transmit
+    def tamper(env, now):  # flip a byte of chunk 1 every time it is sent: only the AEAD can notice
+        actions = original(env, now)
+        for action in actions:
+            if len(getattr(action, "frames", ())) == 2 and decode(action.frames).message.index == 1:
+                payload = bytearray(action.frames[1])
+                payload[3] ^= 1
+                action.frames[1] = bytes(payload)
+        return actions
 
-    transfers._chunk = tamper
+    transfers.on_message = tamper  # alice's answers to bob's credits
     src = tmp_path / "f.bin"
     src.write_bytes(os.urandom(3 * 256 * 1024))
     _, done = alice.send_file("bob", src)

@@ -6,13 +6,16 @@ step checks the invariants that must hold whatever came in: nothing raises, ever
 the core emits is valid on the wire, and each core's own promises (credit is respected,
 a finished transfer stays quiet, a connection is one user, presence is sequenced +1, a
 queued message is consumed only by its recipient). The pattern is h2's
-test_state_machines.py; the rules are the table of inputs.
+test_state_machines.py; the rules are the table of inputs. The cores get deterministic id and key
+sources, so hypothesis can replay any run it found.
+(Over 500 lines: one machine per core and the plain tests they led to, sharing the helpers at the top.)
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import shutil
 import tempfile
 import zlib
@@ -33,6 +36,7 @@ from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.e2e import EndToEnd
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
+from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.common.crypto import FileCipher, Identity
 from p2pchat.common.errors import ErrorCode, P2PChatError, RemoteError
 from p2pchat.common.protocol import (
@@ -84,6 +88,18 @@ def identity(user: str) -> Identity:
     return Identity.from_private_bytes(hashlib.sha256(b"identity " + user.encode()).digest())
 
 
+def id_source(seed: str):
+    """A deterministic ``new_id``: hypothesis must see the same ids when it replays an example."""
+    count = 0
+
+    def new_id() -> bytes:
+        nonlocal count
+        count += 1
+        return hashlib.sha256(b"%s %d" % (seed.encode(), count)).digest()[:16]
+
+    return new_id
+
+
 def transmitted(actions) -> list[Envelope]:
     """The envelopes of every Transmit: the core must only ever emit valid frames."""
     return [decode(a.frames) for a in actions if type(a) is Transmit]
@@ -123,10 +139,14 @@ class TransferMachine(RuleBasedStateMachine):
         self.received: set[Path] = set()  # files announced by FileReceived
 
     def _manager(self) -> TransferManager:
-        config = TransferConfig(state_dir=self.root / "state", received_dir=self.inbox, max_file_size=MAX_FILE,
-                                chunk_size=CHUNK, window=WINDOW, stall_timeout=3.0)
-        e2e = EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), enabled=self.SEALED)
-        return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
+        config = TransferConfig(received_dir=self.inbox, max_file_size=MAX_FILE, chunk_size=CHUNK, window=WINDOW,
+                                stall_timeout=3.0)
+        e2e = EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), enabled=self.SEALED,
+                       random_bytes=lambda n: bytes(n))
+        self.restarts = getattr(self, "restarts", 0) + 1  # each run of the client draws other ids
+        return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
+                               new_id=id_source(f"run {self.restarts}"), files=LocalFiles(),
+                               records=RecordDir(self.root / "state", ME))
 
     def teardown(self) -> None:
         self.manager.close()
@@ -254,6 +274,10 @@ class TransferMachine(RuleBasedStateMachine):
             path.unlink(missing_ok=True)
         else:
             path.write_bytes(data.draw(st.binary(max_size=3 * CHUNK)))
+            # A new modification time, always: the file system's clock ticks coarsely, and a rewrite it did
+            # not see would make the run depend on timing (hypothesis could not replay it).
+            self.rewrites = getattr(self, "rewrites", 0) + 1
+            os.utime(path, ns=(self.rewrites, self.rewrites))
 
     # --- receiving --------------------------------------------------------------------------
     def _in_xfer(self, data) -> bytes:
@@ -457,7 +481,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.store = MemoryStore()
         self.link = InjectedLink()
         self.core = BrokerCore(LocalDirectory(b"epoch-01"), broker_id=b"broker-1", heartbeat_ivl=1.0, liveness=3,
-                               wall_ms=lambda: 0, new_id=id_source(), keys=KeyBook(), store=self.store, link=self.link)
+                               wall_ms=lambda: 0, new_id=id_source("broker"), keys=KeyBook(), store=self.store,
+                               link=self.link)
         self.now = 0.0
         self.seq = 0  # the last presence update seen
         self.online: set[str] = set()  # presence as a subscriber sees it
@@ -579,9 +604,10 @@ def file_key(xfer: bytes) -> bytes:
 
 # --- what the transfer machines found, as plain tests --------------------------------------------
 def transfer_manager(root: Path) -> TransferManager:
-    config = TransferConfig(state_dir=root / "state", received_dir=root / "inbox", chunk_size=CHUNK, window=WINDOW)
+    config = TransferConfig(received_dir=root / "inbox", chunk_size=CHUNK, window=WINDOW)
     e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore(), enabled=False)
-    return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
+    return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
+                           new_id=id_source("manager"), files=LocalFiles(), records=RecordDir(root / "state", ME))
 
 
 def test_a_credit_beyond_the_window_sends_only_a_window(tmp_path):
@@ -618,6 +644,26 @@ def test_an_offer_refused_once_is_refused_again_without_a_second_failure_event(t
     assert [type(env.message) for env in transmitted(actions)] == [FileCancel]
 
 
+def test_refused_offers_are_reported_once_per_sender_and_period_and_each_answered(tmp_path):
+    from p2pchat.client.core.transfer import REFUSAL_PERIOD
+
+    manager = transfer_manager(tmp_path)
+
+    def offers(sender: str, first: int, count: int, now: float) -> list:
+        actions = []
+        for n in range(first, first + count):  # chunk size 0: refused
+            xfer = hashlib.sha256(b"refused %d" % n).digest()[:16]
+            body = msgpack.packb({"name": "a.txt"})
+            actions += manager.on_message(Envelope(xfer, 0, FileOffer(sender, ME, xfer, 5, 0, body)), now)
+        return actions
+
+    flood = offers("ann", 0, 50, 0.0) + offers("bob", 50, 3, 0.0)
+    assert [e.peer for e in emitted(flood)] == ["ann", "bob"]  # one report per sender, not one per offer
+    assert [type(env.message) for env in transmitted(flood)] == [FileCancel] * 53  # every offer answered
+    manager.on_tick(REFUSAL_PERIOD + 1)  # the period ends: the counts are logged
+    assert [e.peer for e in emitted(offers("ann", 60, 2, REFUSAL_PERIOD + 2))] == ["ann"]
+
+
 # --- client session ---------------------------------------------------------------------------
 EPOCHS = (b"epoch-01", b"epoch-02")
 
@@ -629,11 +675,13 @@ class SessionMachine(RuleBasedStateMachine):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="p2pchat-session-"))
         self.now = 0.0
-        e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore())
-        config = TransferConfig(state_dir=self.root / "state", received_dir=self.root / "inbox",
-                                chunk_size=CHUNK, window=WINDOW)
-        transfers = TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0)
-        self.session = ClientSession(ME, wall_ms=lambda: 0, heartbeat_ivl=1.0, e2e=e2e, transfers=transfers)
+        e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore(), random_bytes=lambda n: bytes(n))
+        config = TransferConfig(received_dir=self.root / "inbox", chunk_size=CHUNK, window=WINDOW)
+        new_id = id_source("session")
+        transfers = TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
+                                    new_id=new_id, files=LocalFiles(), records=RecordDir(self.root / "state", ME))
+        self.session = ClientSession(ME, wall_ms=lambda: 0, heartbeat_ivl=1.0, e2e=e2e, transfers=transfers,
+                                     token=b"token of me", new_id=new_id)
         self.peers = {user: EndToEnd(user, identity(user), MemoryKeyStore(), MemoryKeyStore()) for user in PEERS}
         for e2e_of_peer in self.peers.values():
             e2e_of_peer.learn(ME, identity(ME).public)

@@ -1,0 +1,100 @@
+"""Messages sent and not yet acknowledged by the broker (the session's at-least-once half).
+
+Each is sealed and packed once its recipient's key is known, then kept as frames until the broker
+acknowledges it: sent again after ``RESEND_AFTER`` without any acknowledgement, and after every
+re-registration; receivers drop the duplicates by message id. The outbox of an earlier run comes
+back with its ids, so a restarted client re-sends rather than duplicates.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
+from p2pchat.common.protocol import ChatMessage, pack
+
+RESEND_AFTER = 5.0  # seconds without any acknowledgement before pending messages are sent again
+
+
+@dataclass(slots=True)
+class _Pending:
+    recipient: str
+    text: bytes
+    ts: int  # fixed when queued: it is bound into the seal, so a re-send re-seals identically
+    frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
+
+
+class Outbox:
+    __slots__ = ("user", "resend_at", "_pending", "_unsealed")
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.resend_at = 0.0  # when unacknowledged messages are sent again
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self._pending))
+
+    def add(self, msg_id: bytes, recipient: str, text: bytes, ts: int, now: float) -> None:
+        self._pending[msg_id] = _Pending(recipient, text, ts)
+        self._unsealed[msg_id] = None
+        if len(self._pending) == 1:
+            self.resend_at = now + RESEND_AFTER
+
+    def seal(self, e2e: EndToEnd) -> Iterator[tuple[bytes, list[bytes] | PeerKeyChanged | str]]:
+        """Seal what waited for a key: per message in order, its frames, the key change that stops it (it
+        leaves the outbox), or the recipient whose key is missing (it waits)."""
+        for msg_id in list(self._unsealed):  # only these: a long outbox must not make each send O(n)
+            pending = self._pending.get(msg_id)
+            if pending is None:
+                del self._unsealed[msg_id]
+                continue
+            try:
+                key = e2e.key_of(pending.recipient) if e2e.enabled else b""
+            except PeerKeyChanged as exc:
+                del self._pending[msg_id], self._unsealed[msg_id]
+                yield msg_id, exc
+                continue
+            if key is None:
+                yield msg_id, pending.recipient
+                continue
+            del self._unsealed[msg_id]
+            body = e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
+            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
+            yield msg_id, pending.frames
+
+    def sealed(self) -> list[list[bytes]]:
+        """The frames of every sealed message still unacknowledged, oldest first."""
+        return [p.frames for p in self._pending.values() if p.frames is not None]
+
+    def resend(self, now: float) -> list[list[bytes]]:
+        """No acknowledgement for a while (frames dropped on the way): what to send again."""
+        self.resend_at = now + RESEND_AFTER
+        return self.sealed()
+
+    def acked(self, msg_id: bytes, now: float) -> bool:
+        """The broker took ``msg_id``; False if it was not ours (or already acknowledged)."""
+        if self._pending.pop(msg_id, None) is None:
+            return False
+        self.resend_at = now + RESEND_AFTER  # progress: whatever is still pending is in flight
+        return True
+
+    def drop(self, msg_id: bytes | None) -> bool:
+        """``msg_id`` failed for good; False if it was not ours."""
+        return msg_id is not None and self._pending.pop(msg_id, None) is not None
+
+    def drop_unsealed_to(self, user: str) -> list[bytes]:
+        """No usable key for ``user``: the messages that waited for it leave the outbox."""
+        dropped = []
+        for msg_id in list(self._unsealed):
+            pending = self._pending.get(msg_id)
+            if pending is not None and pending.recipient == user:
+                del self._pending[msg_id], self._unsealed[msg_id]
+                dropped.append(msg_id)
+        return dropped
