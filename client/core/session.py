@@ -32,6 +32,7 @@ from p2pchat.common.protocol import (
     AckStatus,
     ChatMessage,
     Consume,
+    Envelope,
     Receipt,
     ReceiptStatus,
     Error,
@@ -121,31 +122,54 @@ class RefusalLog:
         self._period_end = 0.0
 
 
+_NOBODY: frozenset[str] = frozenset()
+
+
 class ClientSession:
+    # Slots: the load tool runs 10,000 sessions in one process (bench/bench_load_memory.py).
+    __slots__ = (
+        "user", "e2e", "_key", "_token", "_key_requests", "_resend_at", "state", "presence", "transfers",
+        "_wall_ms", "_follow_broker", "_hb_ivl", "_liveness", "_expiry", "delivery_receipts", "history",
+        "read_receipts", "_receipts", "_registered_once", "_register_retry", "_last_heard", "_last_sent",
+        "_snapshot_due", "_pending", "_seen", "_published", "_unsealed", "_refusals", "_after_commit",
+        "_storage_failing",
+    )
+
     def __init__(
         self,
         user: str,
         *,
         wall_ms: Callable[[], int],
-        heartbeat_ivl: float = 1.0,
+        heartbeat_ivl: float | None = 1.0,
         liveness: int = 3,
         history: History | None = None,
         read_receipts: bool = True,
         e2e: EndToEnd,
         transfers: TransferManager | None = None,
         token: bytes | None = None,
+        key: bytes | None = None,
+        presence: bool = True,
+        delivery_receipts: bool = True,
     ) -> None:
+        """Switches for the load tool, which runs thousands of sessions in one process: ``heartbeat_ivl=None``
+        follows the broker's REGISTERED heartbeat_ms (1 s until known), expiry included; ``key`` registers with
+        this key instead of the e2e identity's (with sealing off, ``e2e.NO_SEALING``); ``presence=False`` keeps
+        no peer list and never asks for a snapshot; ``delivery_receipts=False`` sends no DELIVERED receipts."""
         self.user = check_user_id(user)
         self.e2e = e2e
+        self._key = key if key is not None else e2e.identity.public
         self._token = token or os.urandom(32)
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
         self._resend_at = 0.0  # when unacknowledged messages are sent again
         self.state = State.CONNECTING
-        self.presence = PresenceTracker()
+        self.presence = PresenceTracker() if presence else None
         self.transfers = transfers
         self._wall_ms = wall_ms
-        self._hb_ivl = heartbeat_ivl
-        self._expiry = heartbeat_ivl * liveness
+        self._follow_broker = heartbeat_ivl is None
+        self._hb_ivl = heartbeat_ivl or 1.0
+        self._liveness = liveness
+        self._expiry = self._hb_ivl * liveness
+        self.delivery_receipts = delivery_receipts
         self.history = history
         self.read_receipts = read_receipts
         self._receipts: OrderedDict[bytes, None] = OrderedDict()  # ids of receipts we sent (ignore their errors)
@@ -156,7 +180,7 @@ class ClientSession:
         self._snapshot_due: float | None = None
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._published: frozenset[str] = frozenset()
+        self._published = _NOBODY
         self._unsealed: OrderedDict[bytes, None] = OrderedDict()  # pending ids still waiting for a key
         self._refusals = RefusalLog(user)
         self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
@@ -231,6 +255,20 @@ class ClientSession:
         """The user verified ``user``'s new key: use it from now on."""
         return self.e2e.accept(user)
 
+    def leave(self, now: float, unregister: bool = True) -> list[Action]:
+        """The shell closes this session's sockets for a while (UNREGISTER first if asked); ``start`` on fresh
+        ones registers again, and what is unacknowledged is sent again then."""
+        actions: list[Action] = []
+        if unregister and self.state is State.READY:
+            actions.append(self._transmit(pack(Unregister(), self._wall_ms()), now))
+        if self.state is State.READY:
+            self.state = State.CONNECTING
+            self._register_retry = REGISTER_RETRY_FIRST
+            self._snapshot_due = None
+            if self.presence is not None:
+                self.presence.reset()
+        return actions
+
     def close(self, now: float) -> list[Action]:
         actions: list[Action] = []
         if self.state is State.READY:
@@ -259,6 +297,12 @@ class ClientSession:
         except ProtocolError as exc:
             log.warning("user=%s dropped a bad frame from the broker: %s", self.user, exc.message)
             return []
+        return self.on_envelope(env, now)
+
+    def on_envelope(self, env: Envelope, now: float) -> list[Action]:
+        """A decoded message from the broker on the DEALER (for a shell that looked at it first)."""
+        if self.state is State.CLOSED:
+            return []
         self._last_heard = now
         msg = env.message
         if type(msg) is ChatMessage:
@@ -284,10 +328,13 @@ class ClientSession:
         if type(msg) is KeyInfo:
             return self._on_key_info(msg, now)
         if type(msg) is Registered:
-            if msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
+            if msg.heartbeat_ms and self._follow_broker:
+                self._hb_ivl = msg.heartbeat_ms / 1000
+                self._expiry = self._hb_ivl * self._liveness
+            elif msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
                 self._hb_ivl = min(self._hb_ivl, msg.heartbeat_ms / 1000)
             return self._on_registered(now)
-        if type(msg) is Snapshot:
+        if type(msg) is Snapshot and self.presence is not None:
             self._snapshot_due = None
             if not self.presence.on_snapshot(msg):
                 return self._request_snapshot(now)
@@ -296,7 +343,7 @@ class ClientSession:
 
     def on_publish(self, frames: list[bytes], now: float) -> list[Action]:
         """A message from the broker's PUB on the SUB."""
-        if self.state is not State.READY:
+        if self.state is not State.READY or self.presence is None:
             return []
         try:
             msg = decode(frames).message
@@ -373,8 +420,10 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        return self._after_history([pack(Consume(msg_id), self._wall_ms()),
-                                    self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED)], now)
+        frames = [pack(Consume(msg_id), self._wall_ms())]
+        if self.delivery_receipts:
+            frames.append(self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED))
+        return self._after_history(frames, now)
 
     def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
         """With a history, these frames wait for the commit of what they confirm (``commit`` returns them)."""
@@ -424,8 +473,9 @@ class ClientSession:
         for pending in self._pending.values():  # at-least-once: receivers dedup by id
             if pending.frames is not None:
                 actions.append(self._transmit(pending.frames, now))
-        self.presence.reset()
-        actions += self._request_snapshot(now, force=True)
+        if self.presence is not None:
+            self.presence.reset()
+            actions += self._request_snapshot(now, force=True)
         if self.transfers is not None:
             actions += self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
         return actions + self._flush(now)
@@ -465,12 +515,13 @@ class ClientSession:
         log.warning("user=%s connection lost: %s; re-registering", self.user, reason)
         self.state = State.CONNECTING
         self._last_heard = now
-        self.presence.reset()
+        if self.presence is not None:
+            self.presence.reset()
         self._snapshot_due = None
         return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
 
     def _register_frames(self) -> list[bytes]:
-        return pack(Register(self.user, self._token, self.e2e.identity.public), self._wall_ms())
+        return pack(Register(self.user, self._token, self._key), self._wall_ms())
 
     def _flush(self, now: float) -> list[Action]:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""

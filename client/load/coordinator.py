@@ -37,7 +37,7 @@ import zmq
 from p2pchat.client.broker_trust import ADMIT_TIMEOUT, admit, fetch_broker_key
 from p2pchat.client.load.broker import BrokerCommand, BrokerFailed, ResourceSampler, Sample, SpawnedBroker, free_port_triple
 from p2pchat.client.load.config import LoadConfig
-from p2pchat.client.load.script import ScriptPlan
+from p2pchat.client.load.plan import ScriptPlan
 from p2pchat.client.load.worker import WorkerSpec, raise_nofile, user_name, worker_main
 from p2pchat.common.crypto import Identity, fingerprint
 from p2pchat.common.endpoints import ServerAddress
