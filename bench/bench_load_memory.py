@@ -13,9 +13,11 @@ N = 0 is the baseline, so
 
 Each N runs ``--rounds`` times, interleaved with the baseline; the medians are
 printed. ``--check`` fails (exit 1) when the connected figure at the largest N
-is over ``TARGET_KIB``: 1.5 times what the load tool's own second protocol
-client needed before the load tool drove the library's session core (measured
-with this program on the 2-CPU, 24 GiB development machine; see bench/README.md).
+is over ``TARGET_KIB``: 10% over what the load tool's own second protocol
+client needed (``OLD_KIB``, measured with this program on the 2-CPU, 24 GiB
+development machine before the load tool drove the library's session core; see
+bench/README.md). Driving the library must not cost a worker clients; the 10%
+covers run-to-run noise (under 1% here) and another machine's allocator.
 
     .venv/bin/python bench/bench_load_memory.py [--clients 2000,10000] [--rounds 1] [--settle 3]
         [--curve] [--json] [--check]
@@ -44,8 +46,10 @@ from p2pchat.client.load.worker import FDS_PER_SOCKET, ScriptPlan, WorkerSpec, w
 from p2pchat.common.endpoints import ServerAddress
 
 KIB = 1024
-OLD_KIB = 14.4  # per idle connected client, the load tool's own protocol client (N = 10,000, plaintext)
-TARGET_KIB = round(1.5 * OLD_KIB, 1)
+# The load tool's own protocol client (before it drove ClientSession), N = 9,850, plaintext, median of 3 rounds:
+OLD_KIB = 36.3  # per idle connected client: the client core, its DEALER (libzmq's share is most of it)
+OLD_CORE_KIB = 3.8  # the client core alone (armed, no socket)
+TARGET_KIB = round(1.1 * OLD_KIB, 1)
 BROKER_HEARTBEAT = 5.0
 FD_HEADROOM = 300
 
@@ -156,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
                            "core_only_kib": round((med["armed"] - base["armed"]) / n / KIB, 2)}
     largest = out["sizes"][max(sizes)]["per_client_kib"]
     out["target"] = {"clients": max(sizes), "per_client_kib": largest, "target_kib": TARGET_KIB,
-                     "old_kib": OLD_KIB, "ok": largest <= TARGET_KIB}
+                     "old_kib": OLD_KIB, "old_core_kib": OLD_CORE_KIB, "ok": largest <= TARGET_KIB}
     if cut:
         out["cut"] = f"N={cut} over the file descriptor hard limit: measured at N={max(sizes)} instead"
     return out
@@ -185,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, s in out["sizes"].items():
             print(f"{n:>8}{s['rss_mib']:>10.1f}{s['per_client_kib']:>12.2f}{s['core_only_kib']:>11.2f}")
         t = out["target"]
-        print(f"\nper idle client at N={t['clients']}: {t['per_client_kib']} KiB; target <= {TARGET_KIB} KiB "
-              f"(1.5 x {OLD_KIB}, the load tool's own client): {'PASS' if t['ok'] else 'FAIL'}")
+        print(f"\nper idle client at N={t['clients']}: {t['per_client_kib']} KiB (the load tool's own client: "
+              f"{OLD_KIB} KiB, {OLD_CORE_KIB} KiB core only); target <= {TARGET_KIB} KiB: "
+              f"{'PASS' if t['ok'] else 'FAIL'}")
         if "cut" in out:
             print(out["cut"])
     return 1 if args.check and not out["target"]["ok"] else 0
