@@ -5,9 +5,9 @@ actions out. The agent thread owns the sockets and carries the actions out.
 
 States: CONNECTING (REGISTER sent, re-sent every heartbeat until answered),
 READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
-restarted) sends a READY session back to CONNECTING; messages not yet
-acknowledged are sent again once registered, and receivers drop duplicates by
-message id.
+restarted) sends a READY session back to CONNECTING, and so does ``leave``
+(the shell closes its sockets for a while); messages not yet acknowledged are
+sent again once registered, and receivers drop duplicates by message id.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.storage.history import History
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
-from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
+from p2pchat.client.e2e import EndToEnd, NoSealing, PeerKeyChanged
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.protocol import (
@@ -144,7 +144,7 @@ class ClientSession:
         liveness: int = 3,
         history: History | None = None,
         read_receipts: bool = True,
-        e2e: EndToEnd,
+        e2e: EndToEnd | NoSealing,
         transfers: TransferManager | None = None,
         token: bytes | None = None,
         key: bytes | None = None,

@@ -89,6 +89,7 @@ class Crowd:
     wall_ms: Callable[[], int]
     wall_time: Callable[[], float]
     scratch: Path | None = None  # where file traffic keeps its state (needed with plan.file_every)
+    stream: int = 0  # which of the run's random streams (one per worker process, from the plan's seed)
     watch: set[str] = field(default_factory=set)  # users whose presence changes are timed
     rng: random.Random = field(init=False)
     interval: int = field(init=False)  # ns between a paced sender's messages
@@ -98,7 +99,7 @@ class Crowd:
 
     def __post_init__(self) -> None:
         plan = self.plan
-        self.rng = random.Random(plan.seed)
+        self.rng = random.Random(plan.seed * 1_000_003 + self.stream)
         self.interval = int(NS / plan.rate) if plan.rate > 0 else NEVER
         self.padding = bytes(max(0, plan.size - BODY.size))
         self.everyone = frozenset(self.names)

@@ -138,7 +138,7 @@ class Worker:
             shm = Path("/dev/shm")
             scratch = Path(tempfile.mkdtemp(prefix=f"p2pchat-load-{spec.worker}-", dir=shm if shm.is_dir() else None))
         self.crowd = crowd = Crowd(names, spec.plan, self.stats, wall_ms=lambda: int(time.time() * 1000),
-                                   wall_time=time.time, scratch=scratch)
+                                   wall_time=time.time, scratch=scratch, stream=spec.worker)
         for index in spec.indices:
             identity = Identity.generate()
             if spec.key_service is not None:
@@ -159,12 +159,12 @@ class Worker:
 
     # --- the loop -----------------------------------------------------------------
     def run(self) -> None:
-        self.arm()
-        self.conn.send({"type": "armed", "worker": self.spec.worker, "nofile": self.nofile})
-        pipe_fd = self.conn.fileno()
-        progress_ns = int(self.spec.progress_every * NS)
-        next_progress = time.monotonic_ns()
-        try:
+        try:  # closed whatever happens, arming included: the scratch directory is on /dev/shm
+            self.arm()
+            self.conn.send({"type": "armed", "worker": self.spec.worker, "nofile": self.nofile})
+            pipe_fd = self.conn.fileno()
+            progress_ns = int(self.spec.progress_every * NS)
+            next_progress = time.monotonic_ns()
             while self.running:
                 self._run_timers()
                 now = time.monotonic_ns()
