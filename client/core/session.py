@@ -558,8 +558,8 @@ class ClientSession:
         return [self._transmit(p.frames, now) for p in self._pending.values() if p.frames is not None]
 
     def _ask_keys(self, users: set[str], now: float) -> list[Action]:
-        if self.state is not State.READY:
-            return []  # asked again after registering
+        if not users or self.state is not State.READY:
+            return []  # nothing to ask (every send with sealing off), or asked again after registering
         asked = set(self._key_requests.values())
         actions: list[Action] = []
         for user in sorted(users - asked):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Transmit
-from p2pchat.client.core.session import ClientSession
+from p2pchat.client.core.session import ClientSession, State
 from p2pchat.client.e2e import NO_SEALING
 from p2pchat.client.load.files import FileScript, make_transfers, write_source
 from p2pchat.client.load.plan import BODY, NEVER, NS, ScriptPlan, peer_of
@@ -288,6 +288,8 @@ class ScriptedClient:
                 continue
             event = action.event
             kind = type(event)
+            if kind is ev.MessageReceived:
+                continue  # counted from the envelope (``_observe_message``): its body is binary
             if kind is ev.Acked:
                 out += self._on_ack(event.msg_id, now)
             elif kind is ev.Registered:
@@ -301,6 +303,8 @@ class ScriptedClient:
                 self._on_send_failed(event)
             elif kind in (ev.ErrorReported, ev.RegisterFailed):
                 self.crowd.stats.error(event.error.code.value, f"{self.user}: {event.error.message}")
+                if self.session.state is State.CLOSED:  # refused at its first REGISTER, or replaced: it is over
+                    self._set_phase(Phase.CLOSED)
             elif self.files is not None:
                 self.files.on_event(event, now)
         return out

@@ -212,6 +212,16 @@ def test_crash_churn_disconnects_without_unregistering():
     assert outputs == [Disconnect(graceful=False)]
 
 
+def test_a_client_refused_at_its_first_register_counts_the_error_and_stops():
+    client = make_client()
+    client.start_at = 0
+    client.on_tick(0)
+    client.on_connected(0)
+    assert client.on_frames(pack(Error(ErrorCode.ID_TAKEN, "taken"), 0), MS) == []
+    assert client.phase is Phase.CLOSED and stats(client).errors["id_taken"] == 1
+    assert client.next_deadline() > 10 * S  # nothing left to do: the worker must not spin on it
+
+
 def test_refused_message_is_failed_not_outstanding():
     client = make_client(flood=True, window=1, count=1)
     ready(client)
@@ -483,10 +493,20 @@ def test_a_transfer_with_no_progress_times_out_and_the_next_is_offered(scratch: 
     assert FileOffer in kinds(tick_until(a, lambda out: FileOffer in kinds(out), alive=True)[1])
 
 
+def scratch_dirs() -> set[Path]:
+    """The load workers' scratch directories (transfer state and received files) that exist now."""
+    import tempfile
+
+    return {p for d in (Path("/dev/shm"), Path(tempfile.gettempdir())) if d.is_dir()
+            for p in d.glob("p2pchat-load-*-*")}
+
+
 def test_file_traffic_through_a_real_broker_verifies_every_file():
+    before = scratch_dirs()
     code, report, err = run_load("--clients", "4", "--duration", "2", "--rate", "5", "--files", "0.2",
                                  "--file-size", str(FILE_SIZE))
     assert code == 0, err
+    assert scratch_dirs() <= before  # each worker removed its own
     files = report["files"]
     assert files["offered"] == files["done"] >= 4 and files["unfinished"] == 0
     assert files["bytes"] == files["done"] * FILE_SIZE and files["mib_s"] > 0
