@@ -122,19 +122,10 @@ class RefusalLog:
         self._period_end = 0.0
 
 
-_NOBODY: frozenset[str] = frozenset()
+_NOBODY: frozenset[str] = frozenset()  # one for every session (the load tool runs 10,000 in a process)
 
 
 class ClientSession:
-    # Slots: the load tool runs 10,000 sessions in one process (bench/bench_load_memory.py).
-    __slots__ = (
-        "user", "e2e", "_key", "_token", "_key_requests", "_resend_at", "state", "presence", "transfers",
-        "_wall_ms", "_follow_broker", "_hb_ivl", "_liveness", "_expiry", "delivery_receipts", "history",
-        "read_receipts", "_receipts", "_registered_once", "_register_retry", "_last_heard", "_last_sent",
-        "_snapshot_due", "_pending", "_seen", "_published", "_unsealed", "_refusals", "_after_commit",
-        "_storage_failing",
-    )
-
     def __init__(
         self,
         user: str,
