@@ -137,3 +137,36 @@ class EndToEnd:
             return self.identity.shared_secret(key)
         except ValueError:  # a low-order point: no usable shared secret
             raise crypto.IntegrityError("message claims an unusable sender key") from None
+
+
+class NoSealing:
+    """Sealing off, shared by every session of a process (the load tool measures the broker, not crypto):
+    bodies travel as given, no peer key is asked for or pinned. Sessions using it register with their own
+    ``key``."""
+
+    enabled = False
+    identity = None
+
+    def key_of(self, user: str) -> bytes | None:
+        return None
+
+    def pinned_key(self, user: str) -> bytes | None:
+        return None
+
+    def pending_key(self, user: str) -> bytes | None:
+        return None
+
+    def learn(self, user: str, key: bytes) -> None:
+        pass
+
+    def accept(self, user: str) -> bool:
+        return False
+
+    def seal(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> bytes:
+        return plaintext
+
+    def open(self, sender: str, msg_id: bytes, ts: int, body: bytes) -> bytes:
+        return body
+
+
+NO_SEALING = NoSealing()

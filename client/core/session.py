@@ -8,9 +8,9 @@ commits, telling the session (``history_saved``/``history_failed``).
 
 States: CONNECTING (REGISTER sent, re-sent every heartbeat until answered),
 READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
-restarted) sends a READY session back to CONNECTING; messages not yet
-acknowledged are sent again once registered, and receivers drop duplicates by
-message id.
+restarted) sends a READY session back to CONNECTING, and so does ``leave``
+(the shell closes its sockets for a while); messages not yet acknowledged are
+sent again once registered, and receivers drop duplicates by message id.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from p2pchat.client.core.outbox import Outbox
 from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
-from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
+from p2pchat.client.e2e import EndToEnd, NoSealing, PeerKeyChanged
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
@@ -35,6 +35,7 @@ from p2pchat.common.protocol import (
     AckStatus,
     ChatMessage,
     Consume,
+    Envelope,
     Receipt,
     ReceiptStatus,
     Error,
@@ -81,35 +82,50 @@ def validate_text(recipient: str, text: str) -> bytes:
     return body
 
 
+_NOBODY: frozenset[str] = frozenset()  # one for every session (the load tool runs 10,000 in a process)
+
+
 class ClientSession:
     def __init__(
         self,
         user: str,
         *,
         wall_ms: Callable[[], int],
-        heartbeat_ivl: float = 1.0,
+        heartbeat_ivl: float | None = 1.0,
         liveness: int = 3,
         history: Conversations | None = None,
         read_receipts: bool = True,
-        e2e: EndToEnd,
+        e2e: EndToEnd | NoSealing,
         transfers: TransferManager | None = None,
         token: bytes,
         new_id: Callable[[], bytes],
+        key: bytes | None = None,
+        presence: bool = True,
+        delivery_receipts: bool = True,
     ) -> None:
         """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
-        frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session)."""
+        frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session).
+
+        Switches for the load tool, which runs thousands of sessions in one process: ``heartbeat_ivl=None``
+        follows the broker's REGISTERED heartbeat_ms (1 s until known), expiry included; ``key`` registers with
+        this key instead of the e2e identity's (with sealing off, ``e2e.NO_SEALING``); ``presence=False`` keeps
+        no peer list and never asks for a snapshot; ``delivery_receipts=False`` sends no DELIVERED receipts."""
         self.user = check_user_id(user)
         self.e2e = e2e
+        self._key = key if key is not None else e2e.identity.public
         self._token = token
         self._new_id = new_id
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
         self.outbox = Outbox(self.user)
         self.state = State.CONNECTING
-        self.presence = PresenceTracker()
+        self.presence = PresenceTracker() if presence else None
         self.transfers = transfers
         self._wall_ms = wall_ms
-        self._hb_ivl = heartbeat_ivl
-        self._expiry = heartbeat_ivl * liveness
+        self._follow_broker = heartbeat_ivl is None
+        self._hb_ivl = heartbeat_ivl or 1.0
+        self._liveness = liveness
+        self._expiry = self._hb_ivl * liveness
+        self.delivery_receipts = delivery_receipts
         self.history = history
         self.read_receipts = read_receipts
         self._receipts: OrderedDict[bytes, None] = OrderedDict()  # ids of receipts we sent (ignore their errors)
@@ -119,7 +135,7 @@ class ClientSession:
         self._last_sent = 0.0
         self._snapshot_due: float | None = None
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._published: frozenset[str] = frozenset()
+        self._published = _NOBODY
         self._refusals = IncidentLog("messages refused and consumed", log, interval=REFUSAL_PERIOD,
                                      max_keys=REFUSAL_SENDERS)
         self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
@@ -181,6 +197,20 @@ class ClientSession:
         """The user verified ``user``'s new key: use it from now on."""
         return self.e2e.accept(user)
 
+    def leave(self, now: float, unregister: bool = True) -> list[Action]:
+        """The shell closes this session's sockets for a while (UNREGISTER first if asked); ``start`` on fresh
+        ones registers again, and what is unacknowledged is sent again then."""
+        actions: list[Action] = []
+        if unregister and self.state is State.READY:
+            actions.append(self._transmit(self._pack(Unregister()), now))
+        if self.state is State.READY:
+            self.state = State.CONNECTING
+            self._register_retry = REGISTER_RETRY_FIRST
+            self._snapshot_due = None
+            if self.presence is not None:
+                self.presence.reset()
+        return actions
+
     def close(self, now: float) -> list[Action]:
         actions: list[Action] = []
         if self.state is State.READY:
@@ -209,6 +239,12 @@ class ClientSession:
         except ProtocolError as exc:
             log.warning("user=%s dropped a bad frame from the broker: %s", self.user, exc.message)
             return []
+        return self.on_envelope(env, now)
+
+    def on_envelope(self, env: Envelope, now: float) -> list[Action]:
+        """A decoded message from the broker on the DEALER (for a shell that looked at it first)."""
+        if self.state is State.CLOSED:
+            return []
         self._last_heard = now
         msg = env.message
         if type(msg) is ChatMessage:
@@ -233,10 +269,13 @@ class ClientSession:
         if type(msg) is KeyInfo:
             return self._on_key_info(msg, now)
         if type(msg) is Registered:
-            if msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
+            if msg.heartbeat_ms and self._follow_broker:
+                self._hb_ivl = msg.heartbeat_ms / 1000
+                self._expiry = self._hb_ivl * self._liveness
+            elif msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
                 self._hb_ivl = min(self._hb_ivl, msg.heartbeat_ms / 1000)
             return self._on_registered(now)
-        if type(msg) is Snapshot:
+        if type(msg) is Snapshot and self.presence is not None:
             self._snapshot_due = None
             if not self.presence.on_snapshot(msg):
                 return self._request_snapshot(now)
@@ -245,7 +284,7 @@ class ClientSession:
 
     def on_publish(self, frames: list[bytes], now: float) -> list[Action]:
         """A message from the broker's PUB on the SUB."""
-        if self.state is not State.READY:
+        if self.state is not State.READY or self.presence is None:
             return []
         try:
             msg = decode(frames).message
@@ -324,8 +363,10 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        return self._after_history([self._pack(Consume(msg_id)),
-                                    self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED)], now)
+        frames = [self._pack(Consume(msg_id))]
+        if self.delivery_receipts:
+            frames.append(self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED))
+        return self._after_history(frames, now)
 
     def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
         """With a history, these frames wait for the commit of what they confirm (``history_saved`` returns them)."""
@@ -374,8 +415,9 @@ class ClientSession:
         self._key_requests.clear()  # lost with the old session
         for frames in self.outbox.sealed():  # at-least-once: receivers dedup by id
             actions.append(self._transmit(frames, now))
-        self.presence.reset()
-        actions += self._request_snapshot(now, force=True)
+        if self.presence is not None:
+            self.presence.reset()
+            actions += self._request_snapshot(now, force=True)
         if self.transfers is not None:
             actions += self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
         return actions + self._flush(now)
@@ -415,12 +457,13 @@ class ClientSession:
         log.warning("user=%s connection lost: %s; re-registering", self.user, reason)
         self.state = State.CONNECTING
         self._last_heard = now
-        self.presence.reset()
+        if self.presence is not None:
+            self.presence.reset()
         self._snapshot_due = None
         return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
 
     def _register_frames(self) -> list[bytes]:
-        return self._pack(Register(self.user, self._token, self.e2e.identity.public))
+        return self._pack(Register(self.user, self._token, self._key))
 
     def _flush(self, now: float) -> list[Action]:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""
@@ -441,8 +484,8 @@ class ClientSession:
         return actions + self._ask_keys(wanted, now)
 
     def _ask_keys(self, users: set[str], now: float) -> list[Action]:
-        if self.state is not State.READY:
-            return []  # asked again after registering
+        if not users or self.state is not State.READY:
+            return []  # nothing to ask (every send with sealing off), or asked again after registering
         asked = set(self._key_requests.values())
         actions: list[Action] = []
         for user in sorted(users - asked):

@@ -34,14 +34,15 @@ from typing import TextIO
 
 import zmq
 
-from p2pchat.client.broker_trust import ADMIT_TIMEOUT, admit, fetch_broker_key
+from p2pchat.client.broker_trust import fetch_broker_key
 from p2pchat.client.load.broker import BrokerCommand, BrokerFailed, ResourceSampler, Sample, SpawnedBroker, free_port_triple
 from p2pchat.client.load.config import LoadConfig
-from p2pchat.client.load.script import ScriptPlan
+from p2pchat.client.load.plan import ScriptPlan
+from p2pchat.client.load.probe import ProbeClient
+from p2pchat.client.load.result import RunFailed, RunResult
 from p2pchat.client.load.worker import WorkerSpec, raise_nofile, user_name, worker_main
-from p2pchat.common.crypto import Identity, fingerprint
+from p2pchat.common.crypto import fingerprint
 from p2pchat.common.endpoints import ServerAddress
-from p2pchat.common.protocol import Error, Heartbeat, Register, Registered, Unregister, decode, pack
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ def _machine_busy_seconds() -> float | None:
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
-class RunFailed(Exception):
-    """The run could not do what it was asked (the report says how far it got)."""
-
-
 @dataclass
 class WorkerHandle:
     index: int
@@ -76,101 +73,6 @@ class WorkerHandle:
     report: dict | None = None
     bye: bool = False
     closed: bool = False
-
-
-@dataclass
-class RunResult:
-    """What happened, for ``client/load/report.py`` to summarise."""
-
-    config: LoadConfig
-    processes: int = 0
-    server: str = ""
-    spawned: bool = False
-    transport: str = "curve"
-    reports: list[dict] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    samples: list[Sample] = field(default_factory=list)
-    rss_baseline: int | None = None
-    rss_registered: int | None = None
-    rss_send_end: int | None = None
-    broker_fd_limit: int | None = None
-    broker_cpu_send_s: float | None = None
-    broker_main_thread_cpu_send_s: float | None = None  # Python's share of it
-    broker_warnings: int = 0
-    broker_tail: str = ""
-    restarts: int = 0
-    restart_downtime_s: list[float] = field(default_factory=list)
-    probes: list[dict] = field(default_factory=list)  # {"user", "online", "t0_ns", "subscribers"}
-    registered: int = 0
-    broker_stop_s: float | None = None  # SIGTERM to exit, for a broker we started
-    broker_exit_code: int | None = None
-    machine_busy_cpus: float | None = None  # all processes on the host, while sending (others' load skews figures)
-
-
-class ProbeClient:
-    """The coordinator's own client for presence probes: its REGISTER and UNREGISTER are the timed changes."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, server_key: bytes | None, user: str,
-                 key_service: ServerAddress | None) -> None:
-        self.user = user
-        self.identity = Identity.generate()
-        if key_service is not None:
-            admit(key_service, key_service.port, user, self.identity.public, ADMIT_TIMEOUT)
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if server_key is not None:
-            from zmq.utils import z85
-
-            self.sock.curve_serverkey = z85.encode(server_key)
-            self.sock.curve_publickey = self.identity.curve_public
-            self.sock.curve_secretkey = self.identity.curve_secret
-        self.sock.connect(endpoint)
-        self._last_hb = 0.0
-
-    def _wall(self) -> int:
-        return int(time.time() * 1000)
-
-    def _reply(self, timeout: float):
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        return decode(self.sock.recv_multipart()).message
-
-    def register(self, timeout: float = 10.0) -> int:
-        """Prove the connection is up (a HEARTBEAT is answered not_registered), then REGISTER; its send time."""
-        deadline = time.monotonic() + timeout
-        while True:  # without IMMEDIATE the first frame waits for the handshake; one answer proves it is done
-            self.sock.send_multipart(pack(Heartbeat(), self._wall()))
-            if type(self._reply(min(1.0, max(0.01, deadline - time.monotonic())))) is Error:
-                break
-            if time.monotonic() > deadline:
-                raise RunFailed(f"probe {self.user}: the broker did not answer")
-        t0 = time.monotonic_ns()
-        self.sock.send_multipart(pack(Register(self.user, os.urandom(16), self.identity.public), self._wall()))
-        while time.monotonic() < deadline:
-            msg = self._reply(deadline - time.monotonic())
-            if type(msg) is Registered:
-                self._last_hb = time.monotonic()
-                return t0
-            if type(msg) is Error:
-                raise RunFailed(f"probe {self.user}: REGISTER refused: {msg.code.value}: {msg.message}")
-        raise RunFailed(f"probe {self.user}: no REGISTERED within {timeout:.0f}s")
-
-    def keep_alive(self) -> None:
-        while self.sock.poll(0):
-            self.sock.recv_multipart()
-        if time.monotonic() - self._last_hb >= 0.25:
-            self.sock.send_multipart(pack(Heartbeat(), self._wall()))
-            self._last_hb = time.monotonic()
-
-    def unregister(self) -> int:
-        t0 = time.monotonic_ns()
-        self.sock.send_multipart(pack(Unregister(), self._wall()))
-        return t0
-
-    def close(self) -> None:
-        self.sock.close(linger=200)
 
 
 class LoadRun:

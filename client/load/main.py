@@ -25,7 +25,7 @@ import signal
 import sys
 
 from p2pchat.client.load.config import LoadConfig
-from p2pchat.client.load.script import BODY, PEER_MODES
+from p2pchat.client.load.plan import BODY, PEER_MODES
 from p2pchat.common.endpoints import ServerAddress
 from p2pchat.common.errors import ExitCode, P2PChatError
 from p2pchat.common.protocol import MAX_BODY_BYTES

@@ -16,8 +16,9 @@ Figures:
   every byte and the sender heard so), the verified bytes and their rate over
   the sending and drain phases, and how the others ended: ``timed_out`` (no
   progress for 30 s), ``peer_gone`` (the broker said the peer was offline),
-  ``abandoned`` (a churned client's own), ``unfinished`` (still going when the
-  drain ended). ``transfer_ms``: offer to FILE_DONE at the sender.
+  ``unfinished`` (still going when the drain ended; a churned client's
+  transfers resume when it is back, as the chat client's do). ``transfer_ms``:
+  offer to FILE_DONE at the sender.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from p2pchat.client.load.coordinator import RunResult
+from p2pchat.client.load.result import RunResult
 from p2pchat.client.load.stats import MergedStats
 
 MIB = 2**20
-CLIENT_COUNTERS = ("failed", "resent", "acks_unmatched", "late_sends", "skipped_slots", "send_again",
+CLIENT_COUNTERS = ("failed", "acks_unmatched", "late_sends", "skipped_slots", "send_again",
                    "send_no_socket", "churns", "silences", "not_registered", "connects", "presence_frames",
                    "receipts_received", "injected_drop", "injected_dup")
 
@@ -102,9 +103,8 @@ def _files(result: RunResult, merged: MergedStats) -> dict | None:
     seconds = t.get("send_s", 0.0) + t.get("drain_s", 0.0)
     return {"offered": c["files_offered"], "done": c["files_done"], "received": c["files_received"],
             "bytes": c["file_bytes"], "mib_s": round(c["file_bytes"] / MIB / seconds, 1) if seconds else 0.0,
-            "timed_out": c["files_timed_out"], "peer_gone": c["files_peer_gone"], "abandoned": c["files_abandoned"],
-            "unfinished": c["files_open"], "recredits": c["file_recredits"],
-            "damaged_chunks": c["file_chunks_damaged"], "transfer_ms": merged.file_latency_ms()}
+            "timed_out": c["files_timed_out"], "peer_gone": c["files_peer_gone"], "unfinished": c["files_open"],
+            "transfer_ms": merged.file_latency_ms()}
 
 
 def verdict(summary: dict, result: RunResult) -> tuple[bool, list[str]]:
@@ -242,13 +242,13 @@ def render(summary: dict) -> str:
                  "(send -> the broker's ACK)")
     cc = summary["client_counters"]
     lines.append(f"connections  reconnects {summary['reconnects']}  churns {cc['churns']}  "
-                 f"silences {cc['silences']}  re-sent {cc['resent']}  late sends {cc['late_sends']}  "
+                 f"silences {cc['silences']}  not registered {cc['not_registered']}  late sends {cc['late_sends']}  "
                  f"sends refused by ZeroMQ {cc['send_again']}")
     f = summary["files"]
     if f is not None:
         tm = f["transfer_ms"]
         lines.append(f"files        offered {f['offered']}  done {f['done']}  timed out {f['timed_out']}  peer gone "
-                     f"{f['peer_gone']}  abandoned {f['abandoned']}  unfinished {f['unfinished']}; "
+                     f"{f['peer_gone']}  unfinished {f['unfinished']}; "
                      f"{f['bytes'] / MIB:,.1f} MiB verified, {f['mib_s']:,.1f} MiB/s; transfer ms p50 "
                      f"{_ms(tm['p50'])} p99 {_ms(tm['p99'])} max {_ms(tm['max'])}")
     lines.append(f"errors       {summary['errors']}" + (f" {summary['errors_by_code']}" if summary["errors"] else ""))

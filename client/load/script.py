@@ -1,29 +1,29 @@
-"""The load tool's scripted client: one user's script as a sans-I/O state machine.
+"""The load tool's scripted client: one user's script, driving the library's ``ClientSession``.
 
-Frames and ``now`` (CLOCK_MONOTONIC nanoseconds, the same clock in every
-process on a host) go in; outputs come out: frames to send on the client's
-DEALER, or ``Connect`` / ``Disconnect`` for the shell to open or close its
-sockets. It reads no clock and touches no socket, so thousands of them share
-one process and one poll loop (``client/load/worker.py``).
+The protocol is the chat client's own (``client/core/session.py``: REGISTER
+retried at 20 ms doubling, heartbeats, re-register on silence or
+``not_registered``, at-least-once re-sends, CONSUME, receipts; file transfers
+through ``client/core/transfer.py``), run with the load switches: no history,
+sealing off (``e2e.NO_SEALING``: the load tool measures the broker, not client
+crypto), no presence tracking, the broker's heartbeat interval, no threads.
+What stays here is the script: when to connect, send, churn and leave; to whom;
+the body's stamp (``plan.BODY``: run tag, sender index, sequence number, send
+time, then padding) that lets a receiver tell loss, duplicates, reordering and
+one-way latency per sender; the ledgers and counters; the test hooks.
 
-It speaks just enough of the protocol to load a broker honestly: REGISTER
-(retried 20 ms, doubling, as §5.2 says), HEARTBEAT when idle, MESSAGE on a
-schedule, CONSUME for every message received (the broker is store-and-forward),
-optional DELIVERED receipts, re-register on silence or ``not_registered``, and
-re-send of unacknowledged messages once registered again (at-least-once).
-Bodies are **not sealed**: the broker treats them as opaque, and the load tool
-measures the broker, not client crypto. A body is ``BODY`` (run tag, sender
-index, per-sender sequence number, send time) plus padding, so a receiver can
-tell loss, duplicates and reordering per sender, and one-way latency.
+Sans-I/O: frames and ``now`` (CLOCK_MONOTONIC nanoseconds, the same clock in
+every process on a host) go in; outputs come out: frames to send on the
+client's DEALER, or ``Connect`` / ``Disconnect`` for the shell
+(``client/load/worker.py``) to open or close its sockets. Thousands share one
+process, one ``Crowd`` and one poll loop.
 
-Transitions (anything not listed leaves the phase alone):
+Script phases (the session's own states live in the session):
 
     phase        input                              outputs                      next
     IDLE         tick >= start_at                   Connect                      (shell: on_connected)
     (any)        on_connected                       REGISTER                     REGISTERING
-    REGISTERING  tick, retry due                    REGISTER                     REGISTERING
-    REGISTERING  REGISTERED                         unacknowledged messages      READY
-    READY        error not_registered, or silence   REGISTER                     REGISTERING
+    REGISTERING  the session registered             unacknowledged messages      READY
+    READY        the session reconnects             REGISTER                     REGISTERING
     READY        tick, churn due (graceful)         -                            LEAVING
     READY        tick, churn due (crash)            Disconnect(graceful=False)   DOWN
     LEAVING      all acked, or 2 s                  UNREGISTER, Disconnect(True) DOWN
@@ -34,43 +34,27 @@ Transitions (anything not listed leaves the phase alone):
 from __future__ import annotations
 
 import enum
-import os
 import random
-import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from p2pchat.client.load.files import FileTraffic, file_content
+from p2pchat.client import events as ev
+from p2pchat.client.core.actions import Action, Transmit
+from p2pchat.client.core.session import ClientSession, State
+from p2pchat.client.e2e import NO_SEALING
+from p2pchat.client.load.files import FileScript, make_transfers, write_source
+from p2pchat.client.load.plan import BODY, NEVER, NS, ScriptPlan, peer_of
 from p2pchat.client.load.stats import ProcessStats, record_ns
 from p2pchat.common.errors import ErrorCode, ProtocolError
-from p2pchat.common.protocol import (
-    Ack,
-    ChatMessage,
-    Consume,
-    Error,
-    Heartbeat,
-    PeerUpdate,
-    Receipt,
-    ReceiptStatus,
-    Register,
-    Registered,
-    Unregister,
-    decode,
-    pack,
-)
+from p2pchat.common.protocol import ChatMessage, Error, Envelope, PeerUpdate, decode, new_msg_id
 
-BODY = struct.Struct(">IIQq")  # run tag, sender index, sequence number, send time (CLOCK_MONOTONIC ns)
-NS = 1_000_000_000
-REGISTER_RETRY_FIRST_NS = 20_000_000  # §5.2: a REGISTER sent before the TCP connection is up is dropped
-RESEND_AFTER_NS = 5 * NS  # no ACK progress for this long: send the unacknowledged ones again
-RATE_LIMIT_BACKOFF_NS = NS
 LEAVE_TIMEOUT_NS = 2 * NS  # graceful churn waits this long at most for outstanding ACKs
 LATE_NS = 10_000_000  # a paced send this late counts as late (the load generator is not keeping up)
 MAX_CATCH_UP_NS = NS  # further behind than this, the schedule restarts from now instead of bursting
 MAX_SENDS_PER_TICK = 100
-NEVER = 1 << 62
-
-PEER_MODES = ("random", "ring", "pairs")
+# The session's deadlines are float seconds; a tick this long after one is surely past it.
+DEADLINE_MARGIN_NS = 1_000
 
 
 class Phase(enum.Enum):
@@ -95,116 +79,97 @@ class Disconnect:
 CONNECT = Connect()
 
 
-@dataclass(frozen=True, slots=True)
-class ScriptPlan:
-    """What every scripted client of a run does; built once by the coordinator, pickled to workers."""
+@dataclass(slots=True)
+class Crowd:
+    """What every scripted client of one worker process shares (so that each client holds only its own state)."""
 
-    run_tag: int
-    clients: int
-    senders: int  # clients 0 .. senders-1 send; every client receives
-    peers: str = "random"  # random | ring | pairs
-    rate: float = 1.0  # messages per second per sender; 0 (and not flood): no messages
-    flood: bool = False  # unpaced: keep ``window`` messages unacknowledged
-    window: int = 1000  # most messages one client has unacknowledged
-    count: int = 0  # messages per sender; 0: until told to stop
-    size: int = BODY.size  # body bytes
-    heartbeat: float = 0.0  # seconds; 0: the broker's REGISTERED heartbeat_ms (1 s until known), else min of both
-    liveness: int = 3
-    receipts: bool = False  # send a DELIVERED receipt per message, as the real client does
-    churn_every: float = 0.0  # mean seconds between a client's reconnects; 0: no churn
-    churn_down: float = 0.5  # seconds a churned client stays away
-    churn_crash: bool = False  # churn without UNREGISTER (a crash), coming back with the same token
-    inject_drop: int = -1  # TEST HOOK: client 0 pretends its message with this seq was acked, never sends it
-    inject_dup: int = -1  # TEST HOOK: client 0 sends its message with this seq twice (fresh message ids)
-    file_every: float = 0.0  # seconds between a sender's file offers, on average; 0: no file traffic
-    file_size: int = 1024 * 1024
-    seed: int = 0
+    names: Sequence[str]
+    plan: ScriptPlan
+    stats: ProcessStats
+    wall_ms: Callable[[], int]
+    wall_time: Callable[[], float]
+    scratch: Path | None = None  # where file traffic keeps its state (needed with plan.file_every)
+    stream: int = 0  # which of the run's random streams (one per worker process, from the plan's seed)
+    watch: set[str] = field(default_factory=set)  # users whose presence changes are timed
+    rng: random.Random = field(init=False)
+    interval: int = field(init=False)  # ns between a paced sender's messages
+    padding: bytes = field(init=False)
+    everyone: frozenset[str] = field(init=False)
+    file_source: Path | None = field(init=False)
 
-    @property
-    def sends(self) -> bool:
-        return self.flood or self.rate > 0
-
-
-def peer_of(index: int, plan: ScriptPlan, rng: random.Random) -> int:
-    """The recipient of ``index``'s next message under the plan's topology."""
-    n = plan.clients
-    if plan.peers == "ring":
-        return (index + 1) % n
-    if plan.peers == "pairs":
-        partner = index ^ 1
-        return partner if partner < n else (index + 1) % n  # odd count: the last one talks to 0
-    other = rng.randrange(n - 1)
-    return other + (other >= index)
+    def __post_init__(self) -> None:
+        plan = self.plan
+        self.rng = random.Random(plan.seed * 1_000_003 + self.stream)
+        self.interval = int(NS / plan.rate) if plan.rate > 0 else NEVER
+        self.padding = bytes(max(0, plan.size - BODY.size))
+        self.everyone = frozenset(self.names)
+        self.file_source = None
+        if plan.file_every > 0:
+            assert self.scratch is not None, "file traffic needs a scratch directory"
+            self.file_source = write_source(self.scratch, plan.file_size, plan.seed)
 
 
 class ScriptedClient:
     __slots__ = (
-        "index", "user", "names", "key", "token", "plan", "stats", "watch", "_wall_ms", "_rng", "_padding",
-        "phase", "start_at", "up_at", "_last_sent", "_last_heard", "_retry", "_hb", "_expiry",
-        "_connected_at", "_registered_once", "_sending", "_next_send", "_interval", "seq", "outstanding",
-        "_resend_at", "_churn", "_churn_at", "_leave_by", "_highest", "sub_live", "done", "files",
+        "index", "user", "crowd", "session", "phase", "start_at", "up_at", "_connected_at", "_registered_once",
+        "_sending", "_next_send", "seq", "outstanding", "_churn", "_churn_at", "_leave_by", "_highest", "sub_live",
+        "done", "files",
     )
 
-    def __init__(self, index: int, names: Sequence[str], key: bytes, plan: ScriptPlan, stats: ProcessStats,
-                 wall_ms: Callable[[], int], watch: set[str] | None = None, token: bytes | None = None) -> None:
+    def __init__(self, index: int, crowd: Crowd, key: bytes) -> None:
+        """``key``: the raw X25519 public key to register with (with CURVE, this connection's key)."""
         self.index = index
-        self.user = names[index]
-        self.names = names
-        self.key = key  # the raw X25519 public key: with CURVE it must be this connection's key
-        self.token = token or os.urandom(16)  # kept across reconnects: a crash-churned client takes its session back
-        self.plan = plan
-        self.stats = stats
-        self.watch = watch if watch is not None else set()  # users whose presence changes are timed
-        self._wall_ms = wall_ms
-        self._rng = random.Random(plan.seed * 1_000_003 + index)
-        self._padding = bytes(max(0, plan.size - BODY.size))
+        self.user = user = crowd.names[index]
+        self.crowd = crowd
+        plan = crowd.plan
+        transfers = None
+        if plan.file_every > 0:
+            assert crowd.scratch is not None
+            transfers = make_transfers(user, crowd.scratch, crowd.wall_ms, crowd.wall_time)
+            transfers.on_peers(crowd.everyone, 0.0)  # presence is off: every peer counts as online
+        # The session keeps its token across reconnects: a crash-churned client takes its session back.
+        self.session = ClientSession(user, wall_ms=crowd.wall_ms, heartbeat_ivl=plan.heartbeat or None,
+                                     liveness=plan.liveness, e2e=NO_SEALING, key=key, transfers=transfers,
+                                     presence=False, delivery_receipts=plan.receipts, read_receipts=False,
+                                     token=crowd.rng.randbytes(32), new_id=new_msg_id)
         self.phase = Phase.IDLE
         self.start_at = NEVER
         self.up_at = NEVER
-        self._last_sent = self._last_heard = self._connected_at = 0
-        self._retry = REGISTER_RETRY_FIRST_NS
-        self._hb = int((plan.heartbeat or 1.0) * NS)
-        self._expiry = self._hb * plan.liveness
+        self._connected_at = 0
         self._registered_once = False
         self._sending = False
-        self._interval = int(NS / plan.rate) if plan.rate > 0 else NEVER
         self._next_send = NEVER
         self.seq = 0  # the next sequence number
-        self.outstanding: dict[bytes, list] = {}  # msg id -> [seq, sent ns, frames]: sent, not yet acked
-        self._resend_at = NEVER
+        self.outstanding: dict[bytes, tuple[int, int]] = {}  # msg id -> (seq, sent ns): sent, not yet acked
         self._churn = plan.churn_every > 0
         self._churn_at = NEVER
         self._leave_by = NEVER
-        self._highest: dict[int, int] = {}  # sender index -> highest seq received from it
+        self._highest: dict[int, int] | None = None  # sender index -> highest seq received from it
         self.sub_live = False  # the SUB has delivered something since it was (re)opened
         self.done = False  # sent its ``count`` messages (or never sends)
-        self.files: FileTraffic | None = None  # every client receives files when the run has file traffic
-        if plan.file_every > 0:
-            self.files = FileTraffic(index, names, file_content(plan.file_size, plan.seed), plan.file_every, stats,
-                                     self._rng, lambda: peer_of(index, plan, self._rng), wall_ms)
+        self.files = FileScript(self) if transfers is not None else None
 
     # --- commands from the shell ----------------------------------------------
     @property
     def is_sender(self) -> bool:
-        return self.plan.sends and self.index < self.plan.senders
+        plan = self.crowd.plan
+        return plan.sends and self.index < plan.senders
 
     def on_connected(self, now: int) -> list:
         """The shell opened fresh sockets: register on them."""
         self._set_phase(Phase.REGISTERING)
         self._connected_at = now
-        self._last_heard = now
-        self._retry = REGISTER_RETRY_FIRST_NS
-        return [self._register(now)]
+        return self._run(self.session.start(now / NS), now, ticked=False)
 
     def start_sending(self, now: int) -> list:
-        if self.files is not None and self.index < self.plan.senders:
+        if self.files is not None and self.index < self.crowd.plan.senders:
             self.files.start(now)
         if not self.is_sender or self.done:
             self._mark_done()
             return []
         self._sending = True
-        if not self.plan.flood:  # spread the senders over one interval
-            self._next_send = now + int(self._rng.random() * self._interval)
+        if not self.crowd.plan.flood:  # spread the senders over one interval
+            self._next_send = now + int(self.crowd.rng.random() * self.crowd.interval)
         return self._fill(now) if self.phase is Phase.READY else []
 
     def stop_sending(self) -> None:
@@ -223,9 +188,8 @@ class ScriptedClient:
 
     def leave(self, now: int) -> list:
         out: list = []
-        if self.phase in (Phase.READY, Phase.LEAVING):
-            out.append(self._frames(pack(Unregister(), self._wall_ms()), now))
         if self.phase not in (Phase.IDLE, Phase.DOWN, Phase.CLOSED):
+            out = [a.frames for a in self.session.close(now / NS) if type(a) is Transmit]  # UNREGISTER
             out.append(Disconnect(graceful=True))
         self._set_phase(Phase.CLOSED)
         return out
@@ -239,36 +203,21 @@ class ScriptedClient:
             return [CONNECT] if now >= self.up_at else []
         if phase is Phase.CLOSED:
             return []
-        if phase is Phase.REGISTERING:
-            if now - self._last_sent >= self._retry:
-                self._retry = min(self._retry * 2, self._hb)
-                return [self._register(now)]
-            return []
-        out: list = []
-        if now - self._last_heard > self._expiry:
-            self.stats.counters["silences"] += 1
-            return self._reregister(now)
-        if phase is Phase.LEAVING:
-            if not self.outstanding or now >= self._leave_by:
-                out.append(self._frames(pack(Unregister(), self._wall_ms()), now))
-                return out + self._go_down(now, graceful=True)
-        elif self._churn and now >= self._churn_at:
-            self.stats.counters["churns"] += 1
-            if self.plan.churn_crash:
+        if phase is Phase.LEAVING and (not self.outstanding or now >= self._leave_by):
+            return self._go_down(now, graceful=True)
+        if phase is Phase.READY and now >= self._churn_at:
+            self.crowd.stats.counters["churns"] += 1
+            if self.crowd.plan.churn_crash:
                 return self._go_down(now, graceful=False)
             self._set_phase(Phase.LEAVING)
             self._leave_by = now + LEAVE_TIMEOUT_NS
             if not self.outstanding:
-                out.append(self._frames(pack(Unregister(), self._wall_ms()), now))
-                return out + self._go_down(now, graceful=True)
-        if self.outstanding and now >= self._resend_at:
-            out += self._resend(now)
+                return self._go_down(now, graceful=True)
+        out = self._run(self.session.on_tick(now / NS), now, ticked=True)
         if self._sending and self.phase is Phase.READY:  # not once LEAVING (churn just began)
             out += self._fill(now)
         if self.files is not None and self.phase is Phase.READY:
-            out += [self._frames(frames, now) for frames in self.files.on_tick(now)]
-        if now - self._last_sent >= self._hb:
-            out.append(self._frames(pack(Heartbeat(), self._wall_ms()), now))
+            out += self._run(self.files.on_tick(now), now, ticked=False)
         return out
 
     def next_deadline(self) -> int:
@@ -279,171 +228,165 @@ class ScriptedClient:
             return self.up_at
         if phase is Phase.CLOSED:
             return NEVER
-        if phase is Phase.REGISTERING:
-            return self._last_sent + self._retry
-        deadline = min(self._last_sent + self._hb, self._last_heard + self._expiry + 1)
+        deadline = int(self.session.next_deadline() * NS) + DEADLINE_MARGIN_NS
         if phase is Phase.LEAVING:
             return min(deadline, self._leave_by)
-        if self._churn:
+        if phase is Phase.READY:
             deadline = min(deadline, self._churn_at)
-        if self.outstanding:
-            deadline = min(deadline, self._resend_at)
-        if self._sending and not self.plan.flood and len(self.outstanding) < self.plan.window:
-            deadline = min(deadline, self._next_send)
-        if self.files is not None and phase is Phase.READY:
-            deadline = min(deadline, self.files.next_deadline())
+            plan = self.crowd.plan
+            if self._sending and not plan.flood and len(self.outstanding) < plan.window:
+                deadline = min(deadline, self._next_send)
+            if self.files is not None:
+                deadline = min(deadline, self.files.next_deadline())
         return deadline
 
     def on_frames(self, frames: list, now: int) -> list:
-        """A message from the broker on the DEALER."""
+        """A message from the broker on the DEALER: looked at for the ledgers, then handed to the session."""
         if self.phase in (Phase.CLOSED, Phase.DOWN, Phase.IDLE):
             return []
         try:
             env = decode(frames)
         except ProtocolError as exc:
-            self.stats.error("bad_frame_from_broker", exc.message)
+            self.crowd.stats.error("bad_frame_from_broker", exc.message)
             return []
-        self._last_heard = now
-        msg = env.message
-        kind = type(msg)
+        kind = type(env.message)
         if kind is ChatMessage:
-            return self._on_message(env.msg_id, msg, now)
-        files = self.files
-        if kind is Ack:
-            return [] if files is not None and files.on_ack(msg.ref) else self._on_ack(msg.ref, now)
-        if kind is Registered:
-            return self._on_registered(msg, now)
-        if kind is Error:
-            return [] if files is not None and files.on_error(msg, now) else self._on_error(msg, now)
-        if kind is Receipt:
-            self.stats.counters["receipts_received"] += 1
-            return [self._frames(pack(Consume(env.msg_id), self._wall_ms()), now)]
-        if files is not None and (answer := files.on_message(env, now)) is not None:
-            return [self._frames(frames, now) for frames in answer]
-        return []  # HEARTBEAT answers: hearing them is all that matters
+            self._observe_message(env, now)
+        elif kind is Error and env.message.code is ErrorCode.RATE_LIMITED:  # the session backs off, silently
+            self.crowd.stats.error(ErrorCode.RATE_LIMITED.value, f"{self.user}: {env.message.message}")
+        return self._run(self.session.on_envelope(env, now / NS), now, ticked=False)
 
     def on_publish(self, frames: list, now: int) -> None:
         """A presence frame on the SUB: count it, and time the watched users' changes."""
-        counters = self.stats.counters
+        crowd = self.crowd
+        counters = crowd.stats.counters
         counters["presence_frames"] += 1
         if not self.sub_live:
             self.sub_live = True
             counters["subscribed_now"] += 1
-        if not self.watch:
+        if not crowd.watch:
             return
         try:
             msg = decode(frames).message
         except ProtocolError as exc:
-            self.stats.error("bad_presence_frame", exc.message)
+            crowd.stats.error("bad_presence_frame", exc.message)
             return
-        if type(msg) is PeerUpdate and msg.user in self.watch:
-            self.stats.presence.setdefault(f"{msg.user}:{int(msg.online)}", []).append(now)
+        if type(msg) is PeerUpdate and msg.user in crowd.watch:
+            crowd.stats.presence.setdefault(f"{msg.user}:{int(msg.online)}", []).append(now)
 
     def on_sub_closed(self) -> None:
         if self.sub_live:
             self.sub_live = False
-            self.stats.counters["subscribed_now"] -= 1
+            self.crowd.stats.counters["subscribed_now"] -= 1
 
-    # --- handlers ----------------------------------------------------------------
-    def _on_message(self, msg_id: bytes, msg: ChatMessage, now: int) -> list:
-        stats = self.stats
-        out = [self._frames(pack(Consume(msg_id), self._wall_ms()), now)]  # even for a duplicate: forget it
+    # --- what the session did ------------------------------------------------------
+    def _run(self, actions: list[Action], now: int, ticked: bool) -> list:
+        """The session's actions: frames for the shell; events into the script and its counters."""
+        out = []
+        for action in actions:
+            if type(action) is Transmit:
+                out.append(action.frames)
+                continue
+            event = action.event
+            kind = type(event)
+            if kind is ev.MessageReceived:
+                continue  # counted from the envelope (``_observe_message``): its body is binary
+            if kind is ev.Acked:
+                out += self._on_ack(event.msg_id, now)
+            elif kind is ev.Registered:
+                out += self._on_registered(now)
+            elif kind is ev.Reconnecting:
+                self.crowd.stats.counters["silences" if ticked else "not_registered"] += 1
+                self._set_phase(Phase.REGISTERING)
+            elif kind is ev.Receipt:
+                self.crowd.stats.counters["receipts_received"] += 1
+            elif kind is ev.SendFailed:
+                self._on_send_failed(event)
+            elif kind in (ev.ErrorReported, ev.RegisterFailed):
+                self.crowd.stats.error(event.error.code.value, f"{self.user}: {event.error.message}")
+                if self.session.state is State.CLOSED:  # refused at its first REGISTER, or replaced: it is over
+                    self._set_phase(Phase.CLOSED)
+            elif self.files is not None:
+                self.files.on_event(event, now)
+        return out
+
+    def _observe_message(self, env: Envelope, now: int) -> None:
+        """The ledgers: loss, duplicates and reordering per sender, and one-way latency."""
+        msg = env.message
+        stats = self.crowd.stats
         body = msg.body
         if len(body) < BODY.size:
             stats.error("foreign_message", f"{msg.sender} sent a {len(body)}-byte body")
-            return out
+            return
         tag, sender, seq, sent_ns = BODY.unpack_from(body)
-        if tag != self.plan.run_tag:
+        if tag != self.crowd.plan.run_tag:
             stats.error("foreign_message", f"{msg.sender} sent a body of another run")
-            return out
-        if not stats.record_received(sender, seq):
-            stats.counters["duplicated"] += 1
-            return out
+            return
         counters = stats.counters
+        if not stats.record_received(sender, seq):
+            counters["duplicated"] += 1
+            return
         counters["received"] += 1
         record_ns(stats.latency, now - sent_ns)
         stats.last_receive_ns = now
-        if seq < self._highest.get(sender, -1):
+        highest = self._highest
+        if highest is None:
+            highest = self._highest = {}
+        if seq < highest.get(sender, -1):
             counters["out_of_order"] += 1
         else:
-            self._highest[sender] = seq
-        if self.plan.receipts:
-            receipt = Receipt(self.user, msg.sender, msg_id, ReceiptStatus.DELIVERED)
-            out.append(self._frames(pack(receipt, self._wall_ms()), now))
-        return out
+            highest[sender] = seq
 
     def _on_ack(self, ref: bytes, now: int) -> list:
         entry = self.outstanding.pop(ref, None)
-        counters = self.stats.counters
+        stats = self.crowd.stats
+        counters = stats.counters
         if entry is None:
-            counters["acks_unmatched"] += 1  # the ACK of a copy re-sent after its first ACK
+            if self.files is None or not self.files.owns(ref):
+                counters["acks_unmatched"] += 1  # the ACK of a copy re-sent after its first ACK, or a receipt's
             return []
         counters["outstanding"] -= 1
-        seq, sent_ns, _ = entry
-        if self.stats.record_acked(self.index, seq):
+        seq, sent_ns = entry
+        if stats.record_acked(self.index, seq):
             counters["acked"] += 1
-            record_ns(self.stats.ack_latency, now - sent_ns)
-        self._resend_at = now + RESEND_AFTER_NS  # progress
+            record_ns(stats.ack_latency, now - sent_ns)
         if self._sending and self.phase is Phase.READY:
             return self._fill(now)
         if self.phase is Phase.LEAVING and not self.outstanding:
-            return [self._frames(pack(Unregister(), self._wall_ms()), now)] + self._go_down(now, graceful=True)
+            return self._go_down(now, graceful=True)
         return []
 
-    def _on_registered(self, msg: Registered, now: int) -> list:
-        if self.phase is not Phase.REGISTERING:
-            return []
-        if msg.heartbeat_ms:  # §5.2: at least one frame every heartbeat_ms
-            broker_hb = msg.heartbeat_ms * 1_000_000
-            self._hb = min(int(self.plan.heartbeat * NS), broker_hb) if self.plan.heartbeat else broker_hb
-            self._expiry = self._hb * self.plan.liveness
+    def _on_send_failed(self, event: ev.SendFailed) -> None:
+        if self.outstanding.pop(event.msg_id, None) is not None:  # refused, so never stored: failed, not lost
+            self.crowd.stats.counters["outstanding"] -= 1
+            self.crowd.stats.counters["failed"] += 1
+        self.crowd.stats.error(event.error.code.value, f"{self.user}: {event.error.message}")
+
+    def _on_registered(self, now: int) -> list:
         self._set_phase(Phase.READY)
-        counters = self.stats.counters
+        crowd = self.crowd
+        counters = crowd.stats.counters
         if self._registered_once:
             counters["reconnects"] += 1
         else:
             self._registered_once = True
             counters["registered"] += 1
-            record_ns(self.stats.register_latency, now - self._connected_at)
+            record_ns(crowd.stats.register_latency, now - self._connected_at)
+        plan = crowd.plan
         if self._churn:
-            self._churn_at = now + int(self.plan.churn_every * NS * (0.5 + self._rng.random()))
-        out = self._resend(now)
-        if self._sending:
-            if not self.plan.flood and self._next_send < now:  # slots missed while away are skipped, not burst
-                self.stats.counters["skipped_slots"] += (now - self._next_send) // self._interval
-                self._next_send = now
-            out += self._fill(now)
-        return out
-
-    def _on_error(self, msg: Error, now: int) -> list:
-        code = msg.code
-        stats = self.stats
-        if code is ErrorCode.NOT_REGISTERED:  # the broker restarted and forgot us
-            if self.phase in (Phase.READY, Phase.LEAVING):
-                stats.counters["not_registered"] += 1
-                return self._reregister(now)
-            return []  # the answer to something sent before REGISTERED
-        if code is ErrorCode.RATE_LIMITED:
-            stats.error(code.value, f"{self.user}: {msg.message}")
-            self._resend_at = now + RATE_LIMIT_BACKOFF_NS
+            self._churn_at = now + int(plan.churn_every * NS * (0.5 + crowd.rng.random()))
+        if not self._sending:
             return []
-        if self.phase is Phase.REGISTERING and code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED,
-                                                        ErrorCode.KEY_MISMATCH):
-            stats.error(code.value, f"{self.user}: REGISTER refused: {msg.message}")
-            self._retry = self._hb  # our own stale session may be expiring: keep trying, slowly
-            return []
-        if msg.ref is not None:
-            entry = self.outstanding.pop(msg.ref, None)
-            if entry is not None:  # refused, so never stored: failed, not lost
-                stats.counters["outstanding"] -= 1
-                stats.counters["failed"] += 1
-        stats.error(code.value, f"{self.user}: {msg.message}")
-        return []
+        if not plan.flood and self._next_send < now:  # slots missed while away are skipped, not burst
+            counters["skipped_slots"] += (now - self._next_send) // crowd.interval
+            self._next_send = now
+        return self._fill(now)
 
-    # --- helpers -------------------------------------------------------------------
+    # --- the script ---------------------------------------------------------------
     def _fill(self, now: int) -> list:
         """Messages due now: up to the window when flooding, else those the schedule says."""
-        plan, out = self.plan, []
+        crowd = self.crowd
+        plan, out = crowd.plan, []
         count, window = plan.count, plan.window
         if plan.flood:
             while len(self.outstanding) < window and len(out) < window:
@@ -453,7 +396,7 @@ class ScriptedClient:
                 out += self._message(now)
             return out
         if now - self._next_send > MAX_CATCH_UP_NS:  # far behind (e.g. was away): no burst
-            self.stats.counters["skipped_slots"] += (now - self._next_send) // self._interval
+            crowd.stats.counters["skipped_slots"] += (now - self._next_send) // crowd.interval
             self._next_send = now
         sends = 0
         while now >= self._next_send and len(self.outstanding) < window and sends < MAX_SENDS_PER_TICK:
@@ -461,9 +404,9 @@ class ScriptedClient:
                 self._finish_sending()
                 break
             if now - self._next_send > LATE_NS:
-                self.stats.counters["late_sends"] += 1
+                crowd.stats.counters["late_sends"] += 1
             out += self._message(now)
-            self._next_send += self._interval
+            self._next_send += crowd.interval
             sends += 1
         return out
 
@@ -474,18 +417,19 @@ class ScriptedClient:
     def _mark_done(self) -> None:
         if not self.done:
             self.done = True
-            self.stats.counters["senders_done"] += 1
+            self.crowd.stats.counters["senders_done"] += 1
 
     def _message(self, now: int) -> list:
-        stats, plan, index = self.stats, self.plan, self.index
+        crowd = self.crowd
+        stats, plan, index = crowd.stats, crowd.plan, self.index
         seq = self.seq
         self.seq = seq + 1
         stats.sent[index] = self.seq
         stats.counters["sent"] += 1
         if not stats.first_send_ns:
             stats.first_send_ns = now
-        recipient = self.names[peer_of(index, plan, self._rng)]
-        body = BODY.pack(plan.run_tag, index, seq, now) + self._padding
+        recipient = crowd.names[peer_of(index, plan, crowd.rng)]
+        body = BODY.pack(plan.run_tag, index, seq, now) + crowd.padding
         if index == 0 and seq == plan.inject_drop:
             # TEST HOOK: behave as if the broker had acknowledged this message and then lost it.
             stats.counters["injected_drop"] += 1
@@ -497,49 +441,24 @@ class ScriptedClient:
             stats.counters["injected_dup"] += 1
         out = []
         for _ in range(copies):
-            msg_id = os.urandom(16)
-            frames = pack(ChatMessage(self.user, recipient, body), self._wall_ms(), msg_id)
-            if not self.outstanding:
-                self._resend_at = now + RESEND_AFTER_NS
-            self.outstanding[msg_id] = [seq, now, frames]
+            msg_id = new_msg_id()
+            self.outstanding[msg_id] = (seq, now)
             stats.counters["outstanding"] += 1
-            out.append(self._frames(frames, now))
+            out += self._run(self.session.send_text(recipient, body, now / NS, msg_id), now, ticked=False)
         return out
 
-    def _resend(self, now: int) -> list:
-        """At-least-once: the unacknowledged messages again, same ids (the broker stores each id once)."""
-        self._resend_at = now + RESEND_AFTER_NS
-        if not self.outstanding:
-            return []
-        self.stats.counters["resent"] += len(self.outstanding)
-        return [self._frames(entry[2], now) for entry in self.outstanding.values()]
-
-    def _reregister(self, now: int) -> list:
-        self._set_phase(Phase.REGISTERING)
-        self._retry = REGISTER_RETRY_FIRST_NS
-        self._last_heard = now
-        return [self._register(now)]
-
     def _go_down(self, now: int, graceful: bool) -> list:
+        out = self._run(self.session.leave(now / NS, unregister=graceful), now, ticked=False)
         self._set_phase(Phase.DOWN)
-        if self.files is not None:
-            self.files.abandon()
-        self.up_at = now + int(self.plan.churn_down * NS)
+        self.up_at = now + int(self.crowd.plan.churn_down * NS)
         self._leave_by = NEVER
-        return [Disconnect(graceful)]
-
-    def _register(self, now: int) -> list:
-        return self._frames(pack(Register(self.user, self.token, self.key), self._wall_ms()), now)
-
-    def _frames(self, frames: list, now: int) -> list:
-        self._last_sent = now
-        return frames
+        return out + [Disconnect(graceful)]
 
     def _set_phase(self, phase: Phase) -> None:
         old = self.phase
         if old is phase:
             return
-        counters = self.stats.counters
+        counters = self.crowd.stats.counters
         if old is Phase.READY:
             counters["ready_now"] -= 1
         elif old is Phase.DOWN:

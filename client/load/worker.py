@@ -11,7 +11,7 @@ socket's state may have changed" and a send can consume that signal, so every
 socket we send on is re-checked (``ZMQ_EVENTS``) on the next turn of the loop
 (libzmq ``zmq_getsockopt`` on ZMQ_FD/ZMQ_EVENTS).
 
-Coordinator -> worker commands (dicts): ``ramp``, ``subscribe``, ``watch``,
+Coordinator -> worker commands (dicts): ``ramp``, ``subscribe``,
 ``go``, ``stop``, ``report``, ``exit``. Worker -> coordinator: ``armed``,
 ``progress`` (every ``progress_every`` s), ``report``, ``bye``, ``crash``.
 """
@@ -22,15 +22,19 @@ import heapq
 import logging
 import resource
 import select
+import shutil
 import signal
+import tempfile
 import time
 import traceback
+from pathlib import Path
 from dataclasses import dataclass
 
 import zmq
 
 from p2pchat.client.broker_trust import ADMIT_TIMEOUT, admit
-from p2pchat.client.load.script import CONNECT, NEVER, NS, Connect, ScriptedClient, ScriptPlan
+from p2pchat.client.load.plan import NEVER, NS, ScriptPlan
+from p2pchat.client.load.script import CONNECT, Connect, Crowd, ScriptedClient
 from p2pchat.client.load.stats import ProcessStats
 from p2pchat.common.crypto import Identity
 from p2pchat.common.endpoints import ServerAddress
@@ -85,6 +89,9 @@ class WorkerSpec:
 def worker_main(spec: WorkerSpec, conn) -> None:
     """Entry point of a spawned worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator owns shutdown
+    # Thousands of sessions in one process: what each would log (reconnects, refusals, transfers) is counted
+    # in the stats instead, so the library's cores log only what breaks.
+    logging.getLogger("p2pchat.client.core").setLevel(logging.ERROR)
     try:
         Worker(spec, conn).run()
     except BaseException:  # reported, never lost
@@ -101,7 +108,7 @@ class Worker:
         self.spec = spec
         self.conn = conn
         self.stats = ProcessStats()
-        self.watch: set[str] = set()
+        self.crowd: Crowd | None = None
         self.subscribed = False
         self.stopped = False  # the coordinator said stop: progress from now on is final-ish
         self.running = True
@@ -126,14 +133,18 @@ class Worker:
         sockets_per_client = 2 if spec.subscribe else 1
         self.ctx.set(zmq.MAX_SOCKETS, len(spec.indices) * sockets_per_client * 2 + 64)  # churn reopens
         names = [user_name(spec.user_prefix, i) for i in range(spec.plan.clients)]
-        wall_ms = lambda: int(time.time() * 1000)  # noqa: E731
+        scratch = None
+        if spec.plan.file_every > 0:  # file traffic keeps transfer state and received files here, not on a disk
+            shm = Path("/dev/shm")
+            scratch = Path(tempfile.mkdtemp(prefix=f"p2pchat-load-{spec.worker}-", dir=shm if shm.is_dir() else None))
+        self.crowd = crowd = Crowd(names, spec.plan, self.stats, wall_ms=lambda: int(time.time() * 1000),
+                                   wall_time=time.time, scratch=scratch, stream=spec.worker)
         for index in spec.indices:
             identity = Identity.generate()
             if spec.key_service is not None:
                 admit(spec.key_service, spec.key_service.port, names[index], identity.public, ADMIT_TIMEOUT)
             self.curve[index] = (identity.curve_public, identity.curve_secret)
-            self.clients[index] = ScriptedClient(index, names, identity.public, spec.plan, self.stats, wall_ms,
-                                                 watch=self.watch)
+            self.clients[index] = ScriptedClient(index, crowd, identity.public)
             self.scheduled[index] = NEVER
         self.epoll.register(self.conn.fileno(), select.EPOLLIN)
 
@@ -143,15 +154,17 @@ class Worker:
         self.epoll.close()
         if self.ctx is not None:
             self.ctx.term()
+        if self.crowd is not None and self.crowd.scratch is not None:
+            shutil.rmtree(self.crowd.scratch, ignore_errors=True)
 
     # --- the loop -----------------------------------------------------------------
     def run(self) -> None:
-        self.arm()
-        self.conn.send({"type": "armed", "worker": self.spec.worker, "nofile": self.nofile})
-        pipe_fd = self.conn.fileno()
-        progress_ns = int(self.spec.progress_every * NS)
-        next_progress = time.monotonic_ns()
-        try:
+        try:  # closed whatever happens, arming included: the scratch directory is on /dev/shm
+            self.arm()
+            self.conn.send({"type": "armed", "worker": self.spec.worker, "nofile": self.nofile})
+            pipe_fd = self.conn.fileno()
+            progress_ns = int(self.spec.progress_every * NS)
+            next_progress = time.monotonic_ns()
             while self.running:
                 self._run_timers()
                 now = time.monotonic_ns()
@@ -315,12 +328,10 @@ class Worker:
             client.start_at = t0 + ramp_ns * index // n
             self._reschedule(client)
 
-    def _cmd_watch(self, command: dict) -> None:
-        self.watch.update(command["users"])
-
     def _cmd_subscribe(self, command: dict) -> None:
+        assert self.crowd is not None
         self.subscribed = True
-        self.watch.update(command.get("watch", ()))
+        self.crowd.watch.update(command.get("watch", ()))
         for sub in self.subs.values():
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             self.check.add(sub)

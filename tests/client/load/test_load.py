@@ -1,4 +1,5 @@
-"""The load tool: its scripted client core without sockets, its ledgers, and short real runs against a broker.
+"""The load tool: its scripted client (the library's session driven by a script) without sockets, its ledgers,
+and short real runs against a broker.
 
 The real runs start ``p2pchat load`` as a subprocess (it spawns its own worker
 processes and, unless told ``--server``, its own broker) and check the JSON
@@ -19,15 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pchat.client.load.script import (
-    BODY,
-    CONNECT,
-    Disconnect,
-    Phase,
-    ScriptedClient,
-    ScriptPlan,
-    peer_of,
-)
+from p2pchat.client.load.plan import BODY, ScriptPlan, peer_of
+from p2pchat.client.load.script import CONNECT, Crowd, Disconnect, Phase, ScriptedClient
 from p2pchat.client.load.stats import MergedStats, ProcessStats, SeqSet
 from p2pchat.client.core.transfer import CHUNK_SIZE
 from p2pchat.common.errors import ErrorCode
@@ -57,10 +51,16 @@ NAMES = [f"u{i}" for i in range(8)]
 
 
 # --- the scripted client, sans I/O -------------------------------------------------
-def make_client(index: int = 0, clients: int = 2, **plan) -> ScriptedClient:
+def make_client(index: int = 0, clients: int = 2, scratch: Path | None = None, **plan) -> ScriptedClient:
+    """One client with a process's worth of shared state (its own stats) to itself."""
     plan.setdefault("peers", "pairs")
-    return ScriptedClient(index, NAMES, bytes(32), ScriptPlan(run_tag=TAG, clients=clients, senders=clients, **plan),
-                          ProcessStats(), wall_ms=lambda: 1_700_000_000_000)
+    crowd = Crowd(NAMES, ScriptPlan(run_tag=TAG, clients=clients, senders=clients, **plan), ProcessStats(),
+                  wall_ms=lambda: 1_700_000_000_000, wall_time=lambda: 1_700_000_000.0, scratch=scratch)
+    return ScriptedClient(index, crowd, bytes(32))
+
+
+def stats(client: ScriptedClient) -> ProcessStats:
+    return client.crowd.stats
 
 
 def kinds(outputs: list) -> list:
@@ -117,14 +117,15 @@ def test_register_is_retried_at_20_ms_doubling_until_registered():
         now = client.next_deadline()
         if kinds(client.on_tick(now)) == [Register]:
             sent_at.append(now)
-    assert sent_at == [20 * MS, 60 * MS, 140 * MS]
+    assert [round(t / MS) for t in sent_at] == [20, 60, 140]
 
 
 def test_registered_client_heartbeats_at_the_brokers_interval():
     client = make_client()
     ready(client, heartbeat_ms=5000)
-    assert client.next_deadline() == 5 * S
-    assert kinds(client.on_tick(5 * S)) == [Heartbeat]
+    due = client.next_deadline()
+    assert 5 * S <= due < 5 * S + MS
+    assert kinds(client.on_tick(due)) == [Heartbeat]
 
 
 def test_paced_sender_sends_on_schedule_and_the_ack_enters_the_ledger():
@@ -139,8 +140,8 @@ def test_paced_sender_sends_on_schedule_and_the_ack_enters_the_ledger():
     assert [BODY.unpack_from(e.message.body)[2] for e in sent] == [0, 1, 2]
     assert all(e.message.recipient == "u1" for e in sent)
     assert client.on_frames(pack(Ack(sent[1].msg_id, AckStatus.STORED), 0), now) == []  # nothing due yet
-    assert 1 in client.stats.acked[0] and 0 not in client.stats.acked[0]
-    assert client.stats.counters["acked"] == 1 and len(client.outstanding) == 2
+    assert 1 in stats(client).acked[0] and 0 not in stats(client).acked[0]
+    assert stats(client).counters["acked"] == 1 and len(client.outstanding) == 2
 
 
 def test_flood_keeps_the_window_full():
@@ -160,9 +161,9 @@ def test_receiver_consumes_everything_and_counts_duplicates_and_reordering():
     consumed = [decode(o[0]).message for o in outputs]
     assert [type(m) for m in consumed] == [Consume] * 4
     assert [m.ref for m in consumed] == [decode(f).msg_id for f in frames]
-    counters = client.stats.counters
+    counters = stats(client).counters
     assert (counters["received"], counters["duplicated"], counters["out_of_order"]) == (3, 1, 1)
-    assert client.stats.latency.get_total_count() == 3
+    assert stats(client).latency.get_total_count() == 3
 
 
 def test_a_message_from_another_run_is_consumed_and_reported():
@@ -170,7 +171,7 @@ def test_a_message_from_another_run_is_consumed_and_reported():
     ready(client)
     foreign = pack(ChatMessage("u1", "u0", BODY.pack(TAG + 1, 1, 0, 0)), 0)
     assert kinds(client.on_frames(foreign, 0)) == [Consume]
-    assert client.stats.errors["foreign_message"] == 1 and client.stats.counters["received"] == 0
+    assert stats(client).errors["foreign_message"] == 1 and stats(client).counters["received"] == 0
 
 
 def test_not_registered_sends_a_ready_client_back_to_register_and_it_resends_what_is_unacked():
@@ -180,7 +181,7 @@ def test_not_registered_sends_a_ready_client_back_to_register_and_it_resends_wha
     assert kinds(client.on_frames(pack(Error(ErrorCode.NOT_REGISTERED, "register first"), 0), 5 * MS)) == [Register]
     again = client.on_frames(pack(Registered("u0", b"epoch2", 1000), 0), 6 * MS)
     assert [decode(o).msg_id for o in again] == ids  # same ids: the broker stores each once
-    assert client.stats.counters["reconnects"] == 1
+    assert stats(client).counters["reconnects"] == 1
 
 
 def test_a_silent_broker_makes_the_client_register_again():
@@ -189,7 +190,7 @@ def test_a_silent_broker_makes_the_client_register_again():
     client.on_tick(S)  # heartbeat
     client.on_tick(2 * S)
     assert kinds(client.on_tick(3 * S + 2 * MS)) == [Register]
-    assert client.phase is Phase.REGISTERING and client.stats.counters["silences"] == 1
+    assert client.phase is Phase.REGISTERING and stats(client).counters["silences"] == 1
 
 
 def test_graceful_churn_waits_for_acks_then_unregisters_and_comes_back():
@@ -211,13 +212,23 @@ def test_crash_churn_disconnects_without_unregistering():
     assert outputs == [Disconnect(graceful=False)]
 
 
+def test_a_client_refused_at_its_first_register_counts_the_error_and_stops():
+    client = make_client()
+    client.start_at = 0
+    client.on_tick(0)
+    client.on_connected(0)
+    assert client.on_frames(pack(Error(ErrorCode.ID_TAKEN, "taken"), 0), MS) == []
+    assert client.phase is Phase.CLOSED and stats(client).errors["id_taken"] == 1
+    assert client.next_deadline() > 10 * S  # nothing left to do: the worker must not spin on it
+
+
 def test_refused_message_is_failed_not_outstanding():
     client = make_client(flood=True, window=1, count=1)
     ready(client)
     [msg] = client.start_sending(0)
     client.on_frames(pack(Error(ErrorCode.QUEUE_FULL, "full", decode(msg).msg_id), 0), MS)
-    assert not client.outstanding and client.stats.counters["failed"] == 1
-    assert client.stats.errors["queue_full"] == 1
+    assert not client.outstanding and stats(client).counters["failed"] == 1
+    assert stats(client).errors["queue_full"] == 1
 
 
 def test_inject_drop_counts_the_message_sent_and_acked_but_never_sends_it():
@@ -225,7 +236,7 @@ def test_inject_drop_counts_the_message_sent_and_acked_but_never_sends_it():
     ready(client)
     sent = [BODY.unpack_from(decode(o).message.body)[2] for o in client.start_sending(0)]
     assert sent == [0, 2]
-    assert client.stats.sent[0] == 3 and 1 in client.stats.acked[0]
+    assert stats(client).sent[0] == 3 and 1 in stats(client).acked[0]
 
 
 def test_inject_dup_sends_one_message_twice_under_two_ids():
@@ -233,7 +244,7 @@ def test_inject_dup_sends_one_message_twice_under_two_ids():
     ready(client)
     envs = [decode(o) for o in client.start_sending(0)]
     assert [BODY.unpack_from(e.message.body)[2] for e in envs] == [0, 0, 1]
-    assert envs[0].msg_id != envs[1].msg_id and client.stats.sent[0] == 2
+    assert envs[0].msg_id != envs[1].msg_id and stats(client).sent[0] == 2
 
 
 @pytest.mark.parametrize("mode", ["random", "ring", "pairs"])
@@ -385,10 +396,10 @@ def test_restarting_a_broker_the_tool_did_not_start_is_refused():
 FILE_SIZE = 2 * CHUNK_SIZE + 1000  # three chunks, the last a short one
 
 
-def file_pair(**plan) -> tuple[ScriptedClient, ScriptedClient]:
+def file_pair(scratch: Path, **plan) -> tuple[ScriptedClient, ScriptedClient]:
     """u0 sends files to u1 (pairs), both registered; only u0 is told to start sending."""
     plan = dict(rate=0, file_every=1.0, file_size=FILE_SIZE, **plan)
-    a, b = make_client(0, **plan), make_client(1, **plan)
+    a, b = make_client(0, scratch=scratch / "a", **plan), make_client(1, scratch=scratch / "b", **plan)
     ready(a)
     ready(b)
     a.start_sending(0)
@@ -415,20 +426,28 @@ def run_transfer(a: ScriptedClient, b: ScriptedClient, now: int, outputs: list, 
     raise AssertionError("the transfer never went quiet")
 
 
-def test_a_sender_offers_a_file_and_the_receiver_verifies_every_chunk():
-    a, b = file_pair()
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+    return tmp_path
+
+
+def test_a_sender_offers_a_file_and_the_receiver_verifies_every_chunk(scratch: Path):
+    a, b = file_pair(scratch)
     now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
     run_transfer(a, b, now, offer)
-    c = a.stats.counters  # one ProcessStats per client here
+    c = stats(a).counters  # one ProcessStats per client here
     assert (c["files_offered"], c["files_done"], c["files_open"]) == (1, 1, 0)
-    assert b.stats.counters["files_received"] == 1 and b.stats.counters["file_bytes"] == FILE_SIZE
-    assert a.stats.file_latency.get_total_count() == 1
-    assert not a.stats.errors and not b.stats.errors
+    assert stats(b).counters["files_received"] == 1 and stats(b).counters["file_bytes"] == FILE_SIZE
+    assert stats(a).file_latency.get_total_count() == 1
+    assert not stats(a).errors and not stats(b).errors
     assert a.files.next_offer_at > now  # the next one is scheduled
+    assert not list((scratch / "b" / "u1" / "received").iterdir())  # verified, then deleted
 
 
-def test_a_lost_chunk_is_asked_for_again_after_the_stall_timeout():
-    a, b = file_pair()
+def test_a_lost_chunk_is_asked_for_again_after_the_stall_timeout(scratch: Path):
+    a, b = file_pair(scratch)
     now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
     dropped = []
 
@@ -439,42 +458,55 @@ def test_a_lost_chunk_is_asked_for_again_after_the_stall_timeout():
         return False
 
     now = run_transfer(a, b, now, offer, drop=drop_chunk_1_once)
-    assert dropped == [1] and b.stats.counters["files_received"] == 0
+    assert dropped == [1] and stats(b).counters["files_received"] == 0
     later, recredit = tick_until(b, lambda out: FileCredit in kinds(out), alive=True)
-    assert later - now >= 3 * S and b.stats.counters["file_recredits"] == 1
+    assert later - now >= 3 * S
     run_transfer(a, b, later, relay(recredit, a, later))
-    assert b.stats.counters["files_received"] == 1 and a.stats.counters["files_done"] == 1
+    assert stats(b).counters["files_received"] == 1 and stats(a).counters["files_done"] == 1
 
 
-def test_a_chunk_with_other_data_is_an_error_not_a_good_file():
-    a, b = file_pair()
+def test_a_file_with_other_data_is_an_error_not_a_good_file(scratch: Path):
+    a, b = file_pair(scratch)
     now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
     credit = relay(offer, b, now)
     chunks = relay(credit, a, now)
     first = decode(chunks[0])
-    forged = bytes(len(first.payload))  # intact in transit (its CRC matches), but not this run's file
+    forged = bytes(len(first.payload))  # intact in transit (its CRC matches), but not the file offered
     msg = first.message
     chunks[0] = pack(FileChunk(msg.sender, msg.recipient, msg.xfer, 0, msg.final, zlib.crc32(forged)),
                      first.ts, first.msg_id, forged)
-    assert FileCancel in kinds(relay(chunks[:1], b, now))
-    assert b.stats.errors["file_corrupt"] == 1 and b.stats.counters["files_received"] == 0
+    answers = relay(chunks, b, now)
+    assert FileCancel in kinds(answers)  # the whole file's SHA-256 did not match
+    assert stats(b).errors["integrity"] == 1 and stats(b).counters["files_received"] == 0
+    relay(answers, a, now)
+    assert stats(a).errors["integrity"] == 1 and stats(a).counters["files_open"] == 0
 
 
-def test_a_transfer_with_no_progress_times_out_and_the_next_is_offered():
-    a, b = file_pair()
+def test_a_transfer_with_no_progress_times_out_and_the_next_is_offered(scratch: Path):
+    a, b = file_pair(scratch)
     now, offer = tick_until(a, lambda out: FileOffer in kinds(out))
     credit = relay(offer, b, now)
-    relay(credit[1:], a, now)  # the credit arrives; every chunk sent on it is lost, and b is gone
-    assert a.files.outgoing and all(o.accepted for o in a.files.outgoing.values())
-    later, _ = tick_until(a, lambda out: a.stats.counters["files_timed_out"] == 1, limit=100, alive=True)
-    assert later - now >= 30 * S and a.stats.counters["files_open"] == 0
+    relay(credit, a, now)  # the credit arrives; every chunk sent on it is lost, and b is gone
+    assert a.files.xfer is not None
+    later, _ = tick_until(a, lambda out: stats(a).counters["files_timed_out"] == 1, limit=100, alive=True)
+    assert later - now >= 30 * S and stats(a).counters["files_open"] == 0
     assert FileOffer in kinds(tick_until(a, lambda out: FileOffer in kinds(out), alive=True)[1])
 
 
+def scratch_dirs() -> set[Path]:
+    """The load workers' scratch directories (transfer state and received files) that exist now."""
+    import tempfile
+
+    return {p for d in (Path("/dev/shm"), Path(tempfile.gettempdir())) if d.is_dir()
+            for p in d.glob("p2pchat-load-*-*")}
+
+
 def test_file_traffic_through_a_real_broker_verifies_every_file():
+    before = scratch_dirs()
     code, report, err = run_load("--clients", "4", "--duration", "2", "--rate", "5", "--files", "0.2",
                                  "--file-size", str(FILE_SIZE))
     assert code == 0, err
+    assert scratch_dirs() <= before  # each worker removed its own
     files = report["files"]
     assert files["offered"] == files["done"] >= 4 and files["unfinished"] == 0
     assert files["bytes"] == files["done"] * FILE_SIZE and files["mib_s"] > 0
