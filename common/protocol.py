@@ -4,6 +4,8 @@ A ZeroMQ message is one msgpack *header* frame, optionally followed by one
 opaque *payload* frame (file chunks only). ``docs/PROTOCOL.md`` is the normative
 text; this module is its executable form. Decoding never lets a msgpack or
 type error escape: every failure is a ``ProtocolError`` with a stable code.
+
+(Over 500 lines: the whole wire, every message type beside its codec and limits, as h11's _events.py.)
 """
 
 from __future__ import annotations

@@ -36,28 +36,7 @@ from p2pchat.broker.core.ports import (
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import (
-    Ack,
-    AckStatus,
-    Consume,
-    Envelope,
-    FileCancel,
-    FileChunk,
-    FileCredit,
-    FileDone,
-    Heartbeat,
-    KeyInfo,
-    KeyRequest,
-    Message,
-    PeerSync,
-    PeerUpdate,
-    Register,
-    Registered,
-    Snapshot,
-    SnapshotRequest,
-    Unregister,
-    decode,
-)
+from p2pchat.common.protocol import Ack, AckStatus, Consume, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
 restarted) sends a READY session back to CONNECTING, and so does ``leave``
 (the shell closes its sockets for a while); messages not yet acknowledged are
 sent again once registered, and receivers drop duplicates by message id.
+
+(About 500 lines: one state machine (register, heartbeats, send/ack, receive) read as a whole.)
 """
 
 from __future__ import annotations
@@ -30,30 +32,7 @@ from p2pchat.client.e2e import EndToEnd, NoSealing, PeerKeyChanged
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import (
-    Ack,
-    AckStatus,
-    ChatMessage,
-    Consume,
-    Envelope,
-    Receipt,
-    ReceiptStatus,
-    Error,
-    Heartbeat,
-    KeyInfo,
-    KeyRequest,
-    PeerSync,
-    PeerUpdate,
-    Register,
-    Registered,
-    Snapshot,
-    SnapshotRequest,
-    Unregister,
-    check_user_id,
-    decode,
-    pack,
-    MAX_BODY_BYTES,
-)
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 

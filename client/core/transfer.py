@@ -43,15 +43,7 @@ from p2pchat.client.storage.filenames import part_name, received_name
 from p2pchat.common.crypto import TAG_BYTES, FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, ProtocolError, RemoteError, TransferError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import (
-    MAX_PAYLOAD_BYTES,
-    Envelope,
-    FileCancel,
-    FileChunk,
-    FileCredit,
-    FileDone,
-    FileOffer,
-)
+from p2pchat.common.protocol import MAX_PAYLOAD_BYTES, Envelope, FileCancel, FileChunk, FileCredit, FileDone, FileOffer
 
 __all__ = ["CHUNK_SIZE", "MAX_AGE", "REF_PREFIX", "WINDOW", "Phase", "TransferConfig", "TransferManager", "frame_id"]
 

@@ -10,6 +10,8 @@ a full ticket table, a full disk, Redis gone) start a broker of their own.
 
 ``registry_full`` would need a million bound IDs: its two tests drive the broker's routing core and
 key service in-process instead, with the same raw bytes, over a registry that binds one ID.
+
+(Over 500 lines: one test per rule of docs/PROTOCOL.md, in the spec's order, so it reads as the spec.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack

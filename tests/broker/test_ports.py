@@ -21,27 +21,11 @@ from p2pchat.broker.backends.single import SingleBackend
 from p2pchat.broker.core.actions import Publish, Relay, Send
 from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import (
-    Ack,
-    AckStatus,
-    ChatMessage,
-    Consume,
-    Error,
-    FileCredit,
-    KeyRequest,
-    PeerSync,
-    PeerUpdate,
-    Register,
-    Registered,
-    Snapshot,
-    SnapshotRequest,
-    Unregister,
-    decode,
-    pack,
-)
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Error, FileCredit, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, pack
 from tests.broker.test_cluster import RedisProcess
-from tests.broker.test_routing import EPOCH, IVL, LIVENESS, id_source, key_of
+from tests.broker.test_routing import EPOCH, IVL, LIVENESS, key_of
 from tests.conftest import wait_until
+from tests.cores import id_source
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 

@@ -14,7 +14,8 @@ from p2pchat.broker.core.ports import QueueLimits, Refusal
 from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.common.errors import ErrorCode
 from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Error, Register, decode, new_msg_id, pack
-from tests.broker.test_routing import BROKER, EPOCH, IVL, LIVENESS, KeyBook, id_source
+from tests.broker.test_routing import BROKER, EPOCH, IVL, LIVENESS
+from tests.cores import KeyBook, id_source
 
 LIMITS = QueueLimits(max_per_user=100, max_bytes_per_user=10_000, max_per_sender=60, max_bytes_per_sender=6_000,
                      max_total_bytes=25_000, max_recipients=3, page=8, expire_batch=5)

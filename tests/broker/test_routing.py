@@ -3,12 +3,13 @@
 The second half wires real ClientSession cores to a BrokerCore in memory (h11's
 ConnectionPair idea), so whole conversations and the Clone presence protocol run
 without a socket, in microseconds.
+
+(Over 500 lines: the broker core's behaviours, one test each, sharing the in-memory ports at the top.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections import defaultdict, deque
 from collections.abc import Callable
 
@@ -28,30 +29,9 @@ from p2pchat.client.e2e import EndToEnd, MemoryKeys
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import ErrorCode, RemoteError
-from p2pchat.common.protocol import (
-    MAX_HEADER_BYTES,
-    Ack,
-    AckStatus,
-    ChatMessage,
-    Error,
-    FileChunk,
-    FileCredit,
-    Heartbeat,
-    KeyInfo,
-    KeyRequest,
-    Message,
-    PeerSync,
-    PeerUpdate,
-    Register,
-    Registered,
-    Snapshot,
-    SnapshotRequest,
-    Unregister,
-    decode,
-    new_msg_id,
-    pack,
-)
+from p2pchat.common.protocol import MAX_HEADER_BYTES, Ack, AckStatus, ChatMessage, Error, FileChunk, FileCredit, Heartbeat, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, new_msg_id, pack
 from tests.common.test_protocol import example_message
+from tests.cores import KeyBook, id_source
 
 EPOCH = b"epoch-01"
 BROKER = b"broker-1"
@@ -59,19 +39,6 @@ IVL, LIVENESS = 1.0, 3
 EXPIRY = IVL * LIVENESS
 A, B, C = b"conn-a", b"conn-b", b"conn-c"
 MSG_ID = b"m" * 16
-
-
-class KeyBook:
-    """An in-memory KeyRegistry: the first key to register a user ID owns it."""
-
-    def __init__(self) -> None:
-        self._keys: dict[str, bytes] = {}
-
-    def bind(self, user: str, key: bytes) -> ErrorCode | None:
-        return None if self._keys.setdefault(user, key) == key else ErrorCode.ID_TAKEN
-
-    def lookup(self, user: str) -> bytes | None:
-        return self._keys.get(user)
 
 
 class CurveCore(BrokerCore):
@@ -83,12 +50,6 @@ class CurveCore(BrokerCore):
 
     def on_frames(self, conn, frames, now, peer_key=None):
         return super().on_frames(conn, frames, now, peer_key or (lambda: self.curve_keys.get(conn)))
-
-
-def id_source() -> Callable[[], bytes]:
-    """Message ids for the broker's own frames: fixed, so a run can be replayed byte for byte."""
-    counter = itertools.count(1)
-    return lambda: next(counter).to_bytes(16, "big")
 
 
 def make_core(**options) -> BrokerCore:

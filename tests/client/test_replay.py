@@ -40,8 +40,8 @@ from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.client.storage.trust import KeyStore
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import P2PChatError
-from tests.broker.test_routing import KeyBook
-from tests.client.test_state_machines import MemoryStore, id_source
+from tests.client.test_state_machines import MemoryStore
+from tests.cores import KeyBook, id_source
 
 TRACE = Path(__file__).parent / "traces" / "session.jsonl"
 WALL_EPOCH = 1_700_000_000.0  # the wall clock at ``now`` 0

@@ -8,23 +8,8 @@ from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.core.session import ClientSession, State
 from p2pchat.client.e2e import NO_SEALING
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import (
-    Ack,
-    AckStatus,
-    ChatMessage,
-    Consume,
-    Error,
-    Heartbeat,
-    PeerUpdate,
-    Register,
-    Registered,
-    SnapshotRequest,
-    Unregister,
-    decode,
-    pack,
-)
-
-from tests.client.test_state_machines import id_source  # noqa: E402
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Error, Heartbeat, PeerUpdate, Register, Registered, SnapshotRequest, Unregister, decode, pack
+from tests.cores import id_source
 
 KEY = bytes(range(32))
 

@@ -37,37 +37,11 @@ from p2pchat.client.e2e import EndToEnd
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
-from p2pchat.common.crypto import FileCipher, Identity
+from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, RemoteError
-from p2pchat.common.protocol import (
-    MAX_INT,
-    Ack,
-    AckStatus,
-    ChatMessage,
-    Consume,
-    Envelope,
-    Error,
-    FileCancel,
-    FileChunk,
-    FileCredit,
-    FileDone,
-    FileOffer,
-    Heartbeat,
-    KeyInfo,
-    KeyRequest,
-    PeerSync,
-    PeerUpdate,
-    Receipt,
-    ReceiptStatus,
-    Register,
-    Registered,
-    Snapshot,
-    SnapshotRequest,
-    Unregister,
-    decode,
-    pack,
-)
-from tests.broker.test_routing import KeyBook, MemoryKeyStore, id_source
+from p2pchat.common.protocol import MAX_INT, Ack, AckStatus, ChatMessage, Consume, Envelope, Error, FileCancel, FileChunk, FileCredit, FileDone, FileOffer, Heartbeat, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Receipt, ReceiptStatus, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, pack
+from tests.broker.test_routing import MemoryKeyStore
+from tests.cores import KeyBook, id_source, identity
 from tests.common.test_protocol import example_message as slow_example_message
 
 MACHINE = settings(max_examples=100, stateful_step_count=50, deadline=None,
@@ -82,22 +56,6 @@ contents = st.builds(lambda size, seed: bytes((seed + i) % 256 for i in range(si
 counts = st.sampled_from([0, 1, 2, 3, WINDOW, 7, 13, 2**31, MAX_INT]) | st.integers(0, 20)
 codes = st.sampled_from(list(ErrorCode))
 example_message = functools.cache(slow_example_message)  # it reads type hints on every call
-
-
-def identity(user: str) -> Identity:
-    return Identity.from_private_bytes(hashlib.sha256(b"identity " + user.encode()).digest())
-
-
-def id_source(seed: str):
-    """A deterministic ``new_id``: hypothesis must see the same ids when it replays an example."""
-    count = 0
-
-    def new_id() -> bytes:
-        nonlocal count
-        count += 1
-        return hashlib.sha256(b"%s %d" % (seed.encode(), count)).digest()[:16]
-
-    return new_id
 
 
 def transmitted(actions) -> list[Envelope]:

@@ -34,10 +34,10 @@ from p2pchat.client.core.transfer import TransferConfig, TransferManager
 from p2pchat.client.core.transfer_machine import IGNORE, Input, Phase, TransferMachine, frame_id
 from p2pchat.client.e2e import EndToEnd, MemoryKeys
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
-from p2pchat.common.crypto import FileCipher, Identity
+from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, RemoteError, TransferError
 from p2pchat.common.protocol import Envelope, FileChunk, FileCredit, FileOffer, decode
-from tests.client.test_state_machines import id_source
+from tests.cores import id_source, identity
 
 ME, PEER = "me", "ann"
 CHUNK, WINDOW = 16, 4
@@ -45,10 +45,6 @@ GATE_ONLY = {Input.NO_KEY, Input.VERIFIED, Input.UNREACHABLE}  # raised by the m
 PHASES = {"sender": (Phase.OFFERING, Phase.WAITING, Phase.SENDING, Phase.DONE, Phase.FAILED),
           "receiver": (Phase.QUEUED, Phase.RECEIVING, Phase.WAITING, Phase.DONE, Phase.FAILED)}
 PAIRS = [(name, phase, what) for name, phases in PHASES.items() for phase in phases for what in Input]
-
-
-def identity(user: str) -> Identity:
-    return Identity.from_private_bytes(hashlib.sha256(b"identity " + user.encode()).digest())
 
 
 class Bench:

@@ -20,28 +20,7 @@ from hypothesis import strategies as st
 
 from p2pchat.common import protocol as p
 from p2pchat.common.errors import ErrorCode, ProtocolError
-from p2pchat.common.protocol import (
-    MAX_BODY_BYTES,
-    MAX_HEADER_BYTES,
-    MAX_INT,
-    MAX_PARTS,
-    MAX_PAYLOAD_BYTES,
-    MAX_PEERS,
-    MAX_TEXT_CHARS,
-    MESSAGE_TYPES,
-    MSG_ID_BYTES,
-    PROTOCOL_VERSION,
-    USER_ID_MAX,
-    ChatMessage,
-    Envelope,
-    Heartbeat,
-    Message,
-    Snapshot,
-    check_user_id,
-    decode,
-    encode,
-    pack,
-)
+from p2pchat.common.protocol import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_INT, MAX_PARTS, MAX_PAYLOAD_BYTES, MAX_PEERS, MAX_TEXT_CHARS, MESSAGE_TYPES, MSG_ID_BYTES, PROTOCOL_VERSION, USER_ID_MAX, ChatMessage, Envelope, Heartbeat, Message, Snapshot, check_user_id, decode, encode, pack
 
 ALL_TYPES = sorted(MESSAGE_TYPES.values(), key=lambda cls: cls.TYPE.value)
 PAYLOAD_TYPES = [cls for cls in ALL_TYPES if cls.HAS_PAYLOAD]

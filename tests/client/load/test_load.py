@@ -25,23 +25,7 @@ from p2pchat.client.load.script import CONNECT, Crowd, Disconnect, Phase, Script
 from p2pchat.client.load.stats import MergedStats, ProcessStats, SeqSet
 from p2pchat.client.core.transfer import CHUNK_SIZE
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import (
-    Ack,
-    AckStatus,
-    ChatMessage,
-    Consume,
-    Error,
-    FileCancel,
-    FileChunk,
-    FileCredit,
-    FileOffer,
-    Heartbeat,
-    Register,
-    Registered,
-    Unregister,
-    decode,
-    pack,
-)
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Error, FileCancel, FileChunk, FileCredit, FileOffer, Heartbeat, Register, Registered, Unregister, decode, pack
 from tests.conftest import ROOT, BrokerProcess, free_port_pair
 
 MS = 1_000_000
