@@ -878,7 +878,7 @@ def test_s10_5_frames_over_the_rate_are_dropped_and_told_rate_limited_without_re
         while dealer.sock.poll(int(HEARTBEAT * 1000)):
             replies.append(dealer.next())
         kinds = [h["t"] for h in replies]
-        assert "error" in kinds and kinds.count("heartbeat") < 40, kinds
+        assert kinds.count("error") == 1 and kinds.count("heartbeat") < 39, kinds  # one answer per 10 s of drops
         for h in replies:
             if h["t"] == "error":
                 assert h["code"] == "rate_limited" and "ref" not in h, h
