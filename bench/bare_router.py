@@ -87,12 +87,10 @@ def serve(port: int, ack: bool, curve: bool) -> int:
             try:
                 router.send_multipart(frames, zmq.DONTWAIT, copy=False)
                 return True
-            except zmq.Again:
-                return False
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                return False
+            except zmq.ZMQError as exc:  # a full pipe (EAGAIN) or a gone peer: dropped, as the broker drops it
+                if exc.errno in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+                    return False
+                raise
 
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
