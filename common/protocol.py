@@ -396,12 +396,14 @@ def _specs(cls: type[Message]) -> tuple[_FieldSpec, ...]:
 
 MESSAGE_TYPES: dict[str, type[Message]] = {}
 _SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {}
+_WIRE: dict[type[Message], tuple[str, tuple[tuple[str, str], ...]]] = {}  # encode's view: type name, (attr, key)s
 
 
 def register_message_type(cls: type[Message]) -> type[Message]:
     """Add a message class to the codec (protocol extensions call this)."""
     MESSAGE_TYPES[cls.TYPE.value] = cls
-    _SPECS[cls] = _specs(cls)
+    _SPECS[cls] = specs = _specs(cls)
+    _WIRE[cls] = (cls.TYPE.value, tuple((spec.attr, spec.wire) for spec in specs))
     return cls
 
 
@@ -413,18 +415,15 @@ for _cls in (
     register_message_type(_cls)
 
 
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, enum.Enum) else value
-
-
 def encode(env: Envelope) -> list[bytes]:
     """Envelope -> ZeroMQ frames (header, then the payload if any)."""
     msg = env.message
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": msg.TYPE.value, "id": env.msg_id, "ts": env.ts}
-    for spec in _SPECS[type(msg)]:
-        value = getattr(msg, spec.attr)
+    kind, fields = _WIRE[type(msg)]  # every frame on every path comes through here: no lookups it can skip
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": kind, "id": env.msg_id, "ts": env.ts}
+    for attr, wire in fields:
+        value = getattr(msg, attr)
         if value is not None:
-            header[spec.wire] = _plain(value)
+            header[wire] = value.value if isinstance(value, enum.Enum) else value
     frames = [msgpack.packb(header, use_bin_type=True)]
     if env.payload is not None:
         frames.append(env.payload)

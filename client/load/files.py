@@ -33,7 +33,6 @@ from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.client.load.plan import NEVER, NS, peer_of
 from p2pchat.client.load.stats import record_ns
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import new_msg_id
 
 if TYPE_CHECKING:
     from p2pchat.client.load.script import ScriptedClient
@@ -56,12 +55,12 @@ def write_source(directory: Path, size: int, seed: int) -> Path:
 LOCAL_FILES = LocalFiles()  # every client of a worker process shares it: no writer threads, no buffers of its own
 
 
-def make_transfers(user: str, scratch: Path, wall_ms: Callable[[], int],
-                   wall_time: Callable[[], float]) -> TransferManager:
+def make_transfers(user: str, scratch: Path, wall_ms: Callable[[], int], wall_time: Callable[[], float],
+                   new_id: Callable[[], bytes]) -> TransferManager:
     """The library's transfer core for one load client, its state under ``scratch``; no writer threads."""
     home = scratch / user
     config = TransferConfig(home / "received", stall_timeout=STALL_TIMEOUT, give_up_after=GIVE_UP_AFTER)
-    return TransferManager(user, config, NO_SEALING, wall_ms=wall_ms, wall_time=wall_time, new_id=new_msg_id,
+    return TransferManager(user, config, NO_SEALING, wall_ms=wall_ms, wall_time=wall_time, new_id=new_id,
                            files=LOCAL_FILES, records=RecordDir(home / "transfers", user))
 
 
