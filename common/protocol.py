@@ -397,6 +397,8 @@ def _specs(cls: type[Message]) -> tuple[_FieldSpec, ...]:
 MESSAGE_TYPES: dict[str, type[Message]] = {}
 _SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {}
 _WIRE: dict[type[Message], tuple[str, tuple[tuple[str, str], ...]]] = {}  # encode's view: type name, (attr, key)s
+_READ: dict[type[Message], tuple[tuple[str, str, Checker, bool], ...]] = {}  # decode's: (key, attr, check, required)s
+_ABSENT = object()
 
 
 def register_message_type(cls: type[Message]) -> type[Message]:
@@ -404,6 +406,7 @@ def register_message_type(cls: type[Message]) -> type[Message]:
     MESSAGE_TYPES[cls.TYPE.value] = cls
     _SPECS[cls] = specs = _specs(cls)
     _WIRE[cls] = (cls.TYPE.value, tuple((spec.attr, spec.wire) for spec in specs))
+    _READ[cls] = tuple((spec.wire, spec.attr, spec.check, spec.required) for spec in specs)
     return cls
 
 
@@ -477,18 +480,18 @@ def decode(frames: Sequence[bytes]) -> Envelope:
     ts = header.get("ts")
     if type(ts) is not int or not 0 <= ts <= MAX_INT:
         raise ProtocolError("missing or malformed timestamp", ref=msg_id)
-    specs = _SPECS[cls]
     kwargs = {}
-    for spec in specs:
-        if spec.wire in header:
+    for wire, attr, check, required in _READ[cls]:
+        value = header.get(wire, _ABSENT)
+        if value is not _ABSENT:
             try:
-                kwargs[spec.attr] = spec.check(header[spec.wire])
+                kwargs[attr] = check(value)
             except ProtocolError as exc:
-                raise ProtocolError(f"{cls.TYPE.value}.{spec.wire}: {exc.message}", ref=msg_id) from None
-        elif spec.required:
-            raise ProtocolError(f"{cls.TYPE.value}: missing field {spec.wire!r}", ref=msg_id)
+                raise ProtocolError(f"{cls.TYPE.value}.{wire}: {exc.message}", ref=msg_id) from None
+        elif required:
+            raise ProtocolError(f"{cls.TYPE.value}: missing field {wire!r}", ref=msg_id)
     if len(header) != len(_HEADER_KEYS) + len(kwargs):
-        known = _HEADER_KEYS | {s.wire for s in specs}
+        known = _HEADER_KEYS | {s.wire for s in _SPECS[cls]}
         extra = sorted(str(k) for k in header if k not in known)
         raise ProtocolError(f"{cls.TYPE.value}: unknown fields {extra}", ref=msg_id)
     payload = None
