@@ -29,7 +29,7 @@ from zmq.utils import z85
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.broker_trust import ADMIT_TIMEOUT, RETRY_LATER, admit, resolve_broker_key
-from p2pchat.client.e2e import EndToEnd
+from p2pchat.client.e2e import NO_SEALING, EndToEnd, Sealing
 from p2pchat.client.storage.history import History
 from p2pchat.client.storage.identity import InstanceClaim
 from p2pchat.client.storage.partfile import WriterPool
@@ -108,8 +108,10 @@ class ChatClient:
         self.state_dir = ensure_private_dir(cfg.state_dir or user_dir(check_user_id(user)))
         self._claim = InstanceClaim(self.state_dir)
         self.identity = Identity.load_or_create(self.state_dir / "identity.key")
-        self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / "peer_keys.json"),
-                           KeyStore(self.state_dir / "peer_keys_changed.json"), enabled=cfg.encrypt)
+        self.e2e: Sealing = NO_SEALING
+        if cfg.encrypt:
+            self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / "peer_keys.json"),
+                                KeyStore(self.state_dir / "peer_keys_changed.json"))
         self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
             user,
@@ -131,6 +133,7 @@ class ChatClient:
             history=self._history,
             read_receipts=cfg.read_receipts,
             e2e=self.e2e,
+            key=self.identity.public,
             transfers=transfers,
             token=self._claim.token,
             new_id=new_msg_id,

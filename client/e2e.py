@@ -67,11 +67,12 @@ def accept_pending(pinned: PeerKeys, pending: PeerKeys, user: str) -> bool:
 
 
 class EndToEnd:
+    enabled = True  # sealing on; ``NO_SEALING`` is the one way to turn it off
+
     def __init__(self, user: str, identity: crypto.Identity, pinned: PeerKeys, pending: PeerKeys,
-                 enabled: bool = True, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.user = user
         self.identity = identity
-        self.enabled = enabled
         self._random_bytes = random_bytes
         self._pinned = pinned
         self._pending = pending  # changed keys awaiting the user's decision, kept across restarts
@@ -108,16 +109,12 @@ class EndToEnd:
         return self._random_bytes(crypto.KEY_BYTES)
 
     def seal(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> bytes:
-        if not self.enabled:
-            return plaintext
         key = self.key_of(recipient)
         assert key is not None, "the session fetches the key before sealing"
         return crypto.seal_message(self.identity, self._secret(key), self.user, recipient, msg_id, ts,
                                    plaintext)
 
     def open(self, sender: str, msg_id: bytes, ts: int, body: bytes) -> bytes:
-        if not self.enabled:
-            return body
         claimed = crypto.sealed_sender_key(body)
         # Authenticate first: a forged body must neither pin a key nor raise a key-change prompt.
         secret = self._shared.get(claimed) or self._exchange(claimed)
@@ -140,9 +137,9 @@ class EndToEnd:
 
 
 class NoSealing:
-    """Sealing off, shared by every session of a process (the load tool measures the broker, not crypto):
-    bodies travel as given, no peer key is asked for or pinned. Sessions using it register with their own
-    ``key``."""
+    """Sealing off (``ClientConfig.encrypt=False``, and the load tool, which measures the broker, not crypto):
+    bodies travel as given, no peer key is asked for or pinned. Stateless, so one serves every session of a
+    process; sessions using it register with their own ``key``."""
 
     enabled = False
     identity = None
@@ -170,3 +167,4 @@ class NoSealing:
 
 
 NO_SEALING = NoSealing()
+Sealing = EndToEnd | NoSealing  # what the cores take: sealing on, or off

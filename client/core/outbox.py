@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
+from p2pchat.client.e2e import PeerKeyChanged, Sealing
 from p2pchat.common.protocol import ChatMessage, pack
 
 RESEND_AFTER = 5.0  # seconds without any acknowledgement before pending messages are sent again
@@ -47,7 +47,7 @@ class Outbox:
         if len(self._pending) == 1:
             self.resend_at = now + RESEND_AFTER
 
-    def seal(self, e2e: EndToEnd) -> Iterator[tuple[bytes, list[bytes] | PeerKeyChanged | str]]:
+    def seal(self, e2e: Sealing) -> Iterator[tuple[bytes, list[bytes] | PeerKeyChanged | str]]:
         """Seal what waited for a key: per message in order, its frames, the key change that stops it (it
         leaves the outbox), or the recipient whose key is missing (it waits)."""
         for msg_id in list(self._unsealed):  # only these: a long outbox must not make each send O(n)

@@ -29,7 +29,7 @@ from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.core.ports import PartWriter
 from p2pchat.client.core.transfer_machine import IGNORE, PEER_GONE, Input, Phase, Progress, Table
 from p2pchat.client.core.transfer_machine import TransferMachine
-from p2pchat.client.e2e import EndToEnd
+from p2pchat.client.e2e import Sealing
 from p2pchat.common.crypto import TAG_BYTES, FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, ProtocolError, TransferError
 from p2pchat.common.protocol import MAX_TEXT_CHARS, Envelope, FileChunk, FileCredit, FileDone, FileOffer
@@ -58,7 +58,7 @@ RECEIVER: Table = {
 }  # not here, so a failure: CREDIT and DONE (the sender's own frames), NO_KEY, KEY_ARRIVED, START once started
 
 
-def open_offer(e2e: EndToEnd, env: Envelope) -> tuple[str, bytes | None, int]:
+def open_offer(e2e: Sealing, env: Envelope) -> tuple[str, bytes | None, int]:
     """An offer's sealed metadata: (name, file key, sending session). Raises ProtocolError if unacceptable."""
     offer: FileOffer = env.message  # type: ignore[assignment]
     plain = e2e.open(offer.sender, env.msg_id, env.ts, offer.body)

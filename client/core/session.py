@@ -28,7 +28,7 @@ from p2pchat.client.core.outbox import Outbox
 from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
-from p2pchat.client.e2e import EndToEnd, NoSealing, PeerKeyChanged
+from p2pchat.client.e2e import PeerKeyChanged, Sealing
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
@@ -74,7 +74,7 @@ class ClientSession:
         liveness: int = 3,
         history: Conversations | None = None,
         read_receipts: bool = True,
-        e2e: EndToEnd | NoSealing,
+        e2e: Sealing,
         transfers: TransferManager | None = None,
         token: bytes,
         new_id: Callable[[], bytes],
@@ -83,11 +83,11 @@ class ClientSession:
         delivery_receipts: bool = True,
     ) -> None:
         """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
-        frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session).
+        frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session); ``key``: the key to
+        register with, needed when sealing is off (``e2e.NO_SEALING`` has no identity).
 
         Switches for the load tool, which runs thousands of sessions in one process: ``heartbeat_ivl=None``
-        follows the broker's REGISTERED heartbeat_ms (1 s until known), expiry included; ``key`` registers with
-        this key instead of the e2e identity's (with sealing off, ``e2e.NO_SEALING``); ``presence=False`` keeps
+        follows the broker's REGISTERED heartbeat_ms (1 s until known), expiry included; ``presence=False`` keeps
         no peer list and never asks for a snapshot; ``delivery_receipts=False`` sends no DELIVERED receipts."""
         self.user = check_user_id(user)
         self.e2e = e2e

@@ -38,7 +38,7 @@ from p2pchat.client.core.transfer_machine import (
     TransferMachine,
     frame_id,
 )
-from p2pchat.client.e2e import EndToEnd, PeerKeyChanged
+from p2pchat.client.e2e import PeerKeyChanged, Sealing
 from p2pchat.client.storage.filenames import part_name, received_name
 from p2pchat.common.crypto import TAG_BYTES, FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, ProtocolError, RemoteError, TransferError
@@ -56,7 +56,7 @@ REFUSAL_PERIOD = 60.0  # seconds over which refused offers are counted per sende
 
 
 class TransferManager:
-    def __init__(self, user: str, config: TransferConfig, e2e: EndToEnd, *, wall_ms: Callable[[], int],
+    def __init__(self, user: str, config: TransferConfig, e2e: Sealing, *, wall_ms: Callable[[], int],
                  wall_time: Callable[[], float], new_id: Callable[[], bytes], files: TransferFiles,
                  records: TransferRecords = NO_RECORDS) -> None:
         """``files`` and ``records``: the shell's ports (``storage.transfers``); ``NO_RECORDS``: no resume."""

@@ -19,7 +19,7 @@ from typing import ClassVar
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.core.ports import TransferFiles, TransferRecords
-from p2pchat.client.e2e import EndToEnd
+from p2pchat.client.e2e import Sealing
 from p2pchat.common.errors import ErrorCode, P2PChatError, TransferError
 from p2pchat.common.protocol import Envelope, FileCancel, FileChunk, FileCredit, Message, new_msg_id, pack
 
@@ -129,7 +129,7 @@ class TransferContext:
 
     user: str
     config: TransferConfig
-    e2e: EndToEnd
+    e2e: Sealing
     wall_ms: Callable[[], int]
     new_id: Callable[[], bytes]
     files: TransferFiles

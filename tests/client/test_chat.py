@@ -101,3 +101,17 @@ def test_close_is_prompt_and_idempotent(make_client):
     alice.close()
     alice.close()
     assert not alice._thread.is_alive()
+
+
+def test_with_sealing_off_messages_and_files_travel_as_sent(make_client, tmp_path):
+    alice = make_client("alice", encrypt=False)
+    bob = make_client("bob", encrypt=False, received_dir=tmp_path / "got")
+    wait_peers(alice, {"alice", "bob"})
+    alice.send("bob", "plain hello")
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "plain hello"
+    source = tmp_path / "notes.txt"
+    source.write_bytes(b"unsealed file\n" * 1000)
+    alice.send_file("bob", source)
+    received = wait_for(bob, lambda e: isinstance(e, ev.FileReceived))
+    assert received.path.read_bytes() == source.read_bytes()
+    assert alice.e2e.pinned_key("bob") is None  # no keys asked for or pinned with sealing off

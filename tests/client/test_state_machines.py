@@ -33,7 +33,7 @@ from p2pchat.broker.core.ports import Kicked, LinkEvent, Refusal
 from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
-from p2pchat.client.e2e import EndToEnd
+from p2pchat.client.e2e import NO_SEALING, EndToEnd
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
@@ -99,8 +99,8 @@ class TransferMachine(RuleBasedStateMachine):
     def _manager(self) -> TransferManager:
         config = TransferConfig(received_dir=self.inbox, max_file_size=MAX_FILE, chunk_size=CHUNK, window=WINDOW,
                                 stall_timeout=3.0)
-        e2e = EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), enabled=self.SEALED,
-                       random_bytes=lambda n: bytes(n))
+        e2e = (EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), random_bytes=lambda n: bytes(n))
+               if self.SEALED else NO_SEALING)
         self.restarts = getattr(self, "restarts", 0) + 1  # each run of the client draws other ids
         return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
                                new_id=id_source(f"run {self.restarts}"), files=LocalFiles(),
@@ -563,8 +563,7 @@ def file_key(xfer: bytes) -> bytes:
 # --- what the transfer machines found, as plain tests --------------------------------------------
 def transfer_manager(root: Path) -> TransferManager:
     config = TransferConfig(received_dir=root / "inbox", chunk_size=CHUNK, window=WINDOW)
-    e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore(), enabled=False)
-    return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
+    return TransferManager(ME, config, NO_SEALING, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
                            new_id=id_source("manager"), files=LocalFiles(), records=RecordDir(root / "state", ME))
 
 

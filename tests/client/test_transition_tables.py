@@ -32,7 +32,7 @@ from p2pchat.client.core.receiving import RECEIVER, Incoming
 from p2pchat.client.core.sending import SENDER, Outgoing
 from p2pchat.client.core.transfer import TransferConfig, TransferManager
 from p2pchat.client.core.transfer_machine import IGNORE, Input, Phase, TransferMachine, frame_id
-from p2pchat.client.e2e import EndToEnd, MemoryKeys
+from p2pchat.client.e2e import NO_SEALING, EndToEnd, MemoryKeys
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, RemoteError, TransferError
@@ -54,8 +54,8 @@ class Bench:
         self.root = root
         pinned = MemoryKeys()
         pinned.put(PEER, identity(PEER).public)
-        self.e2e = EndToEnd(ME, identity(ME), pinned, MemoryKeys(), enabled=sealed, random_bytes=lambda n: bytes(n))
-        self.peer_e2e = EndToEnd(PEER, identity(PEER), MemoryKeys(), MemoryKeys(), enabled=sealed)
+        self.e2e = EndToEnd(ME, identity(ME), pinned, MemoryKeys(), random_bytes=lambda n: bytes(n)) if sealed else NO_SEALING
+        self.peer_e2e = EndToEnd(PEER, identity(PEER), MemoryKeys(), MemoryKeys()) if sealed else NO_SEALING
         self.peer_e2e.learn(ME, identity(ME).public)
         config = TransferConfig(root / "inbox", chunk_size=CHUNK, window=WINDOW, max_incoming=max_incoming)
         self.manager = TransferManager(ME, config, self.e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
