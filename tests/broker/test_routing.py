@@ -413,9 +413,6 @@ def test_malformed_frames_from_a_registered_connection_count_as_a_sign_of_life(c
 
 
 # --- in-memory pairs: client cores wired to a broker core --------------------------------
-MemoryKeyStore = MemoryKeys  # the client library's in-memory PeerKeys
-
-
 class Network:
     """ClientSessions and a BrokerCore joined by in-memory queues (h11's ConnectionPair).
 
@@ -439,7 +436,7 @@ class Network:
     def join(self, user: str) -> ClientSession:
         self._incarnation += 1
         conn = f"{user}#{self._incarnation}".encode()
-        e2e = EndToEnd(user, self.identity(user), MemoryKeyStore(), MemoryKeyStore())
+        e2e = EndToEnd(user, self.identity(user), MemoryKeys(), MemoryKeys())
         session = ClientSession(user, wall_ms=lambda: 0, heartbeat_ivl=IVL, liveness=LIVENESS, e2e=e2e,
                                 token=b"install " + conn, new_id=new_msg_id)
         self.sessions[conn] = session

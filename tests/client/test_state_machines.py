@@ -33,14 +33,13 @@ from p2pchat.broker.core.ports import Kicked, LinkEvent, Refusal
 from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
-from p2pchat.client.e2e import NO_SEALING, EndToEnd
+from p2pchat.client.e2e import NO_SEALING, EndToEnd, MemoryKeys
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import REF_PREFIX, Phase, TransferConfig, TransferManager, frame_id
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, RemoteError
 from p2pchat.common.protocol import MAX_INT, Ack, AckStatus, ChatMessage, Consume, Envelope, Error, FileCancel, FileChunk, FileCredit, FileDone, FileOffer, Heartbeat, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Receipt, ReceiptStatus, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, pack
-from tests.broker.test_routing import MemoryKeyStore
 from tests.cores import KeyBook, id_source, identity
 from tests.common.test_protocol import example_message as slow_example_message
 
@@ -82,11 +81,11 @@ class TransferMachine(RuleBasedStateMachine):
         self.sources = self.root / "sources"
         self.sources.mkdir()
         self.inbox = self.root / "inbox"
-        self.pinned = MemoryKeyStore()  # our peers' keys, known before any transfer (kept across restarts)
+        self.pinned = MemoryKeys()  # our peers' keys, known before any transfer (kept across restarts)
         self.peer_e2e = {}
         for peer in PEERS:
             self.pinned.put(peer, identity(peer).public)
-            self.peer_e2e[peer] = EndToEnd(peer, identity(peer), MemoryKeyStore(), MemoryKeyStore())
+            self.peer_e2e[peer] = EndToEnd(peer, identity(peer), MemoryKeys(), MemoryKeys())
             self.peer_e2e[peer].learn(ME, identity(ME).public)
         self.manager = self._manager()
         self.out_peer: dict[bytes, str] = {}  # outgoing transfers ever started, to whom
@@ -99,7 +98,7 @@ class TransferMachine(RuleBasedStateMachine):
     def _manager(self) -> TransferManager:
         config = TransferConfig(received_dir=self.inbox, max_file_size=MAX_FILE, chunk_size=CHUNK, window=WINDOW,
                                 stall_timeout=3.0)
-        e2e = (EndToEnd(ME, identity(ME), self.pinned, MemoryKeyStore(), random_bytes=lambda n: bytes(n))
+        e2e = (EndToEnd(ME, identity(ME), self.pinned, MemoryKeys(), random_bytes=lambda n: bytes(n))
                if self.SEALED else NO_SEALING)
         self.restarts = getattr(self, "restarts", 0) + 1  # each run of the client draws other ids
         return TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
@@ -632,14 +631,14 @@ class SessionMachine(RuleBasedStateMachine):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="p2pchat-session-"))
         self.now = 0.0
-        e2e = EndToEnd(ME, identity(ME), MemoryKeyStore(), MemoryKeyStore(), random_bytes=lambda n: bytes(n))
+        e2e = EndToEnd(ME, identity(ME), MemoryKeys(), MemoryKeys(), random_bytes=lambda n: bytes(n))
         config = TransferConfig(received_dir=self.root / "inbox", chunk_size=CHUNK, window=WINDOW)
         new_id = id_source("session")
         transfers = TransferManager(ME, config, e2e, wall_ms=lambda: 0, wall_time=lambda: 1_700_000_000.0,
                                     new_id=new_id, files=LocalFiles(), records=RecordDir(self.root / "state", ME))
         self.session = ClientSession(ME, wall_ms=lambda: 0, heartbeat_ivl=1.0, e2e=e2e, transfers=transfers,
                                      token=b"token of me", new_id=new_id)
-        self.peers = {user: EndToEnd(user, identity(user), MemoryKeyStore(), MemoryKeyStore()) for user in PEERS}
+        self.peers = {user: EndToEnd(user, identity(user), MemoryKeys(), MemoryKeys()) for user in PEERS}
         for e2e_of_peer in self.peers.values():
             e2e_of_peer.learn(ME, identity(ME).public)
         self.sent_to_me: dict[bytes, str] = {}  # ids of authentic messages to me -> their text
@@ -728,7 +727,7 @@ class SessionMachine(RuleBasedStateMachine):
         msg_id = next(iter(self.sent_to_me)) if redeliver and self.sent_to_me else self.new_id()
         text = self.sent_to_me.get(msg_id, text)
         signer = identity(sender if forged != "key" else "forger")
-        sealer = EndToEnd(sender, signer, MemoryKeyStore(), MemoryKeyStore())
+        sealer = EndToEnd(sender, signer, MemoryKeys(), MemoryKeys())
         sealer.learn(ME, identity(ME).public)
         body = sealer.seal(ME, msg_id, 0, text.encode())
         if forged == "body":
