@@ -483,13 +483,15 @@ class ChatClient:
 
     def _commit(self) -> list:
         """Make the batch's history durable; the session hands back what waited for it (consumes, receipts)."""
-        if self._history is None:
-            return []
-        try:
-            self._history.commit()
-        except StorageError as exc:  # kept in memory and retried at the next commit
-            return self._session.history_failed(exc)
-        return self._session.history_saved()
+        held: list = []
+        if self._history is not None:
+            try:
+                self._history.commit()
+            except StorageError as exc:  # kept in memory and retried at the next commit
+                held = self._session.history_failed(exc)
+            else:
+                held = self._session.history_saved()
+        return held + self._session.end_batch(time.monotonic())
 
     def _execute(self, actions: list) -> None:
         # History first: a CONSUME must never precede what it confirms (the session holds them till then),

@@ -32,6 +32,7 @@ MAX_PARTS = 2
 MAX_BODY_BYTES = 64 * 1024
 MAX_TEXT_CHARS = 1024
 MAX_PEERS = 20_000
+MAX_CONSUME_REFS = 255  # ids in one consume's ``refs`` (with its ``ref``: a page of the queue, §11)
 MAX_FIELDS = 16
 MAX_INT = 2**63 - 1
 MSG_ID_BYTES = 16
@@ -96,6 +97,15 @@ def _user_list(value: Any) -> tuple[str, ...]:
     return tuple(check_user_id(v) for v in value)
 
 
+def _id_list(value: Any) -> tuple[bytes, ...]:
+    if type(value) is not tuple or not 0 < len(value) <= MAX_CONSUME_REFS:
+        _fail("expected a list of 1 to %d message ids" % MAX_CONSUME_REFS)
+    for v in value:
+        if type(v) is not bytes or len(v) != MSG_ID_BYTES:
+            _fail("expected message ids of %d bytes" % MSG_ID_BYTES)
+    return value
+
+
 def _enum(kind: type[enum.Enum]) -> Checker:
     values = {m.value: m for m in kind}
 
@@ -119,6 +129,7 @@ Text = Annotated[str, _text]
 Count = Annotated[int, _uint]
 Flag = Annotated[bool, _bool]
 UserList = Annotated[tuple, _user_list]
+MsgIdList = Annotated[tuple, _id_list]
 
 
 class MsgType(str, enum.Enum):
@@ -241,10 +252,11 @@ class Error(Message):
 
 @_message
 class Consume(Message):
-    """Recipient -> broker: I have durably kept the queued frame ``ref``; forget it."""
+    """Recipient -> broker: I have durably kept the queued frame ``ref`` (and those of ``refs``); forget them."""
 
     TYPE = MsgType.CONSUME
     ref: MsgId
+    refs: MsgIdList | None = None  # more of them: one frame per batch the client read, not one per message
 
 
 @_message
@@ -420,23 +432,22 @@ for _cls in (
 
 def encode(env: Envelope) -> list[bytes]:
     """Envelope -> ZeroMQ frames (header, then the payload if any)."""
-    msg = env.message
-    kind, fields = _WIRE[type(msg)]  # every frame on every path comes through here: no lookups it can skip
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": kind, "id": env.msg_id, "ts": env.ts}
-    for attr, wire in fields:
-        value = getattr(msg, attr)
-        if value is not None:
-            header[wire] = value.value if isinstance(value, enum.Enum) else value
-    frames = [msgpack.packb(header, use_bin_type=True)]
-    if env.payload is not None:
-        frames.append(env.payload)
-    return frames
+    return pack(env.message, env.ts, env.msg_id, env.payload)
 
 
 def pack(message: Message, ts: int, msg_id: bytes | None = None, payload: bytes | None = None) -> list[bytes]:
     """``message`` as frames under the caller's id. The cores always pass one, from the ``new_id`` source their
     shell gave them, so a recorded session replays byte for byte; tools and tests may leave it to ``new_msg_id``."""
-    return encode(Envelope(new_msg_id() if msg_id is None else msg_id, ts, message, payload))
+    kind, fields = _WIRE[type(message)]  # every frame on every path comes through here: no lookups it can skip
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": kind, "id": new_msg_id() if msg_id is None else msg_id,
+                              "ts": ts}
+    for attr, wire in fields:
+        value = getattr(message, attr)
+        if value is not None:
+            header[wire] = value.value if isinstance(value, enum.Enum) else value
+    if payload is None:
+        return [msgpack.packb(header, use_bin_type=True)]
+    return [msgpack.packb(header, use_bin_type=True), payload]
 
 
 _UNPACK_LIMITS = dict(

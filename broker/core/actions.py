@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from p2pchat.broker.core.ports import Frames
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import Envelope, Error, Message, encode
+from p2pchat.common.protocol import Error, Message, pack
 
 MAX_ERROR_TEXT = 1024  # characters of an error's human message
 
@@ -52,7 +52,7 @@ class FrameMaker:
         self._new_id, self._wall_ms = new_id, wall_ms
 
     def make(self, message: Message) -> list[bytes]:
-        return encode(Envelope(self._new_id(), self._wall_ms(), message, None))
+        return pack(message, self._wall_ms(), self._new_id())
 
     def error(self, code: ErrorCode, text: str, ref: bytes | None) -> list[bytes]:
         return self.make(Error(code, text[:MAX_ERROR_TEXT], ref))

@@ -10,7 +10,7 @@ or a heartbeat later if it consumes nothing (docs/PROTOCOL.md §11).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Relay, Send
@@ -121,11 +121,13 @@ class QueuedDelivery:
         return msg.DURABLE and self.durable and self._pages[conn].draining
 
     # --- paging --------------------------------------------------------------------------------
-    def consumed(self, conn: bytes, msg_id: bytes) -> list[Action]:
+    def consumed(self, conn: bytes, msg_ids: Sequence[bytes]) -> list[Action]:
+        """The recipient on ``conn`` released these queued frames (one CONSUME, one or a batch of ids)."""
         pages = self._pages[conn]
-        self.store.consume(pages.user, msg_id)
+        for msg_id in msg_ids:
+            self.store.consume(pages.user, msg_id)
         if pages.unconsumed:
-            pages.unconsumed -= 1
+            pages.unconsumed = max(0, pages.unconsumed - len(msg_ids))
             if pages.draining and pages.unconsumed <= self.limits.page // 2:
                 return self.next_page(conn)
         return []

@@ -290,7 +290,8 @@ class BrokerCore:
     def _on_consume(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
-        return self.delivery.consumed(conn, env.message.ref)  # type: ignore[attr-defined]
+        msg: Consume = env.message  # type: ignore[assignment]
+        return self.delivery.consumed(conn, (msg.ref, *msg.refs) if msg.refs else (msg.ref,))
 
     # --- relaying -----------------------------------------------------------
     def _relay(self, conn: bytes, session: _Session | None, env: Envelope, frames: Frames,

@@ -55,19 +55,36 @@ class Outbox:
             if pending is None:
                 del self._unsealed[msg_id]
                 continue
-            try:
-                key = e2e.key_of(pending.recipient) if e2e.enabled else b""
-            except PeerKeyChanged as exc:
-                del self._pending[msg_id], self._unsealed[msg_id]
-                yield msg_id, exc
-                continue
-            if key is None:
-                yield msg_id, pending.recipient
-                continue
-            del self._unsealed[msg_id]
-            body = e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
-            pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
-            yield msg_id, pending.frames
+            yield msg_id, self._seal(msg_id, pending, e2e)
+
+    def add_sealed(self, msg_id: bytes, recipient: str, text: bytes, ts: int, now: float,
+                   e2e: Sealing) -> list[bytes] | PeerKeyChanged | str:
+        """``add`` and ``seal`` for a message sent while nothing else waits for a key (nearly every one): what
+        ``seal`` would yield for it, without a pass over the outbox."""
+        assert not self._unsealed
+        pending = self._pending[msg_id] = _Pending(recipient, text, ts)
+        if len(self._pending) == 1:
+            self.resend_at = now + RESEND_AFTER
+        self._unsealed[msg_id] = None
+        return self._seal(msg_id, pending, e2e)
+
+    @property
+    def waiting(self) -> bool:
+        """Some message waits for its recipient's key."""
+        return bool(self._unsealed)
+
+    def _seal(self, msg_id: bytes, pending: _Pending, e2e: Sealing) -> list[bytes] | PeerKeyChanged | str:
+        try:
+            key = e2e.key_of(pending.recipient) if e2e.enabled else b""
+        except PeerKeyChanged as exc:
+            del self._pending[msg_id], self._unsealed[msg_id]
+            return exc
+        if key is None:
+            return pending.recipient
+        del self._unsealed[msg_id]
+        body = e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
+        pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
+        return pending.frames
 
     def sealed(self) -> list[list[bytes]]:
         """The frames of every sealed message still unacknowledged, oldest first."""

@@ -4,7 +4,9 @@ Sans-I/O: frames and ``now`` (monotonic seconds) in, ``Transmit``/``Emit``
 actions out. The agent thread owns the sockets and carries the actions out.
 Ids come from the shell's ``new_id``, the register token from the shell too;
 the history is a port (``core.ports.Conversations``) whose writes the shell
-commits, telling the session (``history_saved``/``history_failed``).
+commits, telling the session (``history_saved``/``history_failed``). The shell
+calls ``end_batch`` after each batch of inputs it handled: the consumes of the
+batch leave as one CONSUME frame, not one per message.
 
 States: CONNECTING (REGISTER sent, re-sent every heartbeat until answered),
 READY, and CLOSED. A silent broker or a NOT_REGISTERED answer (the broker
@@ -32,7 +34,7 @@ from p2pchat.client.e2e import PeerKeyChanged, Sealing
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, MAX_BODY_BYTES
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, MAX_BODY_BYTES, MAX_CONSUME_REFS
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,9 @@ class ClientSession:
         self._published = _NOBODY
         self._refusals = IncidentLog("messages refused and consumed", log, interval=REFUSAL_PERIOD,
                                      max_keys=REFUSAL_SENDERS)
-        self._after_commit: list[Action] = []  # consumes and receipts waiting for the history's commit
+        self._after_commit: list[Action] = []  # receipts waiting for the history's commit
+        self._held_consumes: list[bytes] = []  # ids to consume once the history's commit holds what they confirm
+        self._consumes: list[bytes] = []  # ids to consume at the end of the shell's batch (``end_batch``)
         self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
@@ -137,8 +141,15 @@ class ClientSession:
         msg_id, ts = msg_id or self._new_id(), self._wall_ms()
         if self.history is not None:
             self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
-        self.outbox.add(msg_id, recipient, body, ts, now)
-        return self._flush(now)
+        if self.outbox.waiting:  # after those, in order
+            self.outbox.add(msg_id, recipient, body, ts, now)
+            return self._flush(now)
+        actions: list[Action] = []  # else only this one to seal: no pass over the outbox (the load tool's path)
+        user = self._sealed(msg_id, self.outbox.add_sealed(msg_id, recipient, body, ts, now, self.e2e), now, actions)
+        wanted = self.transfers.take_key_wants() if self.transfers is not None else set()
+        if user is not None:
+            wanted.add(user)
+        return actions + self._ask_keys(wanted, now) if wanted else actions
 
     def mark_read(self, peer: str, now: float) -> list[Action]:
         """The user has seen ``peer``'s conversation: record it and, if enabled, tell ``peer``."""
@@ -155,7 +166,21 @@ class ClientSession:
             self._storage_failing = False
             log.warning("user=%s history saved again", self.user)
         held, self._after_commit = self._after_commit, []
+        self._consumes += self._held_consumes
+        self._held_consumes = []
         return held
+
+    def end_batch(self, now: float) -> list[Action]:
+        """The shell has handled a batch of inputs (and committed its history): the consumes gathered in it go
+        out, one CONSUME per ``MAX_CONSUME_REFS + 1`` ids rather than one per frame (docs/PROTOCOL.md §11)."""
+        if not self._consumes:
+            return []
+        ids, self._consumes = self._consumes, []
+        if self.state is not State.READY:  # the broker pages them again after registering: consumed then
+            return []
+        step = MAX_CONSUME_REFS + 1
+        return [self._transmit(self._pack(Consume(ids[i], tuple(ids[i + 1:i + step]) or None)), now)
+                for i in range(0, len(ids), step)]
 
     def history_failed(self, error: StorageError) -> list[Action]:
         """The shell could not commit: what waited stays held (the broker keeps the messages queued) until a
@@ -235,7 +260,7 @@ class ClientSession:
                 return []
             actions = self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
             if msg.DURABLE:  # a queued file offer: the transfer manager has taken it over
-                actions.append(self._transmit(self._pack(Consume(env.msg_id)), now))
+                self._consumes.append(env.msg_id)
             return actions
         if type(msg) is Ack:  # of a message, or of a file offer (its ref is the offer's id)
             if not self.outbox.acked(msg.ref, now):
@@ -327,10 +352,10 @@ class ClientSession:
             return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
         except ProtocolError as exc:  # tampered, replayed under a new id, not encrypted, or sealed to an old key
             # Consumed: a message that cannot open now never will, and must not come back at every reconnect.
-            consume = self._transmit(self._pack(Consume(msg_id)), now)
+            self._consumes.append(msg_id)
             if not self._refusals.record(msg.sender, f"user={self.user} peer={msg.sender}", exc.message, now):
-                return [consume]
-            return [consume, Emit(ev.ErrorReported(exc))]
+                return []
+            return [Emit(ev.ErrorReported(exc))]
         self._seen[msg_id] = None  # only once authentic: a forged copy must not hide the real one
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
@@ -342,16 +367,18 @@ class ClientSession:
 
     def _got(self, sender: str, msg_id: bytes, now: float) -> list[Action]:
         """CONSUME for the broker's queue and a delivery receipt for the sender (sent after the commit)."""
-        frames = [self._pack(Consume(msg_id))]
-        if self.delivery_receipts:
-            frames.append(self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED))
-        return self._after_history(frames, now)
+        receipt = self._receipt_frames(sender, msg_id, ReceiptStatus.DELIVERED) if self.delivery_receipts else None
+        return self._after_history(msg_id, receipt, now)
 
-    def _after_history(self, frames: list[list[bytes]], now: float) -> list[Action]:
-        """With a history, these frames wait for the commit of what they confirm (``history_saved`` returns them)."""
+    def _after_history(self, consume: bytes, frames: list[bytes] | None, now: float) -> list[Action]:
+        """Consume ``consume`` and send ``frames`` once the history holds what they confirm: without a history, at
+        the end of this batch; with one, after the batch's commit (``history_saved``)."""
         if self.history is None:
-            return [self._transmit(f, now) for f in frames]
-        self._after_commit += [Transmit(f) for f in frames]  # not sent yet: the heartbeat clock runs on
+            self._consumes.append(consume)
+            return [self._transmit(frames, now)] if frames is not None else []
+        self._held_consumes.append(consume)
+        if frames is not None:
+            self._after_commit.append(Transmit(frames))  # not sent yet: the heartbeat clock runs on
         return []
 
     def _receipt(self, peer: str, ref: bytes, status: ReceiptStatus, now: float) -> Transmit:
@@ -365,7 +392,7 @@ class ClientSession:
         return pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id)
 
     def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
-        actions = self._after_history([self._pack(Consume(msg_id))], now)
+        actions = self._after_history(msg_id, None, now)
         if msg.recipient != self.user:
             return actions
         if self.history is None or self.history.advance(msg.ref, msg.status.value):
@@ -449,18 +476,25 @@ class ClientSession:
         actions: list[Action] = []
         wanted: set[str] = set()
         for msg_id, sealed in self.outbox.seal(self.e2e):
-            if type(sealed) is str:
-                wanted.add(sealed)
-            elif type(sealed) is list:
-                if self.state is State.READY:
-                    actions.append(self._transmit(sealed, now))
-            else:
-                if self.history is not None:
-                    self.history.fail(msg_id)
-                actions.append(Emit(ev.SendFailed(msg_id, sealed)))
+            if (user := self._sealed(msg_id, sealed, now, actions)) is not None:
+                wanted.add(user)
         if self.transfers is not None:
             wanted |= self.transfers.take_key_wants()
         return actions + self._ask_keys(wanted, now)
+
+    def _sealed(self, msg_id: bytes, sealed: list[bytes] | PeerKeyChanged | str, now: float,
+                actions: list[Action]) -> str | None:
+        """One outcome of ``Outbox.seal`` into ``actions``; the user whose key it waits for, if any."""
+        if type(sealed) is str:
+            return sealed
+        if type(sealed) is list:
+            if self.state is State.READY:
+                actions.append(self._transmit(sealed, now))
+        else:
+            if self.history is not None:
+                self.history.fail(msg_id)
+            actions.append(Emit(ev.SendFailed(msg_id, sealed)))
+        return None
 
     def _ask_keys(self, users: set[str], now: float) -> list[Action]:
         if not users or self.state is not State.READY:

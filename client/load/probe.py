@@ -84,6 +84,7 @@ class ProbeClient:
         if self.sock.poll(int(wait * 1000)):
             while self.sock.poll(0):
                 events += self._execute(self.session.on_frames(self.sock.recv_multipart(), time.monotonic()))
+            events += self._execute(self.session.end_batch(time.monotonic()))
         return events + self._execute(self.session.on_tick(time.monotonic()))
 
     def _execute(self, actions: list[Action]) -> list[ev.Event]:

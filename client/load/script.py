@@ -262,6 +262,10 @@ class ScriptedClient:
             self.crowd.stats.error(ErrorCode.RATE_LIMITED.value, f"{self.user}: {env.message.message}")
         return self._run(self.session.on_envelope(env, now / NS), now, ticked=False)
 
+    def end_batch(self, now: int) -> list:
+        """The shell has handed over what the DEALER had: the batch's consumes go out as one frame."""
+        return self._run(self.session.end_batch(now / NS), now, ticked=False)
+
     def on_publish(self, frames: list, now: int) -> None:
         """A presence frame on the SUB: count it, and time the watched users' changes."""
         crowd = self.crowd

@@ -229,6 +229,8 @@ class Worker:
                         break  # an output closed it
             else:
                 self.check.add(sock)  # more waiting: after the others had their turn
+            if not is_sub and sock in owner:
+                self._execute(client, client.end_batch(time.monotonic_ns()))
             self._reschedule(client)
 
     def _reschedule(self, client: ScriptedClient) -> None:

@@ -930,6 +930,45 @@ def test_s11_a_queued_frame_stays_until_consumed(net):
     again.quiet()
 
 
+def test_s11_one_consume_releases_ref_and_every_id_of_refs(net):
+    bob = offline_user(net)
+    alice = net.client()
+    sent = [header("message", sender=alice.user, to=bob.user, body=b"%d" % i) for i in range(5)]
+    for h in sent:
+        alice.send(packed(h))
+        alice.expect("ack", ref=h["id"], status="stored")
+    session = net.dealer(keys=bob.keys, admit=False)
+    session.register(bob.user)
+    assert [session.next()["id"] for _ in sent] == [h["id"] for h in sent]
+    unknown = os.urandom(16)  # ignored, like a single consume of it
+    session.request("consume", ref=sent[0]["id"], refs=[sent[1]["id"], unknown, sent[3]["id"], sent[1]["id"]])
+    session.quiet()  # no reply
+    session.request("unregister")
+    again = net.dealer(keys=bob.keys, admit=False)
+    again.register(bob.user)
+    assert [again.next()["id"] for _ in range(2)] == [sent[2]["id"], sent[4]["id"]]  # only those stayed
+    again.quiet()
+
+
+@pytest.mark.parametrize("refs", [[], [b"short"], [ID] * 256], ids=["empty", "not_a_msg_id", "over_the_limit"])
+def test_s2_a_consume_with_a_bad_refs_list_is_refused_whole(net, refs):
+    bob = offline_user(net)
+    alice = net.client()
+    h = header("message", sender=alice.user, to=bob.user, body=b"kept")
+    alice.send(packed(h))
+    alice.expect("ack", ref=h["id"], status="stored")
+    session = net.dealer(keys=bob.keys, admit=False)
+    session.register(bob.user)
+    assert session.next()["id"] == h["id"]
+    msg_id = session.request("consume", ref=h["id"], refs=refs)
+    session.expect_error("bad_frame", msg_id)
+    session.request("unregister")
+    again = net.dealer(keys=bob.keys, admit=False)
+    again.register(bob.user)
+    assert again.next()["id"] == h["id"]  # the bad consume released nothing
+    again.quiet()
+
+
 def test_s11_queue_full_for_a_senders_share_and_for_the_recipient(tight_net):
     bob = offline_user(tight_net)
     alice, carol = tight_net.client(), tight_net.client()

@@ -152,7 +152,7 @@ class World:
         else:
             raise ValueError(what)
         client.history.commit()
-        return actions + session.history_saved()
+        return actions + session.history_saved() + session.end_batch(self.now)
 
     def to_broker(self, what: str, arg) -> list:
         if what == "frames":

@@ -277,17 +277,17 @@ def test_tampered_message_is_rejected_and_nothing_is_shown(make_client, broker):
         body[-5] ^= 0x40
         return pack(ChatMessage("alice", "bob", bytes(body)), env.ts, env.msg_id)
 
-    original = session._flush
+    original = session.send_text
 
-    def flush_and_tamper(now):
-        actions = original(now)
+    def send_and_tamper(*args, **kwargs):
+        actions = original(*args, **kwargs)
         for action in actions:
             if hasattr(action, "frames") and not forged:
                 action.frames[:] = tamper(action.frames)
                 forged.append(True)
         return actions
 
-    session._flush = flush_and_tamper
+    session.send_text = send_and_tamper
     alice.send("bob", "this will be tampered with")
     error = wait_for(bob, lambda e: isinstance(e, (ev.ErrorReported, ev.MessageReceived)))
     assert isinstance(error, ev.ErrorReported) and error.error.code is ErrorCode.INTEGRITY

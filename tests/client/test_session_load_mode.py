@@ -60,8 +60,31 @@ def test_without_delivery_receipts_a_message_is_only_consumed():
     session = load_session()
     registered(session)
     actions = session.on_frames(pack(ChatMessage("bob", "me", b"hi"), 0, bytes(16)), 1.0)
-    assert [type(m) for m in sent(actions)] == [Consume]
     assert [type(e) for e in events(actions)] == [ev.MessageReceived]
+    assert [type(m) for m in sent(actions + session.end_batch(1.0))] == [Consume]
+
+
+def test_the_consumes_of_a_batch_leave_as_one_frame_per_page_at_the_end_of_the_batch():
+    session = load_session()
+    registered(session)
+    ids = [i.to_bytes(16, "big") for i in range(300)]
+    for msg_id in ids:
+        assert sent(session.on_frames(pack(ChatMessage("bob", "me", b"hi"), 0, msg_id), 1.0)) == []
+    first, second = sent(session.end_batch(1.0))
+    assert (first.ref, *first.refs) == tuple(ids[:256])  # MAX_CONSUME_REFS + 1 ids in a frame
+    assert (second.ref, *second.refs) == tuple(ids[256:])
+    assert session.end_batch(1.1) == []  # each id once
+
+
+def test_a_lone_consume_has_no_refs_list_and_none_goes_out_while_unregistered():
+    session = load_session()
+    registered(session)
+    session.on_frames(pack(ChatMessage("bob", "me", b"hi"), 0, bytes(16)), 1.0)
+    [consume] = sent(session.end_batch(1.0))
+    assert consume == Consume(bytes(16))  # the single form every broker knows
+    session.on_frames(pack(ChatMessage("bob", "me", b"hi"), 0, b"\x01" * 16), 1.0)
+    session.leave(1.0)
+    assert session.end_batch(1.0) == []  # the broker pages it again after registering: consumed then
 
 
 def test_following_the_broker_it_heartbeats_at_the_brokers_interval_and_expires_after_liveness_of_them():

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from p2pchat.common import protocol as p
 from p2pchat.common.errors import ErrorCode, ProtocolError
-from p2pchat.common.protocol import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_INT, MAX_PARTS, MAX_PAYLOAD_BYTES, MAX_PEERS, MAX_TEXT_CHARS, MESSAGE_TYPES, MSG_ID_BYTES, PROTOCOL_VERSION, USER_ID_MAX, ChatMessage, Envelope, Heartbeat, Message, Snapshot, check_user_id, decode, encode, pack
+from p2pchat.common.protocol import MAX_BODY_BYTES, MAX_CONSUME_REFS, MAX_HEADER_BYTES, MAX_INT, MAX_PARTS, MAX_PAYLOAD_BYTES, MAX_PEERS, MAX_TEXT_CHARS, MESSAGE_TYPES, MSG_ID_BYTES, PROTOCOL_VERSION, USER_ID_MAX, ChatMessage, Envelope, Heartbeat, Message, Snapshot, check_user_id, decode, encode, pack
 
 ALL_TYPES = sorted(MESSAGE_TYPES.values(), key=lambda cls: cls.TYPE.value)
 PAYLOAD_TYPES = [cls for cls in ALL_TYPES if cls.HAS_PAYLOAD]
@@ -52,6 +52,7 @@ VALID: dict[str, st.SearchStrategy] = {
     "Count": st.integers(0, MAX_INT),
     "Flag": st.booleans(),
     "UserList": st.lists(user_ids, max_size=20).map(tuple),
+    "MsgIdList": st.lists(msg_ids, min_size=1, max_size=MAX_CONSUME_REFS).map(tuple),
 }
 
 # --- garbage: anything msgpack can carry ------------------------------------------
@@ -94,9 +95,10 @@ bad_user_ids = st.one_of(
     .filter(lambda s: len(s) <= 64),
 )
 
+INVALID_MSG_ID = not_of_type(bytes) | st.binary(max_size=64).filter(lambda b: len(b) != MSG_ID_BYTES)
 INVALID: dict[str, st.SearchStrategy] = {
     "UserId": bad_user_ids,
-    "MsgId": not_of_type(bytes) | st.binary(max_size=64).filter(lambda b: len(b) != MSG_ID_BYTES),
+    "MsgId": INVALID_MSG_ID,
     "Body": not_of_type(bytes) | st.just(b"x" * (MAX_BODY_BYTES + 1)),
     "Token": not_of_type(bytes) | st.binary(min_size=65, max_size=200),
     "Digest": not_of_type(bytes) | st.binary(max_size=80).filter(lambda b: len(b) != 32),
@@ -106,6 +108,11 @@ INVALID: dict[str, st.SearchStrategy] = {
     "Flag": not_of_type(bool),
     "UserList": not_of_type(list, tuple)
     | st.tuples(st.lists(user_ids, max_size=5), bad_user_ids, st.lists(user_ids, max_size=5))
+    .map(lambda t: [*t[0], t[1], *t[2]]),
+    "MsgIdList": not_of_type(list, tuple)
+    | st.just(())  # empty: a consume of nothing more is sent without the field
+    | st.lists(msg_ids, min_size=MAX_CONSUME_REFS + 1, max_size=MAX_CONSUME_REFS + 3)  # more than a page
+    | st.tuples(st.lists(msg_ids, max_size=3), INVALID_MSG_ID, st.lists(msg_ids, max_size=3))
     .map(lambda t: [*t[0], t[1], *t[2]]),
 }
 
@@ -136,7 +143,8 @@ def fields_of(cls: type[Message]) -> list[tuple[str, str, str, bool]]:
 
 
 EXAMPLE = {"UserId": "alice", "MsgId": b"x" * 16, "Body": b"hi", "Token": b"tok", "Digest": b"d" * 32,
-           "PublicKey": b"k" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",)}
+           "PublicKey": b"k" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",),
+           "MsgIdList": (b"y" * 16,)}
 
 
 def example_message(cls: type[Message], **fields: Any) -> Message:
