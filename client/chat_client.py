@@ -29,7 +29,7 @@ from zmq.utils import z85
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.broker_trust import ADMIT_TIMEOUT, RETRY_LATER, admit, resolve_broker_key
-from p2pchat.client.e2e import NO_SEALING, EndToEnd, Sealing
+from p2pchat.client.e2e import NO_SEALING, EndToEnd, PeerKeyChanged, Sealing
 from p2pchat.client.storage.history import History
 from p2pchat.client.storage.identity import InstanceClaim
 from p2pchat.client.storage.partfile import WriterPool
@@ -69,6 +69,7 @@ class ClientConfig:
     key_port: int | None = None  # the broker's key service, server port + 2 unless given
     history: bool = True  # keep conversations and the outbox in SQLite (off: load-test clients)
     read_receipts: bool = True  # tell senders when we have read their messages
+    trust_key_changes: bool = False  # accept a peer's new key at once (still reported) instead of waiting for the user
     # TransferConfig overrides (max_incoming, max_incoming_per_peer, max_queued, max_queued_per_peer,
     # give_up_after, max_age); defaults in client.transfer.
     transfer_limits: dict[str, float] = field(default_factory=dict)
@@ -137,6 +138,7 @@ class ChatClient:
             transfers=transfers,
             token=self._claim.token,
             new_id=new_msg_id,
+            trust_key_changes=cfg.trust_key_changes,
         )
         self.broker_key: bytes | None = None
         self._dealer: zmq.Socket | None = None
@@ -235,8 +237,15 @@ class ChatClient:
         return self._peers
 
     def accept_peer_key(self, user: str) -> bool:
-        """Trust ``user``'s new key (after checking its fingerprint with them)."""
-        return self._call(lambda now: self._session.accept_peer_key(user)).result()
+        """Trust ``user``'s new key (after checking its fingerprint with them); False if none was waiting.
+        What waited for it goes out at once: our messages sealed again, theirs shown."""
+        def accept(now: float) -> bool:
+            if self.e2e.pending_key(user) is None:
+                return False
+            self._execute(self._session.accept_peer_key(user, now))
+            return True
+
+        return self._call(accept).result()
 
     def fingerprint_of(self, user: str) -> str | None:
         """The fingerprint of the key pinned for ``user`` (our own for our user ID)."""
@@ -520,6 +529,10 @@ class ChatClient:
             self._resolve(event.msg_id, result=event.status)
         elif kind is ev.SendFailed:
             self._resolve(event.msg_id, error=event.error)
+        elif kind is ev.SendState and event.state == "held":  # waits for a key decision: do not block the caller
+            self._resolve(event.msg_id, error=PeerKeyChanged(
+                event.peer, self.e2e.pinned_key(event.peer) or b"", self.e2e.pending_key(event.peer) or b"",
+                kept="; the message waits in your outbox and goes once you accept it"))
         elif kind is ev.Registered and not self._registered.done():
             self._registered.set_result(None)
         elif kind is ev.RegisterFailed and not self._registered.done():

@@ -52,6 +52,9 @@ def _client_options(parser: argparse.ArgumentParser, user_default: str | None = 
     parser.add_argument("--key-port", type=int, default=None, help="the broker's key port (default: port + 2)")
     parser.add_argument("--insecure", action="store_true",
                         help="plaintext transport, for debugging against a broker run with --insecure")
+    parser.add_argument("--trust-key-changes", action="store_true",
+                        help="accept a peer's new key at once (the change is still reported) instead of holding "
+                             "messages to and from them until you run `p2pchat trust`")
 
 
 def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event], None] | None = None):
@@ -59,7 +62,8 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
 
     server = ServerAddress(args.server.host, args.server.port, args.pub_port)
     config = ClientConfig(server=server, send_timeout=args.timeout, insecure=args.insecure,
-                          server_key=args.server_key, key_port=args.key_port)
+                          server_key=args.server_key, key_port=args.key_port,
+                          trust_key_changes=args.trust_key_changes)
     if getattr(args, "received_dir", None):
         config = dataclasses.replace(config, received_dir=Path(args.received_dir).expanduser())
     if getattr(args, "chunk_size", None):

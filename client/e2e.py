@@ -33,9 +33,9 @@ class PeerKeys(Protocol):
 class PeerKeyChanged(P2PChatError):
     default_code = ErrorCode.PEER_KEY_CHANGED
 
-    def __init__(self, user: str, old: bytes, new: bytes) -> None:
+    def __init__(self, user: str, old: bytes, new: bytes, kept: str = "") -> None:
         super().__init__(f"{user}'s key changed from {crypto.fingerprint(old)} to {crypto.fingerprint(new)}; "
-                         f"verify it with them, then accept it (p2pchat trust --peer {user})")
+                         f"verify it with them, then accept it (p2pchat trust --peer {user}){kept}")
         self.user, self.old, self.new = user, old, new
 
 

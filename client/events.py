@@ -136,16 +136,30 @@ class Stopped:
 
 @dataclass(frozen=True, slots=True)
 class PeerKeyChanged:
-    """``user`` now presents another key: sending to them is blocked until the user accepts it."""
+    """``user`` now presents another key: messages to and from them wait until the user accepts it (``accepted``:
+    the session was told to trust key changes and already has; the change is still worth showing)."""
 
     user: str
     old: bytes
     new: bytes
     error: P2PChatError
+    accepted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendState:
+    """Our message ``msg_id`` to ``peer`` went off the usual sent-delivered line: ``"undecryptable"`` (their
+    client could not open it; it is sealed again once their new key is accepted), ``"resealed"`` (sealed to
+    their current key and sent again), or ``"failed"`` (they still could not open it)."""
+
+    msg_id: bytes
+    peer: str
+    state: str
 
 
 Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | Receipt | SendFailed
     | ErrorReported
-    | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | Stopped
+    | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | SendState
+    | Stopped
 )

@@ -163,6 +163,7 @@ class AckStatus(str, enum.Enum):
 class ReceiptStatus(str, enum.Enum):
     DELIVERED = "delivered"
     READ = "read"
+    UNDECRYPTABLE = "undecryptable"  # the recipient could not open it; ``key`` is the one to seal to (§10.4)
 
 
 AckStatusField = Annotated[AckStatus, _enum(AckStatus)]
@@ -270,6 +271,7 @@ class Receipt(Message):
     recipient: UserId
     ref: MsgId
     status: ReceiptStatusField
+    key: PublicKey | None = None  # with ``undecryptable``: the recipient's current public key
 
 
 @_message

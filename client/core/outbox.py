@@ -48,14 +48,21 @@ class Outbox:
             self.resend_at = now + RESEND_AFTER
 
     def seal(self, e2e: Sealing) -> Iterator[tuple[bytes, list[bytes] | PeerKeyChanged | str]]:
-        """Seal what waited for a key: per message in order, its frames, the key change that stops it (it
-        leaves the outbox), or the recipient whose key is missing (it waits)."""
+        """Seal what waited for a key: per message in order, its frames, or what it still waits for: the
+        recipient's key change the user has not accepted yet, or the recipient whose key is missing."""
         for msg_id in list(self._unsealed):  # only these: a long outbox must not make each send O(n)
             pending = self._pending.get(msg_id)
             if pending is None:
                 del self._unsealed[msg_id]
                 continue
             yield msg_id, self._seal(msg_id, pending, e2e)
+
+    def put_first(self, msg_ids: list[bytes]) -> None:
+        """Move these (in this order) ahead of the rest: messages sealed again go before newer ones."""
+        for msg_id in reversed(msg_ids):
+            for queue in (self._pending, self._unsealed):
+                if msg_id in queue:
+                    queue.move_to_end(msg_id, last=False)
 
     def add_sealed(self, msg_id: bytes, recipient: str, text: bytes, ts: int, now: float,
                    e2e: Sealing) -> list[bytes] | PeerKeyChanged | str:
@@ -76,8 +83,7 @@ class Outbox:
     def _seal(self, msg_id: bytes, pending: _Pending, e2e: Sealing) -> list[bytes] | PeerKeyChanged | str:
         try:
             key = e2e.key_of(pending.recipient) if e2e.enabled else b""
-        except PeerKeyChanged as exc:
-            del self._pending[msg_id], self._unsealed[msg_id]
+        except PeerKeyChanged as exc:  # waits for the user's decision, like a missing key
             return exc
         if key is None:
             return pending.recipient

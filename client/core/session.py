@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
+from p2pchat.client.core.held import HeldMessages
 from p2pchat.client.core.outbox import Outbox
 from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
@@ -83,6 +84,7 @@ class ClientSession:
         key: bytes | None = None,
         presence: bool = True,
         delivery_receipts: bool = True,
+        trust_key_changes: bool = False,
     ) -> None:
         """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
         frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session); ``key``: the key to
@@ -90,7 +92,9 @@ class ClientSession:
 
         Switches for the load tool, which runs thousands of sessions in one process: ``heartbeat_ivl=None``
         follows the broker's REGISTERED heartbeat_ms (1 s until known), expiry included; ``presence=False`` keeps
-        no peer list and never asks for a snapshot; ``delivery_receipts=False`` sends no DELIVERED receipts."""
+        no peer list and never asks for a snapshot; ``delivery_receipts=False`` sends no DELIVERED receipts.
+        ``trust_key_changes``: accept a peer's new key at once (the change is still reported) instead of
+        holding messages to and from them until the user accepts it."""
         self.user = check_user_id(user)
         self.e2e = e2e
         self._key = key if key is not None else e2e.identity.public
@@ -122,6 +126,10 @@ class ClientSession:
         self._after_commit: list[Action] = []  # receipts waiting for the history's commit
         self._held_consumes: list[bytes] = []  # ids to consume once the history's commit holds what they confirm
         self._consumes: list[bytes] = []  # ids to consume at the end of the shell's batch (``end_batch``)
+        self._after_consumes: list[Action] = []  # refusals to send once the batch's consumes are out
+        self.trust_key_changes = trust_key_changes
+        self._blocked: set[str] = set()  # peers whose new key waits for the user (``accept_peer_key``)
+        self._held = HeldMessages()  # their messages meanwhile: opened when it is accepted
         self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
@@ -143,9 +151,12 @@ class ClientSession:
             self.history.add_outgoing(msg_id, recipient, body.decode("utf-8"), ts)
         if self.outbox.waiting:  # after those, in order
             self.outbox.add(msg_id, recipient, body, ts, now)
-            return self._flush(now)
+            actions = self._flush(now)
+            return actions + [Emit(ev.SendState(msg_id, recipient, "held"))] if recipient in self._blocked else actions
         actions: list[Action] = []  # else only this one to seal: no pass over the outbox (the load tool's path)
         user = self._sealed(msg_id, self.outbox.add_sealed(msg_id, recipient, body, ts, now, self.e2e), now, actions)
+        if recipient in self._blocked:  # waits for the user's decision on their new key: the caller hears it
+            actions.append(Emit(ev.SendState(msg_id, recipient, "held")))
         wanted = self.transfers.take_key_wants() if self.transfers is not None else set()
         if user is not None:
             wanted.add(user)
@@ -173,14 +184,16 @@ class ClientSession:
     def end_batch(self, now: float) -> list[Action]:
         """The shell has handled a batch of inputs (and committed its history): the consumes gathered in it go
         out, one CONSUME per ``MAX_CONSUME_REFS + 1`` ids rather than one per frame (docs/PROTOCOL.md §11)."""
-        if not self._consumes:
+        if not self._consumes and not self._after_consumes:
             return []
         ids, self._consumes = self._consumes, []
+        refusals, self._after_consumes = self._after_consumes, []
         if self.state is not State.READY:  # the broker pages them again after registering: consumed then
             return []
         step = MAX_CONSUME_REFS + 1
+        # The consumes first: a sender re-sealing a refused message must find its first copy gone (§10.4).
         return [self._transmit(self._pack(Consume(ids[i], tuple(ids[i + 1:i + step]) or None)), now)
-                for i in range(0, len(ids), step)]
+                for i in range(0, len(ids), step)] + refusals
 
     def history_failed(self, error: StorageError) -> list[Action]:
         """The shell could not commit: what waited stays held (the broker keeps the messages queued) until a
@@ -197,9 +210,9 @@ class ClientSession:
         xfer, actions = self.transfers.send_file(check_user_id(recipient), path, now)
         return xfer, actions + self._flush(now)
 
-    def accept_peer_key(self, user: str) -> bool:
-        """The user verified ``user``'s new key: use it from now on."""
-        return self.e2e.accept(user)
+    def accept_peer_key(self, user: str, now: float) -> list[Action]:
+        """The user verified ``user``'s new key: use it from now on, and let through what waited for it."""
+        return self._key_accepted(user, now) if self.e2e.accept(user) else []
 
     def leave(self, now: float, unregister: bool = True) -> list[Action]:
         """The shell closes this session's sockets for a while (UNREGISTER first if asked); ``start`` on fresh
@@ -321,6 +334,8 @@ class ClientSession:
         if self._snapshot_due is not None and now >= self._snapshot_due:
             actions += self._request_snapshot(now, force=True)
         self._refusals.flush(now)
+        for user in [u for u in self._blocked if self.e2e.pending_key(u) is None]:  # accepted elsewhere (CLI)
+            actions += self._key_accepted(user, now)
         if self.transfers is not None and self.state is State.READY:
             actions += self.transfers.on_tick(now)
             actions += self._ask_keys(self.transfers.take_key_wants(), now)
@@ -347,12 +362,16 @@ class ClientSession:
             return self._got(msg.sender, msg_id, now)
         try:
             plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body)
-        except PeerKeyChanged as exc:  # authentic under a new key: kept queued until the user decides
-            log.warning("user=%s peer=%s message held: %s", self.user, msg.sender, exc.message)
-            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
+        except PeerKeyChanged as exc:  # authentic under a new key: kept queued (and here) until the user decides
+            self._held.add(msg_id, msg, ts)
+            return self._key_changed(exc, now)
         except ProtocolError as exc:  # tampered, replayed under a new id, not encrypted, or sealed to an old key
             # Consumed: a message that cannot open now never will, and must not come back at every reconnect.
+            # The sender hears it (after the consume) with the key to seal to, so nothing is lost silently.
             self._consumes.append(msg_id)
+            if self.e2e.enabled:
+                self._after_consumes.append(Transmit(self._receipt_frames(
+                    msg.sender, msg_id, ReceiptStatus.UNDECRYPTABLE, self.e2e.identity.public)))
             if not self._refusals.record(msg.sender, f"user={self.user} peer={msg.sender}", exc.message, now):
                 return []
             return [Emit(ev.ErrorReported(exc))]
@@ -384,17 +403,20 @@ class ClientSession:
     def _receipt(self, peer: str, ref: bytes, status: ReceiptStatus, now: float) -> Transmit:
         return self._transmit(self._receipt_frames(peer, ref, status), now)
 
-    def _receipt_frames(self, peer: str, ref: bytes, status: ReceiptStatus) -> list[bytes]:
+    def _receipt_frames(self, peer: str, ref: bytes, status: ReceiptStatus, key: bytes | None = None
+                        ) -> list[bytes]:
         msg_id = self._new_id()
         self._receipts[msg_id] = None
         if len(self._receipts) > DEDUP_WINDOW:
             self._receipts.popitem(last=False)
-        return pack(Receipt(self.user, peer, ref, status), self._wall_ms(), msg_id)
+        return pack(Receipt(self.user, peer, ref, status, key), self._wall_ms(), msg_id)
 
     def _on_receipt(self, msg_id: bytes, msg: Receipt, now: float) -> list[Action]:
         actions = self._after_history(msg_id, None, now)
         if msg.recipient != self.user:
             return actions
+        if msg.status is ReceiptStatus.UNDECRYPTABLE:
+            return actions + self._on_undecryptable(msg.sender, msg.ref, msg.key, now)
         if self.history is None or self.history.advance(msg.ref, msg.status.value):
             actions.append(Emit(ev.Receipt(msg.ref, msg.sender, msg.status.value)))
         return actions
@@ -402,8 +424,9 @@ class ClientSession:
     def _on_key_info(self, msg: KeyInfo, now: float) -> list[Action]:
         try:
             self.e2e.learn(msg.user, msg.key)
-        except PeerKeyChanged as exc:
-            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))] + self._fail_sends_to(msg.user, exc)
+        except PeerKeyChanged as exc:  # our messages to them wait; files fail (their offers were sealed already)
+            actions = self._key_changed(exc, now)
+            return actions + (self.transfers.fail_peer(msg.user, exc) if self.transfers is not None else [])
         actions = self._flush(now)
         if self.transfers is not None:
             actions += self.transfers.on_key(msg.user, now)
@@ -426,7 +449,65 @@ class ClientSession:
             actions += self._request_snapshot(now, force=True)
         if self.transfers is not None:
             actions += self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
+        if not reconnect and self.history is not None:  # refused messages of an earlier run
+            for peer in self.history.waiting_peers():
+                pending = self.e2e.pending_key(peer)
+                if pending is None:  # accepted meanwhile (``p2pchat trust``), or the same key: seal them again
+                    actions += self._reseal(peer)
+                elif peer not in self._blocked:
+                    actions += self._key_changed(PeerKeyChanged(peer, self.e2e.pinned_key(peer) or b"", pending),
+                                                 now)
         return actions + self._flush(now)
+
+    # --- key changes ----------------------------------------------------------
+    def _key_changed(self, exc: PeerKeyChanged, now: float) -> list[Action]:
+        """``exc.user`` presents a new key. Messages to and from them wait for the user's decision, or, with
+        ``trust_key_changes``, go on at once; the change is reported either way."""
+        log.warning("user=%s peer=%s key changed: %s", self.user, exc.user, exc.message)
+        actions: list[Action] = [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc,
+                                                        accepted=self.trust_key_changes))]
+        if self.trust_key_changes and self.e2e.accept(exc.user):
+            return actions + self._key_accepted(exc.user, now)
+        self._blocked.add(exc.user)
+        return actions
+
+    def _key_accepted(self, user: str, now: float) -> list[Action]:
+        """``user``'s new key is pinned: our refused messages sealed to it again, the waiting ones sealed, theirs
+        opened, without waiting for a reconnect."""
+        self._blocked.discard(user)
+        actions = self._reseal(user) + self._flush(now)
+        for msg_id, msg, ts in self._held.take(user):
+            actions += self._on_chat(msg_id, msg, ts, now)
+        return actions
+
+    def _reseal(self, peer: str) -> list[Action]:
+        """Our messages ``peer`` could not open go back to the outbox, same id and time (``_flush`` seals them to
+        the key pinned now); the recipient shows each id once however often it comes."""
+        if self.history is None:
+            return []
+        entries = self.history.reseal(peer)
+        for entry in entries:
+            self.outbox.add(entry.msg_id, peer, entry.text.encode("utf-8"), entry.ts, 0.0)
+        self.outbox.put_first([entry.msg_id for entry in entries])  # older than what waited meanwhile
+        return [Emit(ev.SendState(entry.msg_id, peer, "resealed")) for entry in entries]
+
+    def _on_undecryptable(self, peer: str, ref: bytes, key: bytes | None, now: float) -> list[Action]:
+        """``peer`` could not open our message ``ref`` and names the key to seal to (docs/PROTOCOL.md §10.4)."""
+        if self.history is None:  # nothing kept to seal again: say so, it is lost
+            return [Emit(ev.SendState(ref, peer, "undecryptable"))]
+        state = self.history.undecryptable(ref, peer)
+        if state is None:  # not ours in flight to them: unknown, already waiting, or contradicted by a receipt
+            return []
+        actions: list[Action] = [Emit(ev.SendState(ref, peer, state))]
+        if state != "undecryptable" or key is None or not self.e2e.enabled:
+            return actions
+        try:
+            self.e2e.learn(peer, key)
+        except PeerKeyChanged as exc:
+            return actions + self._key_changed(exc, now)
+        if self.e2e.pending_key(peer) is not None:  # a change the user has not decided on yet
+            return actions
+        return actions + self._reseal(peer) + self._flush(now)  # the key we have is theirs: we sealed to an older one
 
     def _on_error(self, msg: Error, now: float) -> list[Action]:
         error = RemoteError(msg.message, msg.code)
@@ -490,10 +571,8 @@ class ClientSession:
         if type(sealed) is list:
             if self.state is State.READY:
                 actions.append(self._transmit(sealed, now))
-        else:
-            if self.history is not None:
-                self.history.fail(msg_id)
-            actions.append(Emit(ev.SendFailed(msg_id, sealed)))
+        elif sealed.user not in self._blocked:  # a key change waits for the user: so does the message
+            actions += self._key_changed(sealed, now)
         return None
 
     def _ask_keys(self, users: set[str], now: float) -> list[Action]:

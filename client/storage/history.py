@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 # Delivery states of an outgoing message, in the order they can only advance.
 STATES = ("queued", "sent", "stored", "delivered", "read")
 FAILED = "failed"
+# Off that line: the recipient could not open it (sealed to a key it no longer has) and it waits for the
+# user to accept the recipient's new key; then it is sealed again and goes out like a queued one.
+UNDECRYPTABLE = "undecryptable"
+RESEALED = "resealed"
+MAX_RESEALS = 1  # a message the recipient cannot open after this many re-seals fails (no loop with a liar)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +57,15 @@ class History:
                 state TEXT NOT NULL);
             CREATE INDEX IF NOT EXISTS messages_by_peer ON messages (peer, seq);
             CREATE INDEX IF NOT EXISTS messages_outbox ON messages (state) WHERE state = 'queued';
+            CREATE INDEX IF NOT EXISTS messages_waiting ON messages (state, peer)
+                WHERE state IN ('undecryptable', 'resealed');
             CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(text, content='messages', content_rowid='seq');
             CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages BEGIN
                 INSERT INTO messages_fts (rowid, text) VALUES (new.seq, new.text);
             END;
         """)
+        if "reseals" not in {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}:
+            self._db.execute("ALTER TABLE messages ADD COLUMN reseals INTEGER NOT NULL DEFAULT 0")  # older files
         self._in_tx = False
         self._unsaved: list[tuple[str, tuple]] = []  # writes since the last successful commit, in order
         self._failing = False  # a write or commit failed: the next commit retries the whole backlog
@@ -98,13 +107,40 @@ class History:
     def advance(self, msg_id: bytes, state: str) -> bool:
         """Move an outgoing message forward to ``state``; False if it was already there or beyond."""
         rank = STATES.index(state)
-        earlier = STATES[:rank]
+        earlier = (*STATES[:rank], RESEALED) if rank else ()  # a resealed one is as good as queued
         return self._write(
             f"UPDATE messages SET state = ? WHERE msg_id = ? AND outgoing = 1 AND state IN "
             f"({','.join('?' * len(earlier))})", (state, msg_id, *earlier)) != 0
 
     def fail(self, msg_id: bytes) -> None:
-        self._write("UPDATE messages SET state = ? WHERE msg_id = ? AND state = 'queued'", (FAILED, msg_id))
+        self._write("UPDATE messages SET state = ? WHERE msg_id = ? AND state IN ('queued', 'resealed')",
+                    (FAILED, msg_id))
+
+    def undecryptable(self, msg_id: bytes, peer: str) -> str | None:
+        """``peer`` could not open our message ``msg_id``: it waits for a re-seal (``UNDECRYPTABLE``), or fails
+        once it was re-sealed ``MAX_RESEALS`` times (``FAILED``). None if it is not ours to ``peer`` in flight
+        (unknown, already failed or waiting, or already delivered: the claim contradicts a receipt)."""
+        changed = self._write(
+            "UPDATE messages SET state = CASE WHEN reseals >= ? THEN 'failed' ELSE 'undecryptable' END "
+            "WHERE msg_id = ? AND peer = ? AND outgoing = 1 AND state IN ('sent', 'stored')",
+            (MAX_RESEALS, msg_id, peer))
+        if changed < 1:
+            return None
+        row = self._db.execute("SELECT state FROM messages WHERE msg_id = ?", (msg_id,)).fetchone()
+        return row[0] if row else None
+
+    def reseal(self, peer: str) -> list[HistoryEntry]:
+        """The messages to ``peer`` waiting for a re-seal, oldest first, now ``RESEALED`` (outbox again)."""
+        entries = self._entries("WHERE peer = ? AND outgoing = 1 AND state = 'undecryptable' ORDER BY seq", (peer,))
+        for entry in entries:
+            self._write("UPDATE messages SET state = 'resealed', reseals = reseals + 1 WHERE msg_id = ?",
+                        (entry.msg_id,))
+        return entries
+
+    def waiting_peers(self) -> list[str]:
+        """Peers some of our messages wait for a re-seal to."""
+        return [row[0] for row in self._db.execute(
+            "SELECT DISTINCT peer FROM messages WHERE state = 'undecryptable' ORDER BY peer")]
 
     def mark_read(self, peer: str) -> list[bytes]:
         """Mark ``peer``'s received messages read; returns their ids."""
@@ -155,7 +191,7 @@ class History:
 
     # --- reads ------------------------------------------------------------------------
     def outbox(self) -> list[HistoryEntry]:
-        return self._entries("WHERE outgoing = 1 AND state = 'queued' ORDER BY seq", ())
+        return self._entries("WHERE outgoing = 1 AND state IN ('queued', 'resealed') ORDER BY seq", ())
 
     def conversation(self, peer: str, limit: int = 200) -> list[HistoryEntry]:
         rows = self._entries("WHERE peer = ? ORDER BY seq DESC LIMIT ?", (peer, limit))

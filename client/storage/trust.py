@@ -8,24 +8,36 @@ from pathlib import Path
 
 
 class KeyStore:
-    """A small JSON map name -> hex key, written atomically with mode 0600."""
+    """A small JSON map name -> hex key, written atomically with mode 0600. Read again when another process
+    (``p2pchat trust`` while the GUI runs) has replaced the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._keys: dict[str, str] = {}
+        self._version: tuple[int, int] | None = None
+        self._refresh()
+
+    def _refresh(self) -> None:
         try:
-            self._keys: dict[str, str] = json.loads(path.read_text())
+            st = os.stat(self.path)
         except FileNotFoundError:
-            self._keys = {}
+            return
+        if (st.st_ino, st.st_mtime_ns) != self._version:  # every write replaces the file: a new inode
+            self._keys = json.loads(self.path.read_text())
+            self._version = (st.st_ino, st.st_mtime_ns)
 
     def get(self, name: str) -> bytes | None:
+        self._refresh()
         value = self._keys.get(name)
         return bytes.fromhex(value) if value else None
 
     def put(self, name: str, key: bytes) -> None:
+        self._refresh()
         self._keys[name] = key.hex()
         self._write()
 
     def delete(self, name: str) -> None:
+        self._refresh()
         if self._keys.pop(name, None) is not None:
             self._write()
 
@@ -35,6 +47,9 @@ class KeyStore:
         with os.fdopen(fd, "w") as f:
             json.dump(self._keys, f, indent=1, sort_keys=True)
         os.replace(tmp, self.path)
+        st = os.stat(self.path)
+        self._version = (st.st_ino, st.st_mtime_ns)
 
     def items(self) -> list[tuple[str, bytes]]:
+        self._refresh()
         return [(name, bytes.fromhex(v)) for name, v in sorted(self._keys.items())]

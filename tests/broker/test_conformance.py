@@ -1128,7 +1128,7 @@ def test_s10_4_a_body_sealed_from_the_spec_opens_and_is_receipted_after_it_is_ke
     assert len(receipt["id"]) == 16 and receipt["id"] != h["id"]
 
 
-def test_s10_4_a_body_that_does_not_open_is_refused_locally_and_never_receipted(peer_of):
+def test_s10_4_a_body_that_does_not_open_is_refused_and_its_sender_told_with_the_key_to_seal_to(peer_of):
     raw, client = peer_of()
     h = header("message", sender=raw.user, to=client.user, body=b"")
     h["body"] = seal(raw.keys, raw.peer_key, {**h, "ts": h["ts"] + 1}, b"sealed for another ts")
@@ -1136,7 +1136,16 @@ def test_s10_4_a_body_that_does_not_open_is_refused_locally_and_never_receipted(
     raw.expect("ack", ref=h["id"], status="stored")
     refused = wait_for(client, lambda e: isinstance(e, ev.ErrorReported))
     assert refused.error.code.value == "integrity"
-    raw.quiet()  # no receipt, and no error frame: the sender is not told (§10.4)
+    receipt = raw.expect("receipt", sender=client.user, ref=h["id"], status="undecryptable")
+    assert receipt["key"] == raw.peer_key  # the recipient's own key: what to seal to
+    raw.quiet()
+
+
+def test_s4_a_receipt_undecryptable_with_its_key_is_relayed(relay_net):
+    alice, bob = relay_net.client(), relay_net.client()
+    key = os.urandom(32)
+    alice.relay("receipt", bob.user, ref=os.urandom(16), status="undecryptable", key=key)
+    assert bob.expect("receipt", sender=alice.user, status="undecryptable", key=key)
 
 
 def test_s8_first_credit_restarts_and_a_credit_comes_again_at_half_a_window_outstanding(peer_of, tmp_path):

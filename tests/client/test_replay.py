@@ -142,8 +142,8 @@ class World:
         elif what == "mark_read":
             actions = session.mark_read(arg, self.now)
         elif what == "accept_key":
-            assert session.accept_peer_key(arg), f"no key change of {arg} to accept"
-            actions = []
+            assert session.e2e.pending_key(arg) is not None, f"no key change of {arg} to accept"
+            actions = session.accept_peer_key(arg, self.now)
         elif what == "close":
             actions = session.close(self.now)
             client.history.close()

@@ -335,12 +335,15 @@ def test_peer_key_change_blocks_sending_until_accepted(make_client, broker, tmp_
     bob.send("alice", "it's me, with my real key")
     changed = wait_for(alice, lambda e: isinstance(e, (ev.PeerKeyChanged, ev.MessageReceived)))
     assert isinstance(changed, ev.PeerKeyChanged) and changed.user == "bob"
-    with pytest.raises(P2PChatError) as err:
+    with pytest.raises(P2PChatError) as err:  # the caller hears it at once; the message waits in the outbox
         alice.send("bob", "blocked")
-    assert err.value.code is ErrorCode.PEER_KEY_CHANGED
+    assert err.value.code is ErrorCode.PEER_KEY_CHANGED and "waits in your outbox" in err.value.message
     assert alice.accept_peer_key("bob")
+    # Accepting lets through what waited, both ways, without a reconnect.
+    assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "it's me, with my real key"
     alice.send("bob", "accepted")
-    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "accepted"
+    assert [wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text for _ in range(2)] == \
+        ["blocked", "accepted"]
 
 
 def test_tampered_file_chunk_fails_the_transfer_with_integrity(make_client, broker, tmp_path):

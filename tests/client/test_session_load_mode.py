@@ -131,3 +131,22 @@ def test_on_envelope_handles_what_on_frames_would():
     env = decode(pack(Error(ErrorCode.NOT_REGISTERED, "register first"), 0))
     actions = session.on_envelope(env, 1.0)
     assert [type(m) for m in sent(actions)] == [Register] and session.state is State.CONNECTING
+
+
+def test_with_a_history_the_batch_is_consumed_only_after_its_commit(tmp_path):
+    from p2pchat.client.storage.history import History
+
+    history = History(tmp_path / "history.sqlite")
+    try:
+        session = load_session(history=history)
+        registered(session)
+        ids = [bytes([i]) * 16 for i in range(1, 4)]
+        for msg_id in ids:
+            session.on_frames(pack(ChatMessage("bob", "me", b"hi"), 0, msg_id), 1.0)
+        assert session.end_batch(1.0) == []  # not committed yet: nothing may be consumed (§11)
+        history.commit()
+        assert session.history_saved() == []  # receipts are off
+        [consume] = sent(session.end_batch(1.0))
+        assert (consume.ref, *consume.refs) == tuple(ids)
+    finally:
+        history.close()

@@ -642,6 +642,7 @@ class SessionMachine(RuleBasedStateMachine):
         for e2e_of_peer in self.peers.values():
             e2e_of_peer.learn(ME, identity(ME).public)
         self.sent_to_me: dict[bytes, str] = {}  # ids of authentic messages to me -> their text
+        self.held: dict[str, dict[bytes, tuple[str, bytes]]] = {}  # under a new key: sender -> id -> (text, key)
         self.received: set[bytes] = set()
         self.refs: list[bytes] = []  # ids the session transmitted: what acks, errors and receipts refer to
         self.ids = 0
@@ -736,11 +737,14 @@ class SessionMachine(RuleBasedStateMachine):
         authentic = forged in ("no", "key") and pinned in (None, signer.public)  # trust on first use
         if authentic and not self.closed:
             self.sent_to_me.setdefault(msg_id, text)
+        elif forged in ("no", "key") and not self.closed:  # opens under a key change: held until accepted
+            self.held.setdefault(sender, {}).setdefault(msg_id, (text, signer.public))
         self.from_broker(ChatMessage(sender, "bob" if forged == "recipient" else ME, body), msg_id)
 
     @rule(data=st.data(), sender=st.sampled_from(PEERS), status=st.sampled_from(list(ReceiptStatus)))
     def receipt(self, data, sender, status):
-        self.from_broker(Receipt(sender, ME, self.a_ref(data), status))
+        key = identity(sender).public if status is ReceiptStatus.UNDECRYPTABLE else None
+        self.from_broker(Receipt(sender, ME, self.a_ref(data), status, key))
 
     @rule(data=st.data(), kind=st.sampled_from([FileOffer, FileCredit, FileChunk, FileDone, FileCancel]),
           sender=st.sampled_from(PEERS), count=counts)
@@ -782,7 +786,12 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(peer=st.sampled_from(PEERS))
     def accept_key(self, peer):
-        self.session.accept_peer_key(peer)
+        pending = self.session.e2e.pending_key(peer)
+        if pending is not None and not self.closed:  # what was held under that key shows now
+            for msg_id, (text, key) in self.held.get(peer, {}).items():
+                if key == pending:
+                    self.sent_to_me.setdefault(msg_id, text)
+        self.apply(self.session.accept_peer_key(peer, self.now))
 
     @rule(dt=st.sampled_from([0.0, 0.02, 0.5, 1.0, 3.5, 6.0]))
     def tick(self, dt):

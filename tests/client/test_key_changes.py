@@ -1,0 +1,137 @@
+"""Key changes lose nothing (issue 15, point 1): a recipient that cannot open a message says so, the sender
+seals it again to the recipient's new key once its user accepts that key, and every message arrives."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2pchat.client import events as ev
+from p2pchat.client.chat_client import ChatClient, ClientConfig
+from p2pchat.client.storage.history import History
+from p2pchat.common.errors import ErrorCode, P2PChatError
+from tests.conftest import HEARTBEAT, ROOT, BrokerProcess, wait_for, wait_until
+
+
+@pytest.fixture
+def reinstall(tmp_path, home, broker):
+    """alice and bob chat on ``broker``; then bob reinstalls (a fresh home, so a fresh key) and both meet on a
+    fresh broker: alice still has bob's old key pinned. Yields a factory of clients on the fresh broker."""
+    clients: list[ChatClient] = []
+    fresh = BrokerProcess.launch(tmp_path / "fresh-broker")
+
+    def client(user: str, where: BrokerProcess = fresh, state_dir: Path | None = None, **config) -> ChatClient:
+        c = ChatClient(user, ClientConfig(server=where.address, heartbeat_ivl=HEARTBEAT, state_dir=state_dir,
+                                          **config))
+        clients.append(c)
+        c.connect(timeout=10)
+        return c
+
+    alice, bob = client("alice", broker), client("bob", broker)
+    alice.send("bob", "before the reinstall")
+    wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    alice.close()
+    bob.close()
+    client.new_bob_home = tmp_path / "bob-reinstalled"
+    try:
+        yield client
+    finally:
+        for c in clients:
+            c.close()
+        fresh.stop()
+
+
+def states(client: ChatClient) -> dict[str, str]:
+    history = client.open_history()
+    try:
+        return {e.text: e.state for e in history.conversation("bob") if e.outgoing}
+    finally:
+        history.close()
+
+
+def test_a_message_sealed_to_an_old_key_is_refused_then_sealed_again_once_the_new_key_is_accepted(reinstall):
+    alice = reinstall("alice")
+    bob = reinstall("bob", state_dir=reinstall.new_bob_home)
+    alice.send("bob", "sealed to your old key")
+    change = wait_for(alice, lambda e: isinstance(e, ev.PeerKeyChanged))  # from bob's refusal, with his key
+    assert change.user == "bob" and change.new == bob.identity.public and not change.accepted
+    wait_until(lambda: states(alice)["sealed to your old key"] == "undecryptable", what="state undecryptable")
+    with pytest.raises(P2PChatError) as held:  # meanwhile a new message waits too, and the caller is told
+        alice.send("bob", "written while the change was pending")
+    assert held.value.code is ErrorCode.PEER_KEY_CHANGED
+    assert alice.accept_peer_key("bob")  # no reconnect: both go out now, in order
+    got = [wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text for _ in range(2)]
+    assert got == ["sealed to your old key", "written while the change was pending"]
+    wait_until(lambda: [states(alice)[text] for text in got] == ["delivered"] * 2, what="both delivered")
+
+
+def test_trusting_key_changes_reseals_at_once_and_still_reports_the_change(reinstall):
+    alice = reinstall("alice", trust_key_changes=True)
+    bob = reinstall("bob", state_dir=reinstall.new_bob_home)
+    msg_id = alice.send("bob", "hello again")
+    change = wait_for(alice, lambda e: isinstance(e, ev.PeerKeyChanged))
+    assert change.accepted and change.new == bob.identity.public
+    received = wait_for(bob, lambda e: isinstance(e, ev.MessageReceived))
+    assert (received.msg_id, received.text) == (msg_id, "hello again")  # the same message: shown once
+    assert wait_for(alice, lambda e: isinstance(e, ev.SendState)).state in ("undecryptable", "resealed")
+
+
+def test_a_message_from_a_new_key_shows_as_soon_as_the_key_is_accepted(reinstall):
+    alice = reinstall("alice")
+    bob = reinstall("bob", state_dir=reinstall.new_bob_home)
+    bob.send("alice", "my new key")
+    change = wait_for(alice, lambda e: isinstance(e, (ev.PeerKeyChanged, ev.MessageReceived)))
+    assert isinstance(change, ev.PeerKeyChanged)
+    assert alice.accept_peer_key("bob")
+    assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "my new key"
+
+
+def test_accepting_with_the_cli_while_the_client_runs_lets_the_waiting_messages_go(reinstall, home):
+    alice = reinstall("alice")
+    bob = reinstall("bob", state_dir=reinstall.new_bob_home)
+    alice.send("bob", "waiting for p2pchat trust")
+    wait_for(alice, lambda e: isinstance(e, ev.PeerKeyChanged))
+    wait_until(lambda: states(alice)["waiting for p2pchat trust"] == "undecryptable", what="state undecryptable")
+    done = subprocess.run([sys.executable, "-m", "p2pchat.client.cli", "trust", "--user", "alice", "--peer", "bob"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert wait_for(bob, lambda e: isinstance(e, ev.MessageReceived)).text == "waiting for p2pchat trust"
+
+
+def test_a_message_refused_again_after_its_reseal_fails_instead_of_looping(tmp_path):
+    history = History(tmp_path / "history.sqlite")
+    try:
+        history.add_outgoing(b"a" * 16, "bob", "one", 1)
+        assert history.undecryptable(b"a" * 16, "bob") is None  # not acknowledged yet: not in flight to bob
+        history.advance(b"a" * 16, "stored")
+        assert history.undecryptable(b"a" * 16, "carol") is None  # only its recipient can refuse it
+        assert history.undecryptable(b"a" * 16, "bob") == "undecryptable"
+        assert history.undecryptable(b"a" * 16, "bob") is None  # already waiting
+        assert [e.text for e in history.reseal("bob")] == ["one"]
+        assert [e.state for e in history.outbox()] == ["resealed"]  # sent again after a restart too
+        assert history.advance(b"a" * 16, "stored")
+        assert history.undecryptable(b"a" * 16, "bob") == "failed"  # a liar gets one reseal, no loop
+        history.add_outgoing(b"b" * 16, "bob", "two", 2)
+        history.advance(b"b" * 16, "delivered")
+        assert history.undecryptable(b"b" * 16, "bob") is None  # contradicts its own delivered receipt
+    finally:
+        history.close()
+
+
+def test_history_cli_shows_the_new_states(tmp_path, monkeypatch):
+    monkeypatch.setenv("P2PCHAT_HOME", str(tmp_path / "home"))
+    from p2pchat.common.paths import ensure_private_dir, user_dir
+
+    path = ensure_private_dir(user_dir("alice")) / "history.sqlite"
+    history = History(path)
+    history.add_outgoing(b"a" * 16, "bob", "one", 1)
+    history.advance(b"a" * 16, "stored")
+    assert history.undecryptable(b"a" * 16, "bob") == "undecryptable"
+    history.commit()
+    history.close()
+    out = subprocess.run([sys.executable, "-m", "p2pchat.client.cli", "history", "--user", "alice", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert '"state": "undecryptable"' in out.stdout, out.stderr
