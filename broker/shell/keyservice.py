@@ -185,10 +185,10 @@ class KeyServiceCore:
                                request.key):
             self.failed_recoveries.record(user, f"user={user}", f"wrong proof from {source}", now)
             return error_line(ErrorCode.RECOVERY_REFUSED, f"that is not the recovery phrase of {user!r} (or its "
-                              "binding changed meanwhile: ask RECOVERY again)")
+                              "binding changed meanwhile: try again)")
         refused = self.keys.move(user, request.key, Change.RECOVERED, f"key service {source}", state.generation)
         if refused is ErrorCode.RECOVERY_REFUSED:
-            return error_line(refused, f"the binding of {user!r} changed meanwhile: ask RECOVERY again")
+            return error_line(refused, f"the binding of {user!r} changed meanwhile: try again")
         if refused is not None:
             return error_line(refused, REFUSALS[refused].format(user=user))
         log.warning("user=%s moved to a new key with its recovery phrase, from %s", user, source)
