@@ -34,6 +34,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "tests from one host)")
     p.add_argument("--admit-burst", type=float, default=200.0,
                    help="burst of admissions per source address (default 200)")
+    p.add_argument("--recover-rate", type=float, default=1.0,
+                   help="recovery requests (RECOVERY, RECOVER) per second per source address (default 1)")
+    p.add_argument("--recover-burst", type=float, default=10.0,
+                   help="burst of recovery requests per source address (default 10)")
     p.add_argument("--no-store", action="store_true",
                    help="no offline delivery: relay to online peers only (no SQLite store)")
     p.add_argument("--rate-limit", type=float, default=10_000.0,
@@ -55,6 +59,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse-port", action="store_true",
                    help="listen with SO_REUSEPORT, so several brokers (with --cluster) share the port")
     p.set_defaults(func=run)
+    commands = p.add_subparsers(dest="broker_command", metavar="admin")
+    from p2pchat.broker.admin import configure_parser as configure_admin
+
+    configure_admin(commands.add_parser("admin", help="the operator's commands on key bindings: release, move, audit",
+                                        description="Release or move a user ID, or print the audit of such changes, "
+                                                    "on a stopped or running broker's data (docs/PROTOCOL.md §10.2)."))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                           ttl_seconds=args.queue_ttl),
         cluster=args.cluster, reuse_port=args.reuse_port or args.workers > 1, io_threads=max(1, args.io_threads),
         key_limits=KeyLimits(ids_per_key=args.ids_per_key),
-        key_service=KeyServiceLimits(admit_rate=args.admit_rate, admit_burst=args.admit_burst),
+        key_service=KeyServiceLimits(admit_rate=args.admit_rate, admit_burst=args.admit_burst,
+                                     recover_rate=args.recover_rate, recover_burst=args.recover_burst),
     )
     server = BrokerServer(config)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,7 +3,8 @@
 CurveZMQ needs the broker's public key before connecting, so the broker also runs a small plain
 TCP *key service* (server port + 2, docs/PROTOCOL.md §10.1) that answers ``KEY`` with its key. That
 answer is only ever trusted the first time (loudly), or when it matches a pin. The same service
-admits a client key to the CURVE sockets (``ADMIT``) before it has registered an ID.
+admits a client key to the CURVE sockets (``ADMIT``) before it has registered an ID, and moves an ID to
+a new key on the proof of its recovery phrase (``RECOVERY``, ``RECOVER``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from p2pchat.client.storage.trust import KeyStore
 from p2pchat.common.crypto import fingerprint
 from p2pchat.common.endpoints import ServerAddress
 from p2pchat.common.errors import BrokenError, ErrorCode, RemoteError
+from p2pchat.common.recovery import RecoveryKey
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,7 @@ def admit(server: ServerAddress, key_port: int, user: str, key: bytes, timeout: 
             return
         code, message = ErrorCode.BROKER_UNREACHABLE, "the key service did not answer"
         if reply is not None:
-            word, _, rest = reply.partition(" ")
-            text, _, message = rest.partition(" ")
-            try:
-                code = ErrorCode(text) if word == "ERR" else ErrorCode.BAD_FRAME
-            except ValueError:
-                code = ErrorCode.BAD_FRAME
+            code, message = _refusal(reply)
             if code not in RETRY_LATER:
                 raise RemoteError(f"the broker refused to admit {user!r}: {message or reply}", code)
             if not told:
@@ -101,6 +98,40 @@ def admit(server: ServerAddress, key_port: int, user: str, key: bytes, timeout: 
             raise RemoteError(f"the broker refused to admit {user!r}: {message}", code)
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+def _refusal(reply: str) -> tuple[ErrorCode, str]:
+    """The code and message of an ``ERR <code> <message>`` line (``bad_frame`` and the line for anything else)."""
+    word, _, rest = reply.partition(" ")
+    text, _, message = rest.partition(" ")
+    try:
+        return (ErrorCode(text), message) if word == "ERR" else (ErrorCode.BAD_FRAME, reply)
+    except ValueError:
+        return ErrorCode.BAD_FRAME, reply
+
+
+def recover(server: ServerAddress, key_port: int, user: str, new_key: bytes, recovery: RecoveryKey,
+            broker_key: bytes, timeout: float) -> None:
+    """Move ``user`` to ``new_key`` with the proof of its recovery phrase, for the broker whose key is ``broker_key``.
+
+    Raises RemoteError with the broker's code when it refuses (``recovery_refused``: not this ID's phrase, or no
+    recovery key; ``rate_limited``), BrokenError when the key service does not answer.
+    """
+    reply = key_service_request(server, key_port, f"RECOVERY {user}", timeout)
+    if reply is None:
+        raise BrokenError(f"the key service {server.host}:{key_port} did not answer")
+    word, _, generation = reply.partition(" ")
+    if word != "RECOVERY" or not generation.isdigit():
+        code, message = _refusal(reply)
+        raise RemoteError(f"the broker refused to recover {user!r}: {message}", code)
+    proof = recovery.prove(broker_key, user, int(generation), new_key)
+    reply = key_service_request(server, key_port, f"RECOVER {user} {new_key.hex()} {proof.hex()}", timeout)
+    if reply is None:
+        raise BrokenError(f"the key service {server.host}:{key_port} did not answer")
+    if reply != "OK":
+        code, message = _refusal(reply)
+        raise RemoteError(f"the broker refused to recover {user!r}: {message}", code)
+    log.warning("user=%s moved to this installation's key with its recovery phrase", user)
 
 
 def resolve_broker_key(server: ServerAddress, key_port: int, known: KeyStore,

@@ -30,9 +30,11 @@ from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.broker_trust import ADMIT_TIMEOUT, RETRY_LATER, admit, resolve_broker_key
 from p2pchat.client.e2e import NO_SEALING, EndToEnd, PeerKeyChanged, Sealing
+from p2pchat.client.refusals import explain_refusal
 from p2pchat.client.storage.history import History
 from p2pchat.client.storage.identity import InstanceClaim
 from p2pchat.client.storage.partfile import WriterPool
+from p2pchat.client.storage.phrase import load_or_create_phrase
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.client.storage.trust import KeyStore
 from p2pchat.common.crypto import Identity, fingerprint, safety_number
@@ -43,6 +45,7 @@ from p2pchat.common.endpoints import ServerAddress
 from p2pchat.common.errors import BrokenError, ClosedError, ErrorCode, P2PChatError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import MAX_HEADER_BYTES, check_user_id, new_msg_id
+from p2pchat.common.recovery import RecoveryKey
 from p2pchat.common.wakeup import Waker
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,8 @@ class ChatClient:
         self.state_dir = ensure_private_dir(cfg.state_dir or user_dir(check_user_id(user)))
         self._claim = InstanceClaim(self.state_dir)
         self.identity = Identity.load_or_create(self.state_dir / "identity.key")
+        # Made with the identity: the CLI and the GUI show it once when ``new_recovery_phrase`` says it is new.
+        self.recovery_phrase, self.new_recovery_phrase = load_or_create_phrase(self.state_dir)
         self.e2e: Sealing = NO_SEALING
         if cfg.encrypt:
             self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / "peer_keys.json"),
@@ -135,6 +140,7 @@ class ChatClient:
             read_receipts=cfg.read_receipts,
             e2e=self.e2e,
             key=self.identity.public,
+            recovery=RecoveryKey.from_phrase(self.recovery_phrase, user).public,
             transfers=transfers,
             token=self._claim.token,
             new_id=new_msg_id,
@@ -377,7 +383,7 @@ class ChatClient:
                 return
             except RemoteError as exc:
                 if exc.code not in RETRY_LATER or self._closed:
-                    raise
+                    raise explain_refusal(self.user, exc) from None
 
     def _open_sockets(self, poller: zmq.Poller) -> None:
         server = self.config.server

@@ -57,13 +57,27 @@ def _client_options(parser: argparse.ArgumentParser, user_default: str | None = 
                              "messages to and from them until you run `p2pchat trust`")
 
 
-def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event], None] | None = None):
-    from p2pchat.client.chat_client import ChatClient, ClientConfig
+def _config(args: argparse.Namespace):
+    from p2pchat.client.chat_client import ClientConfig
 
     server = ServerAddress(args.server.host, args.server.port, args.pub_port)
-    config = ClientConfig(server=server, send_timeout=args.timeout, insecure=args.insecure,
-                          server_key=args.server_key, key_port=args.key_port,
-                          trust_key_changes=args.trust_key_changes)
+    return ClientConfig(server=server, send_timeout=args.timeout, insecure=args.insecure,
+                        server_key=args.server_key, key_port=args.key_port,
+                        trust_key_changes=args.trust_key_changes)
+
+
+def _show_new_phrase(user: str, phrase: str) -> None:
+    """A new identity's recovery phrase, shown this once (stderr: stdout may be a script's)."""
+    print(f"p2pchat: {user} has a new key. Write down its recovery phrase and keep it safe: with it you can move "
+          f"{user} to another machine (p2pchat recover --user {user}); `p2pchat recovery-phrase --user {user}` "
+          f"shows it again.\n\n    {phrase}\n", file=sys.stderr)
+
+
+def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event], None] | None = None,
+             show_new_phrase: bool = True):
+    from p2pchat.client.chat_client import ChatClient
+
+    config = _config(args)
     if getattr(args, "received_dir", None):
         config = dataclasses.replace(config, received_dir=Path(args.received_dir).expanduser())
     if getattr(args, "chunk_size", None):
@@ -73,6 +87,8 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
     if getattr(args, "max_file_size", None):
         config = dataclasses.replace(config, max_file_size=args.max_file_size)
     client = ChatClient(user, config, on_event=on_event)
+    if client.new_recovery_phrase and show_new_phrase:
+        _show_new_phrase(user, client.recovery_phrase)
     client.connect(timeout=args.timeout)
     return client
 
@@ -122,7 +138,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         if isinstance(event, ev.PeersChanged):
             first_list.set()
 
-    with _connect(args, user, on_event) as client:
+    with _connect(args, user, on_event, show_new_phrase=args.user is not None) as client:
         if not first_list.wait(args.timeout):
             raise BrokenError("no peer list from the broker")
         peers = sorted(client.peers() - {user})
@@ -134,6 +150,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     stop = threading.Event()
     lock = threading.Lock()
     count = 0
+    stopped: list[P2PChatError] = []  # the client stopped by itself (signed out by the broker)
 
     def emit(record: dict, human: str) -> None:
         with lock:
@@ -170,12 +187,17 @@ def cmd_listen(args: argparse.Namespace) -> int:
             emit({"type": "status", "status": "reconnecting", "reason": event.reason}, f"! reconnecting: {event.reason}")
         elif isinstance(event, ev.Registered) and event.reconnect:
             emit({"type": "status", "status": "connected"}, "! reconnected")
+        elif isinstance(event, ev.Stopped):
+            stopped.append(event.error)
+            stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with _connect(args, args.user, on_event):
         emit({"type": "status", "status": "connected", "user": args.user}, f"! listening as {args.user}")
         stop.wait()
+    if stopped:
+        raise stopped[0]
     return ExitCode.OK
 
 
@@ -192,7 +214,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
               "changed_to": fingerprint(changed.get(user)) if changed.get(user) else None}
              for user, key in pinned.items()]
     if args.json:
-        print(json.dumps({"user": args.user, "fingerprint": fingerprint(me.public), "peers": peers}))
+        print(json.dumps({"user": args.user, "fingerprint": fingerprint(me.public), "key": me.public.hex(),
+                          "peers": peers}))
         return ExitCode.OK
     print(f"{args.user} (you): {fingerprint(me.public)}")
     for peer in peers:
@@ -214,6 +237,37 @@ def cmd_trust(args: argparse.Namespace) -> int:
                           check_user_id(args.peer)):
         raise P2PChatError(f"no changed key waiting for {args.peer!r}")
     print(f"accepted the new key of {args.peer}")
+    return ExitCode.OK
+
+
+def cmd_recovery_phrase(args: argparse.Namespace) -> int:
+    from p2pchat.client.storage.phrase import load_or_create_phrase
+    from p2pchat.common.crypto import Identity
+    from p2pchat.common.paths import ensure_private_dir, user_dir
+    from p2pchat.common.protocol import check_user_id
+
+    state = ensure_private_dir(user_dir(check_user_id(args.user)))
+    Identity.load_or_create(state / "identity.key")  # a first run: the phrase belongs with a key
+    phrase, _ = load_or_create_phrase(state)
+    print(phrase)
+    return ExitCode.OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from p2pchat.client.recovery import recover_user
+    from p2pchat.common.crypto import fingerprint
+    from p2pchat.common.recovery import PhraseError
+
+    if sys.stdin.isatty():
+        print(f"Type the recovery phrase of {args.user} (12 words), then Enter:", file=sys.stderr)
+    phrase = sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
+    try:
+        key = recover_user(args.user, phrase, _config(args), timeout=args.timeout)
+    except PhraseError as exc:  # refused here, before anything was sent
+        print(f"p2pchat recover: {exc.message}", file=sys.stderr)
+        return ExitCode.REFUSED
+    print(f"{args.user} now belongs to this machine's key {fingerprint(key)}. The broker signed the old key out and "
+          f"told {args.user}'s contacts online that the key changed: they accept the new one before they write again.")
     return ExitCode.OK
 
 
@@ -303,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=_default_user(), help="your user ID")
     p.add_argument("--peer", required=True, help="the peer whose new key you accept")
     p.set_defaults(func=cmd_trust)
+
+    p = sub.add_parser("recovery-phrase", help="print your recovery phrase",
+                       description="Print the recovery phrase of a user ID on this machine (one line of 12 words): "
+                                   "write it down; `p2pchat recover` moves the ID to a new machine with it.")
+    p.add_argument("--user", default=_default_user(), help="your user ID")
+    p.set_defaults(func=cmd_recovery_phrase)
+
+    p = sub.add_parser("recover", help="move your user ID to this machine with your recovery phrase",
+                       description="Read the recovery phrase from standard input and move the user ID to this "
+                                   "machine's key; its old key stops working. Exit 0 once moved, 4 when refused.")
+    _client_options(p, _default_user())
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("history", help="show or search your conversations",
                        description="Show your stored conversations, or search them (full text, word prefixes).")

@@ -129,7 +129,8 @@ class FileFailed:
 
 @dataclass(frozen=True, slots=True)
 class Stopped:
-    """The client stopped by itself after an internal error; it must be recreated."""
+    """The client stopped by itself, after an internal error or signed out by the broker (``session_replaced``: a
+    newer connection took the session over, or the ID moved to another key); it must be recreated."""
 
     error: P2PChatError
 

@@ -34,6 +34,7 @@ class ErrorCode(str, enum.Enum):
     NOT_REGISTERED = "not_registered"
     ALREADY_REGISTERED = "already_registered"
     ID_TAKEN = "id_taken"
+    ID_ONLINE = "id_online"
     SESSION_REPLACED = "session_replaced"
     KEY_MISMATCH = "key_mismatch"
     PEER_KEY_CHANGED = "peer_key_changed"
@@ -60,6 +61,7 @@ class ErrorCode(str, enum.Enum):
     TOO_MANY_IDS = "too_many_ids"
     REGISTRY_FULL = "registry_full"
     ADMISSION_FULL = "admission_full"
+    RECOVERY_REFUSED = "recovery_refused"
 
 
 class P2PChatError(Exception):

@@ -125,6 +125,7 @@ Body = Annotated[bytes, _bytes(MAX_BODY_BYTES)]
 Token = Annotated[bytes, _bytes(64)]
 Digest = Annotated[bytes, _bytes(32, exact=True)]
 PublicKey = Annotated[bytes, _bytes(32, exact=True)]
+SigningKey = Annotated[bytes, _bytes(32, exact=True)]  # a raw Ed25519 public key: a recovery key (§10.2)
 Text = Annotated[str, _text]
 Count = Annotated[int, _uint]
 Flag = Annotated[bool, _bool]
@@ -148,6 +149,7 @@ class MsgType(str, enum.Enum):
     RECEIPT = "receipt"
     KEY_REQ = "key_req"
     KEY_INFO = "key_info"
+    KEY_CHANGED = "key_changed"
     FILE_OFFER = "file_offer"
     FILE_CREDIT = "file_credit"
     FILE_CHUNK = "file_chunk"
@@ -192,6 +194,7 @@ class Register(Message):
     user: UserId
     token: Token  # proves a reconnect is the same installation: it may take over its stale session
     key: PublicKey  # the user's X25519 key; with CURVE it must be the key of this connection
+    recovery: SigningKey | None = None  # the public key of the user's recovery phrase, kept with a new binding
 
 
 @_message
@@ -203,6 +206,15 @@ class KeyRequest(Message):
 @_message
 class KeyInfo(Message):
     TYPE = MsgType.KEY_INFO
+    user: UserId
+    key: PublicKey
+
+
+@_message
+class KeyChanged(Message):
+    """Broker -> client, unasked: ``user``'s ID was moved to ``key`` (a recovery, or the operator)."""
+
+    TYPE = MsgType.KEY_CHANGED
     user: UserId
     key: PublicKey
 
@@ -425,7 +437,7 @@ def register_message_type(cls: type[Message]) -> type[Message]:
 
 
 for _cls in (
-    Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error, KeyRequest, KeyInfo,
+    Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error, KeyRequest, KeyInfo, KeyChanged,
     SnapshotRequest, Snapshot, PeerUpdate, PeerSync, Consume, Receipt,
     FileOffer, FileCredit, FileChunk, FileDone, FileCancel,
 ):

@@ -131,21 +131,26 @@ def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerPro
     proc.stop()
 
 
-@pytest.fixture
-def make_client(broker: BrokerProcess, home: Path) -> Iterator[Callable[..., ChatClient]]:
-    clients: list[ChatClient] = []
+def clients(**defaults) -> Iterator[Callable[..., ChatClient]]:
+    """For a fixture to yield from: ``make(user, connect=True, **config)`` makes a client (``ClientConfig`` fields
+    over ``defaults``, fast heartbeats), connected unless told not to; every one is closed at the end."""
+    made: list[ChatClient] = []
 
     def make(user: str, connect: bool = True, **config) -> ChatClient:
-        cfg = ClientConfig(server=broker.address, heartbeat_ivl=HEARTBEAT, **config)
-        client = ChatClient(user, cfg)
-        clients.append(client)
+        client = ChatClient(user, ClientConfig(**{"heartbeat_ivl": HEARTBEAT, **defaults, **config}))
+        made.append(client)
         if connect:
             client.connect(timeout=10)
         return client
 
     yield make
-    for client in clients:
+    for client in made:
         client.close()
+
+
+@pytest.fixture
+def make_client(broker: BrokerProcess, home: Path) -> Iterator[Callable[..., ChatClient]]:
+    yield from clients(server=broker.address)
 
 
 def wait_for(client: ChatClient, predicate: Callable[[ev.Event], bool], timeout: float = 10.0) -> ev.Event:

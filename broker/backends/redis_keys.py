@@ -1,16 +1,22 @@
-"""The cluster's user ID -> key bindings (first key wins) and admission tickets, in Redis, and the
-one CURVE key every broker behind the cluster's address presents."""
+"""The cluster's user ID -> key bindings (first key wins, until a recovery or the operator moves it) and
+admission tickets, in Redis, and the one CURVE key every broker behind the cluster's address presents.
+
+Every change of a binding after it was made goes, in the script that makes it, to the ``key_audit``
+stream: the durable audit record, and the feed from which every broker learns of it (``changes``)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import redis
 
+from p2pchat.broker.backends.audit import AuditRecord, Change, RecoveryState
 from p2pchat.broker.backends.redis_health import REDIS_ERRORS, unavailable_on_error
 from p2pchat.broker.backends.redis_schema import RedisKeys
 from p2pchat.broker.backends.tickets import KeyLimits, TicketBook
+from p2pchat.broker.core.ports import CHANGES_POLL, BindingChange
 from p2pchat.common.crypto import KEY_BYTES, Identity
 from p2pchat.common.errors import ErrorCode
 
@@ -40,32 +46,73 @@ def shared_broker_identity(r: redis.Redis, keys: RedisKeys, local: Path) -> Iden
 class RedisKeyRegistry:
     """User ID -> key, first key wins, shared by every broker; tickets shared too (a client may ask one
     broker's key service and land on another's ROUTER). Positive answers cached; the ZAP thread asks
-    Redis only on a miss, on its own connection with a short timeout, and refuses when Redis is away."""
+    Redis only on a miss, on its own connection with a short timeout, and refuses when Redis is away.
+    A cached key that another broker or the operator moved away is forgotten when ``changes`` reads the
+    audit stream (at most ``CHANGES_POLL`` later); a refusal is checked against Redis first."""
 
     # Atomic bind with the per-key and global caps: 0 bound, 1 taken, 2 too many IDs for the key, 3 full.
+    # A binding keeps the first recovery key it gets (ARGV[5], empty for none).
     _BIND = """
     local bound = redis.call('HGET', KEYS[1], ARGV[1])
     if bound then
       if bound ~= ARGV[2] then return 1 end
       redis.call('HSETNX', KEYS[2], ARGV[2], 1)  -- bound before IDs were counted: admitted by ZAP from now on
+      if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[5]) end
       return 0
     end
     if tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0') >= tonumber(ARGV[3]) then return 2 end
     if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 3 end
     redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
     redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+    if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) else redis.call('HDEL', KEYS[3], ARGV[1]) end
     return 0
     """
     _VERDICTS = (None, ErrorCode.ID_TAKEN, ErrorCode.TOO_MANY_IDS, ErrorCode.REGISTRY_FULL)
+    # Atomic move (ARGV[2] a key) or release (ARGV[2] empty), if still at generation ARGV[3] (empty: any), with
+    # its audit record: {0, generation} done (or nothing to do), {1} moved meanwhile, {2} not bound, {3} too many IDs.
+    _MOVE = """
+    local user, new = ARGV[1], ARGV[2]
+    local old = redis.call('HGET', KEYS[1], user)
+    local gen = tonumber(redis.call('HGET', KEYS[4], user) or '0')
+    if ARGV[3] ~= '' and ((not old) or gen ~= tonumber(ARGV[3])) then return {1} end
+    if new == '' and not old then return {2} end
+    if new ~= '' then
+      if old == new then return {0, gen} end
+      if tonumber(redis.call('HGET', KEYS[2], new) or '0') >= tonumber(ARGV[4]) then return {3} end
+    end
+    if old and redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
+    if new == '' then
+      redis.call('HDEL', KEYS[1], user)
+    else
+      redis.call('HSET', KEYS[1], user, new)
+      redis.call('HINCRBY', KEYS[2], new, 1)
+    end
+    if ARGV[5] ~= 'recovered' then redis.call('HDEL', KEYS[3], user) end  -- the ID's next holder registers their own
+    gen = gen + 1
+    redis.call('HSET', KEYS[4], user, gen)
+    local fields = {'at_ms', ARGV[7], 'user', user, 'change', ARGV[5], 'generation', gen, 'origin', ARGV[6]}
+    if old then table.insert(fields, 'old_key'); table.insert(fields, old) end
+    if new ~= '' then table.insert(fields, 'new_key'); table.insert(fields, new) end
+    redis.call('XADD', KEYS[5], '*', unpack(fields))
+    return {0, gen}
+    """
     ZAP_TIMEOUT = 0.2  # seconds: ZAP requests are served one at a time
+    CHANGES_PAGE = 256  # audit records read per poll
 
     def __init__(self, r: redis.Redis, keys: RedisKeys, limits: KeyLimits = KeyLimits()) -> None:
         self._r, self._hash, self._ids, self._keys = r, keys.keys, keys.key_ids, keys
+        self._binding = [keys.keys, keys.key_ids, keys.recovery, keys.generation, keys.key_audit]
         self.limits = limits
         self._cache: dict[str, bytes] = {}
+        self._recoverable: set[str] = set()  # IDs seen with a recovery key in this run: no script at each register
         self._bound_keys: set[bytes] = set()
         self._tickets = TicketBook(limits)  # this broker's pending tickets: the cap is per broker
         self._bind = r.register_script(self._BIND)
+        self._move = r.register_script(self._MOVE)
+        self._audit_seen: str | None = None  # the last audit record read; None until Redis first answers
+        self._next_poll = 0.0
+        self._wrote = False
+        self._catch_up()
         pool = r.connection_pool
         self._zap = redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class, **{**pool.connection_kwargs, "socket_timeout": self.ZAP_TIMEOUT,
@@ -73,6 +120,8 @@ class RedisKeyRegistry:
 
     def can_bind(self, user: str, key: bytes) -> ErrorCode | None:
         bound = self.lookup(user)
+        if bound is not None and bound != key:
+            bound = self._refresh(user)  # moved to this key meanwhile, by another broker or the operator?
         if bound is not None:
             return None if bound == key else ErrorCode.ID_TAKEN
         with unavailable_on_error():  # Redis down: only IDs bound (and cached) before can register
@@ -82,15 +131,17 @@ class RedisKeyRegistry:
                 return ErrorCode.REGISTRY_FULL
         return None
 
-    def bind(self, user: str, key: bytes) -> ErrorCode | None:
-        if self._cache.get(user) == key:
+    def bind(self, user: str, key: bytes, recovery: bytes | None = None) -> ErrorCode | None:
+        if self._cache.get(user) == key and (recovery is None or user in self._recoverable):
             return None
         with unavailable_on_error():
-            verdict = self._VERDICTS[int(self._bind(keys=[self._hash, self._ids], args=[
-                user, key, self.limits.ids_per_key, self.limits.bound_ids]))]
+            verdict = self._VERDICTS[int(self._bind(keys=self._binding[:3], args=[
+                user, key, self.limits.ids_per_key, self.limits.bound_ids, recovery or b""]))]
         if verdict is None:
             self._cache[user] = key
             self._bound_keys.add(key)
+            if recovery is not None:
+                self._recoverable.add(user)
             log.info("user=%s bound", user)
         return verdict
 
@@ -102,6 +153,91 @@ class RedisKeyRegistry:
             if key is not None:
                 self._cache[user] = key
         return key
+
+    def _refresh(self, user: str) -> bytes | None:
+        with unavailable_on_error():
+            key = self._r.hget(self._hash, user)
+        if key is None:
+            self._cache.pop(user, None)
+        else:
+            self._cache[user] = key
+        return key
+
+    def recovery_state(self, user: str) -> RecoveryState | None:
+        """The recovery key and generation of ``user``'s binding; None if it is unbound."""
+        pipe = self._r.pipeline()  # MULTI: the three as of one moment
+        for name in (self._hash, self._keys.recovery, self._keys.generation):
+            pipe.hget(name, user)
+        with unavailable_on_error():
+            key, recovery, generation = pipe.execute()
+        return None if not key else RecoveryState(recovery or None, int(generation or 0))
+
+    def move(self, user: str, key: bytes, change: Change, origin: str,
+             generation: int | None = None) -> ErrorCode | None:
+        """Bind ``user`` to ``key`` instead (if it is still at ``generation``, when given); why not, or None."""
+        verdict = self._change(user, key, change, origin, generation)
+        return (None, ErrorCode.RECOVERY_REFUSED, ErrorCode.RECOVERY_REFUSED, ErrorCode.TOO_MANY_IDS)[verdict]
+
+    def release(self, user: str, origin: str) -> bool:
+        """Unbind ``user`` (and forget its recovery key): the next key to register it gets it. False if unbound."""
+        return self._change(user, b"", Change.RELEASED, origin, None) == 0
+
+    def _change(self, user: str, key: bytes, change: Change, origin: str, generation: int | None) -> int:
+        with unavailable_on_error():
+            verdict = int(self._move(keys=self._binding, args=[
+                user, key, "" if generation is None else generation, self.limits.ids_per_key, change.value, origin,
+                int(time.time() * 1000)])[0])
+        if verdict == 0:
+            self._wrote = True
+            self._forget(user, None)
+        return verdict
+
+    def audit(self, user: str | None = None) -> list[AuditRecord]:
+        """Every change recorded (of ``user`` only, if given), oldest first."""
+        with unavailable_on_error():
+            entries = self._r.xrange(self._keys.key_audit)
+        records = [_record(entry_id, fields) for entry_id, fields in entries]
+        return [r for r in records if user is None or r.user == user]
+
+    def changes(self, now: float) -> list[BindingChange]:
+        if not self._wrote and now < self._next_poll:
+            return []
+        self._next_poll, self._wrote = now + CHANGES_POLL, False
+        if self._audit_seen is None:
+            self._catch_up()
+            return []
+        try:
+            read = self._r.xread({self._keys.key_audit: self._audit_seen}, count=self.CHANGES_PAGE)
+        except REDIS_ERRORS:  # down: the upkeep says so; read on from here once it is back
+            return []
+        found: list[BindingChange] = []
+        for _, entries in read:
+            for entry_id, fields in entries:
+                record = _record(entry_id, fields)
+                self._audit_seen = record.seq
+                self._forget(record.user, record.old_key)
+                log.warning("binding changed: %s", record.describe())
+                found.append(BindingChange(record.user, record.new_key, record.change.value))
+        if len(found) == self.CHANGES_PAGE:
+            self._wrote = True  # more to read: at the next tick, not a poll later
+        return found
+
+    def _catch_up(self) -> None:
+        """Start reading the audit stream at its end: changes before this broker started are in Redis already."""
+        try:
+            last = self._r.xrevrange(self._keys.key_audit, count=1)
+        except REDIS_ERRORS as exc:
+            log.warning("cannot read the key audit stream yet: %s", exc)
+            return
+        self._audit_seen = last[0][0].decode() if last else "0-0"
+
+    def _forget(self, user: str, old_key: bytes | None) -> None:
+        """Drop what this broker cached of ``user``'s binding: the next lookup asks Redis."""
+        cached = self._cache.pop(user, None)
+        self._recoverable.discard(user)
+        for key in (cached, old_key):
+            if key is not None:
+                self._bound_keys.discard(key)  # the ZAP thread asks Redis again (the key may hold other IDs)
 
     def issue_ticket(self, key: bytes, now: float) -> ErrorCode | None:
         refused = self._tickets.issue(key, now)
@@ -124,3 +260,9 @@ class RedisKeyRegistry:
 
     def close(self) -> None:
         self._zap.close()
+
+
+def _record(entry_id: bytes, fields: dict[bytes, bytes]) -> AuditRecord:
+    return AuditRecord(entry_id.decode(), int(fields[b"at_ms"]), fields[b"user"].decode(),
+                       Change(fields[b"change"].decode()), fields.get(b"old_key"), fields.get(b"new_key"),
+                       int(fields[b"generation"]), fields[b"origin"].decode())

@@ -24,6 +24,7 @@ from p2pchat.common.errors import ErrorCode
 
 Frames = Sequence[Any]  # bytes, or zmq.Frame for zero-copy payloads
 MIB = 1024 * 1024
+CHANGES_POLL = 0.1  # seconds between looks for bindings changed outside the broker loop
 
 
 # --- who is online where ----------------------------------------------------------------------------
@@ -133,17 +134,32 @@ class QueueStore(Protocol):
 # --- user ID -> key bindings ------------------------------------------------------------------------
 REFUSALS = {  # why a key gets no ID (or no ticket), for the ERROR or ERR line
     ErrorCode.ID_TAKEN: "user ID {user!r} belongs to another key",
+    ErrorCode.ID_ONLINE: "user ID {user!r} is already online on another connection",
     ErrorCode.TOO_MANY_IDS: "this key has claimed as many user IDs as the broker allows",
     ErrorCode.REGISTRY_FULL: "the broker binds no more user IDs",
     ErrorCode.ADMISSION_FULL: "too many admissions pending; retry later",
 }
 
 
+@dataclass(frozen=True, slots=True)
+class BindingChange:
+    """``user``'s ID moved to ``key`` (a recovery, or the operator), or was released (``key`` None)."""
+
+    user: str
+    key: bytes | None
+    why: str  # for the log and the error the old key's sessions get: "recovered", "moved", "released"
+
+
 class KeyRegistry(Protocol):
-    def bind(self, user: str, key: bytes) -> ErrorCode | None:
-        """Bind ``user`` to ``key`` if unbound; None if ``user`` is (now) bound to ``key``, else why not."""
+    def bind(self, user: str, key: bytes, recovery: bytes | None = None) -> ErrorCode | None:
+        """Bind ``user`` to ``key`` if unbound; None if ``user`` is (now) bound to ``key``, else why not. A
+        ``recovery`` key is kept with the binding unless it has one already (docs/PROTOCOL.md §10.2)."""
 
     def lookup(self, user: str) -> bytes | None: ...
+
+    def changes(self, now: float) -> list[BindingChange]:
+        """Bindings moved or released since the last call, here or elsewhere (another broker, the operator's
+        ``p2pchat broker admin``); the registry looks at most every ``CHANGES_POLL`` seconds."""
 
 
 # --- other brokers ------------------------------------------------------------------------------------

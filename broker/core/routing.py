@@ -21,6 +21,7 @@ from p2pchat.broker.core.credit import CreditLedger, CreditLimits
 from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery
 from p2pchat.broker.core.ports import (
     REFUSALS,
+    BindingChange,
     BrokerLink,
     Forwarded,
     Frames,
@@ -36,11 +37,16 @@ from p2pchat.broker.core.ports import (
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import Ack, AckStatus, Consume, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
+from p2pchat.common.protocol import Ack, AckStatus, Consume, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
 
 log = logging.getLogger(__name__)
 
 MAX_LIMITERS = 200_000
+_LEFT_KEY = {  # BindingChange.why -> what the old key's session is told
+    "recovered": "was moved to another key with its recovery phrase",
+    "moved": "was moved to another key by the broker's operator",
+    "released": "was released by the broker's operator",
+}
 
 
 @dataclass(slots=True)
@@ -147,6 +153,8 @@ class BrokerCore:
             actions += self._drop(conn)
         for event in self.link.receive(now):
             actions += self._on_link_event(event, now)
+        for change in self.keys.changes(now):
+            actions += self._on_binding_changed(change)
         actions += self._presence()
         actions += self.delivery.on_tick(now, self.directory.recheck(now))
         if now >= self._next_sweep:
@@ -192,7 +200,7 @@ class BrokerCore:
         if self.require_key and msg.key != peer_key():
             return [Send(conn, self._frames.error(ErrorCode.KEY_MISMATCH, "the key in REGISTER is not this "
                                                   "connection's CURVE key", env.msg_id))]
-        refused = self.keys.bind(user, msg.key)
+        refused = self.keys.bind(user, msg.key, msg.recovery)
         if refused is not None:
             log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
             return [Send(conn, self._frames.error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
@@ -213,7 +221,9 @@ class BrokerCore:
         previous = self.directory.take_over(user, here, msg.token)
         if previous is None:
             log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
-            return [Send(conn, self._frames.error(ErrorCode.ID_TAKEN, f"user ID {user!r} is already online",
+            # A client that sends a recovery key knows id_online; an older one knows only id_taken (§5.1).
+            code = ErrorCode.ID_ONLINE if msg.recovery is not None else ErrorCode.ID_TAKEN
+            return [Send(conn, self._frames.error(code, REFUSALS[ErrorCode.ID_ONLINE].format(user=user),
                                                   env.msg_id))]
         # The session lived on another broker, now gone or replaced by this one (the same token).
         log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
@@ -264,6 +274,23 @@ class BrokerCore:
             return []
         epoch = self.directory.epoch
         return [Publish(self._frames.make(PeerUpdate(epoch, c.seq, c.user, c.online))) for c in changes]
+
+    def _on_binding_changed(self, change: BindingChange) -> list[Action]:
+        """``change.user``'s ID left its key (recovered, moved or released): the old key's session here ends, and
+        everyone else here hears of the new key (their clients hold it as a changed key until accepted)."""
+        actions: list[Action] = []
+        where = self.directory.locate(change.user)
+        session = self._sessions.get(where.conn) if where is not None and where.broker == self.broker_id else None
+        if session is not None and session.key != change.key:
+            assert where is not None
+            log.warning("user=%s conn=%s session closed: the ID was %s", change.user, where.conn.hex(), change.why)
+            text = f"user ID {change.user!r} {_LEFT_KEY.get(change.why, change.why)}: this key no longer holds it"
+            actions.append(Send(where.conn, self._frames.error(ErrorCode.SESSION_REPLACED, text, None)))
+            actions += self._drop(where.conn)
+        if change.key is not None:
+            told = self._frames.make(KeyChanged(change.user, change.key))
+            actions += [Send(conn, told) for conn, other in self._sessions.items() if other.user != change.user]
+        return actions
 
     # --- requests -------------------------------------------------------------
     def _on_heartbeat(self, conn: bytes, env: Envelope, now: float) -> list[Action]:

@@ -1,4 +1,5 @@
-"""The key service: the broker's public key and admission tickets, one short text line each way over plain TCP.
+"""The key service: the broker's public key, admission tickets and recovery by phrase, one short text line
+each way over plain TCP.
 
 It is deliberately not a ZeroMQ socket: libzmq keeps the parts of an unfinished multipart message
 without limit, while here every connection holds at most one ``MAX_REQUEST`` buffer and the number
@@ -18,10 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from p2pchat.broker.backends.audit import Change, RecoveryState
 from p2pchat.broker.core.ports import REFUSALS, KeyRegistry, StoreUnavailable
 from p2pchat.broker.core.ratelimit import TokenBucket
 from p2pchat.common.errors import ErrorCode, ProtocolError
+from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import check_user_id
+from p2pchat.common.recovery import SIGNATURE_BYTES, verify_recovery
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,13 @@ class AdmissionRegistry(KeyRegistry, Protocol):
     def admits(self, key: bytes, now: float) -> bool:
         """Bound to an ID, or holding a fresh ticket (thread-safe, non-blocking: the ZAP thread asks)."""
 
+    def recovery_state(self, user: str) -> RecoveryState | None:
+        """The recovery key and generation of ``user``'s binding; None if it is unbound."""
+
+    def move(self, user: str, key: bytes, change: Change, origin: str,
+             generation: int | None = None) -> ErrorCode | None:
+        """Bind ``user`` to ``key`` instead, if still at ``generation`` (when given); why not, or None."""
+
     def close(self) -> None: ...
 
 
@@ -51,7 +62,11 @@ class KeyServiceLimits:
     idle_timeout: float = 5.0  # seconds a connection may wait between requests
     admit_rate: float = 20.0  # ADMIT requests per second per source address...
     admit_burst: float = 200.0  # ...with this burst (raise both for load tests from one host)
-    max_sources: int = 10_000  # source addresses with a bucket; the least recent is forgotten
+    max_sources: int = 10_000  # source addresses (and IDs) with a bucket; the least recent is forgotten
+    recover_rate: float = 1.0  # RECOVERY and RECOVER requests per second per source address...
+    recover_burst: float = 10.0  # ...with this burst
+    recover_id_rate: float = 1 / 120  # RECOVER attempts per second per user ID, from anywhere: 30 an hour...
+    recover_id_burst: float = 5.0  # ...after these (a phrase partly seen over a shoulder stays out of reach)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +80,28 @@ class AdmitQuery:
     key: bytes
 
 
-Request = KeyQuery | AdmitQuery
+@dataclass(frozen=True, slots=True)
+class RecoveryQuery:
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverRequest:
+    user: str
+    key: bytes
+    signature: bytes
+
+
+Request = KeyQuery | AdmitQuery | RecoveryQuery | RecoverRequest
+
+
+def _hex(text: str, size: int, what: str) -> bytes:
+    if len(text) != 2 * size or text != text.lower():
+        raise ProtocolError(f"{what} must be {2 * size} lowercase hex digits")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ProtocolError(f"{what} must be {2 * size} lowercase hex digits") from None
 
 
 def parse_request(line: bytes) -> Request:
@@ -77,14 +113,14 @@ def parse_request(line: bytes) -> Request:
     if words == ["KEY"]:
         return KeyQuery()
     if len(words) == 3 and words[0] == "ADMIT":
-        user, key = check_user_id(words[1]), words[2]
-        if len(key) != KEY_HEX or key != key.lower():
-            raise ProtocolError("the key must be 64 lowercase hex digits")
-        try:
-            return AdmitQuery(user, bytes.fromhex(key))
-        except ValueError:
-            raise ProtocolError("the key must be 64 lowercase hex digits") from None
-    raise ProtocolError("expected 'KEY' or 'ADMIT <user> <key hex>'")
+        return AdmitQuery(check_user_id(words[1]), _hex(words[2], KEY_HEX // 2, "the key"))
+    if len(words) == 2 and words[0] == "RECOVERY":
+        return RecoveryQuery(check_user_id(words[1]))
+    if len(words) == 4 and words[0] == "RECOVER":
+        return RecoverRequest(check_user_id(words[1]), _hex(words[2], KEY_HEX // 2, "the key"),
+                              _hex(words[3], SIGNATURE_BYTES, "the signature"))
+    raise ProtocolError("expected 'KEY', 'ADMIT <user> <key hex>', 'RECOVERY <user>' or "
+                        "'RECOVER <user> <key hex> <signature hex>'")
 
 
 def error_line(code: ErrorCode, message: str) -> bytes:
@@ -93,19 +129,29 @@ def error_line(code: ErrorCode, message: str) -> bytes:
 
 
 class KeyServiceCore:
-    """Answers requests: KEY with the broker's key, ADMIT with a ticket (or why not)."""
+    """Answers requests: KEY with the broker's key, ADMIT with a ticket (or why not), RECOVERY with the
+    generation a recovery must name, RECOVER by moving the ID if the proof holds (docs/PROTOCOL.md §10.2)."""
 
     def __init__(self, broker_key: bytes, keys: AdmissionRegistry,
                  limits: KeyServiceLimits = KeyServiceLimits()) -> None:
+        self.broker_key = broker_key
         self._key_line = f"KEY {broker_key.hex()}\n".encode()
         self.keys, self.limits = keys, limits
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._recover_sources: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._recover_ids: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.failed_recoveries = IncidentLog("recoveries refused", log)  # per user ID, logged aggregated
 
     def answer(self, request: Request, source: str, now: float) -> bytes:
         if type(request) is KeyQuery:
             return self._key_line
-        assert type(request) is AdmitQuery
-        if not self._bucket(source, now).take(1, now):
+        if type(request) is not AdmitQuery:
+            try:
+                return self._recover(request, source, now)
+            except StoreUnavailable:
+                return error_line(ErrorCode.STORAGE_UNAVAILABLE, "the broker's shared store is unavailable; "
+                                  "retry later")
+        if not self._take(self._buckets, source, self.limits.admit_rate, self.limits.admit_burst, now):
             return error_line(ErrorCode.RATE_LIMITED, "too many admissions from this address; retry later")
         try:
             refused = self.keys.can_bind(request.user, request.key)
@@ -118,14 +164,46 @@ class KeyServiceCore:
             return error_line(refused, REFUSALS[refused].format(user=request.user))
         return b"OK\n"
 
-    def _bucket(self, source: str, now: float) -> TokenBucket:
-        bucket = self._buckets.pop(source, None)
+    def _recover(self, request: RecoveryQuery | RecoverRequest, source: str, now: float) -> bytes:
+        limits, user = self.limits, request.user
+        if not self._take(self._recover_sources, source, limits.recover_rate, limits.recover_burst, now):
+            return error_line(ErrorCode.RATE_LIMITED, "too many recovery requests from this address; retry later")
+        state = self.keys.recovery_state(user)
+        if state is None:
+            return error_line(ErrorCode.RECOVERY_REFUSED, f"user ID {user!r} is not registered here: nothing to "
+                              "recover (the next key to register it gets it)")
+        if state.recovery is None:
+            return error_line(ErrorCode.RECOVERY_REFUSED, f"user ID {user!r} has no recovery key here (it was "
+                              "registered by an older client): ask the broker's operator")
+        if type(request) is RecoveryQuery:
+            return f"RECOVERY {state.generation}\n".encode()
+        # Counted before the proof is checked: a guesser learns nothing from attempts past the bound.
+        if not self._take(self._recover_ids, user, limits.recover_id_rate, limits.recover_id_burst, now):
+            self.failed_recoveries.record(user, f"user={user}", f"attempt from {source} past the bound", now)
+            return error_line(ErrorCode.RATE_LIMITED, f"too many recovery attempts for {user!r}; retry later")
+        if not verify_recovery(state.recovery, request.signature, self.broker_key, user, state.generation,
+                               request.key):
+            self.failed_recoveries.record(user, f"user={user}", f"wrong proof from {source}", now)
+            return error_line(ErrorCode.RECOVERY_REFUSED, f"that is not the recovery phrase of {user!r} (or its "
+                              "binding changed meanwhile: try again)")
+        refused = self.keys.move(user, request.key, Change.RECOVERED, f"key service {source}", state.generation)
+        if refused is ErrorCode.RECOVERY_REFUSED:
+            return error_line(refused, f"the binding of {user!r} changed meanwhile: try again")
+        if refused is not None:
+            return error_line(refused, REFUSALS[refused].format(user=user))
+        log.warning("user=%s moved to a new key with its recovery phrase, from %s", user, source)
+        return b"OK\n"
+
+    def _take(self, buckets: OrderedDict[str, TokenBucket], name: str, rate: float, burst: float,
+              now: float) -> bool:
+        """A token from ``name``'s bucket (made full on first use; the least recently used is forgotten)."""
+        bucket = buckets.pop(name, None)
         if bucket is None:
-            bucket = TokenBucket(self.limits.admit_rate, self.limits.admit_burst, now)
-            if len(self._buckets) >= self.limits.max_sources:
-                self._buckets.popitem(last=False)
-        self._buckets[source] = bucket  # most recent last
-        return bucket
+            bucket = TokenBucket(rate, burst, now)
+            if len(buckets) >= self.limits.max_sources:
+                buckets.popitem(last=False)
+        buckets[name] = bucket  # most recent last
+        return bucket.take(1, now)
 
 
 class KeyServiceConnection:
@@ -224,6 +302,7 @@ class KeyServiceListener:
 
     def expire(self, now: float) -> None:
         """Close connections idle for longer than the timeout (oldest activity first)."""
+        self.core.failed_recoveries.flush(now)
         timeout = self.core.limits.idle_timeout
         while self._conns:
             fd, (_, conn) = next(iter(self._conns.items()))

@@ -32,10 +32,11 @@ from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
 from p2pchat.client.e2e import PeerKeyChanged, Sealing
+from p2pchat.client.refusals import explain_refusal
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, MAX_BODY_BYTES, MAX_CONSUME_REFS
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, MAX_BODY_BYTES, MAX_CONSUME_REFS
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,15 @@ class ClientSession:
         token: bytes,
         new_id: Callable[[], bytes],
         key: bytes | None = None,
+        recovery: bytes | None = None,
         presence: bool = True,
         delivery_receipts: bool = True,
         trust_key_changes: bool = False,
     ) -> None:
         """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
         frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session); ``key``: the key to
-        register with, needed when sealing is off (``e2e.NO_SEALING`` has no identity).
+        register with, needed when sealing is off (``e2e.NO_SEALING`` has no identity); ``recovery``: the public key
+        of the user's recovery phrase, sent with REGISTER for the broker to keep with the binding.
 
         Switches for the load tool, which runs thousands of sessions in one process: ``heartbeat_ivl=None``
         follows the broker's REGISTERED heartbeat_ms (1 s until known), expiry included; ``presence=False`` keeps
@@ -99,6 +102,7 @@ class ClientSession:
         self.e2e = e2e
         self._key = key if key is not None else e2e.identity.public
         self._token = token
+        self._recovery = recovery
         self._new_id = new_id
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
         self.outbox = Outbox(self.user)
@@ -285,6 +289,8 @@ class ClientSession:
             return self._on_error(msg, now)
         if type(msg) is KeyInfo:
             return self._on_key_info(msg, now)
+        if type(msg) is KeyChanged:  # a contact's ID moved to a new key: held as a change until accepted
+            return self._on_key_info(msg, now) if self.e2e.pinned_key(msg.user) is not None else []
         if type(msg) is Registered:
             if msg.heartbeat_ms and self._follow_broker:
                 self._hb_ivl = msg.heartbeat_ms / 1000
@@ -421,7 +427,7 @@ class ClientSession:
             actions.append(Emit(ev.Receipt(msg.ref, msg.sender, msg.status.value)))
         return actions
 
-    def _on_key_info(self, msg: KeyInfo, now: float) -> list[Action]:
+    def _on_key_info(self, msg: KeyInfo | KeyChanged, now: float) -> list[Action]:
         try:
             self.e2e.learn(msg.user, msg.key)
         except PeerKeyChanged as exc:  # our messages to them wait; files fail (their offers were sealed already)
@@ -517,13 +523,15 @@ class ClientSession:
             log.warning("user=%s rate limited by the broker; re-sending unacknowledged messages shortly", self.user)
             self.outbox.resend_at = now + RATE_LIMIT_BACKOFF
             return []
-        if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over; this one must stop
+        if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over, or the ID left our key: stop
             self.state = State.CLOSED
-            return [Emit(ev.ErrorReported(error))]
-        if self.state is State.CONNECTING and msg.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED):
-            if not self._registered_once:
+            return [Emit(ev.Stopped(error))]
+        if self.state is State.CONNECTING and msg.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED,
+                                                           ErrorCode.ID_ONLINE):
+            # With a recovery key sent, id_taken means the ID is bound to another key (id_online: online elsewhere).
+            if not self._registered_once or (msg.code is ErrorCode.ID_TAKEN and self._recovery is not None):
                 self.state = State.CLOSED
-                return [Emit(ev.RegisterFailed(error))]
+                return [Emit(ev.RegisterFailed(explain_refusal(self.user, error)))]
             return []  # our own stale session: it expires soon, keep re-registering
         if self.outbox.drop(msg.ref):
             if self.history is not None:
@@ -550,7 +558,7 @@ class ClientSession:
         return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
 
     def _register_frames(self) -> list[bytes]:
-        return self._pack(Register(self.user, self._token, self._key))
+        return self._pack(Register(self.user, self._token, self._key, self._recovery))
 
     def _flush(self, now: float) -> list[Action]:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""

@@ -56,6 +56,10 @@ class ConnectionFlow:
         self._load_history(client)
         client.start()  # returns at once: the agent thread connects and reports by events
         self.model.link = Link.CONNECTING
+        if client.new_recovery_phrase:  # a new identity: its phrase, shown this once
+            self._log(f"Your recovery phrase — write it down and keep it safe; with it you can move "
+                      f"“{target.user}” to another machine (p2pchat recover --user {target.user}), and "
+                      f"`p2pchat recovery-phrase --user {target.user}` shows it again: {client.recovery_phrase}")
         self._log(f"Connecting to {target.server} as {target.user}…")
         log.info("user=%s connecting to %s", target.user, target.server)
         self._render_all()
@@ -118,7 +122,9 @@ class ConnectionFlow:
 
     def _on_register_failed(self, error: P2PChatError) -> None:
         """The broker refused to sign us in: back to the connect panel, the field to correct in focus."""
-        if error.code in (ErrorCode.ID_TAKEN, ErrorCode.ALREADY_REGISTERED):
+        if error.code in (ErrorCode.ID_TAKEN, ErrorCode.ID_ONLINE):  # the library says why, and what to do
+            text, field_name = error.message + ".", "user"
+        elif error.code is ErrorCode.ALREADY_REGISTERED:
             text = f"“{self.model.user}” is already signed in on this broker. Choose another user ID."
             field_name = "user"
         elif error.code is ErrorCode.BROKER_KEY_CHANGED:

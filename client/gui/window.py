@@ -206,6 +206,8 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
             self._render_status()
         elif kind is ev.RegisterFailed:
             self._on_register_failed(event.error)
+        elif kind is ev.Stopped and event.error.code is ErrorCode.SESSION_REPLACED:  # signed out by the broker
+            self._back_to_connect_panel(FormError("user", f"Signed out: {event.error.message}."))
         elif kind is ev.Stopped:
             self._back_to_connect_panel(FormError(
                 "user", f"The connection stopped after an internal error ({event.error.message}). "

@@ -27,7 +27,8 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -43,9 +44,11 @@ ERROR_CODES = {  # §7, the codes an `error` may carry
     "bad_frame", "unsupported_version", "too_large", "not_registered", "already_registered", "id_taken",
     "session_replaced", "spoofed_sender", "unknown_recipient", "recipient_offline", "recipient_busy",
     "key_mismatch", "too_many_ids", "registry_full", "queue_full", "storage_full", "storage_unavailable",
-    "credit_exceeded", "rate_limited",
+    "credit_exceeded", "rate_limited", "id_online",
 }
-OPEN_ADMISSIONS = ["--admit-rate", "100000", "--admit-burst", "100000"]  # every test admits fresh keys
+# Every test admits fresh keys, and the recovery tests recover from one address.
+OPEN_ADMISSIONS = ["--admit-rate", "100000", "--admit-burst", "100000", "--recover-rate", "1000",
+                   "--recover-burst", "1000"]
 
 
 def uid(prefix: str) -> str:
@@ -224,8 +227,8 @@ class Dealer:
         assert h.get("ref") == ref and ("ref" in h) == (ref is not None), h
         return h
 
-    def register(self, user: str, token: bytes | None = None, key: bytes | None = None) -> dict:
-        msg_id = self.request("register", user=user, token=token or self.token, key=key or self.keys.raw)
+    def register(self, user: str, token: bytes | None = None, key: bytes | None = None, **fields: Any) -> dict:
+        msg_id = self.request("register", user=user, token=token or self.token, key=key or self.keys.raw, **fields)
         reply = self.next()
         assert reply["t"] == "registered", (reply, msg_id)
         self.user = user
@@ -864,6 +867,126 @@ def test_s10_1_admit_beyond_10000_pending_tickets_gets_err_admission_full(tmp_pa
         assert lines[0].startswith(b"ERR admission_full "), lines
     finally:
         broker.stop()
+
+
+# --- §10.2 recovery: a binding moved by the proof of its recovery key ---------------------------------------------------
+class Recovery:
+    """An Ed25519 recovery key (§10.2: any will do on the wire; a client derives its own from a phrase)."""
+
+    def __init__(self) -> None:
+        self.private = Ed25519PrivateKey.generate()
+        self.raw = self.private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def proof(self, broker_key: bytes, user: str, generation: int, new_key: bytes) -> bytes:
+        """The signature over §10.2's statement, built from its text."""
+        statement = (b"p2pchat recover v1" + b"\x00" + broker_key + user.encode() + b"\x00"
+                     + generation.to_bytes(8, "big") + new_key)
+        return self.private.sign(statement)
+
+
+def recover_line(user: str, new_key: bytes, proof: bytes) -> bytes:
+    return f"RECOVER {user} {new_key.hex()} {proof.hex()}\n".encode()
+
+
+def recoverable(net: Net) -> tuple[Dealer, Recovery]:
+    """A user registered with a recovery key, online."""
+    recovery, user = Recovery(), uid("rec")
+    dealer = net.dealer(user)
+    dealer.register(user, recovery=recovery.raw)
+    return dealer, recovery
+
+
+def test_s10_2_recovery_gets_the_generation_of_a_binding_with_a_recovery_key(net):
+    owner, _ = recoverable(net)
+    assert key_service(net.broker, f"RECOVERY {owner.user}\n".encode(), 1) == [b"RECOVERY 0\n"]
+
+
+def test_s10_2_recovery_of_an_unbound_id_or_one_without_a_recovery_key_gets_err_recovery_refused(net):
+    legacy = net.client()  # registered without a recovery key
+    lines = key_service(net.broker, f"RECOVERY {uid('free')}\nRECOVERY {legacy.user}\n".encode(), 2)
+    assert all(line.startswith(b"ERR recovery_refused ") for line in lines), lines
+
+
+def test_s10_2_recover_moves_the_id_signs_the_old_key_out_and_tells_the_others(net):
+    owner, recovery = recoverable(net)
+    contact = net.client()
+    new = Keys()
+    lines = key_service(net.broker, recover_line(owner.user, new.raw, recovery.proof(net.server_key, owner.user, 0,
+                                                                                    new.raw)), 1)
+    assert lines == [b"OK\n"]
+    owner.expect_error("session_replaced", None)
+    owner.request("heartbeat")
+    owner.expect("error", code="not_registered")
+    told = contact.expect("key_changed", user=owner.user, key=new.raw)
+    assert set(told) == {"v", "t", "id", "ts", "user", "key"}
+    assert key_service(net.broker, f"ADMIT {owner.user} {owner.keys.raw.hex()}\n".encode(), 1)[0].startswith(
+        b"ERR id_taken ")
+    net.dealer(keys=new, admit=False).register(owner.user)  # bound: admitted without a ticket
+    assert key_service(net.broker, f"RECOVERY {owner.user}\n".encode(), 1) == [b"RECOVERY 1\n"]
+
+
+def test_s10_2_a_proof_is_good_once_and_cannot_move_the_id_back(net):
+    owner, recovery = recoverable(net)
+    first, second = Keys(), Keys()
+    replayed = recover_line(owner.user, first.raw, recovery.proof(net.server_key, owner.user, 0, first.raw))
+    assert key_service(net.broker, replayed, 1) == [b"OK\n"]
+    moved_on = recover_line(owner.user, second.raw, recovery.proof(net.server_key, owner.user, 1, second.raw))
+    assert key_service(net.broker, moved_on + replayed, 2)[1].startswith(b"ERR recovery_refused ")
+    assert key_service(net.broker, f"ADMIT {owner.user} {second.raw.hex()}\n".encode(), 1) == [b"OK\n"]
+
+
+def test_s10_2_recover_with_a_proof_for_another_key_broker_or_id_gets_err_recovery_refused(net):
+    owner, recovery = recoverable(net)
+    new, other = Keys(), Keys()
+    wrong = [recovery.proof(net.server_key, owner.user, 0, other.raw),  # signed for another key
+             recovery.proof(Keys().raw, owner.user, 0, new.raw),  # for another broker
+             recovery.proof(net.server_key, uid("else"), 0, new.raw),  # for another ID
+             Recovery().proof(net.server_key, owner.user, 0, new.raw)]  # by another recovery key
+    lines = key_service(net.broker, b"".join(recover_line(owner.user, new.raw, proof) for proof in wrong), 4)
+    assert all(line.startswith(b"ERR recovery_refused ") for line in lines), lines
+    owner.quiet()  # still signed in
+
+
+def test_s10_2_a_register_cannot_replace_the_recovery_key_of_a_binding(net):
+    owner, recovery = recoverable(net)
+    owner.register(owner.user, recovery=Recovery().raw)  # the same key again, another recovery key: ignored
+    new = Keys()
+    assert key_service(net.broker, recover_line(owner.user, new.raw, recovery.proof(net.server_key, owner.user, 0,
+                                                                                    new.raw)), 1) == [b"OK\n"]
+
+
+def test_s10_2_recover_attempts_per_id_are_bounded_whatever_the_proof(net):
+    owner, recovery = recoverable(net)
+    new = Keys()
+    junk = recover_line(owner.user, new.raw, bytes(64))
+    replies = [key_service(net.broker, junk * 3, 3) for _ in range(2)]  # six attempts
+    assert [line[:21] for line in replies[0] + replies[1][:2]] == [b"ERR recovery_refused "] * 5
+    assert replies[1][2].startswith(b"ERR rate_limited ")
+    good = recover_line(owner.user, new.raw, recovery.proof(net.server_key, owner.user, 0, new.raw))
+    assert key_service(net.broker, good, 1)[0].startswith(b"ERR rate_limited ")
+
+
+@pytest.mark.parametrize("line", [b"RECOVERY\n", b"RECOVERY a b\n", b"RECOVER a " + b"a" * 64 + b"\n",
+                                  b"RECOVER a " + b"a" * 64 + b" " + b"a" * 127 + b"\n",
+                                  b"RECOVER a " + b"a" * 64 + b" " + b"A" * 128 + b"\n",
+                                  b"RECOVER bad! " + b"a" * 64 + b" " + b"a" * 128 + b"\n"])
+def test_s10_2_malformed_recovery_lines_get_err_bad_frame_and_the_connection_closes(broker, line):
+    lines = key_service(broker, line + b"KEY\n")
+    assert len(lines) == 1 and lines[0].startswith(b"ERR bad_frame "), lines
+
+
+def test_s10_2_a_longest_recover_line_fits_256_bytes():
+    assert len(recover_line("u" * 32, bytes(32), bytes(64))) <= 256
+
+
+def test_s5_1_a_register_with_a_recovery_key_hears_id_online_when_the_id_is_online_elsewhere(net):
+    keys, recovery = Keys(), Recovery()
+    first = net.dealer(uid("twice"), keys)
+    user = uid("twice")
+    first.register(user, recovery=recovery.raw)
+    second = net.dealer(keys=keys, admit=False)
+    msg_id = second.request("register", user=user, token=os.urandom(32), key=keys.raw, recovery=recovery.raw)
+    second.expect_error("id_online", msg_id)
 
 
 # --- §10.5 abuse limits ------------------------------------------------------------------------------------------------

@@ -111,11 +111,10 @@ def test_a_huge_credit_is_clamped_and_inflight_bytes_are_capped(broker, dealers,
 # --- full disk ------------------------------------------------------------------------
 def fill(directory, name: str = "filler") -> None:
     """Take every free byte of ``directory``'s file system."""
-    with open(directory / name, "wb") as filler:
+    with open(directory / name, "wb", buffering=0) as filler:  # unbuffered: nothing left to fail at close
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         except OSError:
             pass
 

@@ -29,7 +29,7 @@ from p2pchat.client.e2e import EndToEnd, MemoryKeys
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import ErrorCode, RemoteError
-from p2pchat.common.protocol import MAX_HEADER_BYTES, Ack, AckStatus, ChatMessage, Error, FileChunk, FileCredit, Heartbeat, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, new_msg_id, pack
+from p2pchat.common.protocol import MAX_HEADER_BYTES, Ack, AckStatus, ChatMessage, Error, FileChunk, FileCredit, Heartbeat, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, new_msg_id, pack
 from tests.common.test_protocol import example_message
 from tests.cores import KeyBook, id_source
 
@@ -88,12 +88,14 @@ def only_error(actions, conn: bytes) -> Error:
 
 
 def register(core: BrokerCore, conn: bytes, user: str, now: float = 0.0, msg_id: bytes | None = None,
-             token: bytes | None = None, key: bytes | None = None, curve_key: bytes | None = None):
-    """REGISTER ``user`` from ``conn``; by default with the user's key, which CURVE proved for ``conn``."""
+             token: bytes | None = None, key: bytes | None = None, curve_key: bytes | None = None,
+             recovery: bytes | None = None):
+    """REGISTER ``user`` from ``conn``; by default with the user's key, which CURVE proved for ``conn``, and
+    without a recovery key (as a client older than recovery phrases)."""
     token = token if token is not None else b"token-of-" + conn  # one installation per connection
     key = key if key is not None else key_of(user)
     curve_key = curve_key if curve_key is not None else core.curve_keys.get(conn, key)  # fixed per connection
-    frames = pack(example_message(Register, user=user, token=token, key=key), 0, msg_id)
+    frames = pack(example_message(Register, user=user, token=token, key=key, recovery=recovery), 0, msg_id)
     core.curve_keys.setdefault(conn, curve_key)
     return core.on_frames(conn, frames, now, lambda: curve_key)
 
@@ -125,6 +127,23 @@ def test_duplicate_id_is_refused_on_another_connection(core):
     assert core.user_of(B) is None
     assert core.directory.locate("alice") == Location(BROKER, A)
     assert core.directory.seq() == 1  # nothing announced
+
+
+def test_a_client_that_sends_a_recovery_key_hears_id_online_when_the_id_is_online_elsewhere(core):
+    register(core, A, "alice")
+    error = only_error(register(core, B, "alice", msg_id=MSG_ID, recovery=b"r" * 32), B)
+    assert (error.code, error.ref) == (ErrorCode.ID_ONLINE, MSG_ID)
+
+
+def test_a_client_that_sends_a_recovery_key_still_hears_id_taken_for_an_id_bound_to_another_key(core):
+    register(core, A, "alice")
+    error = only_error(register(core, B, "alice", key=key_of("mallory"), recovery=b"r" * 32), B)
+    assert error.code is ErrorCode.ID_TAKEN
+
+
+def test_the_recovery_key_of_a_register_is_kept_with_the_binding(core):
+    register(core, A, "alice", recovery=b"r" * 32)
+    assert core.keys.recovery == {"alice": b"r" * 32}
 
 
 def test_same_installation_on_a_new_connection_takes_over_its_stale_session(core):
@@ -635,3 +654,47 @@ def test_pair_duplicate_delivery_is_shown_once():
         net._from_client(net._conn(alice), [Transmit(frames)])
         net.run()
     assert [e.text for e in of_type(net.events["bob"], ev.MessageReceived)] == ["once"]
+
+
+# --- bindings moved or released by a recovery or the operator (docs/PROTOCOL.md §10.2) -------------------------
+def test_a_moved_id_ends_the_old_keys_session_with_a_clear_error_and_announces_it_offline(core):
+    register(core, A, "bob")
+    core.keys.move("bob", key_of("bob-new"))
+    actions = core.on_tick(0.1)
+    [error] = [m for m in replies(actions, A) if type(m) is Error]
+    assert error.code is ErrorCode.SESSION_REPLACED and error.ref is None
+    assert "moved to another key with its recovery phrase" in error.message
+    assert PeerUpdate(EPOCH, 2, "bob", False) in published(actions)
+    assert core.user_of(A) is None and core.directory.online() == []
+    assert only_error(core.on_frames(A, pack(Heartbeat(), 0), 0.2), A).code is ErrorCode.NOT_REGISTERED
+
+
+def test_a_moved_id_is_announced_to_everyone_else_online_with_its_new_key(core):
+    register(core, A, "bob")
+    register(core, B, "alice")
+    register(core, C, "carol")
+    core.keys.move("bob", key_of("bob-new"))
+    actions = core.on_tick(0.1)
+    for conn in (B, C):
+        assert KeyChanged("bob", key_of("bob-new")) in replies(actions, conn)
+    assert all(type(m) is not KeyChanged for m in replies(actions, A))
+
+
+def test_the_new_keys_own_session_is_kept_when_its_id_moves_to_it():
+    core = make_core(require_key=False)  # no CURVE: the registered key is the register's own
+    register(core, A, "bob", key=key_of("bob-new"))
+    core.keys.move("bob", key_of("bob-new"))
+    actions = core.on_tick(0.1)
+    assert replies(actions, A) == [] and core.user_of(A) == "bob"
+
+
+def test_a_released_id_ends_its_session_and_tells_nobody_of_a_key(core):
+    register(core, A, "bob")
+    register(core, B, "alice")
+    core.keys.release("bob")
+    actions = core.on_tick(0.1)
+    [error] = replies(actions, A)
+    assert error.code is ErrorCode.SESSION_REPLACED and "released by the broker's operator" in error.message
+    assert replies(actions, B) == []
+    assert replies(register(core, C, "bob", key=key_of("bob-next")), C)[0] == Registered("bob", EPOCH,
+                                                                                          int(IVL * 1000))

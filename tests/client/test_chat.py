@@ -59,7 +59,8 @@ def test_duplicate_id_is_refused_while_online(make_client):
     impostor = make_client("alice", connect=False)
     with pytest.raises(RemoteError) as err:
         impostor.connect(timeout=10)
-    assert err.value.code is ErrorCode.ID_TAKEN
+    assert err.value.code is ErrorCode.ID_ONLINE  # the same key, a second process: online elsewhere, not taken
+    assert "alice is already signed in on another connection" in err.value.message
 
 
 def test_late_subscriber_gets_complete_peer_list(make_client):

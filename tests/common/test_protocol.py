@@ -48,6 +48,7 @@ VALID: dict[str, st.SearchStrategy] = {
     "Token": st.binary(max_size=64),
     "Digest": st.binary(min_size=32, max_size=32),
     "PublicKey": st.binary(min_size=32, max_size=32),
+    "SigningKey": st.binary(min_size=32, max_size=32),
     "Text": st.text(max_size=64) | st.just("é" * MAX_TEXT_CHARS),
     "Count": st.integers(0, MAX_INT),
     "Flag": st.booleans(),
@@ -103,6 +104,7 @@ INVALID: dict[str, st.SearchStrategy] = {
     "Token": not_of_type(bytes) | st.binary(min_size=65, max_size=200),
     "Digest": not_of_type(bytes) | st.binary(max_size=80).filter(lambda b: len(b) != 32),
     "PublicKey": not_of_type(bytes) | st.binary(max_size=80).filter(lambda b: len(b) != 32),
+    "SigningKey": not_of_type(bytes) | st.binary(max_size=80).filter(lambda b: len(b) != 32),
     "Text": not_of_type(str) | st.integers(1, 50).map(lambda n: "é" * (MAX_TEXT_CHARS + n)),
     "Count": not_of_type(int) | st.integers(-(2**63), -1) | st.integers(MAX_INT + 1, 2**64 - 1),
     "Flag": not_of_type(bool),
@@ -143,7 +145,7 @@ def fields_of(cls: type[Message]) -> list[tuple[str, str, str, bool]]:
 
 
 EXAMPLE = {"UserId": "alice", "MsgId": b"x" * 16, "Body": b"hi", "Token": b"tok", "Digest": b"d" * 32,
-           "PublicKey": b"k" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",),
+           "PublicKey": b"k" * 32, "SigningKey": b"s" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",),
            "MsgIdList": (b"y" * 16,)}
 
 

@@ -10,13 +10,15 @@ import pytest
 
 sg = pytest.importorskip("PySimpleGUI", reason="the desktop GUI needs PySimpleGUI")
 
+from p2pchat.client.chat_client import ClientConfig  # noqa: E402
 from p2pchat.client.gui.app import open_window  # noqa: E402
 from p2pchat.client.gui.layout import K_CONNECT, K_HOST, K_PEOPLE_COUNT, K_PORT, K_THEME, K_USER  # noqa: E402
 from p2pchat.client.gui.settings import ConnectTarget, FormError, validate_connect  # noqa: E402
 from p2pchat.client.gui.window import GuiOptions  # noqa: E402
+from p2pchat.client.recovery import recover_user  # noqa: E402
 from p2pchat.common.endpoints import ServerAddress  # noqa: E402
 from tests.client.gui.conftest import pump  # noqa: E402
-from tests.client.gui.driving import click, shows  # noqa: E402
+from tests.client.gui.driving import click, meet, shows, type_and_press  # noqa: E402
 from tests.conftest import HEARTBEAT  # noqa: E402
 
 
@@ -73,6 +75,42 @@ def test_a_taken_user_id_is_reported_in_the_connect_panel(make_window):
     second.submit_connect()
     pump([second], lambda: "already signed in" in second.form_error(), "the refusal")
     assert second.status_text().startswith("Offline")
+
+
+def test_a_user_id_registered_with_another_key_is_explained_in_the_connect_panel(make_window, monkeypatch, tmp_path):
+    make_window("bob").close()
+    monkeypatch.setenv("P2PCHAT_HOME", str(tmp_path / "reinstalled"))  # bob reinstalls: a fresh key
+    again = make_window(connect=False)
+    again.window[K_USER].update("bob")
+    again.submit_connect()
+    pump([again], lambda: "registered with another key" in again.form_error(), "the refusal")
+    assert "use your recovery phrase (p2pchat recover --user bob) or ask the broker's operator" in again.form_error()
+    assert "already signed in" not in again.form_error() and again.status_text().startswith("Offline")
+
+
+def test_a_new_identity_shows_its_recovery_phrase_once(make_window):
+    erin = make_window("erin")
+    phrase = erin.client.recovery_phrase
+    assert "Your recovery phrase" in erin.log_text() and phrase in erin.log_text()
+    erin.disconnect("Disconnected.")
+    erin.submit_connect()
+    pump([erin], lambda: erin.status_text().startswith("Connected"), "erin to connect again")
+    assert erin.log_text().count(phrase) == 1
+
+
+def test_a_window_whose_id_moved_to_another_key_is_signed_out_and_says_why(make_window, tmp_path):
+    alice, bob = make_window("alice"), make_window("bob")
+    meet(alice, bob)
+    type_and_press(bob, "hello")
+    pump([alice, bob], lambda: "hello" in alice.conversation_text(), "bob's message, which pins his key")
+    new_machine = ClientConfig(server=bob.client.config.server, state_dir=tmp_path / "laptop")
+    recover_user("bob", bob.client.recovery_phrase, new_machine)
+    pump([alice, bob], lambda: "Signed out" in bob.form_error(), "bob's window to sign out")
+    assert "was moved to another key with its recovery phrase" in bob.form_error()
+    assert bob.status_text().startswith("Offline")
+    # Alice is warned, and sending to bob waits until she accepts the new key.
+    pump([alice], lambda: "bob  ⚠" in " ".join(alice.roster_text()), "the changed key at alice")
+    assert "bob's key changed" in alice.log_text()
 
 
 def test_broker_loss_shows_reconnecting_and_the_window_recovers(make_window, broker):

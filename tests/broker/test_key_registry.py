@@ -1,0 +1,148 @@
+"""The two key registries (SQLite for one broker, a real Redis for a cluster) behave alike: a binding keeps its
+first recovery key, a move needs the binding's current generation, a release forgets the recovery key but
+never the generation, every change is in a durable audit, and another registry on the same storage (another
+broker, or the operator's ``p2pchat broker admin``) hears of it through ``changes``."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pchat.broker.backends.audit import Change, RecoveryState
+from p2pchat.broker.backends.sqlite_keys import SqliteKeyRegistry
+from p2pchat.broker.backends.tickets import KeyLimits
+from p2pchat.broker.core.ports import BindingChange
+from p2pchat.common.errors import ErrorCode
+from tests.broker.test_cluster import RedisProcess
+
+OLD, NEW, OTHER = b"o" * 32, b"n" * 32, b"x" * 32
+RECOVERY, OTHER_RECOVERY = b"r" * 32, b"s" * 32
+LATER = 10.0  # a ``now`` past any poll interval
+
+
+def sqlite_registries(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    yield lambda limits=KeyLimits(): SqliteKeyRegistry(tmp_path / "keys.sqlite", limits)
+
+
+def redis_registries(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    from p2pchat.broker.backends.redis_health import connect
+    from p2pchat.broker.backends.redis_keys import RedisKeyRegistry
+    from p2pchat.broker.backends.redis_schema import RedisKeys
+
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+        yield lambda limits=KeyLimits(): RedisKeyRegistry(connect(server.url, 1.0), RedisKeys(), limits)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def open_registry(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Opens a registry on the test's storage; each call is another process's view of the same bindings."""
+    opened = []
+    source = sqlite_registries if request.param == "sqlite" else redis_registries
+    for factory in source(tmp_path):
+        def make(limits: KeyLimits = KeyLimits()):
+            opened.append(factory(limits))
+            return opened[-1]
+
+        yield make
+        for registry in opened:
+            registry.close()
+
+
+def test_a_new_binding_keeps_its_recovery_key_and_starts_at_generation_zero(open_registry):
+    keys = open_registry()
+    assert keys.recovery_state("bob") is None
+    assert keys.bind("bob", OLD, RECOVERY) is None
+    assert keys.recovery_state("bob") == RecoveryState(RECOVERY, 0)
+
+
+def test_a_register_cannot_replace_a_recovery_key_but_gives_one_to_a_binding_without(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.bind("bob", OLD, OTHER_RECOVERY)  # the key's holder cannot swap it (a stolen key must not lock bob out)
+    keys.bind("carol", OTHER)  # an older client: no recovery key
+    keys.bind("carol", OTHER, OTHER_RECOVERY)  # its next register with one: kept
+    fresh = open_registry()  # as stored, not as cached
+    assert fresh.recovery_state("bob") == RecoveryState(RECOVERY, 0)
+    assert fresh.recovery_state("carol") == RecoveryState(OTHER_RECOVERY, 0)
+
+
+def test_a_move_at_the_current_generation_rebinds_the_id_and_raises_the_generation(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    assert keys.move("bob", NEW, Change.RECOVERED, "test", generation=0) is None
+    assert keys.lookup("bob") == NEW and keys.recovery_state("bob") == RecoveryState(RECOVERY, 1)
+    assert keys.can_bind("bob", OLD) is ErrorCode.ID_TAKEN and keys.can_bind("bob", NEW) is None
+    assert not keys.admits(OLD, 0.0) and keys.admits(NEW, 0.0)
+
+
+def test_the_operators_move_forgets_the_recovery_key_and_the_new_keys_next_register_gives_one(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)  # a phrase that may be lost, or known to a thief: it stops working
+    assert keys.move("bob", NEW, Change.MOVED, "operator") is None
+    assert keys.recovery_state("bob") == RecoveryState(None, 1)
+    keys.bind("bob", NEW, OTHER_RECOVERY)
+    assert open_registry().recovery_state("bob") == RecoveryState(OTHER_RECOVERY, 1)
+
+
+def test_a_move_naming_an_older_generation_is_refused(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.move("bob", NEW, Change.RECOVERED, "test", generation=0)
+    assert keys.move("bob", OLD, Change.RECOVERED, "replay", generation=0) is ErrorCode.RECOVERY_REFUSED
+    assert keys.lookup("bob") == NEW
+
+
+def test_a_move_respects_the_ids_a_key_may_hold(open_registry):
+    keys = open_registry(KeyLimits(ids_per_key=1))
+    keys.bind("bob", OLD)
+    keys.bind("carol", NEW)
+    assert keys.move("bob", NEW, Change.MOVED, "test") is ErrorCode.TOO_MANY_IDS
+    assert keys.lookup("bob") == OLD
+
+
+def test_a_release_unbinds_forgets_the_recovery_key_and_keeps_counting_generations(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    assert keys.release("bob", "test") and not keys.release("bob", "test")
+    assert keys.lookup("bob") is None and keys.recovery_state("bob") is None and not keys.admits(OLD, 0.0)
+    assert keys.bind("bob", NEW, OTHER_RECOVERY) is None  # the next key to register gets it
+    # A proof made for generation 0 (the first binding) is stale for ever.
+    assert keys.recovery_state("bob") == RecoveryState(OTHER_RECOVERY, 1)
+
+
+def test_every_change_is_in_a_durable_audit(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.move("bob", NEW, Change.RECOVERED, "key service 192.0.2.7", generation=0)
+    keys.release("bob", "operator root@host")
+    records = open_registry().audit("bob")
+    assert [(r.change, r.old_key, r.new_key, r.generation, r.origin) for r in records] == [
+        (Change.RECOVERED, OLD, NEW, 1, "key service 192.0.2.7"), (Change.RELEASED, NEW, None, 2, "operator root@host")]
+
+
+def test_another_registry_on_the_same_storage_hears_of_a_change_and_forgets_the_old_key(open_registry):
+    broker, admin = open_registry(), open_registry()
+    broker.bind("bob", OLD, RECOVERY)
+    assert broker.admits(OLD, 0.0) and broker.changes(LATER) == []
+    admin.move("bob", NEW, Change.MOVED, "operator")
+    assert broker.changes(2 * LATER) == [BindingChange("bob", NEW, "moved")]
+    assert broker.lookup("bob") == NEW and not broker.admits(OLD, 0.0)
+    assert broker.changes(3 * LATER) == []  # each change once
+    admin.release("bob", "operator")
+    assert broker.changes(4 * LATER) == [BindingChange("bob", None, "released")]
+
+
+def test_a_registry_reports_its_own_changes_at_once(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.changes(LATER)
+    keys.move("bob", NEW, Change.RECOVERED, "test", generation=0)
+    assert keys.changes(LATER) == [BindingChange("bob", NEW, "recovered")]  # no wait for the next poll
