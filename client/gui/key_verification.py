@@ -44,21 +44,18 @@ def why_keys_change(peer: str) -> str:
             f"or someone may be impersonating {peer}.")
 
 
-def explain_key_change(peer: str, change: KeyChange, to_send: int, held: int, was_verified: bool) -> str:
-    """The banner's paragraph: why a key changes, what waits for the user, what Continue and Verify… do."""
-    if to_send and held:
-        waiting = (f"{_count(to_send, 'message')} to {peer} {'waits' if to_send == 1 else 'wait'} to be sent and "
-                   f"{_count(held, 'message')} from {peer} {'waits' if held == 1 else 'wait'} to be shown.")
-    elif to_send:
-        waiting = f"{_count(to_send, 'message')} to {peer} {'waits' if to_send == 1 else 'wait'} to be sent."
-    elif held:
-        waiting = f"{_count(held, 'message')} from {peer} {'waits' if held == 1 else 'wait'} to be shown."
-    else:
-        waiting = f"What you send {peer} waits until you continue."
+def explain_key_change(peer: str, to_send: int, held: int, was_verified: bool, comparing: bool) -> str:
+    """The banner's paragraph: why a key changes, what waits for the user, what Continue and Verify… do
+    (``comparing``: the Verify panel is open below, so a line is enough)."""
+    if comparing:
+        return f"Compare the safety number below with {peer}, or Continue without verifying."
+    parts = [_count(to_send, "message") + " to send"] if to_send else []
+    parts += [_count(held, "received message") + " to show"] if held else []
+    waiting = f" Waiting: {', '.join(parts)}." if parts else ""
     caution = (f"You had verified {peer}'s previous key: compare the new safety number with {peer} before you "
                f"continue." if was_verified else
-               f"Continue to accept the new key (what waits goes at once); verify it with {peer} now or later.")
-    return f"{why_keys_change(peer)} Their key was {change.old} and is now {change.new}. {waiting} {caution}"
+               f"Continue accepts the new key and lets what waits go at once; verify it with {peer} now or later.")
+    return f"{why_keys_change(peer)}{waiting} {caution}"
 
 
 class KeyVerification:
@@ -161,13 +158,14 @@ class KeyVerification:
             assert client is not None and peer is not None
             self.window[K_KEY_BANNER_TITLE].update(f"{peer}'s key has changed")
             self.window[K_KEY_BANNER_TEXT].update(explain_key_change(
-                peer, change, self.model.waiting_to_send(peer), client.held_from(peer), client.was_verified(peer)))
+                peer, self.model.waiting_to_send(peer), client.held_from(peer), client.was_verified(peer),
+                comparing=self._key_panel_open))
         self._set_visible(K_KEY_NOTICE, notice is not None)
         if notice is not None:
             self.window[K_KEY_NOTICE_TITLE].update(f"{peer}'s key changed and was accepted automatically")
             self.window[K_KEY_NOTICE_TEXT].update(
-                f"{why_keys_change(peer)} Their key was {notice.old} and is now {notice.new}. Your settings accept "
-                f"new keys at once, so nothing waited. Compare the safety number with {peer} (Verify…) to be sure.")
+                f"{why_keys_change(peer)} Your settings accept new keys at once, so nothing waited: compare the "
+                f"safety number with {peer} (Verify…) to be sure.")
         self.window[K_COMPOSER_NOTE].update(
             f"What you send {peer} waits until you press Continue above." if change else "")
         self._set_visible(K_COMPOSER_NOTE, change is not None)
@@ -196,12 +194,10 @@ class KeyVerification:
             f"Compare the safety number with {peer} in person or on a call. If you both see the same digits, "
             f"what you send can only be read by {peer}. It changes when either of you gets a new key.")
         if change is not None:
-            state, colour, button = "Not verified: their new key is not accepted yet.", self.palette.warn, \
-                "Mark as verified and continue"
+            state, colour, button = "new key, not verified", self.palette.warn, "Mark as verified and continue"
         elif verified:
-            state, colour, button = f"✓ You have verified {peer}'s key.", self.palette.ok, "Clear verification"
+            state, colour, button = "✓ verified", self.palette.ok, "Clear verification"
         else:
-            state, colour, button = "Not verified yet.", self.palette.muted, "Mark as verified"
+            state, colour, button = "not verified", self.palette.muted, "Mark as verified"
         self.window[K_VERIFIED_STATE].update(state, text_color=colour)
         self.window[K_MARK_VERIFIED].update(button, disabled=number is None)
-        self._set_visible(K_MARK_VERIFIED, number is not None)

@@ -257,17 +257,17 @@ def _key_panel(pal: Palette, fonts: Fonts) -> sg.Column:
     rows = [
         [sg.Text("", key=K_KEY_PANEL_TITLE, font=fonts.small_bold, text_color=pal.muted, pad=((20, 0), (12, 6)),
                  **bg),
+         sg.Text("", key=K_VERIFIED_STATE, font=fonts.small_bold, text_color=pal.muted, pad=((14, 0), (12, 6)), **bg),
          sg.Push(pal.sidebar_bg),
+         sg.Button("Mark as verified", key=K_MARK_VERIFIED, font=fonts.small_bold, border_width=0,
+                   button_color=(pal.text, pal.chat_bg), mouseover_colors=(pal.text, pal.border),
+                   disabled_button_color=(pal.muted, pal.sidebar_bg), pad=((0, 8), (10, 0))),
          sg.Button("Hide", key=K_KEY_HIDE, font=fonts.small, border_width=0, button_color=(pal.muted, pal.sidebar_bg),
-                   mouseover_colors=(pal.text, pal.border), pad=((0, 14), (8, 0)))],
+                   mouseover_colors=(pal.text, pal.border), pad=((0, 14), (10, 0)))],
         [label("Safety number"), value(K_SAFETY, fonts.mono_large)],
         [label("", K_PEER_FP_LABEL), value(K_PEER_FP, fonts.mono)],
         [label("Your key"), value(K_OWN_FP, fonts.mono)],
-        [sg.Text("", key=K_KEY_PANEL_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 4)), **bg)],
-        [sg.Text("", key=K_VERIFIED_STATE, font=fonts.small_bold, text_color=pal.muted, pad=((20, 12), (4, 12)), **bg),
-         sg.Button("Mark as verified", key=K_MARK_VERIFIED, font=fonts.small_bold, border_width=0,
-                   button_color=(pal.text, pal.chat_bg), mouseover_colors=(pal.text, pal.border),
-                   pad=(0, (4, 12)))],
+        [sg.Text("", key=K_KEY_PANEL_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 12)), **bg)],
         [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.border, pad=0)],
     ]
     return sg.Column(rows, key=K_KEY_PANEL, visible=False, expand_x=True, pad=0, **bg)
@@ -330,7 +330,7 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
     for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE):
         if key in window.AllKeysDict:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
-    for key in (K_KEY_BANNER_TEXT, K_KEY_PANEL_NOTE):
+    for key in (K_KEY_BANNER_TEXT, K_KEY_NOTICE_TEXT, K_KEY_PANEL_NOTE):
         window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
     log_widget = window[K_LOG].Widget
     log_widget.configure(highlightthickness=0, padx=0, pady=2, cursor="arrow")

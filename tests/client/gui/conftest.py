@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from p2pchat.client.gui.settings import GuiSettings, SettingsStore
-from tests.conftest import HEARTBEAT, BrokerProcess
+from p2pchat.client import events as ev
+from p2pchat.client.chat_client import ChatClient, ClientConfig
+from tests.conftest import HEARTBEAT, BrokerProcess, wait_for
 
 if TYPE_CHECKING:
     from p2pchat.client.gui.window import ChatWindow
@@ -82,6 +84,26 @@ def pump(windows: list[ChatWindow], until: Callable[[], bool], what: str, timeou
 
 def received_dir(tmp_path: Path, user: str) -> Path:
     return tmp_path / "homes" / user / "client_received"
+
+
+@pytest.fixture
+def reinstalled_bob(tmp_path: Path, home: Path) -> Path:
+    """alice and bob chatted on another broker, so each pinned the other's key; then bob reinstalled. Returns
+    his new state directory (a fresh key): alice's windows on the test's broker still have his old key."""
+    first = BrokerProcess.launch(tmp_path / "first-broker")
+    config = ClientConfig(server=first.address, heartbeat_ivl=HEARTBEAT)
+    clients = [ChatClient(user, config) for user in ("alice", "bob")]
+    try:
+        for client in clients:
+            client.connect(timeout=10)
+        clients[0].send("bob", "See you at the review tomorrow.")
+        wait_for(clients[1], lambda e: isinstance(e, ev.MessageReceived))
+        wait_for(clients[0], lambda e: isinstance(e, ev.Receipt))  # alice's history says delivered
+    finally:
+        for client in clients:
+            client.close()
+        first.stop()
+    return tmp_path / "bob-reinstalled"
 
 
 @pytest.fixture

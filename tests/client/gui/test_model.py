@@ -220,9 +220,11 @@ def test_history_shows_a_key_changes_states_and_never_undoes_what_events_said():
 def test_every_state_reads_in_plain_words():
     words = {state: delivery_text(state, "bob") for state in MOVES if state is not Delivery.RECEIVED}
     assert words[Delivery.HELD] == "waiting — accept bob's new key to send"
-    assert words[Delivery.UNDECRYPTABLE] == "bob couldn't open this — it will be re-sent when you accept bob's new key"
+    assert words[Delivery.UNDECRYPTABLE] == \
+        "bob couldn't open this — it will be re-sent when you accept bob's new key"
     assert words[Delivery.RESEALED] == "re-sent to bob's new key…"
-    assert delivery_text(Delivery.FAILED, "bob", "bob still couldn't open it") == "failed — bob still couldn't open it"
+    refused = "bob still couldn't open it"
+    assert delivery_text(Delivery.FAILED, "bob", refused) == f"failed — {refused}"
     assert all(words.values()) and len(set(words.values())) == len(words)
     assert {delivery_style(s) for s in (Delivery.HELD, Delivery.UNDECRYPTABLE)} == {"meta-warn"}
 
