@@ -158,7 +158,7 @@ class KeyVerification:
             assert client is not None and peer is not None
             self.window[K_KEY_BANNER_TITLE].update(f"{peer}'s key has changed")
             self.window[K_KEY_BANNER_TEXT].update(explain_key_change(
-                peer, self.model.waiting_to_send(peer), client.held_from(peer), client.was_verified(peer),
+                peer, self.model.waiting_to_send(peer), self._held_from(peer), client.was_verified(peer),
                 comparing=self._key_panel_open))
         self._set_visible(K_KEY_NOTICE, notice is not None)
         if notice is not None:
@@ -170,6 +170,12 @@ class KeyVerification:
             f"What you send {peer} waits until you press Continue above." if change else "")
         self._set_visible(K_COMPOSER_NOTE, change is not None)
         self._render_key_panel(peer if self._key_panel_open and keys_known else None, change, peer_fp, verified)
+
+    def _held_from(self, peer: str) -> int:
+        try:
+            return self.client.held_from(peer) if self.client is not None else 0
+        except P2PChatError:  # the agent has just stopped: its Stopped event takes the window back to connect
+            return 0
 
     def _render_key_panel(self, peer: str | None, change: KeyChange | None, peer_fp: str | None,
                           verified: bool) -> None:

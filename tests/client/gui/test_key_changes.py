@@ -4,6 +4,9 @@ reconnect; the key can be verified later; the setting to accept new keys automat
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("PySimpleGUI", reason="the desktop GUI needs PySimpleGUI")
@@ -28,6 +31,7 @@ from p2pchat.client.gui.settings import SettingsStore  # noqa: E402
 from p2pchat.common.crypto import fingerprint  # noqa: E402
 from tests.client.gui.conftest import pump  # noqa: E402
 from tests.client.gui.driving import act, click, meet, select_peer, state, type_and_press  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
 REFUSED = "bob couldn't open this — it will be re-sent when you accept bob's new key"
 
@@ -128,3 +132,17 @@ def test_the_setting_accepts_new_keys_at_once_and_still_tells(make_window, reins
     assert "accepted automatically" in alice.log_text()
     click(alice, K_NOTICE_OK)
     assert not alice.shown(K_KEY_NOTICE)
+
+
+def test_a_key_verified_in_another_process_lets_what_waited_go_and_shows_verified(make_window, reinstalled_bob):
+    alice, bob = make_window("alice"), make_window("bob", state_dir=reinstalled_bob)
+    meet(alice, bob)
+    type_and_press(bob, "verify me from your terminal")
+    pump([alice, bob], lambda: alice.shown(K_KEY_BANNER), "the change")
+    done = subprocess.run([sys.executable, "-m", "p2pchat.client.cli", "verify", "--user", "alice", "--peer", "bob",
+                           "--yes"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pump([alice, bob], lambda: "from your terminal" in alice.conversation_text() and not alice.shown(K_KEY_BANNER),
+         "the held message, and the banner gone")
+    assert alice.window[K_PEER_KEY].get() == f"✓ verified · key {fingerprint(bob.client.identity.public)}"
+    assert "accepted outside this window" in alice.log_text()
