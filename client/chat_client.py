@@ -36,7 +36,7 @@ from p2pchat.client.storage.identity import InstanceClaim
 from p2pchat.client.storage.partfile import WriterPool
 from p2pchat.client.storage.phrase import load_or_create_phrase
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
-from p2pchat.client.storage.trust import KeyStore
+from p2pchat.client.storage.trust import CHANGED_KEYS, PINNED_KEYS, VERIFIED_KEYS, KeyStore, VerifiedKeys
 from p2pchat.common.crypto import Identity, fingerprint, safety_number
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
@@ -116,8 +116,9 @@ class ChatClient:
         self.recovery_phrase, self.new_recovery_phrase = load_or_create_phrase(self.state_dir)
         self.e2e: Sealing = NO_SEALING
         if cfg.encrypt:
-            self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / "peer_keys.json"),
-                                KeyStore(self.state_dir / "peer_keys_changed.json"))
+            self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / PINNED_KEYS),
+                                KeyStore(self.state_dir / CHANGED_KEYS))
+        self._verified = VerifiedKeys(self.state_dir / VERIFIED_KEYS)
         self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
             user,
@@ -268,6 +269,29 @@ class ChatClient:
     def safety_number(self, user: str) -> str | None:
         key = self.e2e.pinned_key(user)
         return safety_number(self.identity.public, key) if key else None
+
+    def is_verified(self, user: str) -> bool:
+        """Whether the user verified ``user``'s pinned key with them (false again once that key changes)."""
+        return self._verified.is_verified(user, self.e2e.pinned_key(user))
+
+    def was_verified(self, user: str) -> bool:
+        """Whether the user had verified some key of ``user``: a change from it deserves more care."""
+        return self._verified.was_verified(user)
+
+    def set_verified(self, user: str, verified: bool = True) -> bool:
+        """Mark ``user``'s pinned key verified (or not); False if no key is pinned for them yet."""
+        key = self.e2e.pinned_key(user)
+        if key is None:
+            return False
+        if verified:
+            self._verified.mark(user, key)
+        else:
+            self._verified.clear(user)
+        return True
+
+    def held_from(self, user: str) -> int:
+        """How many of ``user``'s messages wait, unshown, for the user to accept their new key."""
+        return self._call(lambda now: self._session.held_from(user)).result()
 
     def close(self) -> None:
         """Unregister, stop the agent and release the sockets. Idempotent; never hangs."""

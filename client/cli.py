@@ -201,42 +201,86 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    from p2pchat.client.storage.trust import KeyStore
-    from p2pchat.common.crypto import Identity, fingerprint, safety_number
-    from p2pchat.common.paths import ensure_private_dir, user_dir
+def _peer_keys(user: str):
+    """The user's state directory and the stores of their peers' keys: pinned, changed (waiting), verified."""
+    from p2pchat.client.storage.trust import CHANGED_KEYS, PINNED_KEYS, VERIFIED_KEYS, KeyStore, VerifiedKeys
+    from p2pchat.common.paths import user_dir
     from p2pchat.common.protocol import check_user_id
 
-    state = ensure_private_dir(user_dir(check_user_id(args.user)))
-    me = Identity.load_or_create(state / "identity.key")
-    pinned, changed = KeyStore(state / "peer_keys.json"), KeyStore(state / "peer_keys_changed.json")
-    peers = [{"user": user, "fingerprint": fingerprint(key), "safety_number": safety_number(me.public, key),
-              "changed_to": fingerprint(changed.get(user)) if changed.get(user) else None}
-             for user, key in pinned.items()]
+    state = user_dir(check_user_id(user))
+    return state, KeyStore(state / PINNED_KEYS), KeyStore(state / CHANGED_KEYS), VerifiedKeys(state / VERIFIED_KEYS)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from p2pchat.common.crypto import Identity, fingerprint, safety_number
+    from p2pchat.common.paths import ensure_private_dir
+
+    state, pinned, changed, verified = _peer_keys(args.user)
+    me = Identity.load_or_create(ensure_private_dir(state) / "identity.key")
+    peers = []
+    for user, key in pinned.items():
+        new = changed.get(user)
+        peers.append({"user": user, "fingerprint": fingerprint(key), "safety_number": safety_number(me.public, key),
+                      "verified": verified.is_verified(user, key),
+                      "changed_to": fingerprint(new) if new else None,
+                      "changed_safety_number": safety_number(me.public, new) if new else None})
     if args.json:
         print(json.dumps({"user": args.user, "fingerprint": fingerprint(me.public), "key": me.public.hex(),
                           "peers": peers}))
         return ExitCode.OK
     print(f"{args.user} (you): {fingerprint(me.public)}")
     for peer in peers:
-        line = f"{peer['user']}: {peer['fingerprint']}   safety number {peer['safety_number']}"
+        name = peer["user"]
+        print(f"{name}: {peer['fingerprint']}   {'verified' if peer['verified'] else 'not verified'}   "
+              f"safety number {peer['safety_number']}")
         if peer["changed_to"]:
-            line += f"   KEY CHANGED to {peer['changed_to']}: verify, then p2pchat trust --peer {peer['user']}"
-        print(line)
+            print(f"  {name}'s key CHANGED to {peer['changed_to']}: {name} reinstalled, set up a new device or "
+                  f"recovered the account, or someone is impersonating {name}. Messages to and from {name} wait.\n"
+                  f"  Compare the new safety number {peer['changed_safety_number']} with {name}, then run "
+                  f"`p2pchat verify --peer {name}` (or `p2pchat trust --peer {name}` to accept it unverified).")
+    return ExitCode.OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from p2pchat.client.e2e import accept_pending
+    from p2pchat.common.crypto import Identity, fingerprint, safety_number
+    from p2pchat.common.protocol import check_user_id
+
+    peer = check_user_id(args.peer)
+    state, pinned, changed, verified = _peer_keys(args.user)
+    key = changed.get(peer) or pinned.get(peer)  # a key change waiting: the new key is the one to compare
+    if key is None:
+        raise P2PChatError(f"no key known for {peer!r} yet: exchange a message with them first")
+    me = Identity.load_or_create(state / "identity.key")
+    number = safety_number(me.public, key)
+    if not args.json:
+        print(f"Safety number with {peer}: {number}\n"
+              f"{peer}'s key{' (new)' if changed.get(peer) else ''}: {fingerprint(key)}\n"
+              f"your key: {fingerprint(me.public)}\n"
+              f"Compare the safety number with {peer} in person or on a call ({peer} sees it with p2pchat keys, "
+              f"or under Verify in the chat window).")
+    if not args.yes:
+        print(f"Does {peer} see the same safety number? Mark {peer}'s key as verified [y/N] ", end="",
+              file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise P2PChatError(f"{peer}'s key was not marked verified")
+    accepted = accept_pending(pinned, changed, peer)  # the GUI or a listener running notices within a heartbeat
+    verified.mark(peer, key)
+    if args.json:
+        print(json.dumps({"user": args.user, "peer": peer, "fingerprint": fingerprint(key), "safety_number": number,
+                          "verified": True, "accepted": accepted}))
+    else:
+        print(f"{peer}'s key is verified" + ("; their new key is accepted and what waited goes" if accepted else ""))
     return ExitCode.OK
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
     from p2pchat.client.e2e import accept_pending
-    from p2pchat.client.storage.trust import KeyStore
-    from p2pchat.common.paths import user_dir
-    from p2pchat.common.protocol import check_user_id
 
-    state = user_dir(check_user_id(args.user))
-    if not accept_pending(KeyStore(state / "peer_keys.json"), KeyStore(state / "peer_keys_changed.json"),
-                          check_user_id(args.peer)):
+    _state, pinned, changed, _verified = _peer_keys(args.user)
+    if not accept_pending(pinned, changed, args.peer):
         raise P2PChatError(f"no changed key waiting for {args.peer!r}")
-    print(f"accepted the new key of {args.peer}")
+    print(f"accepted the new key of {args.peer} (not verified: compare safety numbers with p2pchat verify)")
     return ExitCode.OK
 
 
@@ -347,13 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_peers)
 
     p = sub.add_parser("keys", help="show key fingerprints", description="Your key fingerprint, and each peer's "
-                       "pinned key with the safety number to compare with them out of band.")
+                       "pinned key with the safety number to compare with them out of band, whether you verified it, "
+                       "and any key change waiting for you.")
     p.add_argument("--user", default=_default_user(), help="your user ID")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("trust", help="accept a peer's changed key", description="Accept a peer's new key after "
-                       "verifying its fingerprint with them; until then sending to them is blocked.")
+    p = sub.add_parser("verify", help="mark a peer's key verified", description="Show the safety number to compare "
+                       "with a peer, then mark their key verified (a changed key waiting is accepted too).")
+    p.add_argument("--user", default=_default_user(), help="your user ID")
+    p.add_argument("--peer", required=True, help="the peer whose key you compared")
+    p.add_argument("--yes", action="store_true", help="do not ask whether the safety numbers match")
+    p.add_argument("--json", action="store_true", help="print the result as a JSON object")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("trust", help="accept a peer's changed key", description="Accept a peer's new key without "
+                       "verifying it; until then messages to and from them wait.")
     p.add_argument("--user", default=_default_user(), help="your user ID")
     p.add_argument("--peer", required=True, help="the peer whose new key you accept")
     p.set_defaults(func=cmd_trust)

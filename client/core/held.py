@@ -31,6 +31,9 @@ class HeldMessages:
             _, (oldest, _) = self._messages.popitem(last=False)
             self._uncount(oldest.sender)
 
+    def count(self, sender: str) -> int:
+        return self._count.get(sender, 0)
+
     def take(self, sender: str) -> list[tuple[bytes, ChatMessage, int]]:
         """``sender``'s held messages in the order they came, forgotten here."""
         taken = [(msg_id, msg, ts) for msg_id, (msg, ts) in self._messages.items() if msg.sender == sender]

@@ -466,6 +466,10 @@ class ClientSession:
         return actions + self._flush(now)
 
     # --- key changes ----------------------------------------------------------
+    def held_from(self, user: str) -> int:
+        """``user``'s messages that wait for the user to accept their new key."""
+        return self._held.count(user)
+
     def _key_changed(self, exc: PeerKeyChanged, now: float) -> list[Action]:
         """``exc.user`` presents a new key. Messages to and from them wait for the user's decision, or, with
         ``trust_key_changes``, go on at once; the change is reported either way."""

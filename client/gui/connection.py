@@ -42,7 +42,8 @@ class ConnectionFlow:
             extra["received_dir"] = self.options.received_dir
         config = ClientConfig(server=target.server, heartbeat_ivl=self.options.heartbeat_ivl,
                               liveness=self.options.liveness, send_timeout=self.options.send_timeout,
-                              read_receipts=self.settings.read_receipts, **extra)
+                              read_receipts=self.settings.read_receipts,
+                              trust_key_changes=self.settings.trust_key_changes, **extra)
         generation = self._generation
         bridge = self.bridge
         try:

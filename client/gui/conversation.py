@@ -13,23 +13,15 @@ import datetime as dt
 import tkinter as tk
 from collections.abc import Callable
 
+from p2pchat.client.gui.delivery import delivery_style, delivery_text
 from p2pchat.client.gui.filecard import Action, FileCard, forward_wheel
 from p2pchat.client.gui.layout import SEARCH_OPEN
-from p2pchat.client.gui.model import ChatLine, Conversation, Delivery, FileLine, Line, Search, match_spans
+from p2pchat.client.gui.model import ChatLine, Conversation, FileLine, Line, Search, match_spans
 from p2pchat.client.gui.theme import Fonts, Palette, avatar_colour
 
 GROUP_GAP_MS = 5 * 60 * 1000
 AVATAR = 30  # px
 INDENT = AVATAR + 10  # the avatar's canvas includes the gap, so bodies line up under the name
-
-DELIVERY_TEXT = {
-    Delivery.SENDING: "sending…",
-    Delivery.SENT: "sent ✓",
-    Delivery.DELIVERED: "delivered ✓✓",
-    Delivery.READ: "read ✓✓",
-    Delivery.FAILED: "failed",
-}
-DELIVERY_STYLE = {Delivery.READ: "meta-read", Delivery.FAILED: "meta-failed"}  # the others: "meta"
 
 
 def _local(ts_ms: int) -> dt.datetime:
@@ -50,13 +42,8 @@ def when_label(ts_ms: int, today: dt.date) -> str:
     return f"{day_label(when.date(), today)}, {when.strftime('%H:%M')}"
 
 
-def delivery_text(line: ChatLine) -> str:
-    text = DELIVERY_TEXT.get(line.delivery, "")
-    return f"{text}: {line.failure}" if line.delivery is Delivery.FAILED and line.failure else text
-
-
-def delivery_style(line: ChatLine) -> str:
-    return DELIVERY_STYLE.get(line.delivery, "meta")
+def _meta(line: ChatLine) -> str:
+    return delivery_text(line.delivery, line.peer, line.failure)
 
 
 class ConversationView:
@@ -80,6 +67,7 @@ class ConversationView:
         w.tag_configure("meta", font=fonts.small, foreground=pal.muted)
         w.tag_configure("meta-failed", font=fonts.small, foreground=pal.error)
         w.tag_configure("meta-read", font=fonts.small_bold, foreground=pal.own_name)
+        w.tag_configure("meta-warn", font=fonts.small, foreground=pal.warn)
         w.tag_configure("found", background=pal.found_bg)
         w.tag_configure("result", lmargin1=INDENT, lmargin2=INDENT, rmargin=12, spacing1=1, spacing3=4)
         w.tag_configure("match", font=fonts.bold, background=pal.found_bg)
@@ -170,7 +158,7 @@ class ConversationView:
 
         def rewrite() -> None:
             self.widget.delete(start, end)
-            self.widget.insert(start, delivery_text(line), (delivery_style(line), "body", tag))
+            self.widget.insert(start, _meta(line), (delivery_style(line.delivery), "body", tag))
 
         self._edit(rewrite, scroll=False)
 
@@ -225,7 +213,7 @@ class ConversationView:
             w.insert("end", line.text, ("body", self._line_tag(line.msg_id)))
         if isinstance(line, ChatLine) and line.outgoing:
             w.insert("end", "   ", ("body",))
-            w.insert("end", delivery_text(line), (delivery_style(line), "body", self._meta_tag(line)))
+            w.insert("end", _meta(line), (delivery_style(line.delivery), "body", self._meta_tag(line)))
         self._last = line
 
     def _avatar(self, name: str) -> tk.Canvas:

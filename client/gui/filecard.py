@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import PurePath
 
 from p2pchat.client.gui.layout import FILE_CANCEL, FILE_OPEN_FOLDER
-from p2pchat.client.gui.model import FileLine, Transfer, human_size, short_path, transfer_status
+from p2pchat.client.gui.model import FileLine, Transfer, transfer_status
+from p2pchat.client.gui.units import human_size, short_path
 from p2pchat.client.gui.theme import Fonts, Palette, avatar_colour
 
 BAR_WIDTH, BAR_HEIGHT = 380, 6

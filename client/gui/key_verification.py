@@ -1,7 +1,11 @@
-"""Peer keys in the window: the header's fingerprint, the Verify panel, the changed-key banner, accepting a new key.
+"""Peer keys in the window: the header's verified mark, the Verify panel, the changed-key banner and notice.
 
-A mixin of ``ChatWindow`` (window.py holds its state). A changed key pauses
-sending to that peer until the user compares safety numbers and accepts it.
+A mixin of ``ChatWindow`` (window.py holds its state). A changed key is
+explained in words and holds what goes to and comes from that peer only until
+the user has seen it: Continue accepts the new key and lets it all go at once;
+Verify… shows the safety number to compare, now or later, and marks the key
+verified. With the setting to accept new keys automatically, the library has
+already accepted it: a notice says so instead.
 """
 
 from __future__ import annotations
@@ -12,23 +16,51 @@ from p2pchat.client.gui.layout import (
     K_KEY_BANNER_TEXT,
     K_KEY_BANNER_TITLE,
     K_KEY_INFO,
+    K_KEY_NOTICE,
+    K_KEY_NOTICE_TEXT,
+    K_KEY_NOTICE_TITLE,
     K_KEY_PANEL,
     K_KEY_PANEL_NOTE,
     K_KEY_PANEL_TITLE,
+    K_MARK_VERIFIED,
     K_OWN_FP,
     K_PEER_FP,
     K_PEER_FP_LABEL,
     K_PEER_KEY,
     K_SAFETY,
+    K_VERIFIED_STATE,
 )
 from p2pchat.client.gui.model import KeyChange
 from p2pchat.common.crypto import fingerprint, safety_number
 from p2pchat.common.errors import P2PChatError
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def why_keys_change(peer: str) -> str:
+    return (f"{peer} may have reinstalled p2p-chat, set up a new device or recovered their account — "
+            f"or someone may be impersonating {peer}.")
+
+
+def explain_key_change(peer: str, to_send: int, held: int, was_verified: bool, comparing: bool) -> str:
+    """The banner's paragraph: why a key changes, what waits for the user, what Continue and Verify… do
+    (``comparing``: the Verify panel is open below, so a line is enough)."""
+    if comparing:
+        return f"Compare the safety number below with {peer}, or Continue without verifying."
+    parts = [_count(to_send, "message") + " to send"] if to_send else []
+    parts += [_count(held, "received message") + " to show"] if held else []
+    waiting = f" Waiting: {', '.join(parts)}." if parts else ""
+    caution = (f"You had verified {peer}'s previous key: compare the new safety number with {peer} before you "
+               f"continue." if was_verified else
+               f"Continue accepts the new key and lets what waits go at once; verify it with {peer} now or later.")
+    return f"{why_keys_change(peer)}{waiting} {caution}"
+
+
 class KeyVerification:
     def accept_key(self) -> None:
-        """The user compared the new key with the peer: trust it and let sending resume."""
+        """Continue: the user has seen the change; trust the new key and let what waited go."""
         peer, client = self.model.active, self.client
         if peer is None or client is None or peer not in self.model.key_changed:
             return
@@ -38,17 +70,52 @@ class KeyVerification:
         except P2PChatError as exc:
             self._log(f"Cannot accept {peer}'s key: {exc.message}")
             return
-        self.model.peer_key_accepted(peer)
-        self._log(f"You accepted {peer}'s new key {change.new}")
+        self._key_accepted(peer, f"You accepted {peer}'s new key {change.new}")
+
+    def toggle_verified(self) -> None:
+        """The Verify panel's button: mark the key compared as verified (accepting a new one), or clear the mark."""
+        peer, client = self.model.active, self.client
+        if peer is None or client is None:
+            return
+        if peer in self.model.key_changed:  # what the panel shows is the new key: accept it, then mark it
+            self.accept_key()
+            if peer in self.model.key_changed:
+                return
+            verified = True
+        else:
+            verified = not client.is_verified(peer)
+        if client.set_verified(peer, verified):
+            self._log(f"You marked {peer}'s key as verified" if verified else
+                      f"You cleared the verification of {peer}'s key")
+        self._render_security()
+
+    def dismiss_key_notice(self) -> None:
+        if self.model.active is not None:
+            self.model.dismiss_key_notice(self.model.active)
+            self._render_security()
+
+    def _key_accepted(self, peer: str, why: str) -> None:
+        for line in self.model.peer_key_accepted(peer):
+            if self._showing(peer):
+                self._view().update_delivery(line)
+        self._log(why)
         self._render_roster()
         self._render_header()
 
-    def _key_changed(self, peer: str, old: bytes, new: bytes) -> None:
-        """Sends, offers and messages refused because a peer's key changed all raise the same banner."""
+    def _key_changed(self, peer: str, old: bytes, new: bytes, accepted: bool = False) -> None:
+        """``peer`` presents a new key: everything that waits for it raises the same banner (or the notice, when
+        the library accepted it by itself). Reported again for each message held: the counts move."""
         change = KeyChange(fingerprint(old) if old else "none", fingerprint(new), new)
-        if not self.model.peer_key_changed(peer, change):
-            return
-        self._log(f"{peer}'s key changed to {change.new}; sending to them is paused until you accept it")
+        if accepted:
+            if self.model.peer_key_auto_accepted(peer, change):
+                self._log(f"{peer}'s key changed to {change.new}; accepted automatically, as your settings ask")
+        else:
+            if self.model.peer_key_changed(peer, change):
+                self._log(f"{peer}'s key changed to {change.new}; messages to and from them wait until you "
+                          f"press Continue")
+            for line in self.model.hold_unsent(peer):
+                if self._showing(peer):
+                    self._view().update_delivery(line)
         self._render_roster()
         if peer == self.model.active:
             self._render_header()
@@ -59,38 +126,66 @@ class KeyVerification:
         if change is not None:
             self._key_changed(peer, *change)
 
+    def _check_key_decided(self, peer: str) -> None:
+        """A change accepted in another process (``p2pchat trust`` or ``verify``): the library noticed within a
+        heartbeat and let what waited go; the window follows when it hears from that peer."""
+        if peer in self.model.key_changed and self.client is not None \
+                and self.client.pending_key_change(peer) is None:
+            self._key_accepted(peer, f"{peer}'s new key was accepted outside this window")
+
     def _render_security(self) -> None:
-        """The peer's key in the header, the Verify panel, and the banner of a changed key (none while searching)."""
+        """The peer's key in the header, the Verify panel, and the banner or notice of a changed key (none while
+        searching)."""
         peer = self.model.active if self.model.search is None else None
-        client, user, pal = self.client, self.model.user, self.palette
+        client, pal = self.client, self.palette
         keys_known = peer is not None and client is not None
         change = self.model.key_changed.get(peer) if peer is not None else None
+        notice = self.model.key_notices.get(peer) if peer is not None and change is None else None
         peer_fp = client.fingerprint_of(peer) if keys_known else None
+        verified = keys_known and peer_fp is not None and client.is_verified(peer)
         if change is not None:
             header, colour = "key changed", pal.warn
+        elif peer_fp:
+            header, colour = (f"✓ verified · key {peer_fp}", pal.ok) if verified else \
+                (f"not verified · key {peer_fp}", pal.muted)
         else:
-            header = f"key {peer_fp}" if peer_fp else "key not known yet" if keys_known else ""
-            colour = pal.muted
+            header, colour = ("key not known yet" if keys_known else ""), pal.muted
         self.window[K_PEER_KEY].update(header, text_color=colour)
         self._set_visible(K_KEY_INFO, keys_known)
 
         self._set_visible(K_KEY_BANNER, change is not None)
         if change is not None:
+            assert client is not None and peer is not None
             self.window[K_KEY_BANNER_TITLE].update(f"{peer}'s key has changed")
-            self.window[K_KEY_BANNER_TEXT].update(
-                f"It was {change.old} and is now {change.new}. That happens when {peer} reinstalls p2p-chat, "
-                f"but it can also mean someone is impersonating them. Sending to {peer} is paused until you "
-                f"compare the new safety number with them (in person or on a call) and accept the new key.")
+            self.window[K_KEY_BANNER_TEXT].update(explain_key_change(
+                peer, self.model.waiting_to_send(peer), self._held_from(peer), client.was_verified(peer),
+                comparing=self._key_panel_open))
+        self._set_visible(K_KEY_NOTICE, notice is not None)
+        if notice is not None:
+            self.window[K_KEY_NOTICE_TITLE].update(f"{peer}'s key changed and was accepted automatically")
+            self.window[K_KEY_NOTICE_TEXT].update(
+                f"{why_keys_change(peer)} Your settings accept new keys at once, so nothing waited: compare the "
+                f"safety number with {peer} (Verify…) to be sure.")
         self.window[K_COMPOSER_NOTE].update(
-            f"Sending to {peer} is paused until you accept their new key." if change else "")
+            f"What you send {peer} waits until you press Continue above." if change else "")
         self._set_visible(K_COMPOSER_NOTE, change is not None)
+        self._render_key_panel(peer if self._key_panel_open and keys_known else None, change, peer_fp, verified)
 
-        show_panel = self._key_panel_open and keys_known
-        self._set_visible(K_KEY_PANEL, show_panel)
-        self.window[K_KEY_INFO].update("Hide keys" if show_panel else "Verify")
-        if not show_panel:
+    def _held_from(self, peer: str) -> int:
+        try:
+            return self.client.held_from(peer) if self.client is not None else 0
+        except P2PChatError:  # the agent has just stopped: its Stopped event takes the window back to connect
+            return 0
+
+    def _render_key_panel(self, peer: str | None, change: KeyChange | None, peer_fp: str | None,
+                          verified: bool) -> None:
+        """The safety number and both keys to compare, and the verified mark (``peer`` None: hidden)."""
+        self._set_visible(K_KEY_PANEL, peer is not None)
+        self.window[K_KEY_INFO].update("Hide keys" if peer is not None else "Verify")
+        if peer is None:
             return
-        assert client is not None and peer is not None
+        client = self.client
+        assert client is not None
         if change is not None and change.new_key:  # what to check before accepting is the new key
             number: str | None = safety_number(client.identity.public, change.new_key)
             shown_fp, label = change.new, "Their new key"
@@ -100,7 +195,15 @@ class KeyVerification:
         self.window[K_SAFETY].update(number or "known once you have exchanged a message")
         self.window[K_PEER_FP_LABEL].update(label)
         self.window[K_PEER_FP].update(shown_fp or "not known yet")
-        self.window[K_OWN_FP].update(client.fingerprint_of(user) or "")
+        self.window[K_OWN_FP].update(client.fingerprint_of(client.user) or "")
         self.window[K_KEY_PANEL_NOTE].update(
             f"Compare the safety number with {peer} in person or on a call. If you both see the same digits, "
             f"what you send can only be read by {peer}. It changes when either of you gets a new key.")
+        if change is not None:
+            state, colour, button = "new key, not verified", self.palette.warn, "Mark as verified and continue"
+        elif verified:
+            state, colour, button = "✓ verified", self.palette.ok, "Clear verification"
+        else:
+            state, colour, button = "not verified", self.palette.muted, "Mark as verified"
+        self.window[K_VERIFIED_STATE].update(state, text_color=colour)
+        self.window[K_MARK_VERIFIED].update(button, disabled=number is None)

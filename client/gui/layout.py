@@ -32,11 +32,13 @@ K_ATTACH, K_COMPOSER_NOTE = "-ATTACH-", "-COMPOSER-NOTE-"
 K_PEER_KEY, K_KEY_INFO = "-PEER-KEY-", "-KEY-INFO-"  # header: the peer's fingerprint, and "Verify"
 K_KEY_PANEL, K_KEY_PANEL_TITLE, K_KEY_HIDE = "-KEY-PANEL-", "-KEY-PANEL-TITLE-", "-KEY-HIDE-"
 K_SAFETY, K_PEER_FP_LABEL, K_PEER_FP, K_OWN_FP = "-SAFETY-", "-PEER-FP-LABEL-", "-PEER-FP-", "-OWN-FP-"
-K_KEY_PANEL_NOTE = "-KEY-PANEL-NOTE-"
+K_KEY_PANEL_NOTE, K_VERIFIED_STATE, K_MARK_VERIFIED = "-KEY-PANEL-NOTE-", "-VERIFIED-STATE-", "-MARK-VERIFIED-"
 K_KEY_BANNER, K_KEY_BANNER_TITLE, K_KEY_BANNER_TEXT = "-KEY-BANNER-", "-KEY-BANNER-TITLE-", "-KEY-BANNER-TEXT-"
-K_ACCEPT_KEY, K_COMPARE_KEY = "-ACCEPT-KEY-", "-COMPARE-KEY-"
+K_ACCEPT_KEY, K_COMPARE_KEY = "-ACCEPT-KEY-", "-COMPARE-KEY-"  # the banner's Continue and Verify…
+K_KEY_NOTICE, K_KEY_NOTICE_TITLE, K_KEY_NOTICE_TEXT = "-KEY-NOTICE-", "-KEY-NOTICE-TITLE-", "-KEY-NOTICE-TEXT-"
+K_NOTICE_OK, K_NOTICE_VERIFY = "-NOTICE-OK-", "-NOTICE-VERIFY-"
 K_SEARCH, K_SEARCH_CLOSE = "-SEARCH-", "-SEARCH-CLOSE-"
-K_RECEIPTS, K_RECEIPTS_NOTE = "-RECEIPTS-", "-RECEIPTS-NOTE-"
+K_RECEIPTS, K_TRUST_KEYS, K_SETTINGS_NOTE = "-RECEIPTS-", "-TRUST-KEYS-", "-SETTINGS-NOTE-"
 SEARCH_OPEN = "-SEARCH-OPEN-"  # value: the id of the message a search result shows
 WINDOW_FOCUSED = "-WINDOW-FOCUSED-"  # the window took the keyboard focus: the open conversation is being read
 FILE_CANCEL = "-FILE-CANCEL-"  # value: the transfer id
@@ -108,6 +110,8 @@ def _connect_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Colum
 
 def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
     flat = dict(border_width=0, font=fonts.small)
+    setting = dict(font=fonts.small, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
+                   checkbox_color=pal.sidebar_field)
     sidebar = sg.Column([
         [sg.Text("p2p-chat", font=fonts.heading, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
                  pad=((16, 16), (16, 0)))],
@@ -129,10 +133,13 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
                   border_width=0, expand_x=True, expand_y=True, hide_vertical_scroll=True,
                   pad=((8, 8), 0))],
         [sg.Checkbox("Send read receipts", key=K_RECEIPTS, default=settings.read_receipts, enable_events=True,
-                     font=fonts.small, text_color=pal.sidebar_text, background_color=pal.sidebar_bg,
-                     checkbox_color=pal.sidebar_field,
-                     tooltip=" Let people see when you have read their messages ", pad=((12, 12), (8, 0)))],
-        [sg.Text("", key=K_RECEIPTS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
+                     tooltip=" Let people see when you have read their messages ", pad=((12, 12), (8, 0)),
+                     **setting)],
+        [sg.Checkbox("Accept contacts' new keys automatically (you are still told)", key=K_TRUST_KEYS,
+                     default=settings.trust_key_changes, enable_events=True, pad=((12, 12), (4, 0)),
+                     tooltip=" Messages to and from someone whose key changed go on at once, without waiting "
+                             "for you to press Continue ", **setting)],
+        [sg.Text("", key=K_SETTINGS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((16, 12), (0, 0)))],
         [sg.Button("Disconnect", key=K_DISCONNECT, button_color=(pal.sidebar_text, pal.border),
                    mouseover_colors=(pal.sidebar_text, pal.offline), expand_x=True, pad=((12, 12), (8, 12)), **flat)],
@@ -179,6 +186,7 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
         [header],
         [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
         [sg.pin(_key_banner(pal, fonts), expand_x=True)],
+        [sg.pin(_key_notice(pal, fonts), expand_x=True)],
         [sg.pin(_key_panel(pal, fonts), expand_x=True)],
         [sg.Multiline("", key=K_CONVERSATION, disabled=True, border_width=0, expand_x=True, expand_y=True,
                       background_color=pal.chat_bg, text_color=pal.text, sbar_trough_color=pal.chat_bg,
@@ -194,26 +202,46 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
                      visible=False)
 
 
-def _key_banner(pal: Palette, fonts: Fonts) -> sg.Column:
-    """Shown in a conversation whose peer changed keys, until the user accepts the new one."""
-    bg = dict(background_color=pal.warn_bg)
+def _banner(keys: tuple[str, str, str], icon: str, tone: tuple[str, str, str, str], first: sg.Button,
+            verify_key: str, fonts: Fonts) -> sg.Column:
+    """A strip across the conversation: an icon, a title, a paragraph, its ``first`` button and Verify…, a rule.
+    ``keys``: the strip's, its title's and its paragraph's; ``tone``: (icon, background, text, border) colours."""
+    key, title_key, text_key = keys
+    icon_colour, bg, fg, border = tone
+    colours = dict(background_color=bg)
+    verify = sg.Button("Verify…", key=verify_key, font=fonts.small_bold, border_width=0,
+                       tooltip=" Compare the safety number with them ", button_color=(fg, bg),
+                       mouseover_colors=(fg, border), pad=(0, (10, 0)))
     text = sg.Column([
-        [sg.Text("", key=K_KEY_BANNER_TITLE, font=fonts.bold, text_color=pal.warn_text, pad=(0, (0, 2)), **bg)],
-        [sg.Text("", key=K_KEY_BANNER_TEXT, font=fonts.small, text_color=pal.warn_text, pad=0, **bg)],
-        [sg.Button("Accept new key", key=K_ACCEPT_KEY, font=fonts.small_bold, border_width=0,
-                   button_color=(pal.accent_text, pal.accent), mouseover_colors=(pal.accent_text, pal.accent_hover),
-                   pad=((0, 8), (10, 0))),
-         sg.Button("Compare keys", key=K_COMPARE_KEY, font=fonts.small_bold, border_width=0,
-                   button_color=(pal.warn_text, pal.warn_bg), mouseover_colors=(pal.warn_text, pal.warn_border),
-                   pad=(0, (10, 0)))],
-    ], pad=((0, 20), 0), vertical_alignment="top", **bg)
-    icon = sg.Column([[sg.Text("⚠", font=fonts.title, text_color=pal.warn, pad=0, **bg)]],
-                     pad=((20, 12), 0), vertical_alignment="top", **bg)
-    row = [icon, text]
+        [sg.Text("", key=title_key, font=fonts.bold, text_color=fg, pad=(0, (0, 2)), **colours)],
+        [sg.Text("", key=text_key, font=fonts.small, text_color=fg, pad=0, **colours)],
+        [first, verify],
+    ], pad=((0, 20), 0), vertical_alignment="top", **colours)
+    mark = sg.Column([[sg.Text(icon, font=fonts.title, text_color=icon_colour, pad=0, **colours)]],
+                     pad=((20, 12), 0), vertical_alignment="top", **colours)
     return sg.Column([
-        [sg.Column([row], pad=(0, 12), expand_x=True, **bg)],
-        [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.warn_border, pad=0)],
-    ], key=K_KEY_BANNER, visible=False, expand_x=True, pad=0, **bg)
+        [sg.Column([[mark, text]], pad=(0, 12), expand_x=True, **colours)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, background_color=border, pad=0)],
+    ], key=key, visible=False, expand_x=True, pad=0, **colours)
+
+
+def _primary(text: str, key: str, pal: Palette, fonts: Fonts, **extra: Any) -> sg.Button:
+    return sg.Button(text, key=key, font=fonts.small_bold, border_width=0, button_color=(pal.accent_text, pal.accent),
+                     mouseover_colors=(pal.accent_text, pal.accent_hover), pad=((0, 8), (10, 0)), **extra)
+
+
+def _key_banner(pal: Palette, fonts: Fonts) -> sg.Column:
+    """Shown in a conversation whose peer changed keys, until the user has seen it and pressed Continue."""
+    first = _primary("Continue", K_ACCEPT_KEY, pal, fonts, tooltip=" Accept the new key: what waited goes at once ")
+    return _banner((K_KEY_BANNER, K_KEY_BANNER_TITLE, K_KEY_BANNER_TEXT), "⚠",
+                   (pal.warn, pal.warn_bg, pal.warn_text, pal.warn_border), first, K_COMPARE_KEY, fonts)
+
+
+def _key_notice(pal: Palette, fonts: Fonts) -> sg.Column:
+    """A key change accepted automatically (the user's setting): told, with nothing to decide."""
+    first = _primary("OK", K_NOTICE_OK, pal, fonts, size=(6, 1))
+    return _banner((K_KEY_NOTICE, K_KEY_NOTICE_TITLE, K_KEY_NOTICE_TEXT), "ℹ",
+                   (pal.info, pal.info_bg, pal.info_text, pal.info_border), first, K_NOTICE_VERIFY, fonts)
 
 
 def _key_panel(pal: Palette, fonts: Fonts) -> sg.Column:
@@ -229,9 +257,13 @@ def _key_panel(pal: Palette, fonts: Fonts) -> sg.Column:
     rows = [
         [sg.Text("", key=K_KEY_PANEL_TITLE, font=fonts.small_bold, text_color=pal.muted, pad=((20, 0), (12, 6)),
                  **bg),
+         sg.Text("", key=K_VERIFIED_STATE, font=fonts.small_bold, text_color=pal.muted, pad=((14, 0), (12, 6)), **bg),
          sg.Push(pal.sidebar_bg),
+         sg.Button("Mark as verified", key=K_MARK_VERIFIED, font=fonts.small_bold, border_width=0,
+                   button_color=(pal.text, pal.chat_bg), mouseover_colors=(pal.text, pal.border),
+                   disabled_button_color=(pal.muted, pal.sidebar_bg), pad=((0, 8), (10, 0))),
          sg.Button("Hide", key=K_KEY_HIDE, font=fonts.small, border_width=0, button_color=(pal.muted, pal.sidebar_bg),
-                   mouseover_colors=(pal.text, pal.border), pad=((0, 14), (8, 0)))],
+                   mouseover_colors=(pal.text, pal.border), pad=((0, 14), (10, 0)))],
         [label("Safety number"), value(K_SAFETY, fonts.mono_large)],
         [label("", K_PEER_FP_LABEL), value(K_PEER_FP, fonts.mono)],
         [label("Your key"), value(K_OWN_FP, fonts.mono)],
@@ -274,9 +306,10 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
         window[key].bind("<Return>", FORM_SUBMIT, propagate=False)
         window[key].bind("<KP_Enter>", FORM_SUBMIT, propagate=False)
     window[K_SEARCH].bind("<Escape>", ESCAPE, propagate=False)
-    receipts = window[K_RECEIPTS].Widget
-    receipts.configure(activebackground=pal.sidebar_bg, activeforeground=pal.sidebar_text, highlightthickness=0,
-                       cursor="hand2", borderwidth=0)
+    for key in (K_RECEIPTS, K_TRUST_KEYS):
+        window[key].Widget.configure(activebackground=pal.sidebar_bg, activeforeground=pal.sidebar_text,
+                                     highlightthickness=0, cursor="hand2", borderwidth=0, justify="left",
+                                     wraplength=SIDEBAR_WIDTH - 50)
     composer = window[K_COMPOSER].Widget
     composer.configure(highlightthickness=1, highlightbackground=pal.border, highlightcolor=pal.accent,
                        padx=10, pady=8, insertbackground=pal.text, wrap="word", relief="flat")
@@ -286,15 +319,18 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
     composer.bind("<Shift-Return>", _insert_newline)
     for key in (K_CONNECT, K_SEND, K_DISCONNECT):
         window[key].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=0)
-    window[K_ACCEPT_KEY].Widget.configure(padx=12, pady=4, cursor="hand2", relief="flat", highlightthickness=0)
-    window[K_COMPARE_KEY].Widget.configure(padx=12, pady=3, cursor="hand2", relief="flat", highlightthickness=1,
-                                           highlightbackground=pal.warn_border)
+    for key in (K_ACCEPT_KEY, K_NOTICE_OK):
+        window[key].Widget.configure(padx=12, pady=4, cursor="hand2", relief="flat", highlightthickness=0)
+    for key, border in ((K_COMPARE_KEY, pal.warn_border), (K_NOTICE_VERIFY, pal.info_border),
+                        (K_MARK_VERIFIED, pal.border)):
+        window[key].Widget.configure(padx=12, pady=3, cursor="hand2", relief="flat", highlightthickness=1,
+                                     highlightbackground=border)
     window[K_ATTACH].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=1,
                                       highlightbackground=pal.border)
     for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE):
         if key in window.AllKeysDict:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
-    for key in (K_KEY_BANNER_TEXT, K_KEY_PANEL_NOTE):
+    for key in (K_KEY_BANNER_TEXT, K_KEY_NOTICE_TEXT, K_KEY_PANEL_NOTE):
         window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
     log_widget = window[K_LOG].Widget
     log_widget.configure(highlightthickness=0, padx=0, pady=2, cursor="arrow")

@@ -6,6 +6,7 @@ A mixin of ``ChatWindow`` (window.py holds its state and dispatches the events).
 from __future__ import annotations
 
 from p2pchat.client import events as ev
+from p2pchat.client.gui.delivery import Delivery
 from p2pchat.client.gui.model import ChatLine, Link, describe_failure, should_notify
 from p2pchat.client.gui.rendering import now_ms
 from p2pchat.common.errors import ErrorCode, P2PChatError
@@ -73,3 +74,23 @@ class Messaging:
                 self._check_pending_key(line.peer)
             if self._showing(line.peer):
                 self._view().update_delivery(line)
+
+    def _on_send_state(self, event: ev.SendState) -> None:
+        """A message of ours off the usual line: held for a key decision, refused by the recipient, resealed to
+        their new key, or refused again."""
+        line = self.model.send_state(event.msg_id, event.state)
+        if line is None:
+            return
+        peer = line.peer
+        if line.delivery is Delivery.UNDECRYPTABLE:
+            self._log(f"{peer} couldn't open a message sealed to a key they no longer have; it is re-sent once "
+                      f"you accept their new key")
+        elif line.delivery is Delivery.FAILED:
+            self._log(f"Message to {peer} failed: {line.failure}")
+        if line.delivery in (Delivery.HELD, Delivery.UNDECRYPTABLE):
+            self._check_pending_key(peer)
+        else:
+            self._check_key_decided(peer)
+        if self._showing(peer):
+            self._view().update_delivery(line)
+            self._render_security()  # the banner counts what waits

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2pchat.client.gui.delivery import FROM_HISTORY, RECEIPTS, SEND_STATES, UNSENT, Delivery, can_move
+from p2pchat.client.gui.units import human_eta, human_size
 from p2pchat.client.storage.history import HistoryEntry
 from p2pchat.common.errors import ErrorCode, P2PChatError
 
@@ -32,25 +34,6 @@ class Link(enum.Enum):
     RECONNECTING = "reconnecting"
 
 
-class Delivery(enum.Enum):
-    """Ours: SENDING, SENT, DELIVERED, READ in that order only, or FAILED. Theirs: RECEIVED, then READ."""
-
-    SENDING = "sending"  # in the outbox: not acknowledged by the broker yet
-    SENT = "sent"  # the broker has it (stored, or relayed at once)
-    DELIVERED = "delivered"  # the recipient's client has it
-    READ = "read"  # the recipient opened the conversation (ours), or we did (theirs)
-    FAILED = "failed"
-    RECEIVED = "received"  # theirs, not seen by the user yet
-
-
-PROGRESS = (Delivery.SENDING, Delivery.SENT, Delivery.DELIVERED, Delivery.READ)
-
-# History's states (client.history) as the window shows them.
-FROM_HISTORY = {
-    "queued": Delivery.SENDING, "sent": Delivery.SENT, "stored": Delivery.SENT, "delivered": Delivery.DELIVERED,
-    "read": Delivery.READ, "failed": Delivery.FAILED, "received": Delivery.RECEIVED,
-}
-RECEIPTS = {"delivered": Delivery.DELIVERED, "read": Delivery.READ}
 HISTORY_LIMIT = 200  # messages per conversation loaded at connect; search reaches the older ones
 
 
@@ -63,6 +46,7 @@ class ChatLine:
     ts_ms: int
     delivery: Delivery
     failure: str = ""
+    resealed: bool = False  # sealed again after the recipient could not open it: a second refusal fails it
 
 
 class Transfer(enum.Enum):
@@ -192,29 +176,6 @@ def describe_transfer_failure(error: P2PChatError, line: FileLine) -> str:
     return friendly.get(error.code, error.message)
 
 
-# --- numbers as people read them ---------------------------------------------------------------
-def human_size(n: float) -> str:
-    """Decimal units, as file managers show them: 999 B, 1.2 KB, 34 MB, 1.5 GB."""
-    if n < 1000:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 999.5 or unit == "TB":
-            return f"{n:.1f} {unit}" if n < 99.95 else f"{n:.0f} {unit}"
-    raise AssertionError("unreachable")
-
-
-def human_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{max(s, 1)} s left"
-    if s < 3600:
-        return f"{round(s / 60)} min left"
-    return f"{s // 3600} h {s % 3600 // 60} min left"
-
-
 def transfer_status(line: FileLine) -> str:
     """The one line under a file's name: direction, progress, rate and time left, or how it ended."""
     if line.state is Transfer.OFFERING:
@@ -239,16 +200,6 @@ def transfer_status(line: FileLine) -> str:
     return f"Failed: {line.failure}" if line.failure else "Failed"
 
 
-def short_path(path: Path | None) -> str:
-    """``~/...`` for paths under the home directory: shorter, and the same on every machine."""
-    if path is None:
-        return ""
-    try:
-        return "~/" + str(path.relative_to(Path.home()))
-    except ValueError:
-        return str(path)
-
-
 class ChatModel:
     def __init__(self, user: str) -> None:
         self.user = user
@@ -258,6 +209,7 @@ class ChatModel:
         self.search: Search | None = None  # results shown instead of the open conversation
         self.log: deque[tuple[int, str]] = deque(maxlen=LOG_LINES)
         self.key_changed: dict[str, KeyChange] = {}  # peers whose new key awaits the user's decision
+        self.key_notices: dict[str, KeyChange] = {}  # new keys accepted automatically, until the user has seen them
         self._conversations: dict[str, Conversation] = {}
         self._by_id: dict[bytes, ChatLine] = {}
         self._files: dict[bytes, FileLine] = {}
@@ -299,7 +251,8 @@ class ChatModel:
             line = self._by_id.get(entry.msg_id)
             state = FROM_HISTORY.get(entry.state, Delivery.SENT if entry.outgoing else Delivery.RECEIVED)
             if line is None:
-                line = ChatLine(entry.msg_id, peer, entry.outgoing, entry.text, entry.ts, state)
+                line = ChatLine(entry.msg_id, peer, entry.outgoing, entry.text, entry.ts, state,
+                                resealed=state is Delivery.RESEALED)
                 self._by_id[entry.msg_id] = line
                 if not entry.outgoing and state is Delivery.RECEIVED and peer != self.active:
                     conv.unread += 1
@@ -361,11 +314,25 @@ class ChatModel:
         return self._advance(msg_id, state) if state is not None else None
 
     def failed(self, msg_id: bytes, reason: str) -> ChatLine | None:
+        """Sending failed (before the broker had it; after that, only the recipient can refuse it)."""
         line = self._by_id.get(msg_id)
-        if line is None or line.delivery is not Delivery.SENDING:
+        if line is None or line.delivery not in UNSENT:
             return None
         line.delivery, line.failure = Delivery.FAILED, reason
         return line
+
+    def send_state(self, msg_id: bytes, state: str) -> ChatLine | None:
+        """The library's ``SendState``: held for a key decision, refused by the recipient, resealed, or refused
+        again (failed); the line if that changed what it shows."""
+        line = self._advance(msg_id, SEND_STATES[state])
+        if line is not None and line.delivery is Delivery.FAILED:
+            line.failure = f"{line.peer} still couldn't open it"
+        return line
+
+    def waiting_to_send(self, peer: str) -> int:
+        """Our messages to ``peer`` that go only once the user accepts their new key."""
+        return sum(1 for line in self.conversation(peer).lines if isinstance(line, ChatLine) and line.outgoing
+                   and line.delivery in (Delivery.HELD, Delivery.UNDECRYPTABLE))
 
     def _advance(self, msg_id: bytes, state: Delivery) -> ChatLine | None:
         line = self._by_id.get(msg_id)
@@ -446,28 +413,52 @@ class ChatModel:
 
     # --- keys -------------------------------------------------------------------
     def peer_key_changed(self, peer: str, change: KeyChange) -> bool:
-        """True if this is news (the library reports a change again on each refused message)."""
+        """``peer``'s new key waits for the user; True if this is news (the library reports a change again on
+        each message it holds)."""
         news = self.key_changed.get(peer) != change
         self.key_changed[peer] = change
+        self.key_notices.pop(peer, None)
         return news
 
-    def peer_key_accepted(self, peer: str) -> None:
+    def hold_unsent(self, peer: str) -> list[ChatLine]:
+        """Our messages to ``peer`` not sent yet wait for their new key too (the outbox of an earlier run, or
+        one written just before the change was known): the lines that now say so."""
+        held = [line for line in self.conversation(peer).lines
+                if isinstance(line, ChatLine) and line.outgoing and line.delivery is Delivery.SENDING]
+        for line in held:
+            line.delivery = Delivery.HELD
+        return held
+
+    def peer_key_accepted(self, peer: str) -> list[ChatLine]:
+        """The user accepted ``peer``'s new key: what waited for it is being sent (the lines that changed)."""
         self.key_changed.pop(peer, None)
+        sending = [line for line in self.conversation(peer).lines
+                   if isinstance(line, ChatLine) and line.delivery is Delivery.HELD]
+        for line in sending:
+            line.delivery = Delivery.SENDING
+        return sending
+
+    def peer_key_auto_accepted(self, peer: str, change: KeyChange) -> bool:
+        """The library accepted ``peer``'s new key by itself (the user's setting): a notice to show, no decision
+        to wait for. True if this is news."""
+        news = self.key_notices.get(peer) != change
+        self.key_notices[peer] = change
+        self.key_changed.pop(peer, None)
+        return news
+
+    def dismiss_key_notice(self, peer: str) -> None:
+        self.key_notices.pop(peer, None)
 
     def add_log(self, ts_ms: int, text: str) -> None:
         self.log.append((ts_ms, text))
 
 
 def _advance(line: ChatLine, state: Delivery) -> bool:
-    """Move ``line`` forward to ``state``; events and history may report states late or twice."""
-    if line.outgoing:
-        if line.delivery not in PROGRESS or state not in PROGRESS:
-            return False  # FAILED is final, and history only fails what it never sent
-        if PROGRESS.index(state) <= PROGRESS.index(line.delivery):
-            return False
-    elif not (line.delivery is Delivery.RECEIVED and state is Delivery.READ):
+    """Move ``line`` to ``state`` if that is a move (events and history may report states late or twice)."""
+    if not can_move(line.delivery, state, line.resealed):
         return False
     line.delivery = state
+    line.resealed |= state is Delivery.RESEALED
     return True
 
 

@@ -31,7 +31,7 @@ from p2pchat.client.gui.layout import (
     K_PEERS,
     K_PEOPLE_COUNT,
     K_PORT,
-    K_RECEIPTS_NOTE,
+    K_SETTINGS_NOTE,
     K_SEARCH_CLOSE,
     K_SEND,
     K_STATUS,
@@ -119,8 +119,9 @@ class Rendering:
             self.window[K_STATUS_KEY].update(f"·   encrypted · broker key {fingerprint(client.broker_key)}",
                                              text_color=pal.status_text)
         self._render_transfers()
-        pending = client is not None and client.config.read_receipts != self.settings.read_receipts
-        self.window[K_RECEIPTS_NOTE].update("applies when you reconnect" if pending else "")
+        pending = client is not None and (client.config.read_receipts != self.settings.read_receipts
+                                          or client.config.trust_key_changes != self.settings.trust_key_changes)
+        self.window[K_SETTINGS_NOTE].update("applies when you reconnect" if pending else "")
         if self.options.notifications:
             self.window[K_NOTIFY].update("Notifications: on" if self.settings.notifications else "Notifications: off")
         self.window[K_THEME].update("Dark theme" if self.settings.theme == "light" else "Light theme")
@@ -168,13 +169,14 @@ class Rendering:
         else:
             self._render_presence(peer)
         pal, can_send = self.palette, self._can_send()
+        can_attach = can_send and self.model.active not in self.model.key_changed  # files do not wait for a key
         # Tk greys out neither a disabled Text nor a coloured Button: recolour them so "disabled" shows.
         self._composer().configure(state="normal" if can_send else "disabled",
                                    background=pal.input_bg if can_send else pal.chat_bg,
                                    highlightcolor=pal.accent if can_send else pal.border)
         self.window[K_SEND].update(disabled=not can_send, button_color=(pal.accent_text, pal.accent) if can_send
                                    else (pal.muted, pal.border))
-        self.window[K_ATTACH].update(disabled=not can_send, button_color=(pal.text, pal.input_bg) if can_send
+        self.window[K_ATTACH].update(disabled=not can_attach, button_color=(pal.text, pal.input_bg) if can_attach
                                      else (pal.muted, pal.chat_bg))
         self._render_security()
 
@@ -200,7 +202,6 @@ class Rendering:
 
     def _can_send(self) -> bool:
         return (self.model.active is not None and self.model.search is None and self.model.active in self.model.online
-                and self.model.active not in self.model.key_changed
                 and self.model.link in (Link.CONNECTED, Link.RECONNECTING))
 
     def _empty_hint(self) -> str:

@@ -26,6 +26,7 @@ class GuiSettings:
     theme: str = "light"
     notifications: bool = True
     read_receipts: bool = True  # let senders see when we have read their messages (from the next connect)
+    trust_key_changes: bool = False  # accept contacts' new keys at once, still telling the user (next connect)
 
 
 def settings_path() -> Path:

@@ -46,6 +46,10 @@ class Palette:
     warn_bg: str  # the banner of a changed key
     warn_text: str
     warn_border: str
+    info: str  # the notice of a key change accepted automatically
+    info_bg: str
+    info_text: str
+    info_border: str
     found_bg: str  # a search match, and the message a search result opened
     avatars: tuple[str, ...]
 
@@ -80,6 +84,10 @@ _ROLE_COLOURS: dict[str, tuple[str, str]] = {
     "warn_bg": ("#FFF5E1", "#35290F"),
     "warn_text": ("#5C3400", "#F3D58E"),
     "warn_border": ("#F0C36D", "#6B5220"),
+    "info": ("#2F6FEB", "#6EA2FF"),
+    "info_bg": ("#EAF2FE", "#16263B"),
+    "info_text": ("#173B73", "#BFD6FA"),
+    "info_border": ("#A9C7F5", "#2B4A73"),
     "found_bg": ("#FFF1B8", "#4D3F12"),
 }
 _AVATARS = (

@@ -13,7 +13,8 @@ from typing import Any
 
 from p2pchat.client import events as ev
 from p2pchat.client.gui.layout import K_STATUS_TRANSFERS
-from p2pchat.client.gui.model import FileLine, Transfer, human_size, should_notify, short_path
+from p2pchat.client.gui.model import FileLine, Transfer, should_notify
+from p2pchat.client.gui.units import human_size, short_path
 from p2pchat.client.gui.rendering import now_ms
 from p2pchat.common.errors import ErrorCode, P2PChatError
 

@@ -48,6 +48,9 @@ from p2pchat.client.gui.layout import (
     K_HOST,
     K_KEY_HIDE,
     K_KEY_INFO,
+    K_MARK_VERIFIED,
+    K_NOTICE_OK,
+    K_NOTICE_VERIFY,
     K_NOTIFY,
     K_PEERS,
     K_PORT,
@@ -56,6 +59,7 @@ from p2pchat.client.gui.layout import (
     K_SEARCH_CLOSE,
     K_SEND,
     K_THEME,
+    K_TRUST_KEYS,
     K_USER,
     SEARCH_ESCAPE,
     SEARCH_OPEN,
@@ -177,9 +181,14 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
             self.open_folder(values[FILE_OPEN_FOLDER])
         elif event == K_ACCEPT_KEY:
             self.accept_key()
-        elif event in (K_KEY_INFO, K_KEY_HIDE, K_COMPARE_KEY):
-            self._key_panel_open = event == K_COMPARE_KEY or (event == K_KEY_INFO and not self._key_panel_open)
+        elif event in (K_KEY_INFO, K_KEY_HIDE, K_COMPARE_KEY, K_NOTICE_VERIFY):
+            self._key_panel_open = event in (K_COMPARE_KEY, K_NOTICE_VERIFY) or (
+                event == K_KEY_INFO and not self._key_panel_open)
             self._render_security()
+        elif event == K_MARK_VERIFIED:
+            self.toggle_verified()
+        elif event == K_NOTICE_OK:
+            self.dismiss_key_notice()
         elif event == K_THEME:
             self.set_theme("dark" if self.settings.theme == "light" else "light")
         elif event == K_NOTIFY:
@@ -187,6 +196,9 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
             self._render_status()
         elif event == K_RECEIPTS:
             self._update_settings(read_receipts=bool(self.window[K_RECEIPTS].get()))
+            self._render_status()
+        elif event == K_TRUST_KEYS:
+            self._update_settings(trust_key_changes=bool(self.window[K_TRUST_KEYS].get()))
             self._render_status()
         elif event == TOAST_CLICKED:
             self.window.bring_to_front()
@@ -215,9 +227,12 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
         elif kind is ev.PeersChanged:
             self._on_peers_changed(event)
         elif kind is ev.MessageReceived:
+            self._check_key_decided(event.sender)
             self._on_message(event)
         elif kind is ev.Acked:
             line = self.model.acked(event.msg_id)
+            if line is not None:
+                self._check_key_decided(line.peer)
             if line is not None and self._showing(line.peer):
                 self._view().update_delivery(line)
                 self._render_security()  # the first message pins the peer's key
@@ -227,8 +242,10 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
                 self._view().update_delivery(line)
         elif kind is ev.SendFailed:
             self._on_send_failed(event)
+        elif kind is ev.SendState:
+            self._on_send_state(event)
         elif kind is ev.PeerKeyChanged:
-            self._key_changed(event.user, event.old, event.new)
+            self._key_changed(event.user, event.old, event.new, event.accepted)
         elif kind is ev.ErrorReported:
             error = event.error
             if error.code is ErrorCode.INTEGRITY:

@@ -1,10 +1,16 @@
-"""Keys we have decided to trust: brokers by address (like SSH's known_hosts) and peers by user ID."""
+"""Keys we have decided to trust: brokers by address (like SSH's known_hosts) and peers by user ID, and the peer
+keys the user has verified with their owners."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+# A user's peer key files, in their state directory (docs/PROTOCOL.md §9).
+PINNED_KEYS = "peer_keys.json"
+CHANGED_KEYS = "peer_keys_changed.json"  # new keys waiting for the user to accept them
+VERIFIED_KEYS = "peer_keys_verified.json"
 
 
 class KeyStore:
@@ -53,3 +59,25 @@ class KeyStore:
     def items(self) -> list[tuple[str, bytes]]:
         self._refresh()
         return [(name, bytes.fromhex(v)) for name, v in sorted(self._keys.items())]
+
+
+class VerifiedKeys:
+    """The peer keys the user has verified (compared the safety number with their owner), by peer. A peer is
+    verified only while it presents the very key that was compared: a key change makes it unverified again,
+    and that is worth saying when the change is reported."""
+
+    def __init__(self, path: Path) -> None:
+        self._keys = KeyStore(path)
+
+    def is_verified(self, peer: str, key: bytes | None) -> bool:
+        return key is not None and self._keys.get(peer) == key
+
+    def was_verified(self, peer: str) -> bool:
+        """Whether some key of ``peer`` was verified (maybe one it no longer presents)."""
+        return self._keys.get(peer) is not None
+
+    def mark(self, peer: str, key: bytes) -> None:
+        self._keys.put(peer, key)
+
+    def clear(self, peer: str) -> None:
+        self._keys.delete(peer)

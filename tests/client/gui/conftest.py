@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from p2pchat.client.gui.settings import GuiSettings, SettingsStore
-from tests.conftest import HEARTBEAT, BrokerProcess
+from p2pchat.client import events as ev
+from p2pchat.client.chat_client import ChatClient, ClientConfig
+from tests.conftest import HEARTBEAT, BrokerProcess, wait_for
 
 if TYPE_CHECKING:
     from p2pchat.client.gui.window import ChatWindow
@@ -85,6 +87,26 @@ def received_dir(tmp_path: Path, user: str) -> Path:
 
 
 @pytest.fixture
+def reinstalled_bob(tmp_path: Path, home: Path) -> Path:
+    """alice and bob chatted on another broker, so each pinned the other's key; then bob reinstalled. Returns
+    his new state directory (a fresh key): alice's windows on the test's broker still have his old key."""
+    first = BrokerProcess.launch(tmp_path / "first-broker")
+    config = ClientConfig(server=first.address, heartbeat_ivl=HEARTBEAT)
+    clients = [ChatClient(user, config) for user in ("alice", "bob")]
+    try:
+        for client in clients:
+            client.connect(timeout=10)
+        clients[0].send("bob", "See you at the review tomorrow.")
+        wait_for(clients[1], lambda e: isinstance(e, ev.MessageReceived))
+        wait_for(clients[0], lambda e: isinstance(e, ev.Receipt))  # alice's history says delivered
+    finally:
+        for client in clients:
+            client.close()
+        first.stop()
+    return tmp_path / "bob-reinstalled"
+
+
+@pytest.fixture
 def make_window(display: str, broker: BrokerProcess, home: Path,
                 tmp_path: Path) -> Iterator[Callable[..., ChatWindow]]:
     # Imported here, not at the top: they need Tk, and test_model.py runs without it.
@@ -94,11 +116,14 @@ def make_window(display: str, broker: BrokerProcess, home: Path,
     windows: list[ChatWindow] = []
 
     def make(user: str = "", connect: bool = True, notifications: bool = False, send_timeout: float = 10.0,
-             desktop: FakeDesktop | None = None, slow_files: bool = False) -> ChatWindow:
-        settings = GuiSettings(host="127.0.0.1", port=broker.port, user=user)
+             desktop: FakeDesktop | None = None, slow_files: bool = False, state_dir: Path | None = None,
+             **settings_: object) -> ChatWindow:
+        """``state_dir``: the user's files somewhere else (a reinstall); ``settings_``: more GuiSettings."""
+        settings = GuiSettings(host="127.0.0.1", port=broker.port, user=user, **settings_)
+        overrides = (*(SLOW_FILES if slow_files else ()), *((("state_dir", state_dir),) if state_dir else ()))
         options = GuiOptions(notifications=notifications, heartbeat_ivl=HEARTBEAT, toast_ms=60_000,
                              send_timeout=send_timeout, received_dir=received_dir(tmp_path, user or "nobody"),
-                             client_overrides=SLOW_FILES if slow_files else ())
+                             client_overrides=overrides)
         window = ChatWindow(settings, store=SettingsStore(home / "gui.json"), options=options,
                             desktop=(desktop or FakeDesktop()).desktop())
         windows.append(window)

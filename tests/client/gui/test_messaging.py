@@ -16,7 +16,7 @@ from p2pchat.client.gui.layout import (  # noqa: E402
     K_PEER_NAME,
     K_PEER_PRESENCE,
     K_RECEIPTS,
-    K_RECEIPTS_NOTE,
+    K_SETTINGS_NOTE,
 )
 from tests.client.gui.conftest import pump  # noqa: E402
 from tests.client.gui.driving import act, click, line_of, meet, select_peer, shows, state, type_and_press  # noqa: E402
@@ -77,7 +77,7 @@ def test_a_message_too_large_to_send_is_marked_failed(make_window):
     pump([alice, bob], lambda: shows(alice, "bob", "●"), "bob online at alice")
     select_peer(alice, "bob", [alice, bob])
     type_and_press(alice, "x" * 70_000)
-    pump([alice], lambda: "failed: message too large" in alice.conversation_text(), "the refusal")
+    pump([alice], lambda: "failed — message too large" in alice.conversation_text(), "the refusal")
 
 
 def test_the_sender_sees_delivered_then_read_when_the_recipient_opens_the_conversation(make_window):
@@ -100,11 +100,11 @@ def test_with_read_receipts_off_the_sender_never_sees_read(make_window, home):
     act(bob, bob.window[K_RECEIPTS].Widget.invoke)  # untick "Send read receipts"
     pump([bob], lambda: bob.settings.read_receipts is False, "the setting")
     assert json.loads((home / "gui.json").read_text())["read_receipts"] is False
-    assert bob.window[K_RECEIPTS_NOTE].get() == "applies when you reconnect"
+    assert bob.window[K_SETTINGS_NOTE].get() == "applies when you reconnect"
     click(bob, K_DISCONNECT)
     click(bob, K_CONNECT)
     pump([bob], lambda: bob.status_text().startswith("Connected"), "bob to connect again")
-    assert bob.window[K_RECEIPTS_NOTE].get() == "" and not bob.window[K_RECEIPTS].get()
+    assert bob.window[K_SETTINGS_NOTE].get() == "" and not bob.window[K_RECEIPTS].get()
 
     both = [alice, bob]
     pump(both, lambda: shows(alice, "bob", "●") and shows(bob, "alice", "●"), "each to see the other")

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from p2pchat.client.gui.delivery import MOVES, Delivery, delivery_style, delivery_text
 from p2pchat.client.gui.model import (
     ChatLine,
     ChatModel,
-    Delivery,
     KeyChange,
     Link,
     Search,
     Transfer,
     describe_failure,
-    human_eta,
-    human_size,
     match_spans,
     search_summary,
     should_notify,
     transfer_status,
 )
+from p2pchat.client.gui.units import human_eta, human_size
 from p2pchat.client.storage.history import HistoryEntry
 from p2pchat.common.errors import ErrorCode, RemoteError, TransferError
 
@@ -177,6 +176,66 @@ def test_a_key_change_marks_the_peer_until_accepted():
     assert [(r.name, r.key_changed) for r in model.roster()] == [("bob", True)]
     model.peer_key_accepted("bob")
     assert model.roster() == []
+
+
+def test_messages_waiting_for_a_key_are_held_and_go_once_it_is_accepted():
+    model = ChatModel("me")
+    early = model.sending(b"a", "bob", "written before the change was known", 0)
+    assert model.peer_key_changed("bob", KeyChange("aaaa", "bbbb"))
+    assert model.hold_unsent("bob") == [early] and early.delivery is Delivery.HELD
+    late = model.sending(b"b", "bob", "written since", 1)
+    assert model.send_state(b"b", "held") is late and model.waiting_to_send("bob") == 2
+    assert model.peer_key_accepted("bob") == [early, late] and late.delivery is Delivery.SENDING
+    assert model.acked(b"b") is late and late.delivery is Delivery.SENT
+
+
+def test_a_refused_message_is_resealed_once_then_delivered_or_failed():
+    model = ChatModel("me")
+    line = model.sending(b"a", "bob", "x", 0)
+    model.acked(b"a")
+    assert model.send_state(b"a", "undecryptable") is line and model.waiting_to_send("bob") == 1
+    assert model.receipt(b"a", "delivered") is None  # a refused message is not delivered until it goes again
+    assert model.send_state(b"a", "resealed") is line and model.acked(b"a") is line
+    assert model.send_state(b"a", "undecryptable") is None  # history reseals once: a second refusal fails it
+    assert model.send_state(b"a", "failed") is line and line.failure == "bob still couldn't open it"
+    assert model.receipt(b"a", "delivered") is None and line.delivery is Delivery.FAILED
+    other = model.sending(b"b", "bob", "y", 0)
+    model.send_state(b"b", "held")
+    assert model.failed(b"b", "recipient is busy") is other  # not with the broker yet: it may still fail to send
+
+
+def test_history_shows_a_key_changes_states_and_never_undoes_what_events_said():
+    model = ChatModel("me")
+    model.load("bob", [entry(b"1", "bob", True, "refused", 1, "undecryptable"),
+                       entry(b"2", "bob", True, "sealed again", 2, "resealed")])
+    refused, again = model.conversation("bob").lines
+    assert (refused.delivery, again.delivery) == (Delivery.UNDECRYPTABLE, Delivery.RESEALED)
+    assert model.send_state(b"2", "undecryptable") is None  # resealed already, from an earlier run
+    model.send_state(b"1", "resealed")
+    model.acked(b"1")
+    model.load("bob", [entry(b"1", "bob", True, "refused", 1, "undecryptable")])  # read before the events
+    assert refused.delivery is Delivery.SENT
+
+
+def test_every_state_reads_in_plain_words():
+    words = {state: delivery_text(state, "bob") for state in MOVES if state is not Delivery.RECEIVED}
+    assert words[Delivery.HELD] == "waiting — accept bob's new key to send"
+    assert words[Delivery.UNDECRYPTABLE] == \
+        "bob couldn't open this — it will be re-sent when you accept bob's new key"
+    assert words[Delivery.RESEALED] == "re-sent to bob's new key…"
+    refused = "bob still couldn't open it"
+    assert delivery_text(Delivery.FAILED, "bob", refused) == f"failed — {refused}"
+    assert all(words.values()) and len(set(words.values())) == len(words)
+    assert {delivery_style(s) for s in (Delivery.HELD, Delivery.UNDECRYPTABLE)} == {"meta-warn"}
+
+
+def test_a_key_accepted_automatically_is_a_notice_until_seen():
+    model = ChatModel("me")
+    change = KeyChange("aaaa", "bbbb")
+    assert model.peer_key_auto_accepted("bob", change) and not model.peer_key_auto_accepted("bob", change)
+    assert "bob" in model.key_notices and "bob" not in model.key_changed
+    model.dismiss_key_notice("bob")
+    assert model.key_notices == {}
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (1_234_567, "1.2 MB"),

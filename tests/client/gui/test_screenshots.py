@@ -1,4 +1,5 @@
-"""Screenshots of a busy window in both themes, a changed key, search results and the connect panel.
+"""Screenshots of a busy window in both themes, search results, the connect panel, and a contact's key change
+(the states of what waits, the banner, Verify…, after Continue, and the notice of a change accepted automatically).
 
 Each run writes them to ``artifacts/screenshots`` (git-ignored, or
 ``$P2PCHAT_SCREENSHOTS``); docs/screenshots holds the copies the README shows.
@@ -16,7 +17,19 @@ import pytest
 
 pytest.importorskip("PySimpleGUI", reason="the desktop GUI needs PySimpleGUI")
 
-from p2pchat.client.gui.layout import K_CONNECT, K_KEY_INFO, K_PEER_NAME, K_THEME, K_USER  # noqa: E402
+from p2pchat.client.gui.layout import (  # noqa: E402
+    K_ACCEPT_KEY,
+    K_COMPARE_KEY,
+    K_CONNECT,
+    K_DISCONNECT,
+    K_KEY_BANNER_TEXT,
+    K_KEY_HIDE,
+    K_KEY_NOTICE,
+    K_PEER_NAME,
+    K_THEME,
+    K_TRUST_KEYS,
+    K_USER,
+)
 from p2pchat.client.gui.window import ChatWindow  # noqa: E402
 from p2pchat.client.storage.history import History  # noqa: E402
 from p2pchat.common.crypto import Identity  # noqa: E402
@@ -28,6 +41,7 @@ from tests.client.gui.driving import (  # noqa: E402
     attach,
     click,
     focus,
+    meet,
     moving,
     search_for,
     select_peer,
@@ -110,13 +124,6 @@ def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
     act(alice, alice.file_card(snapshot.xfer).action.invoke)  # Cancel: the snapshot has been seen enough
 
     click(alice, K_THEME)
-    alice.client.e2e._pinned.put("carol", Identity.generate().public)
-    type_and_press(carol, "New laptop, same Carol. Can you check my key?")
-    pump(everyone, lambda: "⚠" in " ".join(alice.roster_text()), "carol's key change at alice")
-    select_peer(alice, "carol", everyone)
-    click(alice, K_KEY_INFO)
-    screenshot(alice, "gui-key-changed.png")
-
     search_for(alice, "night")
     pump(everyone, lambda: alice.window[K_PEER_NAME].get() == "Search", "the search results")
     screenshot(alice, "gui-search.png")
@@ -126,6 +133,45 @@ def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
     click(signin, K_CONNECT)
     pump([signin], lambda: "User IDs are" in signin.form_error(), "the inline message")
     screenshot(signin, "gui-connect.png")
+
+
+def test_screenshots_of_a_key_change(make_window, reinstalled_bob):
+    """bob reinstalled: alice's message sealed to his old key, his first message and hers since, all waiting;
+    the banner, Verify…, after Continue; then carol's change accepted automatically (the setting)."""
+    if shutil.which("import") is None:
+        pytest.skip("ImageMagick's import is not installed: no screenshots")
+    alice, bob = make_window("alice"), make_window("bob", state_dir=reinstalled_bob)
+    meet(alice, bob)
+    type_and_press(alice, "Are you there? The deploy is at 3.")
+    pump([alice, bob], lambda: state(alice, "bob", "Are you there? The deploy is at 3.")[1] == "meta-warn",
+         "bob's refusal")
+    type_and_press(bob, "Hi Alice, it's Bob. I reinstalled p2p-chat on my new laptop.")
+    pump([alice, bob], lambda: "received message to show" in alice.window[K_KEY_BANNER_TEXT].get(), "bob's message held")
+    type_and_press(alice, "Is this really you, Bob?")
+    pump([alice, bob], lambda: state(alice, "bob", "Is this really you, Bob?")[0].startswith("waiting"),
+         "alice's message held")
+    screenshot(alice, "gui-key-changed.png")
+    click(alice, K_COMPARE_KEY)
+    screenshot(alice, "gui-key-verify.png")
+    click(alice, K_KEY_HIDE)
+    click(alice, K_ACCEPT_KEY)
+    pump([alice, bob], lambda: state(alice, "bob", "Is this really you, Bob?")[0] == "delivered ✓✓"
+         and state(alice, "bob", "Are you there? The deploy is at 3.")[0] == "delivered ✓✓", "both delivered")
+    type_and_press(bob, "It is. Same time, same place.")
+    pump([alice, bob], lambda: "Same time" in alice.conversation_text(), "bob's answer")
+    screenshot(alice, "gui-key-accepted.png")
+
+    act(alice, alice.window[K_TRUST_KEYS].Widget.invoke)  # accept new keys automatically, from the next connect
+    click(alice, K_DISCONNECT)
+    click(alice, K_CONNECT)
+    carol = make_window("carol")
+    pump([alice, carol], lambda: alice.status_text().startswith("Connected"), "alice back")
+    meet(alice, carol)
+    alice.client.e2e._pinned.put("carol", Identity.generate().public)  # as if carol had reinstalled
+    type_and_press(carol, "New laptop, same Carol.")
+    pump([alice, carol], lambda: "New laptop" in alice.conversation_text() and alice.shown(K_KEY_NOTICE),
+         "carol's message and the notice")
+    screenshot(alice, "gui-key-notice.png")
 
 
 def screenshot(window: ChatWindow, name: str) -> None:
