@@ -14,7 +14,8 @@ restarted) sends a READY session back to CONNECTING, and so does ``leave``
 (the shell closes its sockets for a while); messages not yet acknowledged are
 sent again once registered, and receivers drop duplicates by message id.
 
-(About 500 lines: one state machine (register, heartbeats, send/ack, receive) read as a whole.)
+(About 570 lines: one state machine (register, heartbeats, send/ack, receive, consumes) read as a whole;
+what it does around key changes is in key_changes.py.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.core.held import HeldMessages
+from p2pchat.client.core.key_changes import KeyChanges
 from p2pchat.client.core.outbox import Outbox
 from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
@@ -68,7 +70,7 @@ def validate_text(recipient: str, text: str) -> bytes:
 _NOBODY: frozenset[str] = frozenset()  # one for every session (the load tool runs 10,000 in a process)
 
 
-class ClientSession:
+class ClientSession(KeyChanges):
     def __init__(
         self,
         user: str,
@@ -214,10 +216,6 @@ class ClientSession:
         xfer, actions = self.transfers.send_file(check_user_id(recipient), path, now)
         return xfer, actions + self._flush(now)
 
-    def accept_peer_key(self, user: str, now: float) -> list[Action]:
-        """The user verified ``user``'s new key: use it from now on, and let through what waited for it."""
-        return self._key_accepted(user, now) if self.e2e.accept(user) else []
-
     def leave(self, now: float, unregister: bool = True) -> list[Action]:
         """The shell closes this session's sockets for a while (UNREGISTER first if asked); ``start`` on fresh
         ones registers again, and what is unacknowledged is sent again then."""
@@ -340,8 +338,7 @@ class ClientSession:
         if self._snapshot_due is not None and now >= self._snapshot_due:
             actions += self._request_snapshot(now, force=True)
         self._refusals.flush(now)
-        for user in [u for u in self._blocked if self.e2e.pending_key(u) is None]:  # accepted elsewhere (CLI)
-            actions += self._key_accepted(user, now)
+        actions += self._accepted_elsewhere(now)
         if self.transfers is not None and self.state is State.READY:
             actions += self.transfers.on_tick(now)
             actions += self._ask_keys(self.transfers.take_key_wants(), now)
@@ -455,69 +452,9 @@ class ClientSession:
             actions += self._request_snapshot(now, force=True)
         if self.transfers is not None:
             actions += self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
-        if not reconnect and self.history is not None:  # refused messages of an earlier run
-            for peer in self.history.waiting_peers():
-                pending = self.e2e.pending_key(peer)
-                if pending is None:  # accepted meanwhile (``p2pchat trust``), or the same key: seal them again
-                    actions += self._reseal(peer)
-                elif peer not in self._blocked:
-                    actions += self._key_changed(PeerKeyChanged(peer, self.e2e.pinned_key(peer) or b"", pending),
-                                                 now)
+        if not reconnect:
+            actions += self._waiting_from_earlier_run(now)
         return actions + self._flush(now)
-
-    # --- key changes ----------------------------------------------------------
-    def held_from(self, user: str) -> int:
-        """``user``'s messages that wait for the user to accept their new key."""
-        return self._held.count(user)
-
-    def _key_changed(self, exc: PeerKeyChanged, now: float) -> list[Action]:
-        """``exc.user`` presents a new key. Messages to and from them wait for the user's decision, or, with
-        ``trust_key_changes``, go on at once; the change is reported either way."""
-        log.warning("user=%s peer=%s key changed: %s", self.user, exc.user, exc.message)
-        actions: list[Action] = [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc,
-                                                        accepted=self.trust_key_changes))]
-        if self.trust_key_changes and self.e2e.accept(exc.user):
-            return actions + self._key_accepted(exc.user, now)
-        self._blocked.add(exc.user)
-        return actions
-
-    def _key_accepted(self, user: str, now: float) -> list[Action]:
-        """``user``'s new key is pinned: our refused messages sealed to it again, the waiting ones sealed, theirs
-        opened, without waiting for a reconnect."""
-        self._blocked.discard(user)
-        actions = self._reseal(user) + self._flush(now)
-        for msg_id, msg, ts in self._held.take(user):
-            actions += self._on_chat(msg_id, msg, ts, now)
-        return actions
-
-    def _reseal(self, peer: str) -> list[Action]:
-        """Our messages ``peer`` could not open go back to the outbox, same id and time (``_flush`` seals them to
-        the key pinned now); the recipient shows each id once however often it comes."""
-        if self.history is None:
-            return []
-        entries = self.history.reseal(peer)
-        for entry in entries:
-            self.outbox.add(entry.msg_id, peer, entry.text.encode("utf-8"), entry.ts, 0.0)
-        self.outbox.put_first([entry.msg_id for entry in entries])  # older than what waited meanwhile
-        return [Emit(ev.SendState(entry.msg_id, peer, "resealed")) for entry in entries]
-
-    def _on_undecryptable(self, peer: str, ref: bytes, key: bytes | None, now: float) -> list[Action]:
-        """``peer`` could not open our message ``ref`` and names the key to seal to (docs/PROTOCOL.md §10.4)."""
-        if self.history is None:  # nothing kept to seal again: say so, it is lost
-            return [Emit(ev.SendState(ref, peer, "undecryptable"))]
-        state = self.history.undecryptable(ref, peer)
-        if state is None:  # not ours in flight to them: unknown, already waiting, or contradicted by a receipt
-            return []
-        actions: list[Action] = [Emit(ev.SendState(ref, peer, state))]
-        if state != "undecryptable" or key is None or not self.e2e.enabled:
-            return actions
-        try:
-            self.e2e.learn(peer, key)
-        except PeerKeyChanged as exc:
-            return actions + self._key_changed(exc, now)
-        if self.e2e.pending_key(peer) is not None:  # a change the user has not decided on yet
-            return actions
-        return actions + self._reseal(peer) + self._flush(now)  # the key we have is theirs: we sealed to an older one
 
     def _on_error(self, msg: Error, now: float) -> list[Action]:
         error = RemoteError(msg.message, msg.code)
