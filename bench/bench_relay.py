@@ -129,7 +129,7 @@ def _register_frames(user: str, key: bytes) -> list[bytes]:
 
     from p2pchat.common.protocol import Register, pack
 
-    values = {"user": user, "token": os.urandom(32), "key": key}
+    values = {"user": user, "token": os.urandom(32), "key": key, "recovery": None}  # a throwaway ID: no recovery
     missing = [f.name for f in dataclasses.fields(Register) if f.name not in values]
     if missing:
         raise BenchError(f"Register has fields {missing} that bench_relay._register_frames does not fill")
