@@ -27,7 +27,7 @@ class KeyChanges:
 
     def held_from(self, user: str) -> int:
         """``user``'s messages that wait for the user to accept their new key."""
-        return self._held.count(user)
+        return self._held.count(user) if self._held is not None else 0
 
     def _key_changed(self, exc: PeerKeyChanged, now: float) -> list[Action]:
         """``exc.user`` presents a new key. Messages to and from them wait for the user's decision, or, with
@@ -37,15 +37,15 @@ class KeyChanges:
                                                         accepted=self.trust_key_changes))]
         if self.trust_key_changes and self.e2e.accept(exc.user):
             return actions + self._key_accepted(exc.user, now)
-        self._blocked.add(exc.user)
+        self._blocked = self._blocked | {exc.user}
         return actions
 
     def _key_accepted(self, user: str, now: float) -> list[Action]:
         """``user``'s new key is pinned: our refused messages sealed to it again, the waiting ones sealed, theirs
         opened, without waiting for a reconnect."""
-        self._blocked.discard(user)
+        self._blocked = self._blocked - {user}
         actions = self._reseal(user) + self._flush(now)
-        for msg_id, msg, ts in self._held.take(user):
+        for msg_id, msg, ts in self._held.take(user) if self._held is not None else ():
             actions += self._on_chat(msg_id, msg, ts, now)
         return actions
 

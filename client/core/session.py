@@ -134,8 +134,10 @@ class ClientSession(KeyChanges):
         self._consumes: list[bytes] = []  # ids to consume at the end of the shell's batch (``end_batch``)
         self._after_consumes: list[Action] = []  # refusals to send once the batch's consumes are out
         self.trust_key_changes = trust_key_changes
-        self._blocked: set[str] = set()  # peers whose new key waits for the user (``accept_peer_key``)
-        self._held = HeldMessages()  # their messages meanwhile: opened when it is accepted
+        # Peers whose new key waits for the user (``accept_peer_key``), and their messages meanwhile. Made when
+        # first needed: the load tool runs 10,000 sessions in a process, nearly all of them never see a key change.
+        self._blocked: frozenset[str] = _NOBODY
+        self._held: HeldMessages | None = None
         self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
@@ -366,6 +368,8 @@ class ClientSession(KeyChanges):
         try:
             plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body)
         except PeerKeyChanged as exc:  # authentic under a new key: kept queued (and here) until the user decides
+            if self._held is None:
+                self._held = HeldMessages()
             self._held.add(msg_id, msg, ts)
             return self._key_changed(exc, now)
         except ProtocolError as exc:  # tampered, replayed under a new id, not encrypted, or sealed to an old key
