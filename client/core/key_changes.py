@@ -6,7 +6,7 @@ Accepting (here, or by ``p2pchat trust`` in another process, seen at the next ti
 and our messages the peer could not open are sealed again to the new key (same id and time).
 
 ``KeyChanges`` is a mixin of ``ClientSession``: it uses the session's ``e2e``, ``history``, ``outbox``,
-``trust_key_changes``, ``_blocked``, ``_held``, ``_flush`` and ``_on_chat``.
+``transfers``, ``trust_key_changes``, ``_blocked``, ``_held``, ``_flush`` and ``_on_chat``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class KeyChanges:
         opened, without waiting for a reconnect."""
         self._blocked = self._blocked - {user}
         actions = self._reseal(user) + self._flush(now)
+        if self.transfers is not None:  # offers that waited for it go again, sealed to it
+            actions += self.transfers.on_key(user, now)
         for msg_id, msg, ts in self._held.take(user) if self._held is not None else ():
             actions += self._on_chat(msg_id, msg, ts, now)
         return actions

@@ -2,9 +2,15 @@
 
     OFFERING --credit--> SENDING --done--> DONE        (FAILED from every live phase)
       ^    \\              |
-      |     no key, or the peer unreachable once it accepted
+      |     no key (or a key change not yet accepted), the offer refused as
+      |     undecryptable, or the peer unreachable once it accepted
       |          v         v
       +------- WAITING <---+    (re-offered when the key arrives or the peer is back)
+
+An offer the receiver could not open (``file_cancel integrity`` before any credit: sealed to a key it no
+longer has) makes the sender ask the broker for the receiver's key: a new key is a key change, and the
+offer goes again, sealed to it, once the user accepts it; the same key gets one more offer, and a second
+refusal fails the transfer.
 
 The sender never has more than ``window`` chunks beyond the receiver's last verified chunk in
 flight, so the broker, which only relays, holds at most a window per transfer. Each sending
@@ -49,6 +55,7 @@ SENDER: Table = {
     (_SENDING, Input.KEY_ARRIVED): IGNORE,
     (_OFFERING, Input.PEER_BACK): IGNORE, (_WAITING, Input.PEER_BACK): _OFFERING, (_SENDING, Input.PEER_BACK): IGNORE,
     (_OFFERING, Input.NO_KEY): _WAITING,  # decided while offering
+    (_OFFERING, Input.UNDECRYPTABLE): _WAITING, (_WAITING, Input.UNDECRYPTABLE): _WAITING,  # not once it accepted
     # the receiver: a credit (from any live phase: it may answer an earlier offer), the end
     (_OFFERING, Input.CREDIT): _SENDING, (_WAITING, Input.CREDIT): _SENDING, (_SENDING, Input.CREDIT): _SENDING,
     (_OFFERING, Input.DONE): Phase.DONE, (_WAITING, Input.DONE): Phase.DONE, (_SENDING, Input.DONE): Phase.DONE,
@@ -85,6 +92,7 @@ class Outgoing(TransferMachine):
     offer_id: bytes = b""  # the offer's id and ts, fixed for the session: a repeated offer is byte-identical
     offer_ts: int = 0
     rewound_at: float = float("-inf")  # when a credit last sent us back to chunks already sent
+    refused_seals: int = 0  # offers the receiver could not open (one more is sent, then it fails)
 
     @classmethod
     def begin(cls, ctx: TransferContext, xfer: bytes, peer: str, source: Source, chunk_size: int, session: int,
@@ -129,6 +137,20 @@ class Outgoing(TransferMachine):
     def on_no_key(self, error: P2PChatError) -> list[Action]:
         """No usable key for the peer: a transfer it never accepted fails."""
         return [] if self.accepted else self.fail(error, tell_peer=False)
+
+    def on_cancel(self, error: P2PChatError) -> list[Action]:
+        """The receiver cancels. ``integrity`` before it accepted: it could not open our offer, so its key may
+        have changed: ask the broker, and offer again when the key arrives (once)."""
+        if error.code is not ErrorCode.INTEGRITY or self.accepted or self.refused_seals or not self.ctx.e2e.enabled:
+            return TransferMachine.on_cancel(self, error)
+        refused = self.enter(Input.UNDECRYPTABLE)
+        if refused is not None:
+            return refused
+        self.refused_seals += 1
+        self.ctx.key_wants.add(self.peer)
+        log.info("user=%s peer=%s xfer=%s offer refused as undecryptable: asking for their key", self.ctx.user,
+                 self.peer, self.xfer.hex()[:8])
+        return []
 
     def on_error(self, error: P2PChatError, now: float) -> list[Action]:
         """An ERROR about one of our frames: wait for a peer that accepted and went away, else fail."""
@@ -195,8 +217,8 @@ class Outgoing(TransferMachine):
             if ctx.e2e.enabled and ctx.e2e.key_of(self.peer) is None:
                 ctx.key_wants.add(self.peer)
                 return self.enter(Input.NO_KEY) or []
-        except PeerKeyChanged as exc:
-            return self.fail(exc, tell_peer=False)
+        except PeerKeyChanged:  # waits for the user's decision, as messages do; offered again once accepted
+            return self.enter(Input.NO_KEY) or []
         meta = {"name": self.name[:MAX_TEXT_CHARS]}
         if self.cipher is not None:
             meta["key"] = self.cipher.key

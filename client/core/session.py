@@ -276,6 +276,8 @@ class ClientSession(KeyChanges):
             if self.transfers is None or msg.recipient != self.user:  # type: ignore[attr-defined]
                 return []
             actions = self.transfers.on_message(env, now) + self._ask_keys(self.transfers.take_key_wants(), now)
+            for change in self.transfers.take_key_changes():  # an offer under a new key: as a message's
+                actions += self._key_changed(change, now)
             if msg.DURABLE:  # a queued file offer: the transfer manager has taken it over
                 self._consumes.append(env.msg_id)
             return actions
@@ -431,9 +433,8 @@ class ClientSession(KeyChanges):
     def _on_key_info(self, msg: KeyInfo | KeyChanged, now: float) -> list[Action]:
         try:
             self.e2e.learn(msg.user, msg.key)
-        except PeerKeyChanged as exc:  # our messages to them wait; files fail (their offers were sealed already)
-            actions = self._key_changed(exc, now)
-            return actions + (self.transfers.fail_peer(msg.user, exc) if self.transfers is not None else [])
+        except PeerKeyChanged as exc:  # our messages and offers to them wait for the user's decision
+            return self._key_changed(exc, now)
         actions = self._flush(now)
         if self.transfers is not None:
             actions += self.transfers.on_key(msg.user, now)

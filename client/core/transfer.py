@@ -170,6 +170,11 @@ class TransferManager:
         wants, self._ctx.key_wants = self._ctx.key_wants, set()
         return wants
 
+    def take_key_changes(self) -> list[PeerKeyChanged]:
+        """Key changes offers showed (the session reports them and holds what comes from those peers)."""
+        changes, self._ctx.key_changes = self._ctx.key_changes, []
+        return changes
+
     def on_key(self, user: str, now: float) -> list[Action]:
         actions: list[Action] = []
         for out in list(self.outgoing.values()):
@@ -239,10 +244,11 @@ class TransferManager:
                                                           "this transfer was refused or cancelled earlier"))]
         try:
             name, file_key, session = open_offer(self.e2e, env)
-        except PeerKeyChanged as exc:
-            return [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc))]
-        except ProtocolError as exc:
-            return self._refuse(offer, now, exc.message, ErrorCode.INTEGRITY, ev.ErrorReported(exc))
+        except PeerKeyChanged as exc:  # the session decides (it holds what comes from them until accepted)
+            self._ctx.key_changes.append(exc)
+            return []
+        except ProtocolError as exc:  # not remembered: the sender offers again, sealed to our current key
+            return self._refuse(offer, now, exc.message, ErrorCode.INTEGRITY, ev.ErrorReported(exc), remember=False)
         cfg = self.config
         reject = None
         if not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
@@ -273,11 +279,12 @@ class TransferManager:
         self._queue(inc)
         return [Emit(ev.FileQueued(inc.xfer, inc.peer, inc.name, inc.size, len(self.queued))), inc.hold()]
 
-    def _refuse(self, offer: FileOffer, now: float, message: str, code: ErrorCode, report: ev.Event | None = None
-                ) -> list[Action]:
+    def _refuse(self, offer: FileOffer, now: float, message: str, code: ErrorCode, report: ev.Event | None = None,
+                remember: bool = True) -> list[Action]:
         """Refuse an offer: the sender is told; logged and reported once per sender and period (a peer sending
         thousands must not flood the log or the user), the rest counted."""
-        self._remember_failed(offer.xfer)
+        if remember:
+            self._remember_failed(offer.xfer)
         actions: list[Action] = [self._ctx.send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code,
                                                                        message))]
         label = f"user={self.user} peer={offer.sender} xfer={offer.xfer.hex()[:8]}"

@@ -19,7 +19,7 @@ from typing import ClassVar
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.core.ports import TransferFiles, TransferRecords
-from p2pchat.client.e2e import Sealing
+from p2pchat.client.e2e import PeerKeyChanged, Sealing
 from p2pchat.common.errors import ErrorCode, P2PChatError, TransferError
 from p2pchat.common.protocol import Envelope, FileCancel, FileChunk, FileCredit, Message, new_msg_id, pack
 
@@ -77,6 +77,7 @@ class Input(enum.Enum):
     STALLED = "stalled"  # nothing happened for the stall timeout: ask again
     RECONNECTED = "reconnected"  # we registered again: what was in flight may be lost
     VERIFIED = "verified"  # receiver: the last chunk is in and the file checks out
+    UNDECRYPTABLE = "undecryptable"  # sender: the receiver could not open our offer (sealed to a key it lost)
     ABORT = "abort"  # a local failure, an ERROR about the transfer, the user's cancel, a timeout
 
 
@@ -136,6 +137,7 @@ class TransferContext:
     records: TransferRecords
     ended: Callable[[TransferMachine], None]  # the manager lets go of a finished or failed transfer
     key_wants: set[str] = field(default_factory=set)  # peers whose key an offer waits for
+    key_changes: list[PeerKeyChanged] = field(default_factory=list)  # seen in offers: the session decides
 
     def send(self, xfer: bytes, msg: Message, payload=None, urgent: bool = False) -> Transmit:
         return Transmit(pack(msg, self.wall_ms(), frame_id(xfer, self.new_id), payload), urgent)

@@ -135,3 +135,18 @@ def test_history_cli_shows_the_new_states(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-m", "p2pchat.client.cli", "history", "--user", "alice", "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert '"state": "undecryptable"' in out.stdout, out.stderr
+
+
+def test_a_file_offer_sealed_to_an_old_key_goes_again_once_the_new_key_is_accepted(reinstall, tmp_path):
+    alice = reinstall("alice")
+    bob = reinstall("bob", state_dir=reinstall.new_bob_home, received_dir=tmp_path / "inbox")
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"quarterly numbers\n" * 1000)
+    _, done = alice.send_file("bob", source)
+    change = wait_for(alice, lambda e: isinstance(e, (ev.PeerKeyChanged, ev.FileFailed)))  # bob's key, asked
+    assert isinstance(change, ev.PeerKeyChanged) and change.new == bob.identity.public
+    assert not done.done()  # the transfer waits for the decision instead of failing
+    assert alice.accept_peer_key("bob")
+    saved = wait_for(bob, lambda e: isinstance(e, ev.FileReceived))
+    assert saved.path.read_bytes() == source.read_bytes()
+    done.result(timeout=10)
