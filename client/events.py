@@ -145,6 +145,7 @@ class PeerKeyChanged:
     new: bytes
     error: P2PChatError
     accepted: bool = False
+    how: str | None = None  # what the broker said happened: "recovered" (the recovery phrase), "moved" (the operator)
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,7 +168,13 @@ class ReceiptStatus(str, enum.Enum):
     UNDECRYPTABLE = "undecryptable"  # the recipient could not open it; ``key`` is the one to seal to (§10.4)
 
 
+class KeyChangeHow(str, enum.Enum):
+    RECOVERED = "recovered"  # with the ID's recovery phrase
+    MOVED = "moved"  # by the broker's operator
+
+
 AckStatusField = Annotated[AckStatus, _enum(AckStatus)]
+KeyChangeHowField = Annotated[KeyChangeHow, _enum(KeyChangeHow)]
 ReceiptStatusField = Annotated[ReceiptStatus, _enum(ReceiptStatus)]
 ErrorCodeField = Annotated[ErrorCode, _enum(ErrorCode)]
 
@@ -217,6 +223,7 @@ class KeyChanged(Message):
     TYPE = MsgType.KEY_CHANGED
     user: UserId
     key: PublicKey
+    how: KeyChangeHowField | None = None  # what the broker says happened, for the user's warning
 
 
 @_message

@@ -37,11 +37,12 @@ from p2pchat.broker.core.ports import (
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import Ack, AckStatus, Consume, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
+from p2pchat.common.protocol import Ack, AckStatus, Consume, KeyChangeHow, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
 
 log = logging.getLogger(__name__)
 
 MAX_LIMITERS = 200_000
+_HOW = frozenset(h.value for h in KeyChangeHow)
 _LEFT_KEY = {  # BindingChange.why -> what the old key's session is told
     "recovered": "was moved to another key with its recovery phrase",
     "moved": "was moved to another key by the broker's operator",
@@ -288,7 +289,8 @@ class BrokerCore:
             actions.append(Send(where.conn, self._frames.error(ErrorCode.SESSION_REPLACED, text, None)))
             actions += self._drop(where.conn)
         if change.key is not None:
-            told = self._frames.make(KeyChanged(change.user, change.key))
+            how = KeyChangeHow(change.why) if change.why in _HOW else None
+            told = self._frames.make(KeyChanged(change.user, change.key, how))
             actions += [Send(conn, told) for conn, other in self._sessions.items() if other.user != change.user]
         return actions
 

@@ -29,12 +29,12 @@ class KeyChanges:
         """``user``'s messages that wait for the user to accept their new key."""
         return self._held.count(user) if self._held is not None else 0
 
-    def _key_changed(self, exc: PeerKeyChanged, now: float) -> list[Action]:
+    def _key_changed(self, exc: PeerKeyChanged, now: float, how: str | None = None) -> list[Action]:
         """``exc.user`` presents a new key. Messages to and from them wait for the user's decision, or, with
         ``trust_key_changes``, go on at once; the change is reported either way."""
         log.warning("user=%s peer=%s key changed: %s", self.user, exc.user, exc.message)
         actions: list[Action] = [Emit(ev.PeerKeyChanged(exc.user, exc.old, exc.new, exc,
-                                                        accepted=self.trust_key_changes))]
+                                                        accepted=self.trust_key_changes, how=how))]
         if self.trust_key_changes and self.e2e.accept(exc.user):
             return actions + self._key_accepted(exc.user, now)
         self._blocked = self._blocked | {exc.user}

@@ -434,7 +434,8 @@ class ClientSession(KeyChanges):
         try:
             self.e2e.learn(msg.user, msg.key)
         except PeerKeyChanged as exc:  # our messages and offers to them wait for the user's decision
-            return self._key_changed(exc, now)
+            how = msg.how.value if type(msg) is KeyChanged and msg.how is not None else None
+            return self._key_changed(exc, now, how)
         actions = self._flush(now)
         if self.transfers is not None:
             actions += self.transfers.on_key(msg.user, now)

@@ -39,12 +39,19 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def why_keys_change(peer: str) -> str:
+def why_keys_change(peer: str, how: str | None = None) -> str:
+    if how == "recovered":
+        return (f"The broker says {peer} moved their account to a new key with their recovery phrase — if {peer} "
+                f"did not, someone else has that phrase.")
+    if how == "moved":
+        return (f"The broker says its operator moved {peer}'s ID to a new key (for example after {peer} lost "
+                f"their device) — or the broker is not to be trusted.")
     return (f"{peer} may have reinstalled p2p-chat, set up a new device or recovered their account — "
             f"or someone may be impersonating {peer}.")
 
 
-def explain_key_change(peer: str, to_send: int, held: int, was_verified: bool, comparing: bool) -> str:
+def explain_key_change(peer: str, to_send: int, held: int, was_verified: bool, comparing: bool,
+                       how: str | None = None) -> str:
     """The banner's paragraph: why a key changes, what waits for the user, what Continue and Verify… do
     (``comparing``: the Verify panel is open below, so a line is enough)."""
     if comparing:
@@ -55,7 +62,7 @@ def explain_key_change(peer: str, to_send: int, held: int, was_verified: bool, c
     caution = (f"You had verified {peer}'s previous key: compare the new safety number with {peer} before you "
                f"continue." if was_verified else
                f"Continue accepts the new key and lets what waits go at once; verify it with {peer} now or later.")
-    return f"{why_keys_change(peer)}{waiting} {caution}"
+    return f"{why_keys_change(peer, how)}{waiting} {caution}"
 
 
 class KeyVerification:
@@ -102,10 +109,14 @@ class KeyVerification:
         self._render_roster()
         self._render_header()
 
-    def _key_changed(self, peer: str, old: bytes, new: bytes, accepted: bool = False) -> None:
+    def _key_changed(self, peer: str, old: bytes, new: bytes, accepted: bool = False, how: str | None = None
+                     ) -> None:
         """``peer`` presents a new key: everything that waits for it raises the same banner (or the notice, when
         the library accepted it by itself). Reported again for each message held: the counts move."""
-        change = KeyChange(fingerprint(old) if old else "none", fingerprint(new), new)
+        known = self.model.key_changed.get(peer) or self.model.key_notices.get(peer)
+        if how is None and known is not None and known.new_key == new:
+            how = known.how  # the broker said it once (key_changed); later reports of the same key do not
+        change = KeyChange(fingerprint(old) if old else "none", fingerprint(new), new, how)
         if accepted:
             if self.model.peer_key_auto_accepted(peer, change):
                 self._log(f"{peer}'s key changed to {change.new}; accepted automatically, as your settings ask")
@@ -159,12 +170,12 @@ class KeyVerification:
             self.window[K_KEY_BANNER_TITLE].update(f"{peer}'s key has changed")
             self.window[K_KEY_BANNER_TEXT].update(explain_key_change(
                 peer, self.model.waiting_to_send(peer), self._held_from(peer), client.was_verified(peer),
-                comparing=self._key_panel_open))
+                comparing=self._key_panel_open, how=change.how))
         self._set_visible(K_KEY_NOTICE, notice is not None)
         if notice is not None:
             self.window[K_KEY_NOTICE_TITLE].update(f"{peer}'s key changed and was accepted automatically")
             self.window[K_KEY_NOTICE_TEXT].update(
-                f"{why_keys_change(peer)} Your settings accept new keys at once, so nothing waited: compare the "
+                f"{why_keys_change(peer, notice.how)} Your settings accept new keys at once, so nothing waited: compare the "
                 f"safety number with {peer} (Verify…) to be sure.")
         self.window[K_COMPOSER_NOTE].update(
             f"What you send {peer} waits until you press Continue above." if change else "")

@@ -102,6 +102,7 @@ class KeyChange:
     old: str
     new: str
     new_key: bytes = b""  # for the safety number the user checks before accepting
+    how: str | None = None  # what the broker said happened ("recovered", "moved"), if it said
 
 
 @dataclass(slots=True)

@@ -245,7 +245,7 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
         elif kind is ev.SendState:
             self._on_send_state(event)
         elif kind is ev.PeerKeyChanged:
-            self._key_changed(event.user, event.old, event.new, event.accepted)
+            self._key_changed(event.user, event.old, event.new, event.accepted, event.how)
         elif kind is ev.ErrorReported:
             error = event.error
             if error.code is ErrorCode.INTEGRITY:

@@ -917,8 +917,8 @@ def test_s10_2_recover_moves_the_id_signs_the_old_key_out_and_tells_the_others(n
     owner.expect_error("session_replaced", None)
     owner.request("heartbeat")
     owner.expect("error", code="not_registered")
-    told = contact.expect("key_changed", user=owner.user, key=new.raw)
-    assert set(told) == {"v", "t", "id", "ts", "user", "key"}
+    told = contact.expect("key_changed", user=owner.user, key=new.raw, how="recovered")
+    assert set(told) == {"v", "t", "id", "ts", "user", "key", "how"}
     assert key_service(net.broker, f"ADMIT {owner.user} {owner.keys.raw.hex()}\n".encode(), 1)[0].startswith(
         b"ERR id_taken ")
     net.dealer(keys=new, admit=False).register(owner.user)  # bound: admitted without a ticket

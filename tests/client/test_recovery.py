@@ -50,10 +50,10 @@ def signed_out(client: ChatClient, why: str) -> None:
     assert event.error.code is ErrorCode.SESSION_REPLACED and why in event.error.message, event.error
 
 
-def key_change_held(alice: ChatClient, user: str, old: bytes, new: bytes) -> None:
-    """Alice was told ``user``'s key changed, and holds the new key as pending: never accepted silently."""
+def key_change_held(alice: ChatClient, user: str, old: bytes, new: bytes, how: str = "recovered") -> None:
+    """Alice was told ``user``'s key changed, and how, and holds the new key as pending: never accepted silently."""
     event = wait_for(alice, lambda e: isinstance(e, ev.PeerKeyChanged) and e.user == user)
-    assert (event.old, event.new) == (old, new)
+    assert (event.old, event.new, event.how) == (old, new, how)
     assert alice.pending_key_change(user) == (old, new) and alice.e2e.pinned_key(user) == old
 
 

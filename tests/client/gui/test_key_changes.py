@@ -146,3 +146,21 @@ def test_a_key_verified_in_another_process_lets_what_waited_go_and_shows_verifie
          "the held message, and the banner gone")
     assert alice.window[K_PEER_KEY].get() == f"✓ verified · key {fingerprint(bob.client.identity.public)}"
     assert "accepted outside this window" in alice.log_text()
+
+
+def test_the_banner_says_what_the_broker_says_happened_a_recovery(make_window, broker, tmp_path):
+    import os
+
+    alice, bob = make_window("alice"), make_window("bob")
+    meet(alice, bob)
+    type_and_press(alice, "hi bob")  # alice pins bob's key
+    pump([alice, bob], lambda: "hi bob" in bob.conversation_text(), "bob to get it")
+    phrase = bob.client.recovery_phrase
+    recovered = subprocess.run([sys.executable, "-m", "p2pchat.client.cli", "recover", "--user", "bob", "--server",
+                                f"127.0.0.1:{broker.port}"], cwd=ROOT, input=phrase + "\n", text=True,
+                               capture_output=True, timeout=60,
+                               env=dict(os.environ, P2PCHAT_HOME=str(tmp_path / "bobs-new-machine")))
+    assert recovered.returncode == 0, recovered.stderr
+    pump([alice, bob], lambda: "recovery phrase" in banner(alice), "the banner to name the recovery")
+    assert banner(alice).startswith("The broker says bob moved their account to a new key with their recovery "
+                                    "phrase — if bob did not, someone else has that phrase.")
