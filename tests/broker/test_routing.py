@@ -29,7 +29,7 @@ from p2pchat.client.e2e import EndToEnd, MemoryKeys
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import ErrorCode, RemoteError
-from p2pchat.common.protocol import MAX_HEADER_BYTES, Ack, AckStatus, ChatMessage, Error, FileChunk, FileCredit, Heartbeat, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, new_msg_id, pack
+from p2pchat.common.protocol import MAX_HEADER_BYTES, Ack, AckStatus, ChatMessage, Error, FileChunk, FileCredit, Heartbeat, KeyChanged, KeyChangeHow, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, new_msg_id, pack
 from tests.common.test_protocol import example_message
 from tests.cores import KeyBook, id_source
 
@@ -675,9 +675,11 @@ def test_a_moved_id_is_announced_to_everyone_else_online_with_its_new_key(core):
     register(core, C, "carol")
     core.keys.move("bob", key_of("bob-new"))
     actions = core.on_tick(0.1)
-    for conn in (B, C):
-        assert KeyChanged("bob", key_of("bob-new")) in replies(actions, conn)
+    for conn in (B, C):  # with how it moved, for their users' warning
+        assert KeyChanged("bob", key_of("bob-new"), KeyChangeHow.RECOVERED) in replies(actions, conn)
     assert all(type(m) is not KeyChanged for m in replies(actions, A))
+    core.keys.move("bob", key_of("bob-newer"), "moved")
+    assert KeyChanged("bob", key_of("bob-newer"), KeyChangeHow.MOVED) in replies(core.on_tick(0.2), B)
 
 
 def test_the_new_keys_own_session_is_kept_when_its_id_moves_to_it():
