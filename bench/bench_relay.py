@@ -129,7 +129,8 @@ def _register_frames(user: str, key: bytes) -> list[bytes]:
 
     from p2pchat.common.protocol import Register, pack
 
-    values = {"user": user, "token": os.urandom(32), "key": key, "recovery": None}  # a throwaway ID: no recovery
+    # A throwaway ID: no recovery key, and the single-device protocol (no caps, no device name).
+    values = {"user": user, "token": os.urandom(32), "key": key, "recovery": None, "caps": None, "name": None}
     missing = [f.name for f in dataclasses.fields(Register) if f.name not in values]
     if missing:
         raise BenchError(f"Register has fields {missing} that bench_relay._register_frames does not fill")

@@ -37,6 +37,9 @@ MAX_FIELDS = 16
 MAX_INT = 2**63 - 1
 MSG_ID_BYTES = 16
 USER_ID_MAX = 32
+MAX_DEVICES = 8  # devices of one user ID (§5.5)
+DEVICE_NAME_CHARS = 32
+CAPS_DEVICES = 1  # register.caps bit 0: the client knows several devices per ID (§5.5)
 USER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
@@ -106,6 +109,22 @@ def _id_list(value: Any) -> tuple[bytes, ...]:
     return value
 
 
+def _device_name(value: Any) -> str:
+    if type(value) is not str or len(value) > DEVICE_NAME_CHARS:
+        _fail("expected a device name of at most %d characters" % DEVICE_NAME_CHARS)
+    return value
+
+
+def _device_list(value: Any) -> tuple[tuple[int, bytes, str, int], ...]:
+    if type(value) is not tuple or not 0 < len(value) <= MAX_DEVICES:
+        _fail("expected a list of 1 to %d devices" % MAX_DEVICES)
+    for entry in value:
+        if type(entry) is not tuple or len(entry) != 4:
+            _fail("expected devices as [id, key, name, flags]")
+        _uint(entry[0]), _public_key(entry[1]), _device_name(entry[2]), _uint(entry[3])
+    return value
+
+
 def _enum(kind: type[enum.Enum]) -> Checker:
     values = {m.value: m for m in kind}
 
@@ -124,13 +143,16 @@ MsgId = Annotated[bytes, _bytes(MSG_ID_BYTES, exact=True)]
 Body = Annotated[bytes, _bytes(MAX_BODY_BYTES)]
 Token = Annotated[bytes, _bytes(64)]
 Digest = Annotated[bytes, _bytes(32, exact=True)]
-PublicKey = Annotated[bytes, _bytes(32, exact=True)]
+_public_key = _bytes(32, exact=True)
+PublicKey = Annotated[bytes, _public_key]
 SigningKey = Annotated[bytes, _bytes(32, exact=True)]  # a raw Ed25519 public key: a recovery key (§10.2)
 Text = Annotated[str, _text]
 Count = Annotated[int, _uint]
 Flag = Annotated[bool, _bool]
 UserList = Annotated[tuple, _user_list]
 MsgIdList = Annotated[tuple, _id_list]
+DeviceName = Annotated[str, _device_name]
+DeviceList = Annotated[tuple, _device_list]
 
 
 class MsgType(str, enum.Enum):
@@ -150,6 +172,8 @@ class MsgType(str, enum.Enum):
     KEY_REQ = "key_req"
     KEY_INFO = "key_info"
     KEY_CHANGED = "key_changed"
+    DEVICES_REQ = "devices_req"
+    DEVICES = "devices"
     FILE_OFFER = "file_offer"
     FILE_CREDIT = "file_credit"
     FILE_CHUNK = "file_chunk"
@@ -201,6 +225,8 @@ class Register(Message):
     token: Token  # proves a reconnect is the same installation: it may take over its stale session
     key: PublicKey  # the user's X25519 key; with CURVE it must be the key of this connection
     recovery: SigningKey | None = None  # the public key of the user's recovery phrase, kept with a new binding
+    caps: Count | None = None  # what the client knows beyond version 1 (CAPS_DEVICES); None: nothing (§5.5)
+    name: DeviceName | None = None  # this device's name, for the user's device list
 
 
 @_message
@@ -232,6 +258,26 @@ class Registered(Message):
     user: UserId
     epoch: Token
     heartbeat_ms: Count
+    # Only to a register with caps: the caps granted, this device's number and the list version (§5.5).
+    caps: Count | None = None
+    dev: Count | None = None
+    ver: Count | None = None
+
+
+@_message
+class DevicesRequest(Message):
+    TYPE = MsgType.DEVICES_REQ
+    user: UserId
+
+
+@_message
+class Devices(Message):
+    """Broker -> client: ``user``'s devices at list version ``ver``, each ``(id, key, name, flags)``."""
+
+    TYPE = MsgType.DEVICES
+    user: UserId
+    ver: Count
+    devices: DeviceList
 
 
 @_message
@@ -445,6 +491,7 @@ def register_message_type(cls: type[Message]) -> type[Message]:
 
 for _cls in (
     Register, Registered, Unregister, Heartbeat, ChatMessage, Ack, Error, KeyRequest, KeyInfo, KeyChanged,
+    DevicesRequest, Devices,
     SnapshotRequest, Snapshot, PeerUpdate, PeerSync, Consume, Receipt,
     FileOffer, FileCredit, FileChunk, FileDone, FileCancel,
 ):

@@ -1,5 +1,10 @@
-"""The cluster's user ID -> key bindings (first key wins, until a recovery or the operator moves it) and
-admission tickets, in Redis, and the one CURVE key every broker behind the cluster's address presents.
+"""The cluster's user ID -> device key bindings (first key wins, until a recovery or the operator moves it)
+and admission tickets, in Redis, and the one CURVE key every broker behind the cluster's address presents.
+
+An ID's devices are one msgpack value in the hash ``{p2p}:devices`` (``[ver, [[id, key, name, flags,
+added_ms], ...]]``, written and read by the scripts with Redis's cmsgpack); ``{p2p}:ver`` keeps each ID's
+last list version across a release, so a device number is never used twice for an ID. Bindings of the
+one-key-per-ID layout (the hash ``{p2p}:keys``) become device 1 at version 1 when a registry opens.
 
 Every change of a binding after it was made goes, in the script that makes it, to the ``key_audit``
 stream: the durable audit record, and the feed from which every broker learns of it (``changes``)."""
@@ -10,13 +15,14 @@ import logging
 import time
 from pathlib import Path
 
+import msgpack
 import redis
 
 from p2pchat.broker.backends.audit import AuditRecord, Change, RecoveryState
 from p2pchat.broker.backends.redis_health import REDIS_ERRORS, unavailable_on_error
 from p2pchat.broker.backends.redis_schema import RedisKeys
 from p2pchat.broker.backends.tickets import KeyLimits, TicketBook
-from p2pchat.broker.core.ports import CHANGES_POLL, BindingChange
+from p2pchat.broker.core.ports import CHANGES_POLL, BindingChange, Device, DeviceList
 from p2pchat.common.crypto import KEY_BYTES, Identity
 from p2pchat.common.errors import ErrorCode
 
@@ -50,43 +56,57 @@ class RedisKeyRegistry:
     A cached key that another broker or the operator moved away is forgotten when ``changes`` reads the
     audit stream (at most ``CHANGES_POLL`` later); a refusal is checked against Redis first."""
 
+    # Shared by the scripts: KEYS[1] devices, KEYS[2] key_ids, KEYS[6] ver (ARGV[1] the user).
+    _DEVICES = """
+    local function is_device(raw, key)
+      for _, d in ipairs(cmsgpack.unpack(raw)[2]) do if d[2] == key then return true end end
+      return false
+    end
+    local function uncount(raw)  -- the ZAP handler lets these keys in for one ID less
+      if not raw then return end
+      for _, d in ipairs(cmsgpack.unpack(raw)[2]) do
+        if redis.call('HINCRBY', KEYS[2], d[2], -1) <= 0 then redis.call('HDEL', KEYS[2], d[2]) end
+      end
+    end
+    local function only_device(key, now_ms)  -- the next list version, with ``key`` its only device
+      local ver = redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+      redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack({ver, {{ver, key, '', 0, tonumber(now_ms)}}}))
+      redis.call('HINCRBY', KEYS[2], key, 1)
+    end
+    """
     # Atomic bind with the per-key and global caps: 0 bound, 1 taken, 2 too many IDs for the key, 3 full.
     # A binding keeps the first recovery key it gets (ARGV[5], empty for none).
-    _BIND = """
+    _BIND = _DEVICES + """
     local bound = redis.call('HGET', KEYS[1], ARGV[1])
     if bound then
-      if bound ~= ARGV[2] then return 1 end
+      if not is_device(bound, ARGV[2]) then return 1 end
       redis.call('HSETNX', KEYS[2], ARGV[2], 1)  -- bound before IDs were counted: admitted by ZAP from now on
       if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[5]) end
       return 0
     end
     if tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0') >= tonumber(ARGV[3]) then return 2 end
     if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 3 end
-    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-    redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+    only_device(ARGV[2], ARGV[6])
     if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) else redis.call('HDEL', KEYS[3], ARGV[1]) end
     return 0
     """
     _VERDICTS = (None, ErrorCode.ID_TAKEN, ErrorCode.TOO_MANY_IDS, ErrorCode.REGISTRY_FULL)
     # Atomic move (ARGV[2] a key) or release (ARGV[2] empty), if still at generation ARGV[3] (empty: any), with
     # its audit record: {0, generation} done (or nothing to do), {1} moved meanwhile, {2} not bound, {3} too many IDs.
-    _MOVE = """
+    _MOVE = _DEVICES + """
     local user, new = ARGV[1], ARGV[2]
-    local old = redis.call('HGET', KEYS[1], user)
+    local raw = redis.call('HGET', KEYS[1], user)
+    local old = raw and cmsgpack.unpack(raw)[2][1][2]  -- the primary's key, for the audit
     local gen = tonumber(redis.call('HGET', KEYS[4], user) or '0')
     if ARGV[3] ~= '' and ((not old) or gen ~= tonumber(ARGV[3])) then return {1} end
     if new == '' and not old then return {2} end
     if new ~= '' then
-      if old == new then return {0, gen} end
-      if tonumber(redis.call('HGET', KEYS[2], new) or '0') >= tonumber(ARGV[4]) then return {3} end
+      if raw and #cmsgpack.unpack(raw)[2] == 1 and old == new then return {0, gen} end
+      if not (raw and is_device(raw, new)) and tonumber(redis.call('HGET', KEYS[2], new) or '0') >= tonumber(ARGV[4])
+      then return {3} end
     end
-    if old and redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
-    if new == '' then
-      redis.call('HDEL', KEYS[1], user)
-    else
-      redis.call('HSET', KEYS[1], user, new)
-      redis.call('HINCRBY', KEYS[2], new, 1)
-    end
+    uncount(raw)
+    if new == '' then redis.call('HDEL', KEYS[1], user) else only_device(new, ARGV[7]) end
     if ARGV[5] ~= 'recovered' then redis.call('HDEL', KEYS[3], user) end  -- the ID's next holder registers their own
     gen = gen + 1
     redis.call('HSET', KEYS[4], user, gen)
@@ -99,16 +119,47 @@ class RedisKeyRegistry:
     ZAP_TIMEOUT = 0.2  # seconds: ZAP requests are served one at a time
     CHANGES_PAGE = 256  # audit records read per poll
 
+    # Flags ARGV[3] and, if it has none, name ARGV[4] on device ARGV[2] of user ARGV[1]; 1 if it exists.
+    _DESCRIBE = """
+    local raw = redis.call('HGET', KEYS[1], ARGV[1])
+    if not raw then return 0 end
+    local list = cmsgpack.unpack(raw)
+    for _, d in ipairs(list[2]) do
+      if d[1] == tonumber(ARGV[2]) then
+        d[4] = bit.bor(d[4], tonumber(ARGV[3]))
+        if d[3] == '' then d[3] = ARGV[4] end
+        redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack(list))
+        return 1
+      end
+    end
+    return 0
+    """
+    # One page of one-key-per-ID bindings becomes device 1 at version 1 each. KEYS: devices, the legacy hash,
+    # ver; ARGV: now_ms, then user, key pairs.
+    _MIGRATE = """
+    for i = 2, #ARGV, 2 do
+      if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+        redis.call('HSET', KEYS[1], ARGV[i], cmsgpack.pack({1, {{1, ARGV[i + 1], '', 0, tonumber(ARGV[1])}}}))
+        if tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') < 1 then redis.call('HSET', KEYS[3], ARGV[i], 1) end
+      end
+      redis.call('HDEL', KEYS[2], ARGV[i])
+    end
+    """
+    MIGRATE_PAGE = 500  # legacy bindings per script call: Redis serves others between pages
+
     def __init__(self, r: redis.Redis, keys: RedisKeys, limits: KeyLimits = KeyLimits()) -> None:
-        self._r, self._hash, self._ids, self._keys = r, keys.keys, keys.key_ids, keys
-        self._binding = [keys.keys, keys.key_ids, keys.recovery, keys.generation, keys.key_audit]
+        self._r, self._hash, self._ids, self._keys = r, keys.devices, keys.key_ids, keys
+        # The scripts' KEYS, in the order _DEVICES names them.
+        self._binding = [keys.devices, keys.key_ids, keys.recovery, keys.generation, keys.key_audit, keys.ver]
         self.limits = limits
-        self._cache: dict[str, bytes] = {}
+        self._cache: dict[str, DeviceList] = {}
         self._recoverable: set[str] = set()  # IDs seen with a recovery key in this run: no script at each register
         self._bound_keys: set[bytes] = set()
         self._tickets = TicketBook(limits)  # this broker's pending tickets: the cap is per broker
         self._bind = r.register_script(self._BIND)
         self._move = r.register_script(self._MOVE)
+        self._describe = r.register_script(self._DESCRIBE)
+        self._migrate_page = r.register_script(self._MIGRATE)
         self._audit_seen: str | None = None  # the last audit record read; None until Redis first answers
         self._next_poll = 0.0
         self._wrote = False
@@ -118,12 +169,28 @@ class RedisKeyRegistry:
             connection_class=pool.connection_class, **{**pool.connection_kwargs, "socket_timeout": self.ZAP_TIMEOUT,
                                                        "socket_connect_timeout": self.ZAP_TIMEOUT}))
 
+    def _migrate(self) -> None:
+        """Bindings of the one-key-per-ID layout become device 1 at version 1, a page per script call."""
+        legacy, moved, cursor = self._keys.keys, 0, 0
+        while True:  # HSCAN returns every entry present throughout, though the script deletes as it goes
+            cursor, page = self._r.hscan(legacy, cursor, count=self.MIGRATE_PAGE)
+            if page:
+                args: list = [int(time.time() * 1000)]
+                for user, key in page.items():
+                    args += [user, key]
+                self._migrate_page(keys=[self._hash, legacy, self._keys.ver], args=args)
+                moved += len(page)
+            if cursor == 0:
+                break
+        if moved:
+            log.info("%d key bindings migrated to devices (each is its ID's device 1)", moved)
+
     def can_bind(self, user: str, key: bytes) -> ErrorCode | None:
-        bound = self.lookup(user)
-        if bound is not None and bound != key:
+        bound = self.devices(user)
+        if bound is not None and bound.find(key) is None:
             bound = self._refresh(user)  # moved to this key meanwhile, by another broker or the operator?
         if bound is not None:
-            return None if bound == key else ErrorCode.ID_TAKEN
+            return None if bound.find(key) is not None else ErrorCode.ID_TAKEN
         with unavailable_on_error():  # Redis down: only IDs bound (and cached) before can register
             if int(self._r.hget(self._ids, key) or 0) >= self.limits.ids_per_key:
                 return ErrorCode.TOO_MANY_IDS
@@ -132,13 +199,15 @@ class RedisKeyRegistry:
         return None
 
     def bind(self, user: str, key: bytes, recovery: bytes | None = None) -> ErrorCode | None:
-        if self._cache.get(user) == key and (recovery is None or user in self._recoverable):
+        cached = self._cache.get(user)
+        if cached is not None and cached.find(key) is not None and (recovery is None or user in self._recoverable):
             return None
         with unavailable_on_error():
-            verdict = self._VERDICTS[int(self._bind(keys=self._binding[:3], args=[
-                user, key, self.limits.ids_per_key, self.limits.bound_ids, recovery or b""]))]
+            verdict = self._VERDICTS[int(self._bind(keys=self._binding, args=[
+                user, key, self.limits.ids_per_key, self.limits.bound_ids, recovery or b"",
+                int(time.time() * 1000)]))]
         if verdict is None:
-            self._cache[user] = key
+            self._refresh(user)
             self._bound_keys.add(key)
             if recovery is not None:
                 self._recoverable.add(user)
@@ -146,22 +215,30 @@ class RedisKeyRegistry:
         return verdict
 
     def lookup(self, user: str) -> bytes | None:
-        key = self._cache.get(user)
-        if key is None:
-            with unavailable_on_error():
-                key = self._r.hget(self._hash, user)
-            if key is not None:
-                self._cache[user] = key
-        return key
+        devices = self.devices(user)
+        return devices.primary.key if devices is not None else None
 
-    def _refresh(self, user: str) -> bytes | None:
+    def devices(self, user: str, fresh: bool = False) -> DeviceList | None:
+        devices = None if fresh else self._cache.get(user)
+        return devices if devices is not None else self._refresh(user)
+
+    def describe_device(self, user: str, dev: int, flags: int, name: str | None) -> None:
+        devices = self._cache.get(user)
+        device = next((d for d in devices.devices if d.id == dev), None) if devices else None
+        if device is not None and device.flags | flags == device.flags and (device.name or not name):
+            return  # nothing new: no script at each register
         with unavailable_on_error():
-            key = self._r.hget(self._hash, user)
-        if key is None:
+            self._describe(keys=[self._hash], args=[user, dev, flags, name or ""])
+        self._refresh(user)
+
+    def _refresh(self, user: str) -> DeviceList | None:
+        with unavailable_on_error():
+            raw = self._r.hget(self._hash, user)
+        if raw is None:
             self._cache.pop(user, None)
-        else:
-            self._cache[user] = key
-        return key
+            return None
+        devices = self._cache[user] = _device_list(raw)
+        return devices
 
     def recovery_state(self, user: str) -> RecoveryState | None:
         """The recovery key and generation of ``user``'s binding; None if it is unbound."""
@@ -169,8 +246,8 @@ class RedisKeyRegistry:
         for name in (self._hash, self._keys.recovery, self._keys.generation):
             pipe.hget(name, user)
         with unavailable_on_error():
-            key, recovery, generation = pipe.execute()
-        return None if not key else RecoveryState(recovery or None, int(generation or 0))
+            devices, recovery, generation = pipe.execute()
+        return None if not devices else RecoveryState(recovery or None, int(generation or 0))
 
     def move(self, user: str, key: bytes, change: Change, origin: str,
              generation: int | None = None) -> ErrorCode | None:
@@ -223,11 +300,14 @@ class RedisKeyRegistry:
         return found
 
     def _catch_up(self) -> None:
-        """Start reading the audit stream at its end: changes before this broker started are in Redis already."""
+        """Start reading the audit stream at its end: changes before this broker started are in Redis already.
+        First migrate bindings of the older layout (a broker that starts while Redis is down does so once Redis
+        answers)."""
         try:
+            self._migrate()
             last = self._r.xrevrange(self._keys.key_audit, count=1)
         except REDIS_ERRORS as exc:
-            log.warning("cannot read the key audit stream yet: %s", exc)
+            log.warning("cannot migrate key bindings or read the key audit stream yet: %s", exc)
             return
         self._audit_seen = last[0][0].decode() if last else "0-0"
 
@@ -235,7 +315,7 @@ class RedisKeyRegistry:
         """Drop what this broker cached of ``user``'s binding: the next lookup asks Redis."""
         cached = self._cache.pop(user, None)
         self._recoverable.discard(user)
-        for key in (cached, old_key):
+        for key in ([d.key for d in cached.devices] if cached else []) + [old_key]:
             if key is not None:
                 self._bound_keys.discard(key)  # the ZAP thread asks Redis again (the key may hold other IDs)
 
@@ -260,6 +340,13 @@ class RedisKeyRegistry:
 
     def close(self) -> None:
         self._zap.close()
+
+
+def _device_list(raw: bytes) -> DeviceList:
+    """An ID's devices as the scripts store them (cmsgpack writes every string as str: names are UTF-8)."""
+    ver, devices = msgpack.unpackb(raw, raw=True)
+    return DeviceList(ver, tuple(sorted((Device(i, key, name.decode(), flags, added_ms)
+                                         for i, key, name, flags, added_ms in devices), key=lambda d: d.id)))
 
 
 def _record(entry_id: bytes, fields: dict[bytes, bytes]) -> AuditRecord:

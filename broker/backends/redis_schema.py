@@ -19,8 +19,8 @@ class RedisKeys:
     def tag(self) -> str:
         return "{" + self.prefix + "}"
 
-    def __getattr__(self, name: str) -> str:  # epoch, seq, online, presence, brokers, known, keys, key_ids, broker_key,
-        # recovery, generation, key_audit
+    def __getattr__(self, name: str) -> str:  # epoch, seq, online, presence, brokers, known, devices, ver, key_ids,
+        # broker_key, recovery, generation, key_audit; keys (the one-key-per-ID bindings, migrated to devices)
         if name.startswith("_"):
             raise AttributeError(name)
         return f"{self.tag}:{name}"

@@ -1,10 +1,14 @@
-"""User ID -> public key bindings in SQLite, and admission tickets for keys that are about to bind one
+"""User ID -> device key bindings in SQLite, and admission tickets for keys that are about to bind one
 (the single broker's ``KeyRegistry``; the cluster's is redis_keys.py).
 
-The first key that registers an ID owns it, across restarts, until the ID's recovery phrase or the
-operator moves it (docs/PROTOCOL.md §10.2). The ZAP handler lets a CURVE key in only when
-``admits(key)``: it is bound to an ID, or it holds a fresh ticket from the key service's ADMIT request
-(§10.1). ``admits`` runs on the authenticator thread: it reads in-memory dicts only (single reads are
+The first key that registers an ID owns it as the ID's device 1, across restarts, until the ID's recovery
+phrase or the operator moves it (docs/PROTOCOL.md §10.2). An ID's devices are rows of ``devices``; its account
+row (``user_recovery``: recovery key, generation, and the last device-list version) outlives a release, so
+neither a generation nor a device number is ever used twice for an ID. A ``keys.sqlite`` of the one-key-per-ID
+schema (``user_keys``) is migrated at open, each binding becoming device 1 at version 1.
+
+The ZAP handler lets a CURVE key in only when ``admits(key)``: it is a device of an ID, or it holds a fresh
+ticket from the key service's ADMIT request (§10.1). ``admits`` runs on the authenticator thread: it reads in-memory dicts only (single reads are
 atomic under the GIL) and never blocks.
 
 Moves and releases may come from another process (``p2pchat broker admin`` on a running broker's data
@@ -14,6 +18,7 @@ not seen whenever SQLite's ``data_version`` says another connection committed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 import time
@@ -21,16 +26,19 @@ from pathlib import Path
 
 from p2pchat.broker.backends.audit import AuditRecord, Change, RecoveryState
 from p2pchat.broker.backends.tickets import KeyLimits, TicketBook
-from p2pchat.broker.core.ports import CHANGES_POLL, BindingChange
+from p2pchat.broker.core.ports import CHANGES_POLL, BindingChange, Device, DeviceList
 from p2pchat.common.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
+SCHEMA_VERSION = 1  # PRAGMA user_version: 0 is the one-key-per-ID schema (a table user_keys)
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS user_keys (user TEXT PRIMARY KEY, key BLOB NOT NULL)",
-    # Kept when a binding is released, so a generation is never used twice for an ID.
+    # Kept when a binding is released, so a generation or a device number is never used twice for an ID.
     "CREATE TABLE IF NOT EXISTS user_recovery (user TEXT PRIMARY KEY, recovery BLOB, "
-    "generation INTEGER NOT NULL DEFAULT 0)",
+    "generation INTEGER NOT NULL DEFAULT 0, ver INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS devices (user TEXT NOT NULL, id INTEGER NOT NULL, key BLOB NOT NULL, "
+    "name TEXT NOT NULL DEFAULT '', flags INTEGER NOT NULL DEFAULT 0, added_ms INTEGER NOT NULL, "
+    "PRIMARY KEY (user, id), UNIQUE (user, key))",
     "CREATE TABLE IF NOT EXISTS key_audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, "
     "user TEXT NOT NULL, change TEXT NOT NULL, old_key BLOB, new_key BLOB, generation INTEGER NOT NULL, "
     "origin TEXT NOT NULL)",
@@ -43,12 +51,14 @@ class SqliteKeyRegistry:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a killed broker without fsync per bind
-        for statement in _SCHEMA:
-            self._db.execute(statement)
-        self._cache: dict[str, bytes] = dict(self._db.execute("SELECT user, key FROM user_keys"))
-        self._ids_of: dict[bytes, int] = {}
-        for key in self._cache.values():
-            self._ids_of[key] = self._ids_of.get(key, 0) + 1
+        self._migrate()
+        self._cache: dict[str, DeviceList] = {}
+        self._ids_of: dict[bytes, int] = {}  # device key -> IDs it is a device of: what ZAP admits
+        rows = self._db.execute("SELECT user, ver, id, key, name, flags, added_ms FROM devices JOIN user_recovery "
+                                "USING (user) ORDER BY user, id")
+        for user, group in itertools.groupby(rows, key=lambda row: row[0]):
+            entries = list(group)
+            self._cache_devices(user, DeviceList(entries[0][1], tuple(Device(*row[2:]) for row in entries)))
         self._recoverable: set[str] = set()  # IDs seen with a recovery key in this run: no write at each register
         self._tickets = TicketBook(limits)
         self._audit_seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM key_audit").fetchone()[0]
@@ -56,10 +66,34 @@ class SqliteKeyRegistry:
         self._wrote = False  # a change of ours to read back from the audit
         self._next_poll = 0.0
 
+    def _migrate(self) -> None:
+        """Create the schema; a one-key-per-ID file's bindings become device 1 at list version 1 (one
+        transaction: another process opening the file meanwhile waits, then finds it migrated)."""
+        with self._transaction():
+            if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return
+            legacy = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'user_keys'"
+                                      ).fetchone()
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(user_recovery)")}
+            if columns and "ver" not in columns:  # made by the one-key-per-ID code
+                self._db.execute("ALTER TABLE user_recovery ADD COLUMN ver INTEGER NOT NULL DEFAULT 0")
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+            if legacy:
+                now_ms = int(time.time() * 1000)
+                self._db.execute("INSERT INTO devices (user, id, key, added_ms) SELECT user, 1, key, ? FROM user_keys",
+                                 (now_ms,))
+                self._db.execute("INSERT INTO user_recovery (user, ver) SELECT user, 1 FROM user_keys WHERE true "
+                                 "ON CONFLICT (user) DO UPDATE SET ver = 1")
+                count = self._db.execute("SELECT COUNT(*) FROM user_keys").fetchone()[0]
+                self._db.execute("DROP TABLE user_keys")
+                log.info("%d key bindings migrated to devices (each is its ID's device 1)", count)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     def can_bind(self, user: str, key: bytes) -> ErrorCode | None:
         bound = self._cache.get(user)
         if bound is not None:
-            return None if bound == key else ErrorCode.ID_TAKEN
+            return None if bound.find(key) is not None else ErrorCode.ID_TAKEN
         if self._ids_of.get(key, 0) >= self.limits.ids_per_key:
             return ErrorCode.TOO_MANY_IDS
         if len(self._cache) >= self.limits.bound_ids:
@@ -75,12 +109,11 @@ class SqliteKeyRegistry:
                 self._keep_recovery(user, recovery)
             return None
         with self._transaction():
-            self._db.execute("INSERT INTO user_keys (user, key) VALUES (?, ?)", (user, key))
             # A new binding takes the recovery key it is given (none: none), whatever an earlier one had.
             self._db.execute("INSERT INTO user_recovery (user, recovery) VALUES (?, ?) ON CONFLICT (user) "
                              "DO UPDATE SET recovery = excluded.recovery", (user, recovery))
-        self._cache[user] = key
-        self._ids_of[key] = self._ids_of.get(key, 0) + 1
+            self._replace_devices(user, key)
+        self._cache_devices(user, self._read_devices(user))
         if recovery is not None:
             self._recoverable.add(user)
         log.info("user=%s bound to a new key%s", user, "" if recovery else " (no recovery key)")
@@ -96,7 +129,21 @@ class SqliteKeyRegistry:
         self._recoverable.add(user)
 
     def lookup(self, user: str) -> bytes | None:
-        return self._cache.get(user)
+        devices = self._cache.get(user)
+        return devices.primary.key if devices is not None else None
+
+    def devices(self, user: str, fresh: bool = False) -> DeviceList | None:
+        return self._cache.get(user)  # the broker is the only writer of its devices: the cache is fresh
+
+    def describe_device(self, user: str, dev: int, flags: int, name: str | None) -> None:
+        devices = self._cache.get(user)
+        device = next((d for d in devices.devices if d.id == dev), None) if devices else None
+        if device is None or (device.flags | flags == device.flags and (device.name or not name)):
+            return  # nothing new: no write at each register
+        with self._transaction():
+            self._db.execute("UPDATE devices SET flags = flags | ?, name = CASE name WHEN '' THEN ? ELSE name END "
+                             "WHERE user = ? AND id = ?", (flags, name or "", user, dev))
+        self._cache_devices(user, self._read_devices(user))
 
     def recovery_state(self, user: str) -> RecoveryState | None:
         """The recovery key and generation of ``user``'s binding; None if it is unbound."""
@@ -109,17 +156,18 @@ class SqliteKeyRegistry:
              generation: int | None = None) -> ErrorCode | None:
         """Bind ``user`` to ``key`` instead (if it is still at ``generation``, when given); why not, or None."""
         with self._transaction():
-            old = self._bound(user)
+            devices = self._read_devices(user)
+            old = devices.primary.key if devices else None
             state = self._db.execute("SELECT generation FROM user_recovery WHERE user = ?", (user,)).fetchone()
             current = state[0] if state else 0
             if generation is not None and (old is None or current != generation):
                 return ErrorCode.RECOVERY_REFUSED  # moved meanwhile: the proof names a generation that is gone
-            if old == key:
+            if devices is not None and [d.key for d in devices.devices] == [key]:
                 return None
-            if self._ids_of.get(key, 0) >= self.limits.ids_per_key:
-                return ErrorCode.TOO_MANY_IDS
-            self._db.execute("INSERT INTO user_keys (user, key) VALUES (?, ?) ON CONFLICT (user) "
-                             "DO UPDATE SET key = excluded.key", (user, key))
+            if devices is None or devices.find(key) is None:
+                if self._ids_of.get(key, 0) >= self.limits.ids_per_key:
+                    return ErrorCode.TOO_MANY_IDS
+            self._replace_devices(user, key)  # the key becomes the ID's only device
             self._write_change(user, change, old, key, current + 1, origin)
         self._reload(user)  # at once: the ZAP handler admits the new key, and only it
         return None
@@ -127,10 +175,11 @@ class SqliteKeyRegistry:
     def release(self, user: str, origin: str) -> bool:
         """Unbind ``user`` (and forget its recovery key): the next key to register it gets it. False if unbound."""
         with self._transaction():
-            old = self._bound(user)
-            if old is None:
+            devices = self._read_devices(user)
+            if devices is None:
                 return False
-            self._db.execute("DELETE FROM user_keys WHERE user = ?", (user,))
+            old = devices.primary.key
+            self._db.execute("DELETE FROM devices WHERE user = ?", (user,))
             current = self._db.execute("SELECT generation FROM user_recovery WHERE user = ?", (user,)).fetchone()
             self._write_change(user, Change.RELEASED, old, None, (current[0] if current else 0) + 1, origin)
         self._reload(user)
@@ -173,26 +222,42 @@ class SqliteKeyRegistry:
                          (int(time.time() * 1000), user, change.value, old, new, generation, origin))
         self._wrote = True
 
-    def _bound(self, user: str) -> bytes | None:
-        row = self._db.execute("SELECT key FROM user_keys WHERE user = ?", (user,)).fetchone()
-        return row[0] if row else None
+    def _replace_devices(self, user: str, key: bytes) -> None:
+        """``key`` becomes ``user``'s only device, numbered by the next list version (inside the caller's
+        transaction)."""
+        ver = self._db.execute("INSERT INTO user_recovery (user, ver) VALUES (?, 1) ON CONFLICT (user) "
+                               "DO UPDATE SET ver = ver + 1 RETURNING ver", (user,)).fetchone()[0]
+        self._db.execute("DELETE FROM devices WHERE user = ?", (user,))
+        self._db.execute("INSERT INTO devices (user, id, key, added_ms) VALUES (?, ?, ?, ?)",
+                         (user, ver, key, int(time.time() * 1000)))
+
+    def _read_devices(self, user: str) -> DeviceList | None:
+        rows = self._db.execute("SELECT id, key, name, flags, added_ms FROM devices WHERE user = ? ORDER BY id",
+                                (user,)).fetchall()
+        if not rows:
+            return None
+        ver = self._db.execute("SELECT ver FROM user_recovery WHERE user = ?", (user,)).fetchone()[0]
+        return DeviceList(ver, tuple(Device(*row) for row in rows))
 
     def _reload(self, user: str) -> None:
         """Take ``user``'s binding from the database into the caches (after a change recorded in the audit)."""
-        old, new = self._cache.get(user), self._bound(user)
         self._recoverable.discard(user)
-        if old == new:
-            return
-        if old is not None:
-            del self._cache[user]
-            left = self._ids_of[old] - 1
+        self._cache_devices(user, self._read_devices(user))
+
+    def _cache_devices(self, user: str, devices: DeviceList | None) -> None:
+        """Cache ``user``'s devices (None: unbound), and count which keys ZAP admits."""
+        # New keys counted before old ones are dropped: a key in both is never missing for the ZAP thread.
+        for device in devices.devices if devices else ():
+            self._ids_of[device.key] = self._ids_of.get(device.key, 0) + 1
+        old = self._cache.pop(user, None)
+        if devices is not None:
+            self._cache[user] = devices
+        for device in old.devices if old else ():
+            left = self._ids_of[device.key] - 1
             if left:
-                self._ids_of[old] = left
+                self._ids_of[device.key] = left
             else:
-                del self._ids_of[old]  # the ZAP handler lets the old key in no more
-        if new is not None:
-            self._cache[user] = new
-            self._ids_of[new] = self._ids_of.get(new, 0) + 1
+                del self._ids_of[device.key]  # the ZAP handler lets the key in no more
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

@@ -131,7 +131,7 @@ class QueueStore(Protocol):
         """Delete at most one batch of expired frames; how many."""
 
 
-# --- user ID -> key bindings ------------------------------------------------------------------------
+# --- user ID -> device key bindings -----------------------------------------------------------------
 REFUSALS = {  # why a key gets no ID (or no ticket), for the ERROR or ERR line
     ErrorCode.ID_TAKEN: "user ID {user!r} belongs to another key",
     ErrorCode.ID_ONLINE: "user ID {user!r} is already online on another connection",
@@ -139,6 +139,41 @@ REFUSALS = {  # why a key gets no ID (or no ticket), for the ERROR or ERR line
     ErrorCode.REGISTRY_FULL: "the broker binds no more user IDs",
     ErrorCode.ADMISSION_FULL: "too many admissions pending; retry later",
 }
+
+
+DEVICE_CAPS = 1  # Device.flags: the device has registered with caps CAPS_DEVICES (docs/PROTOCOL.md §5.5)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One of a user ID's devices: its own X25519 key (also its CURVE key) under a number never reused for
+    that ID (the list version at which it was added)."""
+
+    id: int
+    key: bytes
+    name: str = ""  # what its user calls it ("laptop"); empty until a client names it
+    flags: int = 0  # DEVICE_CAPS
+    added_ms: int = 0  # wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceList:
+    """A bound user ID's devices at list version ``ver`` (raised by every change of the list, never reused
+    for that ID, even after a release). The primary, the lowest number, is the device a single-key client
+    sees as the ID's key."""
+
+    ver: int
+    devices: tuple[Device, ...]  # by number, ascending
+
+    @property
+    def primary(self) -> Device:
+        return self.devices[0]
+
+    def find(self, key: bytes) -> Device | None:
+        for device in self.devices:  # at most a few: a loop, no generator, on every register's path
+            if device.key == key:
+                return device
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +187,19 @@ class BindingChange:
 
 class KeyRegistry(Protocol):
     def bind(self, user: str, key: bytes, recovery: bytes | None = None) -> ErrorCode | None:
-        """Bind ``user`` to ``key`` if unbound; None if ``user`` is (now) bound to ``key``, else why not. A
-        ``recovery`` key is kept with the binding unless it has one already (docs/PROTOCOL.md §10.2)."""
+        """Bind ``user`` to ``key`` as its first device if unbound; None if ``key`` is (now) one of ``user``'s
+        devices, else why not. A ``recovery`` key is kept with the binding unless it has one already
+        (docs/PROTOCOL.md §10.2)."""
 
-    def lookup(self, user: str) -> bytes | None: ...
+    def lookup(self, user: str) -> bytes | None:
+        """The key of ``user``'s primary device; None if unbound."""
+
+    def devices(self, user: str, fresh: bool = False) -> DeviceList | None:
+        """``user``'s devices; None if unbound. ``fresh``: as stored now, not as this broker cached them (in a
+        cluster another broker may have described a device since)."""
+
+    def describe_device(self, user: str, dev: int, flags: int, name: str | None) -> None:
+        """Set ``flags`` on ``user``'s device ``dev``, and name it ``name`` unless it has a name already."""
 
     def changes(self, now: float) -> list[BindingChange]:
         """Bindings moved or released since the last call, here or elsewhere (another broker, the operator's

@@ -20,6 +20,7 @@ from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
 from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery
 from p2pchat.broker.core.ports import (
+    DEVICE_CAPS,
     REFUSALS,
     BindingChange,
     BrokerLink,
@@ -37,7 +38,7 @@ from p2pchat.broker.core.ports import (
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import Ack, AckStatus, Consume, KeyChangeHow, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
+from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class BrokerCore:
             Heartbeat: self._on_heartbeat,
             SnapshotRequest: self._on_snapshot_request,
             KeyRequest: self._on_key_request,
+            DevicesRequest: self._on_devices_request,
             Consume: self._on_consume,
         }
 
@@ -205,7 +207,7 @@ class BrokerCore:
         if refused is not None:
             log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
             return [Send(conn, self._frames.error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
-        reply = Send(conn, self._frames.make(Registered(user, self.directory.epoch, int(self.heartbeat_ivl * 1000))))
+        reply = Send(conn, self._frames.make(self._registered(msg)))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
         here = Location(self.broker_id, conn)
@@ -231,6 +233,20 @@ class BrokerCore:
         if previous.broker:
             self.link.kick(previous.broker, previous.conn, user)
         return [reply] + self._open(conn, msg, now) + self._presence()
+
+    def _registered(self, msg: Register) -> Registered:
+        """The answer to a successful ``register``: version 1's fields, and the device's only if it sent ``caps``
+        (an older client's strict decoder would drop a ``registered`` with fields it does not know)."""
+        registered = Registered(msg.user, self.directory.epoch, int(self.heartbeat_ivl * 1000))
+        if msg.caps is None:
+            return registered
+        devices = self.keys.devices(msg.user)
+        device = devices.find(msg.key) if devices is not None else None
+        if device is None:  # moved to another key since the bind (another broker, the operator): ends at once
+            return registered
+        granted = msg.caps & CAPS_DEVICES
+        self.keys.describe_device(msg.user, device.id, DEVICE_CAPS if granted else 0, msg.name)
+        return Registered(msg.user, registered.epoch, registered.heartbeat_ms, granted, device.id, devices.ver)
 
     def _open(self, conn: bytes, msg: Register, now: float) -> list[Action]:
         self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key)
@@ -315,6 +331,17 @@ class BrokerCore:
             return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"no key known for {user!r}",
                                                   env.msg_id))]
         return [Send(conn, self._frames.make(KeyInfo(user, key)))]
+
+    def _on_devices_request(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
+        if conn not in self._sessions:
+            return [self._not_registered(conn, env)]
+        user = env.message.user  # type: ignore[attr-defined]
+        devices = self.keys.devices(user, fresh=True)
+        if devices is None:
+            return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"no devices known for {user!r}",
+                                                  env.msg_id))]
+        entries = tuple((d.id, d.key, d.name, d.flags) for d in devices.devices)
+        return [Send(conn, self._frames.make(Devices(user, devices.ver, entries)))]
 
     def _on_consume(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:

@@ -408,6 +408,7 @@ BROKER_TO_CLIENT = {
     "registered": dict(user="x", epoch=b"e", heartbeat_ms=1),
     "ack": dict(ref=ID, status="stored"),
     "key_info": dict(user="x", key=b"k" * 32),
+    "devices": dict(user="x", ver=1, devices=[[1, b"k" * 32, "", 0]]),
     "snapshot": dict(epoch=b"e", seq=0, peers=[]),
     "peer_update": dict(epoch=b"e", seq=1, user="x", online=True),
     "peer_sync": dict(epoch=b"e", seq=0),
@@ -423,6 +424,7 @@ def test_s4_broker_to_client_type_sent_as_request_gets_bad_frame_with_ref(net, t
 
 REQUESTS_BEFORE_REGISTER = {
     "unregister": {}, "heartbeat": {}, "snapshot_req": {}, "key_req": dict(user="x"), "consume": dict(ref=ID),
+    "devices_req": dict(user="x"),
     "message": dict(sender="x", to="y", body=b"b"),
 }
 
@@ -675,6 +677,85 @@ def test_s5_4_unregister_ends_the_session_at_once_and_publishes_offline(net):
     sub.update_of(dealer.user, False)
     msg_id = dealer.request("heartbeat")
     dealer.expect_error("not_registered", msg_id)
+
+
+# --- §5.5 devices ---------------------------------------------------------------------------------------------
+REGISTERED_V1 = {"v", "t", "id", "ts", "user", "epoch", "heartbeat_ms"}
+
+
+def test_s5_5_register_without_caps_gets_registered_with_version_1_fields_only(net):
+    dealer = net.dealer()
+    assert set(dealer.register(uid("old"))) == REGISTERED_V1
+
+
+def test_s5_5_register_with_caps_gets_the_caps_granted_its_device_and_the_list_version(net):
+    dealer = net.dealer()
+    reply = dealer.register(uid("new"), caps=1, name="laptop")
+    assert set(reply) == REGISTERED_V1 | {"caps", "dev", "ver"}
+    assert (reply["caps"], reply["dev"], reply["ver"]) == (1, 1, 1)
+
+
+def test_s5_5_capabilities_the_broker_does_not_know_are_not_granted(net):
+    assert net.dealer().register(uid("new"), caps=1 | 2 | 64)["caps"] == 1
+    reply = net.dealer().register(uid("new"), caps=2)
+    assert (reply["caps"], reply["dev"], reply["ver"]) == (0, 1, 1)
+
+
+def test_s5_5_devices_req_lists_the_ids_devices_with_the_first_name_and_the_caps_flag(net):
+    user, keys = uid("dev"), Keys()
+    first = net.dealer(user, keys)
+    first.register(user, caps=1, name="laptop")
+    again = net.dealer(user, keys)  # the same installation reconnects (its token): it takes the session over
+    again.register(user, token=first.token, caps=1, name="renamed")  # a later name does not rename the device
+    other = net.client()
+    other.request("devices_req", user=user)
+    reply = other.expect("devices", user=user, ver=1)
+    assert reply["devices"] == [[1, keys.raw, "laptop", 1]]
+    plain = net.dealer()
+    plain.register(uid("old"))
+    plain.request("devices_req", user=plain.user)
+    assert plain.expect("devices", ver=1)["devices"] == [[1, plain.keys.raw, "", 0]]  # never registered with caps
+
+
+def test_s5_5_devices_req_for_an_unbound_id_gets_unknown_recipient_with_ref(net):
+    dealer = net.client()
+    msg_id = dealer.request("devices_req", user=uid("nobody"))
+    dealer.expect_error("unknown_recipient", msg_id)
+
+
+def test_s5_5_a_device_name_longer_than_its_limit_gets_bad_frame_with_ref(net):
+    dealer = net.dealer()
+    msg_id = dealer.request("register", user=uid("long"), token=dealer.token, key=dealer.keys.raw, caps=1,
+                            name="n" * 33)
+    dealer.expect_error("bad_frame", msg_id)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_s5_5_in_a_cluster_every_broker_lists_the_devices_as_registered_on_another(tmp_path):
+    from tests.broker.test_cluster import RedisProcess
+
+    redis_server = RedisProcess(tmp_path / "redis").start()
+    brokers = [BrokerProcess.launch(tmp_path / name, OPEN_ADMISSIONS + ["--cluster", redis_server.url])
+               for name in ("a", "b")]
+    nets = [Net(broker) for broker in brokers]
+    try:
+        user, keys = uid("dev"), Keys()
+        other = nets[1].client()  # asks before the device is described: the broker caches the binding then
+        first = nets[0].dealer(user, keys)
+        first.register(user)
+        other.request("devices_req", user=user)
+        assert other.expect("devices", user=user)["devices"] == [[1, keys.raw, "", 0]]
+        reply = nets[0].dealer(user, keys).register(user, token=first.token, caps=1, name="desk")
+        assert (reply["caps"], reply["dev"], reply["ver"]) == (1, 1, 1)
+        other.request("devices_req", user=user)
+        assert other.expect("devices", user=user, ver=1)["devices"] == [[1, keys.raw, "desk", 1]]
+        assert set(nets[1].dealer().register(uid("old"))) == REGISTERED_V1
+    finally:
+        for net in nets:
+            net.close()
+        for broker in brokers:
+            broker.stop()
+        redis_server.stop()
 
 
 # --- §6 presence -----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ broker, or the operator's ``p2pchat broker admin``) hears of it through ``change
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from p2pchat.broker.backends.audit import Change, RecoveryState
 from p2pchat.broker.backends.sqlite_keys import SqliteKeyRegistry
 from p2pchat.broker.backends.tickets import KeyLimits
-from p2pchat.broker.core.ports import BindingChange
+from p2pchat.broker.core.ports import DEVICE_CAPS, BindingChange
 from p2pchat.common.errors import ErrorCode
 from tests.broker.test_cluster import RedisProcess
 
@@ -35,8 +36,13 @@ def redis_registries(tmp_path: Path) -> Iterator[Callable[..., object]]:
     from p2pchat.broker.backends.redis_schema import RedisKeys
 
     server = RedisProcess(tmp_path / "redis").start()
+
+    def make(limits: KeyLimits = KeyLimits()) -> RedisKeyRegistry:
+        return RedisKeyRegistry(connect(server.url, 1.0), RedisKeys(), limits)
+
+    make.url = server.url  # type: ignore[attr-defined]
     try:
-        yield lambda limits=KeyLimits(): RedisKeyRegistry(connect(server.url, 1.0), RedisKeys(), limits)
+        yield make
     finally:
         server.stop()
 
@@ -146,3 +152,107 @@ def test_a_registry_reports_its_own_changes_at_once(open_registry):
     keys.changes(LATER)
     keys.move("bob", NEW, Change.RECOVERED, "test", generation=0)
     assert keys.changes(LATER) == [BindingChange("bob", NEW, "recovered")]  # no wait for the next poll
+
+
+# --- devices ------------------------------------------------------------------------------------------
+def numbered(devices) -> tuple[int, list[tuple[int, bytes]]]:
+    """A device list as (version, [(number, key)]): the parts the tests pin."""
+    return devices.ver, [(d.id, d.key) for d in devices.devices]
+
+
+def test_a_first_binding_is_the_ids_device_1_at_list_version_1(open_registry):
+    keys = open_registry()
+    assert keys.devices("bob") is None
+    keys.bind("bob", OLD, RECOVERY)
+    assert numbered(keys.devices("bob")) == (1, [(1, OLD)])
+    assert numbered(open_registry().devices("bob")) == (1, [(1, OLD)])  # as stored
+    assert keys.lookup("bob") == OLD and keys.admits(OLD, 0.0)
+
+
+def test_a_move_makes_the_new_key_the_only_device_under_a_number_never_used_before(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.move("bob", NEW, Change.RECOVERED, "test", generation=0)
+    assert numbered(keys.devices("bob")) == (2, [(2, NEW)])
+    keys.move("bob", NEW, Change.MOVED, "operator")  # already its only device: nothing changes
+    assert numbered(open_registry().devices("bob")) == (2, [(2, NEW)])
+
+
+def test_after_a_release_the_next_binding_numbers_its_device_after_the_last_one(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.release("bob", "operator")
+    assert keys.devices("bob") is None
+    keys.bind("bob", NEW)
+    assert numbered(open_registry().devices("bob")) == (2, [(2, NEW)])
+
+
+def test_a_device_keeps_its_flags_and_its_first_name(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD)
+    keys.describe_device("bob", 1, DEVICE_CAPS, "laptop")
+    keys.describe_device("bob", 1, 0, "desk")  # a later name does not rename it; flags are kept
+    keys.describe_device("bob", 9, DEVICE_CAPS, "ghost")  # no such device: nothing happens
+    device = open_registry().devices("bob").primary  # as stored
+    assert (device.id, device.flags, device.name) == (1, DEVICE_CAPS, "laptop")
+    assert numbered(keys.devices("bob")) == (1, [(1, OLD)])
+
+
+def test_another_broker_of_a_cluster_sees_a_device_described_when_it_asks_fresh(tmp_path):
+    for factory in redis_registries(tmp_path):
+        here, there = factory(), factory()
+        here.bind("bob", OLD)
+        assert there.devices("bob").primary.name == ""  # cached there now
+        here.describe_device("bob", 1, DEVICE_CAPS, "laptop")
+        device = there.devices("bob", fresh=True).primary
+        assert (device.flags, device.name) == (DEVICE_CAPS, "laptop")
+        here.close()
+        there.close()
+
+
+# Made by main's code (ca177b8, one key per ID) and dumped with sqlite3's iterdump: bob bound with a recovery
+# key, carol without one, dave recovered to another key (generation 1), erin bound then released.
+LEGACY_SQLITE = Path(__file__).parent / "data" / "keys-one-key-per-id.sql"
+BOB, CAROL, DAVE_OLD, DAVE, ERIN = (bytes([n]) * 32 for n in range(1, 6))
+
+
+def test_a_keys_sqlite_of_one_key_per_id_becomes_device_1_of_each_id(tmp_path):
+    path = tmp_path / "keys.sqlite"
+    legacy = sqlite3.connect(path)
+    legacy.executescript(LEGACY_SQLITE.read_text())
+    legacy.close()
+    keys = SqliteKeyRegistry(path)
+    assert [numbered(keys.devices(user)) for user in ("bob", "carol", "dave")] == [
+        (1, [(1, BOB)]), (1, [(1, CAROL)]), (1, [(1, DAVE)])]
+    assert keys.devices("erin") is None
+    assert keys.recovery_state("bob") == RecoveryState(RECOVERY, 0)
+    assert keys.recovery_state("carol") == RecoveryState(None, 0)
+    assert keys.recovery_state("dave") == RecoveryState(RECOVERY, 1)
+    assert [(r.user, r.change) for r in keys.audit()] == [("dave", Change.RECOVERED), ("erin", Change.RELEASED)]
+    assert keys.admits(DAVE, 0.0) and not keys.admits(DAVE_OLD, 0.0) and not keys.admits(ERIN, 0.0)
+    assert keys.move("dave", NEW, Change.RECOVERED, "test", generation=1) is None
+    keys.close()
+    again = SqliteKeyRegistry(path)  # migrated once: opening it again changes nothing
+    assert numbered(again.devices("dave")) == (2, [(2, NEW)]) and numbered(again.devices("bob")) == (1, [(1, BOB)])
+    again.close()
+
+
+def test_redis_bindings_of_one_key_per_id_become_device_1_of_each_id(tmp_path):
+    for factory in redis_registries(tmp_path):
+        from p2pchat.broker.backends.redis_health import connect
+        from p2pchat.broker.backends.redis_schema import RedisKeys
+
+        names = RedisKeys()
+        r = connect(factory.url, 1.0)  # the layout main's code (ca177b8) wrote, one key per ID
+        r.hset(names.keys, mapping={"bob": BOB, "carol": CAROL})
+        r.hset(names.key_ids, mapping={BOB: 1, CAROL: 1})
+        r.hset(names.recovery, "bob", RECOVERY)
+        keys, again = factory(), factory()
+        assert [numbered(keys.devices(user)) for user in ("bob", "carol")] == [(1, [(1, BOB)]), (1, [(1, CAROL)])]
+        assert not r.exists(names.keys)
+        assert keys.recovery_state("bob") == RecoveryState(RECOVERY, 0)
+        assert keys.admits(BOB, 0.0) and keys.can_bind("bob", NEW) is ErrorCode.ID_TAKEN
+        assert keys.move("bob", NEW, Change.MOVED, "operator") is None
+        assert numbered(again.devices("bob")) == (2, [(2, NEW)]) and not keys.admits(BOB, 0.0)
+        for closing in (keys, again, r):
+            closing.close()

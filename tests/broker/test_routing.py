@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink, NoStore
 from p2pchat.broker.core.actions import Publish, Relay, Send
-from p2pchat.broker.core.ports import Location
+from p2pchat.broker.core.ports import DEVICE_CAPS, Location
 from p2pchat.broker.core.ratelimit import RateLimits
 from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.client import events as ev
@@ -29,7 +29,7 @@ from p2pchat.client.e2e import EndToEnd, MemoryKeys
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import ErrorCode, RemoteError
-from p2pchat.common.protocol import MAX_HEADER_BYTES, Ack, AckStatus, ChatMessage, Error, FileChunk, FileCredit, Heartbeat, KeyChanged, KeyChangeHow, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, new_msg_id, pack
+from p2pchat.common.protocol import CAPS_DEVICES, MAX_HEADER_BYTES, Ack, AckStatus, ChatMessage, Devices, DevicesRequest, Error, FileChunk, FileCredit, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, new_msg_id, pack
 from tests.common.test_protocol import example_message
 from tests.cores import KeyBook, id_source
 
@@ -89,15 +89,23 @@ def only_error(actions, conn: bytes) -> Error:
 
 def register(core: BrokerCore, conn: bytes, user: str, now: float = 0.0, msg_id: bytes | None = None,
              token: bytes | None = None, key: bytes | None = None, curve_key: bytes | None = None,
-             recovery: bytes | None = None):
+             recovery: bytes | None = None, caps: int | None = None, name: str | None = None):
     """REGISTER ``user`` from ``conn``; by default with the user's key, which CURVE proved for ``conn``, and
-    without a recovery key (as a client older than recovery phrases)."""
+    without a recovery key or caps (as a client older than recovery phrases and devices)."""
     token = token if token is not None else b"token-of-" + conn  # one installation per connection
     key = key if key is not None else key_of(user)
     curve_key = curve_key if curve_key is not None else core.curve_keys.get(conn, key)  # fixed per connection
-    frames = pack(example_message(Register, user=user, token=token, key=key, recovery=recovery), 0, msg_id)
+    frames = pack(example_message(Register, user=user, token=token, key=key, recovery=recovery, caps=caps, name=name),
+                  0, msg_id)
     core.curve_keys.setdefault(conn, curve_key)
     return core.on_frames(conn, frames, now, lambda: curve_key)
+
+
+def test_a_register_with_caps_is_answered_with_the_caps_granted_its_device_and_the_list_version(core):
+    assert replies(register(core, A, "alice", caps=CAPS_DEVICES | 8, name="laptop"), A) == [
+        Registered("alice", EPOCH, int(IVL * 1000), CAPS_DEVICES, 1, 1)]
+    assert replies(core.on_frames(A, pack(DevicesRequest("alice"), 0), 0.1), A) == [
+        Devices("alice", 1, ((1, key_of("alice"), "laptop", DEVICE_CAPS),))]
 
 
 def test_a_frame_with_another_key_on_a_sessions_routing_id_is_refused(core):

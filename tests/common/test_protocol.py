@@ -54,7 +54,10 @@ VALID: dict[str, st.SearchStrategy] = {
     "Flag": st.booleans(),
     "UserList": st.lists(user_ids, max_size=20).map(tuple),
     "MsgIdList": st.lists(msg_ids, min_size=1, max_size=MAX_CONSUME_REFS).map(tuple),
+    "DeviceName": st.text(max_size=p.DEVICE_NAME_CHARS),
 }
+devices = st.tuples(st.integers(0, MAX_INT), VALID["PublicKey"], VALID["DeviceName"], st.integers(0, MAX_INT))
+VALID["DeviceList"] = st.lists(devices, min_size=1, max_size=p.MAX_DEVICES).map(tuple)
 
 # --- garbage: anything msgpack can carry ------------------------------------------
 msgpack_scalars = st.one_of(
@@ -116,7 +119,17 @@ INVALID: dict[str, st.SearchStrategy] = {
     | st.lists(msg_ids, min_size=MAX_CONSUME_REFS + 1, max_size=MAX_CONSUME_REFS + 3)  # more than a page
     | st.tuples(st.lists(msg_ids, max_size=3), INVALID_MSG_ID, st.lists(msg_ids, max_size=3))
     .map(lambda t: [*t[0], t[1], *t[2]]),
+    "DeviceName": not_of_type(str) | st.just("é" * (p.DEVICE_NAME_CHARS + 1)),
 }
+INVALID["DeviceList"] = (
+    not_of_type(list, tuple)
+    | st.just(())  # a bound ID has a device
+    | st.lists(devices, min_size=p.MAX_DEVICES + 1, max_size=p.MAX_DEVICES + 2)
+    | st.tuples(devices, st.sampled_from(range(4))).flatmap(  # one entry with one field of the wrong kind
+        lambda t: INVALID[("Count", "PublicKey", "DeviceName", "Count")[t[1]]]
+        .map(lambda bad: [[*t[0][:t[1]], bad, *t[0][t[1] + 1:]]]))
+    | devices.map(lambda d: [list(d)[:3]])  # an entry short of a field
+)
 
 
 # --- deriving message strategies from the annotations -----------------------------
@@ -146,7 +159,7 @@ def fields_of(cls: type[Message]) -> list[tuple[str, str, str, bool]]:
 
 EXAMPLE = {"UserId": "alice", "MsgId": b"x" * 16, "Body": b"hi", "Token": b"tok", "Digest": b"d" * 32,
            "PublicKey": b"k" * 32, "SigningKey": b"s" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",),
-           "MsgIdList": (b"y" * 16,)}
+           "MsgIdList": (b"y" * 16,), "DeviceName": "laptop", "DeviceList": ((1, b"k" * 32, "laptop", 1),)}
 
 
 def example_message(cls: type[Message], **fields: Any) -> Message:
