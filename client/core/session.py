@@ -105,6 +105,7 @@ class ClientSession(KeyChanges):
         self._key = key if key is not None else e2e.identity.public
         self._token = token
         self._recovery = recovery
+        self._register_ids: list[bytes] = []  # of the REGISTERs not answered yet (an older broker's bad_frame)
         self._new_id = new_id
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
         self.outbox = Outbox(self.user)
@@ -470,6 +471,12 @@ class ClientSession(KeyChanges):
             log.warning("user=%s rate limited by the broker; re-sending unacknowledged messages shortly", self.user)
             self.outbox.resend_at = now + RATE_LIMIT_BACKOFF
             return []
+        if msg.code is ErrorCode.BAD_FRAME and msg.ref in self._register_ids and self._recovery is not None:
+            # A broker older than recovery keys refuses the field: register without it (recovery needs a newer one).
+            log.warning("user=%s the broker does not know recovery keys (%s): registering without one", self.user,
+                        msg.message)
+            self._recovery = None
+            return [self._transmit(self._register_frames(), now)]
         if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over, or the ID left our key: stop
             self.state = State.CLOSED
             return [Emit(ev.Stopped(error))]
@@ -505,7 +512,9 @@ class ClientSession(KeyChanges):
         return [Emit(ev.Reconnecting(reason)), self._transmit(self._register_frames(), now)]
 
     def _register_frames(self) -> list[bytes]:
-        return self._pack(Register(self.user, self._token, self._key, self._recovery))
+        msg_id = self._new_id()
+        self._register_ids = [*self._register_ids[-3:], msg_id]  # the last few: answers cross retries
+        return pack(Register(self.user, self._token, self._key, self._recovery), self._wall_ms(), msg_id)
 
     def _flush(self, now: float) -> list[Action]:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""

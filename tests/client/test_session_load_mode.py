@@ -150,3 +150,15 @@ def test_with_a_history_the_batch_is_consumed_only_after_its_commit(tmp_path):
         assert (consume.ref, *consume.refs) == tuple(ids)
     finally:
         history.close()
+
+
+def test_a_broker_older_than_recovery_keys_gets_a_register_without_one():
+    session = load_session(recovery=bytes(range(32)))
+    [first] = [a.frames for a in session.start(0.0)]
+    register = decode(first)
+    assert register.message.recovery == bytes(range(32))
+    refusal = Error(ErrorCode.BAD_FRAME, "register: unknown fields ['recovery']", register.msg_id)
+    [again] = sent(session.on_frames(pack(refusal, 0), 0.1))
+    assert type(again) is Register and again.recovery is None
+    assert sent(session.on_frames(pack(Registered("me", b"epoch", 5000), 0), 0.2)) == []  # registered as usual
+    assert session.state is State.READY
