@@ -224,3 +224,50 @@ def test_operator_release_in_a_cluster_goes_through_redis(two_brokers, machine, 
     machine("new", "bob", one.address)
     audit = cli(tmp_path, "broker", "admin", "audit", "--redis", url).stdout
     assert "user=bob released by operator" in audit
+
+
+def test_messages_in_flight_both_ways_across_a_recovery_each_arrive_once_in_order(broker, machine, tmp_path):
+    """Issue 15's check: bob recovers onto a new machine while alice keeps writing and bob's new device writes
+    too; once alice has accepted bob's new key, every message has arrived exactly once, in order per sender,
+    and alice's history says what became of each."""
+    alice = machine("a", "alice", broker.address)
+    bob = machine("old", "bob", broker.address)
+    pinned(alice, bob)
+    for i in range(5):  # delivered to bob's old machine
+        alice.send("bob", f"a{i}")
+    got_old = [wait_for(bob, lambda e: isinstance(e, ev.MessageReceived) and e.sender == "alice").text
+               for _ in range(5)]
+    phrase = bob.recovery_phrase
+    bob.close()
+    for i in range(5, 10):  # queued for bob, sealed to his old key
+        alice.send("bob", f"a{i}")
+    new_home = tmp_path / "new" / "users" / "bob"
+    recover_user("bob", phrase, ClientConfig(server=broker.address, state_dir=new_home), timeout=10)
+    key_change_held(alice, "bob", bob.identity.public, Identity.load_or_create(new_home / "identity.key").public)
+    held = []
+    for i in range(10, 15):  # written after the change: they wait for alice's decision
+        try:
+            alice.send("bob", f"a{i}")
+        except Exception as exc:  # noqa: BLE001 - the caller is told it waits
+            held.append(exc)
+    assert len(held) == 5 and all("waits in your outbox" in str(exc) for exc in held)
+    new_bob = machine("new", "bob", broker.address)
+    for i in range(3):
+        new_bob.send("alice", f"b{i}")  # held at alice until she accepts
+    assert alice.accept_peer_key("bob")
+    got_new = [wait_for(new_bob, lambda e: isinstance(e, ev.MessageReceived), timeout=20).text for _ in range(10)]
+    got_alice = [wait_for(alice, lambda e: isinstance(e, ev.MessageReceived) and e.sender == "bob").text
+                 for _ in range(3)]
+    assert got_old + got_new == [f"a{i}" for i in range(15)]  # each once, in order
+    assert got_alice == ["b0", "b1", "b2"]
+    wait_until(lambda: set(outgoing_states(alice, "bob").values()) <= {"delivered", "read"}, 20,
+               "every message of alice's delivered")
+    assert len(outgoing_states(alice, "bob")) == 15
+
+
+def outgoing_states(client: ChatClient, peer: str) -> dict[str, str]:
+    history = client.open_history()
+    try:
+        return {e.text: e.state for e in history.conversation(peer) if e.outgoing}
+    finally:
+        history.close()
