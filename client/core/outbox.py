@@ -69,11 +69,8 @@ class Outbox:
         """``add`` and ``seal`` for a message sent while nothing else waits for a key (nearly every one): what
         ``seal`` would yield for it, without a pass over the outbox."""
         assert not self._unsealed
-        pending = self._pending[msg_id] = _Pending(recipient, text, ts)
-        if len(self._pending) == 1:
-            self.resend_at = now + RESEND_AFTER
-        self._unsealed[msg_id] = None
-        return self._seal(msg_id, pending, e2e)
+        self.add(msg_id, recipient, text, ts, now)
+        return self._seal(msg_id, self._pending[msg_id], e2e)
 
     @property
     def waiting(self) -> bool:
