@@ -44,6 +44,8 @@ class KeyChanges:
         """``user``'s new key is pinned: our refused messages sealed to it again, the waiting ones sealed, theirs
         opened, without waiting for a reconnect."""
         self._blocked = self._blocked - {user}
+        if self.closed:  # pinned for the next run, which seals and shows what waited; nothing goes from here
+            return []
         actions = self._reseal(user) + self._flush(now)
         if self.transfers is not None:  # offers that waited for it go again, sealed to it
             actions += self.transfers.on_key(user, now)

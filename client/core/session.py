@@ -248,6 +248,10 @@ class ClientSession(KeyChanges):
         return actions
 
     @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
     def peers(self) -> frozenset[str]:
         return self._published
 

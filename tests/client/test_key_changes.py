@@ -150,3 +150,24 @@ def test_a_file_offer_sealed_to_an_old_key_goes_again_once_the_new_key_is_accept
     saved = wait_for(bob, lambda e: isinstance(e, ev.FileReceived))
     assert saved.path.read_bytes() == source.read_bytes()
     done.result(timeout=10)
+
+
+def test_accepting_a_key_after_the_session_closed_pins_it_and_sends_or_shows_nothing():
+    from p2pchat.client.core.session import ClientSession
+    from p2pchat.client.e2e import EndToEnd, MemoryKeys
+    from p2pchat.common.protocol import ChatMessage, Registered, pack
+    from tests.cores import id_source, identity
+
+    e2e = EndToEnd("me", identity("me"), MemoryKeys(), MemoryKeys())
+    e2e.learn("bob", identity("bob-old").public)
+    session = ClientSession("me", wall_ms=lambda: 0, e2e=e2e, token=b"t" * 32, new_id=id_source("me"))
+    session.start(0.0)
+    session.on_frames(pack(Registered("me", b"epoch", 1000), 0), 0.0)
+    sealer = EndToEnd("bob", identity("bob"), MemoryKeys(), MemoryKeys())
+    sealer.learn("me", identity("me").public)
+    msg_id = b"m" * 16
+    held = session.on_frames(pack(ChatMessage("bob", "me", sealer.seal("me", msg_id, 0, b"hi")), 0, msg_id), 0.1)
+    assert [type(a.event) for a in held] == [ev.PeerKeyChanged]  # held: bob presents a new key
+    session.close(0.2)
+    assert session.accept_peer_key("bob", 0.3) == []  # closed: nothing shown, nothing sent
+    assert e2e.pinned_key("bob") == identity("bob").public  # but the decision is kept for the next run
