@@ -112,6 +112,9 @@ class RedisDirectory:
     While Redis is down it keeps working for this broker's own sessions: claims and releases change
     only the local view, other brokers' users cannot be located, and ``reconcile`` brings Redis in
     line with the sessions that exist here once it is back.
+
+    It still holds one session per user ID, whatever its device (``dev`` is not stored): another device
+    of an online ID is refused as online elsewhere.
     """
 
     def __init__(self, r: redis.Redis, broker_id: bytes, keys: RedisKeys, health: RedisHealth,
@@ -154,7 +157,7 @@ class RedisDirectory:
         self._claimed.append(user)
 
     # --- PeerDirectory ------------------------------------------------------
-    def claim(self, user: str, where: Location, token: bytes) -> bool:
+    def claim(self, user: str, dev: int, where: Location, token: bytes) -> bool:
         try:
             result = self._run_claim(user, where, token)
         except REDIS_ERRORS:  # Redis down: this broker's word for now; reconcile() claims it later
@@ -172,7 +175,7 @@ class RedisDirectory:
         return self._claim(keys=self._presence_keys() + [self._keys.known],
                            args=[user, format_location(where), token.hex(), PRESENCE_MAXLEN])
 
-    def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
+    def take_over(self, user: str, dev: int, where: Location, token: bytes) -> Location | None:
         with unavailable_on_error():
             previous = self._run_take_over(user, where, token)
         if previous is None:
@@ -186,7 +189,7 @@ class RedisDirectory:
                                args=[user, format_location(where), token.hex(), PRESENCE_MAXLEN, self.me,
                                      k.alive(""), k.broker_users("")])
 
-    def hand_over(self, user: str, old: Location, new: Location, token: bytes) -> None:
+    def hand_over(self, user: str, dev: int, old: Location, new: Location, token: bytes) -> None:
         try:
             moved = self._hand_over(keys=[self._keys.online], args=[user, format_location(old),
                                                                     format_location(new), token.hex()])
@@ -199,9 +202,9 @@ class RedisDirectory:
         else:  # no longer ours in Redis: claim it like a new session
             self._local.pop(user, None)
             self._tokens.pop(user, None)
-            self.claim(user, new, token)
+            self.claim(user, dev, new, token)
 
-    def release(self, user: str, where: Location) -> None:
+    def release(self, user: str, dev: int, where: Location) -> None:
         if self._local.get(user) == where:
             del self._local[user], self._tokens[user]
         try:
@@ -228,10 +231,11 @@ class RedisDirectory:
             due.append(self._recheck.popleft()[1])
         return due
 
-    def locate(self, user: str) -> Location | None:
-        if not self._health.available:  # other brokers are out of reach
-            return self._local.get(user)
-        return self._local.get(user) or self._replica.get(user)
+    def locate(self, user: str) -> tuple[Location, ...]:
+        where = self._local.get(user)
+        if where is None and self._health.available:  # else other brokers are out of reach
+            where = self._replica.get(user)
+        return () if where is None else (where,)
 
     def is_known(self, user: str) -> bool:
         if user in self._known or user in self._replica:

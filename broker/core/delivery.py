@@ -178,7 +178,7 @@ class QueuedDelivery:
 
     def _conn_here(self, user: str) -> bytes | None:
         """The connection of ``user``'s session on this broker, if it has one."""
-        where = self._directory.locate(user)
-        if where is None or where.broker != self._broker_id or where.conn not in self._pages:
-            return None
-        return where.conn
+        for where in self._directory.locate(user):  # its lowest-numbered device's first
+            if where.broker == self._broker_id and where.conn in self._pages:
+                return where.conn
+        return None
