@@ -69,7 +69,11 @@ redis.call('HSET', KEYS[1], f, ARGV[3] .. '/' .. ARGV[4])
 if b ~= '' then redis.call('SREM', ARGV[8] .. b, f) end
 redis.call('SADD', KEYS[4], f)
 local n
-if held then n = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '1') else n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1) end
+if held then
+  n = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '1')
+else
+  n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+end
 entry(ARGV[1], ARGV[2], 1, ARGV[3], n == 1, ARGV[5])
 return b .. '/' .. c
 """

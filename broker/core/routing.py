@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
-from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery
+from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery, queue_name
 from p2pchat.broker.core.ports import (
     DEVICE_CAPS,
     REFUSALS,
@@ -175,9 +175,9 @@ class BrokerCore:
         """The shell committed its batch (``failure`` None) or could not: answer the batch's durable frames."""
         return self.delivery.on_commit(failure)
 
-    def on_delivery_failed(self, user: str) -> None:
-        """The shell could not hand a queued frame to ``user`` (high-water mark): page it again soon."""
-        self.delivery.failed(user)
+    def on_delivery_failed(self, queue: str) -> None:
+        """The shell could not hand a frame of ``queue`` to its session (high-water mark): page it again soon."""
+        self.delivery.failed(queue)
 
     def next_deadline(self) -> float:
         """When ``on_tick`` next has work to do."""
@@ -214,20 +214,21 @@ class BrokerCore:
         device = devices.find(msg.key) if devices is not None else None
         # None: moved to another key since the bind (another broker, the operator); the session ends at once.
         dev = device.id if device is not None else 0
+        queue = queue_name(user, dev, devices.primary.id if devices is not None else dev)
         reply = Send(conn, self._frames.make(self._registered(msg, devices, device)))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
         here = Location(self.broker_id, conn)
         if self.directory.claim(user, dev, here, msg.token):  # the first device of the ID announces it online
             log.info("user=%s conn=%s registered (device %d)", user, conn.hex(), dev)
-            return [reply] + self._open(conn, msg, dev, now) + self._presence()
+            return [reply] + self._open(conn, msg, dev, queue, now) + self._presence()
         stale = self._stale_session_of(user, dev, msg.token)
         if stale is not None:  # the same installation reconnected before its old session expired: hand over quietly
             log.info("user=%s conn=%s takes over from conn=%s (device %d)", user, conn.hex(), stale.hex(), dev)
             self._end(stale)
             self.directory.hand_over(user, dev, Location(self.broker_id, stale), here, msg.token)
             replaced = Send(stale, self._frames.error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
-            return [replaced, reply] + self._open(conn, msg, dev, now) + self._presence()
+            return [replaced, reply] + self._open(conn, msg, dev, queue, now) + self._presence()
         previous = self.directory.take_over(user, dev, here, msg.token)
         if previous is None:
             log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
@@ -239,7 +240,7 @@ class BrokerCore:
         log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
         if previous.broker:
             self.link.kick(previous.broker, previous.conn, user)
-        return [reply] + self._open(conn, msg, dev, now) + self._presence()
+        return [reply] + self._open(conn, msg, dev, queue, now) + self._presence()
 
     def _registered(self, msg: Register, devices: DeviceList | None, device: Device | None) -> Registered:
         """The answer to a successful ``register``: version 1's fields, and the device's only if it sent ``caps``
@@ -251,9 +252,9 @@ class BrokerCore:
         self.keys.describe_device(msg.user, device.id, DEVICE_CAPS if granted else 0, msg.name)
         return Registered(msg.user, registered.epoch, registered.heartbeat_ms, granted, device.id, devices.ver)
 
-    def _open(self, conn: bytes, msg: Register, dev: int, now: float) -> list[Action]:
+    def _open(self, conn: bytes, msg: Register, dev: int, queue: str, now: float) -> list[Action]:
         self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key, dev)
-        return self.delivery.opened(conn, msg.user)
+        return self.delivery.opened(conn, queue)
 
     def _stale_session_of(self, user: str, dev: int, token: bytes) -> bytes | None:
         """The connection holding ``user``'s device ``dev`` on this broker, if it was registered with ``token``."""
@@ -366,7 +367,7 @@ class BrokerCore:
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"sender must be {session.user!r}",
                                                   env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]
-        # Until frames name a device, they go to the session of the recipient's lowest-numbered device online.
+        # Until frames name a device: durable ones wait in its primary's queue, others go to its lowest-numbered device.
         sessions = self.directory.locate(recipient)
         where = sessions[0] if sessions else None
         known = where is not None or self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
@@ -375,7 +376,7 @@ class BrokerCore:
                                                   env.msg_id))]
         if msg.DURABLE and self.delivery.durable:
             try:
-                return self.delivery.queue(conn, env, frames, recipient, where)
+                return self.delivery.queue(conn, env, frames, recipient, sessions)
             except StoreUnavailable:
                 if where is None or where.broker != self.broker_id:
                     raise
@@ -440,18 +441,21 @@ class BrokerCore:
 
     def _on_forwarded(self, user: str, frames: Frames, now: float) -> list[Action]:
         """Frames another broker routed to ``user`` here: deliver if they are still connected here."""
-        here = self._sessions_here(user)
-        if not here:
-            return []  # moved on: durable frames wait in the shared store, transfers resume
-        where = here[0]
         try:
             msg = decode(frames).message
         except ProtocolError:
             return []
-        if self.delivery.delivers_later(where.conn, msg):
+        if msg.DURABLE and self.delivery.durable:  # from the user's queue: for its primary device's session
+            conn = self.delivery.conn_of(user)
+        else:
+            here = self._sessions_here(user)
+            conn = here[0].conn if here else None
+        if conn is None:
+            return []  # moved on: durable frames wait in the shared store, transfers resume
+        if self.delivery.delivers_later(conn, msg):
             return []
         self._track_transfer(msg, now)
-        return [Send(where.conn, frames, user)]
+        return [Send(conn, frames, user)]
 
     def _on_kicked(self, conn: bytes, user: str) -> list[Action]:
         """Another broker took ``user``'s session over (same token): end ours; it stays online there."""
