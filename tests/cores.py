@@ -48,6 +48,13 @@ class KeyBook:
             dataclasses.replace(d, flags=d.flags | flags, name=d.name or name or "") if d.id == dev else d
             for d in devices.devices))
 
+    def add_device(self, user: str, key: bytes) -> int:
+        """Link ``key`` to ``user`` as another device (linking is not on the wire yet); its number."""
+        devices = self._keys[user]
+        ver = self._ver[user] = devices.ver + 1
+        self._keys[user] = DeviceList(ver, devices.devices + (Device(ver, key),))
+        return ver
+
     def move(self, user: str, key: bytes, why: str = "recovered") -> None:
         self._only(user, key)
         self._changes.append(BindingChange(user, key, why))

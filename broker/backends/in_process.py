@@ -15,29 +15,38 @@ class LocalDirectory:
 
     def __init__(self, epoch: bytes) -> None:
         self.epoch = epoch
-        self._online: dict[str, Location] = {}
+        self._online: dict[str, dict[int, Location]] = {}  # user -> device -> its session
         self._known: set[str] = set()
         self._seq = 0
         self._changes: list[PresenceChange] = []
 
-    def claim(self, user: str, where: Location, token: bytes) -> bool:
-        current = self._online.get(user)
+    def claim(self, user: str, dev: int, where: Location, token: bytes) -> bool:
+        sessions = self._online.get(user)
+        if sessions is None:
+            self._online[user] = {dev: where}
+            self._known.add(user)
+            self._change(user, True)
+            return True
+        current = sessions.get(dev)
         if current is not None:
             return current == where
-        self._online[user] = where
-        self._known.add(user)
-        self._change(user, True)
+        sessions[dev] = where  # another device of an online user: no presence change
         return True
 
-    def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
+    def take_over(self, user: str, dev: int, where: Location, token: bytes) -> Location | None:
         return None  # no other broker to take a session from: the core hands over its own stale ones
 
-    def hand_over(self, user: str, old: Location, new: Location, token: bytes) -> None:
-        if self._online.get(user) == old:
-            self._online[user] = new
+    def hand_over(self, user: str, dev: int, old: Location, new: Location, token: bytes) -> None:
+        sessions = self._online.get(user)
+        if sessions is not None and sessions.get(dev) == old:
+            sessions[dev] = new
 
-    def release(self, user: str, where: Location) -> None:
-        if self._online.get(user) == where:
+    def release(self, user: str, dev: int, where: Location) -> None:
+        sessions = self._online.get(user)
+        if sessions is None or sessions.get(dev) != where:
+            return
+        del sessions[dev]
+        if not sessions:  # its last device: the user goes offline
             del self._online[user]
             self._change(user, False)
 
@@ -54,8 +63,11 @@ class LocalDirectory:
     def recheck(self, now: float) -> list[str]:
         return []  # a claim is seen at once: no queue write can miss it
 
-    def locate(self, user: str) -> Location | None:
-        return self._online.get(user)
+    def locate(self, user: str) -> tuple[Location, ...]:
+        sessions = self._online.get(user)
+        if sessions is None:
+            return ()
+        return tuple(sessions[dev] for dev in sorted(sessions)) if len(sessions) > 1 else tuple(sessions.values())
 
     def is_known(self, user: str) -> bool:
         return user in self._known

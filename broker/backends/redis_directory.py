@@ -1,8 +1,9 @@
 """The cluster's peer directory: authoritative in Redis, replicated in every broker (the Clone pattern).
 
-Claims and releases are Lua scripts that update the online hash, take the next global sequence
-number (INCR) and append the change to one presence stream, atomically, so the stream *is* the
-ordered peer-list history. The link's reader thread (redis_link.py) feeds the stream's entries to
+Claims and releases of a device's session are Lua scripts that update the online hash and the user's
+count of sessions, take the next global sequence number (INCR) when the user goes online or offline,
+and append the change to one presence stream, atomically, so the stream *is* the ordered history of
+sessions and of the peer list. The link's reader thread (redis_link.py) feeds the stream's entries to
 ``RedisDirectory.feed``; ``changes()`` applies them to the replica and hands them to the core,
 which publishes them: every broker publishes the same ``(epoch, seq)`` sequence.
 """
@@ -24,40 +25,61 @@ log = logging.getLogger(__name__)
 
 PRESENCE_MAXLEN = 100_000  # entries kept in the presence stream; a broker further behind re-snapshots
 
-# --- Lua: each presence change is one atomic step: online hash + global seq + presence stream ---------
-_CLAIM = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  if string.sub(cur, 1, #ARGV[2] + 1) == ARGV[2] .. '/' then return -1 end
-  return 0
+# --- Lua: each session change is one atomic step: online hash + count + global seq + presence stream -----
+# ``online`` maps "user/dev" to "broker/conn/token", ``sessions`` a user to its count of devices online, and
+# a broker's set (``bu``) holds its "user/dev" entries. Every change is a presence-stream entry for the
+# replicas; only one that takes a user online (its first device) or offline (its last) takes the next
+# global seq and is published as a peer_update ('p' 1); the others carry the current seq ('p' 0).
+_ENTRY = """
+local function entry(user, dev, online, loc, presence, maxlen)
+  local seq
+  if presence then seq = redis.call('INCR', KEYS[2]) else seq = redis.call('GET', KEYS[2]) or '0' end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 's', seq, 'u', user, 'd', dev, 'o', online, 'l', loc,
+             'p', presence and 1 or 0)
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '/' .. ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[1])
-local seq = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 's', seq, 'u', ARGV[1], 'o', 1, 'l', ARGV[2])
-return seq
 """
 
-# Take a user over from another broker: allowed for the session's own token, or when that broker
-# stopped refreshing its liveness key (it crashed); or claim it if it was reaped meanwhile.
+_CLAIM = _ENTRY + """
+local f = ARGV[1] .. '/' .. ARGV[2]
+local cur = redis.call('HGET', KEYS[1], f)
+if cur then
+  if string.sub(cur, 1, #ARGV[3] + 1) == ARGV[3] .. '/' then return -1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], f, ARGV[3] .. '/' .. ARGV[4])
+redis.call('SADD', KEYS[4], f)
+redis.call('SADD', KEYS[6], ARGV[1])
+local n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+entry(ARGV[1], ARGV[2], 1, ARGV[3], n == 1, ARGV[5])
+return 1
+"""
+
+# Take a device's session over from another broker: allowed for the session's own token, or when that
+# broker stopped refreshing its liveness key (it crashed); or claim it if it was reaped meanwhile.
 # Returns the previous "broker/conn" ("/" when there was none).
-_TAKE_OVER = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then cur = '//' .. ARGV[3] end
+_TAKE_OVER = _ENTRY + """
+local f = ARGV[1] .. '/' .. ARGV[2]
+local cur = redis.call('HGET', KEYS[1], f)
+local held = cur ~= false
+if not held then cur = '//' .. ARGV[4] end
 local b, c, t = string.match(cur, '^([^/]*)/([^/]*)/(.*)$')
-if b == ARGV[5] then return false end
-if t ~= ARGV[3] and redis.call('EXISTS', ARGV[6] .. b) == 1 then return false end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '/' .. ARGV[3])
-if b ~= '' then redis.call('SREM', ARGV[7] .. b, ARGV[1]) end
-redis.call('SADD', KEYS[4], ARGV[1])
-local seq = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 's', seq, 'u', ARGV[1], 'o', 1, 'l', ARGV[2])
+if b == ARGV[6] then return false end
+if t ~= ARGV[4] and redis.call('EXISTS', ARGV[7] .. b) == 1 then return false end
+redis.call('HSET', KEYS[1], f, ARGV[3] .. '/' .. ARGV[4])
+if b ~= '' then redis.call('SREM', ARGV[8] .. b, f) end
+redis.call('SADD', KEYS[4], f)
+local n
+if held then
+  n = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '1')
+else
+  n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+end
+entry(ARGV[1], ARGV[2], 1, ARGV[3], n == 1, ARGV[5])
 return b .. '/' .. c
 """
 
-# Move a user between two connections of this broker: the peer list does not change. 0 if it is not
-# at the old one any more (taken over or reaped meanwhile).
+# Move a device's session between two connections of this broker: the peer list does not change. 0 if it
+# is not at the old one any more (taken over or reaped meanwhile).
 _HAND_OVER = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if not cur or string.sub(cur, 1, #ARGV[2] + 1) ~= ARGV[2] .. '/' then return 0 end
@@ -65,27 +87,32 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. '/' .. ARGV[4])
 return 1
 """
 
-_RELEASE = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur or string.sub(cur, 1, #ARGV[2] + 1) ~= ARGV[2] .. '/' then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[4], ARGV[1])
-local seq = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 's', seq, 'u', ARGV[1], 'o', 0, 'l', '')
-return seq
+_RELEASE = _ENTRY + """
+local f = ARGV[1] .. '/' .. ARGV[2]
+local cur = redis.call('HGET', KEYS[1], f)
+if not cur or string.sub(cur, 1, #ARGV[3] + 1) ~= ARGV[3] .. '/' then return 0 end
+redis.call('HDEL', KEYS[1], f)
+redis.call('SREM', KEYS[4], f)
+local n = redis.call('HINCRBY', KEYS[5], ARGV[1], -1)
+if n <= 0 then redis.call('HDEL', KEYS[5], ARGV[1]) end
+entry(ARGV[1], ARGV[2], 0, '', n <= 0, ARGV[4])
+return 1
 """
 
-# Any broker may run this: brokers whose liveness key expired lose their users (announced offline).
-_REAP = """
+# Any broker may run this: brokers whose liveness key expired lose their sessions (users announced
+# offline after their last device).
+_REAP = _ENTRY + """
 local dead = {}
 for _, b in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   if redis.call('EXISTS', ARGV[1] .. b) == 0 then
-    for _, u in ipairs(redis.call('SMEMBERS', ARGV[2] .. b)) do
-      local cur = redis.call('HGET', KEYS[1], u)
+    for _, f in ipairs(redis.call('SMEMBERS', ARGV[2] .. b)) do
+      local cur = redis.call('HGET', KEYS[1], f)
       if cur and string.sub(cur, 1, #b + 1) == b .. '/' then
-        redis.call('HDEL', KEYS[1], u)
-        local seq = redis.call('INCR', KEYS[2])
-        redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 's', seq, 'u', u, 'o', 0, 'l', '')
+        redis.call('HDEL', KEYS[1], f)
+        local u, d = string.match(f, '^([^/]*)/?(.*)$')
+        local n = redis.call('HINCRBY', KEYS[5], u, -1)
+        if n <= 0 then redis.call('HDEL', KEYS[5], u) end
+        entry(u, d, 0, '', n <= 0, ARGV[3])
       end
     end
     redis.call('DEL', ARGV[2] .. b)
@@ -120,9 +147,10 @@ class RedisDirectory:
         self.broker_id = broker_id
         self.me = broker_id.hex()
         self.epoch = os.urandom(8)  # until Redis gives the cluster's (a degraded start has none)
-        self._local: dict[str, Location] = {}  # this broker's sessions: known at once, before the stream says so
-        self._tokens: dict[str, bytes] = {}  # and their tokens, to claim them again after an outage
-        self._replica: dict[str, Location] = {}  # everyone, as of self._seq
+        # This broker's sessions, user -> device -> where: known at once, before the stream says so.
+        self._local: dict[str, dict[int, Location]] = {}
+        self._tokens: dict[tuple[str, int], bytes] = {}  # and their tokens, to claim them again after an outage
+        self._replica: dict[str, dict[int, Location]] = {}  # everyone's sessions, as of self._seq
         self._known: set[str] = set()
         self._seq = 0
         self.stream_pos = "0-0"
@@ -145,70 +173,81 @@ class RedisDirectory:
             self.stream_pos = "$"  # the first snapshot, once Redis is back, says where the feed starts
             log.warning("starting DEGRADED, without the cluster's peer list (%s): serving local clients only", exc)
 
-    def _presence_keys(self) -> list[str]:
+    def _session_keys(self) -> list[str]:
         k = self._keys
-        return [k.online, k.seq, k.presence, k.broker_users(self.me)]
+        return [k.online, k.seq, k.presence, k.broker_users(self.me), k.sessions]
 
-    def _held_here(self, user: str, where: Location, token: bytes) -> None:
-        self._local[user], self._tokens[user] = where, token
+    def _held_here(self, user: str, dev: int, where: Location, token: bytes) -> None:
+        self._local.setdefault(user, {})[dev] = where
+        self._tokens[user, dev] = token
         self._claimed.append(user)
 
+    def _forget_here(self, user: str, dev: int) -> None:
+        sessions = self._local.get(user)
+        if sessions is not None and sessions.pop(dev, None) is not None:
+            del self._tokens[user, dev]
+            if not sessions:
+                del self._local[user]
+
     # --- PeerDirectory ------------------------------------------------------
-    def claim(self, user: str, where: Location, token: bytes) -> bool:
+    def claim(self, user: str, dev: int, where: Location, token: bytes) -> bool:
         try:
-            result = self._run_claim(user, where, token)
+            result = self._run_claim(user, dev, where, token)
         except REDIS_ERRORS:  # Redis down: this broker's word for now; reconcile() claims it later
-            held = self._local.get(user)
+            held = self._local.get(user, {}).get(dev)
             result = 0 if held is not None and held != where else 1
             if result:
-                self._replica[user] = where
+                self._replica.setdefault(user, {})[dev] = where
         if result == 0:
             return False
-        self._held_here(user, where, token)
+        self._held_here(user, dev, where, token)
         self._known.add(user)
         return True
 
-    def _run_claim(self, user: str, where: Location, token: bytes) -> int:
-        return self._claim(keys=self._presence_keys() + [self._keys.known],
-                           args=[user, format_location(where), token.hex(), PRESENCE_MAXLEN])
+    def _run_claim(self, user: str, dev: int, where: Location, token: bytes) -> int:
+        return self._claim(keys=self._session_keys() + [self._keys.known],
+                           args=[user, dev, format_location(where), token.hex(), PRESENCE_MAXLEN])
 
-    def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
+    def take_over(self, user: str, dev: int, where: Location, token: bytes) -> Location | None:
         with unavailable_on_error():
-            previous = self._run_take_over(user, where, token)
+            previous = self._run_take_over(user, dev, where, token)
         if previous is None:
             return None
-        self._held_here(user, where, token)
+        self._held_here(user, dev, where, token)
         return parse_location(previous)
 
-    def _run_take_over(self, user: str, where: Location, token: bytes) -> bytes | None:
+    def _run_take_over(self, user: str, dev: int, where: Location, token: bytes) -> bytes | None:
         k = self._keys
-        return self._take_over(keys=self._presence_keys(),
-                               args=[user, format_location(where), token.hex(), PRESENCE_MAXLEN, self.me,
+        return self._take_over(keys=self._session_keys(),
+                               args=[user, dev, format_location(where), token.hex(), PRESENCE_MAXLEN, self.me,
                                      k.alive(""), k.broker_users("")])
 
-    def hand_over(self, user: str, old: Location, new: Location, token: bytes) -> None:
+    def hand_over(self, user: str, dev: int, old: Location, new: Location, token: bytes) -> None:
         try:
-            moved = self._hand_over(keys=[self._keys.online], args=[user, format_location(old),
+            moved = self._hand_over(keys=[self._keys.online], args=[f"{user}/{dev}", format_location(old),
                                                                     format_location(new), token.hex()])
         except REDIS_ERRORS:  # Redis down: here at once; reconcile() moves it in Redis later
             moved = 1
         if moved:
-            self._held_here(user, new, token)
-            if self._replica.get(user) == old:
-                self._replica[user] = new
+            self._held_here(user, dev, new, token)
+            sessions = self._replica.get(user)
+            if sessions is not None and sessions.get(dev) == old:
+                sessions[dev] = new
         else:  # no longer ours in Redis: claim it like a new session
-            self._local.pop(user, None)
-            self._tokens.pop(user, None)
-            self.claim(user, new, token)
+            self._forget_here(user, dev)
+            self.claim(user, dev, new, token)
 
-    def release(self, user: str, where: Location) -> None:
-        if self._local.get(user) == where:
-            del self._local[user], self._tokens[user]
+    def release(self, user: str, dev: int, where: Location) -> None:
+        if self._local.get(user, {}).get(dev) == where:
+            self._forget_here(user, dev)
         try:
-            self._release(keys=self._presence_keys(), args=[user, format_location(where), PRESENCE_MAXLEN])
+            self._release(keys=self._session_keys(), args=[user, dev, format_location(where), PRESENCE_MAXLEN])
         except REDIS_ERRORS:  # Redis down: gone here at once; reconcile() releases it in Redis later
-            if self._replica.get(user) == where:
-                del self._replica[user]
+            sessions = self._replica.get(user)
+            if sessions is not None and sessions.get(dev) == where:
+                del sessions[dev]
+                if not sessions:
+                    del self._replica[user]
 
     def changes(self) -> list[PresenceChange]:
         out: list[PresenceChange] = []
@@ -228,10 +267,18 @@ class RedisDirectory:
             due.append(self._recheck.popleft()[1])
         return due
 
-    def locate(self, user: str) -> Location | None:
-        if not self._health.available:  # other brokers are out of reach
-            return self._local.get(user)
-        return self._local.get(user) or self._replica.get(user)
+    def locate(self, user: str) -> tuple[Location, ...]:
+        here = self._local.get(user)
+        there = self._replica.get(user) if self._health.available else None  # else other brokers are out of reach
+        if not there:
+            sessions = here or {}
+        elif not here:
+            sessions = there
+        else:
+            sessions = {**there, **here}  # this broker's own sessions are known first
+        if len(sessions) < 2:
+            return tuple(sessions.values())
+        return tuple(sessions[dev] for dev in sorted(sessions))
 
     def is_known(self, user: str) -> bool:
         if user in self._known or user in self._replica:
@@ -258,15 +305,21 @@ class RedisDirectory:
         self.epoch, self._seq, self._stale = epoch, int(seq), False
         if self.stream_pos in ("0-0", "$"):  # the reader starts where this snapshot ends
             self.stream_pos = pos.decode() if isinstance(pos, bytes) else pos
-        self._replica = {flat[i].decode(): parse_location(flat[i + 1]) for i in range(0, len(flat), 2)}
+        replica: dict[str, dict[int, Location]] = {}
+        for i in range(0, len(flat), 2):
+            user, _, dev = flat[i].decode().partition("/")
+            replica.setdefault(user, {})[int(dev or 0)] = parse_location(flat[i + 1])
+        self._replica = replica
         log.info("presence replica at seq %d: %d users online in the cluster", self._seq, len(self._replica))
 
     def _apply(self, fields: dict[bytes, bytes]) -> PresenceChange | None:
-        """One presence-stream entry: the change to publish, or None (already seen, or a gap)."""
+        """One presence-stream entry: the change to publish, or None (already seen, not a presence change, or
+        a gap). An entry that is not a presence change carries the seq it came after: it applies at that seq."""
         seq, user, online = int(fields[b"s"]), fields[b"u"].decode(), fields[b"o"] == b"1"
-        if seq <= self._seq or self._stale:
+        presence = fields.get(b"p", b"1") == b"1"
+        if self._stale or seq < self._seq or (presence and seq == self._seq):
             return None
-        if seq != self._seq + 1:
+        if seq != self._seq + presence:
             log.warning("presence stream gap (%d after %d): re-snapshot", seq, self._seq)
             try:
                 self.resync()
@@ -274,16 +327,20 @@ class RedisDirectory:
                 self._stale = True  # Redis is down: the recovery's reconcile re-snapshots
             return None
         self._seq = seq
+        dev = int(fields.get(b"d") or 0)
         if online:
             where = parse_location(fields[b"l"])
-            self._replica[user] = where
+            self._replica.setdefault(user, {})[dev] = where
             self._known.add(user)
             if where.broker != self.broker_id:
-                self._local.pop(user, None)  # taken over elsewhere
-                self._tokens.pop(user, None)
+                self._forget_here(user, dev)  # taken over elsewhere
         else:
-            self._replica.pop(user, None)
-        return PresenceChange(seq, user, online)
+            sessions = self._replica.get(user)
+            if sessions is not None:
+                sessions.pop(dev, None)
+                if not sessions or presence:
+                    del self._replica[user]
+        return PresenceChange(seq, user, online) if presence else None
 
     def reconcile(self) -> tuple[list[tuple[Location, str]], list[tuple[bytes, str]]]:
         """After an outage, make Redis agree with this broker's sessions: release what Redis still holds
@@ -296,39 +353,42 @@ class RedisDirectory:
         """
         k = self._keys
         with unavailable_on_error():
-            held = [u.decode() for u in self._r.smembers(k.broker_users(self.me))]
+            held = [f.decode() for f in self._r.smembers(k.broker_users(self.me))]
             pipe = self._r.pipeline(transaction=False)
-            for user in held:
-                pipe.hget(k.online, user)
-            for user, at in zip(held, pipe.execute()):
+            for field in held:
+                pipe.hget(k.online, field)
+            for field, at in zip(held, pipe.execute()):
                 where = parse_location(at) if at else None
-                if where is None or where.broker != self.broker_id:
-                    self._r.srem(k.broker_users(self.me), user)
-                elif self._local.get(user) != where:
-                    self._release(keys=self._presence_keys(), args=[user, format_location(where), PRESENCE_MAXLEN])
-                    log.info("user=%s left during the redis outage: released", user)
+                user, _, dev = field.partition("/")
+                if where is None or where.broker != self.broker_id or not dev:
+                    self._r.srem(k.broker_users(self.me), field)
+                elif self._local.get(user, {}).get(int(dev)) != where:
+                    self._release(keys=self._session_keys(), args=[user, dev, format_location(where),
+                                                                    PRESENCE_MAXLEN])
+                    log.info("user=%s device %s left during the redis outage: released", user, dev)
             kicks, lost = [], []
-            for user, where in list(self._local.items()):
-                token = self._tokens[user]
-                if self._run_claim(user, where, token) != 0:
-                    continue
-                previous = self._run_take_over(user, where, token)
-                if previous is None:
-                    log.warning("user=%s conn=%s lost its ID to a session elsewhere during the redis outage",
-                                user, where.conn.hex())
-                    lost.append((where.conn, user))
-                    del self._local[user], self._tokens[user]
-                elif parse_location(previous).broker:  # not just reaped meanwhile: end the session there
-                    kicks.append((parse_location(previous), user))
+            for user, sessions in list(self._local.items()):
+                for dev, where in list(sessions.items()):
+                    token = self._tokens[user, dev]
+                    if self._run_claim(user, dev, where, token) != 0:
+                        continue
+                    previous = self._run_take_over(user, dev, where, token)
+                    if previous is None:
+                        log.warning("user=%s conn=%s lost its ID to a session elsewhere during the redis outage",
+                                    user, where.conn.hex())
+                        lost.append((where.conn, user))
+                        self._forget_here(user, dev)
+                    elif parse_location(previous).broker:  # not just reaped meanwhile: end the session there
+                        kicks.append((parse_location(previous), user))
         self.resync()
-        log.info("cluster state reconciled: %d sessions here, %d taken over, %d lost", len(self._local), len(kicks),
-                 len(lost))
+        log.info("cluster state reconciled: %d sessions here, %d taken over, %d lost",
+                 sum(len(s) for s in self._local.values()), len(kicks), len(lost))
         return kicks, lost
 
     def reap(self) -> list[str]:
-        """Take the users of brokers that stopped refreshing their liveness key offline; those brokers."""
+        """Take the sessions of brokers that stopped refreshing their liveness key offline; those brokers."""
         k = self._keys
         with unavailable_on_error():
-            dead = self._reap(keys=[k.online, k.seq, k.presence, k.brokers],
+            dead = self._reap(keys=[k.online, k.seq, k.presence, k.brokers, k.sessions],
                               args=[k.alive(""), k.broker_users(""), PRESENCE_MAXLEN])
         return [b.decode() if isinstance(b, bytes) else b for b in dead]

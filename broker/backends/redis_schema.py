@@ -19,7 +19,7 @@ class RedisKeys:
     def tag(self) -> str:
         return "{" + self.prefix + "}"
 
-    def __getattr__(self, name: str) -> str:  # epoch, seq, online, presence, brokers, known, devices, ver, key_ids,
+    def __getattr__(self, name: str) -> str:  # epoch, seq, online, sessions, presence, brokers, known, devices, ver, key_ids,
         # broker_key, recovery, generation, key_audit; keys (the one-key-per-ID bindings, migrated to devices)
         if name.startswith("_"):
             raise AttributeError(name)

@@ -21,7 +21,7 @@ MAX_ERROR_TEXT = 1024  # characters of an error's human message
 class Send:
     conn: bytes
     frames: Frames
-    queued_for: str | None = None  # a store-and-forward delivery: report a failed send (on_delivery_failed)
+    queued_for: str | None = None  # a store-and-forward delivery, its queue: report a failed send (on_delivery_failed)
 
 
 @dataclass(frozen=True, slots=True)

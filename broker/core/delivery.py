@@ -27,7 +27,7 @@ EXPIRY_SWEEP = 60.0  # seconds between sweeps of expired queued frames
 class _Pages:
     """One session's paged delivery of its queue."""
 
-    user: str
+    queue: str  # its device's queue: ``user`` for the ID's primary device, ``user/dev`` for another (queue_name)
     cursor: int = 0  # the last seq sent
     draining: bool = True  # pages remain: frames queued meanwhile come with a later page, in order
     unconsumed: int = 0  # frames sent but not consumed
@@ -45,6 +45,12 @@ class _Appended:
     queued: bool  # False: the store refused it for space (store bound or disk); relay it or say storage_full
 
 
+def queue_name(user: str, dev: int, primary: int) -> str:
+    """The queue of ``user``'s device ``dev``: the primary's is the ID's own, so recovery, moves and stores made
+    before devices need nothing."""
+    return user if dev == primary else f"{user}/{dev}"
+
+
 class QueuedDelivery:
     def __init__(self, store: QueueStore, limits: QueueLimits, directory: PeerDirectory, link: BrokerLink,
                  frames: FrameMaker, wall_ms: Callable[[], int], broker_id: bytes, heartbeat_ivl: float) -> None:
@@ -55,14 +61,14 @@ class QueuedDelivery:
         self._ttl_ms = int(limits.ttl_seconds * 1000)
         self._pages: dict[bytes, _Pages] = {}  # conn -> its session's paging
         self._appended: list[_Appended] = []
-        self._stalled: set[str] = set()  # users whose next page is due at the next redelivery tick
+        self._stalled: set[str] = set()  # queues whose next page is due at the next redelivery tick
         self._next_redelivery = 0.0
         self._next_expiry = 0.0
 
     # --- sessions ------------------------------------------------------------------------------
-    def opened(self, conn: bytes, user: str) -> list[Action]:
-        """A session started: its first page."""
-        self._pages[conn] = _Pages(user)
+    def opened(self, conn: bytes, queue: str) -> list[Action]:
+        """A session started, to be handed ``queue``: its first page."""
+        self._pages[conn] = _Pages(queue)
         return self.next_page(conn)
 
     def closed(self, conn: bytes) -> None:
@@ -70,9 +76,9 @@ class QueuedDelivery:
 
     # --- durable frames in ---------------------------------------------------------------------
     def queue(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
-              where: Location | None) -> list[Action]:
-        """Append first; acknowledge and deliver once the shell reports the commit (``on_commit``).
-        Raises ``StoreUnavailable`` if the store cannot take it now."""
+              sessions: tuple[Location, ...]) -> list[Action]:
+        """Append to ``recipient``'s queue (its primary device's) first; acknowledge and deliver once the shell
+        reports the commit (``on_commit``). Raises ``StoreUnavailable`` if the store cannot take it now."""
         sender: str = env.message.sender  # type: ignore[attr-defined]
         refusal = self.store.append(env.msg_id, sender, recipient, bytes(frames[0]), self._wall_ms() + self._ttl_ms)
         if refusal is Refusal.QUEUE_FULL or refusal is Refusal.SHARE_FULL:
@@ -81,8 +87,9 @@ class QueuedDelivery:
             return [Send(conn, self._frames.error(ErrorCode.QUEUE_FULL, f"{whose} too many undelivered messages; "
                                                   "try later", env.msg_id))]
         self._appended.append(_Appended(conn, env.msg_id, env.message.ACKED, recipient, frames, refusal is None))
-        if refusal is None and where is not None and where.broker != self._broker_id:
-            self._link.forward(where.broker, recipient, [bytes(frames[0])])  # goes out with the append's commit
+        if refusal is None:  # to every other broker with a session of the recipient: one of them is the primary's
+            for broker in {where.broker for where in sessions if where.broker != self._broker_id}:
+                self._link.forward(broker, recipient, [bytes(frames[0])])  # goes out with the append's commit
         return []
 
     def on_commit(self, failure: ErrorCode | None) -> list[Action]:
@@ -98,7 +105,7 @@ class QueuedDelivery:
         make = self._frames.make
         actions: list[Action] = []
         for item in appended:
-            conn = self._conn_here(item.recipient)
+            conn = self.conn_of(item.recipient)
             if failure is None and item.queued:
                 if conn is not None and not self._pages[conn].draining:  # else it comes with a later page
                     actions.append(Send(conn, item.frames, item.recipient))
@@ -125,7 +132,7 @@ class QueuedDelivery:
         """The recipient on ``conn`` released these queued frames (one CONSUME, one or a batch of ids)."""
         pages = self._pages[conn]
         for msg_id in msg_ids:
-            self.store.consume(pages.user, msg_id)
+            self.store.consume(pages.queue, msg_id)
         if pages.unconsumed:
             pages.unconsumed = max(0, pages.unconsumed - len(msg_ids))
             if pages.draining and pages.unconsumed <= self.limits.page // 2:
@@ -136,38 +143,39 @@ class QueuedDelivery:
         """The next page of ``conn``'s queue, in order: never the whole queue at once."""
         pages = self._pages[conn]
         limit = self.limits.page
-        page = self.store.pending(pages.user, self._wall_ms(), pages.cursor, limit)
+        page = self.store.pending(pages.queue, self._wall_ms(), pages.cursor, limit)
         pages.draining = len(page) == limit
         if pages.draining:  # one more page a heartbeat even if the recipient consumes nothing
-            self._stalled.add(pages.user)
+            self._stalled.add(pages.queue)
         if not page:
             return []
         pages.cursor = page[-1][0]
         pages.unconsumed += len(page)
-        log.debug("user=%s delivering %d queued frames", pages.user, len(page))
-        return [Send(conn, [header], pages.user) for _, header in page]
+        log.debug("queue=%s delivering %d queued frames", pages.queue, len(page))
+        return [Send(conn, [header], pages.queue) for _, header in page]
 
-    def failed(self, user: str) -> None:
-        """A queued frame did not reach ``user``, or the queue could not be read: page it again from the start."""
-        conn = self._conn_here(user)
+    def failed(self, queue: str) -> None:
+        """A frame of ``queue`` did not reach its session, or the queue could not be read: page it again from the
+        start."""
+        conn = self.conn_of(queue)
         if conn is not None:
             pages = self._pages[conn]
             pages.cursor, pages.draining, pages.unconsumed = 0, True, 0
-        self._stalled.add(user)
+        self._stalled.add(queue)
 
     def failed_all(self) -> None:
         for pages in self._pages.values():
-            self.failed(pages.user)
+            self.failed(pages.queue)
 
     def on_tick(self, now: float, recheck: Iterable[str]) -> list[Action]:
-        """Pages that are due (and the ``recheck`` users'), and a bounded step of the expiry sweep."""
-        self._stalled.update(recheck)
+        """Pages that are due (and the ``recheck`` users' queues), and a bounded step of the expiry sweep."""
+        self._stalled.update(recheck)  # frames go to the queue named by the user (its primary device's)
         actions: list[Action] = []
         if self._stalled and now >= self._next_redelivery:
             self._next_redelivery = now + self._heartbeat_ivl
-            users, self._stalled = self._stalled, set()
-            for user in users:
-                conn = self._conn_here(user)
+            queues, self._stalled = self._stalled, set()
+            for queue in queues:
+                conn = self.conn_of(queue)
                 if conn is not None:
                     actions += self.next_page(conn)
         if now >= self._next_expiry:
@@ -176,9 +184,11 @@ class QueuedDelivery:
                 self._next_expiry = now + self._heartbeat_ivl  # more are due: next step soon, loop never stalls
         return actions
 
-    def _conn_here(self, user: str) -> bytes | None:
-        """The connection of ``user``'s session on this broker, if it has one."""
-        where = self._directory.locate(user)
-        if where is None or where.broker != self._broker_id or where.conn not in self._pages:
-            return None
-        return where.conn
+    def conn_of(self, queue: str) -> bytes | None:
+        """The connection of the session on this broker that is handed ``queue``, if there is one."""
+        for where in self._directory.locate(queue.partition("/")[0]):
+            if where.broker == self._broker_id:
+                pages = self._pages.get(where.conn)
+                if pages is not None and pages.queue == queue:
+                    return where.conn
+        return None

@@ -44,22 +44,25 @@ class PresenceChange:
 
 
 class PeerDirectory(Protocol):
+    """Sessions by (user, device): each device of an ID holds at most one session, and the ID is online
+    (one ``PresenceChange``) from its first device's claim to its last device's release."""
+
     epoch: bytes  # changes whenever sequence numbers restart
 
-    def claim(self, user: str, where: Location, token: bytes) -> bool:
-        """Mark ``user`` online at ``where``; False if online elsewhere already."""
+    def claim(self, user: str, dev: int, where: Location, token: bytes) -> bool:
+        """Mark ``user``'s device ``dev`` online at ``where``; False if that device is online elsewhere already."""
 
-    def take_over(self, user: str, where: Location, token: bytes) -> Location | None:
-        """Move ``user`` to ``where`` from another broker's session with the same ``token``, or from a
-        broker that stopped refreshing its entries; the previous location (``broker`` empty if nobody
+    def take_over(self, user: str, dev: int, where: Location, token: bytes) -> Location | None:
+        """Move ``user``'s device ``dev`` to ``where`` from another broker's session with the same ``token``, or
+        from a broker that stopped refreshing its entries; the previous location (``broker`` empty if nobody
         held it any more), or None if refused."""
 
-    def hand_over(self, user: str, old: Location, new: Location, token: bytes) -> None:
-        """Move ``user`` from ``old`` to ``new`` on this broker (the same installation reconnected
-        before its old session expired): no presence change."""
+    def hand_over(self, user: str, dev: int, old: Location, new: Location, token: bytes) -> None:
+        """Move ``user``'s device ``dev`` from ``old`` to ``new`` on this broker (the same installation
+        reconnected before its old session expired): no presence change."""
 
-    def release(self, user: str, where: Location) -> None:
-        """Mark ``user`` offline if it is still at ``where``."""
+    def release(self, user: str, dev: int, where: Location) -> None:
+        """Mark ``user``'s device ``dev`` offline if it is still at ``where``."""
 
     def changes(self) -> list[PresenceChange]:
         """The peer-list changes since the last call, in sequence order (the core publishes them)."""
@@ -68,12 +71,14 @@ class PeerDirectory(Protocol):
         """Users claimed here whose queue another broker may have written without seeing the claim
         (its replica lagged), now that every replica has caught up: the core pages them once more."""
 
-    def locate(self, user: str) -> Location | None: ...
+    def locate(self, user: str) -> tuple[Location, ...]:
+        """``user``'s sessions, its lowest-numbered device's first; empty if it is offline."""
 
     def is_known(self, user: str) -> bool:
         """Has ``user`` ever registered (so it is offline, not unknown)?"""
 
-    def online(self) -> list[str]: ...
+    def online(self) -> list[str]:
+        """The users online, each once however many of its devices are."""
 
     def seq(self) -> int:
         """The sequence number of the last change published."""

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
-from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery
+from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery, queue_name
 from p2pchat.broker.core.ports import (
     DEVICE_CAPS,
     REFUSALS,
     BindingChange,
     BrokerLink,
+    Device,
+    DeviceList,
     Forwarded,
     Frames,
     KeyRegistry,
@@ -57,6 +59,7 @@ class _Session:
     token: bytes
     last_seen: float
     key: bytes | None = None  # the CURVE key that registered it: every later frame must carry the same one
+    dev: int = 0  # its device's number in the ID's device list (0: the ID left that key meanwhile)
 
 
 class BrokerCore:
@@ -172,9 +175,9 @@ class BrokerCore:
         """The shell committed its batch (``failure`` None) or could not: answer the batch's durable frames."""
         return self.delivery.on_commit(failure)
 
-    def on_delivery_failed(self, user: str) -> None:
-        """The shell could not hand a queued frame to ``user`` (high-water mark): page it again soon."""
-        self.delivery.failed(user)
+    def on_delivery_failed(self, queue: str) -> None:
+        """The shell could not hand a frame of ``queue`` to its session (high-water mark): page it again soon."""
+        self.delivery.failed(queue)
 
     def next_deadline(self) -> float:
         """When ``on_tick`` next has work to do."""
@@ -207,21 +210,26 @@ class BrokerCore:
         if refused is not None:
             log.warning("user=%s conn=%s refused: %s", user, conn.hex(), refused.value)
             return [Send(conn, self._frames.error(refused, REFUSALS[refused].format(user=user), env.msg_id))]
-        reply = Send(conn, self._frames.make(self._registered(msg)))
+        devices = self.keys.devices(user)
+        device = devices.find(msg.key) if devices is not None else None
+        # None: moved to another key since the bind (another broker, the operator); the session ends at once.
+        dev = device.id if device is not None else 0
+        queue = queue_name(user, dev, devices.primary.id if devices is not None else dev)
+        reply = Send(conn, self._frames.make(self._registered(msg, devices, device)))
         if session is not None:  # a repeated REGISTER is answered, not re-announced
             return [reply]
         here = Location(self.broker_id, conn)
-        if self.directory.claim(user, here, msg.token):
-            log.info("user=%s conn=%s registered", user, conn.hex())
-            return [reply] + self._open(conn, msg, now) + self._presence()
-        stale = self._stale_session_of(user, msg.token)
+        if self.directory.claim(user, dev, here, msg.token):  # the first device of the ID announces it online
+            log.info("user=%s conn=%s registered (device %d)", user, conn.hex(), dev)
+            return [reply] + self._open(conn, msg, dev, queue, now) + self._presence()
+        stale = self._stale_session_of(user, dev, msg.token)
         if stale is not None:  # the same installation reconnected before its old session expired: hand over quietly
-            log.info("user=%s conn=%s takes over from conn=%s", user, conn.hex(), stale.hex())
+            log.info("user=%s conn=%s takes over from conn=%s (device %d)", user, conn.hex(), stale.hex(), dev)
             self._end(stale)
-            self.directory.hand_over(user, Location(self.broker_id, stale), here, msg.token)
+            self.directory.hand_over(user, dev, Location(self.broker_id, stale), here, msg.token)
             replaced = Send(stale, self._frames.error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
-            return [replaced, reply] + self._open(conn, msg, now) + self._presence()
-        previous = self.directory.take_over(user, here, msg.token)
+            return [replaced, reply] + self._open(conn, msg, dev, queue, now) + self._presence()
+        previous = self.directory.take_over(user, dev, here, msg.token)
         if previous is None:
             log.info("user=%s conn=%s refused: ID online elsewhere", user, conn.hex())
             # A client that sends a recovery key knows id_online; an older one knows only id_taken (§5.1).
@@ -232,33 +240,34 @@ class BrokerCore:
         log.info("user=%s conn=%s takes over from broker=%s", user, conn.hex(), previous.broker.hex())
         if previous.broker:
             self.link.kick(previous.broker, previous.conn, user)
-        return [reply] + self._open(conn, msg, now) + self._presence()
+        return [reply] + self._open(conn, msg, dev, queue, now) + self._presence()
 
-    def _registered(self, msg: Register) -> Registered:
+    def _registered(self, msg: Register, devices: DeviceList | None, device: Device | None) -> Registered:
         """The answer to a successful ``register``: version 1's fields, and the device's only if it sent ``caps``
         (an older client's strict decoder would drop a ``registered`` with fields it does not know)."""
         registered = Registered(msg.user, self.directory.epoch, int(self.heartbeat_ivl * 1000))
-        if msg.caps is None:
-            return registered
-        devices = self.keys.devices(msg.user)
-        device = devices.find(msg.key) if devices is not None else None
-        if device is None:  # moved to another key since the bind (another broker, the operator): ends at once
+        if msg.caps is None or devices is None or device is None:
             return registered
         granted = msg.caps & CAPS_DEVICES
         self.keys.describe_device(msg.user, device.id, DEVICE_CAPS if granted else 0, msg.name)
         return Registered(msg.user, registered.epoch, registered.heartbeat_ms, granted, device.id, devices.ver)
 
-    def _open(self, conn: bytes, msg: Register, now: float) -> list[Action]:
-        self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key)
-        return self.delivery.opened(conn, msg.user)
+    def _open(self, conn: bytes, msg: Register, dev: int, queue: str, now: float) -> list[Action]:
+        self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key, dev)
+        return self.delivery.opened(conn, queue)
 
-    def _stale_session_of(self, user: str, token: bytes) -> bytes | None:
-        """The connection holding ``user`` on this broker, if it was registered with ``token``."""
-        where = self.directory.locate(user)
-        if where is None or where.broker != self.broker_id:
-            return None
-        session = self._sessions.get(where.conn)
-        return where.conn if session is not None and session.token == token else None
+    def _stale_session_of(self, user: str, dev: int, token: bytes) -> bytes | None:
+        """The connection holding ``user``'s device ``dev`` on this broker, if it was registered with ``token``."""
+        for where in self._sessions_here(user):
+            session = self._sessions[where.conn]
+            if session.dev == dev and session.token == token:
+                return where.conn
+        return None
+
+    def _sessions_here(self, user: str) -> list[Location]:
+        """``user``'s sessions on this broker, its lowest-numbered device's first."""
+        return [where for where in self.directory.locate(user)
+                if where.broker == self.broker_id and where.conn in self._sessions]
 
     def _on_unregister(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:
@@ -269,7 +278,7 @@ class BrokerCore:
     def _drop(self, conn: bytes) -> list[Action]:
         """``conn``'s session ends here (unregistered or expired): its user goes offline."""
         session = self._end(conn)
-        self.directory.release(session.user, Location(self.broker_id, conn))
+        self.directory.release(session.user, session.dev, Location(self.broker_id, conn))
         return self._presence()
 
     def _end(self, conn: bytes) -> _Session:
@@ -296,10 +305,9 @@ class BrokerCore:
         """``change.user``'s ID left its key (recovered, moved or released): the old key's session here ends, and
         everyone else here hears of the new key (their clients hold it as a changed key until accepted)."""
         actions: list[Action] = []
-        where = self.directory.locate(change.user)
-        session = self._sessions.get(where.conn) if where is not None and where.broker == self.broker_id else None
-        if session is not None and session.key != change.key:
-            assert where is not None
+        for where in self._sessions_here(change.user):
+            if self._sessions[where.conn].key == change.key:
+                continue
             log.warning("user=%s conn=%s session closed: the ID was %s", change.user, where.conn.hex(), change.why)
             text = f"user ID {change.user!r} {_LEFT_KEY.get(change.why, change.why)}: this key no longer holds it"
             actions.append(Send(where.conn, self._frames.error(ErrorCode.SESSION_REPLACED, text, None)))
@@ -359,14 +367,16 @@ class BrokerCore:
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"sender must be {session.user!r}",
                                                   env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]
-        where = self.directory.locate(recipient)
+        # Until frames name a device: durable ones wait in its primary's queue, others go to its lowest-numbered device.
+        sessions = self.directory.locate(recipient)
+        where = sessions[0] if sessions else None
         known = where is not None or self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
         if not known:
             return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"recipient {recipient!r} is unknown",
                                                   env.msg_id))]
         if msg.DURABLE and self.delivery.durable:
             try:
-                return self.delivery.queue(conn, env, frames, recipient, where)
+                return self.delivery.queue(conn, env, frames, recipient, sessions)
             except StoreUnavailable:
                 if where is None or where.broker != self.broker_id:
                     raise
@@ -431,17 +441,21 @@ class BrokerCore:
 
     def _on_forwarded(self, user: str, frames: Frames, now: float) -> list[Action]:
         """Frames another broker routed to ``user`` here: deliver if they are still connected here."""
-        where = self.directory.locate(user)
-        if where is None or where.broker != self.broker_id or where.conn not in self._sessions:
-            return []  # moved on: durable frames wait in the shared store, transfers resume
         try:
             msg = decode(frames).message
         except ProtocolError:
             return []
-        if self.delivery.delivers_later(where.conn, msg):
+        if msg.DURABLE and self.delivery.durable:  # from the user's queue: for its primary device's session
+            conn = self.delivery.conn_of(user)
+        else:
+            here = self._sessions_here(user)
+            conn = here[0].conn if here else None
+        if conn is None:
+            return []  # moved on: durable frames wait in the shared store, transfers resume
+        if self.delivery.delivers_later(conn, msg):
             return []
         self._track_transfer(msg, now)
-        return [Send(where.conn, frames, user)]
+        return [Send(conn, frames, user)]
 
     def _on_kicked(self, conn: bytes, user: str) -> list[Action]:
         """Another broker took ``user``'s session over (same token): end ours; it stays online there."""
@@ -449,7 +463,7 @@ class BrokerCore:
         if session is None or session.user != user:
             return []
         self._end(conn)
-        self.directory.release(user, Location(self.broker_id, conn))  # a no-op where the entry moved already
+        self.directory.release(user, session.dev, Location(self.broker_id, conn))  # a no-op where it moved already
         log.info("user=%s conn=%s session taken over by another broker", user, conn.hex())
         replaced = Send(conn, self._frames.error(ErrorCode.SESSION_REPLACED, "a newer connection took over", None))
         return [replaced] + self._presence()

@@ -355,12 +355,12 @@ class BrokerServer:
                 else:
                     self._send(action.sender, action.on_failure())
             elif type(action) is Send:
-                user = action.queued_for
-                if user is None:
+                queue = action.queued_for
+                if queue is None:
                     self._send(action.conn, action.frames)
-                elif user not in missed and not self._send(action.conn, action.frames):
-                    missed.add(user)
-                    self.core.on_delivery_failed(user)
+                elif queue not in missed and not self._send(action.conn, action.frames):
+                    missed.add(queue)
+                    self.core.on_delivery_failed(queue)
             elif type(action) is Publish:
                 self.pub.send_multipart(action.frames)
 

@@ -98,7 +98,7 @@ def broker_pids(broker: BrokerProcess) -> dict[str, int]:
 
 
 def broker_of(r: redis.Redis, user: str) -> str | None:
-    entry = r.hget(ONLINE, user)
+    entry = r.hget(ONLINE, f"{user}/1")  # its first device's session ("broker/conn/token")
     return entry.decode().split("/")[0] if entry else None
 
 
@@ -223,7 +223,7 @@ def test_a_redis_restart_with_persistence_is_survived(tmp_path, redis_server, co
         connect("bob", cluster.address).close()
         alice.send("bob", "queued before the restart", timeout=10)
         listener = listen_process("dave", cluster, tmp_path / "dave-home")
-        wait_until(lambda: b"dave" in redis_server.client().hkeys(ONLINE), 20, "dave online")
+        wait_until(lambda: "dave" in online_users(redis_server.client()), 20, "dave online")
 
         redis_server.stop()  # append-only file on disk; the brokers keep serving their connections
         listener.kill()  # his session expires while Redis is down: a worker that crashed would be restarted
@@ -292,7 +292,7 @@ def cluster_broker(tmp_path: Path, redis_server: RedisProcess) -> Iterator[Broke
 
 
 def online_users(r: redis.Redis) -> set[str]:
-    return {u.decode() for u in r.hkeys(ONLINE)}
+    return {f.decode().partition("/")[0] for f in r.hkeys(ONLINE)}  # "user/dev"
 
 
 def listen_process(user: str, broker: BrokerProcess, home: Path) -> subprocess.Popen:

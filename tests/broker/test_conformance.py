@@ -1269,6 +1269,39 @@ def test_s10_1_admit_beyond_the_brokers_bindings_gets_err_registry_full(tmp_path
         keys.close()
 
 
+# --- §5.5 sessions per device, seen by a client that knows no devices: the core in-process over a registry that
+# holds two devices of one ID (linking is not on the wire yet) ---------------------------------------------------
+def test_s5_5_an_old_client_sees_an_id_with_two_devices_online_as_one_user_with_version_1_frames():
+    from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink, NoStore
+    from p2pchat.broker.core.routing import BrokerCore
+    from tests.cores import KeyBook
+
+    keys, alice, desktop, laptop = KeyBook(), Keys(), Keys(), Keys()
+    core = BrokerCore(LocalDirectory(b"epoch"), broker_id=b"b", heartbeat_ivl=HEARTBEAT, liveness=LIVENESS,
+                      wall_ms=lambda: 0, new_id=lambda: os.urandom(16), keys=keys, store=NoStore(), link=LocalLink(),
+                      require_key=False)
+    published: list[dict] = []
+
+    def send(conn: bytes, h: dict) -> list[dict]:
+        replies = []
+        for action in core.on_frames(conn, [packed(h)], 0.0):
+            frame = check_broker_frame([bytes(f) for f in action.frames])
+            (replies if getattr(action, "conn", None) == conn else published).append(frame)
+        return replies
+
+    assert send(b"a", header("register", user="alice", token=b"a", key=alice.raw))[0]["t"] == "registered"
+    assert send(b"d", header("register", user="bob", token=b"d", key=desktop.raw))[0]["t"] == "registered"
+    keys.add_device("bob", laptop.raw)
+    registered = send(b"l", header("register", user="bob", token=b"l", key=laptop.raw))
+    assert [set(r) for r in registered] == [{"v", "t", "id", "ts", "user", "epoch", "heartbeat_ms"}]  # §5.1's only
+    [snapshot] = send(b"a", header("snapshot_req"))
+    assert sorted(snapshot["peers"]) == ["alice", "bob"] and snapshot["seq"] == 2
+    send(b"d", header("unregister"))
+    assert [(p["user"], p["online"]) for p in published if p["t"] == "peer_update"] == [("alice", True), ("bob", True)]
+    send(b"l", header("unregister"))
+    assert [(p["user"], p["online"]) for p in published if p["t"] == "peer_update"][2:] == [("bob", False)]
+
+
 # --- §10.3 fingerprints ---------------------------------------------------------------------------------------------
 def test_s10_3_the_broker_logs_its_fingerprint_in_the_canonical_form(broker):
     logged = f"broker key fingerprint {fingerprint(broker_key(broker))} "

@@ -183,7 +183,7 @@ def test_two_cores_on_one_redis_forward_a_frame_and_hand_a_session_over(tmp_path
     try:
         register(one, b"alice", "alice", 0.1)
         register(two, b"bob-1", "bob", 0.1, token=b"bob-install")
-        until(one, lambda: one.core.directory.locate("bob") is not None, "broker 1 to see bob on broker 2")
+        until(one, lambda: one.core.directory.locate("bob") != (), "broker 1 to see bob on broker 2")
         one.send(b"alice", ChatMessage("alice", "bob", b"across"), 0.2)
         assert received(one, Ack, b"alice") == [Ack(one.sent[-1], AckStatus.STORED)]
         until(two, lambda: received(two, ChatMessage, b"bob-1"), "the frame to reach bob through broker 2's inbox")
@@ -208,7 +208,7 @@ def test_a_session_taken_over_during_a_redis_outage_is_ended_on_its_old_broker_o
     clock = time.monotonic  # the link's upkeep probes Redis on the real clock
     try:
         register(one, b"bob-1", "bob", clock(), token=b"bob-install")
-        until(two, lambda: two.core.directory.locate("bob") is not None, "broker 2 to see bob on broker 1", clock)
+        until(two, lambda: two.core.directory.locate("bob") != (), "broker 2 to see bob on broker 1", clock)
         assert two.backend.keys.lookup("bob")  # broker 2 has bob's key cached: it may register him without Redis
         redis_server.stop()
         register(two, b"bob-2", "bob", clock(), token=b"bob-install")

@@ -160,3 +160,26 @@ def test_a_frame_the_full_store_refused_is_answered_storage_full_when_its_recipi
     store.commit()
     error = sends_to(core.on_commit(), b"alice")[-1]
     assert type(error) is Error and (error.code, error.ref) == (ErrorCode.STORAGE_FULL, decode(to_carol).msg_id)
+
+
+# --- queues per device (docs/PROTOCOL.md §5.5): the primary's is the ID's, another device's "user/dev" ---------
+def test_each_device_is_handed_its_own_queue_and_frames_to_the_id_go_to_the_primarys(store):
+    core = core_with(store)
+    register(core, b"alice", "alice")
+    register(core, b"bob-desktop", "bob")
+    core.keys.add_device("bob", b"l" * 32)  # linking is not on the wire yet
+    queued = new_msg_id()
+    store.append(queued, "alice", "bob/2", pack(ChatMessage("alice", "bob", b"for the laptop"), 0, queued)[0], 10**12)
+    store.commit()
+    laptop = core.on_frames(b"bob-laptop", pack(Register("bob", b"l" * 16, b"l" * 32), 0), 0.0)
+    assert [m.body for m in sends_to(laptop, b"bob-laptop") if type(m) is ChatMessage] == [b"for the laptop"]
+    to_bob = pack(ChatMessage("alice", "bob", b"to bob"), 0)
+    assert core.on_frames(b"alice", to_bob, 0.0) == []
+    store.commit()
+    actions = core.on_commit()
+    assert [m.body for m in sends_to(actions, b"bob-desktop")] == [b"to bob"] and sends_to(actions, b"bob-laptop") == []
+    assert [a.queued_for for a in actions if type(a) is Send and a.conn == b"bob-desktop"] == ["bob"]
+    assert [a.queued_for for a in laptop if type(a) is Send and a.queued_for] == ["bob/2"]
+    core.on_frames(b"bob-laptop", pack(Consume(queued), 0), 0.1)
+    store.commit()
+    assert store.pending("bob/2", 0, 0, 10) == [] and len(store.pending("bob", 0, 0, 10)) == 1

@@ -133,7 +133,7 @@ def test_duplicate_id_is_refused_on_another_connection(core):
     error = only_error(register(core, B, "alice", msg_id=MSG_ID), B)
     assert (error.code, error.ref) == (ErrorCode.ID_TAKEN, MSG_ID)
     assert core.user_of(B) is None
-    assert core.directory.locate("alice") == Location(BROKER, A)
+    assert core.directory.locate("alice") == (Location(BROKER, A),)
     assert core.directory.seq() == 1  # nothing announced
 
 
@@ -162,7 +162,7 @@ def test_same_installation_on_a_new_connection_takes_over_its_stale_session(core
     assert replies(actions, B) == [Registered("alice", EPOCH, int(IVL * 1000))]
     assert published(actions) == []  # alice never went offline
     assert (core.user_of(A), core.user_of(B)) == (None, "alice")
-    assert core.directory.locate("alice") == Location(BROKER, B)
+    assert core.directory.locate("alice") == (Location(BROKER, B),)
     assert core.session_count == 1
 
 

@@ -474,7 +474,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert len(held) == len(set(held)), f"a user holds two connections: {held}"
         assert set(held) == set(self.core.directory.online()) == self.online
         for user in held:
-            where = self.core.directory.locate(user)
+            (where,) = self.core.directory.locate(user)  # one device per ID here: one session
             assert self.core.user_of(where.conn) == user
 
     def send(self, conn: bytes, frames) -> None:
