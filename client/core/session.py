@@ -161,15 +161,18 @@ class ClientSession(KeyChanges):
         if self.outbox.waiting:  # after those, in order
             self.outbox.add(msg_id, recipient, body, ts, now)
             actions = self._flush(now)
-            return actions + [Emit(ev.SendState(msg_id, recipient, "held"))] if recipient in self._blocked else actions
-        actions: list[Action] = []  # else only this one to seal: no pass over the outbox (the load tool's path)
-        user = self._sealed(msg_id, self.outbox.add_sealed(msg_id, recipient, body, ts, now, self.e2e), now, actions)
+        else:  # only this one to seal: no pass over the outbox (the load tool's path)
+            actions = []
+            user = self._sealed(msg_id, self.outbox.add_sealed(msg_id, recipient, body, ts, now, self.e2e), now,
+                                actions)
+            wanted = self.transfers.take_key_wants() if self.transfers is not None else set()
+            if user is not None:
+                wanted.add(user)
+            if wanted:
+                actions += self._ask_keys(wanted, now)
         if recipient in self._blocked:  # waits for the user's decision on their new key: the caller hears it
             actions.append(Emit(ev.SendState(msg_id, recipient, "held")))
-        wanted = self.transfers.take_key_wants() if self.transfers is not None else set()
-        if user is not None:
-            wanted.add(user)
-        return actions + self._ask_keys(wanted, now) if wanted else actions
+        return actions
 
     def mark_read(self, peer: str, now: float) -> list[Action]:
         """The user has seen ``peer``'s conversation: record it and, if enabled, tell ``peer``."""
