@@ -62,6 +62,10 @@ class ErrorCode(str, enum.Enum):
     REGISTRY_FULL = "registry_full"
     ADMISSION_FULL = "admission_full"
     RECOVERY_REFUSED = "recovery_refused"
+    DEVICES_CHANGED = "devices_changed"
+    TAKEN = "taken"
+    LINK_FAILED = "link_failed"
+    TOO_MANY_DEVICES = "too_many_devices"
 
 
 class P2PChatError(Exception):

@@ -125,6 +125,30 @@ def _device_list(value: Any) -> tuple[tuple[int, bytes, str, int], ...]:
     return value
 
 
+def _copies(value: Any) -> tuple[tuple[int, bytes], ...]:
+    if type(value) is not tuple or not 0 < len(value) <= MAX_DEVICES:
+        _fail("expected a list of 1 to %d copies" % MAX_DEVICES)
+    seen = set()
+    for entry in value:
+        if type(entry) is not tuple or len(entry) != 2:
+            _fail("expected copies as [dev, body]")
+        _uint(entry[0]), _bytes(MAX_BODY_BYTES)(entry[1])
+        seen.add(entry[0])
+    if len(seen) != len(value):
+        _fail("a device appears twice among the copies")
+    return value
+
+
+def _proofs(value: Any) -> tuple[tuple[int, int, bytes], ...]:
+    if type(value) is not tuple or len(value) > MAX_DEVICES:
+        _fail("expected a list of at most %d proofs" % MAX_DEVICES)
+    for entry in value:
+        if type(entry) is not tuple or len(entry) != 3:
+            _fail("expected proofs as [dev, generation, signature]")
+        _uint(entry[0]), _uint(entry[1]), _bytes(64, exact=True)(entry[2])
+    return value
+
+
 def _enum(kind: type[enum.Enum]) -> Checker:
     values = {m.value: m for m in kind}
 
@@ -153,6 +177,8 @@ UserList = Annotated[tuple, _user_list]
 MsgIdList = Annotated[tuple, _id_list]
 DeviceName = Annotated[str, _device_name]
 DeviceList = Annotated[tuple, _device_list]
+Copies = Annotated[tuple, _copies]  # [dev, body] per device of one user: a message sealed for each (§5.6)
+Proofs = Annotated[tuple, _proofs]  # [dev, generation, signature]: the account key linked that device (§5.6)
 
 
 class MsgType(str, enum.Enum):
@@ -278,6 +304,8 @@ class Devices(Message):
     user: UserId
     ver: Count
     devices: DeviceList
+    account: SigningKey | None = None  # the ID's account key (its recovery key), which signs linked devices
+    proofs: Proofs | None = None  # for each linked device: the generation and the account key's signature
 
 
 @_message
@@ -298,7 +326,9 @@ class ChatMessage(Message):
     DURABLE = True
     sender: UserId
     recipient: UserId
-    body: Body
+    body: Body  # empty when ``copies`` carries the bodies
+    copies: Copies | None = None  # one body per device of ``recipient``, each sealed to it (§5.6)
+    echo: Copies | None = None  # one body per other device of ``sender``: the transcript of what it sent
 
 
 @_message
@@ -313,6 +343,8 @@ class Error(Message):
     TYPE = MsgType.ERROR
     code: ErrorCodeField
     message: Text
+    dev: Count | None = None  # the device of ``recipient`` it is for (§8: several devices)
+    src: Count | None = None  # the sending device (the broker checks it)
     ref: MsgId | None = None
 
 
@@ -383,6 +415,8 @@ class FileOffer(Message):
     size: Count
     chunk_size: Count
     body: Body  # sealed like a message: msgpack {"name": str, "key": 32-byte file key}
+    copies: Copies | None = None  # one body per device of ``recipient`` (§5.6)
+    src: Count | None = None  # set by the broker: the offering device, to send transfer frames back to (§8)
 
 
 @_message
@@ -397,6 +431,8 @@ class FileCredit(Message):
     next: Count
     upto: Count
     restart: Flag  # True: (re)start sending at ``next`` (resume, or after a loss)
+    dev: Count | None = None  # the device of ``recipient`` it is for (§8: several devices)
+    src: Count | None = None  # the sending device (the broker checks it)
 
 
 @_message
@@ -413,6 +449,7 @@ class FileChunk(Message):
     # final chunk, the whole file's SHA-256. A sealed chunk's GCM tag does both jobs.
     crc: Count | None = None
     sha256: Digest | None = None
+    dev: Count | None = None  # the device of ``recipient`` it is for (§8: several devices)
 
 
 @_message
@@ -424,6 +461,8 @@ class FileDone(Message):
     sender: UserId
     recipient: UserId
     xfer: MsgId
+    dev: Count | None = None  # the device of ``recipient`` it is for (§8: several devices)
+    src: Count | None = None  # the sending device (the broker checks it)
 
 
 @_message

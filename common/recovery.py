@@ -28,6 +28,8 @@ PHRASE_WORDS = 12
 ENTROPY_BYTES = 16  # 12 words: 128 bits and a 4-bit checksum
 SIGNATURE_BYTES = 64
 STATEMENT_LABEL = b"p2pchat recover v1"
+LINK_LABEL = b"p2pchat link v1"  # adds a device to the ID (docs/PROTOCOL.md §5.6)
+UNLINK_LABEL = b"p2pchat unlink v1"  # removes one
 _SEED_INFO = b"p2pchat v1 recovery key"
 
 
@@ -62,9 +64,12 @@ def normalise_phrase(text: str) -> str:
     return " ".join(words)
 
 
-def recovery_statement(broker_key: bytes, user: str, generation: int, new_key: bytes) -> bytes:
-    """What a recovery signs: ``label 0x00 broker key (32) user 0x00 generation (8, big-endian) new key (32)``."""
-    return b"".join((STATEMENT_LABEL, b"\0", broker_key, user.encode("ascii"), b"\0", generation.to_bytes(8, "big"),
+def recovery_statement(broker_key: bytes, user: str, generation: int, new_key: bytes,
+                       label: bytes = STATEMENT_LABEL) -> bytes:
+    """What a recovery signs: ``label 0x00 broker key (32) user 0x00 generation (8, big-endian) new key (32)``.
+    A link signs the same with ``LINK_LABEL`` and the new device's key; an unlink with ``UNLINK_LABEL`` and the
+    removed device's key."""
+    return b"".join((label, b"\0", broker_key, user.encode("ascii"), b"\0", generation.to_bytes(8, "big"),
                      new_key))
 
 
@@ -84,16 +89,18 @@ class RecoveryKey:
         return cls(private, private.public_key().public_bytes(serialization.Encoding.Raw,
                                                               serialization.PublicFormat.Raw))
 
-    def prove(self, broker_key: bytes, user: str, generation: int, new_key: bytes) -> bytes:
-        return self.private.sign(recovery_statement(broker_key, user, generation, new_key))
+    def prove(self, broker_key: bytes, user: str, generation: int, new_key: bytes,
+              label: bytes = STATEMENT_LABEL) -> bytes:
+        return self.private.sign(recovery_statement(broker_key, user, generation, new_key, label))
 
 
 def verify_recovery(recovery_key: bytes, signature: bytes, broker_key: bytes, user: str, generation: int,
-                    new_key: bytes) -> bool:
-    """Whether ``signature`` is the recovery key's over this move (never raises on hostile bytes)."""
+                    new_key: bytes, label: bytes = STATEMENT_LABEL) -> bool:
+    """Whether ``signature`` is the recovery key's over this move, link or unlink (never raises on hostile
+    bytes)."""
     try:
         Ed25519PublicKey.from_public_bytes(recovery_key).verify(
-            signature, recovery_statement(broker_key, user, generation, new_key))
+            signature, recovery_statement(broker_key, user, generation, new_key, label))
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -159,6 +159,8 @@ class Device:
     name: str = ""  # what its user calls it ("laptop"); empty until a client names it
     flags: int = 0  # DEVICE_CAPS
     added_ms: int = 0  # wall clock
+    gen: int = 0  # a linked device: the binding's generation its link proof names...
+    proof: bytes = b""  # ...and the account key's signature over it (common/recovery.py, LINK_LABEL); b"": device 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +210,8 @@ class KeyRegistry(Protocol):
 
     def changes(self, now: float) -> list[BindingChange]:
         """Bindings moved or released since the last call, here or elsewhere (another broker, the operator's
-        ``p2pchat broker admin``); the registry looks at most every ``CHANGES_POLL`` seconds."""
+        ``p2pchat broker admin``); the registry looks at most every ``CHANGES_POLL`` seconds. An unlinked device
+        is a change with ``why`` "unlinked" and ``key`` the removed device's key."""
 
 
 # --- other brokers ------------------------------------------------------------------------------------

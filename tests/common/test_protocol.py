@@ -58,6 +58,10 @@ VALID: dict[str, st.SearchStrategy] = {
 }
 devices = st.tuples(st.integers(0, MAX_INT), VALID["PublicKey"], VALID["DeviceName"], st.integers(0, MAX_INT))
 VALID["DeviceList"] = st.lists(devices, min_size=1, max_size=p.MAX_DEVICES).map(tuple)
+copies = st.tuples(st.integers(0, MAX_INT), VALID["Body"])
+VALID["Copies"] = st.lists(copies, min_size=1, max_size=p.MAX_DEVICES, unique_by=lambda c: c[0]).map(tuple)
+proofs = st.tuples(st.integers(0, MAX_INT), st.integers(0, MAX_INT), st.binary(min_size=64, max_size=64))
+VALID["Proofs"] = st.lists(proofs, max_size=p.MAX_DEVICES).map(tuple)
 
 # --- garbage: anything msgpack can carry ------------------------------------------
 msgpack_scalars = st.one_of(
@@ -130,6 +134,20 @@ INVALID["DeviceList"] = (
         .map(lambda bad: [[*t[0][:t[1]], bad, *t[0][t[1] + 1:]]]))
     | devices.map(lambda d: [list(d)[:3]])  # an entry short of a field
 )
+INVALID["Copies"] = (
+    not_of_type(list, tuple)
+    | st.just(())  # a message has at least one copy
+    | st.lists(copies, min_size=p.MAX_DEVICES + 1, max_size=p.MAX_DEVICES + 2)
+    | copies.map(lambda c: [list(c), list(c)])  # one device twice
+    | copies.flatmap(lambda c: INVALID["Body"].map(lambda bad: [[c[0], bad]]))
+    | copies.map(lambda c: [[c[0]]])  # an entry short of a field
+)
+INVALID["Proofs"] = (
+    not_of_type(list, tuple)
+    | st.lists(proofs, min_size=p.MAX_DEVICES + 1, max_size=p.MAX_DEVICES + 2)
+    | proofs.map(lambda d: [[d[0], d[1], d[2][:63]]])  # a short signature
+    | proofs.flatmap(lambda d: INVALID["Count"].map(lambda bad: [[bad, d[1], d[2]]]))
+)
 
 
 # --- deriving message strategies from the annotations -----------------------------
@@ -159,7 +177,8 @@ def fields_of(cls: type[Message]) -> list[tuple[str, str, str, bool]]:
 
 EXAMPLE = {"UserId": "alice", "MsgId": b"x" * 16, "Body": b"hi", "Token": b"tok", "Digest": b"d" * 32,
            "PublicKey": b"k" * 32, "SigningKey": b"s" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",),
-           "MsgIdList": (b"y" * 16,), "DeviceName": "laptop", "DeviceList": ((1, b"k" * 32, "laptop", 1),)}
+           "MsgIdList": (b"y" * 16,), "DeviceName": "laptop", "DeviceList": ((1, b"k" * 32, "laptop", 1),),
+           "Copies": ((1, b"hi"),), "Proofs": ((2, 1, b"p" * 64),)}
 
 
 def example_message(cls: type[Message], **fields: Any) -> Message:
