@@ -343,8 +343,6 @@ class Error(Message):
     TYPE = MsgType.ERROR
     code: ErrorCodeField
     message: Text
-    dev: Count | None = None  # the device of ``recipient`` it is for (§8: several devices)
-    src: Count | None = None  # the sending device (the broker checks it)
     ref: MsgId | None = None
 
 
@@ -474,6 +472,8 @@ class FileCancel(Message):
     xfer: MsgId
     code: ErrorCodeField
     message: Text
+    dev: Count | None = None  # the device of ``recipient`` it is for (§8: several devices)
+    src: Count | None = None  # the sending device (the broker checks it)
 
 
 @dataclass(frozen=True, slots=True)
