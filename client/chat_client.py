@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -36,8 +37,9 @@ from p2pchat.client.storage.identity import InstanceClaim
 from p2pchat.client.storage.partfile import WriterPool
 from p2pchat.client.storage.phrase import load_or_create_phrase
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
-from p2pchat.client.storage.trust import CHANGED_KEYS, PINNED_KEYS, VERIFIED_KEYS, KeyStore, VerifiedKeys
+from p2pchat.client.storage.trust import CHANGED_KEYS, PEER_ACCOUNTS, PINNED_KEYS, VERIFIED_KEYS, KeyStore, VerifiedKeys
 from p2pchat.common.crypto import Identity, fingerprint, safety_number
+from p2pchat.common.protocol import DEVICE_NAME_CHARS
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
 from p2pchat.common.paths import ensure_private_dir, home_dir, user_dir
@@ -117,7 +119,7 @@ class ChatClient:
         self.e2e: Sealing = NO_SEALING
         if cfg.encrypt:
             self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / PINNED_KEYS),
-                                KeyStore(self.state_dir / CHANGED_KEYS))
+                                KeyStore(self.state_dir / CHANGED_KEYS), accounts=KeyStore(self.state_dir / PEER_ACCOUNTS))
         self._verified = VerifiedKeys(self.state_dir / VERIFIED_KEYS)
         self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
@@ -146,6 +148,8 @@ class ChatClient:
             token=self._claim.token,
             new_id=new_msg_id,
             trust_key_changes=cfg.trust_key_changes,
+            devices=cfg.encrypt,
+            device_name=socket.gethostname()[:DEVICE_NAME_CHARS],
         )
         self.broker_key: bytes | None = None
         self._dealer: zmq.Socket | None = None
@@ -362,6 +366,8 @@ class ChatClient:
                 self._finish_agent()
                 return
             self.broker_key = trusted.key
+            if self.e2e.enabled:
+                self.e2e.broker_key = trusted.key  # devices' link proofs name it
         poller = zmq.Poller()
         poller.register(self._waker.fileno(), zmq.POLLIN)
         self._open_sockets(poller)

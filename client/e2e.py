@@ -4,6 +4,10 @@ Peer keys are pinned on first contact (from the broker's KEY_INFO or a sealed
 message). A different key later is never used silently: it is parked as
 *pending* and sending to that peer is blocked until the user accepts it.
 
+Several devices per user (docs/PROTOCOL.md §5.6): the pinned key is the user's primary device's; the
+others come from the broker's ``devices`` and are used only if the user's account key (pinned on first
+sight, like a device key) signed their link. A message is then sealed once per device.
+
 No I/O of its own: the pinned and pending keys live behind ``PeerKeys`` (the shell passes key files,
 tests and load clients memory), and the randomness of new file keys comes from ``random_bytes``.
 Sealing a message is deterministic (its key derives from the message id), so with fixed identities
@@ -14,10 +18,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from p2pchat.common import crypto
 from p2pchat.common.errors import ErrorCode, P2PChatError
+from p2pchat.common.protocol import Devices
+from p2pchat.common.recovery import LINK_LABEL, verify_recovery
 
 
 class PeerKeys(Protocol):
@@ -37,6 +44,34 @@ class PeerKeyChanged(P2PChatError):
         super().__init__(f"{user}'s key changed from {crypto.fingerprint(old)} to {crypto.fingerprint(new)}; "
                          f"verify it with them, then accept it (p2pchat trust --peer {user}){kept}")
         self.user, self.old, self.new = user, old, new
+
+
+class UnknownDevice(P2PChatError):
+    """A body sealed by a key that is not among its sender's devices as last fetched: fetch them, then decide."""
+
+    default_code = ErrorCode.DEVICES_CHANGED
+
+    def __init__(self, user: str) -> None:
+        super().__init__(f"{user} wrote from a device not in their device list: fetching it")
+        self.user = user
+
+
+class DeviceListRefused(P2PChatError):
+    """A device list with a device its account key did not sign: the broker may be adding a device. Nothing is
+    sealed to that user until the list is one we can check."""
+
+    default_code = ErrorCode.INTEGRITY
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSet:
+    """A user's devices as verified: ``(number, key)`` in ascending number, the primary first."""
+
+    ver: int
+    devices: tuple[tuple[int, bytes], ...]
+
+    def has(self, key: bytes) -> bool:
+        return any(k == key for _, k in self.devices)
 
 
 class MemoryKeys:
@@ -70,16 +105,23 @@ class EndToEnd:
     enabled = True  # sealing on; ``NO_SEALING`` is the one way to turn it off
 
     def __init__(self, user: str, identity: crypto.Identity, pinned: PeerKeys, pending: PeerKeys,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom, accounts: PeerKeys | None = None,
+                 broker_key: bytes | None = None) -> None:
         self.user = user
         self.identity = identity
         self._random_bytes = random_bytes
         self._pinned = pinned
         self._pending = pending  # changed keys awaiting the user's decision, kept across restarts
         self._shared: dict[bytes, bytes] = {}
+        self._accounts = accounts if accounts is not None else MemoryKeys()  # account keys, pinned on first sight
+        self.broker_key = broker_key  # link proofs name it; None (no CURVE): the broker is not authenticated anyway
+        self.device_aware = False  # the broker granted CAPS_DEVICES: seal per device (the session sets it)
+        self._devices: dict[str, DeviceSet] = {}  # this run's verified lists, fetched when first needed
 
     def key_of(self, user: str) -> bytes | None:
         """The pinned key, or None if we must ask the broker; raises while a change is unaccepted."""
+        if user == self.user:
+            return self.identity.public  # a note to ourselves
         pending = self._pending.get(user)
         if pending is not None:
             raise PeerKeyChanged(user, self._pinned.get(user) or b"", pending)
@@ -92,17 +134,84 @@ class EndToEnd:
         return self._pending.get(user)
 
     def learn(self, user: str, key: bytes) -> None:
-        """A key for ``user`` (from the broker or a message): pin it, or raise PeerKeyChanged."""
+        """A key for ``user`` (from the broker or a message): pin it, or raise PeerKeyChanged. One of their
+        verified devices' keys is no change."""
         pinned = self._pinned.get(user)
         if pinned is None:
             self._pinned.put(user, key)
-        elif pinned != key:
+        elif pinned != key and not self._known_device(user, key):
             if self._pending.get(user) != key:
                 self._pending.put(user, key)
             raise PeerKeyChanged(user, pinned, key)
 
     def accept(self, user: str) -> bool:
+        self._devices.pop(user, None)  # listed with the key it replaces: fetched again
         return accept_pending(self._pinned, self._pending, user)
+
+    # --- devices ----------------------------------------------------------------------------------
+    def devices_of(self, user: str) -> DeviceSet | None:
+        return self._devices.get(user)
+
+    def forget_devices(self) -> None:
+        """The broker says a list changed: fetch the lists again when next needed."""
+        self._devices.clear()
+
+    def set_devices(self, msg: Devices) -> None:
+        """The broker's list of ``msg.user``'s devices. Every device but the primary must carry a link proof by the
+        user's account key (pinned on first sight); the primary must be the pinned key, or a device the account
+        key linked (the first device was unlinked). Raises DeviceListRefused, or PeerKeyChanged (the primary is a
+        new key: reinstalled, recovered or moved; the list is fetched again once the user accepted it)."""
+        user = msg.user
+        pinned_account = self._accounts.get(user)
+        account = pinned_account or msg.account
+        proofs = {dev: (gen, sig) for dev, gen, sig in msg.proofs or ()}
+        primary_key = msg.devices[0][1]
+        checked = [(dev, key) for dev, key, _, _ in msg.devices[1:] if self._linked(user, account, proofs.get(dev), key)]
+        if len(checked) != len(msg.devices) - 1:
+            raise DeviceListRefused(f"{user}'s device list has a device their account key did not link: not sealing "
+                                    "to them (the broker may be adding a device)")
+        if msg.account is not None and pinned_account is None:
+            self._accounts.put(user, msg.account)
+        entries = DeviceSet(msg.ver, ((msg.devices[0][0], primary_key), *checked))
+        pinned = self._pinned.get(user)
+        if user != self.user and pinned != primary_key:  # our own devices are never pinned as a peer's
+            if pinned is not None and self._linked(user, account, proofs.get(msg.devices[0][0]), primary_key):
+                self._pinned.put(user, primary_key)  # their first device left; the next one is theirs as well
+            else:
+                self._devices.pop(user, None)
+                self.learn(user, primary_key)  # pins a first key; a new one is a change for the user to accept
+        self._devices[user] = entries
+
+    def _linked(self, user: str, account: bytes | None, proof: tuple[int, bytes] | None, key: bytes) -> bool:
+        if self.broker_key is None:
+            return True
+        return account is not None and proof is not None and verify_recovery(
+            account, proof[1], self.broker_key, user, proof[0], key, LINK_LABEL)
+
+    def _known_device(self, user: str, key: bytes) -> bool:
+        devices = self._devices.get(user)
+        return devices is not None and devices.has(key)
+
+    def seal_copies(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes
+                    ) -> tuple[bytes, tuple | None, tuple | None] | str:
+        """``plaintext`` for ``recipient``: ``(body, None, None)`` for one device on each side, else ``(b"", copies,
+        echo)``, a body per device of theirs and per other device of ours; or the user whose list is missing."""
+        if not self.device_aware:
+            return self.seal(recipient, msg_id, ts, plaintext), None, None
+        theirs, ours = self._devices.get(recipient), self._devices.get(self.user)
+        if theirs is None or ours is None:
+            return recipient if theirs is None else self.user
+        own = self.identity.public
+        echo = tuple((dev, self.seal_to(key, recipient, msg_id, ts, plaintext)) for dev, key in ours.devices
+                     if key != own)
+        if len(theirs.devices) == 1 and not echo:
+            return self.seal(recipient, msg_id, ts, plaintext), None, None
+        copies = tuple((dev, self.seal_to(key, recipient, msg_id, ts, plaintext)) for dev, key in theirs.devices)
+        return b"", copies, echo or None
+
+    def seal_to(self, key: bytes, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> bytes:
+        """Sealed to the device with ``key``; ``recipient`` is the frame's (ours for an echo to our own device)."""
+        return crypto.seal_message(self.identity, self._secret(key), self.user, recipient, msg_id, ts, plaintext)
 
     def new_file_key(self) -> bytes:
         """A fresh key for one sending session of a file (never a (key, nonce) pair twice)."""
@@ -114,11 +223,21 @@ class EndToEnd:
         return crypto.seal_message(self.identity, self._secret(key), self.user, recipient, msg_id, ts,
                                    plaintext)
 
-    def open(self, sender: str, msg_id: bytes, ts: int, body: bytes) -> bytes:
+    def open(self, sender: str, msg_id: bytes, ts: int, body: bytes, recipient: str | None = None,
+             refetched: bool = False) -> bytes:
+        """``recipient``: the frame's, if not us (an echo of what our other device sent). A sender's device not in
+        their list raises UnknownDevice unless ``refetched`` (the list was fetched after the body came)."""
         claimed = crypto.sealed_sender_key(body)
         # Authenticate first: a forged body must neither pin a key nor raise a key-change prompt.
         secret = self._shared.get(claimed) or self._exchange(claimed)
-        plaintext = crypto.open_message(secret, sender, self.user, msg_id, ts, body)
+        plaintext = crypto.open_message(secret, sender, recipient or self.user, msg_id, ts, body)
+        if self.device_aware and not refetched and claimed != self._pinned.get(sender) and not self._known_device(
+                sender, claimed):
+            raise UnknownDevice(sender)
+        if sender == self.user:  # an echo: from one of our own devices, never pinned as a peer
+            if not self._known_device(sender, claimed):
+                raise crypto.IntegrityError("an echo from a device that is not one of ours")
+            return plaintext
         self.learn(sender, claimed)
         self._shared[claimed] = secret  # cached once pinned: junk claims must not grow the cache
         return plaintext
@@ -162,8 +281,18 @@ class NoSealing:
     def seal(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> bytes:
         return plaintext
 
-    def open(self, sender: str, msg_id: bytes, ts: int, body: bytes) -> bytes:
+    def seal_copies(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> tuple[bytes, None, None]:
+        return plaintext, None, None
+
+    def open(self, sender: str, msg_id: bytes, ts: int, body: bytes, recipient: str | None = None,
+             refetched: bool = False) -> bytes:
         return body
+
+    def devices_of(self, user: str) -> None:
+        return None
+
+    def forget_devices(self) -> None:
+        pass
 
 
 NO_SEALING = NoSealing()

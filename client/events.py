@@ -40,6 +40,24 @@ class MessageReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageEchoed:
+    """Another device of ours sent ``text`` to ``peer`` (its transcript, docs/PROTOCOL.md §5.6)."""
+
+    msg_id: bytes
+    peer: str
+    text: str
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadElsewhere:
+    """Another device of ours showed ``peer``'s message ``msg_id``: it counts as read here too."""
+
+    msg_id: bytes
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
 class Acked:
     msg_id: bytes
     status: str
@@ -160,8 +178,8 @@ class SendState:
 
 
 Event = (
-    Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | Acked | Receipt | SendFailed
-    | ErrorReported
+    Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | MessageEchoed | ReadElsewhere
+    | Acked | Receipt | SendFailed | ErrorReported
     | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | SendState
     | Stopped
 )

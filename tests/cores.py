@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable
 
+from p2pchat.broker.backends.audit import RecoveryState
 from p2pchat.broker.core.ports import BindingChange, Device, DeviceList
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import ErrorCode
@@ -41,6 +42,9 @@ class KeyBook:
 
     def devices(self, user: str, fresh: bool = False) -> DeviceList | None:
         return self._keys.get(user)
+
+    def recovery_state(self, user: str) -> RecoveryState | None:
+        return RecoveryState(self.recovery.get(user), self._ver[user]) if user in self._keys else None
 
     def describe_device(self, user: str, dev: int, flags: int, name: str | None) -> None:
         devices = self._keys[user]

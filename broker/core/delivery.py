@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Relay, Send
 from p2pchat.broker.core.ports import BrokerLink, Frames, Location, PeerDirectory, QueueLimits, QueueStore, Refusal
@@ -75,21 +75,31 @@ class QueuedDelivery:
         self._pages.pop(conn, None)
 
     # --- durable frames in ---------------------------------------------------------------------
-    def queue(self, conn: bytes, env: Envelope, frames: Frames, recipient: str,
+    def queue(self, conn: bytes, env: Envelope, targets: Sequence[tuple[str, Frames]],
               sessions: tuple[Location, ...]) -> list[Action]:
-        """Append to ``recipient``'s queue (its primary device's) first; acknowledge and deliver once the shell
-        reports the commit (``on_commit``). Raises ``StoreUnavailable`` if the store cannot take it now."""
+        """Append each ``(queue, frames)`` of ``targets`` (the recipient's device queues, and for a message its
+        sender's other devices'); acknowledge once and deliver once the shell reports the commit (``on_commit``).
+        ``sessions``: the recipient's. Raises ``StoreUnavailable`` if the store cannot take it now."""
         sender: str = env.message.sender  # type: ignore[attr-defined]
-        refusal = self.store.append(env.msg_id, sender, recipient, bytes(frames[0]), self._wall_ms() + self._ttl_ms)
-        if refusal is Refusal.QUEUE_FULL or refusal is Refusal.SHARE_FULL:
-            whose = (f"{recipient!r} has" if refusal is Refusal.QUEUE_FULL
-                     else f"your share of {recipient!r}'s queue has")
-            return [Send(conn, self._frames.error(ErrorCode.QUEUE_FULL, f"{whose} too many undelivered messages; "
-                                                  "try later", env.msg_id))]
-        self._appended.append(_Appended(conn, env.msg_id, env.message.ACKED, recipient, frames, refusal is None))
-        if refusal is None:  # to every other broker with a session of the recipient: one of them is the primary's
-            for broker in {where.broker for where in sessions if where.broker != self._broker_id}:
-                self._link.forward(broker, recipient, [bytes(frames[0])])  # goes out with the append's commit
+        recipient: str = env.message.recipient  # type: ignore[attr-defined]
+        expires_ms = self._wall_ms() + self._ttl_ms
+        first, acked = len(self._appended), env.message.ACKED
+        for queue, frames in targets:
+            refusal = self.store.append(env.msg_id, sender, queue, bytes(frames[0]), expires_ms)
+            if refusal is Refusal.QUEUE_FULL or refusal is Refusal.SHARE_FULL:
+                if len(self._appended) > first:  # the copies queued already stay (a resend is idempotent) unacked
+                    self._appended[first] = replace(self._appended[first], acked=False)
+                whose = (f"{recipient!r} has" if refusal is Refusal.QUEUE_FULL
+                         else f"your share of {recipient!r}'s queue has")
+                return [Send(conn, self._frames.error(ErrorCode.QUEUE_FULL, f"{whose} too many undelivered messages; "
+                                                      "try later", env.msg_id))]
+            self._appended.append(_Appended(conn, env.msg_id, acked, queue, frames, refusal is None))
+            acked = False
+            if refusal is None:  # to every other broker with a session of that user: one of them has the device
+                user = queue.partition("/")[0]
+                for broker in {where.broker for where in (sessions if user == recipient else self._directory.locate(user))
+                               if where.broker != self._broker_id}:
+                    self._link.forward(broker, queue, [bytes(frames[0])])  # goes out with the append's commit
         return []
 
     def on_commit(self, failure: ErrorCode | None) -> list[Action]:

@@ -205,6 +205,10 @@ class KeyRegistry(Protocol):
         """``user``'s devices; None if unbound. ``fresh``: as stored now, not as this broker cached them (in a
         cluster another broker may have described a device since)."""
 
+    def recovery_state(self, user: str):
+        """``user``'s recovery (account) key and binding generation (backends/audit.py ``RecoveryState``); None if
+        unbound."""
+
     def describe_device(self, user: str, dev: int, flags: int, name: str | None) -> None:
         """Set ``flags`` on ``user``'s device ``dev``, and name it ``name`` unless it has a name already."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
@@ -40,7 +40,7 @@ from p2pchat.broker.core.ports import (
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
+from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, ChatMessage, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileChunk, FileCredit, FileDone, FileOffer, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Receipt, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, pack
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ _LEFT_KEY = {  # BindingChange.why -> what the old key's session is told
     "recovered": "was moved to another key with its recovery phrase",
     "moved": "was moved to another key by the broker's operator",
     "released": "was released by the broker's operator",
+    "unlinked": "unlinked this device",
 }
 
 
@@ -60,6 +61,7 @@ class _Session:
     last_seen: float
     key: bytes | None = None  # the CURVE key that registered it: every later frame must carry the same one
     dev: int = 0  # its device's number in the ID's device list (0: the ID left that key meanwhile)
+    caps: bool = False  # registered with caps CAPS_DEVICES: it seals a copy per device (§5.6)
 
 
 class BrokerCore:
@@ -253,7 +255,8 @@ class BrokerCore:
         return Registered(msg.user, registered.epoch, registered.heartbeat_ms, granted, device.id, devices.ver)
 
     def _open(self, conn: bytes, msg: Register, dev: int, queue: str, now: float) -> list[Action]:
-        self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key, dev)
+        caps = msg.caps is not None and bool(msg.caps & CAPS_DEVICES)
+        self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key, dev, caps)
         return self.delivery.opened(conn, queue)
 
     def _stale_session_of(self, user: str, dev: int, token: bytes) -> bytes | None:
@@ -303,16 +306,20 @@ class BrokerCore:
 
     def _on_binding_changed(self, change: BindingChange) -> list[Action]:
         """``change.user``'s ID left its key (recovered, moved or released): the old key's session here ends, and
-        everyone else here hears of the new key (their clients hold it as a changed key until accepted)."""
+        everyone else here hears of the new key (their clients hold it as a changed key until accepted). A device
+        unlinked: its session ends. A device linked: nothing to do here (senders hear of it as devices_changed)."""
+        if change.why == "linked":
+            return []
+        unlinked = change.why == "unlinked"
         actions: list[Action] = []
         for where in self._sessions_here(change.user):
-            if self._sessions[where.conn].key == change.key:
+            if (self._sessions[where.conn].key != change.key) if unlinked else (self._sessions[where.conn].key == change.key):
                 continue
             log.warning("user=%s conn=%s session closed: the ID was %s", change.user, where.conn.hex(), change.why)
             text = f"user ID {change.user!r} {_LEFT_KEY.get(change.why, change.why)}: this key no longer holds it"
             actions.append(Send(where.conn, self._frames.error(ErrorCode.SESSION_REPLACED, text, None)))
             actions += self._drop(where.conn)
-        if change.key is not None:
+        if change.key is not None and not unlinked:
             how = KeyChangeHow(change.why) if change.why in _HOW else None
             told = self._frames.make(KeyChanged(change.user, change.key, how))
             actions += [Send(conn, told) for conn, other in self._sessions.items() if other.user != change.user]
@@ -349,7 +356,10 @@ class BrokerCore:
             return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"no devices known for {user!r}",
                                                   env.msg_id))]
         entries = tuple((d.id, d.key, d.name, d.flags) for d in devices.devices)
-        return [Send(conn, self._frames.make(Devices(user, devices.ver, entries)))]
+        state = self.keys.recovery_state(user)
+        proofs = tuple((d.id, d.gen, d.proof) for d in devices.devices if d.proof) or None
+        account = state.recovery if state is not None else None
+        return [Send(conn, self._frames.make(Devices(user, devices.ver, entries, account, proofs)))]
 
     def _on_consume(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         if conn not in self._sessions:
@@ -366,21 +376,29 @@ class BrokerCore:
         if msg.sender != session.user:  # type: ignore[attr-defined]
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"sender must be {session.user!r}",
                                                   env.msg_id))]
+        if getattr(msg, "src", None) is not None and type(msg) is not FileOffer and msg.src != session.dev:
+            return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"src must be {session.dev}",
+                                                  env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]
-        # Until frames name a device: durable ones wait in its primary's queue, others go to its lowest-numbered device.
         sessions = self.directory.locate(recipient)
-        where = sessions[0] if sessions else None
-        known = where is not None or self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
+        known = bool(sessions) or self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
         if not known:
             return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"recipient {recipient!r} is unknown",
                                                   env.msg_id))]
-        if msg.DURABLE and self.delivery.durable:
-            try:
-                return self.delivery.queue(conn, env, frames, recipient, sessions)
-            except StoreUnavailable:
-                if where is None or where.broker != self.broker_id:
-                    raise
-                # The store is down but the recipient is here: relay it unstored, acknowledged "relayed".
+        if msg.DURABLE:
+            targets = self._targets(session, env, frames)
+            if type(targets) is str:
+                return [Send(conn, self._frames.error(ErrorCode.DEVICES_CHANGED, targets, env.msg_id))]
+            if self.delivery.durable:
+                try:
+                    return self.delivery.queue(conn, env, targets, sessions)
+                except StoreUnavailable:
+                    if not any(where.broker == self.broker_id for where in sessions):
+                        raise
+                    # The store is down but the recipient is here: relay it unstored, acknowledged "relayed".
+            return self._relay_now(conn, env, targets)
+        dev = getattr(msg, "dev", None)
+        where = self._device_location(recipient, dev, sessions)
         if where is None:
             return [Send(conn, self._frames.error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
                                                   env.msg_id))]
@@ -390,11 +408,101 @@ class BrokerCore:
             self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
         ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if msg.ACKED else None
         if where.broker != self.broker_id:  # relayed = handed to the link to the other broker
-            self.link.forward(where.broker, recipient, frames)
+            self.link.forward(where.broker, recipient if dev is None else f"{recipient}/{dev}", frames)
             return [Send(conn, ack)] if ack is not None else []
         return [Relay(where.conn, frames, conn, ack,
                       lambda: self._frames.error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
                                                  env.msg_id))]
+
+    def _targets(self, session: _Session, env: Envelope, frames: Frames) -> list[tuple[str, Frames]] | str:
+        """The device queues a durable frame goes to, each with its frames; or why the sender must fetch the
+        device lists and send again (§5.6). A receipt goes to every device of its recipient but the sending one;
+        a message or offer from a client that seals per device goes as the copy sealed for each device, and a
+        message's echo to each other device of its sender; a plain one from an older client to the primary."""
+        msg = env.message
+        recipient = msg.recipient  # type: ignore[attr-defined]
+        devices = self.keys.devices(recipient)
+        kind = type(msg)
+        if devices is None or (kind is not Receipt and not session.caps and not msg.copies):  # type: ignore
+            return [(recipient, frames)]  # an unbound ID (its queue waits for its first device), an older client
+        primary = devices.primary.id
+        if kind is Receipt:
+            return [(queue_name(recipient, d.id, primary), frames) for d in devices.devices
+                    if recipient != session.user or d.id != session.dev]
+        copies = msg.copies  # type: ignore[attr-defined]
+        wanted = [d.id for d in devices.devices]
+        if copies is None and len(wanted) > 1:
+            return f"{recipient!r} has {len(wanted)} devices: seal a copy for each (fetch devices)"
+        if copies is not None and sorted(dev for dev, _ in copies) != wanted:
+            return f"the devices of {recipient!r} changed: fetch devices and send again"
+        echo = getattr(msg, "echo", None)
+        if kind is ChatMessage:
+            own = self.keys.devices(session.user)
+            others = [d.id for d in own.devices if d.id != session.dev] if own is not None else []
+            if sorted(dev for dev, _ in echo or ()) != others:
+                return "your own devices changed: fetch your devices and send again"
+        if copies is None and (kind is not FileOffer or not devices.primary.flags & DEVICE_CAPS):
+            return [(recipient, frames)]  # the one device, the frame unchanged
+        bodies = copies if copies is not None else ((primary, msg.body),)  # type: ignore[attr-defined]
+        flags = {d.id: d.flags for d in devices.devices}
+        targets = [(queue_name(recipient, dev, primary), self._copy(env, dev, body, flags[dev] & DEVICE_CAPS, session))
+                   for dev, body in bodies]
+        if echo:
+            own_primary = own.primary.id  # type: ignore[union-attr]
+            targets += [(queue_name(session.user, dev, own_primary), pack(replace(msg, body=body, echo=None),
+                                                                          env.ts, env.msg_id))
+                        for dev, body in echo]
+        return targets
+
+    @staticmethod
+    def _copy(env: Envelope, dev: int, body: bytes, caps: int, session: _Session) -> Frames:
+        """The frame one device of the recipient gets: its own body; an offer also says which device made it,
+        to a device that knows the field."""
+        msg = env.message
+        if type(msg) is FileOffer:
+            copy = replace(msg, body=body, copies=None, src=session.dev if caps and session.caps else None)
+        else:
+            copy = replace(msg, body=body, copies=None, echo=None)
+        return pack(copy, env.ts, env.msg_id)
+
+    def _relay_now(self, conn: bytes, env: Envelope, targets: list[tuple[str, Frames]]) -> list[Action]:
+        """Durability off (or the store down): each copy to its device's session if it is online, else it is
+        lost; the sender hears ``relayed`` once, or ``recipient_offline`` if no device had it."""
+        actions: list[Action] = []
+        ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if env.message.ACKED else None
+        for queue, frames in targets:
+            user, _, dev = queue.partition("/")
+            where = self._device_location(user, int(dev) if dev else None, self.directory.locate(user))
+            if where is None:
+                continue
+            if where.broker != self.broker_id:
+                self.link.forward(where.broker, queue, frames)
+                if ack is not None:
+                    actions.append(Send(conn, ack))
+            else:
+                actions.append(Relay(where.conn, frames, conn, ack, lambda u=user: self._frames.error(
+                    ErrorCode.RECIPIENT_BUSY, f"recipient {u!r} is not keeping up", env.msg_id)))
+            ack = None
+        if not actions and env.message.ACKED:
+            recipient = env.message.recipient  # type: ignore[attr-defined]
+            return [Send(conn, self._frames.error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
+                                                  env.msg_id))]
+        return actions
+
+    def _device_location(self, user: str, dev: int | None, sessions: tuple[Location, ...]) -> Location | None:
+        """Where ``user``'s device ``dev`` is connected (None: its lowest-numbered device online). A device on
+        another broker is found by that broker: the frame goes to the first other broker holding a session."""
+        if dev is None or not sessions:
+            return sessions[0] if sessions else None
+        remote = None
+        for where in sessions:
+            if where.broker == self.broker_id:
+                session = self._sessions.get(where.conn)
+                if session is not None and session.dev == dev:
+                    return where
+            elif remote is None:
+                remote = where
+        return remote
 
     def _relay_chunk(self, conn: bytes, env: Envelope, frames: Frames, where: Location, now: float) -> list[Action]:
         """A file chunk goes on only inside its recipient's credit window (broker/core/credit.py)."""
@@ -439,23 +547,25 @@ class BrokerCore:
         self.delivery.failed_all()  # Rejoined: queues could not be read meanwhile
         return []
 
-    def _on_forwarded(self, user: str, frames: Frames, now: float) -> list[Action]:
-        """Frames another broker routed to ``user`` here: deliver if they are still connected here."""
+    def _on_forwarded(self, name: str, frames: Frames, now: float) -> list[Action]:
+        """Frames another broker routed here to ``name``: a device queue (durable frames) or ``user/dev`` (a
+        device's transfer frames), else ``user``: deliver if that session is still connected here."""
         try:
             msg = decode(frames).message
         except ProtocolError:
             return []
-        if msg.DURABLE and self.delivery.durable:  # from the user's queue: for its primary device's session
-            conn = self.delivery.conn_of(user)
+        user, _, dev = name.partition("/")
+        if msg.DURABLE and self.delivery.durable:  # from a device's queue: for that device's session
+            conn = self.delivery.conn_of(name)
         else:
             here = self._sessions_here(user)
-            conn = here[0].conn if here else None
+            conn = next((w.conn for w in here if not dev or self._sessions[w.conn].dev == int(dev)), None)
         if conn is None:
             return []  # moved on: durable frames wait in the shared store, transfers resume
         if self.delivery.delivers_later(conn, msg):
             return []
         self._track_transfer(msg, now)
-        return [Send(conn, frames, user)]
+        return [Send(conn, frames, name)]
 
     def _on_kicked(self, conn: bytes, user: str) -> list[Action]:
         """Another broker took ``user``'s session over (same token): end ours; it stays online there."""

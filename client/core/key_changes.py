@@ -37,6 +37,8 @@ class KeyChanges:
                                                         accepted=self.trust_key_changes, how=how))]
         if self.trust_key_changes and self.e2e.accept(exc.user):
             return actions + self._key_accepted(exc.user, now)
+        if exc.user not in self._blocked:  # what waited for their key (or device list) waits for the user now
+            actions += [Emit(ev.SendState(msg_id, exc.user, "held")) for msg_id in self.outbox.unsealed_to(exc.user)]
         self._blocked = self._blocked | {exc.user}
         return actions
 

@@ -72,6 +72,11 @@ class Outbox:
         self.add(msg_id, recipient, text, ts, now)
         return self._seal(msg_id, self._pending[msg_id], e2e)
 
+    def unsealed_to(self, user: str) -> list[bytes]:
+        """The ids of our messages to ``user`` that wait for their key."""
+        return [msg_id for msg_id in self._unsealed if msg_id in self._pending and
+                self._pending[msg_id].recipient == user]
+
     @property
     def waiting(self) -> bool:
         """Some message waits for its recipient's key."""
@@ -84,10 +89,25 @@ class Outbox:
             return exc
         if key is None:
             return pending.recipient
+        sealed = e2e.seal_copies(pending.recipient, msg_id, pending.ts, pending.text)
+        if type(sealed) is str:  # a device list to fetch first
+            return sealed
         del self._unsealed[msg_id]
-        body = e2e.seal(pending.recipient, msg_id, pending.ts, pending.text)
-        pending.frames = pack(ChatMessage(self.user, pending.recipient, body), pending.ts, msg_id)
+        body, copies, echo = sealed
+        pending.frames = pack(ChatMessage(self.user, pending.recipient, body, copies, echo), pending.ts, msg_id)
         return pending.frames
+
+    def unseal(self, msg_id: bytes) -> str | None:
+        """The broker refused ``msg_id``'s copies (a device list changed): seal it again once the lists are
+        fetched; its recipient, or None if it is not ours."""
+        pending = self._pending.get(msg_id)
+        if pending is None:
+            return None
+        pending.frames = None
+        self._unsealed[msg_id] = None
+        # In the outbox's order (rare: one pass per refusal), so several refused messages go again in order.
+        self._unsealed = OrderedDict((k, None) for k in self._pending if k in self._unsealed)
+        return pending.recipient
 
     def sealed(self) -> list[list[bytes]]:
         """The frames of every sealed message still unacknowledged, oldest first."""

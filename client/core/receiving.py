@@ -58,10 +58,11 @@ RECEIVER: Table = {
 }  # not here, so a failure: CREDIT and DONE (the sender's own frames), NO_KEY, KEY_ARRIVED, START once started
 
 
-def open_offer(e2e: Sealing, env: Envelope) -> tuple[str, bytes | None, int]:
-    """An offer's sealed metadata: (name, file key, sending session). Raises ProtocolError if unacceptable."""
+def open_offer(e2e: Sealing, env: Envelope, refetched: bool = False) -> tuple[str, bytes | None, int]:
+    """An offer's sealed metadata: (name, file key, sending session). Raises ProtocolError if unacceptable,
+    UnknownDevice from a device not in the sender's list (``refetched``: fetched since the offer came)."""
     offer: FileOffer = env.message  # type: ignore[assignment]
-    plain = e2e.open(offer.sender, env.msg_id, env.ts, offer.body)
+    plain = e2e.open(offer.sender, env.msg_id, env.ts, offer.body, refetched=refetched)
     try:
         meta = msgpack.unpackb(plain, raw=False, max_str_len=4 * MAX_TEXT_CHARS, max_bin_len=64,
                                max_map_len=4, max_array_len=0)

@@ -27,18 +27,19 @@ from collections.abc import Callable
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
+from p2pchat.client.core.devices import DeviceSync
 from p2pchat.client.core.held import HeldMessages
 from p2pchat.client.core.key_changes import KeyChanges
 from p2pchat.client.core.outbox import Outbox
 from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
 from p2pchat.client.core.transfer import TransferManager
-from p2pchat.client.e2e import PeerKeyChanged, Sealing
+from p2pchat.client.e2e import PeerKeyChanged, Sealing, UnknownDevice
 from p2pchat.client.refusals import explain_refusal
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, MAX_BODY_BYTES, MAX_CONSUME_REFS
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Devices, DevicesRequest, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, CAPS_DEVICES, MAX_BODY_BYTES, MAX_CONSUME_REFS
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def validate_text(recipient: str, text: str) -> bytes:
 _NOBODY: frozenset[str] = frozenset()  # one for every session (the load tool runs 10,000 in a process)
 
 
-class ClientSession(KeyChanges):
+class ClientSession(KeyChanges, DeviceSync):
     def __init__(
         self,
         user: str,
@@ -89,6 +90,8 @@ class ClientSession(KeyChanges):
         presence: bool = True,
         delivery_receipts: bool = True,
         trust_key_changes: bool = False,
+        devices: bool = False,
+        device_name: str | None = None,
     ) -> None:
         """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
         frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session); ``key``: the key to
@@ -99,12 +102,16 @@ class ClientSession(KeyChanges):
         follows the broker's REGISTERED heartbeat_ms (1 s until known), expiry included; ``presence=False`` keeps
         no peer list and never asks for a snapshot; ``delivery_receipts=False`` sends no DELIVERED receipts.
         ``trust_key_changes``: accept a peer's new key at once (the change is still reported) instead of
-        holding messages to and from them until the user accepts it."""
+        holding messages to and from them until the user accepts it. ``devices``: register with ``CAPS_DEVICES``
+        (several devices per user, docs/PROTOCOL.md §5.6) as the device ``device_name``."""
         self.user = check_user_id(user)
         self.e2e = e2e
         self._key = key if key is not None else e2e.identity.public
         self._token = token
         self._recovery = recovery
+        self._caps = CAPS_DEVICES if devices else None
+        self._device_name = device_name
+        self.device: int | None = None  # our number in our ID's device list, once a broker granted CAPS_DEVICES
         self._register_ids: list[bytes] = []  # of the REGISTERs not answered yet (an older broker's bad_frame)
         self._new_id = new_id
         self._key_requests: dict[bytes, str] = {}  # KEY_REQ msg id -> user asked about
@@ -179,9 +186,10 @@ class ClientSession(KeyChanges):
         if self.history is None:
             return []
         ids = self.history.mark_read(peer)
+        synced = [self._transmit(frames, now) for frames in self._read_sync(ids)]  # read on every device of ours
         if not self.read_receipts:
-            return []
-        return [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
+            return synced
+        return synced + [self._receipt(peer, msg_id, ReceiptStatus.READ, now) for msg_id in ids]
 
     def history_saved(self) -> list[Action]:
         """The shell committed this batch's history: the consumes and receipts that waited for it go out."""
@@ -299,6 +307,8 @@ class ClientSession(KeyChanges):
             return self._on_error(msg, now)
         if type(msg) is KeyInfo:
             return self._on_key_info(msg, now)
+        if type(msg) is Devices:
+            return self._on_devices(msg, now)
         if type(msg) is KeyChanged:  # a contact's ID moved to a new key: held as a change until accepted
             return self._on_key_info(msg, now) if self.e2e.pinned_key(msg.user) is not None else []
         if type(msg) is Registered:
@@ -307,6 +317,9 @@ class ClientSession(KeyChanges):
                 self._expiry = self._hb_ivl * self._liveness
             elif msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
                 self._hb_ivl = min(self._hb_ivl, msg.heartbeat_ms / 1000)
+            if msg.caps is not None and msg.caps & CAPS_DEVICES and self.e2e.enabled:
+                self.device = msg.dev
+                self.e2e.device_aware = True
             return self._on_registered(now)
         if type(msg) is Snapshot and self.presence is not None:
             self._snapshot_due = None
@@ -370,13 +383,16 @@ class ClientSession(KeyChanges):
         return deadline
 
     # --- handlers -----------------------------------------------------------
-    def _on_chat(self, msg_id: bytes, msg: ChatMessage, ts: int, now: float) -> list[Action]:
+    def _on_chat(self, msg_id: bytes, msg: ChatMessage, ts: int, now: float, refetched: bool = False
+                 ) -> list[Action]:
         if msg.recipient != self.user:
-            return []
+            return self._on_echo(msg_id, msg, ts, now, refetched) if msg.sender == self.user else []
         if msg_id in self._seen:  # a redelivery: say again that we have it, in case that was lost
             return self._got(msg.sender, msg_id, now)
         try:
-            plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body)
+            plaintext = self.e2e.open(msg.sender, msg_id, ts, msg.body, refetched=refetched)
+        except UnknownDevice as exc:
+            return self._unknown_device(exc, msg_id, msg, ts, now)
         except PeerKeyChanged as exc:  # authentic under a new key: kept queued (and here) until the user decides
             if self._held is None:
                 self._held = HeldMessages()
@@ -432,6 +448,8 @@ class ClientSession(KeyChanges):
         actions = self._after_history(msg_id, None, now)
         if msg.recipient != self.user:
             return actions
+        if msg.sender == self.user:  # another device of ours read it
+            return actions + (self._read_elsewhere(msg.ref) if msg.status is ReceiptStatus.READ else [])
         if msg.status is ReceiptStatus.UNDECRYPTABLE:
             return actions + self._on_undecryptable(msg.sender, msg.ref, msg.key, now)
         if self.history is None or self.history.advance(msg.ref, msg.status.value):
@@ -478,12 +496,17 @@ class ClientSession(KeyChanges):
             log.warning("user=%s rate limited by the broker; re-sending unacknowledged messages shortly", self.user)
             self.outbox.resend_at = now + RATE_LIMIT_BACKOFF
             return []
-        if msg.code is ErrorCode.BAD_FRAME and msg.ref in self._register_ids and self._recovery is not None:
-            # A broker older than recovery keys refuses the field: register without it (recovery needs a newer one).
-            log.warning("user=%s the broker does not know recovery keys (%s): registering without one", self.user,
-                        msg.message)
-            self._recovery = None
+        if msg.code is ErrorCode.BAD_FRAME and msg.ref in self._register_ids and (
+                self._recovery is not None or self._caps is not None):
+            # A broker older than recovery keys or devices refuses the fields: register without them.
+            log.warning("user=%s the broker does not know recovery keys or devices (%s): registering without them",
+                        self.user, msg.message)
+            self._recovery = self._caps = None
             return [self._transmit(self._register_frames(), now)]
+        if msg.code is ErrorCode.DEVICES_CHANGED:
+            handled = self._devices_changed(msg.ref, error, now)
+            if handled is not None:
+                return handled
         if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over, or the ID left our key: stop
             self.state = State.CLOSED
             return [Emit(ev.Stopped(error))]
@@ -521,7 +544,8 @@ class ClientSession(KeyChanges):
     def _register_frames(self) -> list[bytes]:
         msg_id = self._new_id()
         self._register_ids = [*self._register_ids[-3:], msg_id]  # the last few: answers cross retries
-        return pack(Register(self.user, self._token, self._key, self._recovery), self._wall_ms(), msg_id)
+        return pack(Register(self.user, self._token, self._key, self._recovery, self._caps,
+                             self._device_name if self._caps else None), self._wall_ms(), msg_id)
 
     def _flush(self, now: float) -> list[Action]:
         """Seal what waited for a key, ask for keys still missing, transmit if registered."""
@@ -551,10 +575,11 @@ class ClientSession(KeyChanges):
             return []  # nothing to ask (every send with sealing off), or asked again after registering
         asked = set(self._key_requests.values())
         actions: list[Action] = []
+        request = DevicesRequest if self.e2e.enabled and self.e2e.device_aware else KeyRequest
         for user in sorted(users - asked):
             msg_id = self._new_id()
             self._key_requests[msg_id] = user
-            actions.append(self._transmit(pack(KeyRequest(user), self._wall_ms(), msg_id), now))
+            actions.append(self._transmit(pack(request(user), self._wall_ms(), msg_id), now))
         return actions
 
     def _fail_sends_to(self, user: str, error: P2PChatError) -> list[Action]:

@@ -38,7 +38,7 @@ from p2pchat.client.core.transfer_machine import (
     TransferMachine,
     frame_id,
 )
-from p2pchat.client.e2e import PeerKeyChanged, Sealing
+from p2pchat.client.e2e import PeerKeyChanged, Sealing, UnknownDevice
 from p2pchat.client.storage.filenames import part_name, received_name
 from p2pchat.common.crypto import TAG_BYTES, FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, ProtocolError, RemoteError, TransferError
@@ -53,6 +53,7 @@ MAX_CHUNK_BYTES = MAX_PAYLOAD_BYTES - TAG_BYTES
 REFUSED_SENDERS = 1000  # senders whose refused offers are counted apart (for aggregated logging)
 REMEMBER_FAILED = 4096  # refused or failed incoming ids kept to refuse their stale offers again
 REFUSAL_PERIOD = 60.0  # seconds over which refused offers are counted per sender, then logged as one line
+MAX_UNLISTED_OFFERS = 64  # offers from devices not in their sender's list yet, kept while the list is fetched
 
 
 class TransferManager:
@@ -72,6 +73,7 @@ class TransferManager:
         self.queued: dict[bytes, Incoming] = {}  # in arrival order; no file opened yet
         self._refusals = IncidentLog("file offers refused", log, interval=REFUSAL_PERIOD, max_keys=REFUSED_SENDERS)
         self._failed: OrderedDict[bytes, None] = OrderedDict.fromkeys(records.failed_ids()[-REMEMBER_FAILED:])
+        self._unlisted: list[Envelope] = []  # beyond the bound: dropped, and the sender offers again after a stall
         self._by_prefix: dict[bytes, bytes] = {}
         self._online: frozenset[str] = frozenset()
 
@@ -176,10 +178,16 @@ class TransferManager:
         return changes
 
     def on_key(self, user: str, now: float) -> list[Action]:
+        """``user``'s key (or device list) arrived: offers to them go, offers from them open."""
         actions: list[Action] = []
         for out in list(self.outgoing.values()):
             if out.peer == user:
                 actions += out.on_signal(Input.KEY_ARRIVED, now)
+        waiting = [env for env in self._unlisted if env.message.sender == user]  # type: ignore[attr-defined]
+        self._unlisted = [env for env in self._unlisted if env.message.sender != user]  # type: ignore[attr-defined]
+        for env in waiting:
+            if self._machine(env.message.xfer) is None:  # type: ignore[attr-defined]
+                actions += self._on_new_offer(env, now, refetched=True)
         return actions
 
     def fail_peer(self, user: str, error: P2PChatError) -> list[Action]:
@@ -235,7 +243,7 @@ class TransferManager:
         return actions
 
     # --- new offers and admission: bounded incoming transfers, the rest queued ------------------------
-    def _on_new_offer(self, env: Envelope, now: float) -> list[Action]:
+    def _on_new_offer(self, env: Envelope, now: float, refetched: bool = False) -> list[Action]:
         offer: FileOffer = env.message  # type: ignore[assignment]
         if self.records.is_done(offer.xfer):  # our FILE_DONE was lost: say it again
             return [self._ctx.send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
@@ -243,7 +251,13 @@ class TransferManager:
             return [self._ctx.send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.CANCELLED,
                                                           "this transfer was refused or cancelled earlier"))]
         try:
-            name, file_key, session = open_offer(self.e2e, env)
+            name, file_key, session = open_offer(self.e2e, env, refetched)
+        except UnknownDevice as exc:  # from a device of theirs we have not seen: opened again once their list is in
+            if len(self._unlisted) < MAX_UNLISTED_OFFERS:
+                self._unlisted.append(env)
+            self.e2e.forget_devices()
+            self._ctx.key_wants.add(exc.user)
+            return []
         except PeerKeyChanged as exc:  # the session decides (it holds what comes from them until accepted)
             self._ctx.key_changes.append(exc)
             return []

@@ -99,6 +99,21 @@ class History:
         self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state) "
                     "VALUES (?, ?, 1, ?, ?, 'queued')", (msg_id, peer, text, ts))
 
+    def add_echo(self, msg_id: bytes, peer: str, text: str, ts: int) -> bool:
+        """Our message sent from another device (already stored at the broker); False if it is known here."""
+        return self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state) "
+                           "VALUES (?, ?, 1, ?, ?, 'stored')", (msg_id, peer, text, ts)) != 0
+
+    def read_elsewhere(self, msg_id: bytes) -> str | None:
+        """Another device of ours showed received message ``msg_id``: read here too; its sender, or None if it was
+        not unread here."""
+        row = self._db.execute("SELECT peer FROM messages WHERE msg_id = ? AND outgoing = 0 AND state = 'received'",
+                               (msg_id,)).fetchone()
+        if row is None:
+            return None
+        self._write("UPDATE messages SET state = 'read' WHERE msg_id = ? AND outgoing = 0", (msg_id,))
+        return row[0]
+
     def add_incoming(self, msg_id: bytes, peer: str, text: str, ts: int) -> bool:
         """False if this message was already received (a redelivery)."""
         return self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state) "

@@ -11,6 +11,7 @@ from pathlib import Path
 PINNED_KEYS = "peer_keys.json"
 CHANGED_KEYS = "peer_keys_changed.json"  # new keys waiting for the user to accept them
 VERIFIED_KEYS = "peer_keys_verified.json"
+PEER_ACCOUNTS = "peer_accounts.json"  # peers' account keys, which sign their linked devices (§5.6)
 
 
 class KeyStore:

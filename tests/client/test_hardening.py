@@ -98,6 +98,7 @@ def test_callback_that_cancels_and_accepts_keys_does_not_deadlock(make_client, b
             assert exc.code is ErrorCode.CANCELLED
         bob.e2e._pinned.put("alice", crypto.Identity.generate().public)  # alice's key "changes" in bob's eyes
         bob.e2e._shared.clear()
+        bob.e2e.forget_devices()
         alice.send("bob", "with my real key")
         assert seen.get(timeout=10) == ("accepted", True)
         assert wait_for(alice, lambda e: isinstance(e, ev.MessageReceived)).text == "key accepted from a callback"
