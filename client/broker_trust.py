@@ -21,7 +21,8 @@ from p2pchat.broker.core.ports import Device, DeviceList
 from p2pchat.client.storage.trust import KeyStore
 from p2pchat.common.crypto import fingerprint
 from p2pchat.common.endpoints import ServerAddress
-from p2pchat.common.errors import BrokenError, ErrorCode, ProtocolError, RemoteError
+from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
+from p2pchat.common.paths import ensure_private_dir, home_dir
 from p2pchat.common.recovery import LINK_LABEL, STATEMENT_LABEL, UNLINK_LABEL, RecoveryKey
 
 log = logging.getLogger(__name__)
@@ -198,17 +199,6 @@ class KeyService:
         self.expect(f"PAKE_CLOSE {slot}", "OK", "close the link slot")
 
 
-def recover(server: ServerAddress, key_port: int, user: str, new_key: bytes, recovery: RecoveryKey,
-            broker_key: bytes, timeout: float) -> None:
-    """Move ``user`` to ``new_key`` with the proof of its recovery phrase, for the broker whose key is ``broker_key``.
-
-    Raises RemoteError with the broker's code when it refuses (``recovery_refused``: not this ID's phrase, or no
-    recovery key; ``rate_limited``), BrokenError when the key service does not answer.
-    """
-    KeyService(server, key_port, timeout).prove("RECOVER", user, new_key, recovery, broker_key)
-    log.warning("user=%s moved to this installation's key with its recovery phrase", user)
-
-
 def resolve_broker_key(server: ServerAddress, key_port: int, known: KeyStore,
                        pinned_fingerprint: str | None, stopped: Callable[[], bool]) -> TrustedKey | None:
     """The key to use for ``server``; raises RemoteError(BROKER_KEY_CHANGED) on a mismatch, None if stopped."""
@@ -236,3 +226,18 @@ def resolve_broker_key(server: ServerAddress, key_port: int, known: KeyStore,
             return TrustedKey(offered, first_use=remembered is None and not pinned_fingerprint)
         delay = min(delay * 2, 1.0)
     return None
+
+
+def trusted_key_service(server: ServerAddress, key_port: int | None, pinned_fingerprint: str | None,
+                        insecure: bool, timeout: float) -> tuple[KeyService, bytes]:
+    """``server``'s key service, and the broker's key trusted as a connection would trust it (pinned, remembered,
+    or on first use): what a proof must name. BrokenError if it does not answer within ``timeout``."""
+    if insecure:
+        raise P2PChatError("this needs the broker's key service, which a broker run with --insecure has not")
+    port = key_port or server.port + 2
+    deadline = time.monotonic() + timeout
+    trusted = resolve_broker_key(server, port, KeyStore(ensure_private_dir(home_dir()) / "known_brokers.json"),
+                                 pinned_fingerprint, stopped=lambda: time.monotonic() > deadline)
+    if trusted is None:
+        raise BrokenError(f"broker {server} unreachable after {timeout:g}s")
+    return KeyService(server, port, timeout), trusted.key
