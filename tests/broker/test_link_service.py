@@ -3,24 +3,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from p2pchat.broker.backends.audit import Change
-from p2pchat.broker.backends.sqlite_keys import SqliteKeyRegistry
-from p2pchat.broker.shell.keyservice import KeyServiceConnection, KeyServiceCore, KeyServiceLimits
+from p2pchat.broker.shell.keyservice import KeyServiceCore, KeyServiceLimits
 from p2pchat.common.recovery import LINK_LABEL, UNLINK_LABEL, RecoveryKey, new_phrase
-
-BROKER_KEY = b"\x01" * 32
-OLD, NEW = b"o" * 32, b"n" * 32
-
-
-@pytest.fixture
-def keys(tmp_path: Path):
-    registry = SqliteKeyRegistry(tmp_path / "keys.sqlite")
-    yield registry
-    registry.close()
+from tests.broker.test_recovery_service import BROKER_KEY, NEW, OLD, ask, keys  # noqa: F401 - keys: a fixture
 
 
 @pytest.fixture
@@ -29,11 +17,6 @@ def account(keys) -> RecoveryKey:
     recovery = RecoveryKey.from_phrase(new_phrase(), "bob")
     keys.bind("bob", OLD, recovery.public)
     return recovery
-
-
-def ask(service: KeyServiceCore, line: str, source: str = "192.0.2.1", now: float = 0.0) -> bytes:
-    reply, _ = KeyServiceConnection(source, now).receive(line.encode() + b"\n", service, now)
-    return reply
 
 
 def signed(account: RecoveryKey, verb: str, key: bytes, generation: int, extra: str = "") -> str:
