@@ -1,5 +1,7 @@
 """``p2pchat``: the command line. One subcommand per job; exit 0 on success,
-non-zero with a one-line error on stderr otherwise."""
+non-zero with a one-line error on stderr otherwise.
+
+(Over 500 lines: one short function per subcommand and the parser that lists them all, read one at a time.)"""
 
 from __future__ import annotations
 
@@ -40,13 +42,14 @@ def _server(text: str) -> ServerAddress:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
-def _client_options(parser: argparse.ArgumentParser, user_default: str | None = None) -> None:
+def _client_options(parser: argparse.ArgumentParser, user_default: str | None = None, timeout: float = 5.0) -> None:
     parser.add_argument("--server", type=_server, default=ServerAddress(), metavar="H:P",
                         help="broker address (default 127.0.0.1:5555)")
     parser.add_argument("--pub-port", type=int, default=None,
                         help="the broker's presence port, if not the server port + 1")
     parser.add_argument("--user", default=user_default, help="your user ID (default: $P2PCHAT_USER or login name)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)")
+    parser.add_argument("--timeout", type=float, default=timeout,
+                        help=f"seconds to wait for the broker (default {timeout:g})")
     parser.add_argument("--server-key", default=None, metavar="FINGERPRINT",
                         help="pin the broker's key fingerprint (default: trust on first use, then remember)")
     parser.add_argument("--key-port", type=int, default=None, help="the broker's key port (default: port + 2)")
@@ -285,12 +288,16 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery_phrase(args: argparse.Namespace) -> int:
+    from p2pchat.client.storage.account import linked_by_code
     from p2pchat.client.storage.phrase import load_or_create_phrase
     from p2pchat.common.crypto import Identity
     from p2pchat.common.paths import ensure_private_dir, user_dir
     from p2pchat.common.protocol import check_user_id
 
     state = ensure_private_dir(user_dir(check_user_id(args.user)))
+    if linked_by_code(state):
+        raise P2PChatError(f"this device was linked to {args.user} by code: the recovery phrase is on the device "
+                           "that linked it")
     Identity.load_or_create(state / "identity.key")  # a first run: the phrase belongs with a key
     phrase, _ = load_or_create_phrase(state)
     print(phrase)
@@ -302,16 +309,101 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from p2pchat.common.crypto import fingerprint
     from p2pchat.common.recovery import PhraseError
 
-    if sys.stdin.isatty():
-        print(f"Type the recovery phrase of {args.user} (12 words), then Enter:", file=sys.stderr)
-    phrase = sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
     try:
-        key = recover_user(args.user, phrase, _config(args), timeout=args.timeout)
+        key = recover_user(args.user, _read_phrase(args.user), _config(args), timeout=args.timeout)
     except PhraseError as exc:  # refused here, before anything was sent
         print(f"p2pchat recover: {exc.message}", file=sys.stderr)
         return ExitCode.REFUSED
     print(f"{args.user} now belongs to this machine's key {fingerprint(key)}. The broker signed the old key out and "
           f"told {args.user}'s contacts online that the key changed: they accept the new one before they write again.")
+    return ExitCode.OK
+
+
+def _read_phrase(user: str) -> str:
+    if sys.stdin.isatty():
+        print(f"Type the recovery phrase of {user} (12 words), then Enter:", file=sys.stderr)
+    return sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    import socket
+
+    from p2pchat.client.linking import Linking, join_link, link_with_phrase, offer_link
+    from p2pchat.common.crypto import fingerprint
+    from p2pchat.common.linking import LinkRefused, WrongCode, device_name
+    from p2pchat.common.recovery import PhraseError
+
+    def show_code(code: str, ttl: float) -> None:
+        print(code, flush=True)
+        print(f"On the new device run: p2pchat link --user {args.user} --code {code}   (within "
+              f"{min(args.timeout, ttl):g} s; the code works once)", file=sys.stderr, flush=True)
+
+    if args.code and args.recovery:
+        print("p2pchat link: --code and --recovery exclude each other", file=sys.stderr)
+        return ExitCode.USAGE
+    linking = Linking.start(args.user, _config(args), args.timeout)
+    try:
+        if not (args.code or args.recovery):
+            device = offer_link(linking, args.timeout, show_code)
+            print(f"linked {device.name or 'a device'} ({fingerprint(device.key)}) as a device of {args.user}",
+                  file=sys.stderr)
+            return ExitCode.OK
+        name = device_name(args.name if args.name is not None else socket.gethostname())
+        if args.recovery:
+            identity = link_with_phrase(linking, _read_phrase(args.user), name)
+        else:
+            identity = join_link(linking, args.code, name, args.timeout)
+    except (WrongCode, LinkRefused, PhraseError) as exc:
+        print(f"p2pchat link: {exc.message}", file=sys.stderr)
+        return ExitCode.REFUSED
+    with _connect(args, args.user, show_new_phrase=False):  # registered once: the broker knows the device
+        pass
+    print(f"this installation is now a device of {args.user}: key {fingerprint(identity.public)}")
+    return ExitCode.OK
+
+
+def _listed_devices(args: argparse.Namespace):
+    """The user's devices as the broker lists them, and this installation's key (None: it has none)."""
+    from p2pchat.client.linking import Linking
+    from p2pchat.common.crypto import Identity
+
+    linking = Linking.start(args.user, _config(args), args.timeout)
+    path = linking.state_dir / "identity.key"
+    mine = Identity.load_or_create(path).public if path.exists() else None
+    return linking, linking.service.devices(args.user), mine
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from p2pchat.common.crypto import fingerprint
+
+    _linking, devices, mine = _listed_devices(args)
+    listed = [{"id": d.id, "fingerprint": fingerprint(d.key), "key": d.key.hex(), "name": d.name,
+               "added": d.added_ms, "this": d.key == mine} for d in devices.devices]
+    if args.json:
+        print(json.dumps(listed))
+        return ExitCode.OK
+    for d in listed:
+        when = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(d["added"] / 1000)) if d["added"] else "-"
+        print(f"{d['id']:>3}  {d['name'] or '(unnamed)':<32}  {d['fingerprint']}  added {when}"
+              + ("  (this device)" if d["this"] else ""))
+    return ExitCode.OK
+
+
+def cmd_unlink(args: argparse.Namespace) -> int:
+    from p2pchat.client.linking import Linking, unlink
+    from p2pchat.common.crypto import fingerprint
+    from p2pchat.common.recovery import PhraseError
+
+    linking = Linking.start(args.user, _config(args), args.timeout)
+    try:
+        device = unlink(linking, args.device, _read_phrase(args.user) if args.recovery else None)
+    except PhraseError as exc:
+        print(f"p2pchat unlink: {exc.message}", file=sys.stderr)
+        return ExitCode.REFUSED
+    print(f"unlinked device {device.id} ({device.name or 'unnamed'}, {fingerprint(device.key)}) from {args.user}: "
+          "it can no longer connect as it")
     return ExitCode.OK
 
 
@@ -422,6 +514,34 @@ def build_parser() -> argparse.ArgumentParser:
                                    "machine's key; its old key stops working. Exit 0 once moved, 4 when refused.")
     _client_options(p, _default_user())
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("link", help="link another device to your user ID",
+                       description="On a device that has the user ID (and its recovery phrase): print a short code "
+                                   "and wait for a new device to use it. On the new device: --code CODE links it "
+                                   "(or --recovery, reading the phrase on standard input). Exit 0 once linked, 4 "
+                                   "for a wrong code or a refusal.")
+    _client_options(p, _default_user(), timeout=300.0)
+    p.add_argument("--code", default=None, help="the code the other device shows (on the new device)")
+    p.add_argument("--recovery", action="store_true",
+                   help="link this new device with the recovery phrase, read from standard input, instead of a code")
+    p.add_argument("--name", default=None, help="this new device's name (default: the host name, cut to 32)")
+    p.set_defaults(func=cmd_link)
+
+    p = sub.add_parser("devices", help="list your user ID's devices",
+                       description="List the devices of a user ID as the broker has them (no session needed).")
+    _client_options(p, _default_user())
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON array of {id, fingerprint, key, name, added, this}")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("unlink", help="remove a device from your user ID",
+                       description="Remove a device (by number or name, as `p2pchat devices` shows them) with the "
+                                   "recovery phrase stored here, or read from standard input with --recovery; it "
+                                   "can no longer connect. Exit 0 once removed, 4 when refused.")
+    _client_options(p, _default_user())
+    p.add_argument("--recovery", action="store_true", help="read the recovery phrase from standard input")
+    p.add_argument("device", help="the device's number or name")
+    p.set_defaults(func=cmd_unlink)
 
     p = sub.add_parser("history", help="show or search your conversations",
                        description="Show your stored conversations, or search them (full text, word prefixes).")

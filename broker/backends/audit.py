@@ -1,5 +1,6 @@
 """What both key registries (sqlite_keys.py, redis_keys.py) keep beside a binding: its recovery state, and one
-durable audit record per change made to it after it was bound (a recovery, an operator's move or release).
+durable audit record per change made to it after it was bound (a recovery, an operator's move or release, a
+device linked or unlinked).
 
 The audit records are also how a running broker learns of changes made elsewhere: it reads the records
 newer than the last it saw (``KeyRegistry.changes``) and closes the sessions of keys that lost their ID.
@@ -13,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from p2pchat.broker.core.ports import BindingChange
 from p2pchat.common.crypto import fingerprint
 
 
@@ -20,6 +22,13 @@ class Change(str, enum.Enum):
     RECOVERED = "recovered"  # by the ID's recovery phrase, through the key service
     MOVED = "moved"  # by the operator, to a key they named
     RELEASED = "released"  # by the operator: the next key to register the ID gets it
+    LINKED = "linked"  # a device added by the account key's link proof (old key none, new key the device's)
+    UNLINKED = "unlinked"  # a device removed by its unlink proof (old key the device's, new key none)
+
+    @property
+    def keeps_recovery(self) -> bool:
+        """Whether the binding keeps its recovery key: the operator's move and release forget it."""
+        return self not in (Change.MOVED, Change.RELEASED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,11 @@ class AuditRecord:
         new = fingerprint(self.new_key) if self.new_key else "none"
         return f"user={self.user} {self.change.value} by {self.origin}: key {old} -> {new} (generation " \
                f"{self.generation})"
+
+    def binding_change(self) -> BindingChange:
+        """What ``KeyRegistry.changes`` reports: the ID's new key, or for an unlink the key that left."""
+        key = self.old_key if self.change is Change.UNLINKED else self.new_key
+        return BindingChange(self.user, key, self.change.value)
 
 
 def operator_origin() -> str:

@@ -2,7 +2,8 @@
 and admission tickets, in Redis, and the one CURVE key every broker behind the cluster's address presents.
 
 An ID's devices are one msgpack value in the hash ``{p2p}:devices`` (``[ver, [[id, key, name, flags,
-added_ms], ...]]``, written and read by the scripts with Redis's cmsgpack); ``{p2p}:ver`` keeps each ID's
+added_ms, gen, proof], ...]]``, written and read by the scripts with Redis's cmsgpack; a device stored before
+link proofs has no ``gen`` and ``proof``); ``{p2p}:ver`` keeps each ID's
 last list version across a release, so a device number is never used twice for an ID. Bindings of the
 one-key-per-ID layout (the hash ``{p2p}:keys``) become device 1 at version 1 when a registry opens.
 
@@ -25,6 +26,7 @@ from p2pchat.broker.backends.tickets import KeyLimits, TicketBook
 from p2pchat.broker.core.ports import CHANGES_POLL, BindingChange, Device, DeviceList
 from p2pchat.common.crypto import KEY_BYTES, Identity
 from p2pchat.common.errors import ErrorCode
+from p2pchat.common.protocol import MAX_DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,57 @@ class RedisKeyRegistry:
     redis.call('XADD', KEYS[5], '*', unpack(fields))
     return {0, gen}
     """
+    # Shared by the link and unlink scripts: the audit record of a device change (ARGV[1] the user), with the
+    # binding's next generation. KEYS as _DEVICES names them.
+    _DEVICE_CHANGE = """
+    local function device_change(list, change, key, gen, now_ms, origin)
+      list[1] = redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+      redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack(list))
+      redis.call('HSET', KEYS[4], ARGV[1], gen + 1)
+      local old_or_new = change == 'linked' and 'new_key' or 'old_key'
+      redis.call('XADD', KEYS[5], '*', 'at_ms', now_ms, 'user', ARGV[1], 'change', change, 'generation', gen + 1,
+                 'origin', origin, old_or_new, key)
+      return list[1]
+    end
+    """
+    # Atomic link: ARGV user, key, generation, proof, name, now_ms, origin, MAX_DEVICES, ids_per_key.
+    # 0 linked (or a device already), 1 not bound / no recovery key / generation moved, 2 too many devices, 3 too
+    # many IDs for the key.
+    _LINK = _DEVICE_CHANGE + """
+    local raw = redis.call('HGET', KEYS[1], ARGV[1])
+    if not raw then return 1 end
+    local list = cmsgpack.unpack(raw)
+    for _, d in ipairs(list[2]) do if d[2] == ARGV[2] then return 0 end end
+    local gen = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+    if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 or gen ~= tonumber(ARGV[3]) then return 1 end
+    if #list[2] >= tonumber(ARGV[8]) then return 2 end
+    if tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0') >= tonumber(ARGV[9]) then return 3 end
+    local ver = tonumber(redis.call('HGET', KEYS[6], ARGV[1]) or '0') + 1
+    table.insert(list[2], {ver, ARGV[2], ARGV[5], 0, tonumber(ARGV[6]), gen, ARGV[4]})
+    device_change(list, 'linked', ARGV[2], gen, ARGV[6], ARGV[7])
+    redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+    return 0
+    """
+    _LINK_VERDICTS = (None, ErrorCode.RECOVERY_REFUSED, ErrorCode.TOO_MANY_DEVICES, ErrorCode.TOO_MANY_IDS)
+    # Atomic unlink: ARGV user, key, generation (empty: any), now_ms, origin; KEYS[7] the key's ticket. 0 unlinked,
+    # 1 not bound / generation moved, 2 not a device of it, 3 its last device.
+    _UNLINK = _DEVICE_CHANGE + """
+    local raw = redis.call('HGET', KEYS[1], ARGV[1])
+    if not raw then return 1 end
+    local gen = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+    if ARGV[3] ~= '' and gen ~= tonumber(ARGV[3]) then return 1 end
+    local list = cmsgpack.unpack(raw)
+    local found
+    for i, d in ipairs(list[2]) do if d[2] == ARGV[2] then found = i end end
+    if not found then return 2 end
+    if #list[2] == 1 then return 3 end
+    table.remove(list[2], found)
+    device_change(list, 'unlinked', ARGV[2], gen, ARGV[4], ARGV[5])
+    if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
+    redis.call('DEL', KEYS[7])
+    return 0
+    """
+    _UNLINK_VERDICTS = (None, ErrorCode.RECOVERY_REFUSED, ErrorCode.DEVICES_CHANGED, ErrorCode.LINK_FAILED)
     ZAP_TIMEOUT = 0.2  # seconds: ZAP requests are served one at a time
     CHANGES_PAGE = 256  # audit records read per poll
 
@@ -160,6 +213,8 @@ class RedisKeyRegistry:
         self._move = r.register_script(self._MOVE)
         self._describe = r.register_script(self._DESCRIBE)
         self._migrate_page = r.register_script(self._MIGRATE)
+        self._link = r.register_script(self._LINK)
+        self._unlink = r.register_script(self._UNLINK)
         self._audit_seen: str | None = None  # the last audit record read; None until Redis first answers
         self._next_poll = 0.0
         self._wrote = False
@@ -269,6 +324,32 @@ class RedisKeyRegistry:
             self._forget(user, None)
         return verdict
 
+    def link_device(self, user: str, key: bytes, generation: int, proof: bytes, origin: str,
+                    name: str = "") -> ErrorCode | None:
+        """Add ``key`` as a device of ``user`` with the account key's link ``proof`` (checked by the caller), if
+        the binding is still at ``generation``; why not, or None (also when ``key`` is a device of it already)."""
+        with unavailable_on_error():
+            verdict = self._LINK_VERDICTS[int(self._link(keys=self._binding, args=[
+                user, key, generation, proof, name, int(time.time() * 1000), origin, MAX_DEVICES,
+                self.limits.ids_per_key]))]
+        if verdict is None:
+            self._wrote = True
+            self._refresh(user)
+            self._bound_keys.add(key)
+        return verdict
+
+    def unlink_device(self, user: str, key: bytes, generation: int | None, origin: str) -> ErrorCode | None:
+        """Remove the device ``key`` of ``user`` (if the binding is still at ``generation``, when given); why
+        not, or None. The last device is never removed (the operator releases an ID)."""
+        with unavailable_on_error():
+            verdict = self._UNLINK_VERDICTS[int(self._unlink(keys=[*self._binding, self._keys.ticket(key)], args=[
+                user, key, "" if generation is None else generation, int(time.time() * 1000), origin]))]
+        if verdict is None:
+            self._wrote = True
+            self._tickets.revoke(key)
+            self._forget(user, key)  # at once here; other brokers when they read the audit
+        return verdict
+
     def audit(self, user: str | None = None) -> list[AuditRecord]:
         """Every change recorded (of ``user`` only, if given), oldest first."""
         with unavailable_on_error():
@@ -294,7 +375,7 @@ class RedisKeyRegistry:
                 self._audit_seen = record.seq
                 self._forget(record.user, record.old_key)
                 log.warning("binding changed: %s", record.describe())
-                found.append(BindingChange(record.user, record.new_key, record.change.value))
+                found.append(record.binding_change())
         if len(found) == self.CHANGES_PAGE:
             self._wrote = True  # more to read: at the next tick, not a poll later
         return found
@@ -345,8 +426,8 @@ class RedisKeyRegistry:
 def _device_list(raw: bytes) -> DeviceList:
     """An ID's devices as the scripts store them (cmsgpack writes every string as str: names are UTF-8)."""
     ver, devices = msgpack.unpackb(raw, raw=True)
-    return DeviceList(ver, tuple(sorted((Device(i, key, name.decode(), flags, added_ms)
-                                         for i, key, name, flags, added_ms in devices), key=lambda d: d.id)))
+    return DeviceList(ver, tuple(sorted((Device(i, key, name.decode(), flags, added_ms, *link)
+                                         for i, key, name, flags, added_ms, *link in devices), key=lambda d: d.id)))
 
 
 def _record(entry_id: bytes, fields: dict[bytes, bytes]) -> AuditRecord:

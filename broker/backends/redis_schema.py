@@ -34,6 +34,13 @@ class RedisKeys:
     def ticket(self, key: bytes) -> str:
         return f"{self.tag}:ticket:{key.hex()}"
 
+    @property
+    def pake_prefix(self) -> str:
+        return f"{self.tag}:pake:"
+
+    def pake_slot(self, slot: int) -> str:  # one link slot (redis_pake.py); pake_num and pake_exp index them
+        return f"{self.pake_prefix}{slot}"
+
     def inbox(self, broker: str) -> str:
         return f"{self.prefix}:inbox:{{{broker}}}"
 

@@ -1,5 +1,5 @@
-"""A single broker's ports: keys and queues in SQLite under its data directory, the directory in
-process, no other brokers. Cluster mode wires ``ClusterBackend`` (redis_cluster.py) in instead."""
+"""A single broker's ports: keys and queues in SQLite under its data directory, the directory and the link
+slots in process, no other brokers. Cluster mode wires ``ClusterBackend`` (redis_cluster.py) in instead."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink, NoStor
 from p2pchat.broker.backends.sqlite_keys import SqliteKeyRegistry
 from p2pchat.broker.backends.sqlite_store import SqliteMessageStore
 from p2pchat.broker.backends.tickets import KeyLimits
+from p2pchat.broker.core.pake_slots import PakeSlots
 from p2pchat.broker.core.ports import QueueLimits, StoreUnavailable
 from p2pchat.common.crypto import Identity
 from p2pchat.common.errors import ErrorCode
@@ -24,6 +25,7 @@ class SingleBackend:
             SqliteMessageStore(data_dir / "queue.sqlite", queue_limits, fsync) if durable else NoStore())
         self.directory = LocalDirectory(epoch)
         self.link = LocalLink()
+        self.pake_slots = PakeSlots()
         self.description = ""
 
     def start(self) -> None:

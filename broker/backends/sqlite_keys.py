@@ -2,10 +2,12 @@
 (the single broker's ``KeyRegistry``; the cluster's is redis_keys.py).
 
 The first key that registers an ID owns it as the ID's device 1, across restarts, until the ID's recovery
-phrase or the operator moves it (docs/PROTOCOL.md §10.2). An ID's devices are rows of ``devices``; its account
-row (``user_recovery``: recovery key, generation, and the last device-list version) outlives a release, so
+phrase or the operator moves it (docs/PROTOCOL.md §10.2); the account key's link proofs add devices and its
+unlink proofs remove them (§10.2.1). An ID's devices are rows of ``devices``; its account row
+(``user_recovery``: recovery key, generation, and the last device-list version) outlives a release, so
 neither a generation nor a device number is ever used twice for an ID. A ``keys.sqlite`` of the one-key-per-ID
-schema (``user_keys``) is migrated at open, each binding becoming device 1 at version 1.
+schema (``user_keys``) is migrated at open, each binding becoming device 1 at version 1; one of schema 1 gets
+the columns of link proofs (``gen``, ``proof``).
 
 The ZAP handler lets a CURVE key in only when ``admits(key)``: it is a device of an ID, or it holds a fresh
 ticket from the key service's ADMIT request (§10.1). ``admits`` runs on the authenticator thread: it reads in-memory dicts only (single reads are
@@ -28,21 +30,24 @@ from p2pchat.broker.backends.audit import AuditRecord, Change, RecoveryState
 from p2pchat.broker.backends.tickets import KeyLimits, TicketBook
 from p2pchat.broker.core.ports import CHANGES_POLL, BindingChange, Device, DeviceList
 from p2pchat.common.errors import ErrorCode
+from p2pchat.common.protocol import MAX_DEVICES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # PRAGMA user_version: 0 is the one-key-per-ID schema (a table user_keys)
+SCHEMA_VERSION = 2  # PRAGMA user_version: 0 the one-key-per-ID schema (user_keys), 1 devices without link proofs
 _SCHEMA = (
     # Kept when a binding is released, so a generation or a device number is never used twice for an ID.
     "CREATE TABLE IF NOT EXISTS user_recovery (user TEXT PRIMARY KEY, recovery BLOB, "
     "generation INTEGER NOT NULL DEFAULT 0, ver INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS devices (user TEXT NOT NULL, id INTEGER NOT NULL, key BLOB NOT NULL, "
     "name TEXT NOT NULL DEFAULT '', flags INTEGER NOT NULL DEFAULT 0, added_ms INTEGER NOT NULL, "
-    "PRIMARY KEY (user, id), UNIQUE (user, key))",
+    "gen INTEGER NOT NULL DEFAULT 0, proof BLOB NOT NULL DEFAULT x'', PRIMARY KEY (user, id), UNIQUE (user, key))",
     "CREATE TABLE IF NOT EXISTS key_audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, "
     "user TEXT NOT NULL, change TEXT NOT NULL, old_key BLOB, new_key BLOB, generation INTEGER NOT NULL, "
     "origin TEXT NOT NULL)",
 )
+
+_DEVICE_COLUMNS = "id, key, name, flags, added_ms, gen, proof"  # a ``Device``'s fields, in order
 
 
 class SqliteKeyRegistry:
@@ -54,8 +59,8 @@ class SqliteKeyRegistry:
         self._migrate()
         self._cache: dict[str, DeviceList] = {}
         self._ids_of: dict[bytes, int] = {}  # device key -> IDs it is a device of: what ZAP admits
-        rows = self._db.execute("SELECT user, ver, id, key, name, flags, added_ms FROM devices JOIN user_recovery "
-                                "USING (user) ORDER BY user, id")
+        rows = self._db.execute(f"SELECT user, ver, {_DEVICE_COLUMNS} FROM devices JOIN user_recovery USING (user) "
+                                "ORDER BY user, id")
         for user, group in itertools.groupby(rows, key=lambda row: row[0]):
             entries = list(group)
             self._cache_devices(user, DeviceList(entries[0][1], tuple(Device(*row[2:]) for row in entries)))
@@ -67,8 +72,9 @@ class SqliteKeyRegistry:
         self._next_poll = 0.0
 
     def _migrate(self) -> None:
-        """Create the schema; a one-key-per-ID file's bindings become device 1 at list version 1 (one
-        transaction: another process opening the file meanwhile waits, then finds it migrated)."""
+        """Create the schema; a one-key-per-ID file's bindings become device 1 at list version 1, and a schema 1
+        file's devices get empty link proofs (one transaction: another process opening the file meanwhile waits,
+        then finds it migrated)."""
         with self._transaction():
             if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
                 return
@@ -79,6 +85,9 @@ class SqliteKeyRegistry:
                 self._db.execute("ALTER TABLE user_recovery ADD COLUMN ver INTEGER NOT NULL DEFAULT 0")
             for statement in _SCHEMA:
                 self._db.execute(statement)
+            if "gen" not in {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}:  # schema 1
+                self._db.execute("ALTER TABLE devices ADD COLUMN gen INTEGER NOT NULL DEFAULT 0")
+                self._db.execute("ALTER TABLE devices ADD COLUMN proof BLOB NOT NULL DEFAULT x''")
             if legacy:
                 now_ms = int(time.time() * 1000)
                 self._db.execute("INSERT INTO devices (user, id, key, added_ms) SELECT user, 1, key, ? FROM user_keys",
@@ -185,6 +194,48 @@ class SqliteKeyRegistry:
         self._reload(user)
         return True
 
+    def link_device(self, user: str, key: bytes, generation: int, proof: bytes, origin: str,
+                    name: str = "") -> ErrorCode | None:
+        """Add ``key`` as a device of ``user`` with the account key's link ``proof`` (checked by the caller), if
+        the binding is still at ``generation``; why not, or None (also when ``key`` is a device of it already)."""
+        with self._transaction():
+            devices = self._read_devices(user)
+            if devices is not None and devices.find(key) is not None:
+                return None
+            state = self._db.execute("SELECT recovery, generation FROM user_recovery WHERE user = ?",
+                                     (user,)).fetchone()
+            if devices is None or state is None or state[0] is None or state[1] != generation:
+                return ErrorCode.RECOVERY_REFUSED  # unbound, no account key, or changed since the proof was made
+            if len(devices.devices) >= MAX_DEVICES:
+                return ErrorCode.TOO_MANY_DEVICES
+            if self._ids_of.get(key, 0) >= self.limits.ids_per_key:
+                return ErrorCode.TOO_MANY_IDS
+            self._db.execute("INSERT INTO devices (user, id, key, name, added_ms, gen, proof) VALUES (?, ?, ?, ?, ?, "
+                             "?, ?)", (user, self._next_ver(user), key, name, int(time.time() * 1000), generation,
+                                       proof))
+            self._write_change(user, Change.LINKED, None, key, generation + 1, origin)
+        self._reload(user)  # at once: the ZAP handler admits the new device
+        return None
+
+    def unlink_device(self, user: str, key: bytes, generation: int | None, origin: str) -> ErrorCode | None:
+        """Remove the device ``key`` of ``user`` (if the binding is still at ``generation``, when given); why
+        not, or None. The last device is never removed (the operator releases an ID)."""
+        with self._transaction():
+            devices = self._read_devices(user)
+            current = self._db.execute("SELECT generation FROM user_recovery WHERE user = ?", (user,)).fetchone()
+            if devices is None or (generation is not None and current[0] != generation):
+                return ErrorCode.RECOVERY_REFUSED
+            if devices.find(key) is None:
+                return ErrorCode.DEVICES_CHANGED
+            if len(devices.devices) == 1:
+                return ErrorCode.LINK_FAILED
+            self._next_ver(user)
+            self._db.execute("DELETE FROM devices WHERE user = ? AND key = ?", (user, key))
+            self._write_change(user, Change.UNLINKED, key, None, current[0] + 1, origin)
+        self._reload(user)  # at once: the ZAP handler refuses the key (unless it is a device of another ID)
+        self._tickets.revoke(key)
+        return None
+
     def audit(self, user: str | None = None, after: int = 0) -> list[AuditRecord]:
         """The changes recorded after record ``after`` (of ``user`` only, if given), oldest first."""
         query = ("SELECT seq, at_ms, user, change, old_key, new_key, generation, origin FROM key_audit WHERE seq > ?"
@@ -206,15 +257,15 @@ class SqliteKeyRegistry:
             self._audit_seq = int(record.seq)
             self._reload(record.user)
             log.warning("binding changed: %s", record.describe())
-            found.append(BindingChange(record.user, record.new_key, record.change.value))
+            found.append(record.binding_change())
         return found
 
     def _write_change(self, user: str, change: Change, old: bytes | None, new: bytes | None, generation: int,
                       origin: str) -> None:
         """The binding's new generation and its audit record (inside the caller's transaction)."""
-        # Only a recovery keeps the recovery key: whoever the operator hands the ID to (or its next owner, after a
+        # The operator's changes forget the recovery key: whoever they hand the ID to (or its next owner, after a
         # release) registers their own, so a phrase that was lost or stolen stops working.
-        recovery = "" if change is Change.RECOVERED else ", recovery = NULL"
+        recovery = "" if change.keeps_recovery else ", recovery = NULL"
         self._db.execute("INSERT INTO user_recovery (user, generation) VALUES (?, ?) ON CONFLICT (user) "
                          f"DO UPDATE SET generation = excluded.generation{recovery}", (user, generation))
         self._db.execute("INSERT INTO key_audit (at_ms, user, change, old_key, new_key, generation, origin) "
@@ -225,14 +276,19 @@ class SqliteKeyRegistry:
     def _replace_devices(self, user: str, key: bytes) -> None:
         """``key`` becomes ``user``'s only device, numbered by the next list version (inside the caller's
         transaction)."""
-        ver = self._db.execute("INSERT INTO user_recovery (user, ver) VALUES (?, 1) ON CONFLICT (user) "
-                               "DO UPDATE SET ver = ver + 1 RETURNING ver", (user,)).fetchone()[0]
+        ver = self._next_ver(user)
         self._db.execute("DELETE FROM devices WHERE user = ?", (user,))
         self._db.execute("INSERT INTO devices (user, id, key, added_ms) VALUES (?, ?, ?, ?)",
                          (user, ver, key, int(time.time() * 1000)))
 
+    def _next_ver(self, user: str) -> int:
+        """Raise ``user``'s device-list version (inside the caller's transaction); a device added now is numbered
+        by it."""
+        return self._db.execute("INSERT INTO user_recovery (user, ver) VALUES (?, 1) ON CONFLICT (user) "
+                                "DO UPDATE SET ver = ver + 1 RETURNING ver", (user,)).fetchone()[0]
+
     def _read_devices(self, user: str) -> DeviceList | None:
-        rows = self._db.execute("SELECT id, key, name, flags, added_ms FROM devices WHERE user = ? ORDER BY id",
+        rows = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user = ? ORDER BY id",
                                 (user,)).fetchall()
         if not rows:
             return None

@@ -37,6 +37,10 @@ class TicketBook:
         expires[key] = now + self.limits.ticket_ttl
         return None
 
+    def revoke(self, key: bytes) -> None:
+        """``key`` is admitted no more (an unlinked device)."""
+        self._expires.pop(key, None)
+
     def holds(self, key: bytes, now: float) -> bool:
         expires = self._expires.get(key)
         return expires is not None and expires > now

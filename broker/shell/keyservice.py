@@ -1,5 +1,5 @@
-"""The key service: the broker's public key, admission tickets and recovery by phrase, one short text line
-each way over plain TCP.
+"""The key service: the broker's public key, admission tickets, recovery by phrase and the linking of devices
+(with its PAKE rendezvous), one text line each way over plain TCP.
 
 It is deliberately not a ZeroMQ socket: libzmq keeps the parts of an unfinished multipart message
 without limit, while here every connection holds at most one ``MAX_REQUEST`` buffer and the number
@@ -20,18 +20,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from p2pchat.broker.backends.audit import Change, RecoveryState
+from p2pchat.broker.core.pake_slots import PakeRendezvous, PakeSlots, SlotRefused
 from p2pchat.broker.core.ports import REFUSALS, KeyRegistry, StoreUnavailable
 from p2pchat.broker.core.ratelimit import TokenBucket
+from p2pchat.broker.shell.keyservice_lines import LABELS, MAX_REQUEST, AdmitQuery, DevicesQuery, KeyQuery, \
+    LinkRequest, PakeClose, PakeGet, PakeOpen, PakePut, ProofRequest, RecoverRequest, RecoveryQuery, Request, \
+    UnlinkRequest, devices_line, error_line, parse_request
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import check_user_id
-from p2pchat.common.recovery import SIGNATURE_BYTES, verify_recovery
+from p2pchat.common.recovery import verify_recovery
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 256  # bytes of one request line, newline included
 MAX_REQUESTS = 4  # per connection; then it is closed
-KEY_HEX = 64
 
 
 class AdmissionRegistry(KeyRegistry, Protocol):
@@ -53,6 +54,13 @@ class AdmissionRegistry(KeyRegistry, Protocol):
              generation: int | None = None) -> ErrorCode | None:
         """Bind ``user`` to ``key`` instead, if still at ``generation`` (when given); why not, or None."""
 
+    def link_device(self, user: str, key: bytes, generation: int, proof: bytes, origin: str,
+                    name: str = "") -> ErrorCode | None:
+        """Add the device ``key`` with its link proof, if still at ``generation``; why not, or None."""
+
+    def unlink_device(self, user: str, key: bytes, generation: int | None, origin: str) -> ErrorCode | None:
+        """Remove the device ``key``, if still at ``generation`` (when given); why not, or None."""
+
     def close(self) -> None: ...
 
 
@@ -60,112 +68,79 @@ class AdmissionRegistry(KeyRegistry, Protocol):
 class KeyServiceLimits:
     max_connections: int = 256  # past it the oldest connection is closed
     idle_timeout: float = 5.0  # seconds a connection may wait between requests
-    admit_rate: float = 20.0  # ADMIT requests per second per source address...
+    admit_rate: float = 20.0  # ADMIT and DEVICES requests per second per source address...
     admit_burst: float = 200.0  # ...with this burst (raise both for load tests from one host)
     max_sources: int = 10_000  # source addresses (and IDs) with a bucket; the least recent is forgotten
-    recover_rate: float = 1.0  # RECOVERY and RECOVER requests per second per source address...
+    recover_rate: float = 1.0  # RECOVERY, RECOVER, LINK, UNLINK and PAKE_OPEN requests per second per source...
     recover_burst: float = 10.0  # ...with this burst
-    recover_id_rate: float = 1 / 120  # RECOVER attempts per second per user ID, from anywhere: 30 an hour...
+    # RECOVER, LINK and UNLINK attempts per second per user ID, from anywhere: each tests a proof of the phrase,
+    # so they share one bound, 30 an hour...
+    recover_id_rate: float = 1 / 120
     recover_id_burst: float = 5.0  # ...after these (a phrase partly seen over a shoulder stays out of reach)
+    pake_rate: float = 10.0  # PAKE_PUT, PAKE_GET and PAKE_CLOSE per second per source (a waiting side polls)...
+    pake_burst: float = 100.0  # ...with this burst
 
 
-@dataclass(frozen=True, slots=True)
-class KeyQuery:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class AdmitQuery:
-    user: str
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryQuery:
-    user: str
-
-
-@dataclass(frozen=True, slots=True)
-class RecoverRequest:
-    user: str
-    key: bytes
-    signature: bytes
-
-
-Request = KeyQuery | AdmitQuery | RecoveryQuery | RecoverRequest
-
-
-def _hex(text: str, size: int, what: str) -> bytes:
-    if len(text) != 2 * size or text != text.lower():
-        raise ProtocolError(f"{what} must be {2 * size} lowercase hex digits")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise ProtocolError(f"{what} must be {2 * size} lowercase hex digits") from None
-
-
-def parse_request(line: bytes) -> Request:
-    """One request line without its newline; ProtocolError(bad_frame) if it is not one."""
-    try:
-        words = line.decode("ascii").split(" ")
-    except UnicodeDecodeError:
-        raise ProtocolError("a key service request is ASCII") from None
-    if words == ["KEY"]:
-        return KeyQuery()
-    if len(words) == 3 and words[0] == "ADMIT":
-        return AdmitQuery(check_user_id(words[1]), _hex(words[2], KEY_HEX // 2, "the key"))
-    if len(words) == 2 and words[0] == "RECOVERY":
-        return RecoveryQuery(check_user_id(words[1]))
-    if len(words) == 4 and words[0] == "RECOVER":
-        return RecoverRequest(check_user_id(words[1]), _hex(words[2], KEY_HEX // 2, "the key"),
-                              _hex(words[3], SIGNATURE_BYTES, "the signature"))
-    raise ProtocolError("expected 'KEY', 'ADMIT <user> <key hex>', 'RECOVERY <user>' or "
-                        "'RECOVER <user> <key hex> <signature hex>'")
-
-
-def error_line(code: ErrorCode, message: str) -> bytes:
-    """``ERR <code> <message>``, cut to fit one reply line (a message may quote what was sent)."""
-    return f"ERR {code.value} {message}".encode("ascii", "replace")[:MAX_REQUEST - 1] + b"\n"
+_UNAVAILABLE = error_line(ErrorCode.STORAGE_UNAVAILABLE, "the broker's shared store is unavailable; retry later")
 
 
 class KeyServiceCore:
     """Answers requests: KEY with the broker's key, ADMIT with a ticket (or why not), RECOVERY with the
-    generation a recovery must name, RECOVER by moving the ID if the proof holds (docs/PROTOCOL.md §10.2)."""
+    generation a proof must name, RECOVER, LINK and UNLINK by changing the ID's devices if the proof holds,
+    DEVICES with the ID's devices, and the PAKE_ requests on the link slots (docs/PROTOCOL.md §10.1, §10.2)."""
 
-    def __init__(self, broker_key: bytes, keys: AdmissionRegistry,
-                 limits: KeyServiceLimits = KeyServiceLimits()) -> None:
+    def __init__(self, broker_key: bytes, keys: AdmissionRegistry, limits: KeyServiceLimits = KeyServiceLimits(),
+                 *, slots: PakeRendezvous | None = None) -> None:
         self.broker_key = broker_key
         self._key_line = f"KEY {broker_key.hex()}\n".encode()
         self.keys, self.limits = keys, limits
+        self.slots = slots if slots is not None else PakeSlots()
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._recover_sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self._recover_ids: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._pake_sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self.failed_recoveries = IncidentLog("recoveries refused", log)  # per user ID, logged aggregated
+        self._answer: dict[type, Callable[[Request, str, float], bytes]] = {
+            KeyQuery: lambda request, source, now: self._key_line, AdmitQuery: self._admit,
+            RecoveryQuery: self._recovery, RecoverRequest: self._prove, LinkRequest: self._prove,
+            UnlinkRequest: self._prove, DevicesQuery: self._devices, PakeOpen: self._pake_open,
+            PakePut: self._pake, PakeGet: self._pake, PakeClose: self._pake}
 
     def answer(self, request: Request, source: str, now: float) -> bytes:
-        if type(request) is KeyQuery:
-            return self._key_line
-        if type(request) is not AdmitQuery:
-            try:
-                return self._recover(request, source, now)
-            except StoreUnavailable:
-                return error_line(ErrorCode.STORAGE_UNAVAILABLE, "the broker's shared store is unavailable; "
-                                  "retry later")
+        try:
+            return self._answer[type(request)](request, source, now)
+        except StoreUnavailable:  # cluster mode with Redis away: bindings, tickets and slots cannot be checked
+            return _UNAVAILABLE
+        except SlotRefused as exc:
+            return error_line(exc.code, exc.message)
+
+    def _admit(self, request: AdmitQuery, source: str, now: float) -> bytes:
         if not self._take(self._buckets, source, self.limits.admit_rate, self.limits.admit_burst, now):
             return error_line(ErrorCode.RATE_LIMITED, "too many admissions from this address; retry later")
-        try:
-            refused = self.keys.can_bind(request.user, request.key)
-            if refused is None and self.keys.lookup(request.user) != request.key:  # bound keys need no ticket
-                refused = self.keys.issue_ticket(request.key, now)
-        except StoreUnavailable:  # cluster mode with Redis away: bindings and tickets cannot be checked
-            return error_line(ErrorCode.STORAGE_UNAVAILABLE, "the broker's shared store is unavailable; retry later")
+        refused = self.keys.can_bind(request.user, request.key)
+        devices = self.keys.devices(request.user)
+        if refused is None and (devices is None or devices.find(request.key) is None):  # devices need no ticket
+            refused = self.keys.issue_ticket(request.key, now)
         if refused is not None:
             log.info("admission of user=%s from %s refused: %s", request.user, source, refused.value)
             return error_line(refused, REFUSALS[refused].format(user=request.user))
         return b"OK\n"
 
-    def _recover(self, request: RecoveryQuery | RecoverRequest, source: str, now: float) -> bytes:
-        limits, user = self.limits, request.user
+    def _devices(self, request: DevicesQuery, source: str, now: float) -> bytes:
+        if not self._take(self._buckets, source, self.limits.admit_rate, self.limits.admit_burst, now):
+            return error_line(ErrorCode.RATE_LIMITED, "too many requests from this address; retry later")
+        devices = self.keys.devices(request.user, fresh=True)
+        if devices is None:
+            return error_line(ErrorCode.UNKNOWN_RECIPIENT, f"user ID {request.user!r} is not registered here")
+        return devices_line(devices)
+
+    def _recovery(self, request: RecoveryQuery, source: str, now: float) -> bytes:
+        state = self._account(request.user, source, now)
+        return f"RECOVERY {state.generation}\n".encode() if type(state) is RecoveryState else state
+
+    def _account(self, user: str, source: str, now: float) -> RecoveryState | bytes:
+        """``user``'s recovery state if it has an account key, else the ERR line (the source's bucket first)."""
+        limits = self.limits
         if not self._take(self._recover_sources, source, limits.recover_rate, limits.recover_burst, now):
             return error_line(ErrorCode.RATE_LIMITED, "too many recovery requests from this address; retry later")
         state = self.keys.recovery_state(user)
@@ -175,23 +150,51 @@ class KeyServiceCore:
         if state.recovery is None:
             return error_line(ErrorCode.RECOVERY_REFUSED, f"user ID {user!r} has no recovery key here (it was "
                               "registered by an older client): ask the broker's operator")
-        if type(request) is RecoveryQuery:
-            return f"RECOVERY {state.generation}\n".encode()
+        return state
+
+    def _prove(self, request: ProofRequest, source: str, now: float) -> bytes:
+        """RECOVER, LINK or UNLINK: the account key's proof over the change, then the change itself."""
+        user, limits = request.user, self.limits
+        state = self._account(user, source, now)
+        if type(state) is not RecoveryState:
+            return state
         # Counted before the proof is checked: a guesser learns nothing from attempts past the bound.
         if not self._take(self._recover_ids, user, limits.recover_id_rate, limits.recover_id_burst, now):
             self.failed_recoveries.record(user, f"user={user}", f"attempt from {source} past the bound", now)
             return error_line(ErrorCode.RATE_LIMITED, f"too many recovery attempts for {user!r}; retry later")
         if not verify_recovery(state.recovery, request.signature, self.broker_key, user, state.generation,
-                               request.key):
+                               request.key, LABELS[type(request)]):
             self.failed_recoveries.record(user, f"user={user}", f"wrong proof from {source}", now)
             return error_line(ErrorCode.RECOVERY_REFUSED, f"that is not the recovery phrase of {user!r} (or its "
                               "binding changed meanwhile: try again)")
-        refused = self.keys.move(user, request.key, Change.RECOVERED, f"key service {source}", state.generation)
-        if refused is ErrorCode.RECOVERY_REFUSED:
-            return error_line(refused, f"the binding of {user!r} changed meanwhile: try again")
+        origin = f"key service {source}"
+        if type(request) is RecoverRequest:
+            refused = self.keys.move(user, request.key, Change.RECOVERED, origin, state.generation)
+        elif type(request) is LinkRequest:
+            refused = self.keys.link_device(user, request.key, state.generation, request.signature, origin,
+                                            request.name)
+        else:
+            refused = self.keys.unlink_device(user, request.key, state.generation, origin)
         if refused is not None:
-            return error_line(refused, REFUSALS[refused].format(user=user))
-        log.warning("user=%s moved to a new key with its recovery phrase, from %s", user, source)
+            return error_line(refused, _PROOF_REFUSALS.get(refused, REFUSALS.get(refused, "")).format(user=user))
+        log.warning("user=%s: %s with its recovery phrase, from %s", user, _DONE[type(request)], source)
+        return b"OK\n"
+
+    def _pake_open(self, request: PakeOpen, source: str, now: float) -> bytes:
+        if not self._take(self._recover_sources, source, self.limits.recover_rate, self.limits.recover_burst, now):
+            return error_line(ErrorCode.RATE_LIMITED, "too many links opened from this address; retry later")
+        return f"PAKE {self.slots.open(now)} {int(self.slots.ttl)}\n".encode()
+
+    def _pake(self, request: PakePut | PakeGet | PakeClose, source: str, now: float) -> bytes:
+        if not self._take(self._pake_sources, source, self.limits.pake_rate, self.limits.pake_burst, now):
+            return error_line(ErrorCode.RATE_LIMITED, "too many link requests from this address; retry later")
+        if type(request) is PakePut:
+            self.slots.put(request.slot, request.side, request.n, request.data, now)
+        elif type(request) is PakeClose:
+            self.slots.close(request.slot, now)
+        else:
+            data = self.slots.get(request.slot, request.side, request.n, now)
+            return b"WAIT\n" if data is None else f"PAKE_DATA {data.hex()}\n".encode()
         return b"OK\n"
 
     def _take(self, buckets: OrderedDict[str, TokenBucket], name: str, rate: float, burst: float,
@@ -204,6 +207,16 @@ class KeyServiceCore:
                 buckets.popitem(last=False)
         buckets[name] = bucket  # most recent last
         return bucket.take(1, now)
+
+
+_DONE = {RecoverRequest: "moved to a new key", LinkRequest: "a device linked", UnlinkRequest: "a device unlinked"}
+_PROOF_REFUSALS = {  # why a proof that holds changed nothing
+    ErrorCode.RECOVERY_REFUSED: "the binding of {user!r} changed meanwhile: try again",
+    ErrorCode.TOO_MANY_DEVICES: "{user!r} has as many devices as the broker allows: unlink one first",
+    ErrorCode.DEVICES_CHANGED: "that key is not a device of {user!r}",
+    ErrorCode.LINK_FAILED: "that is the last device of {user!r}: it cannot be unlinked (recover the ID to another "
+                           "key instead)",
+}
 
 
 class KeyServiceConnection:
@@ -294,7 +307,7 @@ class KeyServiceListener:
         self._conns.move_to_end(fd)
         if reply:
             try:
-                sock.send(reply)  # a few dozen bytes into an empty socket buffer; a peer that can't take them loses them
+                sock.send(reply)  # at most a few KiB into an empty socket buffer; a peer that can't take them loses them
             except OSError:
                 close = True
         if close:

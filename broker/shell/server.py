@@ -29,6 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 from p2pchat.broker.backends.single import SingleBackend
 from p2pchat.broker.backends.tickets import KeyLimits
 from p2pchat.broker.core.actions import Action, Publish, Relay, Send
+from p2pchat.broker.core.pake_slots import PakeRendezvous
 from p2pchat.broker.core.ports import BrokerLink, PeerDirectory, QueueLimits, QueueStore, StoreUnavailable
 from p2pchat.broker.core.ratelimit import RateLimits
 from p2pchat.broker.core.routing import BrokerCore
@@ -84,6 +85,7 @@ class Backend(Protocol):
     store: QueueStore
     keys: AdmissionRegistry
     link: BrokerLink
+    pake_slots: PakeRendezvous  # the key service's link slots
     description: str  # for the start-up log line
 
     def start(self) -> None: ...
@@ -229,7 +231,7 @@ class BrokerServer:
         if not config.insecure:
             self.key_service = KeyServiceListener(
                 config.host, config.key_service_port, KeyServiceCore(self.identity.public, backend.keys,
-                                                                     config.key_service),
+                                                                     config.key_service, slots=backend.pake_slots),
                 reuse_port=config.reuse_port, clock=time.monotonic)
         self._store_failing = False
         backend.start()

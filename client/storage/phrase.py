@@ -2,7 +2,9 @@
 
 Made with the identity on the first run, and shown to the user then; ``p2pchat recovery-phrase`` prints it
 again. A recovery on a new machine (``p2pchat recover``) writes the phrase the user typed, so that this
-installation registers the ID's recovery key from then on (docs/PROTOCOL.md §10.2).
+installation registers the ID's recovery key from then on (docs/PROTOCOL.md §10.2), and so does linking with
+the phrase (``p2pchat link --recovery``). A device linked by code gets no phrase: it keeps only the account's
+public key (``account.pub``, client/storage/account.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from p2pchat.common.recovery import PhraseError, new_phrase, normalise_phrase
 
 PHRASE_FILE = "recovery.phrase"
+ACCOUNT_FILE = "account.pub"  # a device linked by code: the account key it pinned, and no phrase
 
 
 def load_or_create_phrase(state_dir: Path) -> tuple[str, bool]:
@@ -22,6 +25,11 @@ def load_or_create_phrase(state_dir: Path) -> tuple[str, bool]:
         return normalise_phrase(path.read_text()), False
     except FileNotFoundError:
         phrase = new_phrase()
+        if (state_dir / ACCOUNT_FILE).exists():
+            # Linked by code: the ID's phrase stays on the devices that have it. A throwaway one (never stored or
+            # shown) gives the client the recovery key it registers with, which the broker ignores: the binding
+            # has its account key already.
+            return phrase, False
         save_phrase(state_dir, phrase)
         return phrase, True
     except PhraseError as exc:  # never replaced silently: the broker may hold the recovery key of this one

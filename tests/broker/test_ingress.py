@@ -22,6 +22,8 @@ from zmq.utils import z85
 from bench.more_flood import CappedRelay, flood, rss_mib
 from p2pchat.broker.shell.connguard import GuardLimits
 from p2pchat.broker.shell.server import BrokerConfig, BrokerServer
+from p2pchat.broker.core.ports import Device, DeviceList
+from p2pchat.broker.shell.keyservice_lines import MAX_REQUEST
 from p2pchat.broker.shell.keyservice import KeyServiceConnection, KeyServiceCore, KeyServiceLimits
 from p2pchat.client.broker_trust import admit, fetch_broker_key
 from p2pchat.common import crypto
@@ -98,7 +100,7 @@ def test_key_service_answers_key_and_closes_overlong_requests(broker):
     key = fetch_broker_key(broker.address, broker.port + 2, 10.0)
     assert key == crypto.Identity.load_or_create(broker.home / "broker" / "broker.key").public
     with socket.create_connection(("127.0.0.1", broker.port + 2), timeout=10.0) as sock:
-        sock.sendall(b"K" * 300)
+        sock.sendall(b"K" * (MAX_REQUEST + 50))
         assert sock.makefile("rb").readline().startswith(b"ERR too_large ")
         try:
             assert sock.recv(1) == b""  # and closed
@@ -279,8 +281,8 @@ class _Registry:
     def can_bind(self, user: str, key: bytes):
         return ErrorCode.ID_TAKEN if user in self.taken else None
 
-    def lookup(self, user: str) -> bytes | None:
-        return self.bound.get(user)
+    def devices(self, user: str, fresh: bool = False) -> DeviceList | None:
+        return DeviceList(1, (Device(1, self.bound[user]),)) if user in self.bound else None
 
     def issue_ticket(self, key: bytes, now: float):
         self.tickets.append(key)
@@ -310,7 +312,7 @@ def test_key_service_core_closes_after_a_bad_or_overlong_line_or_four_requests()
     core = _service()
     reply, close = KeyServiceConnection("h", 0.0).receive(b"HELLO\n", core, 0.0)
     assert reply.startswith(b"ERR bad_frame ") and close
-    reply, close = KeyServiceConnection("h", 0.0).receive(b"K" * 256, core, 0.0)
+    reply, close = KeyServiceConnection("h", 0.0).receive(b"K" * MAX_REQUEST, core, 0.0)
     assert reply.startswith(b"ERR too_large ") and close
     reply, close = KeyServiceConnection("h", 0.0).receive(b"KEY\n" * 5, core, 0.0)
     assert reply.count(b"\n") == 4 and close

@@ -17,6 +17,7 @@ from p2pchat.broker.backends.sqlite_keys import SqliteKeyRegistry
 from p2pchat.broker.backends.tickets import KeyLimits
 from p2pchat.broker.core.ports import DEVICE_CAPS, BindingChange
 from p2pchat.common.errors import ErrorCode
+from p2pchat.common.protocol import MAX_DEVICES
 from tests.broker.test_cluster import RedisProcess
 
 OLD, NEW, OTHER = b"o" * 32, b"n" * 32, b"x" * 32
@@ -256,3 +257,124 @@ def test_redis_bindings_of_one_key_per_id_become_device_1_of_each_id(tmp_path):
         assert numbered(again.devices("bob")) == (2, [(2, NEW)]) and not keys.admits(BOB, 0.0)
         for closing in (keys, again, r):
             closing.close()
+
+
+# --- linking and unlinking devices (docs/PROTOCOL.md §10.2.1) ---------------------------------------------
+THIRD, PROOF = b"t" * 32, b"p" * 64
+
+
+def test_a_link_adds_a_device_numbered_by_the_next_list_version_and_raises_the_generation(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    assert keys.link_device("bob", NEW, 0, PROOF, "key service 192.0.2.7", name="laptop") is None
+    assert numbered(keys.devices("bob")) == (2, [(1, OLD), (2, NEW)])
+    assert keys.recovery_state("bob") == RecoveryState(RECOVERY, 1)  # the account key stays
+    stored = open_registry().devices("bob").devices[1]
+    assert (stored.name, stored.gen, stored.proof) == ("laptop", 0, PROOF)  # the proof names the generation it had
+    assert keys.lookup("bob") == OLD and keys.admits(NEW, 0.0) and keys.can_bind("bob", NEW) is None
+    assert keys.link_device("bob", NEW, 1, PROOF, "again") is None  # a device already: nothing changes
+    assert numbered(open_registry().devices("bob")) == (2, [(1, OLD), (2, NEW)])
+
+
+def test_a_link_needs_the_current_generation_and_an_account_key(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.link_device("bob", NEW, 0, PROOF, "test")
+    assert keys.link_device("bob", THIRD, 0, PROOF, "replay") is ErrorCode.RECOVERY_REFUSED
+    keys.bind("carol", OTHER)  # an older client's binding: no account key to sign a link
+    assert keys.link_device("carol", THIRD, 0, PROOF, "test") is ErrorCode.RECOVERY_REFUSED
+    assert keys.link_device("dave", THIRD, 0, PROOF, "test") is ErrorCode.RECOVERY_REFUSED  # not bound
+    assert not keys.admits(THIRD, 0.0)
+
+
+def test_an_id_has_at_most_max_devices_and_a_key_its_share_of_ids(open_registry):
+    keys = open_registry(KeyLimits(ids_per_key=1))
+    keys.bind("bob", OLD, RECOVERY)
+    keys.bind("carol", OTHER, RECOVERY)
+    assert keys.link_device("bob", OTHER, 0, PROOF, "test") is ErrorCode.TOO_MANY_IDS
+    for n in range(1, MAX_DEVICES):
+        assert keys.link_device("bob", bytes([n]) * 32, n - 1, PROOF, "test") is None
+    assert keys.link_device("bob", THIRD, MAX_DEVICES - 1, PROOF, "test") is ErrorCode.TOO_MANY_DEVICES
+    assert len(open_registry().devices("bob").devices) == MAX_DEVICES
+
+
+def test_an_unlink_removes_the_device_and_its_admission_at_once_and_never_the_last_device(open_registry):
+    keys = open_registry()
+    keys.bind("bob", OLD, RECOVERY)
+    keys.link_device("bob", NEW, 0, PROOF, "test")
+    keys.issue_ticket(NEW, 0.0)  # a ticket of the key's own does not keep it in either
+    assert keys.unlink_device("bob", NEW, 0, "stale") is ErrorCode.RECOVERY_REFUSED
+    assert keys.unlink_device("bob", THIRD, 1, "test") is ErrorCode.DEVICES_CHANGED
+    assert keys.unlink_device("bob", NEW, 1, "key service 192.0.2.7") is None
+    assert numbered(keys.devices("bob")) == (3, [(1, OLD)]) and not keys.admits(NEW, 0.0)
+    assert keys.can_bind("bob", NEW) is ErrorCode.ID_TAKEN
+    assert keys.recovery_state("bob") == RecoveryState(RECOVERY, 2)
+    assert keys.unlink_device("bob", OLD, 2, "test") is ErrorCode.LINK_FAILED  # the operator releases an ID
+    assert keys.link_device("bob", NEW, 2, PROOF, "test") is None  # linked again: under a new number
+    assert numbered(open_registry().devices("bob")) == (4, [(1, OLD), (4, NEW)])
+
+
+def test_links_and_unlinks_are_audited_and_reported_to_other_registries_with_the_devices_key(open_registry):
+    broker = open_registry()
+    broker.bind("bob", OLD, RECOVERY)
+    elsewhere = open_registry()  # another broker of a cluster, or the operator's admin command on SQLite
+    assert elsewhere.admits(OLD, 0.0) and elsewhere.changes(LATER) == []
+    broker.link_device("bob", NEW, 0, PROOF, "key service 192.0.2.7")
+    assert broker.changes(LATER) == [BindingChange("bob", NEW, "linked")]
+    assert elsewhere.changes(2 * LATER) == [BindingChange("bob", NEW, "linked")]
+    assert elsewhere.admits(NEW, 0.0) and numbered(elsewhere.devices("bob")) == (2, [(1, OLD), (2, NEW)])
+    broker.unlink_device("bob", NEW, 1, "key service 192.0.2.8")
+    assert elsewhere.changes(3 * LATER) == [BindingChange("bob", NEW, "unlinked")]
+    assert not elsewhere.admits(NEW, 0.0) and numbered(elsewhere.devices("bob")) == (3, [(1, OLD)])
+    assert [(r.change, r.old_key, r.new_key, r.generation, r.origin) for r in elsewhere.audit("bob")] == [
+        (Change.LINKED, None, NEW, 1, "key service 192.0.2.7"), (Change.UNLINKED, NEW, None, 2, "key service 192.0.2.8")]
+
+
+# Made by the code of schema 1 (devices without link proofs): bob bound with a recovery key.
+SCHEMA_1 = """
+CREATE TABLE user_recovery (user TEXT PRIMARY KEY, recovery BLOB, generation INTEGER NOT NULL DEFAULT 0,
+    ver INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE devices (user TEXT NOT NULL, id INTEGER NOT NULL, key BLOB NOT NULL, name TEXT NOT NULL DEFAULT '',
+    flags INTEGER NOT NULL DEFAULT 0, added_ms INTEGER NOT NULL, PRIMARY KEY (user, id), UNIQUE (user, key));
+CREATE TABLE key_audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, user TEXT NOT NULL,
+    change TEXT NOT NULL, old_key BLOB, new_key BLOB, generation INTEGER NOT NULL, origin TEXT NOT NULL);
+INSERT INTO user_recovery VALUES ('bob', x'7272727272727272727272727272727272727272727272727272727272727272', 0, 1);
+INSERT INTO devices VALUES ('bob', 1, x'0101010101010101010101010101010101010101010101010101010101010101', 'desk', 1, 5);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_keys_sqlite_of_schema_1_gets_empty_link_proofs_and_can_link(tmp_path):
+    path = tmp_path / "keys.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA_1)
+    old.close()
+    keys = SqliteKeyRegistry(path)
+    device = keys.devices("bob").primary
+    assert (device.key, device.name, device.gen, device.proof) == (BOB, "desk", 0, b"")
+    assert keys.link_device("bob", NEW, 0, PROOF, "test") is None
+    keys.close()
+    again = SqliteKeyRegistry(path)
+    assert numbered(again.devices("bob")) == (2, [(1, BOB), (2, NEW)]) and again.devices("bob").devices[1].proof == PROOF
+    again.close()
+
+
+def test_redis_devices_stored_before_link_proofs_read_with_empty_ones(tmp_path):
+    for factory in redis_registries(tmp_path):
+        import msgpack
+
+        from p2pchat.broker.backends.redis_health import connect
+        from p2pchat.broker.backends.redis_schema import RedisKeys
+
+        names = RedisKeys()
+        r = connect(factory.url, 1.0)
+        r.hset(names.devices, "bob", msgpack.packb([1, [[1, BOB, "desk", 1, 5]]], use_bin_type=False))  # as cmsgpack
+        r.hset(names.ver, "bob", 1)
+        r.hset(names.recovery, "bob", RECOVERY)
+        keys = factory()
+        device = keys.devices("bob").primary
+        assert (device.key, device.name, device.gen, device.proof) == (BOB, "desk", 0, b"")
+        assert keys.link_device("bob", NEW, 0, PROOF, "test") is None
+        assert numbered(factory().devices("bob")) == (2, [(1, BOB), (2, NEW)])
+        keys.close()
+        r.close()
