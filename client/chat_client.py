@@ -32,6 +32,7 @@ from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.broker_trust import ADMIT_TIMEOUT, RETRY_LATER, admit, resolve_broker_key
 from p2pchat.client.e2e import NO_SEALING, EndToEnd, PeerKeyChanged, Sealing
 from p2pchat.client.refusals import explain_refusal
+from p2pchat.client.storage.account import account_key
 from p2pchat.client.storage.history import History
 from p2pchat.client.storage.identity import InstanceClaim
 from p2pchat.client.storage.partfile import WriterPool
@@ -118,8 +119,12 @@ class ChatClient:
         self.recovery_phrase, self.new_recovery_phrase = load_or_create_phrase(self.state_dir)
         self.e2e: Sealing = NO_SEALING
         if cfg.encrypt:
+            accounts = KeyStore(self.state_dir / PEER_ACCOUNTS)
+            own_account = account_key(self.state_dir, user)
+            if own_account is not None:  # our own devices' links are checked against our own account key
+                accounts.put(user, own_account)
             self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / PINNED_KEYS),
-                                KeyStore(self.state_dir / CHANGED_KEYS), accounts=KeyStore(self.state_dir / PEER_ACCOUNTS))
+                                KeyStore(self.state_dir / CHANGED_KEYS), accounts=accounts)
         self._verified = VerifiedKeys(self.state_dir / VERIFIED_KEYS)
         self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
@@ -143,7 +148,7 @@ class ChatClient:
             read_receipts=cfg.read_receipts,
             e2e=self.e2e,
             key=self.identity.public,
-            recovery=RecoveryKey.from_phrase(self.recovery_phrase, user).public,
+            recovery=RecoveryKey.from_phrase(self.recovery_phrase, user).public if self.recovery_phrase else None,
             transfers=transfers,
             token=self._claim.token,
             new_id=new_msg_id,

@@ -152,9 +152,12 @@ class EndToEnd:
     def devices_of(self, user: str) -> DeviceSet | None:
         return self._devices.get(user)
 
-    def forget_devices(self) -> None:
-        """The broker says a list changed: fetch the lists again when next needed."""
-        self._devices.clear()
+    def forget_devices(self, user: str | None = None) -> None:
+        """The broker says a list changed (``user``'s, or some): fetch it again when next needed."""
+        if user is None:
+            self._devices.clear()
+        else:
+            self._devices.pop(user, None)
 
     def set_devices(self, msg: Devices) -> None:
         """The broker's list of ``msg.user``'s devices. Every device but the primary must carry a link proof by the
@@ -196,18 +199,34 @@ class EndToEnd:
                     ) -> tuple[bytes, tuple | None, tuple | None] | str:
         """``plaintext`` for ``recipient``: ``(body, None, None)`` for one device on each side, else ``(b"", copies,
         echo)``, a body per device of theirs and per other device of ours; or the user whose list is missing."""
-        if not self.device_aware:
-            return self.seal(recipient, msg_id, ts, plaintext), None, None
-        theirs, ours = self._devices.get(recipient), self._devices.get(self.user)
-        if theirs is None or ours is None:
-            return recipient if theirs is None else self.user
+        sealed = self.seal_each(recipient, msg_id, ts, plaintext)
+        if type(sealed) is str or not self.device_aware:
+            return sealed if type(sealed) is str else (*sealed, None)
+        ours = self._devices.get(self.user)
+        if ours is None:
+            return self.user
         own = self.identity.public
         echo = tuple((dev, self.seal_to(key, recipient, msg_id, ts, plaintext)) for dev, key in ours.devices
                      if key != own)
-        if len(theirs.devices) == 1 and not echo:
-            return self.seal(recipient, msg_id, ts, plaintext), None, None
-        copies = tuple((dev, self.seal_to(key, recipient, msg_id, ts, plaintext)) for dev, key in theirs.devices)
-        return b"", copies, echo or None
+        if not echo:
+            return (*sealed, None)
+        body, copies = sealed
+        if copies is None:  # their one device, and ours to echo to: in the per-device form
+            copies = ((self._devices[recipient].devices[0][0], body),)
+        return b"", copies, echo
+
+    def seal_each(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes
+                  ) -> tuple[bytes, tuple | None] | str:
+        """``(body, None)`` for a recipient with one device, else ``(b"", copies)``, one body per device; or the
+        recipient, whose list is missing."""
+        if not self.device_aware:
+            return self.seal(recipient, msg_id, ts, plaintext), None
+        theirs = self._devices.get(recipient)
+        if theirs is None:
+            return recipient
+        if len(theirs.devices) == 1:
+            return self.seal(recipient, msg_id, ts, plaintext), None
+        return b"", tuple((dev, self.seal_to(key, recipient, msg_id, ts, plaintext)) for dev, key in theirs.devices)
 
     def seal_to(self, key: bytes, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> bytes:
         """Sealed to the device with ``key``; ``recipient`` is the frame's (ours for an echo to our own device)."""
@@ -284,6 +303,9 @@ class NoSealing:
     def seal_copies(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> tuple[bytes, None, None]:
         return plaintext, None, None
 
+    def seal_each(self, recipient: str, msg_id: bytes, ts: int, plaintext: bytes) -> tuple[bytes, None]:
+        return plaintext, None
+
     def open(self, sender: str, msg_id: bytes, ts: int, body: bytes, recipient: str | None = None,
              refetched: bool = False) -> bytes:
         return body
@@ -291,7 +313,7 @@ class NoSealing:
     def devices_of(self, user: str) -> None:
         return None
 
-    def forget_devices(self) -> None:
+    def forget_devices(self, user: str | None = None) -> None:
         pass
 
 

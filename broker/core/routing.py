@@ -64,6 +64,11 @@ class _Session:
     caps: bool = False  # registered with caps CAPS_DEVICES: it seals a copy per device (§5.6)
 
 
+def _ledger_key(xfer: bytes, dev: int | None) -> bytes:
+    """A transfer in the credit ledger: with several devices, its chunks go to the one device that took it."""
+    return xfer if dev is None else xfer + dev.to_bytes(8, "big")
+
+
 class BrokerCore:
     def __init__(
         self,
@@ -351,12 +356,14 @@ class BrokerCore:
         if conn not in self._sessions:
             return [self._not_registered(conn, env)]
         user = env.message.user  # type: ignore[attr-defined]
-        devices = self.keys.devices(user, fresh=True)
+        try:
+            devices, state = self.keys.devices(user, fresh=True), self.keys.recovery_state(user)
+        except StoreUnavailable:  # the shared store is down: as this broker last saw them
+            devices, state = self.keys.devices(user), None
         if devices is None:
             return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"no devices known for {user!r}",
                                                   env.msg_id))]
         entries = tuple((d.id, d.key, d.name, d.flags) for d in devices.devices)
-        state = self.keys.recovery_state(user)
         proofs = tuple((d.id, d.gen, d.proof) for d in devices.devices if d.proof) or None
         account = state.recovery if state is not None else None
         return [Send(conn, self._frames.make(Devices(user, devices.ver, entries, account, proofs)))]
@@ -447,11 +454,12 @@ class BrokerCore:
         flags = {d.id: d.flags for d in devices.devices}
         targets = [(queue_name(recipient, dev, primary), self._copy(env, dev, body, flags[dev] & DEVICE_CAPS, session))
                    for dev, body in bodies]
-        if echo:
+        if echo:  # to our devices that know echoes (an older client would keep an echo queued, unread)
+            own_flags = {d.id: d.flags for d in own.devices}  # type: ignore[union-attr]
             own_primary = own.primary.id  # type: ignore[union-attr]
-            targets += [(queue_name(session.user, dev, own_primary), pack(replace(msg, body=body, echo=None),
+            targets += [(queue_name(session.user, dev, own_primary), pack(replace(msg, body=body, copies=None, echo=None),
                                                                           env.ts, env.msg_id))
-                        for dev, body in echo]
+                        for dev, body in echo if own_flags[dev] & DEVICE_CAPS]
         return targets
 
     @staticmethod
@@ -508,7 +516,8 @@ class BrokerCore:
         """A file chunk goes on only inside its recipient's credit window (broker/core/credit.py)."""
         msg: FileChunk = env.message  # type: ignore[assignment]
         size = len(frames[1]) if len(frames) > 1 else 0
-        if not self.credit.admit(msg.sender, msg.recipient, msg.xfer, msg.index, size, now):
+        xfer = _ledger_key(msg.xfer, msg.dev)
+        if not self.credit.admit(msg.sender, msg.recipient, xfer, msg.index, size, now):
             self.credit_refused.record(conn, self._who(conn), f"xfer={msg.xfer.hex()} outside the credit "
                                        f"{msg.recipient!r} granted", now)
             if conn in self._refusing:
@@ -523,7 +532,7 @@ class BrokerCore:
             return []
 
         def refused() -> Frames:  # the recipient's queue is full: the chunk is not in flight after all
-            self.credit.unadmit(msg.sender, msg.recipient, msg.xfer, msg.index, size)
+            self.credit.unadmit(msg.sender, msg.recipient, xfer, msg.index, size)
             return self._frames.error(ErrorCode.RECIPIENT_BUSY, f"recipient {msg.recipient!r} is not keeping up",
                                       env.msg_id)
 
@@ -532,11 +541,14 @@ class BrokerCore:
     def _track_transfer(self, msg: Message, now: float) -> None:
         """Keep the credit ledger up to date with a relayed transfer control frame."""
         kind = type(msg)
-        if kind is FileCredit:  # from the file's recipient to its sender
-            self.credit.on_credit(msg.recipient, msg.sender, msg.xfer, msg.next, msg.upto, now)  # type: ignore
-        elif kind is FileDone or kind is FileCancel:
-            self.credit.forget(msg.recipient, msg.sender, msg.xfer)  # type: ignore[attr-defined]
-            self.credit.forget(msg.sender, msg.recipient, msg.xfer)  # type: ignore[attr-defined]
+        if kind is FileCredit:  # from the file's recipient (one device of it) to its sender
+            self.credit.on_credit(msg.recipient, msg.sender, _ledger_key(msg.xfer, msg.src),  # type: ignore
+                                  msg.next, msg.upto, now)  # type: ignore[attr-defined]
+        elif kind is FileDone or (kind is FileCancel and msg.code is not ErrorCode.TAKEN):  # type: ignore
+            # (``taken`` tells another device of the recipient: the transfer goes on with the one that took it)
+            # Either way round: from the file's receiver (its device is ``src``) or its sender (to ``dev``).
+            self.credit.forget(msg.recipient, msg.sender, _ledger_key(msg.xfer, msg.src))  # type: ignore
+            self.credit.forget(msg.sender, msg.recipient, _ledger_key(msg.xfer, msg.dev))  # type: ignore
 
     # --- other brokers --------------------------------------------------------
     def _on_link_event(self, event: LinkEvent, now: float) -> list[Action]:

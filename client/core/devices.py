@@ -25,6 +25,12 @@ from p2pchat.common.protocol import ChatMessage, Devices, Receipt, ReceiptStatus
 
 log = logging.getLogger(__name__)
 
+# Bodies kept while their sender's list is fetched: a queue page (256) and more per sender, since the broker pages
+# on as they are kept; past the bound they stay queued at the broker for the next session. Bodies are at most
+# 64 KiB, so the worst case is 128 MiB: the bound is in messages because a page is.
+UNLISTED_PER_SENDER = 600
+UNLISTED_MAX = 2_000
+
 
 class DeviceSync:
     _unlisted: HeldMessages | None = None  # bodies from devices not in their sender's list yet; made when needed
@@ -58,9 +64,9 @@ class DeviceSync:
         """``msg`` opened under a key its sender's list (as we have it) lacks: kept until the list is fetched."""
         log.debug("user=%s peer=%s a body from a device not in their list: fetching it", self.user, exc.user)
         if self._unlisted is None:
-            self._unlisted = HeldMessages()
+            self._unlisted = HeldMessages(UNLISTED_MAX, UNLISTED_PER_SENDER)
         self._unlisted.add(msg_id, msg, ts)
-        self.e2e.forget_devices()
+        self.e2e.forget_devices(exc.user)
         return self._ask_keys({exc.user}, now)
 
     def _devices_changed(self, ref: bytes | None, error: RemoteError, now: float) -> list[Action] | None:

@@ -1,4 +1,5 @@
-"""Messages that opened under a sender's new key, kept until the user accepts that key.
+"""Messages that opened under a sender's new key, kept until the user accepts that key (or, with a larger
+bound, bodies from a device not yet in its sender's list, kept until the list is fetched).
 
 The broker keeps them queued too (they are not consumed), but it pages a queue only once per
 session: without this, a message would show only after the next reconnect. Bounded: past the
@@ -16,18 +17,19 @@ MAX_HELD_PER_SENDER = 200
 
 
 class HeldMessages:
-    __slots__ = ("_messages", "_count")
+    __slots__ = ("_messages", "_count", "_max", "_max_per_sender")
 
-    def __init__(self) -> None:
+    def __init__(self, max_held: int = MAX_HELD, max_per_sender: int = MAX_HELD_PER_SENDER) -> None:
         self._messages: OrderedDict[bytes, tuple[ChatMessage, int]] = OrderedDict()  # id -> (message, ts)
         self._count: dict[str, int] = {}
+        self._max, self._max_per_sender = max_held, max_per_sender
 
     def add(self, msg_id: bytes, msg: ChatMessage, ts: int) -> None:
-        if msg_id in self._messages or self._count.get(msg.sender, 0) >= MAX_HELD_PER_SENDER:
+        if msg_id in self._messages or self._count.get(msg.sender, 0) >= self._max_per_sender:
             return
         self._messages[msg_id] = (msg, ts)
         self._count[msg.sender] = self._count.get(msg.sender, 0) + 1
-        if len(self._messages) > MAX_HELD:
+        if len(self._messages) > self._max:
             _, (oldest, _) = self._messages.popitem(last=False)
             self._uncount(oldest.sender)
 

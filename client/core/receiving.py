@@ -103,6 +103,7 @@ class Incoming(TransferMachine):
     open_failures: int = 0  # sealed chunks that failed to open since the last good one
     resumed: bool = False  # from a record of an earlier run: its .part exists
     session: int = 0  # the sender's sending session whose key ``cipher`` holds
+    peer_dev: int | None = None  # the sender's device that offered it (the offer's ``src``)
 
     @property
     def chunks(self) -> int:
@@ -112,7 +113,7 @@ class Incoming(TransferMachine):
         return {"xfer": self.xfer.hex(), "peer": self.peer, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "part": str(self.part), "target_dir": str(self.target_dir),
                 "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None,
-                "session": self.session}
+                "session": self.session, "peer_dev": self.peer_dev}
 
     # --- inputs -------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -146,7 +147,8 @@ class Incoming(TransferMachine):
 
     def hold(self) -> Transmit:
         """A credit of nothing: accepted, wait (the sender keeps the transfer while we answer its offers)."""
-        return self.ctx.send(self.xfer, FileCredit(self.ctx.user, self.peer, self.xfer, 0, 0, False))
+        return self.ctx.send(self.xfer, FileCredit(self.ctx.user, self.peer, self.xfer, 0, 0, False, self.peer_dev,
+                                                   self.src()))
 
     def on_offer(self, env: Envelope, now: float) -> list[Action]:
         """The sender offers again (its stall timer, or a new sending session after its restart)."""
@@ -226,7 +228,8 @@ class Incoming(TransferMachine):
         # though: only arriving chunks trigger the next credit, so a grant of nothing would stall.
         window = self.ctx.config.window
         self.granted = self.next + max(window - (self.writer.pending if self.writer else 0), (window + 1) // 2)
-        credit = FileCredit(self.ctx.user, self.peer, self.xfer, self.next, self.granted, restart)
+        credit = FileCredit(self.ctx.user, self.peer, self.xfer, self.next, self.granted, restart, self.peer_dev,
+                            self.src())
         return [self.ctx.send(self.xfer, credit, urgent=True)]
 
     def _ask_again(self, chunk: FileChunk, now: float) -> list[Action]:
@@ -256,7 +259,7 @@ class Incoming(TransferMachine):
         log.info("user=%s peer=%s xfer=%s saved %s (%d bytes)", ctx.user, self.peer, self.xfer.hex()[:8], path,
                  self.size)
         progress = self.rate.report(self.xfer, self.peer, self.name, "in", self.size, self.size, now, force=True)
-        return progress + [ctx.send(self.xfer, FileDone(ctx.user, self.peer, self.xfer)),
+        return progress + [ctx.send(self.xfer, FileDone(ctx.user, self.peer, self.xfer, self.peer_dev, self.src())),
                            Emit(ev.FileReceived(self.xfer, self.peer, self.name, path, self.size))]
 
     def _rekey(self, env: Envelope) -> None:

@@ -37,7 +37,7 @@ from p2pchat.client.core.transfer_machine import TransferContext, TransferMachin
 from p2pchat.client.e2e import PeerKeyChanged
 from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, TransferError
-from p2pchat.common.protocol import MAX_TEXT_CHARS, FileChunk, FileCredit, FileOffer, pack
+from p2pchat.common.protocol import MAX_TEXT_CHARS, FileCancel, FileChunk, FileCredit, FileOffer, pack
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,15 @@ class Outgoing(TransferMachine):
     offer_ts: int = 0
     rewound_at: float = float("-inf")  # when a credit last sent us back to chunks already sent
     refused_seals: int = 0  # offers the receiver could not open (one more is sent, then it fails)
+    peer_dev: int | None = None  # the receiver's device that took it (its first credit's ``src``), if it said
+    refusals: frozenset[int] = frozenset()  # the receiver's devices that refused it before any took it
 
     @classmethod
     def begin(cls, ctx: TransferContext, xfer: bytes, peer: str, source: Source, chunk_size: int, session: int,
-              now: float) -> Outgoing:
+              now: float, taker: int | None = None) -> Outgoing:
         """A new sending session of ``xfer`` (recorded for a resume after a restart); ``start`` offers it."""
         out = cls(ctx, xfer, peer, source.path, source.size, source.mtime_ns, source.inode, chunk_size,
-                  session=session)
+                  session=session, peer_dev=taker)
         # A fresh key per sending session: a file changed in place (same size, mtime and inode) and sent
         # again after a restart must not seal other bytes under a (key, nonce) pair already used.
         if ctx.e2e.enabled:
@@ -122,7 +124,7 @@ class Outgoing(TransferMachine):
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(self.path), "size": self.size,
                 "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size,
-                "session": self.session}
+                "session": self.session, "taker": self.peer_dev}
 
     # --- inputs -------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -225,9 +227,31 @@ class Outgoing(TransferMachine):
             meta["session"] = self.session
         # One id per sending session: a store-and-forward broker keeps one copy however often we offer.
         msg_id, ts = self.offer_id, self.offer_ts
-        body = ctx.e2e.seal(self.peer, msg_id, ts, msgpack.packb(meta, use_bin_type=True))
-        offer = FileOffer(ctx.user, self.peer, self.xfer, self.size, self.chunk_size, body)
+        sealed = ctx.e2e.seal_each(self.peer, msg_id, ts, msgpack.packb(meta, use_bin_type=True))
+        if type(sealed) is str:  # their device list (or ours) first
+            ctx.key_wants.add(sealed)
+            return self.enter(Input.NO_KEY) or []
+        offer = FileOffer(ctx.user, self.peer, self.xfer, self.size, self.chunk_size, *sealed)
         return [Transmit(pack(offer, ts, msg_id))]
+
+    def refused_by_all(self, dev: int) -> bool:
+        """The receiver's device ``dev`` refused the offer: have all of its devices now (as far as we know)?"""
+        self.refusals = self.refusals | {dev}
+        devices = self.ctx.e2e.devices_of(self.peer)
+        return devices is None or len(self.refusals) >= len(devices.devices)
+
+    def taken_by(self, dev: int) -> Transmit | None:
+        """A credit from the receiver's device ``dev``: the first makes it the taker (persisted); another device
+        hears the file was taken (a Transmit), and its frames change nothing here."""
+        if self.peer_dev is None:
+            self.peer_dev = dev
+            self.ctx.records.save("outgoing", self.xfer, self.record())
+            return None
+        if dev == self.peer_dev:
+            return None
+        cancel = FileCancel(self.ctx.user, self.peer, self.xfer, ErrorCode.TAKEN,
+                            f"another device of {self.peer}'s took this file", dev, self.ctx.device)
+        return self.ctx.send(self.xfer, cancel)
 
     def _chunk(self, index: int) -> Transmit:
         """Chunk ``index``, read through the port (TransferError if the file changed or cannot be read)."""
@@ -247,13 +271,13 @@ class Outgoing(TransferMachine):
         self.bytes_sent += len(data)
         ctx = self.ctx
         if self.cipher is not None:  # sealed chunks are authenticated one by one: no whole-file hash
-            chunk = FileChunk(ctx.user, self.peer, self.xfer, index, final)
+            chunk = FileChunk(ctx.user, self.peer, self.xfer, index, final, dev=self.peer_dev)
             return ctx.send(self.xfer, chunk, self.cipher.seal(index, final, data))
         if offset == self.hashed:
             self.hasher.update(data)
             self.hashed += len(data)
         digest = self.hasher.digest() if final else None
-        chunk = FileChunk(ctx.user, self.peer, self.xfer, index, final, zlib.crc32(data), digest)
+        chunk = FileChunk(ctx.user, self.peer, self.xfer, index, final, zlib.crc32(data), digest, self.peer_dev)
         return ctx.send(self.xfer, chunk, data)
 
     def _let_go(self, failed: bool) -> None:

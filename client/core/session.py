@@ -320,6 +320,8 @@ class ClientSession(KeyChanges, DeviceSync):
             if msg.caps is not None and msg.caps & CAPS_DEVICES and self.e2e.enabled:
                 self.device = msg.dev
                 self.e2e.device_aware = True
+                if self.transfers is not None:
+                    self.transfers.device = msg.dev
             return self._on_registered(now)
         if type(msg) is Snapshot and self.presence is not None:
             self._snapshot_due = None

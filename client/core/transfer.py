@@ -112,7 +112,7 @@ class TransferManager:
                 continue
             source = Source(Path(record["path"]), record["size"], record["mtime_ns"], record["inode"])
             out = Outgoing.begin(self._ctx, xfer, record["peer"], source, record["chunk_size"],
-                                 record.get("session", 0) + 1, now)
+                                 record.get("session", 0) + 1, now, record.get("taker"))
             actions += self._track(out).start(now)
         for record in self.records.records("incoming"):
             xfer = bytes.fromhex(record["xfer"])
@@ -141,6 +141,13 @@ class TransferManager:
         if machine.peer != msg.sender:  # type: ignore[attr-defined]
             return []  # someone else's frame names this transfer: it cannot touch it
         kind = type(msg)
+        src = getattr(msg, "src", None)
+        if src is not None and type(machine) is Outgoing and kind is not FileOffer:  # one of the receiver's devices
+            if kind is FileCancel and machine.peer_dev is None and not machine.refused_by_all(src):
+                return []  # one device refused it before any took it: another may still take it
+            taken = machine.taken_by(src) if kind is FileCredit else None
+            if taken is not None or src != machine.peer_dev and machine.peer_dev is not None:
+                return [taken] if taken is not None else []  # another device: told it was taken, else ignored
         if kind is FileChunk:
             return machine.on_chunk(msg, env.payload, now)
         if kind is FileCredit:
@@ -166,6 +173,15 @@ class TransferManager:
         xfer = self._by_prefix.get(ref[:REF_PREFIX])
         machine = self._machine(xfer) if xfer is not None else None
         return None if machine is None else machine.on_error(error, now)
+
+    @property
+    def device(self) -> int | None:
+        return self._ctx.device
+
+    @device.setter
+    def device(self, dev: int | None) -> None:
+        """Our number in our ID's device list, from the broker's ``registered``."""
+        self._ctx.device = dev
 
     def take_key_wants(self) -> set[str]:
         """Peers whose key an offer is waiting for (the session asks the broker)."""
@@ -245,17 +261,19 @@ class TransferManager:
     # --- new offers and admission: bounded incoming transfers, the rest queued ------------------------
     def _on_new_offer(self, env: Envelope, now: float, refetched: bool = False) -> list[Action]:
         offer: FileOffer = env.message  # type: ignore[assignment]
+        src = self._ctx.device if offer.src is not None else None  # answered to the offering device
         if self.records.is_done(offer.xfer):  # our FILE_DONE was lost: say it again
-            return [self._ctx.send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer))]
+            return [self._ctx.send(offer.xfer, FileDone(self.user, offer.sender, offer.xfer, offer.src, src))]
         if offer.xfer in self._failed:  # a stale offer crossed our FILE_CANCEL
             return [self._ctx.send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, ErrorCode.CANCELLED,
-                                                          "this transfer was refused or cancelled earlier"))]
+                                                          "this transfer was refused or cancelled earlier",
+                                                          offer.src, src))]
         try:
             name, file_key, session = open_offer(self.e2e, env, refetched)
         except UnknownDevice as exc:  # from a device of theirs we have not seen: opened again once their list is in
             if len(self._unlisted) < MAX_UNLISTED_OFFERS:
                 self._unlisted.append(env)
-            self.e2e.forget_devices()
+            self.e2e.forget_devices(exc.user)
             self._ctx.key_wants.add(exc.user)
             return []
         except PeerKeyChanged as exc:  # the session decides (it holds what comes from them until accepted)
@@ -285,7 +303,8 @@ class TransferManager:
         final_name = received_name(offer.sender, name, self._wall_time())
         inc = Incoming(self._ctx, offer.xfer, offer.sender, name, offer.size, offer.chunk_size,
                        cfg.received_dir / part_name(final_name, offer.xfer), cfg.received_dir, final_name,
-                       cipher=FileCipher(file_key, offer.xfer) if file_key else None, session=session)
+                       cipher=FileCipher(file_key, offer.xfer) if file_key else None, session=session,
+                       peer_dev=offer.src)
         if self._has_slot(inc.peer):
             return self._start(inc, now)
         log.info("user=%s peer=%s xfer=%s queued %r (%d bytes): %d transfers waiting", self.user, inc.peer,
@@ -299,8 +318,9 @@ class TransferManager:
         thousands must not flood the log or the user), the rest counted."""
         if remember:
             self._remember_failed(offer.xfer)
+        src = self._ctx.device if offer.src is not None else None
         actions: list[Action] = [self._ctx.send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code,
-                                                                       message))]
+                                                                       message, offer.src, src))]
         label = f"user={self.user} peer={offer.sender} xfer={offer.xfer.hex()[:8]}"
         if self._refusals.record(offer.sender, label, message, now) and report is not None:
             actions.append(Emit(report))
@@ -312,7 +332,7 @@ class TransferManager:
         inc = Incoming(self._ctx, xfer, record["peer"], record["name"], record["size"], record["chunk_size"],
                        Path(record["part"]), Path(record["target_dir"]), record["final_name"],
                        cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None,
-                       resumed=True, session=record.get("session", 0))
+                       resumed=True, session=record.get("session", 0), peer_dev=record.get("peer_dev"))
         if self._has_slot(inc.peer):
             return self._start(inc, now)
         if not self._may_queue(inc.peer):  # more unfinished transfers than we would ever queue: drop the rest

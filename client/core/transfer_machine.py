@@ -138,6 +138,7 @@ class TransferContext:
     ended: Callable[[TransferMachine], None]  # the manager lets go of a finished or failed transfer
     key_wants: set[str] = field(default_factory=set)  # peers whose key an offer waits for
     key_changes: list[PeerKeyChanged] = field(default_factory=list)  # seen in offers: the session decides
+    device: int | None = None  # our number in our ID's device list (a broker that knows devices said it)
 
     def send(self, xfer: bytes, msg: Message, payload=None, urgent: bool = False) -> Transmit:
         return Transmit(pack(msg, self.wall_ms(), frame_id(xfer, self.new_id), payload), urgent)
@@ -146,7 +147,8 @@ class TransferContext:
 @dataclass(slots=True, eq=False)
 class TransferMachine:
     """The gate and the frame handlers both machines have; each overrides the handlers its table accepts.
-    Subclasses add ``phase`` (their initial one as its default), ``name`` and ``rate``."""
+    Subclasses add ``phase`` (their initial one as its default), ``name``, ``rate`` and ``peer_dev`` (the peer's
+    device in the transfer, when its broker and client know devices: the offering one, or the one that took it)."""
 
     TABLE: ClassVar[Table]
     DIRECTION: ClassVar[str]  # "out" or "in", as events name it
@@ -167,6 +169,10 @@ class TransferMachine:
             return []
         self.phase = target
         return None
+
+    def src(self) -> int | None:
+        """Our device number for the ``src`` of our frames, if the peer's device knows the field (``peer_dev``)."""
+        return self.ctx.device if self.peer_dev is not None else None  # type: ignore[attr-defined]
 
     def fail(self, error: P2PChatError, tell_peer: bool) -> list[Action]:
         refused = self.enter(Input.ABORT)
@@ -207,5 +213,6 @@ class TransferMachine:
                     "sending" if self.DIRECTION == "out" else "receiving", error)
         actions: list[Action] = []
         if tell_peer:
-            actions.append(ctx.send(self.xfer, FileCancel(ctx.user, self.peer, self.xfer, error.code, error.message)))
+            actions.append(ctx.send(self.xfer, FileCancel(ctx.user, self.peer, self.xfer, error.code, error.message,
+                                                          self.peer_dev, self.src())))  # type: ignore[attr-defined]
         return actions + [Emit(ev.FileFailed(self.xfer, self.peer, self.name, self.DIRECTION, error))]

@@ -18,18 +18,16 @@ PHRASE_FILE = "recovery.phrase"
 ACCOUNT_FILE = "account.pub"  # a device linked by code: the account key it pinned, and no phrase
 
 
-def load_or_create_phrase(state_dir: Path) -> tuple[str, bool]:
-    """The stored phrase, or a new one (stored); True when it is new, so the caller shows it once."""
+def load_or_create_phrase(state_dir: Path) -> tuple[str | None, bool]:
+    """The stored phrase, or a new one (stored); True when it is new, so the caller shows it once. None on a
+    device linked by code: the ID's phrase stays on the devices that have it."""
     path = state_dir / PHRASE_FILE
     try:
         return normalise_phrase(path.read_text()), False
     except FileNotFoundError:
-        phrase = new_phrase()
         if (state_dir / ACCOUNT_FILE).exists():
-            # Linked by code: the ID's phrase stays on the devices that have it. A throwaway one (never stored or
-            # shown) gives the client the recovery key it registers with, which the broker ignores: the binding
-            # has its account key already.
-            return phrase, False
+            return None, False
+        phrase = new_phrase()
         save_phrase(state_dir, phrase)
         return phrase, True
     except PhraseError as exc:  # never replaced silently: the broker may hold the recovery key of this one

@@ -345,7 +345,8 @@ def test_sender_clamps_a_huge_credit_to_its_own_window(make_client, tmp_path):
         f.truncate(4 * WINDOW * CHUNK_SIZE)
     xfer, _ = alice.send_file("bob", src)
     wait_for(bob, lambda e: isinstance(e, ev.FileQueued))
-    _transmit(bob, [pack(FileCredit("bob", "alice", xfer, 0, 2**62, True), 1_700_000_000_000, new_msg_id())])
+    credit = FileCredit("bob", "alice", xfer, 0, 2**62, True, alice._session.device, bob._session.device)
+    _transmit(bob, [pack(credit, 1_700_000_000_000, new_msg_id())])
     # alice's stall timer re-offers once she has sent all she will: count the chunks before that
     wait_until(lambda: FileChunk in seen and seen[seen.index(FileChunk):].count(FileOffer) >= 1, 30,
                "alice's re-offer after the chunks")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -84,7 +85,9 @@ def test_a_device_linked_by_code_is_listed_and_can_send_but_gets_no_phrase(broke
     link_by_code(desk, laptop, broker, offers)
     listed = devices(laptop, broker)
     mine = Identity.load_or_create(laptop / "users" / "bob" / "identity.key").public
-    assert [(d["id"], d["name"], d["this"]) for d in listed] == [(1, "", False), (2, "laptop", True)]
+    # the first device named itself when it registered (the host's name), the new one as asked
+    assert [(d["id"], d["name"], d["this"]) for d in listed] == [(1, socket.gethostname()[:32], False),
+                                                                   (2, "laptop", True)]
     assert listed[1]["key"] == mine.hex()
     assert [d["this"] for d in devices(desk, broker)] == [True, False]
     # The laptop pinned the account key through the code's channel; it has no phrase, and shows none.
@@ -145,7 +148,8 @@ def test_linking_with_the_recovery_phrase_keeps_the_phrase_like_the_first_device
     linked = cli(phone, "link", "--user", "bob", "--server", server(broker), "--recovery", "--name", "phone",
                  stdin=phrase + "\n")
     assert linked.returncode == ExitCode.OK, linked.stderr
-    assert [(d["name"], d["this"]) for d in devices(phone, broker)] == [("", False), ("phone", True)]
+    assert [(d["name"], d["this"]) for d in devices(phone, broker)] == [(socket.gethostname()[:32], False),
+                                                                          ("phone", True)]
     assert cli(phone, "recovery-phrase", "--user", "bob").stdout.strip() == phrase
     # With the phrase, this device may unlink another (here the first one), reading it from stdin or its own.
     removed = cli(phone, "unlink", "--user", "bob", "--server", server(broker), "1")
@@ -160,6 +164,6 @@ def test_the_two_devices_may_reach_different_brokers_of_a_cluster(two_brokers, o
     desk, laptop = tmp_path / "desk", tmp_path / "laptop"
     first_device(desk, one)
     link_by_code(desk, laptop, one, offers, at=two)  # the slot lives in Redis
-    assert [d["name"] for d in devices(laptop, two)] == ["", "laptop"]
+    assert [d["name"] for d in devices(laptop, two)] == [socket.gethostname()[:32], "laptop"]
     sent = cli(laptop, "send", "--user", "bob", "--server", server(one), "--to", "bob", "via the other broker")
     assert sent.returncode == ExitCode.OK, sent.stderr
