@@ -76,6 +76,7 @@ class ClientConfig:
     history: bool = True  # keep conversations and the outbox in SQLite (off: load-test clients)
     read_receipts: bool = True  # tell senders when we have read their messages
     trust_key_changes: bool = False  # accept a peer's new key at once (still reported) instead of waiting for the user
+    accept_files: bool = True  # False: refuse files on this device (with several devices, another one takes them)
     # TransferConfig overrides (max_incoming, max_incoming_per_peer, max_queued, max_queued_per_peer,
     # give_up_after, max_age); defaults in client.transfer.
     transfer_limits: dict[str, float] = field(default_factory=dict)
@@ -130,7 +131,8 @@ class ChatClient:
         transfers = TransferManager(
             user,
             TransferConfig(cfg.received_dir, cfg.max_file_size, cfg.chunk_size, cfg.window,
-                           stall_timeout=cfg.heartbeat_ivl * cfg.liveness, **cfg.transfer_limits),
+                           stall_timeout=cfg.heartbeat_ivl * cfg.liveness, accept_files=cfg.accept_files,
+                           **cfg.transfer_limits),
             self.e2e,
             wall_ms=_wall_ms,
             wall_time=time.time,

@@ -283,7 +283,9 @@ class TransferManager:
             return self._refuse(offer, now, exc.message, ErrorCode.INTEGRITY, ev.ErrorReported(exc), remember=False)
         cfg = self.config
         reject = None
-        if not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
+        if not cfg.accept_files:  # with several devices the sender goes on with one that takes it
+            reject = TransferError(f"{self.user} takes no files on this device", ErrorCode.CANCELLED)
+        elif not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
             reject = TransferError(f"chunk size {offer.chunk_size} outside 1..{MAX_CHUNK_BYTES}")
         elif offer.size > cfg.max_file_size:
             reject = TransferError(f"{offer.size} bytes is over the receiver's limit of {cfg.max_file_size}",

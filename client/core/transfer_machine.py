@@ -122,6 +122,7 @@ class TransferConfig:
     max_queued_per_peer: int = MAX_QUEUED_PER_PEER
     give_up_after: float = GIVE_UP_AFTER
     max_age: float = MAX_AGE
+    accept_files: bool = True  # False: offers are refused here, so another device of ours takes them (§5.6)
 
 
 @dataclass(slots=True, eq=False)

@@ -5,6 +5,7 @@ file goes to the device that takes it first; an unlinked device gets nothing mor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -111,3 +112,22 @@ def test_an_unlinked_device_is_signed_out_and_gets_nothing_more(bob_twice, tmp_p
             again.connect(timeout=10)
         finally:
             again.close()
+
+
+def test_a_device_that_takes_no_files_leaves_them_to_the_other(bob_twice, tmp_path):
+    alice, desk, laptop = bob_twice
+    laptop.close()
+    picky = ChatClient("bob", dataclasses.replace(laptop.config, accept_files=False))
+    try:
+        picky.connect(timeout=10)
+        for n in range(4):  # whichever answers first, the desktop takes every file (by chance: 1 in 16)
+            src = tmp_path / f"doc{n}.bin"
+            src.write_bytes(os.urandom(50_000))
+            _, done = alice.send_file("bob", src)
+            done.result(30)
+            assert wait_for(desk, lambda e: isinstance(e, ev.FileReceived), 20).path.read_bytes() == src.read_bytes()
+        assert not any(isinstance(e, ev.FileReceived) for e in list(picky.events.queue))
+        inbox = picky.config.received_dir
+        assert not inbox.exists() or not any(inbox.iterdir())
+    finally:
+        picky.close()
