@@ -280,3 +280,18 @@ def test_a_file_another_device_took_is_no_error():
     assert line.state is Transfer.TAKEN and line.finished and model.active_transfers() == []
     assert transfer_status(line) == "Taken by another of your devices"
     assert model.file_failed(b"f", TransferError("late", ErrorCode.CANCELLED)) is None
+
+
+def test_devices_read_as_number_name_and_fingerprint_and_this_one_cannot_be_unlinked_from_itself():
+    from p2pchat.broker.core.ports import Device
+    from p2pchat.client.gui.accounts import chosen_device, own_device_lines, peer_device_lines, unlink_choices
+    from p2pchat.common.crypto import fingerprint
+
+    desk, laptop = Device(1, b"\1" * 32, "desk"), Device(2, b"\2" * 32, "")
+    assert own_device_lines([desk, laptop], desk.key).splitlines() == [
+        f" 1  desk                      {fingerprint(desk.key)}  · this device",
+        f" 2  (unnamed)                 {fingerprint(laptop.key)}"]
+    assert unlink_choices([desk, laptop], desk.key) == ["2 · unnamed"]
+    assert chosen_device("2 · unnamed") == "2" and chosen_device("") == ""
+    assert peer_device_lines([(1, desk.key), (3, laptop.key)]) == (
+        f"device 1 · {fingerprint(desk.key)}\ndevice 3 · {fingerprint(laptop.key)}")
