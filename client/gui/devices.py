@@ -146,8 +146,11 @@ class DeviceManagement:
         mine = self.client.identity.public
         self.window[K_DEVICES_LIST].update(own_device_lines(listed.devices, mine) if listed is not None else "")
         choices = unlink_choices(listed.devices, mine) if listed is not None else []
-        self.window[K_UNLINK_WHICH].update(value=choices[0] if choices else "", values=choices)
-        self.window[K_LINK_CODE].update(self._link_code)
-        self.window[K_DEVICES_NOTE].update(self._devices_note)
+        chosen = self.window[K_UNLINK_WHICH].get()  # kept while it is still a device to unlink
+        self.window[K_UNLINK_WHICH].update(value=chosen if chosen in choices else choices[0] if choices else "",
+                                           values=choices)
+        for key, text in ((K_LINK_CODE, self._link_code), (K_DEVICES_NOTE, self._devices_note)):
+            self.window[key].update(text)
+            self._set_visible(key, bool(text))
         self.window[K_LINK_DEVICE].update(disabled=self._device_busy)
         self.window[K_UNLINK_DEVICE].update(disabled=self._device_busy or not choices)

@@ -302,11 +302,13 @@ def _devices_panel(pal: Palette, fonts: Fonts) -> sg.Column:
                    button_color=(pal.muted, pal.sidebar_bg), mouseover_colors=(pal.text, pal.border),
                    pad=((0, 14), (10, 0)))],
         [sg.Text("", key=K_DEVICES_LIST, font=fonts.mono, text_color=pal.text, pad=((20, 16), 3), **bg)],
-        [sg.Text("", key=K_LINK_CODE, font=fonts.mono_large, text_color=pal.accent, pad=((20, 16), (6, 0)), **bg)],
-        [sg.Text("", key=K_DEVICES_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 6)), **bg)],
-        [sg.Text("Unlink", font=fonts.small, text_color=pal.muted, pad=((20, 6), (0, 12)), **bg),
-         sg.Combo([], key=K_UNLINK_WHICH, size=(28, 1), readonly=True, font=fonts.small, pad=((0, 8), (0, 12))),
-         sg.Button("Unlink", key=K_UNLINK_DEVICE, pad=((0, 8), (0, 12)), **button)],
+        [sg.pin(sg.Text("", key=K_LINK_CODE, font=fonts.mono_large, text_color=pal.accent, pad=((20, 16), (6, 0)),
+                        visible=False, **bg))],
+        [sg.pin(sg.Text("", key=K_DEVICES_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 0)),
+                        visible=False, **bg))],
+        [sg.Text("Unlink", font=fonts.small, text_color=pal.muted, pad=((20, 6), (10, 12)), **bg),
+         sg.Combo([], key=K_UNLINK_WHICH, size=(28, 1), readonly=True, font=fonts.small, pad=((0, 8), (10, 12))),
+         sg.Button("Unlink", key=K_UNLINK_DEVICE, pad=((0, 8), (10, 12)), **button)],
         [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.border, pad=0)],
     ]
     return sg.Column(rows, key=K_DEVICES_PANEL, visible=False, expand_x=True, pad=0, **bg)
