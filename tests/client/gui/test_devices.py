@@ -41,7 +41,8 @@ from tests.conftest import ROOT  # noqa: E402
 @pytest.fixture
 def bob_twice(make_window, broker, tmp_path: Path):
     """alice, bob's desktop (his first device) and his laptop (linked with his phrase), all windows online."""
-    def make(desktop: FakeDesktop | None = None):
+    def make(desktop: FakeDesktop | None = None, talking: bool = False):
+        """``talking``: alice and bob's desktop have each other's conversation open, his laptop alice's."""
         alice = make_window("alice", desktop=desktop)
         desk = make_window("bob")
         linked = cli(tmp_path / "laptop", "link", "--user", "bob", "--server", f"127.0.0.1:{broker.port}",
@@ -49,6 +50,10 @@ def bob_twice(make_window, broker, tmp_path: Path):
         assert linked.returncode == ExitCode.OK, linked.stderr
         laptop = make_window("bob", state_dir=tmp_path / "laptop" / "users" / "bob",
                              received=tmp_path / "laptop" / "received")
+        if talking:
+            meet(alice, desk)
+            pump([alice, desk, laptop], lambda: shows(laptop, "alice", "●"), "alice online at the laptop")
+            select_peer(laptop, "alice", [alice, desk, laptop])
         return alice, desk, laptop
     return make
 
@@ -83,11 +88,8 @@ def test_what_one_device_sends_shows_on_the_other_with_its_ticks_and_reading_fol
 
 def test_a_file_goes_to_one_device_and_the_other_shows_it_taken(bob_twice, tmp_path):
     desktop = FakeDesktop()
-    alice, desk, laptop = bob_twice(desktop)
+    alice, desk, laptop = bob_twice(desktop, talking=True)
     everyone = [alice, desk, laptop]
-    meet(alice, desk)
-    pump(everyone, lambda: shows(laptop, "alice", "●"), "alice online at the laptop")
-    select_peer(laptop, "alice", everyone)
     src = tmp_path / "photo.bin"
     src.write_bytes(os.urandom(300_000))
     attach(alice, desktop, src)

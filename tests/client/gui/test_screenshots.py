@@ -187,11 +187,8 @@ def test_screenshots_of_a_second_device(bob_twice, tmp_path):
     if shutil.which("import") is None:
         pytest.skip("ImageMagick's import is not installed: no screenshots")
     desktop = FakeDesktop()
-    alice, desk, laptop = bob_twice(desktop)
+    alice, desk, laptop = bob_twice(desktop, talking=True)
     everyone = [alice, desk, laptop]
-    meet(alice, desk)
-    pump(everyone, lambda: shows(laptop, "alice", "●"), "alice online at the laptop")
-    select_peer(laptop, "alice", everyone)
     type_and_press(alice, "Are you at your desk? The release notes need a last look.")
     pump(everyone, lambda: "release notes" in desk.conversation_text(), "alice's question at the desk")
     focus(desk)  # bob reads it at his desk: read on the laptop too
