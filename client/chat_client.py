@@ -39,7 +39,7 @@ from p2pchat.client.storage.partfile import WriterPool
 from p2pchat.client.storage.phrase import load_or_create_phrase
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.client.storage.trust import CHANGED_KEYS, PEER_ACCOUNTS, PINNED_KEYS, VERIFIED_KEYS, KeyStore, VerifiedKeys
-from p2pchat.common.crypto import Identity, fingerprint, safety_number
+from p2pchat.common.crypto import Identity, account_safety_number, fingerprint, safety_number
 from p2pchat.common.protocol import DEVICE_NAME_CHARS
 from p2pchat.client.core.session import ClientSession, State, validate_text
 from p2pchat.client.core.transfer import CHUNK_SIZE, WINDOW, TransferConfig, TransferManager
@@ -127,6 +127,7 @@ class ChatClient:
             self.e2e = EndToEnd(user, self.identity, KeyStore(self.state_dir / PINNED_KEYS),
                                 KeyStore(self.state_dir / CHANGED_KEYS), accounts=accounts)
         self._verified = VerifiedKeys(self.state_dir / VERIFIED_KEYS)
+        self._accounts_read = KeyStore(self.state_dir / PEER_ACCOUNTS)  # the agent's e2e writes; this only reads
         self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
         transfers = TransferManager(
             user,
@@ -278,24 +279,43 @@ class ChatClient:
         return (self.e2e.pinned_key(user) or b"", new) if new is not None else None
 
     def safety_number(self, user: str) -> str | None:
+        """The per-device number: our key and ``user``'s pinned one."""
         key = self.e2e.pinned_key(user)
         return safety_number(self.identity.public, key) if key else None
 
+    def account_of(self, user: str) -> bytes | None:
+        """``user``'s account key as pinned on first sight (ours for our user ID), or None if not known yet."""
+        return self._accounts_read.get(user) if self.e2e.enabled else None
+
+    def devices_of(self, user: str) -> tuple[tuple[int, bytes], ...]:
+        """``user``'s devices as this run last checked them against their account key: ``(number, key)``, the
+        primary first; empty until fetched (the session fetches them when it first seals to ``user``)."""
+        devices = self.e2e.devices_of(user)
+        return devices.devices if devices is not None else ()
+
+    def account_safety_number(self, user: str) -> str | None:
+        """The one number for our account and ``user``'s (the same while either links or unlinks devices); None
+        unless both account keys are known."""
+        ours, theirs = self.account_of(self.user), self.account_of(user)
+        return account_safety_number(ours, theirs) if ours and theirs else None
+
     def is_verified(self, user: str) -> bool:
-        """Whether the user verified ``user``'s pinned key with them (false again once that key changes)."""
-        return self._verified.is_verified(user, self.e2e.pinned_key(user))
+        """Whether the user verified ``user``'s pinned key with them, or their account (false again once that key
+        changes, or that account key)."""
+        return self._verified.is_verified(user, self.e2e.pinned_key(user), self.account_of(user))
 
     def was_verified(self, user: str) -> bool:
         """Whether the user had verified some key of ``user``: a change from it deserves more care."""
         return self._verified.was_verified(user)
 
     def set_verified(self, user: str, verified: bool = True) -> bool:
-        """Mark ``user``'s pinned key verified (or not); False if no key is pinned for them yet."""
+        """Mark ``user``'s pinned key verified, and their account where its safety number is the one shown (or
+        clear both); False if no key is pinned for them yet."""
         key = self.e2e.pinned_key(user)
         if key is None:
             return False
         if verified:
-            self._verified.mark(user, key)
+            self._verified.mark(user, key, self.account_of(user) if self.account_safety_number(user) else None)
         else:
             self._verified.clear(user)
         return True

@@ -60,6 +60,15 @@ def _client_options(parser: argparse.ArgumentParser, user_default: str | None = 
                              "messages to and from them until you run `p2pchat trust`")
 
 
+def _device_list_options(parser: argparse.ArgumentParser) -> None:
+    """``keys`` and ``verify`` work offline; with ``--server`` they also list each peer's devices."""
+    parser.add_argument("--server", type=_server, default=None, metavar="H:P",
+                        help="also list each peer's devices as this broker has them (default: offline, no list)")
+    parser.add_argument("--key-port", type=int, default=None, help="the broker's key port (default: port + 2)")
+    parser.add_argument("--server-key", default=None, metavar="FINGERPRINT", help="pin the broker's key fingerprint")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)")
+
+
 def _config(args: argparse.Namespace):
     from p2pchat.client.chat_client import ClientConfig
 
@@ -167,6 +176,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
             count += 1
             if args.count and count >= args.count:
                 stop.set()
+        elif isinstance(event, ev.MessageEchoed):  # sent by another device of ours: not counted as received
+            emit({"type": "sent_elsewhere", "from": args.user, "to": event.peer, "text": event.text,
+                  "id": event.msg_id.hex(), "ts": event.ts}, f"[you -> {event.peer}, another device] {event.text}")
+        elif isinstance(event, ev.ReadElsewhere):
+            emit({"type": "read_elsewhere", "peer": event.peer, "id": event.msg_id.hex()},
+                 f"* {event.peer}'s message read on another device")
         elif isinstance(event, ev.PeersChanged):
             for user in sorted(event.joined):
                 emit({"type": "presence", "user": user, "online": True}, f"* {user} is online")
@@ -214,28 +229,69 @@ def _peer_keys(user: str):
     return state, KeyStore(state / PINNED_KEYS), KeyStore(state / CHANGED_KEYS), VerifiedKeys(state / VERIFIED_KEYS)
 
 
+def _accounts(state: Path, user: str):
+    """Our account key (None: not known here) and the store of the peers' account keys pinned on first sight."""
+    from p2pchat.client.storage.account import account_key
+    from p2pchat.client.storage.trust import PEER_ACCOUNTS, KeyStore
+
+    return account_key(state, user), KeyStore(state / PEER_ACCOUNTS)
+
+
+def _listed_devices_of(args: argparse.Namespace, peer: str) -> list[dict] | None:
+    """``peer``'s devices as the broker at ``--server`` lists them (None without ``--server``): what the one
+    account safety number covers."""
+    from p2pchat.client.broker_trust import trusted_key_service
+    from p2pchat.common.crypto import fingerprint
+
+    if args.server is None:
+        return None
+    service, _ = trusted_key_service(args.server, args.key_port, args.server_key, False, args.timeout)
+    return [{"id": d.id, "name": d.name, "fingerprint": fingerprint(d.key), "key": d.key.hex()}
+            for d in service.devices(peer).devices]
+
+
+def _print_devices(peer: str, devices: list[dict] | None) -> None:
+    if devices:
+        print(f"  {peer}'s devices, as the broker lists them:")
+        for d in devices:
+            print(f"  {d['id']:>3}  {d['name'] or '(unnamed)':<32}  {d['fingerprint']}")
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
-    from p2pchat.common.crypto import Identity, fingerprint, safety_number
+    from p2pchat.common.crypto import Identity, account_safety_number, fingerprint, safety_number
     from p2pchat.common.paths import ensure_private_dir
 
     state, pinned, changed, verified = _peer_keys(args.user)
     me = Identity.load_or_create(ensure_private_dir(state) / "identity.key")
+    my_account, accounts = _accounts(state, args.user)
     peers = []
     for user, key in pinned.items():
         new = changed.get(user)
+        account = accounts.get(user)
         peers.append({"user": user, "fingerprint": fingerprint(key), "safety_number": safety_number(me.public, key),
-                      "verified": verified.is_verified(user, key),
+                      "verified": verified.is_verified(user, key, account),
                       "changed_to": fingerprint(new) if new else None,
-                      "changed_safety_number": safety_number(me.public, new) if new else None})
+                      "changed_safety_number": safety_number(me.public, new) if new else None,
+                      "account_fingerprint": fingerprint(account) if account else None,
+                      "account_safety_number": account_safety_number(my_account, account)
+                      if account and my_account else None,
+                      "devices": _listed_devices_of(args, user)})
     if args.json:
         print(json.dumps({"user": args.user, "fingerprint": fingerprint(me.public), "key": me.public.hex(),
-                          "peers": peers}))
+                          "account_fingerprint": fingerprint(my_account) if my_account else None, "peers": peers}))
         return ExitCode.OK
-    print(f"{args.user} (you): {fingerprint(me.public)}")
+    print(f"{args.user} (you): {fingerprint(me.public)}"
+          + (f"   account {fingerprint(my_account)}" if my_account else ""))
     for peer in peers:
         name = peer["user"]
-        print(f"{name}: {peer['fingerprint']}   {'verified' if peer['verified'] else 'not verified'}   "
-              f"safety number {peer['safety_number']}")
+        state_word = "verified" if peer["verified"] else "not verified"
+        if peer["account_safety_number"]:
+            print(f"{name}: account {peer['account_fingerprint']}   {state_word}   safety number "
+                  f"{peer['account_safety_number']} (one for the account, whichever devices you both use)")
+        else:
+            print(f"{name}: {peer['fingerprint']}   {state_word}   safety number {peer['safety_number']} "
+                  "(per device)")
+        _print_devices(name, peer["devices"])
         if peer["changed_to"]:
             print(f"  {name}'s key CHANGED to {peer['changed_to']}: {name} reinstalled, set up a new device or "
                   f"recovered the account, or someone is impersonating {name}. Messages to and from {name} wait.\n"
@@ -246,7 +302,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from p2pchat.client.e2e import accept_pending
-    from p2pchat.common.crypto import Identity, fingerprint, safety_number
+    from p2pchat.common.crypto import Identity, account_safety_number, fingerprint, safety_number
     from p2pchat.common.protocol import check_user_id
 
     peer = check_user_id(args.peer)
@@ -256,11 +312,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise P2PChatError(f"no key known for {peer!r} yet: exchange a message with them first")
     me = Identity.load_or_create(state / "identity.key")
     number = safety_number(me.public, key)
-    if not args.json:
-        print(f"Safety number with {peer}: {number}\n"
+    my_account, accounts = _accounts(state, args.user)
+    account = accounts.get(peer)
+    account_number = account_safety_number(my_account, account) if account and my_account else None
+    devices = _listed_devices_of(args, peer)
+    if not args.json and account_number:
+        print(f"Safety number with {peer}: {account_number}   (one for {peer}'s account: it stays the same when "
+              f"either of you links or unlinks a device)\n"
+              f"{peer}'s account key: {fingerprint(account)}\n"
               f"{peer}'s key{' (new)' if changed.get(peer) else ''}: {fingerprint(key)}\n"
-              f"your key: {fingerprint(me.public)}\n"
-              f"Compare the safety number with {peer} in person or on a call ({peer} sees it with p2pchat keys, "
+              f"your account key: {fingerprint(my_account)}")
+        _print_devices(peer, devices)
+    elif not args.json:
+        print(f"Safety number with {peer}: {number}   (per device: it changes when either of you uses another "
+              f"device)\n"
+              f"{peer}'s key{' (new)' if changed.get(peer) else ''}: {fingerprint(key)}\n"
+              f"your key: {fingerprint(me.public)}")
+        _print_devices(peer, devices)
+    if not args.json:
+        print(f"Compare the safety number with {peer} in person or on a call ({peer} sees it with p2pchat keys, "
               f"or under Verify in the chat window).")
     if not args.yes:
         print(f"Does {peer} see the same safety number? Mark {peer}'s key as verified [y/N] ", end="",
@@ -268,12 +338,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise P2PChatError(f"{peer}'s key was not marked verified")
     accepted = accept_pending(pinned, changed, peer)  # the GUI or a listener running notices within a heartbeat
-    verified.mark(peer, key)
+    verified.mark(peer, key, account if account_number else None)
     if args.json:
         print(json.dumps({"user": args.user, "peer": peer, "fingerprint": fingerprint(key), "safety_number": number,
-                          "verified": True, "accepted": accepted}))
+                          "verified": True, "accepted": accepted, "account_safety_number": account_number,
+                          "account_fingerprint": fingerprint(account) if account else None, "devices": devices}))
     else:
-        print(f"{peer}'s key is verified" + ("; their new key is accepted and what waited goes" if accepted else ""))
+        what = f"{peer}'s account is verified (each device it links counts as verified)" if account_number else \
+            f"{peer}'s key is verified"
+        print(what + ("; their new key is accepted and what waited goes" if accepted else ""))
     return ExitCode.OK
 
 
@@ -487,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and any key change waiting for you.")
     p.add_argument("--user", default=_default_user(), help="your user ID")
     p.add_argument("--json", action="store_true")
+    _device_list_options(p)
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("verify", help="mark a peer's key verified", description="Show the safety number to compare "
@@ -495,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", required=True, help="the peer whose key you compared")
     p.add_argument("--yes", action="store_true", help="do not ask whether the safety numbers match")
     p.add_argument("--json", action="store_true", help="print the result as a JSON object")
+    _device_list_options(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("trust", help="accept a peer's changed key", description="Accept a peer's new key without "

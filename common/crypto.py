@@ -104,7 +104,17 @@ def fingerprint(public: bytes) -> str:
 
 def safety_number(a: bytes, b: bytes) -> str:
     """The same 30 digits on both sides of a conversation: compare them out of band."""
-    digest = hashlib.sha256(b"p2pchat safety number" + min(a, b) + max(a, b)).digest()
+    return _thirty_digits(b"p2pchat safety number", a, b)
+
+
+def account_safety_number(a: bytes, b: bytes) -> str:
+    """``safety_number`` over two account keys: the same while either side links or unlinks devices; its own
+    label, so it never equals a per-device number."""
+    return _thirty_digits(b"p2pchat safety number v2", a, b)
+
+
+def _thirty_digits(label: bytes, a: bytes, b: bytes) -> str:
+    digest = hashlib.sha256(label + min(a, b) + max(a, b)).digest()
     number = int.from_bytes(digest[:16], "big") % 10**30
     text = f"{number:030d}"
     return " ".join(text[i:i + 5] for i in range(0, 30, 5))

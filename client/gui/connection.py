@@ -93,6 +93,7 @@ class ConnectionFlow:
         client, self.client = self.client, None
         history, self.history = self.history, None
         self._generation += 1
+        self.forget_devices()
         self.model.search = None
         self.window[K_SEARCH].update("")
         if history is not None:

@@ -4,7 +4,9 @@ A mixin of ``ChatWindow`` (window.py holds its state). A changed key is
 explained in words and holds what goes to and comes from that peer only until
 the user has seen it: Continue accepts the new key and lets it all go at once;
 Verify… shows the safety number to compare, now or later, and marks the key
-verified. With the setting to accept new keys automatically, the library has
+verified: one number for the peer's account where both account keys are known, with the peer's devices under it
+(verifying it marks the account verified, so their devices count as verified as they come and go), else the
+per-device number, said so. With the setting to accept new keys automatically, the library has
 already accepted it: a notice says so instead.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from p2pchat.client.gui.layout import (
     K_COMPOSER_NOTE,
+    K_DEVICE_SAFETY,
+    K_DEVICE_SAFETY_ROW,
     K_KEY_BANNER,
     K_KEY_BANNER_TEXT,
     K_KEY_BANNER_TITLE,
@@ -24,12 +28,16 @@ from p2pchat.client.gui.layout import (
     K_KEY_PANEL_TITLE,
     K_MARK_VERIFIED,
     K_OWN_FP,
+    K_OWN_FP_LABEL,
+    K_PEER_DEVICES,
+    K_PEER_DEVICES_ROW,
     K_PEER_FP,
     K_PEER_FP_LABEL,
     K_PEER_KEY,
     K_SAFETY,
     K_VERIFIED_STATE,
 )
+from p2pchat.client.gui.accounts import peer_device_lines, safety_note
 from p2pchat.client.gui.model import KeyChange
 from p2pchat.common.crypto import fingerprint, safety_number
 from p2pchat.common.errors import P2PChatError
@@ -197,19 +205,33 @@ class KeyVerification:
             return
         client = self.client
         assert client is not None
+        account_number = client.account_safety_number(peer) if change is None else None
         if change is not None and change.new_key:  # what to check before accepting is the new key
             number: str | None = safety_number(client.identity.public, change.new_key)
             shown_fp, label = change.new, "Their new key"
+        elif account_number is not None:  # one number for the account, whatever devices either side uses
+            account = client.account_of(peer)
+            assert account is not None
+            number, shown_fp, label = account_number, fingerprint(account), "Their account"
         else:
             number, shown_fp, label = client.safety_number(peer), peer_fp, "Their key"
-        self.window[K_KEY_PANEL_TITLE].update(f"VERIFY {peer.upper()}")
+        devices = peer_device_lines(client.devices_of(peer)) if account_number is not None else ""
+        # Beside the account's number, the one of this pair of devices: what the other side compares while one
+        # of them has a key change to decide (the panel then shows that number alone).
+        device_number = client.safety_number(peer) if account_number is not None else None
+        self._set_visible(K_DEVICE_SAFETY_ROW, device_number is not None)
+        self.window[K_DEVICE_SAFETY].update(device_number or "")
+        self.window[K_KEY_PANEL_TITLE].update(f"VERIFY {peer.upper()} · " + (
+            "ONE NUMBER FOR THEIR ACCOUNT" if account_number else "PER DEVICE"))
         self.window[K_SAFETY].update(number or "known once you have exchanged a message")
         self.window[K_PEER_FP_LABEL].update(label)
         self.window[K_PEER_FP].update(shown_fp or "not known yet")
-        self.window[K_OWN_FP].update(client.fingerprint_of(client.user) or "")
-        self.window[K_KEY_PANEL_NOTE].update(
-            f"Compare the safety number with {peer} in person or on a call. If you both see the same digits, "
-            f"what you send can only be read by {peer}. It changes when either of you gets a new key.")
+        self._set_visible(K_PEER_DEVICES_ROW, bool(devices))
+        self.window[K_PEER_DEVICES].update(devices)
+        own = client.account_of(client.user) if account_number else None
+        self.window[K_OWN_FP_LABEL].update("Your account" if own else "Your key")
+        self.window[K_OWN_FP].update(fingerprint(own) if own else client.fingerprint_of(client.user) or "")
+        self.window[K_KEY_PANEL_NOTE].update(safety_note(peer, per_account=account_number is not None))
         if change is not None:
             state, colour, button = "new key, not verified", self.palette.warn, "Mark as verified and continue"
         elif verified:

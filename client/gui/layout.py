@@ -33,6 +33,14 @@ K_PEER_KEY, K_KEY_INFO = "-PEER-KEY-", "-KEY-INFO-"  # header: the peer's finger
 K_KEY_PANEL, K_KEY_PANEL_TITLE, K_KEY_HIDE = "-KEY-PANEL-", "-KEY-PANEL-TITLE-", "-KEY-HIDE-"
 K_SAFETY, K_PEER_FP_LABEL, K_PEER_FP, K_OWN_FP = "-SAFETY-", "-PEER-FP-LABEL-", "-PEER-FP-", "-OWN-FP-"
 K_KEY_PANEL_NOTE, K_VERIFIED_STATE, K_MARK_VERIFIED = "-KEY-PANEL-NOTE-", "-VERIFIED-STATE-", "-MARK-VERIFIED-"
+K_PEER_DEVICES_LABEL, K_PEER_DEVICES = "-PEER-DEVICES-LABEL-", "-PEER-DEVICES-"
+K_OWN_FP_LABEL, K_PEER_DEVICES_ROW = "-OWN-FP-LABEL-", "-PEER-DEVICES-ROW-"
+K_DEVICE_SAFETY, K_DEVICE_SAFETY_ROW = "-DEVICE-SAFETY-", "-DEVICE-SAFETY-ROW-"  # beside an account's number
+# Our own devices: the sidebar's "Devices…", and the panel it opens (list, link by code, unlink)
+K_DEVICES, K_DEVICES_PANEL, K_DEVICES_HIDE, K_DEVICES_LIST = "-DEVICES-", "-DEVICES-PANEL-", "-DEVICES-HIDE-", "-DEVICES-LIST-"
+K_LINK_DEVICE, K_UNLINK_DEVICE, K_UNLINK_WHICH = "-LINK-DEVICE-", "-UNLINK-DEVICE-", "-UNLINK-WHICH-"
+K_DEVICES_NOTE, K_LINK_CODE = "-DEVICES-NOTE-", "-LINK-CODE-"
+DEVICE_JOB = "-DEVICE-JOB-"  # value: (client generation, DeviceJob) from a device job's thread
 K_KEY_BANNER, K_KEY_BANNER_TITLE, K_KEY_BANNER_TEXT = "-KEY-BANNER-", "-KEY-BANNER-TITLE-", "-KEY-BANNER-TEXT-"
 K_ACCEPT_KEY, K_COMPARE_KEY = "-ACCEPT-KEY-", "-COMPARE-KEY-"  # the banner's Continue and Verify…
 K_KEY_NOTICE, K_KEY_NOTICE_TITLE, K_KEY_NOTICE_TEXT = "-KEY-NOTICE-", "-KEY-NOTICE-TITLE-", "-KEY-NOTICE-TEXT-"
@@ -141,6 +149,9 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
                              "for you to press Continue ", **setting)],
         [sg.Text("", key=K_SETTINGS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((16, 12), (0, 0)))],
+        [sg.Button("Devices…", key=K_DEVICES, tooltip=" Your devices: link another, unlink one ",
+                   button_color=(pal.sidebar_text, pal.sidebar_field), mouseover_colors=(pal.sidebar_text, pal.border),
+                   expand_x=True, pad=((12, 12), (8, 0)), **flat)],
         [sg.Button("Disconnect", key=K_DISCONNECT, button_color=(pal.sidebar_text, pal.border),
                    mouseover_colors=(pal.sidebar_text, pal.offline), expand_x=True, pad=((12, 12), (8, 12)), **flat)],
     ], key=K_SIDEBAR, background_color=pal.sidebar_bg, expand_y=True, pad=0)
@@ -188,6 +199,7 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
         [sg.pin(_key_banner(pal, fonts), expand_x=True)],
         [sg.pin(_key_notice(pal, fonts), expand_x=True)],
         [sg.pin(_key_panel(pal, fonts), expand_x=True)],
+        [sg.pin(_devices_panel(pal, fonts), expand_x=True)],
         [sg.Multiline("", key=K_CONVERSATION, disabled=True, border_width=0, expand_x=True, expand_y=True,
                       background_color=pal.chat_bg, text_color=pal.text, sbar_trough_color=pal.chat_bg,
                       sbar_background_color=pal.border, sbar_arrow_color=pal.muted, sbar_relief="flat", pad=0)],
@@ -265,12 +277,41 @@ def _key_panel(pal: Palette, fonts: Fonts) -> sg.Column:
          sg.Button("Hide", key=K_KEY_HIDE, font=fonts.small, border_width=0, button_color=(pal.muted, pal.sidebar_bg),
                    mouseover_colors=(pal.text, pal.border), pad=((0, 14), (10, 0)))],
         [label("Safety number"), value(K_SAFETY, fonts.mono_large)],
+        [sg.pin(sg.Column([[label("Device number"), value(K_DEVICE_SAFETY, fonts.mono)]], key=K_DEVICE_SAFETY_ROW,
+                          pad=0, **bg))],
         [label("", K_PEER_FP_LABEL), value(K_PEER_FP, fonts.mono)],
-        [label("Your key"), value(K_OWN_FP, fonts.mono)],
+        [sg.pin(sg.Column([[label("Their devices", K_PEER_DEVICES_LABEL), value(K_PEER_DEVICES, fonts.mono)]],
+                          key=K_PEER_DEVICES_ROW, pad=0, **bg))],
+        [label("Your key", K_OWN_FP_LABEL), value(K_OWN_FP, fonts.mono)],
         [sg.Text("", key=K_KEY_PANEL_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 12)), **bg)],
         [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.border, pad=0)],
     ]
     return sg.Column(rows, key=K_KEY_PANEL, visible=False, expand_x=True, pad=0, **bg)
+
+
+def _devices_panel(pal: Palette, fonts: Fonts) -> sg.Column:
+    """Our own devices, as the broker lists them: link another one by code, unlink one."""
+    bg = dict(background_color=pal.sidebar_bg)
+    button = dict(font=fonts.small_bold, border_width=0, button_color=(pal.text, pal.chat_bg),
+                  mouseover_colors=(pal.text, pal.border), disabled_button_color=(pal.muted, pal.sidebar_bg))
+    rows = [
+        [sg.Text("YOUR DEVICES", font=fonts.small_bold, text_color=pal.muted, pad=((20, 0), (12, 6)), **bg),
+         sg.Push(pal.sidebar_bg),
+         _primary("Link a device", K_LINK_DEVICE, pal, fonts, tooltip=" Show a code to type on the new device "),
+         sg.Button("Hide", key=K_DEVICES_HIDE, font=fonts.small, border_width=0,
+                   button_color=(pal.muted, pal.sidebar_bg), mouseover_colors=(pal.text, pal.border),
+                   pad=((0, 14), (10, 0)))],
+        [sg.Text("", key=K_DEVICES_LIST, font=fonts.mono, text_color=pal.text, pad=((20, 16), 3), **bg)],
+        [sg.pin(sg.Text("", key=K_LINK_CODE, font=fonts.mono_large, text_color=pal.accent, pad=((20, 16), (6, 0)),
+                        visible=False, **bg))],
+        [sg.pin(sg.Text("", key=K_DEVICES_NOTE, font=fonts.small, text_color=pal.muted, pad=((20, 16), (6, 0)),
+                        visible=False, **bg))],
+        [sg.Text("Unlink", font=fonts.small, text_color=pal.muted, pad=((20, 6), (10, 12)), **bg),
+         sg.Combo([], key=K_UNLINK_WHICH, size=(28, 1), readonly=True, font=fonts.small, pad=((0, 8), (10, 12))),
+         sg.Button("Unlink", key=K_UNLINK_DEVICE, pad=((0, 8), (10, 12)), **button)],
+        [sg.Column([[]], size=(1, 1), expand_x=True, background_color=pal.border, pad=0)],
+    ]
+    return sg.Column(rows, key=K_DEVICES_PANEL, visible=False, expand_x=True, pad=0, **bg)
 
 
 def _status_bar(pal: Palette, fonts: Fonts, notify_toggle: bool) -> sg.Column:
@@ -317,20 +358,20 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
     window[K_COMPOSER].bind("<KP_Enter>", SEND_SUFFIX, propagate=False)
     # Shift+Enter is typing, not an app event: insert now, so fast typing cannot reorder it.
     composer.bind("<Shift-Return>", _insert_newline)
-    for key in (K_CONNECT, K_SEND, K_DISCONNECT):
+    for key in (K_CONNECT, K_SEND, K_DISCONNECT, K_DEVICES):
         window[key].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=0)
-    for key in (K_ACCEPT_KEY, K_NOTICE_OK):
+    for key in (K_ACCEPT_KEY, K_NOTICE_OK, K_LINK_DEVICE):
         window[key].Widget.configure(padx=12, pady=4, cursor="hand2", relief="flat", highlightthickness=0)
     for key, border in ((K_COMPARE_KEY, pal.warn_border), (K_NOTICE_VERIFY, pal.info_border),
-                        (K_MARK_VERIFIED, pal.border)):
+                        (K_MARK_VERIFIED, pal.border), (K_UNLINK_DEVICE, pal.border)):
         window[key].Widget.configure(padx=12, pady=3, cursor="hand2", relief="flat", highlightthickness=1,
                                      highlightbackground=border)
     window[K_ATTACH].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=1,
                                       highlightbackground=pal.border)
-    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE):
+    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE, K_DEVICES_HIDE):
         if key in window.AllKeysDict:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
-    for key in (K_KEY_BANNER_TEXT, K_KEY_NOTICE_TEXT, K_KEY_PANEL_NOTE):
+    for key in (K_KEY_BANNER_TEXT, K_KEY_NOTICE_TEXT, K_KEY_PANEL_NOTE, K_DEVICES_NOTE, K_PEER_DEVICES):
         window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
     log_widget = window[K_LOG].Widget
     log_widget.configure(highlightthickness=0, padx=0, pady=2, cursor="arrow")

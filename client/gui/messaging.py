@@ -66,6 +66,24 @@ class Messaging:
         if should_notify(self._notifications_on(), self._focused(), self.model.active, event.sender):
             self._notify(event.sender, line.text)
 
+    def _on_echo(self, event: ev.MessageEchoed) -> None:
+        """What another device of ours sent: shown as ours, its ticks moving with the receipts that follow."""
+        line = self.model.echoed(event.msg_id, event.peer, event.text, event.ts)
+        if line is None:  # history showed it already
+            return
+        if self._showing(event.peer):
+            conv = self.model.conversation(event.peer)
+            if conv.lines[-1] is line:
+                self._view().append(line)
+            else:  # written before the last line shown: in its place
+                self._view().show(conv, self._empty_hint())
+        self._render_roster()
+
+    def _on_read_elsewhere(self, event: ev.ReadElsewhere) -> None:
+        """Read on another device of ours: no longer unread here."""
+        if self.model.read_elsewhere(event.msg_id) is not None:
+            self._render_roster()
+
     def _on_send_failed(self, event: ev.SendFailed) -> None:
         line = self.model.failed(event.msg_id, describe_failure(event.error))
         if line is not None:

@@ -58,9 +58,10 @@ class Transfer(enum.Enum):
     DONE = "done"  # verified and saved by the receiver
     FAILED = "failed"
     CANCELLED = "cancelled"
+    TAKEN = "taken"  # offered to all our devices; another of ours took it (no error: it is there)
 
 
-FINAL = frozenset({Transfer.DONE, Transfer.FAILED, Transfer.CANCELLED})
+FINAL = frozenset({Transfer.DONE, Transfer.FAILED, Transfer.CANCELLED, Transfer.TAKEN})
 
 
 @dataclass(slots=True)
@@ -173,6 +174,7 @@ def describe_transfer_failure(error: P2PChatError, line: FileLine) -> str:
         ErrorCode.CLOSED: "disconnected before it finished",
         ErrorCode.BROKER_UNREACHABLE: "the connection to the broker was lost",
         ErrorCode.SOURCE_CHANGED: error.message,
+        ErrorCode.TAKEN: "taken by another of your devices",
     }
     return friendly.get(error.code, error.message)
 
@@ -198,6 +200,8 @@ def transfer_status(line: FileLine) -> str:
         return "Received ✓ · verified and saved"
     if line.state is Transfer.CANCELLED:
         return line.failure or "Cancelled"
+    if line.state is Transfer.TAKEN:
+        return "Taken by another of your devices"
     return f"Failed: {line.failure}" if line.failure else "Failed"
 
 
@@ -276,6 +280,29 @@ class ChatModel:
             conv.unread += 1
         self._by_id[msg_id] = line
         return line
+
+    def echoed(self, msg_id: bytes, peer: str, text: str, ts_ms: int) -> ChatLine | None:
+        """What another device of ours sent ``peer``: our own outgoing line, with the broker already holding it
+        (receipts move it on); None if already shown (history loaded it first)."""
+        if msg_id in self._by_id:
+            return None
+        line = ChatLine(msg_id, peer, True, text, ts_ms, Delivery.SENT)
+        conv = self.conversation(peer)
+        conv.lines.append(line)
+        conv.lines.sort(key=lambda item: item.ts_ms)  # it may have been written before what we see last
+        self._by_id[msg_id] = line
+        return line
+
+    def read_elsewhere(self, msg_id: bytes) -> Conversation | None:
+        """Another device of ours showed message ``msg_id``: read here too. Its conversation if that changed its
+        unread count (no longer counted once nothing in it is unread)."""
+        line = self._by_id.get(msg_id)
+        if line is None or line.outgoing or not _advance(line, Delivery.READ):
+            return None
+        conv = self.conversation(line.peer)
+        before = conv.unread
+        conv.unread = max(0, conv.unread - 1) if self.has_unread(line.peer) else 0
+        return conv if conv.unread != before else None
 
     def mark_read(self, peer: str) -> bool:
         """The user has seen ``peer``'s conversation; True if that is news (something was unread)."""
@@ -391,7 +418,8 @@ class ChatModel:
         line = self._files.get(xfer)
         if line is None or line.finished:
             return None
-        line.state = Transfer.CANCELLED if error.code is ErrorCode.CANCELLED else Transfer.FAILED
+        line.state = {ErrorCode.CANCELLED: Transfer.CANCELLED, ErrorCode.TAKEN: Transfer.TAKEN}.get(
+            error.code, Transfer.FAILED)
         line.failure, line.eta = describe_transfer_failure(error, line), None
         return line
 

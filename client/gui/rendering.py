@@ -74,6 +74,7 @@ class Rendering:
         else:
             self._view().show(self.model.conversation(active) if active else None, self._empty_hint())
         self._render_log()
+        self._render_devices()
         self.window.set_title(f"p2p-chat — {self.model.user}" if on_chat else "p2p-chat")
 
     def _render_form(self) -> None:

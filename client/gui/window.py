@@ -9,7 +9,7 @@ connection, opened with each client; the agent writes, the window only reads.
 
 ``ChatWindow`` holds the state and dispatches; what it does is split by concern
 into one mixin per module (as tkinter's ``Tk`` is ``Misc`` plus ``Wm``):
-connection, messaging, search, transfers, key_verification,
+connection, messaging, search, transfers, key_verification, devices,
 notifications, theme_switch and rendering. Only ``handle`` (window events) and
 ``_on_client_event`` (the library's events) decide which of them runs.
 """
@@ -32,6 +32,7 @@ from p2pchat.client.gui.bridge import TkEventBridge
 from p2pchat.client.gui.connection import ConnectionFlow
 from p2pchat.client.gui.conversation import ConversationView
 from p2pchat.client.gui.desktop import Desktop
+from p2pchat.client.gui.devices import DeviceJob, DeviceManagement
 from p2pchat.client.gui.key_verification import KeyVerification
 from p2pchat.client.gui.layout import (
     CLIENT_EVENT,
@@ -44,10 +45,13 @@ from p2pchat.client.gui.layout import (
     K_COMPARE_KEY,
     K_CONNECT,
     K_CONVERSATION,
+    K_DEVICES,
+    K_DEVICES_HIDE,
     K_DISCONNECT,
     K_HOST,
     K_KEY_HIDE,
     K_KEY_INFO,
+    K_LINK_DEVICE,
     K_MARK_VERIFIED,
     K_NOTICE_OK,
     K_NOTICE_VERIFY,
@@ -60,6 +64,7 @@ from p2pchat.client.gui.layout import (
     K_SEND,
     K_THEME,
     K_TRUST_KEYS,
+    K_UNLINK_DEVICE,
     K_USER,
     SEARCH_ESCAPE,
     SEARCH_OPEN,
@@ -103,8 +108,8 @@ class GuiOptions:
         return cls(notifications=setting not in ("0", "false", "no", "off"))
 
 
-class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVerification, Notifications,
-                 ThemeSwitch, Rendering):
+class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVerification, DeviceManagement,
+                 Notifications, ThemeSwitch, Rendering):
     def __init__(self, settings: GuiSettings, *, store: SettingsStore | None = None,
                  options: GuiOptions = GuiOptions(), notice: str = "", desktop: Desktop = Desktop()) -> None:
         self.settings = settings
@@ -189,6 +194,12 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
             self.toggle_verified()
         elif event == K_NOTICE_OK:
             self.dismiss_key_notice()
+        elif event in (K_DEVICES, K_DEVICES_HIDE):
+            self.toggle_devices(open_=event == K_DEVICES and not self._devices_open)
+        elif event == K_LINK_DEVICE:
+            self.link_device()
+        elif event == K_UNLINK_DEVICE:
+            self.unlink_device()
         elif event == K_THEME:
             self.set_theme("dark" if self.settings.theme == "light" else "light")
         elif event == K_NOTIFY:
@@ -229,6 +240,12 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
         elif kind is ev.MessageReceived:
             self._check_key_decided(event.sender)
             self._on_message(event)
+        elif kind is ev.MessageEchoed:
+            self._on_echo(event)
+        elif kind is ev.ReadElsewhere:
+            self._on_read_elsewhere(event)
+        elif kind is DeviceJob:
+            self._on_device_job(event)
         elif kind is ev.Acked:
             line = self.model.acked(event.msg_id)
             if line is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 PINNED_KEYS = "peer_keys.json"
 CHANGED_KEYS = "peer_keys_changed.json"  # new keys waiting for the user to accept them
 VERIFIED_KEYS = "peer_keys_verified.json"
+VERIFIED_ACCOUNTS = "peer_accounts_verified.json"  # peers' account keys the user verified (one number per account)
 PEER_ACCOUNTS = "peer_accounts.json"  # peers' account keys, which sign their linked devices (§5.6)
 
 
@@ -63,22 +64,34 @@ class KeyStore:
 
 
 class VerifiedKeys:
-    """The peer keys the user has verified (compared the safety number with their owner), by peer. A peer is
-    verified only while it presents the very key that was compared: a key change makes it unverified again,
-    and that is worth saying when the change is reported."""
+    """The peer keys the user has verified (compared the safety number with their owner), by peer. A device key is
+    verified only while the peer presents that very key: a key change makes it unverified again, and that is worth
+    saying when the change is reported. A verified *account* key (the one safety number of all a peer's devices)
+    vouches for every device it linked, so it stays verified while the peer links or unlinks devices. Account keys
+    live in their own file beside the device keys' (files written before accounts existed read as they did)."""
 
     def __init__(self, path: Path) -> None:
         self._keys = KeyStore(path)
+        self._accounts = KeyStore(path.parent / VERIFIED_ACCOUNTS)
 
-    def is_verified(self, peer: str, key: bytes | None) -> bool:
-        return key is not None and self._keys.get(peer) == key
+    def is_verified(self, peer: str, key: bytes | None, account: bytes | None = None) -> bool:
+        """``key`` is verified itself, or ``account`` is: pass ``account`` only where ``key`` is a device it linked
+        (the pinned account key, for the key pinned under it)."""
+        return key is not None and (self._keys.get(peer) == key or self.is_account_verified(peer, account))
+
+    def is_account_verified(self, peer: str, account: bytes | None) -> bool:
+        return account is not None and self._accounts.get(peer) == account
 
     def was_verified(self, peer: str) -> bool:
         """Whether some key of ``peer`` was verified (maybe one it no longer presents)."""
-        return self._keys.get(peer) is not None
+        return self._keys.get(peer) is not None or self._accounts.get(peer) is not None
 
-    def mark(self, peer: str, key: bytes) -> None:
+    def mark(self, peer: str, key: bytes, account: bytes | None = None) -> None:
+        """Verified by comparing the device safety number, or (``account``) the account's."""
         self._keys.put(peer, key)
+        if account is not None:
+            self._accounts.put(peer, account)
 
     def clear(self, peer: str) -> None:
         self._keys.delete(peer)
+        self._accounts.delete(peer)

@@ -67,6 +67,13 @@ def test_fingerprint_and_safety_number_vectors():
     assert crypto.safety_number(BOB.public, ALICE.public) == crypto.safety_number(ALICE.public, BOB.public)
 
 
+def test_account_safety_number_vector_is_symmetric_and_never_a_per_device_number():
+    assert crypto.account_safety_number(ALICE.public, BOB.public) == "16203 43696 96707 64221 83433 56906"
+    assert crypto.account_safety_number(BOB.public, ALICE.public) == crypto.account_safety_number(ALICE.public,
+                                                                                                BOB.public)
+    assert crypto.account_safety_number(ALICE.public, BOB.public) != crypto.safety_number(ALICE.public, BOB.public)
+
+
 @pytest.mark.parametrize("damage", ["flip-ciphertext", "flip-tag", "truncate", "wrong-recipient", "wrong-ts",
                                     "new-id"])
 def test_tampered_message_does_not_open(damage):

@@ -117,12 +117,13 @@ def make_window(display: str, broker: BrokerProcess, home: Path,
 
     def make(user: str = "", connect: bool = True, notifications: bool = False, send_timeout: float = 10.0,
              desktop: FakeDesktop | None = None, slow_files: bool = False, state_dir: Path | None = None,
-             **settings_: object) -> ChatWindow:
-        """``state_dir``: the user's files somewhere else (a reinstall); ``settings_``: more GuiSettings."""
+             received: Path | None = None, **settings_: object) -> ChatWindow:
+        """``state_dir``: the user's files somewhere else (a reinstall, another device), ``received`` where its
+        files go; ``settings_``: more GuiSettings."""
         settings = GuiSettings(host="127.0.0.1", port=broker.port, user=user, **settings_)
         overrides = (*(SLOW_FILES if slow_files else ()), *((("state_dir", state_dir),) if state_dir else ()))
         options = GuiOptions(notifications=notifications, heartbeat_ivl=HEARTBEAT, toast_ms=60_000,
-                             send_timeout=send_timeout, received_dir=received_dir(tmp_path, user or "nobody"),
+                             send_timeout=send_timeout, received_dir=received or received_dir(tmp_path, user or "nobody"),
                              client_overrides=overrides)
         window = ChatWindow(settings, store=SettingsStore(home / "gui.json"), options=options,
                             desktop=(desktop or FakeDesktop()).desktop())

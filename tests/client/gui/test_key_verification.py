@@ -12,13 +12,16 @@ from p2pchat.client.gui.layout import (  # noqa: E402
     K_COMPARE_KEY,
     K_COMPOSER_NOTE,
     K_CONNECT,
+    K_DEVICE_SAFETY,
     K_DISCONNECT,
     K_KEY_BANNER,
     K_KEY_BANNER_TEXT,
     K_KEY_INFO,
     K_KEY_PANEL,
+    K_KEY_PANEL_TITLE,
     K_MARK_VERIFIED,
     K_OWN_FP,
+    K_PEER_DEVICES,
     K_PEER_FP,
     K_PEER_KEY,
     K_SAFETY,
@@ -26,7 +29,7 @@ from p2pchat.client.gui.layout import (  # noqa: E402
     K_VERIFIED_STATE,
 )
 from p2pchat.client.storage.trust import VERIFIED_KEYS, KeyStore, VerifiedKeys  # noqa: E402
-from p2pchat.common.crypto import Identity, fingerprint  # noqa: E402
+from p2pchat.common.crypto import Identity, account_safety_number, fingerprint  # noqa: E402
 from p2pchat.common.paths import user_dir  # noqa: E402
 from tests.client.gui.conftest import pump  # noqa: E402
 from tests.client.gui.driving import click, meet, select_peer, state, type_and_press  # noqa: E402
@@ -68,9 +71,14 @@ def test_both_sides_see_the_same_safety_number(make_window):
     for window in (alice, bob):
         click(window, K_KEY_INFO)
         assert window.shown(K_KEY_PANEL)
-    assert alice.window[K_PEER_FP].get() == bob.window[K_OWN_FP].get() == bobs_key
+    # Both account keys are known (each side pinned the other's with their devices): one number per account.
+    bobs_account = bob.client.account_of("bob")
+    assert alice.window[K_PEER_FP].get() == bob.window[K_OWN_FP].get() == fingerprint(bobs_account)
     number = alice.window[K_SAFETY].get()
-    assert len(number.replace(" ", "")) == 30 and number == bob.window[K_SAFETY].get()
+    assert number == bob.window[K_SAFETY].get() == account_safety_number(alice.client.account_of("alice"),
+                                                                         bobs_account)
+    assert alice.window[K_KEY_PANEL_TITLE].get() == "VERIFY BOB · ONE NUMBER FOR THEIR ACCOUNT"
+    assert alice.window[K_PEER_DEVICES].get() == f"device 1 · {bobs_key}"  # the devices the number covers
     click(alice, K_KEY_INFO)
     assert not alice.shown(K_KEY_PANEL)
 
@@ -107,7 +115,10 @@ def test_verifying_from_the_banner_compares_the_new_key_accepts_it_and_marks_it_
     click(alice, K_COMPARE_KEY)  # Verify…
     click(bob, K_KEY_INFO)
     assert alice.shown(K_KEY_PANEL) and alice.window[K_PEER_FP].get() == fingerprint(bob.client.identity.public)
-    assert alice.window[K_SAFETY].get() == bob.window[K_SAFETY].get()
+    # alice checks bob's new key before accepting it: the number of their two devices, which bob (no change to
+    # decide) sees beside their accounts' number.
+    assert alice.window[K_SAFETY].get() == bob.window[K_DEVICE_SAFETY].get()
+    assert alice.window[K_KEY_PANEL_TITLE].get() == "VERIFY BOB · PER DEVICE"
     assert alice.window[K_MARK_VERIFIED].get_text() == "Mark as verified and continue"
 
     click(alice, K_MARK_VERIFIED)

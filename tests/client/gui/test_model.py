@@ -248,3 +248,50 @@ def test_sizes_read_like_a_file_manager(n, text):
                                            (3 * 3600 + 5 * 60, "3 h 5 min left")])
 def test_time_left_reads_naturally(seconds, text):
     assert human_eta(seconds) == text
+
+
+def test_what_another_device_of_ours_sent_is_our_own_line_and_its_receipts_move_it():
+    model = ChatModel("bob")
+    model.receive(b"1", "alice", "hi bob", 10)
+    line = model.echoed(b"2", "alice", "sent from my desktop", 5)
+    assert line is not None and line.outgoing and line.delivery is Delivery.SENT
+    assert [getattr(x, "text") for x in model.conversation("alice").lines] == ["sent from my desktop", "hi bob"]
+    assert model.conversation("alice").unread == 1  # ours: nothing new to read
+    assert model.echoed(b"2", "alice", "sent from my desktop", 5) is None  # history showed it first
+    assert model.receipt(b"2", "delivered") is line and model.receipt(b"2", "read") is line
+    assert delivery_text(line.delivery, "alice") == "read ✓✓"
+
+
+def test_read_on_another_device_clears_the_unread_count_once_all_is_read():
+    model = ChatModel("bob")
+    model.receive(b"1", "alice", "one", 0)
+    model.receive(b"2", "alice", "two", 0)
+    assert model.read_elsewhere(b"1") is model.conversation("alice") and model.conversation("alice").unread == 1
+    assert model.read_elsewhere(b"2").unread == 0 and not model.has_unread("alice")
+    assert model.read_elsewhere(b"2") is None and model.read_elsewhere(b"unknown") is None
+    model.sending(b"3", "alice", "mine", 0)
+    assert model.read_elsewhere(b"3") is None  # a read receipt for ours is a Receipt, not this
+
+
+def test_a_file_another_device_took_is_no_error():
+    model = ChatModel("bob")
+    line, _ = model.file_incoming(b"f", "alice", "photo.jpg", 300_000, 0)
+    assert model.file_failed(b"f", RemoteError("another device of bob's took this file", ErrorCode.TAKEN)) is line
+    assert line.state is Transfer.TAKEN and line.finished and model.active_transfers() == []
+    assert transfer_status(line) == "Taken by another of your devices"
+    assert model.file_failed(b"f", TransferError("late", ErrorCode.CANCELLED)) is None
+
+
+def test_devices_read_as_number_name_and_fingerprint_and_this_one_cannot_be_unlinked_from_itself():
+    from p2pchat.broker.core.ports import Device
+    from p2pchat.client.gui.accounts import chosen_device, own_device_lines, peer_device_lines, unlink_choices
+    from p2pchat.common.crypto import fingerprint
+
+    desk, laptop = Device(1, b"\1" * 32, "desk"), Device(2, b"\2" * 32, "")
+    assert own_device_lines([desk, laptop], desk.key).splitlines() == [
+        f" 1  desk                      {fingerprint(desk.key)}  · this device",
+        f" 2  (unnamed)                 {fingerprint(laptop.key)}"]
+    assert unlink_choices([desk, laptop], desk.key) == ["2 · unnamed"]
+    assert chosen_device("2 · unnamed") == "2" and chosen_device("") == ""
+    assert peer_device_lines([(1, desk.key), (3, laptop.key)]) == (
+        f"device 1 · {fingerprint(desk.key)}\ndevice 3 · {fingerprint(laptop.key)}")

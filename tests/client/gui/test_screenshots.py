@@ -1,5 +1,7 @@
 """Screenshots of a busy window in both themes, search results, the connect panel, and a contact's key change
-(the states of what waits, the banner, Verify…, after Continue, and the notice of a change accepted automatically).
+(the states of what waits, the banner, Verify…, after Continue, and the notice of a change accepted automatically);
+bob's second device (what his first sent, read and took, and the Devices panel) in both themes, and alice's
+Verify panel with one safety number for bob's account and his devices under it.
 
 Each run writes them to ``artifacts/screenshots`` (git-ignored, or
 ``$P2PCHAT_SCREENSHOTS``); docs/screenshots holds the copies the README shows.
@@ -21,9 +23,12 @@ from p2pchat.client.gui.layout import (  # noqa: E402
     K_ACCEPT_KEY,
     K_COMPARE_KEY,
     K_CONNECT,
+    K_DEVICES,
+    K_DEVICES_LIST,
     K_DISCONNECT,
     K_KEY_BANNER_TEXT,
     K_KEY_HIDE,
+    K_KEY_INFO,
     K_KEY_NOTICE,
     K_PEER_NAME,
     K_THEME,
@@ -50,6 +55,7 @@ from tests.client.gui.driving import (  # noqa: E402
     state,
     type_and_press,
 )
+from tests.client.gui.test_devices import bob_twice  # noqa: E402,F401 - a fixture
 from tests.conftest import ROOT  # noqa: E402
 
 SCREENSHOTS = Path(os.environ.get("P2PCHAT_SCREENSHOTS", ROOT / "artifacts" / "screenshots"))
@@ -173,6 +179,41 @@ def test_screenshots_of_a_key_change(make_window, reinstalled_bob):
     pump([alice, carol], lambda: "New laptop" in alice.conversation_text() and alice.shown(K_KEY_NOTICE),
          "carol's message and the notice")
     screenshot(alice, "gui-key-notice.png")
+
+
+def test_screenshots_of_a_second_device(bob_twice, tmp_path):
+    """bob's laptop: what his desktop sent (read by alice), what he read there, a file his desktop took, and the
+    Devices panel; alice's Verify panel with bob's account number and his two devices."""
+    if shutil.which("import") is None:
+        pytest.skip("ImageMagick's import is not installed: no screenshots")
+    desktop = FakeDesktop()
+    alice, desk, laptop = bob_twice(desktop, talking=True)
+    everyone = [alice, desk, laptop]
+    type_and_press(alice, "Are you at your desk? The release notes need a last look.")
+    pump(everyone, lambda: "release notes" in desk.conversation_text(), "alice's question at the desk")
+    focus(desk)  # bob reads it at his desk: read on the laptop too
+    type_and_press(desk, "At my desk now, reading them.")
+    pump(everyone, lambda: "reading them" in alice.conversation_text(), "bob's answer")
+    focus(alice)
+    pump(everyone, lambda: state(laptop, "alice", "At my desk now, reading them.")[0] == "read ✓✓",
+         "read ticks on the laptop")
+    notes = tmp_path / "release-notes.pdf"
+    notes.write_bytes(os.urandom(400_000))
+    attach(alice, desktop, notes)
+    taken = "Taken by another of your devices"
+    pump(everyone, lambda: sorted(c.status_text for w in (desk, laptop) for c in w.file_cards()) == [
+        "Received ✓ · verified and saved", taken], "the file taken by one of bob's devices")
+    if laptop.file_cards()[0].status_text != taken:  # the laptop was first: show the desk, which says "taken"
+        laptop = desk
+    click(laptop, K_DEVICES)
+    pump(everyone, lambda: len(laptop.window[K_DEVICES_LIST].get().splitlines()) == 2, "bob's devices")
+    for theme in ("light", "dark"):
+        if laptop.settings.theme != theme:
+            click(laptop, K_THEME)
+            pump(everyone, lambda: laptop.settings.theme == theme, f"the {theme} theme")
+        screenshot(laptop, f"gui-devices-{theme}.png")
+    click(alice, K_KEY_INFO)
+    screenshot(alice, "gui-account-verify.png")
 
 
 def screenshot(window: ChatWindow, name: str) -> None:
