@@ -145,8 +145,13 @@ class EndToEnd:
             raise PeerKeyChanged(user, pinned, key)
 
     def accept(self, user: str) -> bool:
-        self._devices.pop(user, None)  # listed with the key it replaces: fetched again
-        return accept_pending(self._pinned, self._pending, user)
+        """The user accepts ``user``'s new key: pinned, and their account key pinned afresh with the next list
+        (a reinstall without the phrase brings a new one; the user has just accepted that change)."""
+        if not accept_pending(self._pinned, self._pending, user):
+            return False
+        self._devices.pop(user, None)
+        self._accounts.delete(user)
+        return True
 
     # --- devices ----------------------------------------------------------------------------------
     def devices_of(self, user: str) -> DeviceSet | None:
