@@ -383,7 +383,9 @@ class BrokerCore:
         if msg.sender != session.user:  # type: ignore[attr-defined]
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"sender must be {session.user!r}",
                                                   env.msg_id))]
-        if getattr(msg, "src", None) is not None and type(msg) is not FileOffer and msg.src != session.dev:
+        # (An offer's ``src`` is the broker's to set: one a client sets must be true as well, since a frame for
+        # a single device goes on unchanged.)
+        if getattr(msg, "src", None) is not None and msg.src != session.dev:
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"src must be {session.dev}",
                                                   env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]

@@ -175,8 +175,12 @@ def test_a_credit_from_another_device_opens_no_window_for_the_taker(core):
 @pytest.mark.parametrize("frame", [
     FileCredit("bob", "alice", XFER, 0, 4, True, 1, src=1),
     FileCancel("bob", "alice", XFER, ErrorCode.TAKEN, "taken", 1, src=1),
-], ids=["credit", "cancel"])
+    FileOffer("bob", "alice", XFER, 10, 10, b"", ((1, b"o1"), (2, b"o2")), src=1),
+    FileOffer("bob", "carol", XFER, 10, 10, b"plain", src=1),  # carol has one device: the frame goes unchanged
+], ids=["credit", "cancel", "offer", "plain offer"])
 def test_a_src_that_is_not_the_sending_device_is_refused(core, frame):
-    [error] = to(step(core, B2, frame), B2)
+    register(core, b"carol", "carol")
+    actions = step(core, B2, frame)
+    [error] = to(actions, B2)
     assert error.code is ErrorCode.SPOOFED_SENDER
-    assert to(step(core, B2, frame), A1) == []
+    assert to(actions, A1) == to(actions, b"carol") == []
