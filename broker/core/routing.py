@@ -450,8 +450,8 @@ class BrokerCore:
             others = [d.id for d in own.devices if d.id != session.dev] if own is not None else []
             if sorted(dev for dev, _ in echo or ()) != others:
                 return "your own devices changed: fetch your devices and send again"
-        if copies is None and (kind is not FileOffer or not devices.primary.flags & DEVICE_CAPS):
-            return [(recipient, frames)]  # the one device, the frame unchanged
+        if copies is None and not echo and (kind is not FileOffer or not devices.primary.flags & DEVICE_CAPS):
+            return [(recipient, frames)]  # the one device, the frame unchanged (it has no field of §5.6)
         bodies = copies if copies is not None else ((primary, msg.body),)  # type: ignore[attr-defined]
         flags = {d.id: d.flags for d in devices.devices}
         targets = [(queue_name(recipient, dev, primary), self._copy(env, dev, body, flags[dev] & DEVICE_CAPS, session))

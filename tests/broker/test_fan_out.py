@@ -91,6 +91,13 @@ def test_the_echo_goes_to_the_senders_other_device_as_the_message_itself(core):
     assert to(actions, A2) == [ChatMessage("alice", "bob", b"echo for the phone")]
 
 
+def test_an_echo_beside_a_plain_body_goes_to_the_senders_device_and_never_to_the_recipient(core):
+    register(core, b"carol", "carol")  # one device, an older client: its strict decoder would drop an echo field
+    actions = step(core, A1, ChatMessage("alice", "carol", b"plain", echo=((2, b"echo"),)))
+    assert to(actions, b"carol") == [ChatMessage("alice", "carol", b"plain")]
+    assert to(actions, A2) == [ChatMessage("alice", "carol", b"echo")]
+
+
 def test_an_echo_is_required_but_not_delivered_to_a_device_that_registered_without_caps(tmp_path):
     core = make_durable(tmp_path)
     online(core, alice_phone_caps=False)  # an older client on alice's phone would keep an echo queued, unread
