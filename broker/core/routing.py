@@ -482,11 +482,14 @@ class BrokerCore:
         ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if env.message.ACKED else None
         for queue, frames in targets:
             user, _, dev = queue.partition("/")
-            where = self._device_location(user, int(dev) if dev else None, self.directory.locate(user))
+            devices = self.keys.devices(user)  # a primary's queue is the ID's: that copy is for the primary only
+            number = int(dev) if dev else devices.primary.id if devices is not None else None
+            where = self._device_location(user, number, self.directory.locate(user))
             if where is None:
                 continue
-            if where.broker != self.broker_id:
-                self.link.forward(where.broker, queue, frames)
+            if where.broker != self.broker_id:  # there a store finds the device by its queue, else by its number
+                exact = queue if self.delivery.durable or number is None else f"{user}/{number}"
+                self.link.forward(where.broker, exact, frames)
                 if ack is not None:
                     actions.append(Send(conn, ack))
             else:

@@ -146,6 +146,19 @@ def test_a_full_queue_in_the_middle_of_a_fan_out_is_answered_once_and_a_resend_i
     assert [len(core.delivery.store.pending(q, 0, 0, 10)) for q in ("bob", "bob/2")] == [1, 1]
 
 
+def test_without_a_store_each_copy_goes_to_its_own_device_or_nowhere():
+    core = make_core()  # durability off: a copy for a device that is offline is lost, never given to another
+    online(core, alice_phone_caps=None)
+    step(core, B1, Unregister())
+    actions = step(core, A1, chat(((1, b"for the first device"), (2, b"for the laptop"))), msg_id=b"m" * 16)
+    assert to(actions, B2) == [ChatMessage("alice", "bob", b"for the laptop")]
+    [relay] = [a for a in actions if type(a) is Relay]
+    assert decode(relay.on_success).message == Ack(b"m" * 16, AckStatus.RELAYED)
+    step(core, B2, Unregister())
+    [error] = to(step(core, A1, chat(((1, b"c1"), (2, b"c2"))), msg_id=b"n" * 16), A1)
+    assert (error.code, error.ref) == (ErrorCode.RECIPIENT_OFFLINE, b"n" * 16)
+
+
 # --- receipts --------------------------------------------------------------------------------------
 def test_a_receipt_goes_to_every_device_of_its_recipient(core):
     actions = step(core, B2, Receipt("bob", "alice", b"r" * 16, ReceiptStatus.DELIVERED))
