@@ -405,7 +405,7 @@ class BrokerCore:
                     if not any(where.broker == self.broker_id for where in sessions):
                         raise
                     # The store is down but the recipient is here: relay it unstored, acknowledged "relayed".
-            return self._relay_now(conn, env, targets)
+            return self._relay_now(conn, env, frames, targets)
         dev = getattr(msg, "dev", None)
         where = self._device_location(recipient, dev, sessions)
         if where is None:
@@ -475,15 +475,17 @@ class BrokerCore:
             copy = replace(msg, body=body, copies=None, echo=None)
         return pack(copy, env.ts, env.msg_id)
 
-    def _relay_now(self, conn: bytes, env: Envelope, targets: list[tuple[str, Frames]]) -> list[Action]:
+    def _relay_now(self, conn: bytes, env: Envelope, original: Frames, targets: list[tuple[str, Frames]]
+                   ) -> list[Action]:
         """Durability off (or the store down): each copy to its device's session if it is online, else it is
-        lost; the sender hears ``relayed`` once, or ``recipient_offline`` if no device had it."""
+        lost; the sender hears ``relayed`` once, or ``recipient_offline`` if no device had it. The frame
+        unchanged (``original``: one for the ID, not per device) goes to its lowest-numbered device online."""
         actions: list[Action] = []
         ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if env.message.ACKED else None
         for queue, frames in targets:
             user, _, dev = queue.partition("/")
-            devices = self.keys.devices(user)  # a primary's queue is the ID's: that copy is for the primary only
-            number = int(dev) if dev else devices.primary.id if devices is not None else None
+            devices = self.keys.devices(user) if frames is not original else None
+            number = int(dev) if dev else devices.primary.id if devices is not None else None  # the primary's copy
             where = self._device_location(user, number, self.directory.locate(user))
             if where is None:
                 continue
