@@ -69,6 +69,11 @@ def _ledger_key(xfer: bytes, dev: int | None) -> bytes:
     return xfer if dev is None else xfer + dev.to_bytes(8, "big")
 
 
+def _device_name(user: str, dev: int | None) -> str:
+    """Where another broker delivers a frame that is not queued: ``user/dev`` to that device, ``user`` to any."""
+    return user if dev is None else f"{user}/{dev}"
+
+
 class BrokerCore:
     def __init__(
         self,
@@ -417,7 +422,7 @@ class BrokerCore:
             self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
         ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if msg.ACKED else None
         if where.broker != self.broker_id:  # relayed = handed to the link to the other broker
-            self.link.forward(where.broker, recipient if dev is None else f"{recipient}/{dev}", frames)
+            self.link.forward(where.broker, _device_name(recipient, dev), frames)
             return [Send(conn, ack)] if ack is not None else []
         return [Relay(where.conn, frames, conn, ack,
                       lambda: self._frames.error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
@@ -490,8 +495,7 @@ class BrokerCore:
             if where is None:
                 continue
             if where.broker != self.broker_id:  # there a store finds the device by its queue, else by its number
-                exact = queue if self.delivery.durable or number is None else f"{user}/{number}"
-                self.link.forward(where.broker, exact, frames)
+                self.link.forward(where.broker, queue if self.delivery.durable else _device_name(user, number), frames)
                 if ack is not None:
                     actions.append(Send(conn, ack))
             else:
@@ -534,8 +538,8 @@ class BrokerCore:
                                                   f"credit {msg.recipient!r} granted; wait for file_credit",
                                                   env.msg_id))]
         self._refusing.discard(conn)
-        if where.broker != self.broker_id:
-            self.link.forward(where.broker, msg.recipient, frames)
+        if where.broker != self.broker_id:  # there, to the device it names (the one that took the file)
+            self.link.forward(where.broker, _device_name(msg.recipient, msg.dev), frames)
             return []
 
         def refused() -> Frames:  # the recipient's queue is full: the chunk is not in flight after all

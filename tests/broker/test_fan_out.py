@@ -13,7 +13,8 @@ from p2pchat.broker.backends.sqlite_store import SqliteMessageStore
 from p2pchat.broker.core.actions import Relay, Send
 from p2pchat.broker.core.ports import QueueLimits
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, ChatMessage, Consume, Error, FileCancel, FileChunk, FileCredit, FileOffer, Receipt, ReceiptStatus, Unregister, decode, pack
+from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, ChatMessage, Consume, Error, FileCancel, FileChunk, FileCredit, FileOffer, Receipt, ReceiptStatus, Register, Unregister, decode, pack
+from tests.broker.test_ports import cluster_runs, received, redis_server, redis_url, until  # noqa: F401 (fixtures)
 from tests.broker.test_routing import key_of, make_core, register
 
 A1, A2, B1, B2 = b"alice-1", b"alice-2", b"bob-1", b"bob-2"
@@ -204,3 +205,49 @@ def test_a_src_that_is_not_the_sending_device_is_refused(core, frame):
     [error] = to(actions, B2)
     assert error.code is ErrorCode.SPOOFED_SENDER
     assert to(actions, A1) == to(actions, b"carol") == []
+
+
+# --- two brokers of a cluster ----------------------------------------------------------------------
+def cluster_with_bob_on(tmp_path, url: str, laptop_broker: int, first_broker: int = 1):
+    """Two cores on one Redis; alice (one device) on broker 1, bob's first device and laptop where told."""
+    runs = cluster_runs(tmp_path, url, 2)
+    first, laptop = runs[first_broker - 1], runs[laptop_broker - 1]
+    runs[0].send(A1, Register("alice", b"alice", key_of("alice"), caps=CAPS_DEVICES), 0.1)
+    first.send(B1, Register("bob", b"bob-1", key_of("bob"), b"r" * 32, CAPS_DEVICES), 0.1)  # a recovery key: linkable
+    generation = first.backend.keys.recovery_state("bob").generation
+    assert first.backend.keys.link_device("bob", BOB_LAPTOP, generation, b"p" * 64, "test") is None
+    laptop.send(B2, Register("bob", b"bob-2", BOB_LAPTOP, caps=CAPS_DEVICES), 0.1)
+    for run in runs:
+        until(run, lambda: len(run.core.directory.locate("bob")) == 2 and len(run.core.keys.devices("bob").devices) == 2,
+              "every broker to see both of bob's devices")
+    return runs
+
+
+def test_bobs_devices_on_two_brokers_each_get_alices_messages_and_only_their_own_copies(tmp_path, redis_url):
+    runs = one, two = cluster_with_bob_on(tmp_path, redis_url, laptop_broker=2)
+    try:
+        for n in range(3):
+            one.send(A1, chat(((1, b"first %d" % n), (2, b"laptop %d" % n))), 0.2)
+        assert received(one, Ack, A1) == [Ack(msg_id, AckStatus.STORED) for msg_id in one.sent[-3:]]
+        until(two, lambda: len(received(two, ChatMessage, B2)) >= 3, "the laptop's copies to reach broker 2")
+        one.tick(0.5)
+        assert {m.body for m in received(one, ChatMessage, B1)} == {b"first 0", b"first 1", b"first 2"}
+        assert {m.body for m in received(two, ChatMessage, B2)} == {b"laptop 0", b"laptop 1", b"laptop 2"}
+    finally:
+        for run in runs:
+            run.backend.close()
+
+
+def test_a_chunk_to_a_device_on_another_broker_reaches_that_device_not_its_users_first(tmp_path, redis_url):
+    runs = one, two = cluster_with_bob_on(tmp_path, redis_url, laptop_broker=2, first_broker=2)
+    try:
+        two.send(B2, FileCredit("bob", "alice", XFER, 0, 4, True, 1, 2), 0.2)  # the laptop took alice's file
+        until(one, lambda: received(one, FileCredit, A1), "the credit to reach alice through broker 1")
+        chunk = pack(FileChunk("alice", "bob", XFER, 0, False, dev=2), 0, b"c" * 16, b"data")
+        one._carry_out(one.core.on_frames(A1, chunk, 0.3))
+        until(two, lambda: received(two, FileChunk, B2) or received(two, FileChunk, B1), "the chunk to reach bob")
+        assert received(two, FileChunk, B2) == [FileChunk("alice", "bob", XFER, 0, False, dev=2)]
+        assert received(two, FileChunk, B1) == []
+    finally:
+        for run in runs:
+            run.backend.close()
