@@ -27,6 +27,11 @@ from p2pchat.common.protocol import Devices
 from p2pchat.common.recovery import LINK_LABEL, verify_recovery
 
 
+# Where the accounts store pins the key of our own first device, which carries no link proof: a name that is no
+# user ID (they have no '/'), so it never stands for a peer.
+OWN_FIRST_DEVICE = "/first-device"
+
+
 class PeerKeys(Protocol):
     """Keys by user ID (``storage.trust.KeyStore`` keeps them in a file, ``MemoryKeys`` in memory)."""
 
@@ -181,6 +186,8 @@ class EndToEnd:
         if msg.account is not None and pinned_account is None:
             self._accounts.put(user, msg.account)
         entries = DeviceSet(msg.ver, ((msg.devices[0][0], primary_key), *checked))
+        if user == self.user:
+            self._check_own(msg, account, proofs)
         pinned = self._pinned.get(user)
         if user != self.user and pinned != primary_key:  # our own devices are never pinned as a peer's
             if pinned is not None and self._linked(user, account, proofs.get(msg.devices[0][0]), primary_key):
@@ -189,6 +196,22 @@ class EndToEnd:
                 self._devices.pop(user, None)
                 self.learn(user, primary_key)  # pins a first key; a new one is a change for the user to accept
         self._devices[user] = entries
+
+    def _check_own(self, msg: Devices, account: bytes | None, proofs: dict[int, tuple[int, bytes]]) -> None:
+        """Our own list carries this device, and a first device that no link proof covers (it has none) is the
+        one we saw first: else the broker would get our echoes sealed to a key of its choosing."""
+        own = self.identity.public
+        if not any(key == own for _, key, _, _ in msg.devices):
+            raise DeviceListRefused(f"the broker's list of {self.user}'s devices lacks this device: not using it")
+        first, key = msg.devices[0][0], msg.devices[0][1]
+        if key == own or self._linked(self.user, account, proofs.get(first), key):
+            return
+        seen = self._accounts.get(self.user + OWN_FIRST_DEVICE)
+        if seen is None:
+            self._accounts.put(self.user + OWN_FIRST_DEVICE, key)
+        elif seen != key:
+            raise DeviceListRefused(f"the broker's list of {self.user}'s devices has another key for the first "
+                                    f"device ({crypto.fingerprint(key)}, was {crypto.fingerprint(seen)}): not using it")
 
     def _linked(self, user: str, account: bytes | None, proof: tuple[int, bytes] | None, key: bytes) -> bool:
         if self.broker_key is None:

@@ -69,6 +69,11 @@ def _ledger_key(xfer: bytes, dev: int | None) -> bytes:
     return xfer if dev is None else xfer + dev.to_bytes(8, "big")
 
 
+def _device_name(user: str, dev: int | None) -> str:
+    """Where another broker delivers a frame that is not queued: ``user/dev`` to that device, ``user`` to any."""
+    return user if dev is None else f"{user}/{dev}"
+
+
 class BrokerCore:
     def __init__(
         self,
@@ -383,7 +388,9 @@ class BrokerCore:
         if msg.sender != session.user:  # type: ignore[attr-defined]
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"sender must be {session.user!r}",
                                                   env.msg_id))]
-        if getattr(msg, "src", None) is not None and type(msg) is not FileOffer and msg.src != session.dev:
+        # (An offer's ``src`` is the broker's to set: one a client sets must be true as well, since a frame for
+        # a single device goes on unchanged.)
+        if getattr(msg, "src", None) is not None and msg.src != session.dev:
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"src must be {session.dev}",
                                                   env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]
@@ -403,7 +410,7 @@ class BrokerCore:
                     if not any(where.broker == self.broker_id for where in sessions):
                         raise
                     # The store is down but the recipient is here: relay it unstored, acknowledged "relayed".
-            return self._relay_now(conn, env, targets)
+            return self._relay_now(conn, env, frames, targets)
         dev = getattr(msg, "dev", None)
         where = self._device_location(recipient, dev, sessions)
         if where is None:
@@ -415,7 +422,7 @@ class BrokerCore:
             self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
         ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if msg.ACKED else None
         if where.broker != self.broker_id:  # relayed = handed to the link to the other broker
-            self.link.forward(where.broker, recipient if dev is None else f"{recipient}/{dev}", frames)
+            self.link.forward(where.broker, _device_name(recipient, dev), frames)
             return [Send(conn, ack)] if ack is not None else []
         return [Relay(where.conn, frames, conn, ack,
                       lambda: self._frames.error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
@@ -448,8 +455,8 @@ class BrokerCore:
             others = [d.id for d in own.devices if d.id != session.dev] if own is not None else []
             if sorted(dev for dev, _ in echo or ()) != others:
                 return "your own devices changed: fetch your devices and send again"
-        if copies is None and (kind is not FileOffer or not devices.primary.flags & DEVICE_CAPS):
-            return [(recipient, frames)]  # the one device, the frame unchanged
+        if copies is None and not echo and (kind is not FileOffer or not devices.primary.flags & DEVICE_CAPS):
+            return [(recipient, frames)]  # the one device, the frame unchanged (it has no field of §5.6)
         bodies = copies if copies is not None else ((primary, msg.body),)  # type: ignore[attr-defined]
         flags = {d.id: d.flags for d in devices.devices}
         targets = [(queue_name(recipient, dev, primary), self._copy(env, dev, body, flags[dev] & DEVICE_CAPS, session))
@@ -473,18 +480,22 @@ class BrokerCore:
             copy = replace(msg, body=body, copies=None, echo=None)
         return pack(copy, env.ts, env.msg_id)
 
-    def _relay_now(self, conn: bytes, env: Envelope, targets: list[tuple[str, Frames]]) -> list[Action]:
+    def _relay_now(self, conn: bytes, env: Envelope, original: Frames, targets: list[tuple[str, Frames]]
+                   ) -> list[Action]:
         """Durability off (or the store down): each copy to its device's session if it is online, else it is
-        lost; the sender hears ``relayed`` once, or ``recipient_offline`` if no device had it."""
+        lost; the sender hears ``relayed`` once, or ``recipient_offline`` if no device had it. The frame
+        unchanged (``original``: one for the ID, not per device) goes to its lowest-numbered device online."""
         actions: list[Action] = []
         ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if env.message.ACKED else None
         for queue, frames in targets:
             user, _, dev = queue.partition("/")
-            where = self._device_location(user, int(dev) if dev else None, self.directory.locate(user))
+            devices = self.keys.devices(user) if frames is not original else None
+            number = int(dev) if dev else devices.primary.id if devices is not None else None  # the primary's copy
+            where = self._device_location(user, number, self.directory.locate(user))
             if where is None:
                 continue
-            if where.broker != self.broker_id:
-                self.link.forward(where.broker, queue, frames)
+            if where.broker != self.broker_id:  # there a store finds the device by its queue, else by its number
+                self.link.forward(where.broker, queue if self.delivery.durable else _device_name(user, number), frames)
                 if ack is not None:
                     actions.append(Send(conn, ack))
             else:
@@ -527,8 +538,8 @@ class BrokerCore:
                                                   f"credit {msg.recipient!r} granted; wait for file_credit",
                                                   env.msg_id))]
         self._refusing.discard(conn)
-        if where.broker != self.broker_id:
-            self.link.forward(where.broker, msg.recipient, frames)
+        if where.broker != self.broker_id:  # there, to the device it names (the one that took the file)
+            self.link.forward(where.broker, _device_name(msg.recipient, msg.dev), frames)
             return []
 
         def refused() -> Frames:  # the recipient's queue is full: the chunk is not in flight after all

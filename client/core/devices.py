@@ -70,7 +70,8 @@ class DeviceSync:
         return self._ask_keys({exc.user}, now)
 
     def _devices_changed(self, ref: bytes | None, error: RemoteError, now: float) -> list[Action] | None:
-        """The broker refused our frame ``ref``: sealed for device lists that changed since. None if not ours."""
+        """The broker refused our frame ``ref``: sealed for device lists that changed since. None if not ours, or
+        refused too often (it fails then, as any refused message)."""
         recipient = self.outbox.unseal(ref) if ref is not None else None
         if recipient is None:
             return None

@@ -16,6 +16,9 @@ from p2pchat.client.e2e import PeerKeyChanged, Sealing
 from p2pchat.common.protocol import ChatMessage, pack
 
 RESEND_AFTER = 5.0  # seconds without any acknowledgement before pending messages are sent again
+# A message refused this often for device lists that changed fails: a broker that always says so must not keep
+# us sealing and sending it in a loop (legitimately the lists settle in a round or two).
+MAX_RESEALS = 3
 
 
 @dataclass(slots=True)
@@ -24,6 +27,7 @@ class _Pending:
     text: bytes
     ts: int  # fixed when queued: it is bound into the seal, so a re-send re-seals identically
     frames: list[bytes] | None = None  # sealed and packed once the recipient's key is known
+    reseals: int = 0  # refused for changed device lists so far
 
 
 class Outbox:
@@ -99,10 +103,11 @@ class Outbox:
 
     def unseal(self, msg_id: bytes) -> str | None:
         """The broker refused ``msg_id``'s copies (a device list changed): seal it again once the lists are
-        fetched; its recipient, or None if it is not ours."""
+        fetched; its recipient, or None if it is not ours or was refused ``MAX_RESEALS`` times already."""
         pending = self._pending.get(msg_id)
-        if pending is None:
+        if pending is None or pending.reseals >= MAX_RESEALS:
             return None
+        pending.reseals += 1
         pending.frames = None
         self._unsealed[msg_id] = None
         # In the outbox's order (rare: one pass per refusal), so several refused messages go again in order.

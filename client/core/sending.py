@@ -31,6 +31,7 @@ import msgpack
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
+from p2pchat.client.core.outbox import MAX_RESEALS
 from p2pchat.client.core.ports import Source, SourceFile
 from p2pchat.client.core.transfer_machine import IGNORE, PEER_GONE, Input, Phase, Progress, Table
 from p2pchat.client.core.transfer_machine import TransferContext, TransferMachine, frame_id
@@ -95,6 +96,7 @@ class Outgoing(TransferMachine):
     refused_seals: int = 0  # offers the receiver could not open (one more is sent, then it fails)
     peer_dev: int | None = None  # the receiver's device that took it (its first credit's ``src``), if it said
     refusals: frozenset[int] = frozenset()  # the receiver's devices that refused it before any took it
+    reseals: int = 0  # offers refused for a device list that changed (``MAX_RESEALS``, as messages)
 
     @classmethod
     def begin(cls, ctx: TransferContext, xfer: bytes, peer: str, source: Source, chunk_size: int, session: int,
@@ -155,7 +157,15 @@ class Outgoing(TransferMachine):
         return []
 
     def on_error(self, error: P2PChatError, now: float) -> list[Action]:
-        """An ERROR about one of our frames: wait for a peer that accepted and went away, else fail."""
+        """An ERROR about one of our frames: wait for a peer that accepted and went away, or for their device
+        list when the offer was sealed for an old one (a few times), else fail."""
+        if error.code is ErrorCode.DEVICES_CHANGED and self.reseals < MAX_RESEALS:
+            refused = self.enter(Input.NO_KEY)  # offered again when the list is in (KEY_ARRIVED)
+            if refused is None:
+                self.reseals += 1
+                self.ctx.e2e.forget_devices(self.peer)
+                self.ctx.key_wants.add(self.peer)
+            return refused or []
         if error.code in PEER_GONE and self.accepted:
             refused = self.enter(Input.UNREACHABLE)
             if refused is None:

@@ -529,8 +529,8 @@ class ClientSession(KeyChanges, DeviceSync):
             return self._fail_sends_to(self._key_requests.pop(msg.ref), error)
         if msg.ref is not None and self.transfers is not None:
             handled = self.transfers.on_error(msg.ref, error, now)
-            if handled is not None:
-                return handled
+            if handled is not None:  # (an offer for an old device list waits for the new one: asked here)
+                return handled + self._ask_keys(self.transfers.take_key_wants(), now)
         return [Emit(ev.ErrorReported(error))]
 
     # --- helpers ------------------------------------------------------------
