@@ -113,20 +113,27 @@ class QueuedDelivery:
             return []
         appended, self._appended = self._appended, []
         make = self._frames.make
+        conns = {item.recipient: self.conn_of(item.recipient) for item in appended}
+        # A message with a copy neither stored nor handed over is answered with an error only, never also an ack.
+        lost = {item.msg_id for item in appended if not (failure is None and item.queued) and
+                conns[item.recipient] is None}
+        told: set[bytes] = set()
         actions: list[Action] = []
         for item in appended:
-            conn = self.conn_of(item.recipient)
+            conn = conns[item.recipient]
+            acked = item.acked and item.msg_id not in lost
             if failure is None and item.queued:
                 if conn is not None and not self._pages[conn].draining:  # else it comes with a later page
                     actions.append(Send(conn, item.frames, item.recipient))
-                if item.acked:
+                if acked:
                     actions.append(Send(item.sender, make(Ack(item.msg_id, AckStatus.STORED))))
             elif conn is not None:
-                ack = make(Ack(item.msg_id, AckStatus.RELAYED)) if item.acked else None
+                ack = make(Ack(item.msg_id, AckStatus.RELAYED)) if acked else None
                 actions.append(Relay(conn, item.frames, item.sender, ack,
                                      lambda r=item.recipient, m=item.msg_id: self._frames.error(
                                          ErrorCode.RECIPIENT_BUSY, f"recipient {r!r} is not keeping up", m)))
-            else:
+            elif item.msg_id not in told:  # one error per message, however many of its copies were lost
+                told.add(item.msg_id)
                 actions.append(Send(item.sender, self._frames.error(
                     failure or ErrorCode.STORAGE_FULL, "the broker cannot store messages now; try again later",
                     item.msg_id)))

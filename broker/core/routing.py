@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
 from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery, queue_name
+from p2pchat.broker.core.fanout import DeviceFanOut, device_name, ledger_key
 from p2pchat.broker.core.ports import (
     DEVICE_CAPS,
     REFUSALS,
@@ -40,7 +41,7 @@ from p2pchat.broker.core.ports import (
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, ChatMessage, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileChunk, FileCredit, FileDone, FileOffer, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Receipt, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode, pack
+from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,7 @@ class _Session:
     caps: bool = False  # registered with caps CAPS_DEVICES: it seals a copy per device (§5.6)
 
 
-def _ledger_key(xfer: bytes, dev: int | None) -> bytes:
-    """A transfer in the credit ledger: with several devices, its chunks go to the one device that took it."""
-    return xfer if dev is None else xfer + dev.to_bytes(8, "big")
-
-
-def _device_name(user: str, dev: int | None) -> str:
-    """Where another broker delivers a frame that is not queued: ``user/dev`` to that device, ``user`` to any."""
-    return user if dev is None else f"{user}/{dev}"
-
-
-class BrokerCore:
+class BrokerCore(DeviceFanOut):
     def __init__(
         self,
         directory: PeerDirectory,
@@ -422,112 +413,17 @@ class BrokerCore:
             self._track_transfer(msg, now)  # a credit is tracked where its file's sender is connected
         ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if msg.ACKED else None
         if where.broker != self.broker_id:  # relayed = handed to the link to the other broker
-            self.link.forward(where.broker, _device_name(recipient, dev), frames)
+            self.link.forward(where.broker, device_name(recipient, dev), frames)
             return [Send(conn, ack)] if ack is not None else []
         return [Relay(where.conn, frames, conn, ack,
                       lambda: self._frames.error(ErrorCode.RECIPIENT_BUSY, f"recipient {recipient!r} is not keeping up",
                                                  env.msg_id))]
 
-    def _targets(self, session: _Session, env: Envelope, frames: Frames) -> list[tuple[str, Frames]] | str:
-        """The device queues a durable frame goes to, each with its frames; or why the sender must fetch the
-        device lists and send again (§5.6). A receipt goes to every device of its recipient but the sending one;
-        a message or offer from a client that seals per device goes as the copy sealed for each device, and a
-        message's echo to each other device of its sender; a plain one from an older client to the primary."""
-        msg = env.message
-        recipient = msg.recipient  # type: ignore[attr-defined]
-        devices = self.keys.devices(recipient)
-        kind = type(msg)
-        if devices is None or (kind is not Receipt and not session.caps and not msg.copies):  # type: ignore
-            return [(recipient, frames)]  # an unbound ID (its queue waits for its first device), an older client
-        primary = devices.primary.id
-        if kind is Receipt:
-            return [(queue_name(recipient, d.id, primary), frames) for d in devices.devices
-                    if recipient != session.user or d.id != session.dev]
-        copies = msg.copies  # type: ignore[attr-defined]
-        wanted = [d.id for d in devices.devices]
-        if copies is None and len(wanted) > 1:
-            return f"{recipient!r} has {len(wanted)} devices: seal a copy for each (fetch devices)"
-        if copies is not None and sorted(dev for dev, _ in copies) != wanted:
-            return f"the devices of {recipient!r} changed: fetch devices and send again"
-        echo = getattr(msg, "echo", None)
-        if kind is ChatMessage:
-            own = self.keys.devices(session.user)
-            others = [d.id for d in own.devices if d.id != session.dev] if own is not None else []
-            if sorted(dev for dev, _ in echo or ()) != others:
-                return "your own devices changed: fetch your devices and send again"
-        if copies is None and not echo and (kind is not FileOffer or not devices.primary.flags & DEVICE_CAPS):
-            return [(recipient, frames)]  # the one device, the frame unchanged (it has no field of §5.6)
-        bodies = copies if copies is not None else ((primary, msg.body),)  # type: ignore[attr-defined]
-        flags = {d.id: d.flags for d in devices.devices}
-        targets = [(queue_name(recipient, dev, primary), self._copy(env, dev, body, flags[dev] & DEVICE_CAPS, session))
-                   for dev, body in bodies]
-        if echo:  # to our devices that know echoes (an older client would keep an echo queued, unread)
-            own_flags = {d.id: d.flags for d in own.devices}  # type: ignore[union-attr]
-            own_primary = own.primary.id  # type: ignore[union-attr]
-            targets += [(queue_name(session.user, dev, own_primary), pack(replace(msg, body=body, copies=None, echo=None),
-                                                                          env.ts, env.msg_id))
-                        for dev, body in echo if own_flags[dev] & DEVICE_CAPS]
-        return targets
-
-    @staticmethod
-    def _copy(env: Envelope, dev: int, body: bytes, caps: int, session: _Session) -> Frames:
-        """The frame one device of the recipient gets: its own body; an offer also says which device made it,
-        to a device that knows the field."""
-        msg = env.message
-        if type(msg) is FileOffer:
-            copy = replace(msg, body=body, copies=None, src=session.dev if caps and session.caps else None)
-        else:
-            copy = replace(msg, body=body, copies=None, echo=None)
-        return pack(copy, env.ts, env.msg_id)
-
-    def _relay_now(self, conn: bytes, env: Envelope, original: Frames, targets: list[tuple[str, Frames]]
-                   ) -> list[Action]:
-        """Durability off (or the store down): each copy to its device's session if it is online, else it is
-        lost; the sender hears ``relayed`` once, or ``recipient_offline`` if no device had it. The frame
-        unchanged (``original``: one for the ID, not per device) goes to its lowest-numbered device online."""
-        actions: list[Action] = []
-        ack = self._frames.make(Ack(env.msg_id, AckStatus.RELAYED)) if env.message.ACKED else None
-        for queue, frames in targets:
-            user, _, dev = queue.partition("/")
-            devices = self.keys.devices(user) if frames is not original else None
-            number = int(dev) if dev else devices.primary.id if devices is not None else None  # the primary's copy
-            where = self._device_location(user, number, self.directory.locate(user))
-            if where is None:
-                continue
-            if where.broker != self.broker_id:  # there a store finds the device by its queue, else by its number
-                self.link.forward(where.broker, queue if self.delivery.durable else _device_name(user, number), frames)
-                if ack is not None:
-                    actions.append(Send(conn, ack))
-            else:
-                actions.append(Relay(where.conn, frames, conn, ack, lambda u=user: self._frames.error(
-                    ErrorCode.RECIPIENT_BUSY, f"recipient {u!r} is not keeping up", env.msg_id)))
-            ack = None
-        if not actions and env.message.ACKED:
-            recipient = env.message.recipient  # type: ignore[attr-defined]
-            return [Send(conn, self._frames.error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
-                                                  env.msg_id))]
-        return actions
-
-    def _device_location(self, user: str, dev: int | None, sessions: tuple[Location, ...]) -> Location | None:
-        """Where ``user``'s device ``dev`` is connected (None: its lowest-numbered device online). A device on
-        another broker is found by that broker: the frame goes to the first other broker holding a session."""
-        if dev is None or not sessions:
-            return sessions[0] if sessions else None
-        remote = None
-        for where in sessions:
-            if where.broker == self.broker_id:
-                session = self._sessions.get(where.conn)
-                if session is not None and session.dev == dev:
-                    return where
-            elif remote is None:
-                remote = where
-        return remote
-
     def _relay_chunk(self, conn: bytes, env: Envelope, frames: Frames, where: Location, now: float) -> list[Action]:
         """A file chunk goes on only inside its recipient's credit window (broker/core/credit.py)."""
         msg: FileChunk = env.message  # type: ignore[assignment]
         size = len(frames[1]) if len(frames) > 1 else 0
-        xfer = _ledger_key(msg.xfer, msg.dev)
+        xfer = ledger_key(msg.xfer, msg.dev)
         if not self.credit.admit(msg.sender, msg.recipient, xfer, msg.index, size, now):
             self.credit_refused.record(conn, self._who(conn), f"xfer={msg.xfer.hex()} outside the credit "
                                        f"{msg.recipient!r} granted", now)
@@ -539,7 +435,7 @@ class BrokerCore:
                                                   env.msg_id))]
         self._refusing.discard(conn)
         if where.broker != self.broker_id:  # there, to the device it names (the one that took the file)
-            self.link.forward(where.broker, _device_name(msg.recipient, msg.dev), frames)
+            self.link.forward(where.broker, device_name(msg.recipient, msg.dev), frames)
             return []
 
         def refused() -> Frames:  # the recipient's queue is full: the chunk is not in flight after all
@@ -553,13 +449,13 @@ class BrokerCore:
         """Keep the credit ledger up to date with a relayed transfer control frame."""
         kind = type(msg)
         if kind is FileCredit:  # from the file's recipient (one device of it) to its sender
-            self.credit.on_credit(msg.recipient, msg.sender, _ledger_key(msg.xfer, msg.src),  # type: ignore
+            self.credit.on_credit(msg.recipient, msg.sender, ledger_key(msg.xfer, msg.src),  # type: ignore
                                   msg.next, msg.upto, now)  # type: ignore[attr-defined]
         elif kind is FileDone or (kind is FileCancel and msg.code is not ErrorCode.TAKEN):  # type: ignore
             # (``taken`` tells another device of the recipient: the transfer goes on with the one that took it)
             # Either way round: from the file's receiver (its device is ``src``) or its sender (to ``dev``).
-            self.credit.forget(msg.recipient, msg.sender, _ledger_key(msg.xfer, msg.src))  # type: ignore
-            self.credit.forget(msg.sender, msg.recipient, _ledger_key(msg.xfer, msg.dev))  # type: ignore
+            self.credit.forget(msg.recipient, msg.sender, ledger_key(msg.xfer, msg.src))  # type: ignore
+            self.credit.forget(msg.sender, msg.recipient, ledger_key(msg.xfer, msg.dev))  # type: ignore
 
     # --- other brokers --------------------------------------------------------
     def _on_link_event(self, event: LinkEvent, now: float) -> list[Action]:

@@ -147,6 +147,14 @@ def test_a_full_queue_in_the_middle_of_a_fan_out_is_answered_once_and_a_resend_i
     assert [len(core.delivery.store.pending(q, 0, 0, 10)) for q in ("bob", "bob/2")] == [1, 1]
 
 
+def test_a_copy_the_full_store_cannot_take_makes_the_message_an_error_never_also_an_ack(tmp_path):
+    core = make_durable(tmp_path, QueueLimits(max_total_bytes=700))  # room for one copy, not two
+    online(core, alice_phone_caps=None)
+    step(core, B2, Unregister())  # bob's laptop is offline: its copy can only be stored
+    actions = step(core, A1, chat(((1, b"1" * 400), (2, b"2" * 400))), msg_id=b"3" * 16)
+    assert [(type(m), getattr(m, "code", None)) for m in to(actions, A1)] == [(Error, ErrorCode.STORAGE_FULL)]
+
+
 def test_without_a_store_each_copy_goes_to_its_own_device_or_nowhere():
     core = make_core()  # durability off: a copy for a device that is offline is lost, never given to another
     online(core, alice_phone_caps=None)
