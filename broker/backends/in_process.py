@@ -69,6 +69,9 @@ class LocalDirectory:
             return ()
         return tuple(sessions[dev] for dev in sorted(sessions)) if len(sessions) > 1 else tuple(sessions.values())
 
+    def locate_device(self, user: str, dev: int) -> Location | None:
+        return self._online.get(user, {}).get(dev)
+
     def is_known(self, user: str) -> bool:
         return user in self._known
 

@@ -280,6 +280,13 @@ class RedisDirectory:
             return tuple(sessions.values())
         return tuple(sessions[dev] for dev in sorted(sessions))
 
+    def locate_device(self, user: str, dev: int) -> Location | None:
+        here = self._local.get(user)
+        if here and dev in here:  # this broker's own sessions are known first
+            return here[dev]
+        there = self._replica.get(user) if self._health.available else None
+        return there.get(dev) if there else None
+
     def is_known(self, user: str) -> bool:
         if user in self._known or user in self._replica:
             return True

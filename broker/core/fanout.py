@@ -119,16 +119,8 @@ class DeviceFanOut:
         return actions
 
     def _device_location(self, user: str, dev: int | None, sessions: tuple[Location, ...]) -> Location | None:
-        """Where ``user``'s device ``dev`` is connected (None: its lowest-numbered device online). A device on
-        another broker is found by that broker: the frame goes to the first other broker holding a session."""
+        """Where ``user``'s device ``dev`` is connected, on this broker or another (None: its lowest-numbered device
+        online); None if it is offline."""
         if dev is None or not sessions:
             return sessions[0] if sessions else None
-        remote = None
-        for where in sessions:
-            if where.broker == self.broker_id:
-                session = self._sessions.get(where.conn)
-                if session is not None and session.dev == dev:
-                    return where
-            elif remote is None:
-                remote = where
-        return remote
+        return self.directory.locate_device(user, dev)

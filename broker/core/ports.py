@@ -74,6 +74,9 @@ class PeerDirectory(Protocol):
     def locate(self, user: str) -> tuple[Location, ...]:
         """``user``'s sessions, its lowest-numbered device's first; empty if it is offline."""
 
+    def locate_device(self, user: str, dev: int) -> Location | None:
+        """The session of ``user``'s device ``dev``; None if that device is offline."""
+
     def is_known(self, user: str) -> bool:
         """Has ``user`` ever registered (so it is offline, not unknown)?"""
 

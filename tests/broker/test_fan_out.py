@@ -216,9 +216,9 @@ def test_a_src_that_is_not_the_sending_device_is_refused(core, frame):
 
 
 # --- two brokers of a cluster ----------------------------------------------------------------------
-def cluster_with_bob_on(tmp_path, url: str, laptop_broker: int, first_broker: int = 1):
-    """Two cores on one Redis; alice (one device) on broker 1, bob's first device and laptop where told."""
-    runs = cluster_runs(tmp_path, url, 2)
+def cluster_with_bob_on(tmp_path, url: str, laptop_broker: int, first_broker: int = 1, brokers: int = 2):
+    """``brokers`` cores on one Redis; alice (one device) on broker 1, bob's first device and laptop where told."""
+    runs = cluster_runs(tmp_path, url, brokers)
     first, laptop = runs[first_broker - 1], runs[laptop_broker - 1]
     runs[0].send(A1, Register("alice", b"alice", key_of("alice"), caps=CAPS_DEVICES), 0.1)
     first.send(B1, Register("bob", b"bob-1", key_of("bob"), b"r" * 32, CAPS_DEVICES), 0.1)  # a recovery key: linkable
@@ -255,6 +255,20 @@ def test_a_chunk_to_a_device_on_another_broker_reaches_that_device_not_its_users
         one._carry_out(one.core.on_frames(A1, chunk, 0.3))
         until(two, lambda: received(two, FileChunk, B2) or received(two, FileChunk, B1), "the chunk to reach bob")
         assert received(two, FileChunk, B2) == [FileChunk("alice", "bob", XFER, 0, False, dev=2)]
+        assert received(two, FileChunk, B1) == []
+    finally:
+        for run in runs:
+            run.backend.close()
+
+
+def test_a_chunk_to_a_device_on_a_third_broker_reaches_it(tmp_path, redis_url):
+    runs = one, two, three = cluster_with_bob_on(tmp_path, redis_url, laptop_broker=3, first_broker=2, brokers=3)
+    try:
+        three.send(B2, FileCredit("bob", "alice", XFER, 0, 4, True, 1, 2), 0.2)  # the laptop took alice's file
+        until(one, lambda: received(one, FileCredit, A1), "the credit to reach alice")
+        chunk = pack(FileChunk("alice", "bob", XFER, 0, False, dev=2), 0, b"c" * 16, b"data")
+        one._carry_out(one.core.on_frames(A1, chunk, 0.3))  # bob's first device is on broker 2, his laptop on 3
+        until(three, lambda: received(three, FileChunk, B2), "the chunk to reach the laptop on broker 3")
         assert received(two, FileChunk, B1) == []
     finally:
         for run in runs:
