@@ -214,9 +214,13 @@ class EndToEnd:
                                     f"device ({crypto.fingerprint(key)}, was {crypto.fingerprint(seen)}): not using it")
 
     def _linked(self, user: str, account: bytes | None, proof: tuple[int, bytes] | None, key: bytes) -> bool:
+        """``key`` carries a link proof by ``user``'s account key (checked when we know the broker's key, which the
+        proof names; without CURVE nothing is authenticated, but a device without any proof is still no link)."""
+        if proof is None:
+            return False
         if self.broker_key is None:
             return True
-        return account is not None and proof is not None and verify_recovery(
+        return account is not None and verify_recovery(
             account, proof[1], self.broker_key, user, proof[0], key, LINK_LABEL)
 
     def _known_device(self, user: str, key: bytes) -> bool:

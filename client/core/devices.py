@@ -49,9 +49,9 @@ class DeviceSync:
             for msg_id, held, ts in unlisted:
                 self._held.add(msg_id, held, ts)
             return self._key_changed(exc, now)
-        except DeviceListRefused as exc:
+        except DeviceListRefused as exc:  # the user hears it: what waits for that list does not go
             log.warning("user=%s peer=%s %s", self.user, msg.user, exc.message)
-            return self._fail_sends_to(msg.user, exc)
+            return [Emit(ev.ErrorReported(exc))] + self._fail_sends_to(msg.user, exc)
         actions = self._flush(now)
         if self.transfers is not None:
             actions += self.transfers.on_key(msg.user, now)

@@ -11,7 +11,7 @@ from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.core.session import ClientSession
 from p2pchat.client.core.transfer import TransferConfig, TransferManager
-from p2pchat.client.e2e import DeviceListRefused, EndToEnd, MemoryKeys
+from p2pchat.client.e2e import DeviceListRefused, EndToEnd, MemoryKeys, PeerKeyChanged
 from p2pchat.client.storage.transfers import LocalFiles
 from p2pchat.common.errors import ErrorCode
 from p2pchat.common.protocol import CAPS_DEVICES, ChatMessage, Devices, DevicesRequest, Error, FileOffer, Registered, decode, pack
@@ -80,7 +80,9 @@ def test_an_offer_refused_with_devices_changed_is_offered_again_for_the_new_list
     assert emitted(actions, ev.FileFailed) == []
     assert [m.user for m in sent(actions) if type(m) is DevicesRequest] == ["bob"]
     laptop = identity("bob-laptop").public
-    actions = alice.on_frames(pack(Devices("bob", 2, ((1, identity("bob").public, "", 1), (2, laptop, "", 1))), 0), 0.3)
+    proof = ACCOUNT.prove(BROKER_KEY, "bob", 1, laptop, LINK_LABEL)  # (not checked: this broker has no key)
+    actions = alice.on_frames(pack(Devices("bob", 2, ((1, identity("bob").public, "", 1), (2, laptop, "", 1)),
+                                           ACCOUNT.public, ((2, 1, proof),)), 0), 0.3)
     [again] = [m for m in sent(actions) if type(m) is FileOffer]
     assert again.xfer == xfer and [dev for dev, _ in again.copies] == [1, 2]
 
@@ -117,3 +119,27 @@ def test_our_own_device_list_without_this_device_is_refused(laptop):
     with pytest.raises(DeviceListRefused):
         laptop.set_devices(own_list(identity("bob").public, laptop=other))
     assert laptop.devices_of("bob") is None
+
+
+def test_a_peer_list_with_a_device_their_account_did_not_link_is_reported_and_nothing_is_sealed_to_it(alice):
+    alice.e2e.broker_key = BROKER_KEY
+    alice.send_text("bob", b"for bob's devices", 0.1)
+    alice.on_frames(pack(one_device("alice"), 0), 0.1)
+    account = RecoveryKey.from_phrase(new_phrase(), "bob").public
+    forged = Devices("bob", 2, ((1, identity("bob").public, "", 1), (2, identity("mallory").public, "spy", 1)),
+                     account, ((2, 1, b"s" * 64),))  # a proof that is no signature of bob's account key
+    actions = alice.on_frames(pack(forged, 0), 0.2)
+    assert [e.error.code for e in emitted(actions, ev.ErrorReported)] == [ErrorCode.INTEGRITY]
+    assert [e.error.code for e in emitted(actions, ev.SendFailed)] == [ErrorCode.INTEGRITY]
+    assert not [m for m in sent(actions) if type(m) is ChatMessage]
+
+
+def test_accepting_a_peers_new_key_pins_their_next_account_key_afresh():
+    e2e = EndToEnd("alice", identity("alice"), MemoryKeys(), MemoryKeys())
+    old, new = (RecoveryKey.from_phrase(new_phrase(), "bob").public for _ in range(2))
+    e2e.set_devices(Devices("bob", 1, ((1, identity("bob").public, "", 1),), old))
+    with pytest.raises(PeerKeyChanged):  # bob reinstalled without his phrase: a new key, and a new account key
+        e2e.set_devices(Devices("bob", 1, ((1, identity("bob2").public, "", 1),), new))
+    assert e2e.accept("bob")
+    e2e.set_devices(Devices("bob", 1, ((1, identity("bob2").public, "", 1),), new))
+    assert e2e._accounts.get("bob") == new
