@@ -98,6 +98,8 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
         config = dataclasses.replace(config, window=args.window)
     if getattr(args, "max_file_size", None):
         config = dataclasses.replace(config, max_file_size=args.max_file_size)
+    if getattr(args, "no_files", False):
+        config = dataclasses.replace(config, accept_files=False)
     client = ChatClient(user, config, on_event=on_event)
     if client.new_recovery_phrase and show_new_phrase:
         _show_new_phrase(user, client.recovery_phrase)
@@ -540,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--received-dir", default=None, help="where incoming files are saved (default ~/client_received)")
     p.add_argument("--max-file-size", type=int, default=None, help="refuse incoming files larger than this (bytes)")
     p.add_argument("--window", type=int, default=None, help="chunks in flight per incoming transfer (default 32)")
+    p.add_argument("--no-files", action="store_true",
+                   help="refuse files on this device (with several devices, another of yours takes them)")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("send-file", help="send a file", description="Send a file; exits 0 once the receiver verified it.")

@@ -49,6 +49,8 @@ class KeyChanges:
         if self.closed:  # pinned for the next run, which seals and shows what waited; nothing goes from here
             return []
         actions = self._reseal(user) + self._flush(now)
+        if self.e2e.device_aware:  # their list again now, with their account key (a reinstall brings a new one)
+            actions += self._ask_keys({user}, now)
         if self.transfers is not None:  # offers that waited for it go again, sealed to it
             actions += self.transfers.on_key(user, now)
         for msg_id, msg, ts in self._held.take(user) if self._held is not None else ():

@@ -43,7 +43,8 @@ class ConnectionFlow:
         config = ClientConfig(server=target.server, heartbeat_ivl=self.options.heartbeat_ivl,
                               liveness=self.options.liveness, send_timeout=self.options.send_timeout,
                               read_receipts=self.settings.read_receipts,
-                              trust_key_changes=self.settings.trust_key_changes, **extra)
+                              trust_key_changes=self.settings.trust_key_changes,
+                              accept_files=self.settings.accept_files, **extra)
         generation = self._generation
         bridge = self.bridge
         try:

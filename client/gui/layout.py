@@ -47,6 +47,7 @@ K_KEY_NOTICE, K_KEY_NOTICE_TITLE, K_KEY_NOTICE_TEXT = "-KEY-NOTICE-", "-KEY-NOTI
 K_NOTICE_OK, K_NOTICE_VERIFY = "-NOTICE-OK-", "-NOTICE-VERIFY-"
 K_SEARCH, K_SEARCH_CLOSE = "-SEARCH-", "-SEARCH-CLOSE-"
 K_RECEIPTS, K_TRUST_KEYS, K_SETTINGS_NOTE = "-RECEIPTS-", "-TRUST-KEYS-", "-SETTINGS-NOTE-"
+K_ACCEPT_FILES = "-ACCEPT-FILES-"
 SEARCH_OPEN = "-SEARCH-OPEN-"  # value: the id of the message a search result shows
 WINDOW_FOCUSED = "-WINDOW-FOCUSED-"  # the window took the keyboard focus: the open conversation is being read
 FILE_CANCEL = "-FILE-CANCEL-"  # value: the transfer id
@@ -147,6 +148,9 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
                      default=settings.trust_key_changes, enable_events=True, pad=((12, 12), (4, 0)),
                      tooltip=" Messages to and from someone whose key changed go on at once, without waiting "
                              "for you to press Continue ", **setting)],
+        [sg.Checkbox("Receive files on this device", key=K_ACCEPT_FILES, default=settings.accept_files,
+                     enable_events=True, pad=((12, 12), (4, 0)),
+                     tooltip=" Off: files sent to you go to another of your devices ", **setting)],
         [sg.Text("", key=K_SETTINGS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((16, 12), (0, 0)))],
         [sg.Button("Devices…", key=K_DEVICES, tooltip=" Your devices: link another, unlink one ",
@@ -347,7 +351,7 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
         window[key].bind("<Return>", FORM_SUBMIT, propagate=False)
         window[key].bind("<KP_Enter>", FORM_SUBMIT, propagate=False)
     window[K_SEARCH].bind("<Escape>", ESCAPE, propagate=False)
-    for key in (K_RECEIPTS, K_TRUST_KEYS):
+    for key in (K_RECEIPTS, K_TRUST_KEYS, K_ACCEPT_FILES):
         window[key].Widget.configure(activebackground=pal.sidebar_bg, activeforeground=pal.sidebar_text,
                                      highlightthickness=0, cursor="hand2", borderwidth=0, justify="left",
                                      wraplength=SIDEBAR_WIDTH - 50)

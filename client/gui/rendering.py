@@ -121,7 +121,8 @@ class Rendering:
                                              text_color=pal.status_text)
         self._render_transfers()
         pending = client is not None and (client.config.read_receipts != self.settings.read_receipts
-                                          or client.config.trust_key_changes != self.settings.trust_key_changes)
+                                          or client.config.trust_key_changes != self.settings.trust_key_changes
+                                          or client.config.accept_files != self.settings.accept_files)
         self.window[K_SETTINGS_NOTE].update("applies when you reconnect" if pending else "")
         if self.options.notifications:
             self.window[K_NOTIFY].update("Notifications: on" if self.settings.notifications else "Notifications: off")

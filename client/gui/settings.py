@@ -27,6 +27,7 @@ class GuiSettings:
     notifications: bool = True
     read_receipts: bool = True  # let senders see when we have read their messages (from the next connect)
     trust_key_changes: bool = False  # accept contacts' new keys at once, still telling the user (next connect)
+    accept_files: bool = True  # False: this device refuses files, so another device of the user takes them
 
 
 def settings_path() -> Path:

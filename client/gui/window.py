@@ -64,6 +64,7 @@ from p2pchat.client.gui.layout import (
     K_SEND,
     K_THEME,
     K_TRUST_KEYS,
+    K_ACCEPT_FILES,
     K_UNLINK_DEVICE,
     K_USER,
     SEARCH_ESCAPE,
@@ -126,6 +127,7 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
         self._toast: Toast | None = None
         self._parked: list[Any] | None = None  # client events that arrive while the window is rebuilt
         self.fonts: Fonts = pick_fonts()
+        self._dots: dict[bool, tk.PhotoImage] = {}  # presence dots, made with each build of the window
         self.window = self._build()
         self.bridge = TkEventBridge(self.window.TKroot.tk, self._deliver)
         self._render_all()
@@ -211,6 +213,9 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
         elif event == K_TRUST_KEYS:
             self._update_settings(trust_key_changes=bool(self.window[K_TRUST_KEYS].get()))
             self._render_status()
+        elif event == K_ACCEPT_FILES:
+            self._update_settings(accept_files=bool(self.window[K_ACCEPT_FILES].get()))
+            self._render_status()
         elif event == TOAST_CLICKED:
             self.window.bring_to_front()
             self.open_conversation(values[TOAST_CLICKED])
@@ -283,6 +288,7 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
         if self._toast is not None:
             self._toast.close()
         self.bridge.close()
+        self._drop_dots()
         self.window.close()
 
     # --- events into the window's queue -----------------------------------------------
@@ -323,5 +329,13 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
         self._conversation_view = ConversationView(window[K_CONVERSATION].Widget, pal, fonts, self.model.user,
                                                    on_action=self._post_action)
         window.TKroot.bind("<FocusIn>", self._on_focus_in, add="+")
+        self._drop_dots()
         self._dots = {True: dot_image(window.TKroot, pal.ok), False: dot_image(window.TKroot, pal.offline)}
         return window
+
+    def _drop_dots(self) -> None:
+        """Delete the presence dots here, on the Tk thread: a PhotoImage the garbage collector finalises on another
+        thread (the client's agent) would call into Tk from there and hang it."""
+        for image in self._dots.values():
+            image.tk.call("image", "delete", image.name)
+            image.name = ""  # its __del__ then leaves Tk alone

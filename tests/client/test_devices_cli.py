@@ -84,3 +84,26 @@ def test_listen_json_tells_what_another_device_sent_and_read(bob_twice, tmp_path
     finally:
         listener.terminate()
         listener.communicate(timeout=30)
+
+
+def test_listen_no_files_leaves_files_to_the_other_device(bob_twice, tmp_path):  # noqa: F811
+    alice, desk, laptop = bob_twice
+    laptop.close()
+    server = f"127.0.0.1:{alice.config.server.port}"
+    inbox = tmp_path / "laptop-inbox"
+    listener = subprocess.Popen([sys.executable, "-m", "p2pchat.client.cli", "listen", "--user", "bob", "--server",
+                                 server, "--json", "--no-files", "--received-dir", str(inbox)], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, P2PCHAT_HOME=str(tmp_path / "laptop")))
+    try:
+        assert json.loads(listener.stdout.readline())["type"] == "status"  # listening
+        for n in range(4):  # whichever answers first, the desktop takes every file (by chance: 1 in 16)
+            src = tmp_path / f"f{n}.bin"
+            src.write_bytes(os.urandom(20_000))
+            _, done = alice.send_file("bob", src)
+            done.result(30)
+            assert wait_for(desk, lambda e: isinstance(e, ev.FileReceived), 20).path.read_bytes() == src.read_bytes()
+        assert not inbox.exists() or not any(inbox.iterdir())
+    finally:
+        listener.terminate()
+        listener.communicate(timeout=30)

@@ -12,9 +12,11 @@ import pytest
 pytest.importorskip("PySimpleGUI", reason="the desktop GUI needs PySimpleGUI")
 
 from p2pchat.client.gui.layout import (  # noqa: E402
+    K_ACCEPT_FILES,
     K_ACCEPT_KEY,
     K_CONNECT,
     K_DEVICE_SAFETY,
+    K_SAFETY,
     K_DISCONNECT,
     K_KEY_BANNER,
     K_KEY_BANNER_TEXT,
@@ -103,10 +105,11 @@ def test_a_key_accepted_with_continue_can_be_verified_later(make_window, reinsta
     bobs_key = fingerprint(bob.client.identity.public)
     assert alice.window[K_PEER_KEY].get() == f"not verified · key {bobs_key}"
 
+    # bob's reinstall made him a new account key: accepting his key pins it afresh from his next device list
+    pump([alice, bob], lambda: alice.client.account_of("bob") is not None, "bob's new account key at alice")
     for window in (alice, bob):  # later, on a call: both open Verify and read the safety number
         click(window, K_KEY_INFO)
-    # bob's reinstall made him a new account key, which alice's client does not pin again yet (client/e2e.py
-    # keeps the first account key it saw): the number of their two devices is the one both read alike.
+    assert alice.window[K_SAFETY].get() == bob.window[K_SAFETY].get()  # one number for their two accounts
     assert alice.window[K_DEVICE_SAFETY].get() == bob.window[K_DEVICE_SAFETY].get() == safety_number(
         alice.client.identity.public, bob.client.identity.public)
     assert alice.window[K_MARK_VERIFIED].get_text() == "Mark as verified"
@@ -115,6 +118,18 @@ def test_a_key_accepted_with_continue_can_be_verified_later(make_window, reinsta
         alice.log_text()
     click(alice, K_MARK_VERIFIED)  # "Clear verification"
     assert alice.window[K_PEER_KEY].get() == f"not verified · key {bobs_key}"
+
+
+def test_the_setting_receive_files_on_this_device_applies_at_the_next_connect(make_window, home):
+    alice = make_window("alice")
+    assert alice.client.config.accept_files
+    act(alice, alice.window[K_ACCEPT_FILES].Widget.invoke)  # untick "Receive files on this device"
+    pump([alice], lambda: alice.window[K_SETTINGS_NOTE].get() == "applies when you reconnect", "the note")
+    assert not SettingsStore(home / "gui.json").load().accept_files
+    click(alice, K_DISCONNECT)
+    click(alice, K_CONNECT)
+    pump([alice], lambda: alice.status_text().startswith("Connected"), "alice to connect again")
+    assert not alice.client.config.accept_files and alice.window[K_SETTINGS_NOTE].get() == ""
 
 
 def test_the_setting_accepts_new_keys_at_once_and_still_tells(make_window, reinstalled_bob, home):
