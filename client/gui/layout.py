@@ -144,10 +144,10 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
         [sg.Checkbox("Send read receipts", key=K_RECEIPTS, default=settings.read_receipts, enable_events=True,
                      tooltip=" Let people see when you have read their messages ", pad=((12, 12), (8, 0)),
                      **setting)],
-        [sg.Checkbox("Accept contacts' new keys automatically (you are still told)", key=K_TRUST_KEYS,
+        [sg.Checkbox("Accept new keys at once", key=K_TRUST_KEYS,
                      default=settings.trust_key_changes, enable_events=True, pad=((12, 12), (4, 0)),
                      tooltip=" Messages to and from someone whose key changed go on at once, without waiting "
-                             "for you to press Continue ", **setting)],
+                             "for you to press Continue (you are still told) ", **setting)],
         [sg.Checkbox("Receive files on this device", key=K_ACCEPT_FILES, default=settings.accept_files,
                      enable_events=True, pad=((12, 12), (4, 0)),
                      tooltip=" Off: files sent to you go to another of your devices ", **setting)],

@@ -134,7 +134,7 @@ def test_the_setting_receive_files_on_this_device_applies_at_the_next_connect(ma
 
 def test_the_setting_accepts_new_keys_at_once_and_still_tells(make_window, reinstalled_bob, home):
     alice = make_window("alice")
-    act(alice, alice.window[K_TRUST_KEYS].Widget.invoke)  # tick "Accept contacts' new keys automatically"
+    act(alice, alice.window[K_TRUST_KEYS].Widget.invoke)  # tick "Accept new keys at once"
     pump([alice], lambda: alice.window[K_SETTINGS_NOTE].get() == "applies when you reconnect", "the note")
     assert SettingsStore(home / "gui.json").load().trust_key_changes
     click(alice, K_DISCONNECT)
