@@ -6,7 +6,9 @@ returned ``Send`` / ``Relay`` / ``Publish`` actions (broker/core/actions.py). Ev
 outside this process goes through the ports of broker/core/ports.py, so one broker and a cluster
 run the same code: they differ only in the implementations the shell wires in. Sessions are kept
 in an ordered dict by last activity, so heartbeat expiry pops from the front in O(1).
-Store-and-forward is broker/core/delivery.py; the credit ledger for file chunks broker/core/credit.py.
+Store-and-forward is broker/core/delivery.py; the credit ledger for file chunks broker/core/credit.py;
+delivery to several devices of a user broker/core/fanout.py. (Just over 500 lines: the one dispatch of every
+request, read as a whole.)
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ restarted) sends a READY session back to CONNECTING, and so does ``leave``
 (the shell closes its sockets for a while); messages not yet acknowledged are
 sent again once registered, and receivers drop duplicates by message id.
 
-(About 570 lines: one state machine (register, heartbeats, send/ack, receive, consumes) read as a whole;
-what it does around key changes is in key_changes.py.)
+(About 620 lines: one state machine (register, heartbeats, send/ack, receive, consumes) read as a whole;
+what it does around key changes is in key_changes.py, around several devices in devices.py.)
 """
 
 from __future__ import annotations
