@@ -8,6 +8,7 @@ shell wires to one of two sets of implementations (docs/SCALING.md):
 | ``PeerDirectory`` | ``in_process.LocalDirectory`` | ``redis_directory.RedisDirectory`` |
 | ``QueueStore`` | ``sqlite_store.SqliteMessageStore`` (durability off: ``in_process.NoStore``) | ``redis_store.RedisMessageStore`` |
 | ``KeyRegistry`` | ``sqlite_keys.SqliteKeyRegistry`` | ``redis_keys.RedisKeyRegistry`` |
+| ``RoomRegistry`` (not wired yet) | ``sqlite_rooms.SqliteRoomRegistry`` | (docs/ROOMS-DESIGN.md step 1: to come) |
 | ``BrokerLink`` | ``in_process.LocalLink`` (there are no other brokers) | ``redis_link.RedisLink`` |
 
 Cluster mode differs from single mode only there: the core has the same code paths for both.
@@ -219,6 +220,95 @@ class KeyRegistry(Protocol):
         """Bindings moved or released since the last call, here or elsewhere (another broker, the operator's
         ``p2pchat broker admin``); the registry looks at most every ``CHANGES_POLL`` seconds. An unlinked device
         is a change with ``why`` "unlinked" and ``key`` the removed device's key."""
+
+
+# --- group rooms (docs/ROOMS-DESIGN.md §2; the rules are broker/core/rooms.py) ---------------------------
+class Role(enum.IntEnum):
+    MEMBER = 0
+    ADMIN = 1
+    OWNER = 2
+
+
+class RoomRefusal(str, enum.Enum):
+    """Why a room change was refused: the error codes step 2 puts on the wire (docs/ROOMS-DESIGN.md §7)."""
+
+    UNKNOWN_ROOM = "unknown_room"  # no such room, or the user is neither a member nor invited: the same answer
+    ROOM_EXISTS = "room_exists"
+    NOT_MEMBER = "not_member"
+    NOT_ALLOWED = "not_allowed"
+    BAD_NAME = "bad_name"  # a name or topic the wire would refuse as bad_frame
+    TOO_MANY_ROOMS = "too_many_rooms"
+    TOO_MANY_MEMBERS = "too_many_members"
+    TOO_MANY_INVITATIONS = "too_many_invitations"
+    TOO_MANY_ADMINS = "too_many_admins"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A room's member, or (``joined`` False) a pending invitation."""
+
+    user: str
+    role: Role
+    joined: bool
+    since_ms: int  # when invited, then when joined: "oldest" for a change of owner
+    delivered: int = 0  # marks (a later step)
+    read: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """A room as stored: ``epoch`` goes up at every change of the joined members (or of their devices)."""
+
+    rid: bytes  # 16 random bytes, never reused
+    name: str  # unique among live rooms, compared case-insensitively
+    topic: str
+    owner: str
+    epoch: int
+    seq: int
+    members: tuple[Member, ...]  # in order of invitation or joining (a joining invitee moves last): oldest first
+
+    def member(self, user: str) -> Member | None:
+        for member in self.members:
+            if member.user == user:
+                return member
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomEntry:
+    """One line of a user's room list."""
+
+    rid: bytes
+    name: str
+    epoch: int
+    role: Role
+    invited: bool
+
+
+class RoomRegistry(Protocol):
+    """Durable rooms. Each change checks the rule table and the bounds (broker/core/rooms.py) and stores the
+    result atomically: it returns the new ``Room``, or the ``RoomRefusal`` that says why not."""
+
+    def create(self, name: str, owner: str, topic: str, now_ms: int) -> Room | RoomRefusal: ...
+    def invite(self, rid: bytes, by: str, users: Sequence[str], now_ms: int) -> Room | RoomRefusal: ...
+    def join(self, rid: bytes, user: str, now_ms: int) -> Room | RoomRefusal: ...
+
+    def leave(self, rid: bytes, user: str) -> Room | None | RoomRefusal:
+        """None: the last joined member left, and the room is gone."""
+
+    def remove(self, rid: bytes, by: str, user: str) -> Room | RoomRefusal: ...
+    def set(self, rid: bytes, by: str, name: str | None, topic: str | None) -> Room | RoomRefusal: ...
+    def role(self, rid: bytes, by: str, user: str, admin: bool) -> Room | RoomRefusal: ...
+
+    def get(self, rid: bytes) -> Room | None: ...
+
+    def of_user(self, user: str) -> list[RoomEntry]:
+        """The rooms ``user`` has joined or is invited to."""
+
+    def bump_user(self, user: str) -> list[bytes]:
+        """Raise the epoch of every room ``user`` has joined (its device list changed); their ids."""
+
+    def close(self) -> None: ...
 
 
 # --- other brokers ------------------------------------------------------------------------------------
