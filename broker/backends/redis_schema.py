@@ -41,6 +41,12 @@ class RedisKeys:
     def pake_slot(self, slot: int) -> str:  # one link slot (redis_pake.py); pake_num and pake_exp index them
         return f"{self.pake_prefix}{slot}"
 
+    def room(self, rid: bytes) -> str:  # a room as one msgpack value (redis_rooms.py); rname, rooms_ver index them
+        return f"{self.tag}:room:{rid.hex()}"
+
+    def user_rooms(self, user: str, joined: bool) -> str:  # the rids a user has joined, or is invited to
+        return f"{self.tag}:{'urooms' if joined else 'uinv'}:{user}"
+
     def inbox(self, broker: str) -> str:
         return f"{self.prefix}:inbox:{{{broker}}}"
 

@@ -8,13 +8,13 @@ that was answered survives a crash. The file has one writer: the broker that ope
 
 from __future__ import annotations
 
-import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
+from p2pchat.broker.backends.room_registry import Result, RuleBackedRooms
 from p2pchat.broker.core import rooms as rules
-from p2pchat.broker.core.ports import Member, Role, Room, RoomEntry, RoomRefusal
+from p2pchat.broker.core.ports import Member, Role, Room, RoomRefusal
 from p2pchat.broker.core.rooms import RoomLimits
 
 _SCHEMA = (
@@ -28,7 +28,7 @@ _SCHEMA = (
 )
 
 
-class SqliteRoomRegistry:
+class SqliteRoomRegistry(RuleBackedRooms):
     def __init__(self, path: Path, limits: RoomLimits = RoomLimits()) -> None:
         self.limits = limits
         # "IMMEDIATE": each `with self._db` is one write transaction (BEGIN IMMEDIATE ... COMMIT or ROLLBACK)
@@ -49,74 +49,23 @@ class SqliteRoomRegistry:
                 "SELECT rid, name, topic, owner, epoch, seq FROM rooms"):
             self._cache(Room(rid, name, topic, owner, epoch, seq, tuple(members.get(rid, ()))))
 
-    # --- reads -------------------------------------------------------------------------------------------
+    # --- storage -----------------------------------------------------------------------------------------
     def get(self, rid: bytes) -> Room | None:
         return self._rooms.get(rid)
 
-    def of_user(self, user: str) -> list[RoomEntry]:
-        entries = []
-        for rid in self._of.get(user, ()):
-            room = self._rooms[rid]
-            member = room.member(user)
-            entries.append(RoomEntry(rid, room.name, room.epoch, member.role, not member.joined))
-        return sorted(entries, key=lambda entry: rules.fold(entry.name))
+    def _rids(self, user: str, joined: bool) -> list[bytes]:
+        return [rid for rid in self._of.get(user, ()) if self._rooms[rid].member(user).joined is joined]
 
-    def _count(self, user: str, joined: bool) -> int:
-        return sum(self._rooms[rid].member(user).joined is joined for rid in self._of.get(user, ()))
+    def _holder(self, name: str) -> bytes | None:
+        return self._names.get(rules.fold(name))
 
-    def _joined(self, user: str) -> int:
-        return self._count(user, True)
+    def _room_count(self) -> int:
+        return len(self._rooms)
 
-    def _pending(self, user: str) -> int:
-        return self._count(user, False)
-
-    # --- changes -----------------------------------------------------------------------------------------
-    def create(self, name: str, owner: str, topic: str, now_ms: int) -> Room | RoomRefusal:
-        if rules.fold(name) in self._names:
-            return RoomRefusal.ROOM_EXISTS
-        rid = os.urandom(16)
-        while rid in self._rooms or self._db.execute("SELECT 1 FROM rooms WHERE rid = ?", (rid,)).fetchone():
-            rid = os.urandom(16)  # never in practice; a rid is never reused
-        return self._store(None, rules.create(rid, name, owner, topic, now_ms, self._joined(owner),
-                                              len(self._rooms), self.limits))
-
-    def invite(self, rid: bytes, by: str, users: Sequence[str], now_ms: int) -> Room | RoomRefusal:
-        return self._store(rid, rules.invite(self.get(rid), by, users, now_ms, self._pending, self.limits))
-
-    def join(self, rid: bytes, user: str, now_ms: int) -> Room | RoomRefusal:
-        return self._store(rid, rules.join(self.get(rid), user, now_ms, self._joined(user), self.limits))
-
-    def leave(self, rid: bytes, user: str) -> Room | None | RoomRefusal:
-        return self._store(rid, rules.leave(self.get(rid), user))
-
-    def remove(self, rid: bytes, by: str, user: str) -> Room | RoomRefusal:
-        return self._store(rid, rules.remove(self.get(rid), by, user))
-
-    def set(self, rid: bytes, by: str, name: str | None, topic: str | None) -> Room | RoomRefusal:
-        result = rules.set_(self.get(rid), by, name, topic)
-        if isinstance(result, Room) and self._names.get(rules.fold(result.name), rid) != rid:
-            return RoomRefusal.ROOM_EXISTS
-        return self._store(rid, result)
-
-    def role(self, rid: bytes, by: str, user: str, admin: bool) -> Room | RoomRefusal:
-        return self._store(rid, rules.role(self.get(rid), by, user, admin, self.limits))
-
-    def bump_user(self, user: str) -> list[bytes]:
-        rids = sorted(rid for rid in self._of.get(user, ()) if self._rooms[rid].member(user).joined)
-        bumped = [rules.bump(self._rooms[rid]) for rid in rids]
-        with self._db:  # one transaction for all of them
-            for room in bumped:
-                self._write(room)
-        for room in bumped:
-            self._cache(room)
-        return rids
-
-    def _store(self, rid: bytes | None, result: Room | None | RoomRefusal) -> Room | None | RoomRefusal:
-        """Write the rule table's answer (a room, or None for a deleted one) in one transaction, then cache it."""
-        if isinstance(result, RoomRefusal):
-            return result
-        old = self._rooms.get(rid) if rid is not None else None
-        if result == old:
+    def _change(self, rid: bytes, compute: Callable[[], Result]) -> Result:
+        old = self._rooms.get(rid)
+        result = compute()
+        if isinstance(result, RoomRefusal) or result == old:
             return result
         with self._db:
             if result is None:

@@ -8,7 +8,7 @@ shell wires to one of two sets of implementations (docs/SCALING.md):
 | ``PeerDirectory`` | ``in_process.LocalDirectory`` | ``redis_directory.RedisDirectory`` |
 | ``QueueStore`` | ``sqlite_store.SqliteMessageStore`` (durability off: ``in_process.NoStore``) | ``redis_store.RedisMessageStore`` |
 | ``KeyRegistry`` | ``sqlite_keys.SqliteKeyRegistry`` | ``redis_keys.RedisKeyRegistry`` |
-| ``RoomRegistry`` (not wired yet) | ``sqlite_rooms.SqliteRoomRegistry`` | (docs/ROOMS-DESIGN.md step 1: to come) |
+| ``RoomRegistry`` (not wired yet) | ``sqlite_rooms.SqliteRoomRegistry`` | ``redis_rooms.RedisRoomRegistry`` |
 | ``BrokerLink`` | ``in_process.LocalLink`` (there are no other brokers) | ``redis_link.RedisLink`` |
 
 Cluster mode differs from single mode only there: the core has the same code paths for both.

@@ -165,6 +165,7 @@ def role(room: Room | None, by: str, user: str, admin: bool, limits: RoomLimits)
     return replace(room, members=tuple(replace(m, role=wanted) if m is target else m for m in room.members))
 
 
-def bump(room: Room) -> Room:
-    """A joined member's device list changed: the keys must follow (§4)."""
-    return replace(room, epoch=room.epoch + 1)
+def bump(room: Room | None, user: str) -> Room | None:
+    """``user``'s device list changed: the keys of the rooms it has joined must follow (§4)."""
+    member = room.member(user) if room is not None else None
+    return replace(room, epoch=room.epoch + 1) if member is not None and member.joined else room

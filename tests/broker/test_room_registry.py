@@ -1,8 +1,10 @@
 """Rooms at the broker (docs/ROOMS-DESIGN.md §2): the rule table of who may do what, checked on plain values
-(broker/core/rooms.py), then the registry that stores it (SQLite): bounds, the membership epoch, durability."""
+(broker/core/rooms.py), then the registries that store it (SQLite, and a real Redis): bounds, the membership
+epoch, durability."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from p2pchat.broker.backends.sqlite_rooms import SqliteRoomRegistry
 from p2pchat.broker.core import rooms as rules
 from p2pchat.broker.core.ports import Role, Room, RoomEntry, RoomRefusal
 from p2pchat.broker.core.rooms import RoomLimits
+from tests.broker.test_cluster import RedisProcess
 
 RID = b"r" * 16
 LIMITS = RoomLimits()
@@ -77,7 +80,8 @@ def test_joins_leaves_and_removals_of_joined_members_raise_the_epoch_and_nothing
     assert rules.join(room, "dave", 5, 0, LIMITS).epoch == 4
     assert rules.leave(room, "carol").epoch == 4
     assert rules.remove(room, "alice", "bob").epoch == 4
-    assert rules.bump(room).epoch == 4
+    assert rules.bump(room, "carol").epoch == 4
+    assert rules.bump(room, "dave") is room and rules.bump(None, "dave") is None  # not joined: nothing to re-key
 
 
 def test_only_an_invited_user_may_join_and_joining_twice_changes_nothing():
@@ -121,20 +125,40 @@ def test_the_bounds_on_plain_values():
     assert rules.invite(room, "alice", ["bob", "dave", "e"], 5, NOBODY, small).member("e")  # members: not counted twice
 
 
-# --- the SQLite registry ----------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite"])
-def open_registry(request, tmp_path: Path) -> Iterator[Callable[..., SqliteRoomRegistry]]:
-    """Opens a registry on the test's storage; each call sees what the earlier ones stored (a restart)."""
+# --- the registries (SQLite for one broker, a real Redis for a cluster) ---------------------------------
+def sqlite_registries(tmp_path: Path) -> Iterator[Callable[[RoomLimits], object]]:
+    yield lambda limits: SqliteRoomRegistry(tmp_path / "rooms.sqlite", limits)
+
+
+def redis_registries(tmp_path: Path) -> Iterator[Callable[[RoomLimits], object]]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    from p2pchat.broker.backends.redis_health import connect
+    from p2pchat.broker.backends.redis_rooms import RedisRoomRegistry
+    from p2pchat.broker.backends.redis_schema import RedisKeys
+
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+        yield lambda limits: RedisRoomRegistry(connect(server.url, 1.0), RedisKeys(), limits)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def open_registry(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Opens a registry on the test's storage; each call sees what the earlier ones stored (a restart, or
+    another broker of the cluster)."""
     opened = []
+    source = sqlite_registries if request.param == "sqlite" else redis_registries
+    for factory in source(tmp_path):
+        def make(limits: RoomLimits = LIMITS):
+            if opened:
+                opened[-1].close()
+            opened.append(factory(limits))
+            return opened[-1]
 
-    def make(limits: RoomLimits = LIMITS):
-        if opened:
-            opened[-1].close()
-        opened.append(SqliteRoomRegistry(tmp_path / "rooms.sqlite", limits))
-        return opened[-1]
-
-    yield make
-    opened[-1].close()
+        yield make
+        opened[-1].close()
 
 
 def build_team(registry) -> Room:
@@ -145,7 +169,7 @@ def build_team(registry) -> Room:
     return registry.role(room.rid, "alice", "bob", True)
 
 
-def test_a_room_and_its_members_survive_reopening_the_file(open_registry):
+def test_a_room_and_its_members_survive_reopening_the_storage(open_registry):
     stored = build_team(open_registry())
     reopened = open_registry()
     assert reopened.get(stored.rid) == stored
