@@ -225,3 +225,30 @@ def test_a_refused_change_stores_nothing(open_registry):
     assert registry.remove(room.rid, "carol", "dave") is RoomRefusal.NOT_ALLOWED
     assert registry.remove(RID, "alice", "bob") is RoomRefusal.UNKNOWN_ROOM
     assert open_registry().get(room.rid) == room
+
+
+def test_brokers_of_a_cluster_changing_one_room_at_once_never_break_a_bound(tmp_path: Path):
+    """Two brokers invite into one room at the same time: each change is computed on what is stored, so the
+    member bound holds and no invitation is lost (Redis: the transaction is retried when it raced)."""
+    import threading
+
+    for factory in redis_registries(tmp_path):
+        limits = RoomLimits(members=31, invite_batch=1)
+        first, second = factory(limits), factory(limits)
+        room = first.create("race", "alice", "", 1)
+        answers: list[object] = []
+
+        def invite(registry, prefix: str) -> None:
+            for n in range(20):
+                answers.append(registry.invite(room.rid, "alice", [f"{prefix}{n}"], 2))
+
+        threads = [threading.Thread(target=invite, args=(r, p)) for r, p in ((first, "a"), (second, "b"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stored = first.get(room.rid)
+        assert len(stored.members) == 31 and answers.count(RoomRefusal.TOO_MANY_MEMBERS) == 10
+        assert sum(len(second.of_user(m.user)) for m in stored.members) == 31
+        first.close()
+        second.close()
