@@ -36,7 +36,6 @@ def device_name(user: str, dev: int | None) -> str:
     return user if dev is None else f"{user}/{dev}"
 
 
-
 class DeviceFanOut:
     def _targets(self, session: _Session, env: Envelope, frames: Frames) -> list[tuple[str, Frames]] | str:
         """The device queues a durable frame goes to, each with its frames; or why the sender must fetch the
@@ -74,15 +73,14 @@ class DeviceFanOut:
         if echo:  # to our devices that know echoes (an older client would keep an echo queued, unread)
             own_flags = {d.id: d.flags for d in own.devices}  # type: ignore[union-attr]
             own_primary = own.primary.id  # type: ignore[union-attr]
-            targets += [(queue_name(session.user, dev, own_primary), pack(replace(msg, body=body, copies=None, echo=None),
-                                                                          env.ts, env.msg_id))
+            targets += [(queue_name(session.user, dev, own_primary), self._copy(env, dev, body, 0, session))
                         for dev, body in echo if own_flags[dev] & DEVICE_CAPS]
         return targets
 
     @staticmethod
     def _copy(env: Envelope, dev: int, body: bytes, caps: int, session: _Session) -> Frames:
-        """The frame one device of the recipient gets: its own body; an offer also says which device made it,
-        to a device that knows the field."""
+        """The frame one device gets (of the recipient, or of the sender for an echo): its own body; an offer also
+        says which device made it, to a device that knows the field."""
         msg = env.message
         if type(msg) is FileOffer:
             copy = replace(msg, body=body, copies=None, src=session.dev if caps and session.caps else None)
