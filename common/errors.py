@@ -66,6 +66,19 @@ class ErrorCode(str, enum.Enum):
     TAKEN = "taken"
     LINK_FAILED = "link_failed"
     TOO_MANY_DEVICES = "too_many_devices"
+    # group rooms (docs/PROTOCOL.md §5.7-5.9, §8.1): only ever sent to a session registered with CAPS_ROOMS
+    UNKNOWN_ROOM = "unknown_room"
+    ROOM_EXISTS = "room_exists"
+    NOT_MEMBER = "not_member"
+    NOT_ALLOWED = "not_allowed"
+    ROOM_CHANGED = "room_changed"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    TOO_MANY_MEMBERS = "too_many_members"
+    TOO_MANY_INVITATIONS = "too_many_invitations"
+    TOO_MANY_ADMINS = "too_many_admins"
+    ROOM_QUOTA = "room_quota"
+    NOT_UPLOADED = "not_uploaded"
+    UNKNOWN_TRANSFER = "unknown_transfer"
 
 
 class P2PChatError(Exception):

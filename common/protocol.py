@@ -336,6 +336,7 @@ class Ack(Message):
     TYPE = MsgType.ACK
     ref: MsgId
     status: AckStatusField
+    missed: Count | None = None  # room_msg, room_offer: members whose queue refused their copy (§5.8)
 
 
 @_message
@@ -622,3 +623,7 @@ def decode(frames: Sequence[bytes]) -> Envelope:
     elif cls.HAS_PAYLOAD:
         raise ProtocolError(f"{cls.TYPE.value} needs a payload frame", ref=msg_id)
     return Envelope(msg_id, ts, cls(**kwargs), payload)
+
+
+# Group rooms (§5.7-5.9) extend the codec: registered after the types above, which they build on.
+from p2pchat.common import protocol_rooms as _rooms  # noqa: E402,F401

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from p2pchat.common import protocol as p
+from p2pchat.common import protocol_rooms as pr
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.protocol import MAX_BODY_BYTES, MAX_CONSUME_REFS, MAX_HEADER_BYTES, MAX_INT, MAX_PARTS, MAX_PAYLOAD_BYTES, MAX_PEERS, MAX_TEXT_CHARS, MESSAGE_TYPES, MSG_ID_BYTES, PROTOCOL_VERSION, USER_ID_MAX, ChatMessage, Envelope, Heartbeat, Message, Snapshot, check_user_id, decode, encode, pack
 
@@ -142,6 +143,29 @@ INVALID["Copies"] = (
     | copies.flatmap(lambda c: INVALID["Body"].map(lambda bad: [[c[0], bad]]))
     | copies.map(lambda c: [[c[0]]])  # an entry short of a field
 )
+rids = st.binary(min_size=pr.RID_BYTES, max_size=pr.RID_BYTES)
+VALID.update({
+    "RoomId": rids,
+    "RoomName": user_ids,
+    "Topic": st.text(max_size=40) | st.just("é" * pr.ROOM_TOPIC_CHARS),
+    "InviteList": st.lists(user_ids, min_size=1, max_size=pr.MAX_INVITE_BATCH).map(tuple),
+    "RoomMembers": st.lists(st.tuples(user_ids, st.integers(0, 2), st.integers(0, MAX_INT)), max_size=8).map(tuple),
+    "RoomList": st.lists(st.tuples(rids, user_ids, st.integers(0, MAX_INT), st.integers(0, MAX_INT)),
+                         max_size=8).map(tuple),
+    "RoomMarks": st.lists(st.tuples(user_ids, st.integers(0, MAX_INT), st.integers(0, MAX_INT)), max_size=8).map(tuple),
+})
+INVALID.update({
+    "RoomId": not_of_type(bytes) | st.binary(max_size=40).filter(lambda b: len(b) != pr.RID_BYTES),
+    "RoomName": bad_user_ids,
+    "Topic": not_of_type(str) | st.just("é" * (pr.ROOM_TOPIC_CHARS + 1)),
+    "InviteList": INVALID["UserList"] | st.just(())
+    | st.lists(user_ids, min_size=pr.MAX_INVITE_BATCH + 1, max_size=pr.MAX_INVITE_BATCH + 2),
+    "RoomMembers": not_of_type(list, tuple) | user_ids.map(lambda u: [[u, 3, 0]]) | user_ids.map(lambda u: [[u, 0]])
+    | bad_user_ids.map(lambda u: [[u, 0, 0]]),
+    "RoomList": not_of_type(list, tuple) | user_ids.map(lambda u: [[b"short", u, 1, 0]])
+    | rids.map(lambda r: [[r, "", 1, 0]]),
+    "RoomMarks": not_of_type(list, tuple) | user_ids.map(lambda u: [[u, -1, 0]]) | user_ids.map(lambda u: [[u, 1]]),
+})
 INVALID["Proofs"] = (
     not_of_type(list, tuple)
     | st.lists(proofs, min_size=p.MAX_DEVICES + 1, max_size=p.MAX_DEVICES + 2)
@@ -156,7 +180,7 @@ def field_kind(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `Kind | None`
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     for name in VALID:
-        if getattr(p, name, None) == hint:
+        if getattr(p, name, None) == hint or getattr(pr, name, None) == hint:
             return name
     base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else None
     if isinstance(base, type) and issubclass(base, enum.Enum):  # any enum field: its members, nothing else
@@ -178,7 +202,9 @@ def fields_of(cls: type[Message]) -> list[tuple[str, str, str, bool]]:
 EXAMPLE = {"UserId": "alice", "MsgId": b"x" * 16, "Body": b"hi", "Token": b"tok", "Digest": b"d" * 32,
            "PublicKey": b"k" * 32, "SigningKey": b"s" * 32, "Text": "text", "Count": 1, "Flag": True, "UserList": ("alice",),
            "MsgIdList": (b"y" * 16,), "DeviceName": "laptop", "DeviceList": ((1, b"k" * 32, "laptop", 1),),
-           "Copies": ((1, b"hi"),), "Proofs": ((2, 1, b"p" * 64),)}
+           "Copies": ((1, b"hi"),), "Proofs": ((2, 1, b"p" * 64),), "RoomId": b"r" * pr.RID_BYTES, "RoomName": "team",
+           "Topic": "plans", "InviteList": ("bob",), "RoomMembers": (("alice", 2, 0),),
+           "RoomList": ((b"r" * pr.RID_BYTES, "team", 1, 4),), "RoomMarks": (("alice", 1, 1),)}
 
 
 def example_message(cls: type[Message], **fields: Any) -> Message:
