@@ -32,6 +32,8 @@ from p2pchat.client.core.actions import Emit, Transmit
 from p2pchat.client.broker_trust import ADMIT_TIMEOUT, RETRY_LATER, admit, resolve_broker_key
 from p2pchat.client.e2e import NO_SEALING, EndToEnd, PeerKeyChanged, Sealing
 from p2pchat.client.refusals import explain_refusal
+from p2pchat.client.room_commands import RoomCommands
+from p2pchat.client.storage.sender_keys import SqliteSenderKeys
 from p2pchat.client.storage.account import account_key
 from p2pchat.client.storage.history import History
 from p2pchat.client.storage.identity import InstanceClaim
@@ -77,6 +79,7 @@ class ClientConfig:
     read_receipts: bool = True  # tell senders when we have read their messages
     trust_key_changes: bool = False  # accept a peer's new key at once (still reported) instead of waiting for the user
     accept_files: bool = True  # False: refuse files on this device (with several devices, another one takes them)
+    rooms: bool = True  # take part in group rooms (docs/PROTOCOL.md §5.7)
     # TransferConfig overrides (max_incoming, max_incoming_per_peer, max_queued, max_queued_per_peer,
     # give_up_after, max_age); defaults in client.transfer.
     transfer_limits: dict[str, float] = field(default_factory=dict)
@@ -99,7 +102,7 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-class ChatClient:
+class ChatClient(RoomCommands):
     def __init__(
         self,
         user: str,
@@ -142,6 +145,8 @@ class ChatClient:
             records=RecordDir(self.state_dir / "transfers", user),
         )
         self._history = History(self.state_dir / "history.sqlite") if cfg.history else None
+        self._sender_keys = SqliteSenderKeys(self.state_dir / "sender_keys.sqlite") if cfg.encrypt and cfg.rooms \
+            else None
         self._session = ClientSession(
             user,
             wall_ms=_wall_ms,
@@ -158,6 +163,8 @@ class ChatClient:
             trust_key_changes=cfg.trust_key_changes,
             devices=cfg.encrypt,
             device_name=socket.gethostname()[:DEVICE_NAME_CHARS],
+            rooms=cfg.rooms,
+            sender_key_store=self._sender_keys,
         )
         self.broker_key: bytes | None = None
         self._dealer: zmq.Socket | None = None
@@ -344,6 +351,8 @@ class ChatClient:
         self._waker.close()
         if self._history is not None:
             self._history.close()
+        if self._sender_keys is not None:
+            self._sender_keys.close()
         self._claim.release()
 
     def _on_agent(self) -> bool:
@@ -602,6 +611,10 @@ class ChatClient:
             self._registered.set_exception(event.error)
         elif kind is ev.PeersChanged:
             self._peers = event.peers
+        elif (kind is ev.RoomUpdated or kind is ev.RoomGone or kind is ev.RoomsListed) and event.ref is not None:
+            future = self._acks.pop(event.ref, None)
+            if future is not None:
+                future.set_result(event)
         elif kind is ev.FileSent and event.xfer in self._transfers:
             self._transfers.pop(event.xfer).set_result(None)
         elif kind is ev.FileFailed and event.xfer in self._transfers:

@@ -24,6 +24,7 @@ from p2pchat.client import events as ev
 from p2pchat.common.allocator import tune_for_bulk_transfer
 from p2pchat.common.endpoints import ServerAddress
 from p2pchat.broker.cli import configure_parser as configure_broker
+from p2pchat.client.cli_rooms import add_room_parser
 from p2pchat.common.errors import BrokenError, ExitCode, P2PChatError, RemoteError, TransferError
 
 
@@ -111,7 +112,10 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
 def cmd_send(args: argparse.Namespace) -> int:
     text = " ".join(args.text) if args.text else sys.stdin.read()
     with _connect(args, args.user) as client:
-        client.send(args.to, text, timeout=args.timeout)
+        if args.room is not None:
+            client.send_room(args.room, text, timeout=args.timeout)
+        else:
+            client.send(args.to, text, timeout=args.timeout)
     return ExitCode.OK
 
 
@@ -134,7 +138,10 @@ def cmd_send_file(args: argparse.Namespace) -> int:
 
     try:
         with _connect(args, args.user, on_event) as client:
-            xfer, done = client.send_file(args.to, path)
+            if args.room is not None:
+                xfer, done = client.send_room_file(args.room, path)
+            else:
+                xfer, done = client.send_file(args.to, path)
             mine.append(xfer)
             done.result()  # returns once the receiver has verified and saved the file
             with lock:
@@ -172,7 +179,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     def on_event(event: ev.Event) -> None:
         nonlocal count
-        if isinstance(event, ev.MessageReceived):
+        if isinstance(event, ev.MessageReceived) and event.room is not None:
+            room = event.room_name
+            emit({"type": "message", "from": event.sender, "room": room, "text": event.text,
+                  "id": event.msg_id.hex(), "ts": event.ts}, f"[{room}] [{event.sender}] {event.text}")
+            count += 1
+            if args.count and count >= args.count:
+                stop.set()
+        elif isinstance(event, ev.MessageReceived):
             emit({"type": "message", "from": event.sender, "to": args.user, "text": event.text,
                   "id": event.msg_id.hex(), "ts": event.ts}, f"[{event.sender}] {event.text}")
             count += 1
@@ -203,6 +217,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
             emit({"type": "file_failed", "from": event.peer, "name": event.name, "code": event.error.code.value,
                   "error": event.error.message, "id": event.xfer.hex()},
                  f"[{event.peer}] file {event.name} failed: {event.error}")
+        elif isinstance(event, ev.RoomEvent):
+            emit({"type": f"room_{event.kind}", "room": event.name, "user": event.user, "by": event.by},
+                 f"* [{event.name}] {event.user} {event.kind}" + (f" (by {event.by})" if event.by else ""))
+        elif isinstance(event, ev.RoomGone):
+            emit({"type": "room_gone", "room": event.name, "why": event.why, "by": event.by},
+                 f"* you are no longer in {event.name} ({event.why})")
         elif isinstance(event, ev.Reconnecting):
             emit({"type": "status", "status": "reconnecting", "reason": event.reason}, f"! reconnecting: {event.reason}")
         elif isinstance(event, ev.Registered) and event.reconnect:
@@ -494,22 +514,38 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise P2PChatError(f"no history for {args.user!r} in {path.parent}")
     history = History(path)
     try:
+        names = history.room_names()
+        room = None
+        if args.room is not None:
+            room = history.room_named(args.room)
+            if room is None:
+                raise P2PChatError(f"no history of a room {args.room!r}")
         if args.search:
-            entries = history.search(args.search, peer=args.peer, limit=args.limit)
+            entries = history.search(args.search, peer=room or args.peer, limit=args.limit)
+        elif room is not None:
+            entries = history.room_conversation(room, limit=args.limit)
         elif args.peer:
             entries = history.conversation(args.peer, limit=args.limit)
         else:
             entries = [e for peer in history.peers() for e in history.conversation(peer, limit=args.limit)]
+            entries += [e for rid in names for e in history.room_conversation(rid, limit=args.limit)]
     finally:
         history.close()
     for e in entries:
+        room_name = names.get(e.room, e.room.hex()) if e.room is not None else None
         if args.json:
-            print(json.dumps({"id": e.msg_id.hex(), "peer": e.peer, "from": args.user if e.outgoing else e.peer,
-                              "to": e.peer if e.outgoing else args.user, "text": e.text, "ts": e.ts,
-                              "state": e.state}))
+            record = {"id": e.msg_id.hex(), "peer": e.peer, "from": args.user if e.outgoing else e.peer,
+                      "to": e.peer if e.outgoing else args.user, "text": e.text, "ts": e.ts, "state": e.state}
+            if room_name is not None:
+                record.update({"room": room_name, "from": e.peer, "peer": room_name})
+                del record["to"]
+            print(json.dumps(record))
         else:
             when = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(e.ts / 1000))
-            who = f"you -> {e.peer}" if e.outgoing else f"{e.peer} -> you"
+            if room_name is not None:
+                who = f"[{room_name}] " + ("you" if e.outgoing else e.peer)
+            else:
+                who = f"you -> {e.peer}" if e.outgoing else f"{e.peer} -> you"
             print(f"{when}  {who}: {e.text}" + (f"  [{e.state}]" if e.outgoing else ""))
     return ExitCode.OK
 
@@ -531,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("send", help="send one message", description="Send a message and wait for the broker's acknowledgement.")
     _client_options(p, _default_user())
-    p.add_argument("--to", required=True, help="recipient user ID")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", help="recipient user ID")
+    to.add_argument("--room", help="a room you are a member of (p2pchat room list)")
     p.add_argument("text", nargs="*", help="the message (read from stdin when absent)")
     p.set_defaults(func=cmd_send)
 
@@ -548,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("send-file", help="send a file", description="Send a file; exits 0 once the receiver verified it.")
     _client_options(p, _default_user())
-    p.add_argument("--to", required=True, help="recipient user ID")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", help="recipient user ID")
+    to.add_argument("--room", help="a room you are a member of: every member's devices fetch it from the broker")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (default 512 KiB; max 1 MiB - 16)")
     p.add_argument("path", help="the file to send")
@@ -622,10 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device", help="the device's number or name")
     p.set_defaults(func=cmd_unlink)
 
+    add_room_parser(sub, _client_options, _connect)
+
     p = sub.add_parser("history", help="show or search your conversations",
                        description="Show your stored conversations, or search them (full text, word prefixes).")
     p.add_argument("--user", default=_default_user(), help="your user ID")
     p.add_argument("--peer", default=None, help="only the conversation with this user")
+    p.add_argument("--room", default=None, help="only this room's messages")
     p.add_argument("--search", default=None, metavar="WORDS", help="messages containing all these words")
     p.add_argument("--limit", type=int, default=200, help="at most this many messages (per conversation)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")

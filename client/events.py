@@ -37,16 +37,19 @@ class MessageReceived:
     sender: str
     text: str
     ts: int  # sender's wall clock, ms
+    room: bytes | None = None  # the room it was sent to (its id); None: to us alone
+    room_name: str | None = None  # that room's name as we last heard it
 
 
 @dataclass(frozen=True, slots=True)
 class MessageEchoed:
-    """Another device of ours sent ``text`` to ``peer`` (its transcript, docs/PROTOCOL.md §5.6)."""
+    """Another device of ours sent ``text`` to ``peer`` (its transcript, docs/PROTOCOL.md §5.6), or to ``room``."""
 
     msg_id: bytes
     peer: str
     text: str
     ts: int
+    room: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +180,66 @@ class SendState:
     state: str
 
 
+@dataclass(frozen=True, slots=True)
+class RoomView:
+    """A room as the broker last told us: ``members`` are ``(user, role, invited)``, role 0 member, 1 admin, 2
+    owner; ``invited`` True for an invitation not yet accepted."""
+
+    rid: bytes
+    name: str
+    topic: str
+    owner: str
+    epoch: int
+    members: tuple[tuple[str, int, bool], ...]
+
+    def member(self, user: str) -> tuple[str, int, bool] | None:
+        return next((m for m in self.members if m[0] == user), None)
+
+    @property
+    def joined(self) -> tuple[str, ...]:
+        return tuple(user for user, _, invited in self.members if not invited)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomUpdated:
+    """A room we are in or invited to, as it is now (``ref``: the request this answers, if one did)."""
+
+    room: RoomView
+    ref: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomGone:
+    """We are no longer in ``room`` (we left, were removed, or it was deleted); ``by`` removed us."""
+
+    rid: bytes
+    name: str
+    why: str  # "left", "removed", "declined"
+    by: str | None = None
+    ref: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomsListed:
+    rooms: tuple[RoomView, ...]  # members not filled in: ask for a room to have them
+    ref: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomEvent:
+    """The broker says something happened in a room: ``kind`` is one of docs/PROTOCOL.md §5.7's (``invited``,
+    ``joined``, ``left``, ``removed``, ``renamed``, ``topic``, ``role``, ``devices``)."""
+
+    rid: bytes
+    name: str
+    kind: str
+    user: str
+    by: str | None = None
+
+
 Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | MessageEchoed | ReadElsewhere
     | Acked | Receipt | SendFailed | ErrorReported
     | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | SendState
-    | Stopped
+    | Stopped | RoomUpdated | RoomGone | RoomsListed | RoomEvent
 )

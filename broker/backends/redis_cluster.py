@@ -27,6 +27,7 @@ from p2pchat.broker.backends.redis_health import TIMEOUT_MAX, TIMEOUT_MIN, Redis
 from p2pchat.broker.backends.redis_keys import RedisKeyRegistry, shared_broker_identity
 from p2pchat.broker.backends.redis_link import RedisLink
 from p2pchat.broker.backends.redis_pake import RedisPakeSlots
+from p2pchat.broker.backends.redis_rooms import RedisRoomRegistry
 from p2pchat.broker.backends.redis_schema import RedisKeys
 from p2pchat.broker.backends.redis_store import RedisMessageStore
 from p2pchat.broker.backends.tickets import KeyLimits
@@ -50,6 +51,7 @@ class ClusterBackend:
                               wake=wake, keys=keys, timeout=timeout)
         self.identity = shared_broker_identity(r, keys, data_dir / "broker.key")
         self.keys = RedisKeyRegistry(r, keys, key_limits)
+        self.rooms = RedisRoomRegistry(r, keys)
         self.pake_slots = RedisPakeSlots(r, keys)  # the two devices of a link may reach different brokers
         self._queues = RedisMessageStore(self.link, queue_limits) if durable else None
         self.store = self._queues or NoStore()
@@ -70,4 +72,5 @@ class ClusterBackend:
 
     def close(self) -> None:
         self.keys.close()
+        self.rooms.close()
         self.link.close()

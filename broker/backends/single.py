@@ -8,6 +8,7 @@ from pathlib import Path
 
 from p2pchat.broker.backends.in_process import LocalDirectory, LocalLink, NoStore
 from p2pchat.broker.backends.sqlite_keys import SqliteKeyRegistry
+from p2pchat.broker.backends.sqlite_rooms import SqliteRoomRegistry
 from p2pchat.broker.backends.sqlite_store import SqliteMessageStore
 from p2pchat.broker.backends.tickets import KeyLimits
 from p2pchat.broker.core.pake_slots import PakeSlots
@@ -21,6 +22,7 @@ class SingleBackend:
                  queue_limits: QueueLimits = QueueLimits(), key_limits: KeyLimits = KeyLimits()) -> None:
         self.identity = Identity.load_or_create(data_dir / "broker.key")
         self.keys = SqliteKeyRegistry(data_dir / "keys.sqlite", key_limits)
+        self.rooms = SqliteRoomRegistry(data_dir / "rooms.sqlite")
         self.store: SqliteMessageStore | NoStore = (
             SqliteMessageStore(data_dir / "queue.sqlite", queue_limits, fsync) if durable else NoStore())
         self.directory = LocalDirectory(epoch)
@@ -43,4 +45,5 @@ class SingleBackend:
 
     def close(self) -> None:
         self.keys.close()
+        self.rooms.close()
         self.store.close()

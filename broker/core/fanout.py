@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 from p2pchat.broker.core.actions import Action, Relay, Send
 from p2pchat.broker.core.delivery import queue_name
-from p2pchat.broker.core.ports import DEVICE_CAPS, Frames, Location
+from p2pchat.broker.core.ports import DEVICE_CAPS, DEVICE_ROOMS, Frames, Location
 from p2pchat.common.errors import ErrorCode
 from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Envelope, FileOffer, Receipt, pack
+from p2pchat.common.protocol_rooms import RoomKey
 
 if TYPE_CHECKING:
     from p2pchat.broker.core.routing import _Session
@@ -59,7 +60,7 @@ class DeviceFanOut:
         if copies is not None and sorted(dev for dev, _ in copies) != wanted:
             return f"the devices of {recipient!r} changed: fetch devices and send again"
         echo = getattr(msg, "echo", None)
-        if kind is ChatMessage:
+        if kind is ChatMessage or kind is RoomKey:
             own = self.keys.devices(session.user)
             others = [d.id for d in own.devices if d.id != session.dev] if own is not None else []
             if sorted(dev for dev, _ in echo or ()) != others:
@@ -75,6 +76,10 @@ class DeviceFanOut:
             own_primary = own.primary.id  # type: ignore[union-attr]
             targets += [(queue_name(session.user, dev, own_primary), self._copy(env, dev, body, 0, session))
                         for dev, body in echo if own_flags[dev] & DEVICE_CAPS]
+        if kind is RoomKey:  # a sender key only to devices that know rooms (§5.8)
+            rooms_aware = {queue_name(user, d.id, ds.primary.id) for user, ds in ((recipient, devices),
+                           (session.user, own)) if ds is not None for d in ds.devices if d.flags & DEVICE_ROOMS}
+            targets = [target for target in targets if target[0] in rooms_aware]
         return targets
 
     @staticmethod
@@ -111,7 +116,9 @@ class DeviceFanOut:
                     ErrorCode.RECIPIENT_BUSY, f"recipient {u!r} is not keeping up", env.msg_id)))
             ack = None
         if not actions and env.message.ACKED:
-            recipient = env.message.recipient  # type: ignore[attr-defined]
+            recipient = getattr(env.message, "recipient", None)
+            if recipient is None:  # a room's message, and no member online: nobody had it
+                return [Send(conn, self._frames.make(Ack(env.msg_id, AckStatus.RELAYED, len(targets) or None)))]
             return [Send(conn, self._frames.error(ErrorCode.RECIPIENT_OFFLINE, f"recipient {recipient!r} is offline",
                                                   env.msg_id))]
         return actions

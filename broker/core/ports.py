@@ -151,6 +151,7 @@ REFUSALS = {  # why a key gets no ID (or no ticket), for the ERROR or ERR line
 
 
 DEVICE_CAPS = 1  # Device.flags: the device has registered with caps CAPS_DEVICES (docs/PROTOCOL.md §5.5)
+DEVICE_ROOMS = 2  # Device.flags: the device has registered with caps CAPS_ROOMS (§5.7): it gets room frames
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,10 @@ from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
 from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery, queue_name
 from p2pchat.broker.core.fanout import DeviceFanOut, device_name, ledger_key
+from p2pchat.broker.core.room_service import RoomService
 from p2pchat.broker.core.ports import (
     DEVICE_CAPS,
+    DEVICE_ROOMS,
     REFUSALS,
     BindingChange,
     BrokerLink,
@@ -38,11 +40,13 @@ from p2pchat.broker.core.ports import (
     PeerDirectory,
     QueueLimits,
     QueueStore,
+    RoomRegistry,
     StoreUnavailable,
 )
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
+from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomKey
 from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
 
 log = logging.getLogger(__name__)
@@ -65,9 +69,10 @@ class _Session:
     key: bytes | None = None  # the CURVE key that registered it: every later frame must carry the same one
     dev: int = 0  # its device's number in the ID's device list (0: the ID left that key meanwhile)
     caps: bool = False  # registered with caps CAPS_DEVICES: it seals a copy per device (§5.6)
+    rooms: bool = False  # registered with caps CAPS_ROOMS: it may use rooms and gets their frames (§5.7)
 
 
-class BrokerCore(DeviceFanOut):
+class BrokerCore(DeviceFanOut, RoomService):
     def __init__(
         self,
         directory: PeerDirectory,
@@ -84,8 +89,11 @@ class BrokerCore(DeviceFanOut):
         require_key: bool = True,
         limits: RateLimits = RateLimits(),
         credit: CreditLimits = CreditLimits(),
+        rooms: RoomRegistry | None = None,
     ) -> None:
         self.directory, self.keys, self.link = directory, keys, link
+        self.rooms = rooms  # None: this broker has no rooms (CAPS_ROOMS is never granted)
+        self._wall_ms = wall_ms
         self.broker_id = broker_id
         self.heartbeat_ivl = heartbeat_ivl
         self.expiry = heartbeat_ivl * liveness
@@ -112,6 +120,8 @@ class BrokerCore(DeviceFanOut):
             DevicesRequest: self._on_devices_request,
             Consume: self._on_consume,
         }
+        if rooms is not None:
+            self._handlers.update(self._room_handlers())
 
     # --- inputs -------------------------------------------------------------
     def on_frames(self, conn: bytes, frames: Frames, now: float,
@@ -253,13 +263,15 @@ class BrokerCore(DeviceFanOut):
         registered = Registered(msg.user, self.directory.epoch, int(self.heartbeat_ivl * 1000))
         if msg.caps is None or devices is None or device is None:
             return registered
-        granted = msg.caps & CAPS_DEVICES
-        self.keys.describe_device(msg.user, device.id, DEVICE_CAPS if granted else 0, msg.name)
+        granted = msg.caps & (CAPS_DEVICES | (CAPS_ROOMS if self.rooms is not None else 0))
+        flags = (DEVICE_CAPS if granted & CAPS_DEVICES else 0) | (DEVICE_ROOMS if granted & CAPS_ROOMS else 0)
+        self.keys.describe_device(msg.user, device.id, flags, msg.name)
         return Registered(msg.user, registered.epoch, registered.heartbeat_ms, granted, device.id, devices.ver)
 
     def _open(self, conn: bytes, msg: Register, dev: int, queue: str, now: float) -> list[Action]:
-        caps = msg.caps is not None and bool(msg.caps & CAPS_DEVICES)
-        self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key, dev, caps)
+        caps = msg.caps or 0
+        rooms = bool(caps & CAPS_ROOMS) and self.rooms is not None
+        self._sessions[conn] = _Session(msg.user, msg.token, now, msg.key, dev, bool(caps & CAPS_DEVICES), rooms)
         return self.delivery.opened(conn, queue)
 
     def _stale_session_of(self, user: str, dev: int, token: bytes) -> bytes | None:
@@ -311,10 +323,10 @@ class BrokerCore(DeviceFanOut):
         """``change.user``'s ID left its key (recovered, moved or released): the old key's session here ends, and
         everyone else here hears of the new key (their clients hold it as a changed key until accepted). A device
         unlinked: its session ends. A device linked: nothing to do here (senders hear of it as devices_changed)."""
+        actions = self._rooms_of_changed_devices(change.user)
         if change.why == "linked":
-            return []
+            return actions
         unlinked = change.why == "unlinked"
-        actions: list[Action] = []
         for where in self._sessions_here(change.user):
             if (self._sessions[where.conn].key != change.key) if unlinked else (self._sessions[where.conn].key == change.key):
                 continue
@@ -387,6 +399,9 @@ class BrokerCore(DeviceFanOut):
             return [Send(conn, self._frames.error(ErrorCode.SPOOFED_SENDER, f"src must be {session.dev}",
                                                   env.msg_id))]
         recipient = msg.recipient  # type: ignore[attr-defined]
+        if type(msg) is RoomKey and (refused := self._room_key_refused(session, msg)) is not None:
+            return [Send(conn, self._frames.error(refused, f"{recipient!r} and you must both be members of the room",
+                                                  env.msg_id))]
         sessions = self.directory.locate(recipient)
         known = bool(sessions) or self.directory.is_known(recipient) or self.keys.lookup(recipient) is not None
         if not known:

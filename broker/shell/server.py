@@ -30,7 +30,7 @@ from p2pchat.broker.backends.single import SingleBackend
 from p2pchat.broker.backends.tickets import KeyLimits
 from p2pchat.broker.core.actions import Action, Publish, Relay, Send
 from p2pchat.broker.core.pake_slots import PakeRendezvous
-from p2pchat.broker.core.ports import BrokerLink, PeerDirectory, QueueLimits, QueueStore, StoreUnavailable
+from p2pchat.broker.core.ports import BrokerLink, PeerDirectory, QueueLimits, QueueStore, RoomRegistry, StoreUnavailable
 from p2pchat.broker.core.ratelimit import RateLimits
 from p2pchat.broker.core.routing import BrokerCore
 from p2pchat.broker.shell.backlog import SendBacklog
@@ -85,6 +85,7 @@ class Backend(Protocol):
     store: QueueStore
     keys: AdmissionRegistry
     link: BrokerLink
+    rooms: RoomRegistry
     pake_slots: PakeRendezvous  # the key service's link slots
     description: str  # for the start-up log line
 
@@ -188,6 +189,7 @@ class BrokerServer:
             queue_limits=config.queue,
             require_key=not config.insecure,
             limits=config.limits,
+            rooms=backend.rooms,
         )
         self._auth: ThreadAuthenticator | None = None
         if not config.insecure:

@@ -33,19 +33,25 @@ from p2pchat.client.core.key_changes import KeyChanges
 from p2pchat.client.core.outbox import Outbox
 from p2pchat.client.core.ports import Conversations
 from p2pchat.client.core.presence import PresenceTracker
+from p2pchat.client.core.rooms import RoomSync
 from p2pchat.client.core.transfer import TransferManager
 from p2pchat.client.e2e import PeerKeyChanged, Sealing, UnknownDevice
+from p2pchat.client.sender_keys import SenderKeys, SenderKeyStore
 from p2pchat.client.refusals import explain_refusal
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
+from p2pchat.common.room_crypto import MIN_BODY_BYTES as ROOM_OVERHEAD
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
 from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Devices, DevicesRequest, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, CAPS_DEVICES, MAX_BODY_BYTES, MAX_CONSUME_REFS
+
+from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomEvent, RoomInfo, RoomKey, RoomListing, RoomMessage
 
 log = logging.getLogger(__name__)
 
 DEDUP_WINDOW = 10_000
 RATE_LIMIT_BACKOFF = 1.0
 MAX_TEXT_BYTES = MAX_BODY_BYTES - 1 - KEY_BYTES - TAG_BYTES  # room for the sealing overhead
+MAX_ROOM_TEXT_BYTES = MAX_BODY_BYTES - ROOM_OVERHEAD  # a room body: header, tag and signature (§10.6)
 # REGISTER is retried quickly at first: with IMMEDIATE set, a send before the
 # TCP connection completes is dropped, and users should not wait a heartbeat.
 REGISTER_RETRY_FIRST = 0.02
@@ -59,6 +65,14 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+def validate_room_text(text: str) -> bytes:
+    """The UTF-8 body of a room message, or ProtocolError for an oversized text."""
+    body = text.encode("utf-8")
+    if len(body) > MAX_ROOM_TEXT_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_ROOM_TEXT_BYTES}", ErrorCode.TOO_LARGE)
+    return body
+
+
 def validate_text(recipient: str, text: str) -> bytes:
     """The UTF-8 body of a message, or ProtocolError for a bad recipient or an oversized text."""
     check_user_id(recipient)
@@ -68,10 +82,11 @@ def validate_text(recipient: str, text: str) -> bytes:
     return body
 
 
+_ROOM_FRAMES = frozenset({RoomMessage, RoomInfo, RoomListing, RoomEvent})
 _NOBODY: frozenset[str] = frozenset()  # one for every session (the load tool runs 10,000 in a process)
 
 
-class ClientSession(KeyChanges, DeviceSync):
+class ClientSession(KeyChanges, DeviceSync, RoomSync):
     def __init__(
         self,
         user: str,
@@ -92,6 +107,8 @@ class ClientSession(KeyChanges, DeviceSync):
         trust_key_changes: bool = False,
         devices: bool = False,
         device_name: str | None = None,
+        rooms: bool = False,
+        sender_key_store: SenderKeyStore | None = None,
     ) -> None:
         """``token``: this installation's (``storage.identity.InstanceClaim``); ``new_id``: the id source of every
         frame (``common.protocol.new_msg_id``, or a fixed sequence to replay a session); ``key``: the key to
@@ -103,13 +120,17 @@ class ClientSession(KeyChanges, DeviceSync):
         no peer list and never asks for a snapshot; ``delivery_receipts=False`` sends no DELIVERED receipts.
         ``trust_key_changes``: accept a peer's new key at once (the change is still reported) instead of
         holding messages to and from them until the user accepts it. ``devices``: register with ``CAPS_DEVICES``
-        (several devices per user, docs/PROTOCOL.md §5.6) as the device ``device_name``."""
+        (several devices per user, docs/PROTOCOL.md §5.6) as the device ``device_name``. ``rooms``: register with
+        ``CAPS_ROOMS`` (§5.7); ``sender_key_store``: where this device keeps its room keys (§10.6), needed with
+        sealing on."""
         self.user = check_user_id(user)
         self.e2e = e2e
         self._key = key if key is not None else e2e.identity.public
         self._token = token
         self._recovery = recovery
-        self._caps = CAPS_DEVICES if devices else None
+        self._caps = ((CAPS_DEVICES if devices else 0) | (CAPS_ROOMS if rooms else 0)) or None
+        self._init_rooms()
+        self._sender_key_store = sender_key_store
         self._device_name = device_name
         self.device: int | None = None  # our number in our ID's device list, once a broker granted CAPS_DEVICES
         self._register_ids: list[bytes] = []  # of the REGISTERs not answered yet (an older broker's bad_frame)
@@ -149,7 +170,10 @@ class ClientSession(KeyChanges, DeviceSync):
         self._storage_failing = False
         if history is not None:  # the outbox of an earlier run goes out again, same ids
             for entry in history.outbox():
-                self.outbox.add(entry.msg_id, entry.peer, entry.text.encode("utf-8"), entry.ts, 0.0)
+                if entry.room is not None:
+                    self._room_out[entry.msg_id] = self._room_pending(entry.room, entry.text.encode("utf-8"), entry.ts)
+                else:
+                    self.outbox.add(entry.msg_id, entry.peer, entry.text.encode("utf-8"), entry.ts, 0.0)
 
     # --- commands -----------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -251,6 +275,7 @@ class ClientSession(KeyChanges, DeviceSync):
         self.state = State.CLOSED
         if self.transfers is not None:
             self.transfers.close()
+        actions += self._rooms_closed()
         kept = " (kept in the outbox for the next run)" if self.history is not None else ""
         for msg_id in self.outbox:
             self.outbox.drop(msg_id)
@@ -284,8 +309,10 @@ class ClientSession(KeyChanges, DeviceSync):
             return []
         self._last_heard = now
         msg = env.message
-        if type(msg) is ChatMessage:
+        if type(msg) is ChatMessage or type(msg) is RoomKey:
             return self._on_chat(env.msg_id, msg, env.ts, now)
+        if type(msg) in _ROOM_FRAMES:
+            return self._on_room_frame(env, now)
         if type(msg) is Receipt:
             return self._on_receipt(env.msg_id, msg, now)
         if msg.RELAYED:  # file transfer frames
@@ -298,6 +325,9 @@ class ClientSession(KeyChanges, DeviceSync):
                 self._consumes.append(env.msg_id)
             return actions
         if type(msg) is Ack:  # of a message, or of a file offer (its ref is the offer's id)
+            room = self._room_acked(msg)
+            if room is not None:
+                return room
             if not self.outbox.acked(msg.ref, now):
                 return [Emit(ev.Acked(msg.ref, msg.status.value))]
             if self.history is not None:
@@ -317,6 +347,11 @@ class ClientSession(KeyChanges, DeviceSync):
                 self._expiry = self._hb_ivl * self._liveness
             elif msg.heartbeat_ms:  # the broker's expiry rules: heartbeat at least as often as it asks
                 self._hb_ivl = min(self._hb_ivl, msg.heartbeat_ms / 1000)
+            self.rooms_enabled = bool(msg.caps and msg.caps & CAPS_ROOMS)
+            if self.rooms_enabled and self.e2e.enabled and msg.dev is not None and (
+                    self.sender_keys is None or self.sender_keys.device != msg.dev):
+                assert self._sender_key_store is not None, "sealing rooms needs a sender key store"
+                self.sender_keys = SenderKeys(self.user, msg.dev, self._sender_key_store)
             if msg.caps is not None and msg.caps & CAPS_DEVICES and self.e2e.enabled:
                 self.device = msg.dev
                 self.e2e.device_aware = True
@@ -366,6 +401,7 @@ class ClientSession(KeyChanges, DeviceSync):
             actions += self._request_snapshot(now, force=True)
         self._refusals.flush(now)
         actions += self._accepted_elsewhere(now)
+        actions += self._room_tick(now)
         if self.transfers is not None and self.state is State.READY:
             actions += self.transfers.on_tick(now)
             actions += self._ask_keys(self.transfers.take_key_wants(), now)
@@ -413,6 +449,8 @@ class ClientSession(KeyChanges, DeviceSync):
         self._seen[msg_id] = None  # only once authentic: a forged copy must not hide the real one
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
+        if type(msg) is RoomKey:
+            return self._on_room_key_opened(msg_id, msg, plaintext, now)
         text = plaintext.decode("utf-8", errors="replace")
         got = self._got(msg.sender, msg_id, now)
         if self.history is not None and not self.history.add_incoming(msg_id, msg.sender, text, ts):
@@ -488,7 +526,7 @@ class ClientSession(KeyChanges, DeviceSync):
             actions += self.transfers.on_reconnected(now) if reconnect else self.transfers.resume_all(now)
         if not reconnect:
             actions += self._waiting_from_earlier_run(now)
-        return actions + self._flush(now)
+        return actions + self._rooms_registered(now) + self._flush(now)
 
     def _on_error(self, msg: Error, now: float) -> list[Action]:
         error = RemoteError(msg.message, msg.code)
@@ -509,6 +547,9 @@ class ClientSession(KeyChanges, DeviceSync):
             handled = self._devices_changed(msg.ref, error, now)
             if handled is not None:
                 return handled
+        handled = self._room_error(msg.code, error, msg.ref, now)
+        if handled is not None:
+            return handled
         if msg.code is ErrorCode.SESSION_REPLACED:  # our restarted self took over, or the ID left our key: stop
             self.state = State.CLOSED
             return [Emit(ev.Stopped(error))]
@@ -558,7 +599,7 @@ class ClientSession(KeyChanges, DeviceSync):
                 wanted.add(user)
         if self.transfers is not None:
             wanted |= self.transfers.take_key_wants()
-        return actions + self._ask_keys(wanted, now)
+        return actions + self._ask_keys(wanted, now) + self._flush_rooms(now)
 
     def _sealed(self, msg_id: bytes, sealed: list[bytes] | PeerKeyChanged | str, now: float,
                 actions: list[Action]) -> str | None:

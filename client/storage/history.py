@@ -39,6 +39,7 @@ class HistoryEntry:
     text: str
     ts: int  # sender's clock, ms
     state: str  # outgoing: one of STATES or "failed"; incoming: "received" or "read"
+    room: bytes | None = None  # a room's message (``peer`` is its author, ourselves for an outgoing one)
 
 
 class History:
@@ -64,8 +65,15 @@ class History:
                 INSERT INTO messages_fts (rowid, text) VALUES (new.seq, new.text);
             END;
         """)
-        if "reseals" not in {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        if "reseals" not in columns:
             self._db.execute("ALTER TABLE messages ADD COLUMN reseals INTEGER NOT NULL DEFAULT 0")  # older files
+        if "room" not in columns:  # direct messages have none; a room's are found by it (docs/ROOMS-DESIGN.md §6)
+            self._db.execute("ALTER TABLE messages ADD COLUMN room BLOB")
+        self._db.executescript("""
+            CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, seq) WHERE room IS NOT NULL;
+            CREATE TABLE IF NOT EXISTS rooms (rid BLOB PRIMARY KEY, name TEXT NOT NULL, topic TEXT NOT NULL);
+        """)
         self._in_tx = False
         self._unsaved: list[tuple[str, tuple]] = []  # writes since the last successful commit, in order
         self._failing = False  # a write or commit failed: the next commit retries the whole backlog
@@ -95,14 +103,14 @@ class History:
             self._abandon(exc)
             return -1
 
-    def add_outgoing(self, msg_id: bytes, peer: str, text: str, ts: int) -> None:
-        self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state) "
-                    "VALUES (?, ?, 1, ?, ?, 'queued')", (msg_id, peer, text, ts))
+    def add_outgoing(self, msg_id: bytes, peer: str, text: str, ts: int, room: bytes | None = None) -> None:
+        self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state, room) "
+                    "VALUES (?, ?, 1, ?, ?, 'queued', ?)", (msg_id, peer, text, ts, room))
 
-    def add_echo(self, msg_id: bytes, peer: str, text: str, ts: int) -> bool:
+    def add_echo(self, msg_id: bytes, peer: str, text: str, ts: int, room: bytes | None = None) -> bool:
         """Our message sent from another device (already stored at the broker); False if it is known here."""
-        return self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state) "
-                           "VALUES (?, ?, 1, ?, ?, 'stored')", (msg_id, peer, text, ts)) != 0
+        return self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state, room) "
+                           "VALUES (?, ?, 1, ?, ?, 'stored', ?)", (msg_id, peer, text, ts, room)) != 0
 
     def read_elsewhere(self, msg_id: bytes) -> str | None:
         """Another device of ours showed received message ``msg_id``: read here too; its sender, or None if it was
@@ -114,10 +122,15 @@ class History:
         self._write("UPDATE messages SET state = 'read' WHERE msg_id = ? AND outgoing = 0", (msg_id,))
         return row[0]
 
-    def add_incoming(self, msg_id: bytes, peer: str, text: str, ts: int) -> bool:
+    def add_incoming(self, msg_id: bytes, peer: str, text: str, ts: int, room: bytes | None = None) -> bool:
         """False if this message was already received (a redelivery)."""
-        return self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state) "
-                           "VALUES (?, ?, 0, ?, ?, 'received')", (msg_id, peer, text, ts)) != 0
+        return self._write("INSERT OR IGNORE INTO messages (msg_id, peer, outgoing, text, ts, state, room) "
+                           "VALUES (?, ?, 0, ?, ?, 'received', ?)", (msg_id, peer, text, ts, room)) != 0
+
+    def save_room(self, rid: bytes, name: str, topic: str) -> None:
+        """A room's name and topic as last heard, so its history can be found by name later."""
+        self._write("INSERT INTO rooms (rid, name, topic) VALUES (?, ?, ?) "
+                    "ON CONFLICT (rid) DO UPDATE SET name = excluded.name, topic = excluded.topic", (rid, name, topic))
 
     def advance(self, msg_id: bytes, state: str) -> bool:
         """Move an outgoing message forward to ``state``; False if it was already there or beyond."""
@@ -160,10 +173,22 @@ class History:
     def mark_read(self, peer: str) -> list[bytes]:
         """Mark ``peer``'s received messages read; returns their ids."""
         ids = [row[0] for row in self._db.execute(
-            "SELECT msg_id FROM messages WHERE peer = ? AND outgoing = 0 AND state = 'received'", (peer,))]
-        self._write("UPDATE messages SET state = 'read' WHERE peer = ? AND outgoing = 0 AND state = 'received'",
-                    (peer,))
+            "SELECT msg_id FROM messages WHERE peer = ? AND room IS NULL AND outgoing = 0 AND state = 'received'",
+            (peer,))]
+        self._write("UPDATE messages SET state = 'read' WHERE peer = ? AND room IS NULL AND outgoing = 0 "
+                    "AND state = 'received'", (peer,))
         return ids
+
+    def mark_room_read(self, rid: bytes) -> int:
+        """Mark the room's received messages read; how many were unread."""
+        return max(0, self._write("UPDATE messages SET state = 'read' WHERE room = ? AND outgoing = 0 "
+                                  "AND state = 'received'", (rid,)))
+
+    def unread(self) -> dict[str | bytes, int]:
+        """Unread received messages per peer (direct) and per room id."""
+        rows = self._db.execute("SELECT COALESCE(room, peer), COUNT(*) FROM messages WHERE outgoing = 0 "
+                                "AND state = 'received' GROUP BY COALESCE(room, peer)")
+        return {key: count for key, count in rows}
 
     @property
     def unsaved(self) -> int:
@@ -209,8 +234,20 @@ class History:
         return self._entries("WHERE outgoing = 1 AND state IN ('queued', 'resealed') ORDER BY seq", ())
 
     def conversation(self, peer: str, limit: int = 200) -> list[HistoryEntry]:
-        rows = self._entries("WHERE peer = ? ORDER BY seq DESC LIMIT ?", (peer, limit))
+        rows = self._entries("WHERE peer = ? AND room IS NULL ORDER BY seq DESC LIMIT ?", (peer, limit))
         return rows[::-1]
+
+    def room_conversation(self, rid: bytes, limit: int = 200) -> list[HistoryEntry]:
+        rows = self._entries("WHERE room = ? ORDER BY seq DESC LIMIT ?", (rid, limit))
+        return rows[::-1]
+
+    def room_names(self) -> dict[bytes, str]:
+        """Every room we have history of: id -> name as last heard."""
+        return {rid: name for rid, name in self._db.execute("SELECT rid, name FROM rooms ORDER BY name")}
+
+    def room_named(self, name: str) -> bytes | None:
+        row = self._db.execute("SELECT rid FROM rooms WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+        return row[0] if row else None
 
     def search(self, query: str, peer: str | None = None, limit: int = 100,
                newest_first: bool = False) -> list[HistoryEntry]:
@@ -222,15 +259,19 @@ class History:
         match = " ".join(f'"{w}"*' for w in words)
         where = "WHERE seq IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)"
         args: tuple = (match,)
-        if peer is not None:
-            where += " AND peer = ?"
+        if type(peer) is bytes:  # a room's
+            where += " AND room = ?"
+            args += (peer,)
+        elif peer is not None:
+            where += " AND peer = ? AND room IS NULL"
             args += (peer,)
         order = "DESC" if newest_first else "ASC"
         return self._entries(f"{where} ORDER BY seq {order} LIMIT ?", (*args, limit))
 
     def peers(self) -> list[str]:
-        return [row[0] for row in self._db.execute("SELECT DISTINCT peer FROM messages ORDER BY peer")]
+        return [row[0] for row in self._db.execute("SELECT DISTINCT peer FROM messages WHERE room IS NULL "
+                                                   "ORDER BY peer")]
 
     def _entries(self, clause: str, args: tuple) -> list[HistoryEntry]:
-        rows = self._db.execute(f"SELECT msg_id, peer, outgoing, text, ts, state FROM messages {clause}", args)
-        return [HistoryEntry(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
+        rows = self._db.execute(f"SELECT msg_id, peer, outgoing, text, ts, state, room FROM messages {clause}", args)
+        return [HistoryEntry(r[0], r[1], bool(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
