@@ -44,7 +44,13 @@ class RedisKeys:
     def room(self, rid: bytes) -> str:  # a room as one msgpack value (redis_rooms.py); rname, rooms_ver index them
         return f"{self.tag}:room:{rid.hex()}"
 
-    def user_rooms(self, user: str, joined: bool) -> str:  # the rids a user has joined, or is invited to
+    def room_seq(self, rid: bytes) -> str:  # a room's last message number
+        return f"{self.tag}:rseq:{rid.hex()}"
+
+    def room_marks(self, rid: bytes) -> str:  # its joined members' marks (rinvites: the invitations by age)
+        return f"{self.tag}:rmarks:{rid.hex()}"
+
+    def user_rooms(self, user: str, joined: bool) -> str:  # the rids a user has joined (set), or is invited to (zset)
         return f"{self.tag}:{'urooms' if joined else 'uinv'}:{user}"
 
     def inbox(self, broker: str) -> str:

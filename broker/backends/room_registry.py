@@ -1,6 +1,7 @@
 """What both room registries share: each change asks the rule table (broker/core/rooms.py) with the counts
-its storage keeps, and stores the answer atomically (``_change``, per backend). The backends are
-sqlite_rooms.py (single broker) and redis_rooms.py (cluster)."""
+its storage keeps, and stores the answer atomically (``_change``, per backend); the invitation sweep is such
+a change. The backends are sqlite_rooms.py (single broker) and redis_rooms.py (cluster); message numbers and
+marks are theirs alone (each makes them cheap its own way)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ class RuleBackedRooms:
         """The rooms ``user`` has joined, or (``joined`` False) is invited to."""
         raise NotImplementedError
 
+    def _pending(self, user: str, now_ms: int) -> int:
+        """How many invitations ``user`` has that have not expired at ``now_ms``."""
+        raise NotImplementedError
+
+    def _invited_before(self, since_ms: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` rooms with an invitation made at or before ``since_ms``."""
+        raise NotImplementedError
+
     def _holder(self, name: str) -> bytes | None:
         """The rid of the live room named ``name`` in any case."""
         raise NotImplementedError
@@ -41,9 +50,6 @@ class RuleBackedRooms:
     # --- the port ----------------------------------------------------------------------------------------
     def _joined(self, user: str) -> int:
         return len(self._rids(user, True))
-
-    def _pending(self, user: str) -> int:
-        return len(self._rids(user, False))
 
     def of_user(self, user: str) -> list[RoomEntry]:
         entries = []
@@ -66,7 +72,8 @@ class RuleBackedRooms:
         return self._change(rid, compute)
 
     def invite(self, rid: bytes, by: str, users: Sequence[str], now_ms: int) -> Room | RoomRefusal:
-        return self._change(rid, lambda: rules.invite(self.get(rid), by, users, now_ms, self._pending, self.limits))
+        return self._change(rid, lambda: rules.invite(self.get(rid), by, users, now_ms,
+                                                      lambda user: self._pending(user, now_ms), self.limits))
 
     def join(self, rid: bytes, user: str, now_ms: int) -> Room | RoomRefusal:
         return self._change(rid, lambda: rules.join(self.get(rid), user, now_ms, self._joined(user), self.limits))
@@ -93,6 +100,21 @@ class RuleBackedRooms:
         bumped = []
         for rid in sorted(self._rids(user, True)):
             before = self.get(rid)
-            if self._change(rid, lambda rid=rid: rules.bump(self.get(rid), user)) != before:
+            after = self._change(rid, lambda rid=rid: rules.bump(self.get(rid), user))
+            if isinstance(after, Room) and before is not None and after.epoch != before.epoch:
                 bumped.append(rid)
         return bumped
+
+    def expire_invitations(self, now_ms: int) -> list[tuple[bytes, str]]:
+        gone: list[tuple[bytes, str]] = []
+        for rid in self._invited_before(now_ms - self.limits.invite_ttl_ms, self.limits.expire_batch):
+            stale: list[str] = []
+
+            def compute(rid: bytes = rid, stale: list[str] = stale) -> Result:
+                room = self.get(rid)  # again on a retry (Redis): ``stale`` is what the stored change removed
+                stale[:] = [m.user for m in room.members if rules.stale(m, now_ms, self.limits)] if room else []
+                return rules.expire(room, now_ms, self.limits)
+
+            self._change(rid, compute)
+            gone += [(rid, user) for user in stale]
+        return gone

@@ -251,21 +251,20 @@ class Member:
     user: str
     role: Role
     joined: bool
-    since_ms: int  # when invited, then when joined: "oldest" for a change of owner
-    delivered: int = 0  # marks (a later step)
-    read: int = 0
+    since_ms: int  # when invited (an invitation expires ``RoomLimits.invite_ttl_ms`` later), then when joined
 
 
 @dataclass(frozen=True, slots=True)
 class Room:
-    """A room as stored: ``epoch`` goes up at every change of the joined members (or of their devices)."""
+    """A room as stored: ``epoch`` goes up at every change of the joined members (or of their devices). Marks
+    are kept apart (``RoomRegistry.marks``): they change far more often than the room, which each message reads."""
 
     rid: bytes  # 16 random bytes, never reused
     name: str  # unique among live rooms, compared case-insensitively
     topic: str
     owner: str
     epoch: int
-    seq: int
+    seq: int  # the last ``next_seq`` handed out (after a SQLite restart: the reservation numbering goes on above)
     members: tuple[Member, ...]  # in order of invitation or joining (a joining invitee moves last): oldest first
 
     def member(self, user: str) -> Member | None:
@@ -304,10 +303,29 @@ class RoomRegistry(Protocol):
     def get(self, rid: bytes) -> Room | None: ...
 
     def of_user(self, user: str) -> list[RoomEntry]:
-        """The rooms ``user`` has joined or is invited to."""
+        """The rooms ``user`` has joined or is invited to (an expired invitation until the sweep removes it)."""
 
     def bump_user(self, user: str) -> list[bytes]:
         """Raise the epoch of every room ``user`` has joined (its device list changed); their ids."""
+
+    def next_seq(self, rid: bytes) -> int | None:
+        """The room's next message number: strictly increasing, never handed out twice, also across a restart
+        or a crash (there may be gaps). None: no such room."""
+
+    def mark(self, rid: bytes, user: str, delivered: int, read: int | None) -> None:
+        """``user``'s devices kept (``delivered``) and showed (``read``, None: unchanged) the room's messages up to
+        these numbers. Each mark only goes up, and never above the last ``next_seq``; a room that does not exist
+        or a user who has not joined it is ignored. Advisory: a crash may lose the marks of the last second."""
+
+    def marks(self, rid: bytes) -> dict[str, tuple[int, int]]:
+        """``user -> (delivered, read)`` for every joined member (0 before its first mark; a member who leaves
+        starts again from 0); empty for a room that does not exist."""
+
+    def expire_invitations(self, now_ms: int) -> list[tuple[bytes, str]]:
+        """Remove invitations older than ``RoomLimits.invite_ttl_ms``, a bounded step (``expire_batch`` rooms);
+        the ``(rid, user)`` removed. Expired invitations already count for nothing before they are removed. The
+        broker calls it about once a second: it is cheap when nothing is due, and the SQLite registry writes its
+        marks then."""
 
     def close(self) -> None: ...
 

@@ -26,6 +26,8 @@ class RoomLimits:
     invite_batch: int = 32  # MAX_INVITE_BATCH
     admins: int = 16  # MAX_ROOM_ADMINS
     rooms: int = 100_000  # MAX_ROOMS per broker or cluster (--rooms-max)
+    invite_ttl_ms: int = 30 * 24 * 3600 * 1000  # an invitation not taken up within 30 days is gone
+    expire_batch: int = 100  # rooms whose expired invitations one sweep step removes
 
 
 Count = Callable[[str], int]  # a user -> how many (joined rooms, or pending invitations) it has
@@ -55,6 +57,19 @@ def create(rid: bytes, name: str, owner: str, topic: str, now_ms: int, owner_roo
     return Room(rid, name, topic, owner, 1, 0, (Member(owner, Role.OWNER, True, now_ms),))
 
 
+def stale(member: Member, now_ms: int, limits: RoomLimits) -> bool:
+    """An invitation older than the TTL counts for nothing, whether or not the sweep has removed it yet."""
+    return not member.joined and now_ms - member.since_ms >= limits.invite_ttl_ms
+
+
+def expire(room: Room | None, now_ms: int, limits: RoomLimits) -> Room | None:
+    """The room without its expired invitations (the epoch stays: no joined member changed)."""
+    if room is None:
+        return None
+    kept = tuple(m for m in room.members if not stale(m, now_ms, limits))
+    return room if len(kept) == len(room.members) else replace(room, members=kept)
+
+
 def _visible(room: Room | None, user: str) -> Member | RoomRefusal:
     member = room.member(user) if room is not None else None
     return RoomRefusal.UNKNOWN_ROOM if member is None else member
@@ -72,7 +87,9 @@ def _managing(room: Room | None, by: str) -> RoomRefusal | None:
 
 def invite(room: Room | None, by: str, users: Sequence[str], now_ms: int, pending: Count,
            limits: RoomLimits) -> Room | RoomRefusal:
-    """Invite ``users``; those already members or invited are left as they are. All or nothing."""
+    """Invite ``users``; those already members or invited are left as they are, but an expired invitation is
+    made afresh. ``pending`` counts a user's invitations that have not expired. All or nothing."""
+    room = expire(room, now_ms, limits)
     refused = _managing(room, by)
     if refused:
         return refused
@@ -90,6 +107,7 @@ def invite(room: Room | None, by: str, users: Sequence[str], now_ms: int, pendin
 
 
 def join(room: Room | None, user: str, now_ms: int, joined_rooms: int, limits: RoomLimits) -> Room | RoomRefusal:
+    room = expire(room, now_ms, limits)  # an expired invitation cannot be taken up
     member = _visible(room, user)
     if isinstance(member, RoomRefusal):
         return member
@@ -169,3 +187,10 @@ def bump(room: Room | None, user: str) -> Room | None:
     """``user``'s device list changed: the keys of the rooms it has joined must follow (§4)."""
     member = room.member(user) if room is not None else None
     return replace(room, epoch=room.epoch + 1) if member is not None and member.joined else room
+
+
+def raised(marks: tuple[int, int], delivered: int, read: int | None, seq: int) -> tuple[int, int]:
+    """A member's ``(delivered, read)`` after it reported these: marks only go up (a member's devices report
+    one by one, late ones lower), and never past ``seq``, the last number handed out (nobody read the future)."""
+    kept, shown = marks
+    return max(kept, min(delivered, seq)), shown if read is None else max(shown, min(read, seq))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pchat.broker.backends.sqlite_rooms import SqliteRoomRegistry
+from p2pchat.broker.backends.sqlite_rooms import SEQ_BLOCK, SqliteRoomRegistry
 from p2pchat.broker.core import rooms as rules
 from p2pchat.broker.core.ports import Role, Room, RoomEntry, RoomRefusal
 from p2pchat.broker.core.rooms import RoomLimits
@@ -125,40 +125,71 @@ def test_the_bounds_on_plain_values():
     assert rules.invite(room, "alice", ["bob", "dave", "e"], 5, NOBODY, small).member("e")  # members: not counted twice
 
 
+def test_an_invitation_expires_after_its_ttl_and_then_counts_for_nothing():
+    room, ttl = team(), LIMITS.invite_ttl_ms  # dave was invited at 2
+    assert rules.expire(room, 2 + ttl - 1, LIMITS) is room
+    expired = rules.expire(room, 2 + ttl, LIMITS)
+    assert expired.member("dave") is None and expired.epoch == room.epoch  # no joined member changed
+    assert rules.join(room, "dave", 2 + ttl - 1, 0, LIMITS).member("dave").joined
+    assert rules.join(room, "dave", 2 + ttl, 0, LIMITS) is RoomRefusal.UNKNOWN_ROOM
+    assert rules.invite(room, "alice", ["dave"], 2 + ttl, NOBODY, LIMITS).member("dave").since_ms == 2 + ttl
+    full = RoomLimits(members=5)  # alice, bob, carol, dave: one place left, two once dave's invitation expired
+    assert rules.invite(room, "alice", ["e", "f"], 2 + ttl - 1, NOBODY, full) is RoomRefusal.TOO_MANY_MEMBERS
+    assert rules.invite(room, "alice", ["e", "f"], 2 + ttl, NOBODY, full).member("f")
+
+
+def test_marks_only_go_up_and_never_past_the_last_number_handed_out():
+    assert rules.raised((5, 3), 4, None, 10) == (5, 3)  # a device that is behind the user's others
+    assert rules.raised((5, 3), 6, 4, 10) == (6, 4)
+    assert rules.raised((5, 3), 99, 99, 10) == (10, 10)  # nobody has read the future
+
+
 # --- the registries (SQLite for one broker, a real Redis for a cluster) ---------------------------------
 def sqlite_registries(tmp_path: Path) -> Iterator[Callable[[RoomLimits], object]]:
     yield lambda limits: SqliteRoomRegistry(tmp_path / "rooms.sqlite", limits)
 
 
-def redis_registries(tmp_path: Path) -> Iterator[Callable[[RoomLimits], object]]:
+def redis_servers(tmp_path: Path) -> Iterator[RedisProcess]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_registries(tmp_path: Path) -> Iterator[Callable[[RoomLimits], object]]:
     from p2pchat.broker.backends.redis_health import connect
     from p2pchat.broker.backends.redis_rooms import RedisRoomRegistry
     from p2pchat.broker.backends.redis_schema import RedisKeys
 
-    server = RedisProcess(tmp_path / "redis").start()
-    try:
+    for server in redis_servers(tmp_path):
         yield lambda limits: RedisRoomRegistry(connect(server.url, 1.0), RedisKeys(), limits)
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def open_registry(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
     """Opens a registry on the test's storage; each call sees what the earlier ones stored (a restart, or
-    another broker of the cluster)."""
-    opened = []
+    another broker of the cluster). ``crash``: the registry open until then is dropped without being closed,
+    as a killed broker's would be."""
+    opened, crashed = [], []
     source = sqlite_registries if request.param == "sqlite" else redis_registries
     for factory in source(tmp_path):
-        def make(limits: RoomLimits = LIMITS):
+        def make(limits: RoomLimits = LIMITS, crash: bool = False):
             if opened:
-                opened[-1].close()
+                previous = opened.pop()
+                if crash:
+                    crashed.append(previous)  # closed once the test is over
+                else:
+                    previous.close()
             opened.append(factory(limits))
             return opened[-1]
 
+        make.backend = request.param
         yield make
-        opened[-1].close()
+        for registry in opened + crashed:
+            registry.close()
 
 
 def build_team(registry) -> Room:
@@ -167,6 +198,14 @@ def build_team(registry) -> Room:
     registry.join(room.rid, "bob", 3)
     registry.join(room.rid, "carol", 4)
     return registry.role(room.rid, "alice", "bob", True)
+
+
+def team_after(registry, messages: int) -> tuple[object, Room]:
+    """``build_team``, and ``messages`` numbers handed out."""
+    room = build_team(registry)
+    for _ in range(messages):
+        registry.next_seq(room.rid)
+    return registry, room
 
 
 def test_a_room_and_its_members_survive_reopening_the_storage(open_registry):
@@ -252,3 +291,119 @@ def test_brokers_of_a_cluster_changing_one_room_at_once_never_break_a_bound(tmp_
         assert sum(len(second.of_user(m.user)) for m in stored.members) == 31
         first.close()
         second.close()
+
+
+def test_message_numbers_go_up_and_never_repeat_across_a_restart_or_a_crash(open_registry):
+    registry = open_registry()
+    room = build_team(registry)
+    numbers = [registry.next_seq(room.rid) for _ in range(SEQ_BLOCK + 2)]  # beyond one SQLite reservation
+    assert numbers == list(range(1, SEQ_BLOCK + 3)) and registry.get(room.rid).seq == numbers[-1]
+    numbers.append(open_registry(crash=True).next_seq(room.rid))
+    restarted = open_registry()
+    numbers += [restarted.next_seq(room.rid) for _ in range(3)]
+    assert numbers == sorted(set(numbers))  # gaps, never a repeat
+    assert restarted.get(room.rid).seq >= numbers[-1]
+
+
+def test_a_room_that_is_gone_hands_out_no_numbers_and_keeps_no_marks(open_registry):
+    registry = open_registry()
+    assert registry.next_seq(RID) is None and registry.marks(RID) == {}
+    room = registry.create("solo", "alice", "", 1)
+    assert registry.next_seq(room.rid) == 1
+    registry.mark(room.rid, "alice", 1, 1)
+    registry.leave(room.rid, "alice")
+    registry.mark(room.rid, "alice", 1, 1)
+    assert registry.next_seq(room.rid) is None and registry.marks(room.rid) == {}
+
+
+def test_marks_only_go_up_and_are_bounded_by_the_numbers_handed_out(open_registry):
+    registry, room = team_after(open_registry(), 10)
+    registry.mark(room.rid, "bob", 5, 3)
+    registry.mark(room.rid, "bob", 4, None)  # bob's slower device
+    registry.mark(room.rid, "carol", 7, None)
+    registry.mark(room.rid, "carol", 6, 2)
+    registry.mark(room.rid, "alice", 99, 99)
+    assert registry.marks(room.rid) == {"alice": (10, 10), "bob": (5, 3), "carol": (7, 2)}
+
+
+def test_only_joined_members_have_marks_and_one_who_leaves_starts_again_from_zero(open_registry):
+    registry, room = team_after(open_registry(), 5)  # dave is only invited
+    for user in ("dave", "erin", "carol"):
+        registry.mark(room.rid, user, 5, 5)
+    registry.mark(RID, "alice", 5, 5)
+    assert registry.marks(room.rid) == {"alice": (0, 0), "bob": (0, 0), "carol": (5, 5)}
+    registry.leave(room.rid, "carol")
+    registry.invite(room.rid, "alice", ["carol"], 6)
+    registry.join(room.rid, "carol", 7)
+    assert registry.marks(room.rid)["carol"] == (0, 0)
+    assert open_registry().marks(room.rid)["carol"] == (0, 0)
+
+
+def test_marks_and_numbers_outlive_membership_changes_and_a_restart(open_registry):
+    registry, room = team_after(open_registry(), 5)
+    registry.mark(room.rid, "bob", 5, 4)
+    assert registry.bump_user("bob") == [room.rid]
+    registry.invite(room.rid, "alice", ["erin"], 6)
+    registry.join(room.rid, "dave", 7)
+    assert registry.marks(room.rid)["bob"] == (5, 4) and registry.get(room.rid).seq == 5
+    registry.mark(room.rid, "bob", 5, 5)
+    reopened = open_registry()
+    assert reopened.marks(room.rid) == {"alice": (0, 0), "bob": (5, 5), "carol": (0, 0), "dave": (0, 0)}
+    assert reopened.next_seq(room.rid) > 5
+
+
+def test_a_crash_loses_at_most_the_marks_since_the_last_housekeeping(open_registry):
+    """SQLite writes marks with ``expire_invitations`` (about once a second), not one by one; Redis at once."""
+    registry, room = team_after(open_registry(), 5)
+    registry.mark(room.rid, "bob", 3, 3)
+    registry.expire_invitations(10)
+    registry.mark(room.rid, "bob", 5, 5)
+    kept = open_registry(crash=True).marks(room.rid)["bob"]
+    assert kept == ((5, 5) if open_registry.backend == "redis" else (3, 3))
+
+
+def test_expired_invitations_are_swept_in_bounded_steps(open_registry):
+    limits = RoomLimits(invite_ttl_ms=100, expire_batch=2)
+    registry = open_registry(limits)
+    rids = [registry.create(f"r{n}", "alice", "", 1).rid for n in range(3)]
+    for n, rid in enumerate(rids):
+        registry.invite(rid, "alice", ["bob", "carol"], 10 + n)
+    registry.invite(rids[0], "alice", ["dave"], 50)
+    registry.invite(rids[0], "alice", ["erin"], 61)
+    assert registry.expire_invitations(109) == []
+    gone = []
+    while step := registry.expire_invitations(160):
+        assert len({rid for rid, _ in step}) <= 2
+        gone += step
+    assert sorted(gone) == sorted([(rid, user) for rid in rids for user in ("bob", "carol")] + [(rids[0], "dave")])
+    reopened = open_registry(limits)
+    assert reopened.of_user("bob") == [] and reopened.of_user("dave") == []
+    assert [entry.name for entry in reopened.of_user("erin")] == ["r0"] and reopened.get(rids[0]).epoch == 1
+    assert reopened.expire_invitations(160) == [] and reopened.expire_invitations(161) == [(rids[0], "erin")]
+
+
+def test_an_expired_invitation_no_longer_blocks_new_ones_even_before_the_sweep(open_registry):
+    registry = open_registry(RoomLimits(pending_invites=1, invite_ttl_ms=100))
+    first, second = registry.create("first", "alice", "", 1), registry.create("second", "erin", "", 1)
+    registry.invite(first.rid, "alice", ["dave"], 10)
+    assert registry.invite(second.rid, "erin", ["dave"], 109) is RoomRefusal.TOO_MANY_INVITATIONS
+    assert registry.invite(second.rid, "erin", ["dave"], 110).member("dave")
+    assert registry.join(first.rid, "dave", 111) is RoomRefusal.UNKNOWN_ROOM
+    assert registry.invite(first.rid, "alice", ["dave"], 112) is RoomRefusal.TOO_MANY_INVITATIONS  # second's
+
+
+def test_reading_a_room_costs_one_redis_command(tmp_path: Path):
+    """The message path reads the room once per message: one round trip, whatever the cluster does."""
+    from p2pchat.broker.backends.redis_health import connect
+    from p2pchat.broker.backends.redis_rooms import RedisRoomRegistry
+    from p2pchat.broker.backends.redis_schema import RedisKeys
+
+    for server in redis_servers(tmp_path):
+        registry, probe = RedisRoomRegistry(connect(server.url, 1.0), RedisKeys()), server.client()
+        room = build_team(registry)
+        registry.next_seq(room.rid)
+        before = probe.info("stats")["total_commands_processed"]
+        assert registry.get(room.rid).seq == 1
+        assert probe.info("stats")["total_commands_processed"] - before == 2  # the GET, and the first INFO
+        registry.close()
+        probe.close()
