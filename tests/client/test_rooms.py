@@ -5,13 +5,18 @@ online or not; a member who left or was removed cannot read what is sent after."
 from __future__ import annotations
 
 import collections
+import sqlite3
 from collections.abc import Callable
 
 import pytest
 
 from p2pchat.client import events as ev
 from p2pchat.client.chat_client import ChatClient
+from p2pchat.client.sender_keys import MemorySenderKeys, NoSenderKey, SenderKeys
+from p2pchat.client.storage.sender_keys import SqliteSenderKeys
 from p2pchat.common.errors import ErrorCode, RemoteError
+from p2pchat.common.protocol import decode
+from p2pchat.common.protocol_rooms import RoomMessage
 from tests.conftest import BrokerProcess, wait_for
 
 
@@ -63,10 +68,32 @@ def test_offline_members_get_everything_once_in_order_per_sender(make_client, te
     assert by_sender == {"alice": [f"a{i}" for i in range(10)], "bob": [f"b{i}" for i in range(10)]}
 
 
-def test_a_removed_member_gets_nothing_new(team):
+def queued_room_frames(broker: BrokerProcess, recipient: str) -> list:
+    """The room messages waiting in ``recipient``'s queue at the broker, decoded: the frames in hand."""
+    db = sqlite3.connect(broker.home / "broker" / "queue.sqlite")
+    try:
+        rows = db.execute("SELECT header FROM queue WHERE recipient = ? ORDER BY seq", (recipient,)).fetchall()
+    finally:
+        db.close()
+    envs = [decode([header]) for header, in rows]
+    return [env for env in envs if isinstance(env.message, RoomMessage)]
+
+
+def test_a_removed_member_gets_nothing_new_and_cannot_open_later_frames(make_client, team, broker):
     alice, bob, carol = team
+    dave = make_client("dave")
+    alice.room_invite("team", ["dave"])
+    dave.room_join("team")
+    dave.close()  # offline: what is sent to the room waits in his queue, where we take it from
+    alice.send_room("team", "hello")
+    assert room_texts(bob, 1) == [("alice", "hello")] and room_texts(carol, 1) == [("alice", "hello")]
+    kept = MemorySenderKeys()  # every sender key carol holds as a member, kept past her removal
+    for key, value in SqliteSenderKeys(carol.state_dir / "sender_keys.sqlite").load_all().items():
+        kept.put(key, value)
     alice.send_room("team", "before")
-    assert room_texts(carol, 1) == [("alice", "before")]
+    assert room_texts(bob, 1) == [("alice", "before")] and room_texts(carol, 1) == [("alice", "before")]
+    rid = alice.room_id("team")
+
     alice.room_remove("team", "carol")
     wait_for(carol, lambda e: isinstance(e, ev.RoomGone) and e.why == "removed")
     alice.send_room("team", "after")
@@ -74,6 +101,12 @@ def test_a_removed_member_gets_nothing_new(team):
     with pytest.raises(RemoteError) as refused:
         carol.send_room("team", "still here?")
     assert refused.value.code is ErrorCode.UNKNOWN_ROOM
+
+    _, before, after = queued_room_frames(broker, "dave")
+    old_keys = SenderKeys("carol", carol._session.device, kept)
+    assert old_keys.open(rid, "alice", before.msg_id, before.ts, before.message.body) == b"before"
+    with pytest.raises(NoSenderKey):  # alice rotated: carol never had the generation "after" is sealed with
+        old_keys.open(rid, "alice", after.msg_id, after.ts, after.message.body)
 
 
 def test_outsiders_learn_nothing(make_client, team):
