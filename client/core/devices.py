@@ -38,6 +38,7 @@ class DeviceSync:
     def _on_devices(self, msg: Devices, now: float) -> list[Action]:
         """A user's device list: checked, then what waited for it is sealed, and their waiting bodies opened."""
         self._key_requests = {ref: user for ref, user in self._key_requests.items() if user != msg.user}
+        self._room_unusable.discard(msg.user)  # checked afresh below: refused again, it is set again
         unlisted = self._unlisted.take(msg.user) if self._unlisted is not None else []
         log.debug("user=%s peer=%s devices %s (ver %d); %d bodies waited", self.user, msg.user,
                   [d[0] for d in msg.devices], msg.ver, len(unlisted))

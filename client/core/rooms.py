@@ -71,6 +71,7 @@ class RoomSync:
         self._room_fetching: set[bytes] = set()  # rooms asked for (room_req) and not answered yet
         self._no_key = HeldMessages(NO_KEY_MAX, NO_KEY_PER_SENDER)
         self._room_resend_at: float | None = None
+        self._room_unusable: set[str] = set()  # members whose device list we refused this run: no room key to them
 
     # --- commands --------------------------------------------------------------------------------------------
     def room_request(self, message: Message, now: float) -> tuple[bytes, list[Action]]:
@@ -121,7 +122,8 @@ class RoomSync:
                 actions += self._fetch_room(pending.rid, now)
                 continue
             if self.sender_keys is not None:
-                missing = {user for user in room.joined if self.e2e.devices_of(user) is None}
+                missing = {user for user in room.joined if self.e2e.devices_of(user) is None and
+                           user not in self._blocked and user not in self._room_unusable}
                 if missing:
                     blocked.add(pending.rid)
                     wanted |= missing
@@ -138,7 +140,10 @@ class RoomSync:
         """This device's sender key for ``room`` to every device of every joined member that lacks it; a new key
         first if a device that had it is no longer a member's (left, removed, unlinked)."""
         keys = self.sender_keys
-        devices = {(user, dev) for user in room.joined for dev, _ in self.e2e.devices_of(user).devices
+        # A member whose key change waits for the user, or whose list we refused, gets no key meanwhile: the
+        # devices it had leave the set, so the generation rotates past them (one member never blocks a room).
+        devices = {(user, dev) for user in room.joined if user not in self._blocked
+                   for dev, _ in getattr(self.e2e.devices_of(user), "devices", ())
                    if (user, dev) != (self.user, self.device)}
         if keys.must_rotate(room.rid, devices):
             log.info("user=%s room=%s a device left the room: new sender key", self.user, room.rid.hex())

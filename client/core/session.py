@@ -626,6 +626,7 @@ class ClientSession(KeyChanges, DeviceSync, RoomSync):
         return actions
 
     def _fail_sends_to(self, user: str, error: P2PChatError) -> list[Action]:
+        self._room_unusable.add(user)  # nor sender keys: its rooms go on without it
         actions: list[Action] = []
         for msg_id in self.outbox.drop_unsealed_to(user):
             if self.history is not None:

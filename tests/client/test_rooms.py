@@ -14,9 +14,11 @@ from p2pchat.client import events as ev
 from p2pchat.client.chat_client import ChatClient
 from p2pchat.client.sender_keys import MemorySenderKeys, NoSenderKey, SenderKeys
 from p2pchat.client.storage.sender_keys import SqliteSenderKeys
-from p2pchat.common.errors import ErrorCode, RemoteError
+from p2pchat.common.errors import ErrorCode, ExitCode, RemoteError
 from p2pchat.common.protocol import decode
 from p2pchat.common.protocol_rooms import RoomMessage
+from tests.broker.test_cluster import broker_of, connect, redis_server, start_cluster  # noqa: F401 - fixtures
+from tests.client.test_recovery import cli, machine  # noqa: F401 - a fixture
 from tests.conftest import BrokerProcess, wait_for
 
 
@@ -53,19 +55,35 @@ def test_a_message_to_a_room_reaches_every_member_once_sealed_once(team):
     assert alice._session.sender_keys.seals == 1  # one encryption for the whole room
 
 
-def test_offline_members_get_everything_once_in_order_per_sender(make_client, team):
+def test_a_room_of_twenty_with_five_offline_gets_everything_once_in_order_per_sender(make_client, team):
     alice, bob, carol = team
-    carol.close()
+    others = [make_client(f"user{i:02d}") for i in range(17)]
+    alice.room_invite("team", [c.user for c in others])
+    for client in others:
+        client.room_join("team")
+    members = [alice, bob, carol, *others]
+    assert len(alice.room_info("team").joined) == 20
+    offline = [c.user for c in others[:5]]
+    for client in others[:5]:
+        client.close()
     for i in range(10):
         alice.send_room("team", f"a{i}")
         bob.send_room("team", f"b{i}")
-    back = make_client("carol")
-    got = room_texts(back, 20)
-    assert len(set(got)) == 20
-    by_sender = collections.defaultdict(list)
+    expected = {"alice": [f"a{i}" for i in range(10)], "bob": [f"b{i}" for i in range(10)]}
+    for client in [carol, *others[5:]]:  # the 15 online, then the 5 who come back
+        assert by_sender(room_texts(client, 20)) == expected, client.user
+    for user in offline:
+        assert by_sender(room_texts(make_client(user), 20)) == expected, user
+    assert alice._session.sender_keys.seals == 10  # one encryption per message, whatever the room's size
+    assert [c.user for c in members if c._session.sender_keys.seals not in (0, 10)] == []
+
+
+def by_sender(got: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Texts per sender in the order they came; a text twice would show twice."""
+    texts = collections.defaultdict(list)
     for sender, text in got:
-        by_sender[sender].append(text)
-    assert by_sender == {"alice": [f"a{i}" for i in range(10)], "bob": [f"b{i}" for i in range(10)]}
+        texts[sender].append(text)
+    return dict(texts)
 
 
 def queued_room_frames(broker: BrokerProcess, recipient: str) -> list:
@@ -130,3 +148,85 @@ def test_membership_survives_a_broker_restart(tmp_path, team, broker: BrokerProc
     assert set(alice.room_info("team").joined) == {"alice", "bob", "carol"}
     alice.send_room("team", "after the restart")
     assert room_texts(bob, 1) == [("alice", "after the restart")]
+
+
+def test_a_room_across_two_cluster_workers(tmp_path, redis_server, connect):  # noqa: F811 - fixtures
+    cluster = start_cluster(tmp_path / "broker-home", redis_server.url, 2)
+    try:
+        users = [f"user{i}" for i in range(8)]
+        clients = {user: connect(user, cluster.address) for user in users}
+        r = redis_server.client()
+        homes = {user: broker_of(r, user) for user in users}
+        assert len(set(homes.values())) == 2, f"the kernel put every client on one worker: {homes}"
+        owner = clients["user0"]
+        owner.room_create("team")
+        owner.room_invite("team", users[1:])
+        for user in users[1:]:
+            clients[user].room_join("team")
+        owner.send_room("team", "to both brokers")
+        for user in users[1:]:
+            assert room_texts(clients[user], 1) == [("user0", "to both brokers")]
+        # a member on the other worker is removed: enforced there at once (the registry is Redis)
+        other = next(u for u in users[1:] if homes[u] != homes["user0"])
+        owner.room_remove("team", other)
+        with pytest.raises(RemoteError) as refused:
+            clients[other].send_room("team", "after my removal")
+        assert refused.value.code in (ErrorCode.UNKNOWN_ROOM, ErrorCode.NOT_MEMBER)
+        owner.send_room("team", "without them")
+        for user in users[1:]:
+            if user != other:
+                assert room_texts(clients[user], 1) == [("user0", "without them")]
+    finally:
+        assert cluster.stop() == 0
+
+
+def test_a_member_who_links_a_device_reads_the_room_on_both_and_an_unlinked_one_is_rotated_out(
+        broker, machine, tmp_path):  # noqa: F811 - fixtures
+    alice = machine("a", "alice", broker.address)
+    desk = machine("desk", "bob", broker.address)
+    alice.room_create("team")
+    alice.room_invite("team", ["bob"])
+    desk.room_join("team")
+    alice.send_room("team", "one device")
+    assert room_texts(desk, 1) == [("alice", "one device")]
+    linked = cli(tmp_path / "laptop", "link", "--user", "bob", "--server", f"127.0.0.1:{broker.port}",
+                 "--recovery", "--name", "laptop", stdin=desk.recovery_phrase + "\n")
+    assert linked.returncode == ExitCode.OK, linked.stderr
+    laptop = machine("laptop", "bob", broker.address)
+    alice.send_room("team", "two devices")  # the room's epoch moved with bob's list: sealed again, key to the laptop
+    assert room_texts(desk, 1) == [("alice", "two devices")]
+    assert room_texts(laptop, 1) == [("alice", "two devices")]
+    generation = alice._session.sender_keys.current(alice.room_id("team")).gen
+
+    unlinked = cli(tmp_path / "desk", "unlink", "--user", "bob", "--server", f"127.0.0.1:{broker.port}",
+                   "--recovery", "laptop", stdin=desk.recovery_phrase + "\n")
+    assert unlinked.returncode == ExitCode.OK, unlinked.stderr
+    alice.send_room("team", "the laptop is gone")
+    assert room_texts(desk, 1) == [("alice", "the laptop is gone")]
+    assert alice._session.sender_keys.current(alice.room_id("team")).gen == generation + 1  # rotated it out
+
+
+def test_a_members_key_change_holds_only_its_keys_and_the_room_goes_on(broker, machine, tmp_path):
+    alice = machine("a", "alice", broker.address)
+    bob = machine("b", "bob", broker.address)
+    carol = machine("c", "carol", broker.address)
+    alice.room_create("team")
+    alice.room_invite("team", ["bob", "carol"])
+    bob.room_join("team")
+    carol.room_join("team")
+    alice.send_room("team", "hello")
+    assert room_texts(bob, 1) == room_texts(carol, 1) == [("alice", "hello")]
+    bob.close()
+
+    recovered = cli(tmp_path / "b2", "recover", "--user", "bob", "--server", f"127.0.0.1:{broker.port}",
+                    stdin=bob.recovery_phrase + "\n")
+    assert recovered.returncode == ExitCode.OK, recovered.stderr
+    new_bob = machine("b2", "bob", broker.address)
+    wait_for(alice, lambda e: isinstance(e, ev.PeerKeyChanged) and e.user == "bob")
+    alice.send_room("team", "while bob's key waits")  # carol has it at once: the room is not held for bob
+    assert room_texts(carol, 1) == [("alice", "while bob's key waits")]
+    assert alice._session.sender_keys.current(alice.room_id("team")).gen == 2  # bob's old key is rotated out
+
+    assert alice.accept_peer_key("bob")
+    alice.send_room("team", "welcome back")
+    assert room_texts(new_bob, 1) == [("alice", "welcome back")]  # what followed the acceptance
