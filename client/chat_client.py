@@ -98,6 +98,9 @@ SLICE = 0.02  # seconds the agent spends on one source before looking at the oth
 REOPEN_FACTOR = 3  # expiry periods without registering before the agent opens new sockets
 
 
+_ROOM_ANSWERS = frozenset({ev.RoomUpdated, ev.RoomGone, ev.RoomsListed, ev.RoomReceipts})
+
+
 def _wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -611,7 +614,7 @@ class ChatClient(RoomCommands):
             self._registered.set_exception(event.error)
         elif kind is ev.PeersChanged:
             self._peers = event.peers
-        elif (kind is ev.RoomUpdated or kind is ev.RoomGone or kind is ev.RoomsListed) and event.ref is not None:
+        elif kind in _ROOM_ANSWERS and event.ref is not None:
             future = self._acks.pop(event.ref, None)
             if future is not None:
                 future.set_result(event)

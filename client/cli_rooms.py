@@ -16,20 +16,25 @@ from p2pchat.common.errors import ExitCode
 ROLES = ("member", "admin", "owner")
 
 
-def _members(room: ev.RoomView, online: frozenset[str]) -> list[dict]:
-    return [{"user": user, "role": ROLES[role], "invited": invited, "online": user in online}
+def _members(room: ev.RoomView, online: frozenset[str], receipts: ev.RoomReceipts | None) -> list[dict]:
+    marks = receipts.marks if receipts is not None else {}
+    return [{"user": user, "role": ROLES[role], "invited": invited, "online": user in online,
+             **({"delivered": marks[user][0], "read": marks[user][1]} if user in marks else {})}
             for user, role, invited in room.members]
 
 
-def _print_room(room: ev.RoomView, as_json: bool, online: frozenset[str]) -> None:
+def _print_room(room: ev.RoomView, as_json: bool, online: frozenset[str],
+                receipts: ev.RoomReceipts | None = None) -> None:
+    members = _members(room, online, receipts)
     if as_json:
         print(json.dumps({"room": room.name, "topic": room.topic, "owner": room.owner,
-                          "members": _members(room, online)}))
+                          **({"seq": receipts.seq} if receipts is not None else {}), "members": members}))
         return
     print(f"{room.name}" + (f" — {room.topic}" if room.topic else ""))
-    for member in _members(room, online):
+    for member in members:
         state = " (invited)" if member["invited"] else (" (online)" if member["online"] else "")
-        print(f"  {member['user']}  {member['role']}{state}")
+        marks = f"  read up to #{member['read']}" if member.get("read") else ""
+        print(f"  {member['user']}  {member['role']}{state}{marks}")
 
 
 def cmd_room(args: argparse.Namespace, connect: Callable) -> int:
@@ -53,8 +58,10 @@ def cmd_room(args: argparse.Namespace, connect: Callable) -> int:
             room = client.room_set(args.name, topic=" ".join(args.text))
         elif action == "admin":
             room = client.room_admin(args.name, args.member, not args.off)
-        elif action == "members":
+        elif action == "members":  # with how far each member has read (§5.9)
             room = client.room_info(args.name)
+            _print_room(room, args.json, client.peers(), client.room_receipts(args.name))
+            return ExitCode.OK
         else:  # list
             listed = []
             for r in client.room_list():

@@ -64,6 +64,7 @@ class ReadElsewhere:
 class Acked:
     msg_id: bytes
     status: str
+    seq: int | None = None  # a room message: its number in the room (for its receipts, ``RoomReceipts``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,17 @@ class RoomsListed:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomReceipts:
+    """Per joined member of ``rid``, the last room message number its devices kept and showed: a message numbered
+    ``n`` (``Acked.seq``) is delivered to all when every ``delivered`` ≥ n, and read by those whose ``read`` ≥ n."""
+
+    rid: bytes
+    seq: int  # the room's last message number
+    marks: dict[str, tuple[int, int]]  # user -> (delivered, read)
+    ref: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RoomEvent:
     """The broker says something happened in a room: ``kind`` is one of docs/PROTOCOL.md §5.7's (``invited``,
     ``joined``, ``left``, ``removed``, ``renamed``, ``topic``, ``role``, ``devices``)."""
@@ -241,5 +253,5 @@ Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | MessageEchoed | ReadElsewhere
     | Acked | Receipt | SendFailed | ErrorReported
     | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | SendState
-    | Stopped | RoomUpdated | RoomGone | RoomsListed | RoomEvent
+    | Stopped | RoomUpdated | RoomGone | RoomsListed | RoomEvent | RoomReceipts
 )

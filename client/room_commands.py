@@ -115,14 +115,24 @@ class RoomCommands:
         return self._call(command).result(ANSWER_TIMEOUT), done
 
     def mark_room_read(self, rid: bytes) -> None:
-        self._call(lambda now: self._session.mark_room_read(rid))
+        """The user has seen room ``rid``: read here, and the room's read mark says so."""
+        self._call(lambda now: self._execute(self._session.mark_room_read(rid, now)))
+
+    def room_receipts(self, name: str, watch: bool | None = None) -> ev.RoomReceipts:
+        """Per member, how far its devices have kept and shown the room (``watch``: then pushed as
+        ``RoomReceipts`` events as they move, at most once a second; False stops that)."""
+        rid = self.room_id(name)
+        return self._room_ask_with(lambda now: self._session.room_receipts(rid, watch, now))
 
     def _room_ask(self, message: Message):
         """Send one room request and wait for its answer event (``RoomUpdated``, ``RoomGone``, ``RoomsListed``)."""
+        return self._room_ask_with(lambda now: self._session.room_request(message, now))
+
+    def _room_ask_with(self, request):
         answer: Future = Future()
 
         def command(now: float) -> None:
-            msg_id, actions = self._session.room_request(message, now)
+            msg_id, actions = request(now)
             self._acks[msg_id] = answer
             self._execute(actions)
 

@@ -337,6 +337,7 @@ class Ack(Message):
     ref: MsgId
     status: AckStatusField
     missed: Count | None = None  # room_msg, room_offer: members whose queue refused their copy (§5.8)
+    seq: Count | None = None  # room_msg, room_offer: the number the broker gave it (§5.8)
 
 
 @_message

@@ -273,10 +273,14 @@ class RoomReceiptsRequest(Message):
 
 @_message
 class RoomReceipts(Message):
+    """The marks of every joined member, and the room's last message number; ``ref``: the request it answers
+    (none when pushed to a watcher)."""
+
     TYPE = RoomMsgType.ROOM_RECEIPTS
     room: RoomId
     seq: Count
     marks: RoomMarks
+    ref: MsgId | None = None
 
 
 # --- files kept by the broker (§8.1) -----------------------------------------------------------------------

@@ -44,6 +44,7 @@ class _Appended:
     frames: Frames
     queued: bool  # False: the store refused it for space (store bound or disk); relay it or say storage_full
     missed: int = 0  # a room message: members whose queue refused their copy (told in its ack)
+    seq: int | None = None  # a room message: its number in the room (told in its ack)
 
 
 def queue_name(user: str, dev: int, primary: int) -> str:
@@ -77,11 +78,11 @@ class QueuedDelivery:
 
     # --- durable frames in ---------------------------------------------------------------------
     def queue(self, conn: bytes, env: Envelope, targets: Sequence[tuple[str, Frames]],
-              sessions: tuple[Location, ...], skip_full: bool = False) -> list[Action]:
+              sessions: tuple[Location, ...], skip_full: bool = False, seq: int | None = None) -> list[Action]:
         """Append each ``(queue, frames)`` of ``targets`` (the recipient's device queues, and for a message its
         sender's other devices'); acknowledge once and deliver once the shell reports the commit (``on_commit``).
-        ``sessions``: the recipient's. ``skip_full`` (a room message): a full queue misses its copy, the others
-        get theirs and the ack counts the misses; else a full queue refuses the whole frame. Raises
+        ``sessions``: the recipient's. ``skip_full`` (a room message, numbered ``seq``): a full queue misses its
+        copy, the others get theirs and the ack counts the misses; else a full queue refuses the whole frame. Raises
         ``StoreUnavailable`` if the store cannot take it now."""
         sender: str = env.message.sender  # type: ignore[attr-defined]
         recipient: str | None = getattr(env.message, "recipient", None)  # None: a room's
@@ -107,9 +108,10 @@ class QueuedDelivery:
                                if where.broker != self._broker_id}:
                     self._link.forward(broker, queue, [bytes(frames[0])])  # goes out with the append's commit
         if len(self._appended) == first:  # nothing to store (a room of one device, or every queue full)
-            return [Send(conn, self._frames.make(Ack(env.msg_id, AckStatus.STORED, missed or None)))] if acked else []
-        if missed:
-            self._appended[first] = replace(self._appended[first], missed=missed)
+            return [Send(conn, self._frames.make(Ack(env.msg_id, AckStatus.STORED, missed or None, seq)))] \
+                if acked else []
+        if missed or seq is not None:
+            self._appended[first] = replace(self._appended[first], missed=missed, seq=seq)
         return []
 
     def on_commit(self, failure: ErrorCode | None) -> list[Action]:
@@ -136,9 +138,10 @@ class QueuedDelivery:
                 if conn is not None and not self._pages[conn].draining:  # else it comes with a later page
                     actions.append(Send(conn, item.frames, item.recipient))
                 if acked:
-                    actions.append(Send(item.sender, make(Ack(item.msg_id, AckStatus.STORED, item.missed or None))))
+                    actions.append(Send(item.sender, make(Ack(item.msg_id, AckStatus.STORED, item.missed or None,
+                                                              item.seq))))
             elif conn is not None:
-                ack = make(Ack(item.msg_id, AckStatus.RELAYED, item.missed or None)) if acked else None
+                ack = make(Ack(item.msg_id, AckStatus.RELAYED, item.missed or None, item.seq)) if acked else None
                 actions.append(Relay(conn, item.frames, item.sender, ack,
                                      lambda r=item.recipient, m=item.msg_id: self._frames.error(
                                          ErrorCode.RECIPIENT_BUSY, f"recipient {r!r} is not keeping up", m)))

@@ -24,6 +24,7 @@ from p2pchat.broker.core.ports import DEVICE_ROOMS, Room, RoomRefusal, StoreUnav
 from p2pchat.common.errors import ErrorCode
 from p2pchat.common.protocol import Ack, AckStatus, Envelope, Message, pack
 from p2pchat.common.protocol_rooms import (
+    MAX_WATCHED_ROOMS,
     RoomCreate,
     RoomEvent,
     RoomEventKind,
@@ -34,7 +35,10 @@ from p2pchat.common.protocol_rooms import (
     RoomLeave,
     RoomListing,
     RoomListRequest,
+    RoomMark,
     RoomMessage,
+    RoomReceipts,
+    RoomReceiptsRequest,
     RoomRemove,
     RoomRequest,
     RoomRole,
@@ -58,12 +62,40 @@ _REFUSED = {  # RoomRefusal -> the error code and its words
     RoomRefusal.TOO_MANY_ADMINS: (ErrorCode.TOO_MANY_ADMINS, "the room has the most admins it may have"),
 }
 ROOM_REQUESTS = (RoomCreate, RoomInvite, RoomJoin, RoomLeave, RoomRequest, RoomRemove, RoomSet, RoomRole,
-                 RoomListRequest, RoomMessage)
+                 RoomListRequest, RoomMessage, RoomMark, RoomReceiptsRequest)
+RECEIPTS_EVERY = 1.0  # seconds: a watched room's marks are pushed at most this often, however many come in
 
 
 class RoomService:
     def _room_handlers(self) -> dict[type[Message], object]:
+        self._watches: dict[bytes, set[bytes]] = {}  # room -> sessions watching its receipts
+        self._watched: dict[bytes, set[bytes]] = {}  # session -> rooms it watches (at most MAX_WATCHED_ROOMS)
+        self._marked: set[bytes] = set()  # watched rooms whose marks moved since the last push
+        self._next_receipts = 0.0
         return {kind: self._on_room_request for kind in ROOM_REQUESTS}
+
+    def _rooms_tick(self, now: float) -> list[Action]:
+        """About once a second: the registry's upkeep (invitations expire, marks are written) and the receipts of
+        watched rooms whose marks moved, one push per room and watcher."""
+        if self.rooms is None or now < self._next_receipts:
+            return []
+        self._next_receipts = now + RECEIPTS_EVERY
+        self.rooms.expire_invitations(self._wall_ms())
+        actions: list[Action] = []
+        marked, self._marked = self._marked, set()
+        for rid in marked:
+            room = self.rooms.get(rid)
+            frames = self._frames.make(self._receipts(room, None)) if room is not None else None
+            actions += [Send(conn, frames) for conn in self._watches.get(rid, ()) if frames is not None]
+        return actions
+
+    def _rooms_session_ended(self, conn: bytes) -> None:
+        for rid in self._watched.pop(conn, ()):
+            watchers = self._watches.get(rid)
+            if watchers is not None:
+                watchers.discard(conn)
+                if not watchers:
+                    del self._watches[rid]
 
     def _on_room_request(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
         session = self._sessions.get(conn)
@@ -75,6 +107,13 @@ class RoomService:
         kind = type(msg)
         if kind is RoomMessage:
             return self._on_room_message(conn, session, env)
+        if kind is RoomMark:  # never answered: a bad one changes nothing and says nothing
+            self.rooms.mark(msg.room, session.user, msg.delivered, msg.read)
+            if msg.room in self._watches:
+                self._marked.add(msg.room)
+            return []
+        if kind is RoomReceiptsRequest:
+            return self._on_receipts_request(conn, session, env)
         if kind is RoomListRequest:
             entries = self.rooms.of_user(session.user)
             rows = tuple((e.rid, e.name, e.epoch, int(e.invited) | int(e.role) << 1) for e in entries)
@@ -189,7 +228,7 @@ class RoomService:
         targets = [(queue, frames) for queue in self._room_queues(room, session)]
         if self.delivery.durable:
             try:
-                return self.delivery.queue(conn, env, targets, (), skip_full=True)
+                return self.delivery.queue(conn, env, targets, (), skip_full=True, seq=seq)
             except StoreUnavailable:
                 if not any(where.broker == self.broker_id for user, _ in targets
                            for where in self.directory.locate(user.partition("/")[0])):
@@ -222,6 +261,29 @@ class RoomService:
         if not sender.joined or recipient is None or not recipient.joined:
             return ErrorCode.NOT_MEMBER
         return None
+
+    # --- receipts: marks instead of one receipt per message and member ---------------------------------------
+    def _on_receipts_request(self, conn: bytes, session: _Session, env: Envelope) -> list[Action]:
+        msg: RoomReceiptsRequest = env.message  # type: ignore[assignment]
+        room = self.rooms.get(msg.room)
+        if room is None or room.member(session.user) is None:
+            return [self._refused(conn, RoomRefusal.UNKNOWN_ROOM, env)]
+        watched = self._watched.setdefault(conn, set())
+        if msg.watch and msg.room not in watched and len(watched) >= MAX_WATCHED_ROOMS:
+            return [self._error(conn, ErrorCode.RATE_LIMITED, f"at most {MAX_WATCHED_ROOMS} rooms watched per "
+                                "session: unwatch one first", env)]
+        if msg.watch:
+            watched.add(msg.room)
+            self._watches.setdefault(msg.room, set()).add(conn)
+        elif msg.watch is False:
+            watched.discard(msg.room)
+            self._watches.get(msg.room, set()).discard(conn)
+        return [Send(conn, self._frames.make(self._receipts(room, env.msg_id)))]
+
+    def _receipts(self, room: Room, ref: bytes | None) -> RoomReceipts:
+        marks = self.rooms.marks(room.rid)
+        rows = tuple((user, *marks.get(user, (0, 0))) for user in (m.user for m in room.members if m.joined))
+        return RoomReceipts(room.rid, room.seq, rows, ref)
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _info(self, conn: bytes, room: Room, env: Envelope) -> Send:

@@ -178,6 +178,7 @@ class BrokerCore(DeviceFanOut, RoomService):
             actions += self._on_binding_changed(change)
         actions += self._presence()
         actions += self.delivery.on_tick(now, self.directory.recheck(now))
+        actions += self._rooms_tick(now)
         if now >= self._next_sweep:
             self._next_sweep = now + EXPIRY_SWEEP
             self.credit.expire(now)
@@ -308,6 +309,8 @@ class BrokerCore(DeviceFanOut, RoomService):
         self._refusing.discard(conn)
         self.credit.recipient_gone(session.user)
         self.delivery.closed(conn)
+        if self.rooms is not None:
+            self._rooms_session_ended(conn)
         return session
 
     def _presence(self) -> list[Action]:

@@ -34,7 +34,10 @@ from p2pchat.common.protocol_rooms import (
     RoomKey,
     RoomListing,
     RoomListRequest,
+    RoomMark,
     RoomMessage,
+    RoomReceipts,
+    RoomReceiptsRequest,
     RoomRequest,
 )
 
@@ -72,6 +75,8 @@ class RoomSync:
         self._no_key = HeldMessages(NO_KEY_MAX, NO_KEY_PER_SENDER)
         self._room_resend_at: float | None = None
         self._room_unusable: set[str] = set()  # members whose device list we refused this run: no room key to them
+        self._room_kept: dict[bytes, int] = {}  # room -> the highest message number kept (history committed)
+        self._room_marked: dict[bytes, int] = {}  # room -> the delivered mark last sent
 
     # --- commands --------------------------------------------------------------------------------------------
     def room_request(self, message: Message, now: float) -> tuple[bytes, list[Action]]:
@@ -101,9 +106,28 @@ class RoomSync:
         named = self.history.room_names().get(rid) if self.history is not None else None
         return named or rid.hex()
 
-    def mark_room_read(self, rid: bytes) -> None:
+    def mark_room_read(self, rid: bytes, now: float) -> list[Action]:
+        """The user has seen the room: its messages read here, and the room's read mark says so (§5.9)."""
         if self.history is not None:
             self.history.mark_room_read(rid)
+        kept = self._room_kept.get(rid)
+        if kept is None or not self.rooms_enabled or self.state.value != "ready":
+            return []
+        self._room_marked[rid] = kept
+        return [self._transmit(self._pack(RoomMark(rid, kept, kept)), now)]
+
+    def room_receipts(self, rid: bytes, watch: bool | None, now: float) -> tuple[bytes, list[Action]]:
+        """Ask for the room's marks (``watch``: and have them pushed as they move, at most once a second)."""
+        return self.room_request(RoomReceiptsRequest(rid, watch), now)
+
+    def _room_marks(self, now: float) -> list[Action]:
+        """After a batch is committed: one delivered mark per room whose kept messages moved (not one per message)."""
+        if not self._room_kept or self.state.value != "ready":
+            return []
+        due = [(rid, kept) for rid, kept in self._room_kept.items() if self._room_marked.get(rid, 0) < kept]
+        for rid, kept in due:
+            self._room_marked[rid] = kept
+        return [self._transmit(self._pack(RoomMark(rid, kept)), now) for rid, kept in due]
 
     # --- sending ----------------------------------------------------------------------------------------------
     def _flush_rooms(self, now: float) -> list[Action]:
@@ -189,7 +213,7 @@ class RoomSync:
             return None
         if self.history is not None:
             self.history.advance(msg.ref, "stored")
-        actions: list[Action] = [Emit(ev.Acked(msg.ref, msg.status.value))]
+        actions: list[Action] = [Emit(ev.Acked(msg.ref, msg.status.value, msg.seq))]
         if msg.missed:
             actions.append(Emit(ev.ErrorReported(RemoteError(
                 f"{msg.missed} member device(s) of the room had a full queue and missed this message",
@@ -245,6 +269,10 @@ class RoomSync:
             return self._on_room_info(msg, now)
         if kind is RoomListing:
             return self._on_room_listing(env, now)
+        if kind is RoomReceipts:
+            self._room_asks.pop(msg.ref, None)
+            marks = {user: (delivered, read) for user, delivered, read in msg.marks}
+            return [Emit(ev.RoomReceipts(msg.room, msg.seq, marks, msg.ref))]
         return self._on_room_event(msg, now)
 
     def _on_room_info(self, msg: RoomInfo, now: float) -> list[Action]:
@@ -321,6 +349,8 @@ class RoomSync:
         except ProtocolError as exc:
             return self._room_unreadable(msg_id, msg, exc.message, now)
         self._seen[msg_id] = None
+        if msg.seq is not None and msg.seq > self._room_kept.get(msg.room, 0):
+            self._room_kept[msg.room] = msg.seq  # marked once the batch is committed (``_room_marks``)
         text = plaintext.decode("utf-8", errors="replace")
         actions = self._after_history(msg_id, None, now)
         if msg.sender == self.user:  # what another device of ours sent to the room

@@ -44,7 +44,7 @@ from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, Protocol
 from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Devices, DevicesRequest, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, CAPS_DEVICES, MAX_BODY_BYTES, MAX_CONSUME_REFS
 
-from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomEvent, RoomInfo, RoomKey, RoomListing, RoomMessage
+from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomEvent, RoomInfo, RoomKey, RoomListing, RoomMessage, RoomReceipts
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def validate_text(recipient: str, text: str) -> bytes:
     return body
 
 
-_ROOM_FRAMES = frozenset({RoomMessage, RoomInfo, RoomListing, RoomEvent})
+_ROOM_FRAMES = frozenset({RoomMessage, RoomInfo, RoomListing, RoomEvent, RoomReceipts})
 _NOBODY: frozenset[str] = frozenset()  # one for every session (the load tool runs 10,000 in a process)
 
 
@@ -228,8 +228,9 @@ class ClientSession(KeyChanges, DeviceSync, RoomSync):
     def end_batch(self, now: float) -> list[Action]:
         """The shell has handled a batch of inputs (and committed its history): the consumes gathered in it go
         out, one CONSUME per ``MAX_CONSUME_REFS + 1`` ids rather than one per frame (docs/PROTOCOL.md §11)."""
+        marks = self._room_marks(now)
         if not self._consumes and not self._after_consumes:
-            return []
+            return marks
         ids, self._consumes = self._consumes, []
         refusals, self._after_consumes = self._after_consumes, []
         if self.state is not State.READY:  # the broker pages them again after registering: consumed then
@@ -237,7 +238,7 @@ class ClientSession(KeyChanges, DeviceSync, RoomSync):
         step = MAX_CONSUME_REFS + 1
         # The consumes first: a sender re-sealing a refused message must find its first copy gone (§10.4).
         return [self._transmit(self._pack(Consume(ids[i], tuple(ids[i + 1:i + step]) or None)), now)
-                for i in range(0, len(ids), step)] + refusals
+                for i in range(0, len(ids), step)] + refusals + marks
 
     def history_failed(self, error: StorageError) -> list[Action]:
         """The shell could not commit: what waited stays held (the broker keeps the messages queued) until a

@@ -11,7 +11,8 @@ from p2pchat.broker.backends.sqlite_rooms import SqliteRoomRegistry
 from p2pchat.broker.backends.sqlite_store import SqliteMessageStore
 from p2pchat.broker.core.ports import QueueLimits
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Error, Registered, pack
+from p2pchat.broker.core.actions import Send
+from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Error, Registered, decode, pack
 from p2pchat.common.protocol_rooms import (
     CAPS_ROOMS,
     RoomCreate,
@@ -24,7 +25,10 @@ from p2pchat.common.protocol_rooms import (
     RoomLeave,
     RoomListing,
     RoomListRequest,
+    RoomMark,
     RoomMessage,
+    RoomReceipts,
+    RoomReceiptsRequest,
     RoomRemove,
     RoomRequest,
 )
@@ -109,7 +113,7 @@ def test_the_room_list_shows_rooms_and_invitations_with_roles(core, team):
 
 def test_a_room_message_is_numbered_and_queued_once_for_every_other_member_with_one_ack(core, team):
     actions = step(core, A, RoomMessage("alice", team, 3, b"sealed once"), msg_id=b"m" * 16)
-    assert to(actions, A) == [Ack(b"m" * 16, AckStatus.STORED)]
+    assert to(actions, A) == [Ack(b"m" * 16, AckStatus.STORED, None, 1)]
     assert to(actions, B) == to(actions, C) == [RoomMessage("alice", team, 3, b"sealed once", 1)]
     actions = step(core, B, RoomMessage("bob", team, 3, b"again"), msg_id=b"n" * 16)
     assert to(actions, A) == [RoomMessage("bob", team, 3, b"again", 2)]
@@ -135,7 +139,7 @@ def test_a_member_whose_queue_is_full_misses_the_copy_and_the_ack_says_so(core, 
         step(core, A, RoomMessage("alice", team, 3, b"x"), msg_id=bytes([i]) * 16)
     step(core, A, RoomLeave(team))  # (alice leaves and comes back: the room's epoch moves on, nothing else)
     actions = step(core, B, RoomMessage("bob", team, 4, b"one too many for carol"), msg_id=b"z" * 16)
-    assert to(actions, B) == [Ack(b"z" * 16, AckStatus.STORED, 1)]  # carol missed it; nobody else to send to
+    assert to(actions, B) == [Ack(b"z" * 16, AckStatus.STORED, 1, 4)]  # carol missed it; nobody else to send to
 
 
 def test_a_change_of_membership_is_told_to_the_members_online(core, team):
@@ -162,3 +166,29 @@ def test_the_leaver_gets_the_room_without_members_and_the_last_one_out_deletes_i
     answer, _ = ask(core, A, RoomLeave(team))
     assert type(answer) is RoomInfo and answer.members == ()
     assert core.rooms.get(team) is None
+
+
+def test_marks_give_delivered_and_read_per_member_and_a_watcher_one_push_per_second(core, team):
+    for i in range(3):
+        step(core, A, RoomMessage("alice", team, 3, b"x"), msg_id=bytes([i]) * 16)
+    answer, _ = ask(core, A, RoomReceiptsRequest(team, True))
+    assert answer == RoomReceipts(team, 3, (("alice", 0, 0), ("bob", 0, 0), ("carol", 0, 0)), b"q" * 16)
+    for i in range(1, 4):  # bob keeps them one by one, then reads them: many marks
+        step(core, B, RoomMark(team, i))
+    step(core, B, RoomMark(team, 3, 3))
+    step(core, C, RoomMark(team, 2))
+    step(core, C, RoomMark(team, 1))  # marks only go up
+    pushed = [decode(a.frames).message for a in core.on_tick(1.5) if type(a) is Send and a.conn == A]
+    assert pushed == [RoomReceipts(team, 3, (("alice", 0, 0), ("bob", 3, 3), ("carol", 2, 0)))]
+    step(core, C, RoomMark(team, 3))
+    assert [a for a in core.on_tick(2.0) if type(a) is Send and a.conn == A] == []  # within the second: held
+    pushed = [decode(a.frames).message for a in core.on_tick(2.6) if type(a) is Send and a.conn == A]
+    assert pushed == [RoomReceipts(team, 3, (("alice", 0, 0), ("bob", 3, 3), ("carol", 3, 0)))]
+
+
+def test_an_outsider_marks_nothing_and_sees_no_receipts(core, team):
+    step(core, M, RoomMark(team, 99, 99))
+    answer, _ = ask(core, M, RoomReceiptsRequest(team))
+    assert answer.code is ErrorCode.UNKNOWN_ROOM
+    answer, _ = ask(core, A, RoomReceiptsRequest(team))
+    assert "mallory" not in [row[0] for row in answer.marks]

@@ -19,7 +19,7 @@ from p2pchat.common.protocol import decode
 from p2pchat.common.protocol_rooms import RoomMessage
 from tests.broker.test_cluster import broker_of, connect, redis_server, start_cluster  # noqa: F401 - fixtures
 from tests.client.test_recovery import cli, machine  # noqa: F401 - a fixture
-from tests.conftest import BrokerProcess, wait_for
+from tests.conftest import BrokerProcess, wait_for, wait_until
 
 
 def room_texts(client: ChatClient, count: int, timeout: float = 20) -> list[tuple[str, str]]:
@@ -230,3 +230,13 @@ def test_a_members_key_change_holds_only_its_keys_and_the_room_goes_on(broker, m
     assert alice.accept_peer_key("bob")
     alice.send_room("team", "welcome back")
     assert room_texts(new_bob, 1) == [("alice", "welcome back")]  # what followed the acceptance
+
+
+def test_marks_say_who_has_and_who_read_a_message_without_a_receipt_each(team):
+    alice, bob, carol = team
+    alice.send_room("team", "one")
+    acked = wait_for(alice, lambda e: isinstance(e, ev.Acked) and e.seq is not None)
+    assert room_texts(bob, 1) == room_texts(carol, 1) == [("alice", "one")]
+    bob.mark_room_read(bob.room_id("team"))
+    wait_until(lambda: alice.room_receipts("team").marks == {"alice": (0, 0), "bob": (acked.seq, acked.seq),
+                                                               "carol": (acked.seq, 0)}, what="bob read, carol has it")
