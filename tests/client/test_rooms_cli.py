@@ -1,0 +1,68 @@
+"""Rooms from the command line, as acceptance checks drive them (issue 16's contract): ``p2pchat room
+create|invite|join|members|list|leave|remove``, ``send --room``, and ``listen --json`` message events that carry
+``"room"`` beside ``from``; ``history --room`` finds them again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from p2pchat.common.errors import ExitCode
+from tests.client.test_recovery import cli
+from tests.conftest import ROOT, BrokerProcess
+
+
+def run(tmp_path: Path, broker: BrokerProcess, user: str, *args: str) -> subprocess.CompletedProcess:
+    """``p2pchat ARGS --user USER --server …`` on ``user``'s own machine (its own P2PCHAT_HOME)."""
+    return cli(tmp_path / user, *args, "--user", user, "--server", f"127.0.0.1:{broker.port}")
+
+
+def ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == ExitCode.OK, done.stderr
+    return done.stdout
+
+
+def test_rooms_from_the_command_line(broker, tmp_path):
+    ok(run(tmp_path, broker, "alice", "room", "create", "team", "--topic", "plans"))
+    ok(run(tmp_path, broker, "bob", "send", "--to", "alice", "bob exists"))  # bob's ID is bound
+    ok(run(tmp_path, broker, "carol", "send", "--to", "alice", "carol exists"))
+    ok(run(tmp_path, broker, "alice", "room", "invite", "team", "bob", "carol"))
+    assert json.loads(ok(run(tmp_path, broker, "bob", "room", "list", "--json"))) == [
+        {"room": "team", "role": "member", "invited": True}]
+    ok(run(tmp_path, broker, "bob", "room", "join", "team"))
+    ok(run(tmp_path, broker, "carol", "room", "join", "TEAM"))  # names are case-insensitive
+    members = json.loads(ok(run(tmp_path, broker, "alice", "room", "members", "team", "--json")))
+    assert members["room"] == "team" and members["topic"] == "plans"
+    assert [(m["user"], m["role"], m["invited"]) for m in members["members"]] == [
+        ("alice", "owner", False), ("bob", "member", False), ("carol", "member", False)]
+
+    listener = subprocess.Popen([sys.executable, "-m", "p2pchat.client.cli", "listen", "--user", "bob", "--server",
+                                 f"127.0.0.1:{broker.port}", "--json", "--count", "2"], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, P2PCHAT_HOME=str(tmp_path / "bob")))
+    try:
+        ok(run(tmp_path, broker, "alice", "send", "--room", "team", "hello team"))
+        ok(run(tmp_path, broker, "carol", "send", "--room", "team", "hi all"))
+        out, err = listener.communicate(timeout=60)
+    finally:
+        listener.kill()
+    events = [json.loads(line) for line in out.splitlines()]
+    messages = [{k: e[k] for k in ("from", "room", "text")} for e in events if e["type"] == "message"]
+    assert messages == [{"from": "alice", "room": "team", "text": "hello team"},
+                        {"from": "carol", "room": "team", "text": "hi all"}], err
+    assert all("to" not in e for e in events if e["type"] == "message")
+    history = [json.loads(line) for line in ok(cli(tmp_path / "bob", "history", "--user", "bob", "--room", "team",
+                                                   "--json")).splitlines()]
+    assert [(h["from"], h["room"], h["text"]) for h in history] == [("alice", "team", "hello team"),
+                                                                   ("carol", "team", "hi all")]
+
+    refused = run(tmp_path, broker, "bob", "room", "remove", "team", "carol")  # a member may not
+    assert refused.returncode == ExitCode.REFUSED and "not_allowed" in refused.stderr
+    ok(run(tmp_path, broker, "alice", "room", "remove", "team", "carol"))
+    gone = run(tmp_path, broker, "carol", "send", "--room", "team", "still here?")
+    assert gone.returncode == ExitCode.REFUSED and "unknown_room" in gone.stderr
+    ok(run(tmp_path, broker, "bob", "room", "leave", "team"))
+    assert json.loads(ok(run(tmp_path, broker, "bob", "room", "list", "--json"))) == []
