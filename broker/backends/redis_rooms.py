@@ -19,11 +19,13 @@ transaction deletes the leaver's marks, so the two cannot interleave).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import msgpack
 import redis
 
+from p2pchat.broker.backends.redis_health import unavailable_on_error
 from p2pchat.broker.backends.redis_schema import RedisKeys
 from p2pchat.broker.backends.room_registry import Result, RuleBackedRooms
 from p2pchat.broker.core import rooms as rules
@@ -68,33 +70,52 @@ def _unpack(rid: bytes, raw: bytes, seq: bytes | None) -> Room:
                 tuple(Member(user, _ROLES[role], joined, since_ms) for user, role, joined, since_ms in members))
 
 
+def _guarded(method: Callable) -> Callable:
+    """A Redis failure becomes the one exception the broker core knows (``StoreUnavailable``): the request gets
+    ``storage_unavailable`` and changes nothing."""
+
+    @functools.wraps(method)
+    def guarded(*args, **kwargs):
+        with unavailable_on_error():
+            return method(*args, **kwargs)
+
+    return guarded
+
+
 class RedisRoomRegistry(RuleBackedRooms):
     def __init__(self, r: redis.Redis, keys: RedisKeys, limits: RoomLimits = RoomLimits()) -> None:
         self._r, self._keys, self.limits = r, keys, limits
         self._next_seq, self._mark = r.register_script(_NEXT_SEQ), r.register_script(_MARK)
 
+    @_guarded
     def get(self, rid: bytes) -> Room | None:
         raw, seq = self._r.mget(self._keys.room(rid), self._keys.room_seq(rid))
         return None if raw is None else _unpack(rid, raw, seq)
 
+    @_guarded
     def _rids(self, user: str, joined: bool) -> list[bytes]:
         if joined:
             return list(self._r.smembers(self._keys.user_rooms(user, True)))
         return self._r.zrange(self._keys.user_rooms(user, False), 0, -1)
 
+    @_guarded
     def _pending(self, user: str, now_ms: int) -> int:
         return self._r.zcount(self._keys.user_rooms(user, False), f"({now_ms - self.limits.invite_ttl_ms}", "+inf")
 
+    @_guarded
     def _invited_before(self, since_ms: int, limit: int) -> list[bytes]:
         entries = self._r.zrangebyscore(self._keys.rinvites, "-inf", since_ms, start=0, num=limit)
         return list(dict.fromkeys(entry[:16] for entry in entries))  # an entry is rid + user
 
+    @_guarded
     def _holder(self, name: str) -> bytes | None:
         return self._r.hget(self._keys.rname, rules.fold(name))
 
+    @_guarded
     def _room_count(self) -> int:
         return self._r.hlen(self._keys.rname)
 
+    @_guarded
     def _change(self, rid: bytes, compute: Callable[[], Result]) -> Result:
         with self._r.pipeline() as pipe:
             while True:
@@ -138,13 +159,16 @@ class RedisRoomRegistry(RuleBackedRooms):
             pipe.hdel(self._keys.room_marks(rid), *(f"{kind}:{user}" for user in left for kind in "dr"))
 
     # --- message numbers and marks -----------------------------------------------------------------------
+    @_guarded
     def next_seq(self, rid: bytes) -> int | None:
         return self._next_seq(keys=[self._keys.room(rid), self._keys.room_seq(rid)])
 
+    @_guarded
     def mark(self, rid: bytes, user: str, delivered: int, read: int | None) -> None:
         self._mark(keys=[self._keys.user_rooms(user, True), self._keys.room_marks(rid), self._keys.room_seq(rid)],
                    args=[rid, user, int(delivered), "" if read is None else int(read)])
 
+    @_guarded
     def marks(self, rid: bytes) -> dict[str, tuple[int, int]]:
         with self._r.pipeline() as pipe:  # MULTI: the members and their marks as of one moment
             raw, stored = pipe.get(self._keys.room(rid)).hgetall(self._keys.room_marks(rid)).execute()

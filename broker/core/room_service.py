@@ -80,13 +80,16 @@ class RoomService:
         if self.rooms is None or now < self._next_receipts:
             return []
         self._next_receipts = now + RECEIPTS_EVERY
-        self.rooms.expire_invitations(self._wall_ms())
         actions: list[Action] = []
-        marked, self._marked = self._marked, set()
-        for rid in marked:
-            room = self.rooms.get(rid)
-            frames = self._frames.make(self._receipts(room, None)) if room is not None else None
-            actions += [Send(conn, frames) for conn in self._watches.get(rid, ()) if frames is not None]
+        try:
+            self.rooms.expire_invitations(self._wall_ms())
+            marked, self._marked = self._marked, set()
+            for rid in marked:
+                room = self.rooms.get(rid)
+                frames = self._frames.make(self._receipts(room, None)) if room is not None else None
+                actions += [Send(conn, frames) for conn in self._watches.get(rid, ()) if frames is not None]
+        except StoreUnavailable:  # the shared store is down: the next second tries again
+            log.debug("room upkeep skipped: the shared store is unavailable")
         return actions
 
     def _rooms_session_ended(self, conn: bytes) -> None:
@@ -200,7 +203,12 @@ class RoomService:
         if self.rooms is None:
             return []
         actions: list[Action] = []
-        for rid in self.rooms.bump_user(user):
+        try:
+            bumped = self.rooms.bump_user(user)
+        except StoreUnavailable:  # the epoch stays: keys go on until the next change; logged, not fatal
+            log.warning("user=%s device list changed but the rooms' epochs could not be raised: store down", user)
+            return []
+        for rid in bumped:
             room = self.rooms.get(rid)
             if room is not None:
                 frames = self._frames.make(RoomEvent(rid, room.epoch, RoomEventKind.DEVICES, user, None, room.name))
