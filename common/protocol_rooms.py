@@ -208,6 +208,7 @@ class RoomInfo(Message):
 class RoomListing(Message):
     TYPE = RoomMsgType.ROOM_LIST
     rooms: RoomList
+    ref: MsgId | None = None  # the room_list_req it answers
 
 
 @_message

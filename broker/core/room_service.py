@@ -120,7 +120,7 @@ class RoomService:
         if kind is RoomListRequest:
             entries = self.rooms.of_user(session.user)
             rows = tuple((e.rid, e.name, e.epoch, int(e.invited) | int(e.role) << 1) for e in entries)
-            return [Send(conn, self._frames.make(RoomListing(rows)))]
+            return [Send(conn, self._frames.make(RoomListing(rows, env.msg_id)))]
         if kind is RoomRequest:
             room = self.rooms.get(msg.room)
             if room is None or room.member(session.user) is None:

@@ -26,7 +26,9 @@ from p2pchat.client.core.held import HeldMessages
 from p2pchat.client.e2e import PeerKeyChanged
 from p2pchat.client.sender_keys import NoSenderKey, SenderKeys
 from p2pchat.common.errors import BrokenError, ErrorCode, ProtocolError, RemoteError
+from p2pchat.common.crypto import sealed_sender_key
 from p2pchat.common.protocol import Ack, Envelope, Message, pack
+from p2pchat.common.room_crypto import unpack_sender_key
 from p2pchat.common.protocol_rooms import (
     RoomEvent,
     RoomEventKind,
@@ -48,7 +50,6 @@ MAX_RESEALS = 3  # a room message refused this often for a changed membership fa
 NO_KEY_PER_SENDER = 100
 NO_KEY_MAX = 1_000
 RESEND_AFTER = 5.0  # seconds without an acknowledgement before room frames are sent again (as the outbox's)
-_LIST = b""  # what a room_list_req is about, among the requests waiting for their answer
 
 
 @dataclass(slots=True)
@@ -68,7 +69,7 @@ class RoomSync:
 
     def _init_rooms(self) -> None:
         self.rooms: dict[bytes, ev.RoomView] = {}
-        self._room_asks: dict[bytes, bytes | None] = {}  # request id -> its room (None: a create; _LIST: a list)
+        self._room_asks: dict[bytes, bytes | None] = {}  # request id -> its room (None: create, list)
         self._room_out: OrderedDict[bytes, _Pending] = OrderedDict()
         self._room_keys_out: dict[bytes, tuple[bytes, list[bytes]]] = {}  # room_key id -> (room, frames)
         self._room_fetching: set[bytes] = set()  # rooms asked for (room_req) and not answered yet
@@ -83,7 +84,7 @@ class RoomSync:
         """A management request (docs/PROTOCOL.md §5.7); its answer comes as ``RoomUpdated``/``RoomGone``/
         ``RoomsListed`` with ``ref`` = the id returned, or ``SendFailed`` with it."""
         msg_id = self._new_id()
-        self._room_asks[msg_id] = _LIST if type(message) is RoomListRequest else getattr(message, "room", None)
+        self._room_asks[msg_id] = getattr(message, "room", None)
         if not self.rooms_enabled:
             error = RemoteError("the broker does not support rooms" if self.state.value == "ready"
                                 else "not connected", ErrorCode.BAD_FRAME)
@@ -289,7 +290,7 @@ class RoomSync:
 
     def _on_room_listing(self, env: Envelope, now: float) -> list[Action]:
         msg: RoomListing = env.message  # type: ignore[assignment]
-        ref = next((ref for ref, rid in self._room_asks.items() if rid is _LIST), None)
+        ref = msg.ref if msg.ref in self._room_asks else None
         listed = {rid for rid, *_ in msg.rooms}
         actions: list[Action] = []
         for rid in [rid for rid in self.rooms if rid not in listed]:  # left or removed while we were away
@@ -375,15 +376,26 @@ class RoomSync:
         if self.sender_keys is None:
             return actions
         try:
-            payload = self.sender_keys.accept(msg.sender, plaintext)
+            payload = unpack_sender_key(plaintext)
+            if payload.rid != msg.room or not self._sealed_by_device(msg, payload.dev):
+                raise ProtocolError("it names another room than its frame's, or another device than the one "
+                                    "that sealed it")
+            self.sender_keys.accept(msg.sender, plaintext)
         except ProtocolError as exc:
-            log.warning("user=%s peer=%s dropped a malformed room key: %s", self.user, msg.sender, exc.message)
+            log.warning("user=%s peer=%s dropped a room key: %s", self.user, msg.sender, exc.message)
             return actions
-        if payload.rid != msg.room:
-            log.warning("user=%s peer=%s a room key for another room than its frame's", self.user, msg.sender)
         for held_id, held, ts in self._no_key.take(msg.sender):
             actions += self._on_room_message(held_id, held, ts, now)
         return actions
+
+    def _sealed_by_device(self, msg: RoomKey, dev: int) -> bool:
+        """The device a sender key names is the one whose key sealed it (when the sender's list is known): no
+        device speaks for another."""
+        devices = self.e2e.devices_of(msg.sender)
+        if devices is None:
+            return True  # sealed by the pinned key: its number is the sender's first device's, not known here
+        sealer = sealed_sender_key(msg.body)
+        return any(number == dev and key == sealer for number, key in devices.devices)
 
     def _rooms_registered(self, now: float) -> list[Action]:
         """Registered with rooms: what the broker has of ours (rooms may have moved while we were away)."""
@@ -392,7 +404,7 @@ class RoomSync:
         for pending in self._room_out.values():
             pending.frames = None  # sealed again for the room as it is now
         msg_id = self._new_id()
-        self._room_asks[msg_id] = _LIST
+        self._room_asks[msg_id] = None
         return [self._transmit(pack(RoomListRequest(), self._wall_ms(), msg_id), now)]
 
     def _room_tick(self, now: float) -> list[Action]:

@@ -106,9 +106,9 @@ def test_a_member_may_not_remove_and_an_invitee_may_not_send(core, team):
 def test_the_room_list_shows_rooms_and_invitations_with_roles(core, team):
     ask(core, A, RoomInvite(team, ("mallory",)))
     listing, _ = ask(core, M, RoomListRequest())
-    assert listing == RoomListing(((team, "team", 3, 1),))  # invited, role member
+    assert listing == RoomListing(((team, "team", 3, 1),), b"q" * 16)  # invited, role member
     listing, _ = ask(core, A, RoomListRequest())
-    assert listing == RoomListing(((team, "team", 3, 2 << 1),))  # owner
+    assert listing == RoomListing(((team, "team", 3, 2 << 1),), b"q" * 16)  # owner
 
 
 def test_a_room_message_is_numbered_and_queued_once_for_every_other_member_with_one_ack(core, team):
