@@ -240,3 +240,20 @@ def test_marks_say_who_has_and_who_read_a_message_without_a_receipt_each(team):
     bob.mark_room_read(bob.room_id("team"))
     wait_until(lambda: alice.room_receipts("team").marks == {"alice": (0, 0), "bob": (acked.seq, acked.seq),
                                                                "carol": (acked.seq, 0)}, what="bob read, carol has it")
+
+
+def test_rename_topic_and_roles_as_the_table_allows(team):
+    alice, bob, carol = team
+    with pytest.raises(RemoteError) as refused:
+        bob.room_set("team", topic="bob's now")  # a member may not
+    assert refused.value.code is ErrorCode.NOT_ALLOWED
+    alice.room_admin("team", "bob")
+    assert bob.room_set("team", new_name="crew", topic="all hands").name == "crew"  # an admin may
+    event = wait_for(carol, lambda e: isinstance(e, ev.RoomEvent) and e.kind == "renamed")
+    assert (event.name, event.user) == ("crew", "bob")
+    assert carol.room_info("crew").topic == "all hands"
+    with pytest.raises(RemoteError) as refused:
+        bob.room_remove("crew", "alice")  # an admin may not remove the owner
+    assert refused.value.code is ErrorCode.NOT_ALLOWED
+    alice.room_leave("crew")  # the owner leaves: the oldest admin owns the room
+    assert carol.room_info("crew").owner == "bob"
