@@ -87,10 +87,15 @@ class ErrorReported:
 
 @dataclass(frozen=True, slots=True)
 class FileIncoming:
+    """A file is coming in. Every file event has ``room``: None for a file between two users, else the room the
+    file was sent to, and then the user field (``sender``, ``peer``, ``recipient``) names the user who sent it to
+    the room, ourselves for an upload (which the broker keeps for the room's members to fetch)."""
+
     xfer: bytes
     sender: str
     name: str
     size: int
+    room: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,7 @@ class FileQueued:
     name: str
     size: int
     waiting: int  # transfers waiting, this one included
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,7 @@ class FileProgress:
     size: int
     rate: float  # bytes per second since the transfer (re)started
     eta: float | None  # seconds
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +130,7 @@ class FileReceived:
     name: str  # as the sender named it
     path: Path  # where it was saved, verified
     size: int
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,7 @@ class FileSent:
     name: str
     size: int
     bytes_sent: int  # by this run of the sender, resends included; size minus any resumed prefix
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +152,7 @@ class FileFailed:
     name: str
     direction: str
     error: P2PChatError
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
