@@ -16,6 +16,7 @@ at start. Refused and failed incoming ids are remembered, so a stale offer is re
 
 No sockets, no clock reads, no file system: frames and ``now`` in, actions out; files and records
 through the ports the shell passes in (``core.ports``), ids from its ``new_id``.
+(Just over 500 lines: one manager holds both kinds of transfer, so that they share its bounds and clocks.)
 """
 
 from __future__ import annotations
