@@ -91,10 +91,15 @@ class ErrorReported:
 
 @dataclass(frozen=True, slots=True)
 class FileIncoming:
+    """A file is coming in. Every file event has ``room``: None for a file between two users, else the room the
+    file was sent to, and then the user field (``sender``, ``peer``, ``recipient``) names the user who sent it to
+    the room, ourselves for an upload (which the broker keeps for the room's members to fetch)."""
+
     xfer: bytes
     sender: str
     name: str
     size: int
+    room: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,7 @@ class FileQueued:
     name: str
     size: int
     waiting: int  # transfers waiting, this one included
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,7 @@ class FileProgress:
     size: int
     rate: float  # bytes per second since the transfer (re)started
     eta: float | None  # seconds
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,7 @@ class FileReceived:
     name: str  # as the sender named it
     path: Path  # where it was saved, verified
     size: int
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +146,7 @@ class FileSent:
     name: str
     size: int
     bytes_sent: int  # by this run of the sender, resends included; size minus any resumed prefix
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +156,7 @@ class FileFailed:
     name: str
     direction: str
     error: P2PChatError
+    room: bytes | None = None  # see FileIncoming
 
 
 @dataclass(frozen=True, slots=True)

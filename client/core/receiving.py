@@ -11,6 +11,8 @@ The receiver grants credit (``FileCredit``) a window at a time. Chunks are writt
 resume point, so a restarted receiver asks again from the last whole chunk and at most one window
 is sent twice. Unencrypted chunks carry a CRC and the last one the whole file's SHA-256; sealed ones
 are authenticated one by one (the last under a "final" nonce). Only a verified file gets its name.
+The transfer's link (``transfer_links``) makes the frames: for a room file the broker is the sender, each
+credit a ``room_fetch``, and nothing is sent when the file is in.
 """
 
 from __future__ import annotations
@@ -21,18 +23,22 @@ import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 
 from p2pchat.client import events as ev
-from p2pchat.client.core.actions import Action, Emit, Transmit
+from p2pchat.client.core.actions import Action, Emit
 from p2pchat.client.core.ports import PartWriter
-from p2pchat.client.core.transfer_machine import IGNORE, PEER_GONE, Input, Phase, Progress, Table
+from p2pchat.client.core.transfer_machine import IGNORE, Input, Phase, Progress, Table
 from p2pchat.client.core.transfer_machine import TransferMachine
 from p2pchat.client.e2e import Sealing
 from p2pchat.common.crypto import TAG_BYTES, FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, ProtocolError, TransferError
-from p2pchat.common.protocol import MAX_TEXT_CHARS, Envelope, FileChunk, FileCredit, FileDone, FileOffer
+from p2pchat.common.protocol import MAX_TEXT_CHARS, Envelope, FileChunk, FileOffer
+
+if TYPE_CHECKING:
+    from p2pchat.common.protocol_rooms import RoomChunk
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +119,7 @@ class Incoming(TransferMachine):
         return {"xfer": self.xfer.hex(), "peer": self.peer, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "part": str(self.part), "target_dir": str(self.target_dir),
                 "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None,
-                "session": self.session, "peer_dev": self.peer_dev}
+                "session": self.session, "peer_dev": self.peer_dev} | self.link.record()
 
     # --- inputs -------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -143,12 +149,12 @@ class Incoming(TransferMachine):
             return self._credit(now, restart=True)
         log.info("user=%s peer=%s xfer=%s receiving %r (%d bytes)", ctx.user, self.peer, self.xfer.hex()[:8],
                  self.name, self.size)
-        return [Emit(ev.FileIncoming(self.xfer, self.peer, self.name, self.size))] + self._credit(now, restart=True)
+        return [Emit(ev.FileIncoming(self.xfer, self.peer, self.name, self.size, self.link.room))] + self._credit(
+            now, restart=True)
 
-    def hold(self) -> Transmit:
-        """A credit of nothing: accepted, wait (the sender keeps the transfer while we answer its offers)."""
-        return self.ctx.send(self.xfer, FileCredit(self.ctx.user, self.peer, self.xfer, 0, 0, False, self.peer_dev,
-                                                   self.src()))
+    def hold(self) -> list[Action]:
+        """Accepted, wait for a slot (a one-to-one sender keeps the transfer while we answer its offers)."""
+        return self.link.hold(self)
 
     def on_offer(self, env: Envelope, now: float) -> list[Action]:
         """The sender offers again (its stall timer, or a new sending session after its restart)."""
@@ -158,7 +164,7 @@ class Incoming(TransferMachine):
             return refused
         self._rekey(env)
         if was is Phase.QUEUED:
-            return [self.hold()]
+            return self.hold()
         # A sender that offered starts at the next credit's ``next`` whatever its flag; not restarting
         # keeps one that already took our own restart credit from rewinding and sending chunks twice.
         return self._credit(now, restart=False)
@@ -173,15 +179,16 @@ class Incoming(TransferMachine):
         return self._credit(now, restart=True)
 
     def on_error(self, error: P2PChatError, now: float) -> list[Action]:
-        """An ERROR about one of our credits: wait for a sender that went away, else fail."""
-        if error.code in PEER_GONE:
+        """An ERROR about one of our credits: wait for a sender that went away (a room's store out of reach, a
+        file not uploaded yet), else fail."""
+        if self.link.pauses(error.code):
             refused = self.enter(Input.UNREACHABLE)
             if refused is None:
                 self.rate.last_activity = now  # asked again when the sender is back
             return refused or []
         return self.fail(error, tell_peer=False)
 
-    def on_chunk(self, chunk: FileChunk, payload, now: float) -> list[Action]:
+    def on_chunk(self, chunk: FileChunk | RoomChunk, payload, now: float) -> list[Action]:
         refused = self.enter(Input.CHUNK)
         if refused is not None:
             return refused
@@ -193,6 +200,8 @@ class Incoming(TransferMachine):
         sealed = self.cipher is not None
         if (len(data) != size + (TAG_BYTES if sealed else 0) or chunk.final != final
                 or (not sealed and (chunk.crc is None or zlib.crc32(data) != chunk.crc))):
+            if self.link.RESENDS_HELD:  # the same misfit again: a lie about the size, or the store is damaged
+                return self._open_failed(chunk, f"chunk {chunk.index} does not fit the offer", now)
             return self._ask_again(chunk, now)
         try:
             out = self.writer.buffer(size)
@@ -203,11 +212,7 @@ class Incoming(TransferMachine):
                 self.hasher.update(data)
             self.writer.append(size)
         except ProtocolError as exc:
-            # Sealed chunks carry no CRC: damage in transit and tampering look alike, so ask a few times.
-            self.open_failures += 1
-            if self.open_failures < OPEN_RETRIES:
-                return self._ask_again(chunk, now)
-            return self.fail(TransferError(f"{self.name}: {exc.message}", ErrorCode.INTEGRITY), tell_peer=True)
+            return self._open_failed(chunk, exc.message, now)
         except OSError as exc:
             return self.fail(write_error(self.name, exc), tell_peer=True)
         self.open_failures = 0
@@ -215,7 +220,7 @@ class Incoming(TransferMachine):
         self.rate.last_activity = self.rate.heard = now
         if final:
             return self._finish(chunk, now)
-        actions = self.rate.report(self.xfer, self.peer, self.name, "in", self.next * self.chunk_size, self.size, now)
+        actions = self.progress(self.next * self.chunk_size, now)
         if self.granted - self.next <= self.ctx.config.window // 2:
             actions += self._credit(now, restart=False)
         return actions
@@ -228,18 +233,23 @@ class Incoming(TransferMachine):
         # though: only arriving chunks trigger the next credit, so a grant of nothing would stall.
         window = self.ctx.config.window
         self.granted = self.next + max(window - (self.writer.pending if self.writer else 0), (window + 1) // 2)
-        credit = FileCredit(self.ctx.user, self.peer, self.xfer, self.next, self.granted, restart, self.peer_dev,
-                            self.src())
-        return [self.ctx.send(self.xfer, credit, urgent=True)]
+        return [self.link.credit(self, self.next, self.granted, restart)]
 
-    def _ask_again(self, chunk: FileChunk, now: float) -> list[Action]:
+    def _open_failed(self, chunk: FileChunk | RoomChunk, why: str, now: float) -> list[Action]:
+        # Sealed chunks carry no CRC: damage in transit and tampering look alike, so ask a few times.
+        self.open_failures += 1
+        if self.open_failures < OPEN_RETRIES:
+            return self._ask_again(chunk, now)
+        return self.fail(TransferError(f"{self.name}: {why}", ErrorCode.INTEGRITY), tell_peer=True)
+
+    def _ask_again(self, chunk: FileChunk | RoomChunk, now: float) -> list[Action]:
         log.warning("user=%s peer=%s xfer=%s chunk %d damaged; asking again", self.ctx.user, self.peer,
                     self.xfer.hex()[:8], chunk.index)
         return self._credit(now, restart=True)
 
-    def _finish(self, chunk: FileChunk, now: float) -> list[Action]:
+    def _finish(self, chunk: FileChunk | RoomChunk, now: float) -> list[Action]:
         # Sealed: the final chunk opened under the "final" nonce, so every chunk was authentic and none is missing.
-        if self.cipher is None and chunk.sha256 != self.hasher.digest():
+        if self.cipher is None and chunk.sha256 != self.hasher.digest():  # (room files are always sealed)
             return self.fail(TransferError(f"{self.name} failed its SHA-256 check", ErrorCode.INTEGRITY),
                              tell_peer=True)
         ctx = self.ctx
@@ -253,14 +263,13 @@ class Incoming(TransferMachine):
         except OSError as exc:
             return self.fail(TransferError(f"cannot save {self.name}: {exc.strerror}", ErrorCode.UNWRITABLE),
                              tell_peer=True)
-        ctx.records.mark_done(self.xfer)  # a lost FILE_DONE is answered again
+        ctx.records.mark_done(self.xfer)  # a lost FILE_DONE is answered again, a room offer seen again ignored
         self.enter(Input.VERIFIED)
         ctx.ended(self)
         log.info("user=%s peer=%s xfer=%s saved %s (%d bytes)", ctx.user, self.peer, self.xfer.hex()[:8], path,
                  self.size)
-        progress = self.rate.report(self.xfer, self.peer, self.name, "in", self.size, self.size, now, force=True)
-        return progress + [ctx.send(self.xfer, FileDone(ctx.user, self.peer, self.xfer, self.peer_dev, self.src())),
-                           Emit(ev.FileReceived(self.xfer, self.peer, self.name, path, self.size))]
+        return self.progress(self.size, now, force=True) + self.link.done(self) + [
+            Emit(ev.FileReceived(self.xfer, self.peer, self.name, path, self.size, self.link.room))]
 
     def _rekey(self, env: Envelope) -> None:
         """A repeated offer from a newer sending session carries that session's key: use it from now on."""

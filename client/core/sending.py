@@ -16,7 +16,8 @@ The sender never has more than ``window`` chunks beyond the receiver's last veri
 flight, so the broker, which only relays, holds at most a window per transfer. Each sending
 session seals under a fresh file key, sent inside the offer; the offer's id and timestamp are fixed
 for the session, so a repeated offer is the identical frame. The file is read through the shell's
-``TransferFiles`` port, never opened here.
+``TransferFiles`` port, never opened here. The transfer's link (``transfer_links``) makes the frames: for a
+room file the broker is the receiver, ``room_upload`` the offer, and a credit holding every chunk the done.
 """
 
 from __future__ import annotations
@@ -26,19 +27,20 @@ import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import msgpack
-
-from p2pchat.client import events as ev
-from p2pchat.client.core.actions import Action, Emit, Transmit
+from p2pchat.client.core.actions import Action, Transmit
 from p2pchat.client.core.outbox import MAX_RESEALS
 from p2pchat.client.core.ports import Source, SourceFile
-from p2pchat.client.core.transfer_machine import IGNORE, PEER_GONE, Input, Phase, Progress, Table
+from p2pchat.client.core.transfer_machine import IGNORE, Input, Phase, Progress, Table
 from p2pchat.client.core.transfer_machine import TransferContext, TransferMachine, frame_id
-from p2pchat.client.e2e import PeerKeyChanged
 from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, TransferError
-from p2pchat.common.protocol import MAX_TEXT_CHARS, FileCancel, FileChunk, FileCredit, FileOffer, pack
+from p2pchat.common.protocol import FileCancel, FileCredit
+
+if TYPE_CHECKING:
+    from p2pchat.client.core.transfer_links import TransferLink
+    from p2pchat.common.protocol_rooms import RoomCredit
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +101,10 @@ class Outgoing(TransferMachine):
     reseals: int = 0  # offers refused for a device list that changed (``MAX_RESEALS``, as messages)
 
     @classmethod
-    def begin(cls, ctx: TransferContext, xfer: bytes, peer: str, source: Source, chunk_size: int, session: int,
-              now: float, taker: int | None = None) -> Outgoing:
+    def begin(cls, ctx: TransferContext, xfer: bytes, peer: str, link: TransferLink, source: Source, chunk_size: int,
+              session: int, now: float, taker: int | None = None) -> Outgoing:
         """A new sending session of ``xfer`` (recorded for a resume after a restart); ``start`` offers it."""
-        out = cls(ctx, xfer, peer, source.path, source.size, source.mtime_ns, source.inode, chunk_size,
+        out = cls(ctx, xfer, peer, link, source.path, source.size, source.mtime_ns, source.inode, chunk_size,
                   session=session, peer_dev=taker)
         # A fresh key per sending session: a file changed in place (same size, mtime and inode) and sent
         # again after a restart must not seal other bytes under a (key, nonce) pair already used.
@@ -126,7 +128,7 @@ class Outgoing(TransferMachine):
     def record(self) -> dict:
         return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(self.path), "size": self.size,
                 "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size,
-                "session": self.session, "taker": self.peer_dev}
+                "session": self.session, "taker": self.peer_dev} | self.link.record()
 
     # --- inputs -------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -166,14 +168,14 @@ class Outgoing(TransferMachine):
                 self.ctx.e2e.forget_devices(self.peer)
                 self.ctx.key_wants.add(self.peer)
             return refused or []
-        if error.code in PEER_GONE and self.accepted:
+        if self.link.pauses(error.code) and self.accepted:
             refused = self.enter(Input.UNREACHABLE)
             if refused is None:
                 self.rate.last_activity = now  # re-offered when the peer is back
             return refused or []
         return self.fail(error, tell_peer=False)
 
-    def on_credit(self, credit: FileCredit, now: float) -> list[Action]:
+    def on_credit(self, credit: FileCredit | RoomCredit, now: float) -> list[Action]:
         was = self.phase
         refused = self.enter(Input.CREDIT)
         if refused is not None:
@@ -197,8 +199,9 @@ class Outgoing(TransferMachine):
         else:
             self.upto = max(self.upto, upto)
         self.confirmed = max(self.confirmed, credit.next)
-        actions = self.rate.report(self.xfer, self.peer, self.name, "out",
-                                   min(self.size, self.confirmed * self.chunk_size), self.size, now)
+        if self.link.CONFIRMED_BY_CREDIT and self.confirmed == self.chunks:
+            return self.on_done(now)  # the broker holds the whole file
+        actions = self.progress(min(self.size, self.confirmed * self.chunk_size), now)
         try:
             while self.send_next < min(self.upto, self.chunks):
                 actions.append(self._chunk(self.send_next))
@@ -211,38 +214,20 @@ class Outgoing(TransferMachine):
         refused = self.enter(Input.DONE)
         if refused is not None:
             return refused
-        actions = self.rate.report(self.xfer, self.peer, self.name, "out", self.size, self.size, now, force=True)
+        actions = self.progress(self.size, now, force=True)
         self._let_go(failed=False)
         self.ctx.ended(self)
         log.info("user=%s peer=%s xfer=%s sent %s (%d bytes), verified by the receiver",
                  self.ctx.user, self.peer, self.xfer.hex()[:8], self.name, self.size)
-        return actions + [Emit(ev.FileSent(self.xfer, self.peer, self.name, self.size, self.bytes_sent))]
+        return actions + self.link.sent(self)
 
     # --- reactions ----------------------------------------------------------------------------
     def _offer(self, why: Input, now: float) -> list[Action]:
         refused = self.enter(why)
         if refused is not None:
             return refused
-        ctx = self.ctx
         self.rate.last_activity = now
-        try:
-            if ctx.e2e.enabled and ctx.e2e.key_of(self.peer) is None:
-                ctx.key_wants.add(self.peer)
-                return self.enter(Input.NO_KEY) or []
-        except PeerKeyChanged:  # waits for the user's decision, as messages do; offered again once accepted
-            return self.enter(Input.NO_KEY) or []
-        meta = {"name": self.name[:MAX_TEXT_CHARS]}
-        if self.cipher is not None:
-            meta["key"] = self.cipher.key
-            meta["session"] = self.session
-        # One id per sending session: a store-and-forward broker keeps one copy however often we offer.
-        msg_id, ts = self.offer_id, self.offer_ts
-        sealed = ctx.e2e.seal_each(self.peer, msg_id, ts, msgpack.packb(meta, use_bin_type=True))
-        if type(sealed) is str:  # their device list (or ours) first
-            ctx.key_wants.add(sealed)
-            return self.enter(Input.NO_KEY) or []
-        offer = FileOffer(ctx.user, self.peer, self.xfer, self.size, self.chunk_size, *sealed)
-        return [Transmit(pack(offer, ts, msg_id))]
+        return self.link.offer(self)
 
     def refused_by_all(self, dev: int) -> bool:
         """The receiver's device ``dev`` refused the offer: have all of its devices now (as far as we know)?"""
@@ -279,16 +264,13 @@ class Outgoing(TransferMachine):
         if len(data) != (self.size - offset if final else self.chunk_size):
             raise TransferError(f"{self.name} changed while being sent", ErrorCode.SOURCE_CHANGED)
         self.bytes_sent += len(data)
-        ctx = self.ctx
         if self.cipher is not None:  # sealed chunks are authenticated one by one: no whole-file hash
-            chunk = FileChunk(ctx.user, self.peer, self.xfer, index, final, dev=self.peer_dev)
-            return ctx.send(self.xfer, chunk, self.cipher.seal(index, final, data))
+            return self.link.chunk(self, index, final, self.cipher.seal(index, final, data))
         if offset == self.hashed:
             self.hasher.update(data)
             self.hashed += len(data)
         digest = self.hasher.digest() if final else None
-        chunk = FileChunk(ctx.user, self.peer, self.xfer, index, final, zlib.crc32(data), digest, self.peer_dev)
-        return ctx.send(self.xfer, chunk, data)
+        return self.link.chunk(self, index, final, data, zlib.crc32(data), digest)
 
     def _let_go(self, failed: bool) -> None:
         if self.reader is not None:

@@ -4,6 +4,11 @@
 transfer (``sending.Outgoing``, ``receiving.Incoming``; their tables say what each input does), admits
 new offers, and passes on what the session sees (presence, keys, reconnects, the clock).
 
+Room files (docs/PROTOCOL.md §8.1) run through the same machines with the broker at the other end
+(``transfer_links.RoomLink``): ``send_room_file`` uploads once to the room's store, ``take_room_uploads``
+hands the session each finished upload to announce in a sealed ``room_offer``, and ``on_room_offer``
+fetches an announced file, under the same bounds and naming rules as a file from a peer.
+
 Incoming transfers are bounded per peer and in total; offers beyond the bound wait, QUEUED (no
 file, no descriptor), and start when a slot frees. A transfer whose peer is online but silent for
 ``give_up_after`` fails with ``timeout``; unfinished transfers older than ``max_age`` are dropped
@@ -11,6 +16,7 @@ at start. Refused and failed incoming ids are remembered, so a stale offer is re
 
 No sockets, no clock reads, no file system: frames and ``now`` in, actions out; files and records
 through the ports the shell passes in (``core.ports``), ids from its ``new_id``.
+(Just over 500 lines: one manager holds both kinds of transfer, so that they share its bounds and clocks.)
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from p2pchat.client.core.actions import Action, Emit
 from p2pchat.client.core.ports import NO_RECORDS, Source, TransferFiles, TransferRecords
 from p2pchat.client.core.receiving import Incoming, open_offer
 from p2pchat.client.core.sending import Outgoing
+from p2pchat.client.core.transfer_links import PEER_LINK, RoomLink, RoomUploaded, link_of
 from p2pchat.client.core.transfer_machine import (
     CHUNK_SIZE,
     MAX_AGE,
@@ -40,12 +47,14 @@ from p2pchat.client.core.transfer_machine import (
 )
 from p2pchat.client.e2e import PeerKeyChanged, Sealing, UnknownDevice
 from p2pchat.client.storage.filenames import part_name, received_name
-from p2pchat.common.crypto import TAG_BYTES, FileCipher
+from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES, FileCipher
 from p2pchat.common.errors import ErrorCode, P2PChatError, ProtocolError, RemoteError, TransferError
 from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import MAX_PAYLOAD_BYTES, Envelope, FileCancel, FileChunk, FileCredit, FileDone, FileOffer
+from p2pchat.common.protocol_rooms import RoomChunk, RoomCredit
 
-__all__ = ["CHUNK_SIZE", "MAX_AGE", "REF_PREFIX", "WINDOW", "Phase", "TransferConfig", "TransferManager", "frame_id"]
+__all__ = ["CHUNK_SIZE", "MAX_AGE", "REF_PREFIX", "WINDOW", "Phase", "RoomUploaded", "TransferConfig",
+           "TransferManager", "frame_id"]
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +89,64 @@ class TransferManager:
     # --- commands -----------------------------------------------------------
     def send_file(self, peer: str, path: Path, now: float) -> tuple[bytes, list[Action]]:
         """Offer ``path`` to ``peer``; resumes an unfinished transfer of the same file."""
-        if not 0 < self.config.chunk_size <= MAX_CHUNK_BYTES:
-            raise TransferError(f"chunk size {self.config.chunk_size} outside 1..{MAX_CHUNK_BYTES} bytes")
-        source = self.files.inspect(Path(path))
+        source = self._source(path)
+        running = self._running(None, peer, source)  # already resumed by resume_all
+        if running is not None:
+            return running.xfer, []
         key = (peer, str(source.path), source.size, source.mtime_ns)
-        for out in self.outgoing.values():  # already resumed by resume_all
-            if (out.peer, str(out.path), out.size, out.mtime_ns) == key:
-                return out.xfer, []
         xfer, session = self._ctx.new_id(), 1
         for record in self.records.records("outgoing"):
-            if (record["peer"], record["path"], record["size"], record["mtime_ns"]) == key:
+            if "room" not in record and (record["peer"], record["path"], record["size"], record["mtime_ns"]) == key:
                 xfer, session = bytes.fromhex(record["xfer"]), record.get("session", 0) + 1
                 log.info("user=%s peer=%s xfer=%s resuming %s", self.user, peer, xfer.hex()[:8], source.path.name)
                 break
-        out = self._track(Outgoing.begin(self._ctx, xfer, peer, source, self.config.chunk_size, session, now))
+        out = self._track(Outgoing.begin(self._ctx, xfer, peer, PEER_LINK, source, self.config.chunk_size, session,
+                                         now))
         return xfer, out.start(now)
+
+    def send_room_file(self, rid: bytes, path: Path, now: float) -> tuple[bytes, list[Action]]:
+        """Upload ``path`` once to the file store of room ``rid`` at the broker (§8.1), under its credit; once
+        the broker holds every chunk, ``take_room_uploads`` has it for the ``room_offer``. The same file
+        already uploading to the room: that upload. Each upload has a new ``xfer`` and file key."""
+        if not self.e2e.enabled:  # a room_chunk has no CRC: its seal is its only check
+            raise TransferError("room files are sealed end to end: not with sealing off")
+        source = self._source(path)
+        running = self._running(rid, self.user, source)
+        if running is not None:
+            return running.xfer, []
+        return self._upload(rid, source, now)
+
+    def take_room_uploads(self) -> list[RoomUploaded]:
+        """Room files the broker now holds whole: the session seals each one's name and key into the
+        ``room_offer`` (and tells the user once the offer is stored)."""
+        uploaded, self._ctx.uploaded = self._ctx.uploaded, []
+        return uploaded
+
+    def on_room_offer(self, rid: bytes, sender: str, xfer: bytes, size: int, chunk_size: int, name: str, key: bytes,
+                      now: float) -> list[Action]:
+        """A room offer the session opened: fetch the file from the room's store, as a file from ``sender``
+        (bounds, naming, resume). A refused offer is reported (``FileFailed`` with the room) and remembered; no
+        frame answers it (the store keeps the file for the other members)."""
+        if self._machine(xfer) is not None or self.records.is_done(xfer) or xfer in self._failed:
+            return []  # seen before: a redelivery, or an id another transfer of ours has
+        if not self.config.accept_files:
+            log.info("user=%s room=%s xfer=%s not fetching %r from %s: this device takes no files", self.user,
+                     rid.hex()[:8], xfer.hex()[:8], name, sender)
+            return []
+        if type(key) is not bytes or len(key) != KEY_BYTES:
+            reject = TransferError("room file offer without a usable file key", ErrorCode.INTEGRITY)
+        else:
+            reject = self._unacceptable(size, chunk_size)
+        if reject is None and not self._may_queue(sender):
+            reject = TransferError("too many transfers waiting", ErrorCode.RECIPIENT_BUSY)
+        if reject is not None:
+            return self._refused(xfer, sender, now, reject.message,
+                                 ev.FileFailed(xfer, sender, name, "in", reject, rid))
+        final_name = received_name(sender, name, self._wall_time())
+        inc = Incoming(self._ctx, xfer, sender, RoomLink(rid), name, size, chunk_size,
+                       self.config.received_dir / part_name(final_name, xfer), self.config.received_dir, final_name,
+                       cipher=FileCipher(key, xfer))
+        return self._admit(inc, now)
 
     def cancel(self, xfer: bytes, now: float) -> list[Action]:
         machine = self._machine(xfer)
@@ -103,7 +155,9 @@ class TransferManager:
         return machine.fail(TransferError("cancelled by you", ErrorCode.CANCELLED), tell_peer=True) + self._promote(now)
 
     def resume_all(self, now: float) -> list[Action]:
-        """Take up every unfinished transfer remembered on disk (after a restart); drop those over ``max_age``."""
+        """Take up every unfinished transfer remembered on disk (after a restart); drop those over ``max_age``.
+        An unfinished room upload starts over, with a new ``xfer`` and file key: its key was never written to
+        disk (so no key and nonce can meet other bytes), and without it what the broker holds is of no use."""
         self.records.prune(self._wall_time() - self.config.max_age)
         actions: list[Action] = []
         for record in self.records.records("outgoing"):
@@ -111,7 +165,14 @@ class TransferManager:
             if xfer in self.outgoing:
                 continue
             source = Source(Path(record["path"]), record["size"], record["mtime_ns"], record["inode"])
-            out = Outgoing.begin(self._ctx, xfer, record["peer"], source, record["chunk_size"],
+            if "room" in record:
+                self.records.forget("outgoing", xfer)
+                if self.e2e.enabled:
+                    log.info("user=%s room=%s xfer=%s uploading %s again", self.user, record["room"][:8],
+                             xfer.hex()[:8], source.path.name)
+                    actions += self._upload(bytes.fromhex(record["room"]), source, now)[1]
+                continue
+            out = Outgoing.begin(self._ctx, xfer, record["peer"], PEER_LINK, source, record["chunk_size"],
                                  record.get("session", 0) + 1, now, record.get("taker"))
             actions += self._track(out).start(now)
         for record in self.records.records("incoming"):
@@ -138,7 +199,7 @@ class TransferManager:
         machine = self._machine(msg.xfer)  # type: ignore[attr-defined]
         if machine is None:
             return self._on_new_offer(env, now) if type(msg) is FileOffer else []
-        if machine.peer != msg.sender:  # type: ignore[attr-defined]
+        if not machine.link.owns(machine, msg):
             return []  # someone else's frame names this transfer: it cannot touch it
         kind = type(msg)
         src = getattr(msg, "src", None)
@@ -148,9 +209,9 @@ class TransferManager:
             taken = machine.taken_by(src) if kind is FileCredit else None
             if taken is not None or src != machine.peer_dev and machine.peer_dev is not None:
                 return [taken] if taken is not None else []  # another device: told it was taken, else ignored
-        if kind is FileChunk:
+        if kind is FileChunk or kind is RoomChunk:
             return machine.on_chunk(msg, env.payload, now)
-        if kind is FileCredit:
+        if kind is FileCredit or kind is RoomCredit:
             return machine.on_credit(msg, now)
         if kind is FileOffer:
             return machine.on_offer(env, now)
@@ -197,7 +258,7 @@ class TransferManager:
         """``user``'s key (or device list) arrived: offers to them go, offers from them open."""
         actions: list[Action] = []
         for out in list(self.outgoing.values()):
-            if out.peer == user:
+            if out.link.party(out) == user:
                 actions += out.on_signal(Input.KEY_ARRIVED, now)
         waiting = [env for env in self._unlisted if env.message.sender == user]  # type: ignore[attr-defined]
         self._unlisted = [env for env in self._unlisted if env.message.sender != user]  # type: ignore[attr-defined]
@@ -210,7 +271,7 @@ class TransferManager:
         """No usable key for ``user``: transfers not yet offered to them fail."""
         actions: list[Action] = []
         for out in list(self.outgoing.values()):
-            if out.peer == user:
+            if out.link.party(out) == user:
                 actions += out.on_no_key(error)
         return actions
 
@@ -220,7 +281,7 @@ class TransferManager:
         self._online = online
         actions: list[Action] = []
         for machine in (*self.outgoing.values(), *self.incoming.values()):
-            if machine.peer in came_back:
+            if machine.link.party(machine) in came_back:
                 actions += machine.on_signal(Input.PEER_BACK, now)
         return actions + self._promote(now)
 
@@ -251,10 +312,11 @@ class TransferManager:
         actions: list[Action] = []
         limit = self.config.give_up_after
         for machine in (*self.incoming.values(), *self.outgoing.values()):
-            if machine.peer not in self._online or machine.phase is Phase.WAITING:
+            if not self._reachable(machine) or machine.phase is Phase.WAITING:
                 machine.rate.heard = now  # time offline does not count
             elif now - machine.rate.heard > limit:
-                error = TransferError(f"{machine.peer} silent for {limit:g}s: transfer given up", ErrorCode.TIMEOUT)
+                who = machine.link.party(machine) or "the broker's file store"
+                error = TransferError(f"{who} silent for {limit:g}s: transfer given up", ErrorCode.TIMEOUT)
                 actions += machine.fail(error, tell_peer=True)
         return actions
 
@@ -282,57 +344,71 @@ class TransferManager:
         except ProtocolError as exc:  # not remembered: the sender offers again, sealed to our current key
             return self._refuse(offer, now, exc.message, ErrorCode.INTEGRITY, ev.ErrorReported(exc), remember=False)
         cfg = self.config
-        reject = None
         if not cfg.accept_files:  # with several devices the sender goes on with one that takes it
             reject = TransferError(f"{self.user} takes no files on this device", ErrorCode.CANCELLED)
-        elif not 0 < offer.chunk_size <= MAX_CHUNK_BYTES:
-            reject = TransferError(f"chunk size {offer.chunk_size} outside 1..{MAX_CHUNK_BYTES}")
-        elif offer.size > cfg.max_file_size:
-            reject = TransferError(f"{offer.size} bytes is over the receiver's limit of {cfg.max_file_size}",
-                                   ErrorCode.TOO_LARGE)
         else:
-            try:
-                if self.files.free_space(cfg.received_dir) < offer.size:
-                    reject = TransferError("not enough free space on the receiver's disk", ErrorCode.NO_SPACE)
-            except OSError as exc:
-                reject = TransferError(f"receiver cannot write its download folder: {exc.strerror}",
-                                       ErrorCode.UNWRITABLE)
+            reject = self._unacceptable(offer.size, offer.chunk_size)
         if reject is None and not self._may_queue(offer.sender):
             return self._refuse(offer, now, "receiver busy: too many transfers waiting", ErrorCode.RECIPIENT_BUSY)
         if reject is not None:
             return self._refuse(offer, now, reject.message, reject.code,
                                 ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))
         final_name = received_name(offer.sender, name, self._wall_time())
-        inc = Incoming(self._ctx, offer.xfer, offer.sender, name, offer.size, offer.chunk_size,
+        inc = Incoming(self._ctx, offer.xfer, offer.sender, PEER_LINK, name, offer.size, offer.chunk_size,
                        cfg.received_dir / part_name(final_name, offer.xfer), cfg.received_dir, final_name,
                        cipher=FileCipher(file_key, offer.xfer) if file_key else None, session=session,
                        peer_dev=offer.src)
+        return self._admit(inc, now)
+
+    def _unacceptable(self, size: int, chunk_size: int) -> TransferError | None:
+        """Why an offer of ``size`` bytes in chunks of ``chunk_size`` cannot be taken here, if it cannot."""
+        cfg = self.config
+        if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+            return TransferError(f"chunk size {chunk_size} outside 1..{MAX_CHUNK_BYTES}")
+        if size > cfg.max_file_size:
+            return TransferError(f"{size} bytes is over the receiver's limit of {cfg.max_file_size}",
+                                 ErrorCode.TOO_LARGE)
+        try:
+            if self.files.free_space(cfg.received_dir) < size:
+                return TransferError("not enough free space on the receiver's disk", ErrorCode.NO_SPACE)
+        except OSError as exc:
+            return TransferError(f"receiver cannot write its download folder: {exc.strerror}", ErrorCode.UNWRITABLE)
+        return None
+
+    def _admit(self, inc: Incoming, now: float) -> list[Action]:
+        """An accepted offer: started if a slot is free, else queued."""
         if self._has_slot(inc.peer):
             return self._start(inc, now)
         log.info("user=%s peer=%s xfer=%s queued %r (%d bytes): %d transfers waiting", self.user, inc.peer,
                  inc.xfer.hex()[:8], inc.name, inc.size, len(self.queued) + 1)
         self._queue(inc)
-        return [Emit(ev.FileQueued(inc.xfer, inc.peer, inc.name, inc.size, len(self.queued))), inc.hold()]
+        return [Emit(ev.FileQueued(inc.xfer, inc.peer, inc.name, inc.size, len(self.queued), inc.link.room)),
+                *inc.hold()]
 
     def _refuse(self, offer: FileOffer, now: float, message: str, code: ErrorCode, report: ev.Event | None = None,
                 remember: bool = True) -> list[Action]:
-        """Refuse an offer: the sender is told; logged and reported once per sender and period (a peer sending
-        thousands must not flood the log or the user), the rest counted."""
-        if remember:
-            self._remember_failed(offer.xfer)
+        """Refuse an offer: the sender is told (``_refused``)."""
         src = self._ctx.device if offer.src is not None else None
-        actions: list[Action] = [self._ctx.send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code,
-                                                                       message, offer.src, src))]
-        label = f"user={self.user} peer={offer.sender} xfer={offer.xfer.hex()[:8]}"
-        if self._refusals.record(offer.sender, label, message, now) and report is not None:
-            actions.append(Emit(report))
-        return actions
+        cancel = self._ctx.send(offer.xfer, FileCancel(self.user, offer.sender, offer.xfer, code, message, offer.src,
+                                                       src))
+        return [cancel, *self._refused(offer.xfer, offer.sender, now, message, report, remember)]
+
+    def _refused(self, xfer: bytes, sender: str, now: float, message: str, report: ev.Event | None,
+                 remember: bool = True) -> list[Action]:
+        """An offer refused: remembered, so that it is refused again; logged and reported once per sender and
+        period (a peer sending thousands must not flood the log or the user), the rest counted."""
+        if remember:
+            self._remember_failed(xfer)
+        label = f"user={self.user} peer={sender} xfer={xfer.hex()[:8]}"
+        if self._refusals.record(sender, label, message, now) and report is not None:
+            return [Emit(report)]
+        return []
 
     def _resume_in(self, record: dict, now: float) -> list[Action]:
         """Take up a .part after a restart: its whole chunks are the resume point (started when a slot is free)."""
         xfer = bytes.fromhex(record["xfer"])
-        inc = Incoming(self._ctx, xfer, record["peer"], record["name"], record["size"], record["chunk_size"],
-                       Path(record["part"]), Path(record["target_dir"]), record["final_name"],
+        inc = Incoming(self._ctx, xfer, record["peer"], link_of(record), record["name"], record["size"],
+                       record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"],
                        cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None,
                        resumed=True, session=record.get("session", 0), peer_dev=record.get("peer_dev"))
         if self._has_slot(inc.peer):
@@ -344,7 +420,7 @@ class TransferManager:
             self.records.forget("incoming", xfer)
             return []
         self._queue(inc)
-        return [inc.hold()]
+        return inc.hold()
 
     def _has_slot(self, peer: str) -> bool:
         cfg = self.config
@@ -368,7 +444,7 @@ class TransferManager:
         for inc in list(self.queued.values()):
             if len(self.incoming) >= self.config.max_incoming:
                 break
-            if inc.peer in self._online and self._has_slot(inc.peer):
+            if self._reachable(inc) and self._has_slot(inc.peer):
                 del self.queued[inc.xfer]
                 actions += self._start(inc, now)
         return actions
@@ -381,6 +457,29 @@ class TransferManager:
     # --- bookkeeping ----------------------------------------------------------------------------------
     def _machine(self, xfer: bytes) -> TransferMachine | None:
         return self.incoming.get(xfer) or self.outgoing.get(xfer) or self.queued.get(xfer)
+
+    def _reachable(self, machine: TransferMachine) -> bool:
+        """The other end can answer: the peer is online, or it is the broker (a room transfer)."""
+        party = machine.link.party(machine)
+        return party is None or party in self._online
+
+    def _source(self, path: Path) -> Source:
+        if not 0 < self.config.chunk_size <= MAX_CHUNK_BYTES:
+            raise TransferError(f"chunk size {self.config.chunk_size} outside 1..{MAX_CHUNK_BYTES} bytes")
+        return self.files.inspect(Path(path))
+
+    def _running(self, room: bytes | None, peer: str, source: Source) -> Outgoing | None:
+        """The live transfer of this very file to ``peer`` (or to ``room``), if there is one."""
+        for out in self.outgoing.values():
+            if (out.link.room, out.peer, out.path, out.size, out.mtime_ns) == (room, peer, source.path, source.size,
+                                                                               source.mtime_ns):
+                return out
+        return None
+
+    def _upload(self, rid: bytes, source: Source, now: float) -> tuple[bytes, list[Action]]:
+        out = self._track(Outgoing.begin(self._ctx, self._ctx.new_id(), self.user, RoomLink(rid), source,
+                                         self.config.chunk_size, 1, now))
+        return out.xfer, out.start(now)
 
     def _track(self, out: Outgoing) -> Outgoing:
         self.outgoing[out.xfer] = out

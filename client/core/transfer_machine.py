@@ -14,14 +14,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit, Transmit
 from p2pchat.client.core.ports import TransferFiles, TransferRecords
 from p2pchat.client.e2e import PeerKeyChanged, Sealing
 from p2pchat.common.errors import ErrorCode, P2PChatError, TransferError
-from p2pchat.common.protocol import Envelope, FileCancel, FileChunk, FileCredit, Message, new_msg_id, pack
+from p2pchat.common.protocol import Envelope, FileChunk, FileCredit, Message, new_msg_id, pack
+
+if TYPE_CHECKING:
+    from p2pchat.client.core.transfer_links import RoomUploaded, TransferLink
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +102,14 @@ class Progress:
     heard: float = 0.0  # the peer made progress (a chunk, a credit) or was offline: the give-up clock
 
     def report(self, xfer: bytes, peer: str, name: str, direction: str, done: int, size: int,
-               now: float, force: bool = False) -> list[Action]:
+               now: float, force: bool = False, room: bytes | None = None) -> list[Action]:
         if not force and now - self.last_emit < PROGRESS_EVERY:
             return []
         self.last_emit = now
         elapsed = max(now - self.started, 1e-6)
         rate = done / elapsed
         eta = (size - done) / rate if rate > 0 else None
-        return [Emit(ev.FileProgress(xfer, peer, name, direction, done, size, rate, eta))]
+        return [Emit(ev.FileProgress(xfer, peer, name, direction, done, size, rate, eta, room))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,7 @@ class TransferContext:
     key_wants: set[str] = field(default_factory=set)  # peers whose key an offer waits for
     key_changes: list[PeerKeyChanged] = field(default_factory=list)  # seen in offers: the session decides
     device: int | None = None  # our number in our ID's device list (a broker that knows devices said it)
+    uploaded: list[RoomUploaded] = field(default_factory=list)  # room files the broker holds whole: offers due
 
     def send(self, xfer: bytes, msg: Message, payload=None, urgent: bool = False) -> Transmit:
         return Transmit(pack(msg, self.wall_ms(), frame_id(xfer, self.new_id), payload), urgent)
@@ -149,13 +153,16 @@ class TransferContext:
 class TransferMachine:
     """The gate and the frame handlers both machines have; each overrides the handlers its table accepts.
     Subclasses add ``phase`` (their initial one as its default), ``name``, ``rate`` and ``peer_dev`` (the peer's
-    device in the transfer, when its broker and client know devices: the offering one, or the one that took it)."""
+    device in the transfer, when its broker and client know devices: the offering one, or the one that took it).
+    ``link`` makes the frames (``transfer_links``): to ``peer``, or to a room's file store at the broker, when
+    ``peer`` names the user who sent the file to the room (we, for an upload)."""
 
     TABLE: ClassVar[Table]
     DIRECTION: ClassVar[str]  # "out" or "in", as events name it
     ctx: TransferContext
     xfer: bytes
     peer: str
+    link: TransferLink
 
     def enter(self, what: Input) -> list[Action] | None:
         """Take ``what`` through the table: None if it moved the machine (the caller acts), [] if it is
@@ -174,6 +181,11 @@ class TransferMachine:
     def src(self) -> int | None:
         """Our device number for the ``src`` of our frames, if the peer's device knows the field (``peer_dev``)."""
         return self.ctx.device if self.peer_dev is not None else None  # type: ignore[attr-defined]
+
+    def progress(self, done: int, now: float, force: bool = False) -> list[Action]:
+        """A progress event (at most one per ``PROGRESS_EVERY`` unless ``force``d): ``done`` bytes of the file."""
+        return self.rate.report(self.xfer, self.peer, self.name, self.DIRECTION, done, self.size, now, force,
+                                self.link.room)  # type: ignore[attr-defined]
 
     def fail(self, error: P2PChatError, tell_peer: bool) -> list[Action]:
         refused = self.enter(Input.ABORT)
@@ -212,8 +224,6 @@ class TransferMachine:
         ctx.ended(self)
         log.warning("user=%s peer=%s xfer=%s %s failed: %s", ctx.user, self.peer, self.xfer.hex()[:8],
                     "sending" if self.DIRECTION == "out" else "receiving", error)
-        actions: list[Action] = []
-        if tell_peer:
-            actions.append(ctx.send(self.xfer, FileCancel(ctx.user, self.peer, self.xfer, error.code, error.message,
-                                                          self.peer_dev, self.src())))  # type: ignore[attr-defined]
-        return actions + [Emit(ev.FileFailed(self.xfer, self.peer, self.name, self.DIRECTION, error))]
+        actions = self.link.cancel(self, error) if tell_peer else []
+        return actions + [Emit(ev.FileFailed(self.xfer, self.peer, self.name, self.DIRECTION, error,
+                                             self.link.room))]  # type: ignore[attr-defined]
