@@ -68,7 +68,11 @@ def open_offer(e2e: Sealing, env: Envelope, refetched: bool = False) -> tuple[st
     """An offer's sealed metadata: (name, file key, sending session). Raises ProtocolError if unacceptable,
     UnknownDevice from a device not in the sender's list (``refetched``: fetched since the offer came)."""
     offer: FileOffer = env.message  # type: ignore[assignment]
-    plain = e2e.open(offer.sender, env.msg_id, env.ts, offer.body, refetched=refetched)
+    return offer_meta(e2e.open(offer.sender, env.msg_id, env.ts, offer.body, refetched=refetched), e2e.enabled)
+
+
+def offer_meta(plain: bytes, sealed: bool) -> tuple[str, bytes | None, int]:
+    """An opened offer body (one-to-one, or a room's): (name, file key, sending session), strictly."""
     try:
         meta = msgpack.unpackb(plain, raw=False, max_str_len=4 * MAX_TEXT_CHARS, max_bin_len=64,
                                max_map_len=4, max_array_len=0)
@@ -78,9 +82,9 @@ def open_offer(e2e: Sealing, env: Envelope, refetched: bool = False) -> tuple[st
             or type(meta.get("session", 0)) is not int or not 0 <= meta.get("session", 0) < 2**32):
         raise ProtocolError("malformed file offer")
     key = meta.get("key")
-    if e2e.enabled and (type(key) is not bytes or len(key) != 32):
+    if sealed and (type(key) is not bytes or len(key) != 32):
         raise ProtocolError("file offer without an end-to-end key refused")
-    return meta["name"], key if e2e.enabled else None, meta.get("session", 0)
+    return meta["name"], key if sealed else None, meta.get("session", 0)
 
 
 def write_error(name: str, exc: OSError) -> TransferError:

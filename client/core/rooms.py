@@ -20,14 +20,18 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgpack
+
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit
 from p2pchat.client.core.held import HeldMessages
 from p2pchat.client.e2e import PeerKeyChanged
 from p2pchat.client.sender_keys import NoSenderKey, SenderKeys
-from p2pchat.common.errors import BrokenError, ErrorCode, ProtocolError, RemoteError
+from p2pchat.client.core.receiving import offer_meta
+from p2pchat.client.core.transfer_links import RoomUploaded
+from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
 from p2pchat.common.crypto import sealed_sender_key
-from p2pchat.common.protocol import Ack, Envelope, Message, pack
+from p2pchat.common.protocol import MAX_TEXT_CHARS, Ack, Envelope, Message, pack
 from p2pchat.common.room_crypto import unpack_sender_key
 from p2pchat.common.protocol_rooms import (
     RoomEvent,
@@ -36,8 +40,11 @@ from p2pchat.common.protocol_rooms import (
     RoomKey,
     RoomListing,
     RoomListRequest,
+    RoomChunk,
+    RoomCredit,
     RoomMark,
     RoomMessage,
+    RoomOffer,
     RoomReceipts,
     RoomReceiptsRequest,
     RoomRequest,
@@ -55,10 +62,11 @@ RESEND_AFTER = 5.0  # seconds without an acknowledgement before room frames are 
 @dataclass(slots=True)
 class _Pending:
     rid: bytes
-    text: bytes
+    text: bytes  # a message's text, or a file offer's plaintext (its name and key)
     ts: int
     frames: list[bytes] | None = None  # sealed for the room's epoch as last known
     reseals: int = 0
+    upload: RoomUploaded | None = None  # a room file the broker holds: this announces it (§8.1)
 
 
 class RoomSync:
@@ -157,7 +165,10 @@ class RoomSync:
                 body = self.sender_keys.seal(room.rid, msg_id, pending.ts, pending.text)
             else:
                 body = pending.text
-            pending.frames = pack(RoomMessage(self.user, room.rid, room.epoch, body), pending.ts, msg_id)
+            up = pending.upload
+            frame = (RoomMessage(self.user, room.rid, room.epoch, body) if up is None else
+                     RoomOffer(self.user, room.rid, room.epoch, up.xfer, up.size, up.chunk_size, body))
+            pending.frames = pack(frame, pending.ts, msg_id)
             actions.append(self._transmit(pending.frames, now))
         return actions + (self._ask_keys(wanted, now) if wanted else [])
 
@@ -212,9 +223,13 @@ class RoomSync:
         pending = self._room_out.pop(msg.ref, None)
         if pending is None:
             return None
-        if self.history is not None:
-            self.history.advance(msg.ref, "stored")
-        actions: list[Action] = [Emit(ev.Acked(msg.ref, msg.status.value, msg.seq))]
+        up = pending.upload
+        if up is not None:  # the room was told: for the sender, the file is sent (members fetch it from the store)
+            actions: list[Action] = [Emit(ev.FileSent(up.xfer, self.user, up.name, up.size, up.bytes_sent, up.room))]
+        else:
+            if self.history is not None:
+                self.history.advance(msg.ref, "stored")
+            actions = [Emit(ev.Acked(msg.ref, msg.status.value, msg.seq))]
         if msg.missed:
             actions.append(Emit(ev.ErrorReported(RemoteError(
                 f"{msg.missed} member device(s) of the room had a full queue and missed this message",
@@ -239,9 +254,7 @@ class RoomSync:
                         later.frames = None
                 return self._refetch(pending.rid, now)
             del self._room_out[ref]
-            if self.history is not None:
-                self.history.fail(ref)
-            return [Emit(ev.SendFailed(ref, error))]
+            return self._failed(ref, pending, error)
         if ref in self._room_asks:
             rid = self._room_asks.pop(ref)
             self._room_fetching.discard(rid)
@@ -264,8 +277,10 @@ class RoomSync:
         """A room message, or the broker's word about rooms (``room_info``, ``room_list``, ``room_event``)."""
         msg = env.message
         kind = type(msg)
-        if kind is RoomMessage:
+        if kind is RoomMessage or kind is RoomOffer:
             return self._on_room_message(env.msg_id, msg, env.ts, now)
+        if kind is RoomCredit or kind is RoomChunk:
+            return self._on_room_transfer(env, now)
         if kind is RoomInfo:
             return self._on_room_info(msg, now)
         if kind is RoomListing:
@@ -325,16 +340,22 @@ class RoomSync:
         if self.sender_keys is not None:
             self.sender_keys.forget_room(rid)
         actions: list[Action] = []
+        gone = RemoteError("you are no longer in the room", ErrorCode.NOT_MEMBER)
         for msg_id in [m for m, p in self._room_out.items() if p.rid == rid]:
-            del self._room_out[msg_id]
-            if self.history is not None:
-                self.history.fail(msg_id)
-            actions.append(Emit(ev.SendFailed(msg_id, RemoteError("you are no longer in the room",
-                                                                  ErrorCode.NOT_MEMBER))))
+            actions += self._failed(msg_id, self._room_out.pop(msg_id), gone)
         return actions + [Emit(ev.RoomGone(rid, name or (room.name if room else ""), why, by, ref))]
 
+    def _failed(self, msg_id: bytes, pending: _Pending, error: P2PChatError) -> list[Action]:
+        """A room message, or a file's announcement, that will not go."""
+        up = pending.upload
+        if up is not None:
+            return [Emit(ev.FileFailed(up.xfer, self.user, up.name, "out", error, up.room))]
+        if self.history is not None:
+            self.history.fail(msg_id)
+        return [Emit(ev.SendFailed(msg_id, error))]
+
     # --- receiving ----------------------------------------------------------------------------------------------
-    def _on_room_message(self, msg_id: bytes, msg: RoomMessage, ts: int, now: float) -> list[Action]:
+    def _on_room_message(self, msg_id: bytes, msg: RoomMessage | RoomOffer, ts: int, now: float) -> list[Action]:
         if msg_id in self._seen:
             return self._after_history(msg_id, None, now)
         try:
@@ -349,6 +370,8 @@ class RoomSync:
             return self._room_unreadable(msg_id, msg, "no sender key arrived for it", now)
         except ProtocolError as exc:
             return self._room_unreadable(msg_id, msg, exc.message, now)
+        if type(msg) is RoomOffer:
+            return self._on_room_offer(msg_id, msg, plaintext, now)
         self._seen[msg_id] = None
         if msg.seq is not None and msg.seq > self._room_kept.get(msg.room, 0):
             self._room_kept[msg.room] = msg.seq  # marked once the batch is committed (``_room_marks``)
@@ -362,7 +385,21 @@ class RoomSync:
             return actions
         return [Emit(ev.MessageReceived(msg_id, msg.sender, text, ts, msg.room, self.room_name(msg.room)))] + actions
 
-    def _room_unreadable(self, msg_id: bytes, msg: RoomMessage, why: str, now: float) -> list[Action]:
+    def _on_room_offer(self, msg_id: bytes, msg: RoomOffer, plaintext: bytes, now: float) -> list[Action]:
+        """A file in the room's store at the broker: the transfer manager fetches it (or refuses it, and says so);
+        ours from another device is only consumed."""
+        try:
+            name, key, _ = offer_meta(plaintext, True)
+        except ProtocolError as exc:
+            return self._room_unreadable(msg_id, msg, exc.message, now)
+        self._seen[msg_id] = None
+        self._consumes.append(msg_id)  # the transfer manager has taken it over (its record resumes it)
+        if msg.sender == self.user or self.transfers is None:
+            return []
+        return self.transfers.on_room_offer(msg.room, msg.sender, msg.xfer, msg.size, msg.chunk_size, name, key,
+                                            now)
+
+    def _room_unreadable(self, msg_id: bytes, msg: RoomMessage | RoomOffer, why: str, now: float) -> list[Action]:
         """Consumed (it will never open) and reported, aggregated per sender."""
         self._consumes.append(msg_id)
         text = f"a message to a room from {msg.sender} could not be decrypted: {why}"
@@ -423,7 +460,30 @@ class RoomSync:
 
     def _rooms_closed(self) -> list[Action]:
         error = BrokenError("client closed before the broker acknowledged", ErrorCode.CLOSED)
-        actions: list[Action] = [Emit(ev.SendFailed(msg_id, error)) for msg_id in self._room_out]
+        actions: list[Action] = []
+        for msg_id, pending in self._room_out.items():
+            actions += self._failed(msg_id, pending, error)
         self._room_out.clear()
         return actions
+
+    # --- files (§8.1): the broker keeps them; the transfer manager uploads and fetches ---------------------------
+    def send_room_file(self, rid: bytes, path, now: float) -> tuple[bytes, list[Action]]:
+        """Upload ``path`` to room ``rid``'s store at the broker; announced to the room once it is whole."""
+        assert self.transfers is not None
+        xfer, actions = self.transfers.send_room_file(rid, path, now)
+        return xfer, actions + self._room_uploads(now)
+
+    def _room_uploads(self, now: float) -> list[Action]:
+        """Files the broker now holds whole: each announced with a ``room_offer`` sealed like a message."""
+        uploads = self.transfers.take_room_uploads() if self.transfers is not None else []
+        for up in uploads:
+            offer = msgpack.packb({"name": up.name[:MAX_TEXT_CHARS], "key": up.key}, use_bin_type=True)
+            self._room_out[self._new_id()] = _Pending(up.room, offer, self._wall_ms(), upload=up)
+        return self._flush_rooms(now) if uploads else []
+
+    def _on_room_transfer(self, env: Envelope, now: float) -> list[Action]:
+        """The broker's credit for an upload, or a chunk of a fetch."""
+        if self.transfers is None:
+            return []
+        return self.transfers.on_message(env, now) + self._room_uploads(now)
 

@@ -44,7 +44,7 @@ from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, Protocol
 from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Devices, DevicesRequest, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, CAPS_DEVICES, MAX_BODY_BYTES, MAX_CONSUME_REFS
 
-from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomEvent, RoomInfo, RoomKey, RoomListing, RoomMessage, RoomReceipts
+from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomChunk, RoomCredit, RoomEvent, RoomInfo, RoomKey, RoomListing, RoomMessage, RoomOffer, RoomReceipts
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def validate_text(recipient: str, text: str) -> bytes:
     return body
 
 
-_ROOM_FRAMES = frozenset({RoomMessage, RoomInfo, RoomListing, RoomEvent, RoomReceipts})
+_ROOM_FRAMES = frozenset({RoomMessage, RoomOffer, RoomInfo, RoomListing, RoomEvent, RoomReceipts, RoomCredit, RoomChunk})
 _NOBODY: frozenset[str] = frozenset()  # one for every session (the load tool runs 10,000 in a process)
 
 
