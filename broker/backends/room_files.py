@@ -3,15 +3,17 @@
 Layout (every name is hex: nothing a client sends becomes a path but through ``bytes.hex()``)::
 
     <root>/.lock                  flock()ed around every creation, completion and deletion, by every broker
-    <root>/usage.json             the store's totals {"bytes", "files", "unfinished": {user: n}}, recounted on open
+    <root>/usage.json             the store's totals {"bytes", "files", "unfinished": {user: n}}
+    <root>/<rid>/usage.json       the room's totals, alike
     <root>/<rid>/<xfer>.meta      one transfer's record (JSON), replaced whole by a rename
     <root>/<rid>/<xfer>.chunks    its sealed chunks back to back, chunk i at i * (chunk_size + 16)
 
 While a transfer uploads, its chunks on disk are counted from the length of ``.chunks`` (chunks are written in
 order, whole, and a write the disk refused is cut off again) and its last activity is that file's mtime, set to
 the core's clock: no record is rewritten per chunk, so a deletion by another broker is never undone by a late
-write. Completion fsyncs the chunks before the record says "complete". The totals file is a shared counter
-kept under the lock (a crash can only leave it too high: it is recounted when a store opens).
+write. Completion fsyncs the chunks before the record says "complete". The totals are counters shared under
+the lock, so that admitting an upload reads two small files whatever the room holds (a crash can only leave them
+too high: they are recounted when a store opens).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from p2pchat.common.errors import ErrorCode
 log = logging.getLogger(__name__)
 
 _HEX16 = re.compile(r"[0-9a-f]{32}")
-_META, _CHUNKS, _TMP = ".meta", ".chunks", ".tmp"
+_META, _CHUNKS, _TMP, _TOTALS = ".meta", ".chunks", ".tmp", "usage.json"
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -48,8 +50,7 @@ class DiskRoomFileStore:
             root.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
             with self._locked(read_totals=False):
-                self._totals = self._recount()
-                self._save_totals()
+                self._recount()
         except OSError as exc:
             raise _unavailable(exc, f"room files at {root}") from exc
 
@@ -93,9 +94,9 @@ class DiskRoomFileStore:
                 refusal = admit(self._usage(file.rid, file.uploader))
                 if refusal is not None:
                     return refusal
-                self._count(file, 1, 1)  # first: a crash past it leaves the count high, never low
+                (self.root / file.rid.hex()).mkdir(exist_ok=True)
+                self._count(file, 1, 1)  # first: a crash past it leaves the counts high, never low
                 try:
-                    (self.root / file.rid.hex()).mkdir(exist_ok=True)
                     chunks = self._path(file.rid, file.xfer, _CHUNKS)
                     fd = os.open(chunks, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                     try:
@@ -166,10 +167,7 @@ class DiskRoomFileStore:
         try:
             with self._locked():
                 deleted = sum(self._delete(rid, xfer) for xfer in self._xfers(room))
-                for leftover in _listdir(room):  # temporary records a crash left behind
-                    (room / leftover).unlink(missing_ok=True)
-                with contextlib.suppress(FileNotFoundError):
-                    room.rmdir()
+                _remove_room(room)
                 return deleted
         except OSError as exc:
             raise _unavailable(exc, f"room={rid.hex()}") from exc
@@ -184,9 +182,10 @@ class DiskRoomFileStore:
                 if not self._walk_files:
                     name = self._walk_rooms.pop()
                     self._walk_files = [(bytes.fromhex(name), xfer) for xfer in self._xfers(self.root / name)]
-                    if not self._walk_files:  # left by a failed creation: the lock keeps a new one from losing it
-                        with self._locked(), contextlib.suppress(OSError):
-                            (self.root / name).rmdir()
+                    if not self._walk_files:  # left by a failed creation or deletion
+                        with self._locked():
+                            if not self._xfers(self.root / name):  # still: a creation takes the lock too
+                                _remove_room(self.root / name)
                     continue
                 file = self._load(*self._walk_files.pop())
                 if file is not None:
@@ -206,7 +205,7 @@ class DiskRoomFileStore:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             if read_totals:  # another broker may have changed them since
-                self._totals = self._read_totals()
+                self._totals = self._read_totals(self.root / _TOTALS, self._recount)
             yield
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -282,51 +281,86 @@ class DiskRoomFileStore:
 
     # --- the totals: under the lock ---------------------------------------------------------------------------
     def _usage(self, rid: bytes, user: str) -> RoomFileUsage:
-        room = [file for file in (self._load(rid, xfer) for xfer in self._xfers(self.root / rid.hex())) if file]
-        return RoomFileUsage(room_bytes=sum(file.stored for file in room), room_files=len(room),
-                             room_unfinished=sum(not file.complete for file in room),
+        room = self._room_totals(rid.hex())
+        return RoomFileUsage(room_bytes=room["bytes"], room_files=room["files"],
+                             room_unfinished=sum(room["unfinished"].values()),
                              user_unfinished=self._totals["unfinished"].get(user, 0),
                              total_bytes=self._totals["bytes"], total_files=self._totals["files"])
 
     def _count(self, file: RoomFile, files: int, unfinished: int) -> None:
         """Add ``files`` (1, or -1) times ``file`` to the totals, and ``unfinished`` to its uploader's; save them."""
-        totals = self._totals
-        totals["bytes"] = max(0, totals["bytes"] + files * file.stored)
-        totals["files"] = max(0, totals["files"] + files)
-        left = totals["unfinished"].get(file.uploader, 0) + unfinished
-        if left > 0:
-            totals["unfinished"][file.uploader] = left
-        else:
-            totals["unfinished"].pop(file.uploader, None)
-        self._save_totals()
+        _add(self._totals, file, files, unfinished)
+        self._save_totals(self.root / _TOTALS, self._totals)
+        room = self._room_totals(file.rid.hex())
+        _add(room, file, files, unfinished)
+        if room["files"]:
+            self._save_totals(self.root / file.rid.hex() / _TOTALS, room)
+        else:  # the room holds nothing more: its directory may go
+            (self.root / file.rid.hex() / _TOTALS).unlink(missing_ok=True)
 
-    def _recount(self) -> dict:
-        totals: dict = {"bytes": 0, "files": 0, "unfinished": {}}
-        for name in _listdir(self.root):
-            if not _HEX16.fullmatch(name):
-                continue
-            for xfer in self._xfers(self.root / name):
-                file = self._load(bytes.fromhex(name), xfer)
-                if file is not None:
-                    totals["bytes"] += file.stored
-                    totals["files"] += 1
-                    if not file.complete:
-                        totals["unfinished"][file.uploader] = totals["unfinished"].get(file.uploader, 0) + 1
+    def _room_totals(self, name: str) -> dict:
+        return self._read_totals(self.root / name / _TOTALS, lambda: self._scan_room(name))
+
+    def _scan_room(self, name: str) -> dict:
+        totals = _empty()
+        for xfer in self._xfers(self.root / name):
+            file = self._load(bytes.fromhex(name), xfer)
+            if file is not None:
+                _add(totals, file, 1, 0 if file.complete else 1)
         return totals
 
-    def _read_totals(self) -> dict:
+    def _recount(self) -> dict:
+        """Count every room again from its records, and the store as their sum; save them all."""
+        self._totals = _empty()
+        for name in _listdir(self.root):
+            if _HEX16.fullmatch(name):
+                room = self._scan_room(name)
+                if room["files"]:
+                    self._save_totals(self.root / name / _TOTALS, room)
+                self._totals["bytes"] += room["bytes"]
+                self._totals["files"] += room["files"]
+                for user, count in room["unfinished"].items():
+                    self._totals["unfinished"][user] = self._totals["unfinished"].get(user, 0) + count
+        self._save_totals(self.root / _TOTALS, self._totals)
+        return self._totals
+
+    def _read_totals(self, path: Path, recount) -> dict:
         try:
-            totals = json.loads((self.root / "usage.json").read_bytes())
+            totals = json.loads(path.read_bytes())
             if type(totals.get("bytes")) is int and type(totals.get("files")) is int \
                     and type(totals.get("unfinished")) is dict:
                 return totals
-        except (FileNotFoundError, ValueError, AttributeError):
+        except FileNotFoundError:
+            return recount()  # a room with no files yet (or the remains of a crash)
+        except (ValueError, AttributeError):
             pass
-        log.warning("room files: usage.json unreadable, recounting %s", self.root)
-        return self._recount()
+        log.warning("room files: %s unreadable, counted again", path)
+        return recount()
 
-    def _save_totals(self) -> None:
-        self._replace(self.root / "usage.json", json.dumps(self._totals).encode(), False)  # recounted after a crash
+    def _save_totals(self, path: Path, totals: dict) -> None:
+        self._replace(path, json.dumps(totals).encode(), False)  # recounted after a crash: no fsync
+
+
+def _empty() -> dict:
+    return {"bytes": 0, "files": 0, "unfinished": {}}
+
+
+def _add(totals: dict, file: RoomFile, files: int, unfinished: int) -> None:
+    totals["bytes"] = max(0, totals["bytes"] + files * file.stored)
+    totals["files"] = max(0, totals["files"] + files)
+    left = totals["unfinished"].get(file.uploader, 0) + unfinished
+    if left > 0:
+        totals["unfinished"][file.uploader] = left
+    else:
+        totals["unfinished"].pop(file.uploader, None)
+
+
+def _remove_room(room: Path) -> None:
+    """A room directory without transfers: what a crash or the counts left in it goes, and then it."""
+    for leftover in _listdir(room):
+        (room / leftover).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        room.rmdir()
 
 
 def _touch(fd: int, now_ms: int) -> None:

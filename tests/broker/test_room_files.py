@@ -479,7 +479,7 @@ def test_a_transfer_deleted_by_another_broker_is_unknown_to_its_uploader_and_fet
     fetch(here, 0, 2, True)
     assert there.store.delete(RID, Y)  # its expiry sweep, say
     assert codes(send(here, 0, xfer=Y, chunks=sealed(PLAIN, xfer=Y))) == [ErrorCode.UNKNOWN_TRANSFER]
-    assert sorted(os.listdir(root / RID.hex())) == [X.hex() + ".chunks", X.hex() + ".meta"]  # not made again
+    assert sorted(os.listdir(root / RID.hex())) == [X.hex() + ".chunks", X.hex() + ".meta", "usage.json"]  # not again
     there.room_gone(RID)
     assert codes(fetch(here, 2, 4)) == [ErrorCode.UNKNOWN_TRANSFER]
     assert here.fetch_count == 0
@@ -511,12 +511,15 @@ def test_the_totals_are_shared_by_brokers_and_recounted_when_a_store_opens(store
     here, there = make(stores(), total_quota=3 * (CS + 16)), make(stores(), total_quota=3 * (CS + 16))
     upload_all(here, sealed(os.urandom(2 * CS)), size=2 * CS)
     assert codes(upload(there, size=2 * CS, xfer=Y, rid=OTHER_RID)) == [ErrorCode.STORAGE_FULL]
-    (root / "usage.json").write_text(json.dumps({"bytes": 0, "files": 0, "unfinished": {}}))  # a crash's leftovers
+    for totals in (root / "usage.json", root / RID.hex() / "usage.json"):  # what a crash may leave
+        totals.write_text(json.dumps({"bytes": 0, "files": 0, "unfinished": {}}))
     reopened = stores()
-    usage = reopened.usage(OTHER_RID, "alice")
-    assert (usage.total_bytes, usage.total_files, usage.room_bytes) == (2 * (CS + 16), 1, 0)
+    usage = reopened.usage(RID, "alice")
+    assert (usage.total_bytes, usage.total_files, usage.room_bytes, usage.room_files) == (2 * (CS + 16), 1) * 2
     (root / "usage.json").write_text("{not json")
-    assert there.store.usage(RID, "alice").total_files == 1
+    (root / RID.hex() / "usage.json").write_text('{"bytes": "many"}')
+    usage = there.store.usage(RID, "alice")
+    assert (usage.total_files, usage.room_files) == (1, 1)
 
 
 def test_stray_and_hostile_entries_in_the_directory_are_no_transfers(broker, root, stores):
