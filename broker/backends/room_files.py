@@ -181,11 +181,10 @@ class DiskRoomFileStore:
             while len(found) < limit and (self._walk_files or self._walk_rooms):
                 if not self._walk_files:
                     name = self._walk_rooms.pop()
-                    self._walk_files = [(bytes.fromhex(name), xfer) for xfer in self._xfers(self.root / name)]
-                    if not self._walk_files:  # left by a failed creation or deletion
-                        with self._locked():
-                            if not self._xfers(self.root / name):  # still: a creation takes the lock too
-                                _remove_room(self.root / name)
+                    with self._locked():  # as a creation is: a room found empty is removed before one can begin
+                        self._walk_files = [(bytes.fromhex(name), xfer) for xfer in self._xfers(self.root / name)]
+                        if not self._walk_files:  # left by a failed creation
+                            _remove_room(self.root / name)
                     continue
                 file = self._load(*self._walk_files.pop())
                 if file is not None:

@@ -430,7 +430,8 @@ def test_idle_fetches_are_forgotten(stores):
 
 
 # --- lifetime ------------------------------------------------------------------------------------------------
-def test_complete_files_expire_7_days_after_completion_and_unfinished_ones_an_hour_after_their_last_chunk(broker):
+def test_complete_files_expire_7_days_after_completion_and_unfinished_ones_an_hour_after_their_last_chunk(broker,
+                                                                                                         root):
     upload_all(broker, now=T0)
     upload(broker, xfer=Y, now=T0)
     send(broker, 0, xfer=Y, chunks=sealed(PLAIN, xfer=Y), now=T0 + HOUR)
@@ -443,7 +444,7 @@ def test_complete_files_expire_7_days_after_completion_and_unfinished_ones_an_ho
     assert broker.offer_ready(RID, X, "alice") is None
     broker.on_tick(T0 + 7 * 24 * HOUR + 10_000)
     assert broker.offer_ready(RID, X, "alice") is ErrorCode.UNKNOWN_TRANSFER
-    assert broker.store.usage(RID, "alice").total_files == 0
+    assert broker.store.usage(RID, "alice").total_files == 0 and not (root / RID.hex()).exists()
 
 
 def test_expiry_runs_in_bounded_steps(stores):
