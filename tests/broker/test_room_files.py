@@ -554,6 +554,15 @@ def test_racing_brokers_create_and_complete_a_transfer_once(stores):
     assert (usage.total_files, usage.room_unfinished, usage.user_unfinished) == (2, 1, 1)
 
 
+def test_a_transfer_the_disk_cannot_record_is_not_counted(broker, root):
+    upload_all(broker)
+    (root / RID.hex() / (Y.hex() + ".meta.tmp")).mkdir()  # where its record would be written
+    assert codes(upload(broker, xfer=Y)) == [ErrorCode.STORAGE_UNAVAILABLE]
+    usage = broker.store.usage(RID, "alice")
+    assert (usage.total_files, usage.room_files, usage.user_unfinished) == (1, 1, 0)
+    assert broker.store.get(RID, Y) is None and not (root / RID.hex() / (Y.hex() + ".chunks")).exists()
+
+
 def test_a_chunk_is_written_from_a_zmq_frame_as_the_shell_receives_it(broker):
     upload(broker, size=3)
     assert messages(send(broker, 0, zmq.Frame(sealed(b"abc")[0]), chunks=sealed(b"abc")))[0].next == 1
