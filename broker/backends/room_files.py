@@ -62,7 +62,7 @@ class DiskRoomFileStore:
         try:
             return self._load(rid, xfer)
         except OSError as exc:
-            raise _unavailable(exc, f"room={rid.hex()} xfer={xfer.hex()}") from exc
+            raise _unavailable(exc, _where(rid, xfer)) from exc
 
     def read_chunk(self, file: RoomFile, index: int) -> bytes | None:
         size = file.payload_size(index)
@@ -71,11 +71,11 @@ class DiskRoomFileStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _unavailable(exc, f"room={file.rid.hex()} xfer={file.xfer.hex()}") from exc
+            raise _unavailable(exc, _where(file.rid, file.xfer)) from exc
         try:
             data = os.pread(fd, size, file.offset(index))
         except OSError as exc:
-            raise _unavailable(exc, f"room={file.rid.hex()} xfer={file.xfer.hex()} chunk {index}") from exc
+            raise _unavailable(exc, f"{_where(file.rid, file.xfer)} chunk {index}") from exc
         finally:
             os.close(fd)
         if len(data) != size:
@@ -85,7 +85,6 @@ class DiskRoomFileStore:
 
     # --- writes ---------------------------------------------------------------------------------------------
     def create(self, file: RoomFile, admit: UsageCheck) -> RoomFile | ErrorCode:
-        where = f"room={file.rid.hex()} xfer={file.xfer.hex()}"
         try:
             with self._locked():
                 existing = self._load(file.rid, file.xfer)
@@ -110,7 +109,7 @@ class DiskRoomFileStore:
                     raise
                 return file
         except OSError as exc:
-            raise _unavailable(exc, where) from exc
+            raise _unavailable(exc, _where(file.rid, file.xfer)) from exc
 
     def write_chunk(self, file: RoomFile, index: int, payload: Any, now_ms: int) -> bool:
         try:  # never O_CREAT: a transfer deleted meanwhile stays deleted
@@ -118,7 +117,7 @@ class DiskRoomFileStore:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise _unavailable(exc, f"room={file.rid.hex()} xfer={file.xfer.hex()}") from exc
+            raise _unavailable(exc, _where(file.rid, file.xfer)) from exc
         offset = file.offset(index)
         try:
             data = memoryview(payload)  # bytes, or a zmq.Frame: no copy
@@ -129,7 +128,7 @@ class DiskRoomFileStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, offset)  # no partial chunk: the length of the file counts whole chunks
-            raise _unavailable(exc, f"room={file.rid.hex()} xfer={file.xfer.hex()} chunk {index}") from exc
+            raise _unavailable(exc, f"{_where(file.rid, file.xfer)} chunk {index}") from exc
         finally:
             os.close(fd)
         return True
@@ -153,14 +152,14 @@ class DiskRoomFileStore:
                 self._count(done, 0, -1)
                 return done
         except OSError as exc:
-            raise _unavailable(exc, f"room={file.rid.hex()} xfer={file.xfer.hex()}") from exc
+            raise _unavailable(exc, _where(file.rid, file.xfer)) from exc
 
     def delete(self, rid: bytes, xfer: bytes) -> bool:
         try:
             with self._locked():
                 return self._delete(rid, xfer)
         except OSError as exc:
-            raise _unavailable(exc, f"room={rid.hex()} xfer={xfer.hex()}") from exc
+            raise _unavailable(exc, _where(rid, xfer)) from exc
 
     def delete_room(self, rid: bytes) -> int:
         room = self.root / rid.hex()
@@ -372,6 +371,10 @@ def _listdir(path: Path) -> list[str]:
         return os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def _where(rid: bytes, xfer: bytes) -> str:
+    return f"room={rid.hex()} xfer={xfer.hex()}"
 
 
 def _unavailable(exc: OSError, where: str) -> StoreUnavailable:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits

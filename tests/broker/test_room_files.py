@@ -4,6 +4,8 @@ The core (broker/core/room_files.py) runs over the real disk store (broker/backe
 directory, with chunks sealed as a client seals them (common/crypto.py ``FileCipher``): the uploader is credited
 like §8's sender, a member's device fetches under its own credit like §8's receiver, and two cores over one
 directory stand for two brokers of a cluster (or one broker before and after a restart).
+
+(Over 500 lines: one behaviour per test of the core and of its disk store, sharing the helpers at the top.)
 """
 
 from __future__ import annotations
