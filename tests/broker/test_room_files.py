@@ -11,7 +11,9 @@ directory stand for two brokers of a cluster (or one broker before and after a r
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -554,6 +556,28 @@ def test_racing_brokers_create_and_complete_a_transfer_once(stores):
     assert there.complete(file, T0 + 9) == done and done.completed_ms == T0 + 5
     usage = there.usage(RID, "alice")
     assert (usage.total_files, usage.room_unfinished, usage.user_unfinished) == (2, 1, 1)
+
+
+def _upload_many(root: Path, worker: int) -> int:
+    """One broker process: 40 uploads of one chunk each, to rooms of its own; how many were taken."""
+    store = DiskRoomFileStore(root, fsync=False)
+    files = make(store, total_quota=50 * (CS + 16), uploads_per_user=1000, uploads_per_room=1000)
+    taken = 0
+    for i in range(40):
+        rid = bytes([worker, i]) * 8
+        taken += not codes(upload(files, size=CS, xfer=bytes([worker, i]) * 8, rid=rid))
+    store.close()
+    return taken
+
+
+def test_brokers_in_other_processes_never_reserve_more_than_the_total_between_them(stores, root):
+    stores()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        taken = list(pool.map(_upload_many, [root, root], [1, 2]))
+    assert sum(taken) == 50
+    assert json.loads((root / "usage.json").read_text())["files"] == 50  # the shared counter
+    usage = stores().usage(RID, "alice")  # recounted from the records on open
+    assert (usage.total_files, usage.total_bytes, usage.user_unfinished) == (50, 50 * (CS + 16), 50)
 
 
 def test_a_transfer_the_disk_cannot_record_is_not_counted(broker, root):
