@@ -367,3 +367,96 @@ class BrokerLink(Protocol):
 
     def receive(self, now: float) -> list[LinkEvent]:
         """What other brokers sent, and what the link's own upkeep found, since the last call."""
+
+
+# --- files sent to a room (docs/ROOMS-DESIGN.md §5; the rules are broker/core/room_files.py) -------------
+SEAL_TAG = 16  # every room chunk is sealed (AES-256-GCM, common/crypto.py TAG_BYTES): plaintext + this tag
+
+
+@dataclass(frozen=True, slots=True)
+class RoomFile:
+    """One transfer kept for a room: its sealed chunks stored back to back, chunk ``i`` at ``offset(i)``."""
+
+    rid: bytes
+    xfer: bytes
+    uploader: str
+    size: int  # of the plaintext file (as in §8): the chunks on disk are SEAL_TAG bytes longer each
+    chunk_size: int
+    created_ms: int  # wall clock, as every time here: brokers sharing the directory compare them
+    active_ms: int  # the last chunk written (its creation before that): an unfinished upload expires from it
+    chunks: int = 0  # whole chunks on disk, from index 0
+    completed_ms: int | None = None  # the final chunk is durable: members may fetch it
+
+    @property
+    def complete(self) -> bool:
+        return self.completed_ms is not None
+
+    @property
+    def count(self) -> int:
+        """Chunks in the file (§8: a 0-byte file is one empty final chunk)."""
+        return max(1, -(-self.size // self.chunk_size))
+
+    @property
+    def stored(self) -> int:
+        """Bytes the whole file takes on disk: what it reserves against the quotas."""
+        return self.size + self.count * SEAL_TAG
+
+    def payload_size(self, index: int) -> int:
+        """The exact length of sealed chunk ``index``: the last one holds what is left of the file."""
+        last = self.count - 1
+        plain = self.chunk_size if index < last else self.size - last * self.chunk_size
+        return plain + SEAL_TAG
+
+    def offset(self, index: int) -> int:
+        return index * (self.chunk_size + SEAL_TAG)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomFileUsage:
+    """What a new upload would join, counted atomically with its creation (every broker sharing the store)."""
+
+    room_bytes: int  # reserved (``RoomFile.stored``) by the room's transfers, complete or not
+    room_files: int
+    room_unfinished: int
+    user_unfinished: int  # the uploader's unfinished uploads, in every room
+    total_bytes: int  # the whole store
+    total_files: int
+
+
+class UsageCheck(Protocol):
+    def __call__(self, usage: RoomFileUsage) -> ErrorCode | None:
+        """None to admit a new upload into ``usage``, else why not."""
+
+
+class RoomFileStore(Protocol):
+    """Where room files are kept: a directory every broker of a cluster reads and writes, so any broker serves
+    any transfer, also after a restart. Disk errors raise ``StoreUnavailable`` (code ``storage_full`` for a full
+    disk or quota, else ``storage_unavailable``); a transfer deleted meanwhile is None or False, never an error."""
+
+    def get(self, rid: bytes, xfer: bytes) -> RoomFile | None: ...
+
+    def create(self, file: RoomFile, admit: UsageCheck) -> RoomFile | ErrorCode:
+        """Store a new, empty transfer if ``admit`` (the core's rules) accepts the usage it would join; the check
+        and the creation are one step for every broker. A transfer that exists already is returned as it is."""
+
+    def write_chunk(self, file: RoomFile, index: int, payload: Any, now_ms: int) -> bool:
+        """Write sealed chunk ``index`` (``payload``: bytes-like) at its offset; False if the transfer is gone.
+        A write the disk refused leaves no partial chunk behind."""
+
+    def complete(self, file: RoomFile, now_ms: int) -> RoomFile | None:
+        """Every chunk is written: make them durable, then mark the transfer complete. None if it is gone."""
+
+    def read_chunk(self, file: RoomFile, index: int) -> bytes | None:
+        """Sealed chunk ``index`` of a complete transfer; None if the transfer is gone (or cut short)."""
+
+    def delete(self, rid: bytes, xfer: bytes) -> bool:
+        """Delete one transfer; False if there was none."""
+
+    def delete_room(self, rid: bytes) -> int:
+        """Delete every transfer of a room; how many."""
+
+    def sweep(self, limit: int) -> list[RoomFile]:
+        """The next ``limit`` transfers of a walk over the whole store that starts again once it is through (for
+        expiry in bounded steps); fewer when the walk is through."""
+
+    def close(self) -> None: ...
