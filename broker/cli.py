@@ -58,6 +58,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "direction: raise it on a host with spare cores and heavy file traffic (default 1)")
     p.add_argument("--reuse-port", action="store_true",
                    help="listen with SO_REUSEPORT, so several brokers (with --cluster) share the port")
+    p.add_argument("--room-files", default=None, metavar="DIR",
+                   help="where files sent to rooms are kept, sealed (default: DATA_DIR/room-files; every broker of a "
+                        "cluster must be given the same directory)")
+    p.add_argument("--room-quota", type=int, default=1 << 30, metavar="BYTES",
+                   help="room files kept per room (default 1 GiB)")
+    p.add_argument("--room-files-max", type=int, default=16 << 30, metavar="BYTES",
+                   help="room files kept in all (default 16 GiB)")
     p.set_defaults(func=run)
     commands = p.add_subparsers(dest="broker_command", metavar="admin")
     from p2pchat.broker.admin import configure_parser as configure_admin
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the broker the parsed options describe, until SIGINT or SIGTERM."""
     from p2pchat.broker.backends.tickets import KeyLimits
     from p2pchat.broker.core.ports import QueueLimits
+    from p2pchat.broker.core.room_files import RoomFileLimits
     from p2pchat.broker.core.ratelimit import RateLimits
     from p2pchat.broker.shell.keyservice import KeyServiceLimits
     from p2pchat.broker.shell.server import BrokerConfig, BrokerServer, is_loopback
@@ -103,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         key_limits=KeyLimits(ids_per_key=args.ids_per_key),
         key_service=KeyServiceLimits(admit_rate=args.admit_rate, admit_burst=args.admit_burst,
                                      recover_rate=args.recover_rate, recover_burst=args.recover_burst),
+        room_files_dir=Path(args.room_files) if args.room_files else None,
+        room_files=RoomFileLimits(room_quota=args.room_quota, total_quota=args.room_files_max),
     )
     server = BrokerServer(config)
     for sig in (signal.SIGINT, signal.SIGTERM):

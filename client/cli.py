@@ -173,14 +173,25 @@ def cmd_listen(args: argparse.Namespace) -> int:
     count = 0
     stopped: list[P2PChatError] = []  # the client stopped by itself (signed out by the broker)
 
+    rooms: dict[bytes, str] = {}  # room names as heard, for the file events of a room
+
     def emit(record: dict, human: str) -> None:
         with lock:
             print(json.dumps(record) if args.json else human, flush=True)
 
+    def in_room(record: dict, event) -> dict:
+        """A file event of a room carries ``room`` beside ``from`` (issue 16's contract)."""
+        if getattr(event, "room", None) is not None:
+            record["room"] = rooms.get(event.room, event.room.hex())
+        return record
+
     def on_event(event: ev.Event) -> None:
         nonlocal count
+        if isinstance(event, (ev.RoomUpdated, ev.RoomsListed)):
+            for room in (event.room,) if isinstance(event, ev.RoomUpdated) else event.rooms:
+                rooms[room.rid] = room.name
         if isinstance(event, ev.MessageReceived) and event.room is not None:
-            room = event.room_name
+            room = rooms[event.room] = event.room_name
             emit({"type": "message", "from": event.sender, "room": room, "text": event.text,
                   "id": event.msg_id.hex(), "ts": event.ts}, f"[{room}] [{event.sender}] {event.text}")
             count += 1
@@ -204,18 +215,18 @@ def cmd_listen(args: argparse.Namespace) -> int:
             for user in sorted(event.left):
                 emit({"type": "presence", "user": user, "online": False}, f"* {user} went offline")
         elif isinstance(event, ev.FileIncoming):
-            emit({"type": "file_incoming", "from": event.sender, "name": event.name, "size": event.size,
-                  "id": event.xfer.hex()}, f"[{event.sender}] sending {event.name} ({event.size} bytes)...")
+            emit(in_room({"type": "file_incoming", "from": event.sender, "name": event.name, "size": event.size,
+                          "id": event.xfer.hex()}, event), f"[{event.sender}] sending {event.name} ({event.size} bytes)...")
         elif isinstance(event, ev.FileQueued):
-            emit({"type": "file_queued", "from": event.sender, "name": event.name, "size": event.size,
-                  "id": event.xfer.hex(), "waiting": event.waiting},
+            emit(in_room({"type": "file_queued", "from": event.sender, "name": event.name, "size": event.size,
+                          "id": event.xfer.hex(), "waiting": event.waiting}, event),
                  f"[{event.sender}] {event.name} waits: {event.waiting} transfers queued")
         elif isinstance(event, ev.FileReceived):
-            emit({"type": "file", "from": event.sender, "name": event.name, "path": str(event.path),
-                  "size": event.size, "id": event.xfer.hex()}, f"[{event.sender}] file saved: {event.path}")
+            emit(in_room({"type": "file", "from": event.sender, "name": event.name, "path": str(event.path),
+                          "size": event.size, "id": event.xfer.hex()}, event), f"[{event.sender}] file saved: {event.path}")
         elif isinstance(event, ev.FileFailed) and event.direction == "in":
-            emit({"type": "file_failed", "from": event.peer, "name": event.name, "code": event.error.code.value,
-                  "error": event.error.message, "id": event.xfer.hex()},
+            emit(in_room({"type": "file_failed", "from": event.peer, "name": event.name,
+                          "code": event.error.code.value, "error": event.error.message, "id": event.xfer.hex()}, event),
                  f"[{event.peer}] file {event.name} failed: {event.error}")
         elif isinstance(event, ev.RoomEvent):
             emit({"type": f"room_{event.kind}", "room": event.name, "user": event.user, "by": event.by},

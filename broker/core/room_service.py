@@ -25,9 +25,11 @@ from p2pchat.common.errors import ErrorCode
 from p2pchat.common.protocol import Ack, AckStatus, Envelope, Message, pack
 from p2pchat.common.protocol_rooms import (
     MAX_WATCHED_ROOMS,
+    RoomChunk,
     RoomCreate,
     RoomEvent,
     RoomEventKind,
+    RoomFetch,
     RoomInfo,
     RoomInvite,
     RoomJoin,
@@ -37,12 +39,14 @@ from p2pchat.common.protocol_rooms import (
     RoomListRequest,
     RoomMark,
     RoomMessage,
+    RoomOffer,
     RoomReceipts,
     RoomReceiptsRequest,
     RoomRemove,
     RoomRequest,
     RoomRole,
     RoomSet,
+    RoomUpload,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +67,7 @@ _REFUSED = {  # RoomRefusal -> the error code and its words
 }
 ROOM_REQUESTS = (RoomCreate, RoomInvite, RoomJoin, RoomLeave, RoomRequest, RoomRemove, RoomSet, RoomRole,
                  RoomListRequest, RoomMessage, RoomMark, RoomReceiptsRequest)
+ROOM_FILE_FRAMES = (RoomUpload, RoomChunk, RoomFetch, RoomOffer)
 RECEIPTS_EVERY = 1.0  # seconds: a watched room's marks are pushed at most this often, however many come in
 
 
@@ -72,7 +77,10 @@ class RoomService:
         self._watched: dict[bytes, set[bytes]] = {}  # session -> rooms it watches (at most MAX_WATCHED_ROOMS)
         self._marked: set[bytes] = set()  # watched rooms whose marks moved since the last push
         self._next_receipts = 0.0
-        return {kind: self._on_room_request for kind in ROOM_REQUESTS}
+        handlers = {kind: self._on_room_request for kind in ROOM_REQUESTS}
+        if self.room_files is not None:
+            handlers.update({kind: self._on_room_file for kind in ROOM_FILE_FRAMES})
+        return handlers
 
     def _rooms_tick(self, now: float) -> list[Action]:
         """About once a second: the registry's upkeep (invitations expire, marks are written) and the receipts of
@@ -82,6 +90,8 @@ class RoomService:
         self._next_receipts = now + RECEIPTS_EVERY
         actions: list[Action] = []
         try:
+            if self.room_files is not None:
+                self.room_files.on_tick(self._wall_ms())
             self.rooms.expire_invitations(self._wall_ms())
             marked, self._marked = self._marked, set()
             for rid in marked:
@@ -215,19 +225,52 @@ class RoomService:
                 actions += self._to_members((m.user for m in room.members if m.joined), frames)
         return actions
 
+    # --- files (§8.1): kept sealed by the broker, uploaded once, fetched by each member's device ------------------
+    def _on_room_file(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
+        session = self._sessions.get(conn)
+        if session is None:
+            return [self._not_registered(conn, env)]
+        if not session.rooms:
+            return [self._error(conn, ErrorCode.BAD_FRAME, "register with caps CAPS_ROOMS to use rooms", env)]
+        msg = env.message
+        kind = type(msg)
+        if kind is RoomOffer:
+            return self._on_room_message(conn, session, env)
+        room = self._joined_room(conn, session, msg.room, env)
+        if isinstance(room, Send):
+            return [room]
+        if kind is RoomChunk:
+            return self.room_files.chunk(conn, session.user, room, msg, env.payload, env.msg_id, self._wall_ms())
+        if kind is RoomUpload:
+            return self.room_files.upload(conn, session.user, room, msg, env.msg_id, self._wall_ms())
+        return self.room_files.fetch(conn, session.user, room, msg, env.msg_id, self._wall_ms())
+
+    def _joined_room(self, conn: bytes, session: _Session, rid: bytes, env: Envelope) -> Room | Send:
+        """The room ``rid`` if the session's user has joined it; else the error to answer."""
+        room = self.rooms.get(rid)
+        member = room.member(session.user) if room is not None else None
+        if member is None:
+            return self._refused(conn, RoomRefusal.UNKNOWN_ROOM, env)
+        if not member.joined:
+            return self._refused(conn, RoomRefusal.NOT_MEMBER, env)
+        return room
+
     # --- messages ------------------------------------------------------------------------------------------
     def _on_room_message(self, conn: bytes, session: _Session, env: Envelope) -> list[Action]:
-        msg: RoomMessage = env.message  # type: ignore[assignment]
+        """A ``room_msg``, or a ``room_offer`` announcing a file the room's store holds whole."""
+        msg: RoomMessage | RoomOffer = env.message  # type: ignore[assignment]
         if msg.sender != session.user:
             return [self._error(conn, ErrorCode.SPOOFED_SENDER, f"sender must be {session.user!r}", env)]
         if msg.seq is not None:
-            return [self._error(conn, ErrorCode.BAD_FRAME, "room_msg.seq is the broker's to set", env)]
-        room = self.rooms.get(msg.room)
-        member = room.member(session.user) if room is not None else None
-        if member is None:
-            return [self._refused(conn, RoomRefusal.UNKNOWN_ROOM, env)]
-        if not member.joined:
-            return [self._refused(conn, RoomRefusal.NOT_MEMBER, env)]
+            return [self._error(conn, ErrorCode.BAD_FRAME, f"{msg.TYPE.value}.seq is the broker's to set", env)]
+        room = self._joined_room(conn, session, msg.room, env)
+        if isinstance(room, Send):
+            return [room]
+        if type(msg) is RoomOffer:
+            refused = self.room_files.offer_ready(room.rid, msg.xfer, session.user, msg.size, msg.chunk_size)
+            if refused is not None:
+                return [self._error(conn, refused, "announce a room file once the broker holds all of it, as "
+                                    "uploaded", env)]
         if msg.epoch != room.epoch:
             return [self._error(conn, ErrorCode.ROOM_CHANGED, f"the room is at epoch {room.epoch}: fetch it and "
                                 f"send again", env)]
@@ -308,4 +351,6 @@ class RoomService:
         return Send(conn, self._frames.error(code, text, env.msg_id))
 
     def _room_gone(self, rid: bytes) -> None:
-        """Hook for what a room keeps beside its membership (its files): dropped with it."""
+        """The room was deleted: its files go with it."""
+        if self.room_files is not None:
+            self.room_files.room_gone(rid)

@@ -22,6 +22,7 @@ from p2pchat.broker.core.actions import Action, FrameMaker, Publish, Relay, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
 from p2pchat.broker.core.delivery import EXPIRY_SWEEP, QueuedDelivery, queue_name
 from p2pchat.broker.core.fanout import DeviceFanOut, device_name, ledger_key
+from p2pchat.broker.core.room_files import RoomFileLimits, RoomFiles
 from p2pchat.broker.core.room_service import RoomService
 from p2pchat.broker.core.ports import (
     DEVICE_CAPS,
@@ -40,6 +41,7 @@ from p2pchat.broker.core.ports import (
     PeerDirectory,
     QueueLimits,
     QueueStore,
+    RoomFileStore,
     RoomRegistry,
     StoreUnavailable,
 )
@@ -90,6 +92,8 @@ class BrokerCore(DeviceFanOut, RoomService):
         limits: RateLimits = RateLimits(),
         credit: CreditLimits = CreditLimits(),
         rooms: RoomRegistry | None = None,
+        room_files: RoomFileStore | None = None,
+        room_file_limits: RoomFileLimits = RoomFileLimits(),
     ) -> None:
         self.directory, self.keys, self.link = directory, keys, link
         self.rooms = rooms  # None: this broker has no rooms (CAPS_ROOMS is never granted)
@@ -100,6 +104,8 @@ class BrokerCore(DeviceFanOut, RoomService):
         self.require_key = require_key  # CURVE: a REGISTER's key must be the connection's key
         self.limits = limits
         self._frames = FrameMaker(new_id, wall_ms)
+        # The rooms' files, kept sealed by the broker (§8.1); None: rooms without files.
+        self.room_files = RoomFiles(room_files, room_file_limits, self._frames) if room_files is not None else None
         self.delivery = QueuedDelivery(store, queue_limits, directory, link, self._frames, wall_ms, broker_id,
                                        heartbeat_ivl)
         self.credit = CreditLedger(credit)
@@ -311,6 +317,8 @@ class BrokerCore(DeviceFanOut, RoomService):
         self.delivery.closed(conn)
         if self.rooms is not None:
             self._rooms_session_ended(conn)
+        if self.room_files is not None:
+            self.room_files.closed(conn)
         return session
 
     def _presence(self) -> list[Action]:

@@ -30,6 +30,8 @@ from p2pchat.broker.backends.single import SingleBackend
 from p2pchat.broker.backends.tickets import KeyLimits
 from p2pchat.broker.core.actions import Action, Publish, Relay, Send
 from p2pchat.broker.core.pake_slots import PakeRendezvous
+from p2pchat.broker.backends.room_files import DiskRoomFileStore
+from p2pchat.broker.core.room_files import RoomFileLimits
 from p2pchat.broker.core.ports import BrokerLink, PeerDirectory, QueueLimits, QueueStore, RoomRegistry, StoreUnavailable
 from p2pchat.broker.core.ratelimit import RateLimits
 from p2pchat.broker.core.routing import BrokerCore
@@ -67,6 +69,8 @@ class BrokerConfig:
     key_service: KeyServiceLimits = KeyServiceLimits()
     guard: GuardLimits = GuardLimits()
     zmtp_heartbeat_ivl: float = 10.0  # ZMTP pings on idle connections; a silent peer is dropped after 3 of them
+    room_files_dir: Path | None = None  # the rooms' sealed files (default <data_dir>/room-files; one for a cluster)
+    room_files: RoomFileLimits = RoomFileLimits()
 
     @property
     def publish_port(self) -> int:
@@ -175,6 +179,7 @@ class BrokerServer:
         fds = raise_fd_limit()
         log.info("file descriptor limit %d: about %d clients with presence subscriptions", fds, (fds - 50) // 2)
         backend = self._backend = open_backend(config, epoch, self._waker.wake)
+        self._room_files = DiskRoomFileStore(config.room_files_dir or config.data_dir / "room-files")
         self.identity = backend.identity
         self.core = BrokerCore(
             backend.directory,
@@ -190,6 +195,8 @@ class BrokerServer:
             require_key=not config.insecure,
             limits=config.limits,
             rooms=backend.rooms,
+            room_files=self._room_files,
+            room_file_limits=config.room_files,
         )
         self._auth: ThreadAuthenticator | None = None
         if not config.insecure:
@@ -439,6 +446,7 @@ class BrokerServer:
         if self._auth is not None:
             self._auth.stop()
         self._backend.close()
+        self._room_files.close()
         self._waker.close()
         if self._own_ctx:
             self._ctx.term()

@@ -5,6 +5,7 @@ online or not; a member who left or was removed cannot read what is sent after."
 from __future__ import annotations
 
 import collections
+import os
 import sqlite3
 from collections.abc import Callable
 
@@ -257,3 +258,54 @@ def test_rename_topic_and_roles_as_the_table_allows(team):
     assert refused.value.code is ErrorCode.NOT_ALLOWED
     alice.room_leave("crew")  # the owner leaves: the oldest admin owns the room
     assert carol.room_info("crew").owner == "bob"
+
+
+def file_event(client: ChatClient, timeout: float = 60) -> ev.FileReceived:
+    event = wait_for(client, lambda e: isinstance(e, (ev.FileReceived, ev.FileFailed)) and e.room is not None,
+                     timeout)
+    assert isinstance(event, ev.FileReceived), event
+    return event
+
+
+def test_a_room_file_is_uploaded_once_and_reaches_every_member_identical(make_client, tmp_path):
+    users = ["alice", "bob", "carol", "dave", "erin"]
+    clients = {u: make_client(u, received_dir=tmp_path / "received" / u) for u in users}
+    alice = clients["alice"]
+    alice.room_create("team")
+    alice.room_invite("team", users[1:])
+    for user in users[1:]:
+        clients[user].room_join("team")
+    clients["erin"].close()  # offline when the file is sent: fetches it when back
+    source = tmp_path / "plans.bin"
+    source.write_bytes(os.urandom(3 * 1024 * 1024 + 123))
+    xfer, sent = alice.send_room_file("team", source)
+    sent.result(60)  # the broker holds it whole and the room was told: alice may go
+    alice.close()
+    for user in ("bob", "carol", "dave"):
+        got = file_event(clients[user])
+        assert (got.sender, got.xfer, got.room) == ("alice", xfer, alice_room(clients[user]))
+        assert got.path.read_bytes() == source.read_bytes()
+    erin = make_client("erin", received_dir=tmp_path / "received" / "erin")
+    assert file_event(erin).path.read_bytes() == source.read_bytes()
+    on_disk = [p for p in (tmp_path / "broker-home" / "broker" / "room-files").rglob("*.chunks")]
+    assert [p.stat().st_size for p in on_disk] == [source.stat().st_size + 16 * 7]  # once, sealed: 7 chunks
+
+
+def alice_room(client: ChatClient) -> bytes:
+    return client.room_id("team")
+
+
+def test_a_member_stopped_mid_fetch_resumes_from_its_part_file(make_client, tmp_path):
+    alice = make_client("alice")
+    bob = make_client("bob", received_dir=tmp_path / "bob", chunk_size=64 * 1024, window=2)
+    alice.room_create("team")
+    alice.room_invite("team", ["bob"])
+    bob.room_join("team")
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024))
+    _, sent = alice.send_room_file("team", source)
+    sent.result(60)
+    wait_for(bob, lambda e: isinstance(e, ev.FileProgress) and e.room is not None and 0 < e.done < e.size, 60)
+    bob.close()
+    back = make_client("bob", received_dir=tmp_path / "bob")
+    assert file_event(back).path.read_bytes() == source.read_bytes()
