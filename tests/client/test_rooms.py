@@ -167,6 +167,11 @@ def test_a_room_across_two_cluster_workers(tmp_path, redis_server, connect):  # 
         owner.send_room("team", "to both brokers")
         for user in users[1:]:
             assert room_texts(clients[user], 1) == [("user0", "to both brokers")]
+        source = tmp_path / "shared.bin"  # uploaded to one worker, fetched from both: they share the store
+        source.write_bytes(os.urandom(1024 * 1024 + 5))
+        owner.send_room_file("team", source)[1].result(60)
+        for user in users[1:]:
+            assert file_event(clients[user]).path.read_bytes() == source.read_bytes()
         # a member on the other worker is removed: enforced there at once (the registry is Redis)
         other = next(u for u in users[1:] if homes[u] != homes["user0"])
         owner.room_remove("team", other)
