@@ -67,7 +67,7 @@ _REFUSED = {  # RoomRefusal -> the error code and its words
 }
 ROOM_REQUESTS = (RoomCreate, RoomInvite, RoomJoin, RoomLeave, RoomRequest, RoomRemove, RoomSet, RoomRole,
                  RoomListRequest, RoomMessage, RoomMark, RoomReceiptsRequest)
-ROOM_FILE_FRAMES = (RoomUpload, RoomChunk, RoomFetch, RoomOffer)
+ROOM_FILE_FRAMES = (RoomUpload, RoomChunk, RoomFetch, RoomOffer)  # with a room file store only
 RECEIPTS_EVERY = 1.0  # seconds: a watched room's marks are pushed at most this often, however many come in
 
 
@@ -77,10 +77,8 @@ class RoomService:
         self._watched: dict[bytes, set[bytes]] = {}  # session -> rooms it watches (at most MAX_WATCHED_ROOMS)
         self._marked: set[bytes] = set()  # watched rooms whose marks moved since the last push
         self._next_receipts = 0.0
-        handlers = {kind: self._on_room_request for kind in ROOM_REQUESTS}
-        if self.room_files is not None:
-            handlers.update({kind: self._on_room_file for kind in ROOM_FILE_FRAMES})
-        return handlers
+        kinds = ROOM_REQUESTS + (ROOM_FILE_FRAMES if self.room_files is not None else ())
+        return {kind: self._on_room_request for kind in kinds}
 
     def _rooms_tick(self, now: float) -> list[Action]:
         """About once a second: the registry's upkeep (invitations expire, marks are written) and the receipts of
@@ -118,8 +116,10 @@ class RoomService:
             return [self._error(conn, ErrorCode.BAD_FRAME, "register with caps CAPS_ROOMS to use rooms", env)]
         msg = env.message
         kind = type(msg)
-        if kind is RoomMessage:
+        if kind is RoomMessage or kind is RoomOffer:
             return self._on_room_message(conn, session, env)
+        if kind is RoomUpload or kind is RoomChunk or kind is RoomFetch:
+            return self._on_room_file(conn, session, env)
         if kind is RoomMark:  # never answered: a bad one changes nothing and says nothing
             self.rooms.mark(msg.room, session.user, msg.delivered, msg.read)
             if msg.room in self._watches:
@@ -226,16 +226,9 @@ class RoomService:
         return actions
 
     # --- files (§8.1): kept sealed by the broker, uploaded once, fetched by each member's device ------------------
-    def _on_room_file(self, conn: bytes, env: Envelope, now: float) -> list[Action]:
-        session = self._sessions.get(conn)
-        if session is None:
-            return [self._not_registered(conn, env)]
-        if not session.rooms:
-            return [self._error(conn, ErrorCode.BAD_FRAME, "register with caps CAPS_ROOMS to use rooms", env)]
+    def _on_room_file(self, conn: bytes, session: _Session, env: Envelope) -> list[Action]:
         msg = env.message
         kind = type(msg)
-        if kind is RoomOffer:
-            return self._on_room_message(conn, session, env)
         room = self._joined_room(conn, session, msg.room, env)
         if isinstance(room, Send):
             return [room]
