@@ -60,8 +60,8 @@ class DeviceFanOut:
         if copies is not None and sorted(dev for dev, _ in copies) != wanted:
             return f"the devices of {recipient!r} changed: fetch devices and send again"
         echo = getattr(msg, "echo", None)
-        if kind is ChatMessage or kind is RoomKey:
-            own = self.keys.devices(session.user)
+        own = self.keys.devices(session.user)
+        if kind is ChatMessage:
             others = [d.id for d in own.devices if d.id != session.dev] if own is not None else []
             if sorted(dev for dev, _ in echo or ()) != others:
                 return "your own devices changed: fetch your devices and send again"

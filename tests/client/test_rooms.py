@@ -203,6 +203,10 @@ def test_a_member_who_links_a_device_reads_the_room_on_both_and_an_unlinked_one_
     assert room_texts(desk, 1) == [("alice", "two devices")]
     assert room_texts(laptop, 1) == [("alice", "two devices")]
     generation = alice._session.sender_keys.current(alice.room_id("team")).gen
+    desk.send_room("team", "from bob's desk")  # his key goes to alice and to his own laptop
+    assert room_texts(alice, 1) == [("bob", "from bob's desk")]
+    echoed = wait_for(laptop, lambda e: isinstance(e, ev.MessageEchoed) and e.room is not None)
+    assert echoed.text == "from bob's desk"  # shown on the laptop as bob's own
 
     unlinked = cli(tmp_path / "desk", "unlink", "--user", "bob", "--server", f"127.0.0.1:{broker.port}",
                    "--recovery", "laptop", stdin=desk.recovery_phrase + "\n")
