@@ -44,6 +44,13 @@ class HeldMessages:
         self._count.pop(sender, None)
         return taken
 
+    def pop(self, msg_id: bytes) -> tuple[ChatMessage, int] | None:
+        """One held message, forgotten here; None if it is not held (taken, or pushed out by the bound)."""
+        held = self._messages.pop(msg_id, None)
+        if held is not None:
+            self._uncount(held[0].sender)
+        return held
+
     def _uncount(self, sender: str) -> None:
         left = self._count[sender] - 1
         if left:

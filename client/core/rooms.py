@@ -57,6 +57,7 @@ MAX_RESEALS = 3  # a room message refused this often for a changed membership fa
 NO_KEY_PER_SENDER = 100
 NO_KEY_MAX = 1_000
 RESEND_AFTER = 5.0  # seconds without an acknowledgement before room frames are sent again (as the outbox's)
+NO_KEY_WAIT = 30.0  # seconds a room message waits for its sender key before it counts as undecryptable
 
 
 @dataclass(slots=True)
@@ -82,6 +83,7 @@ class RoomSync:
         self._room_keys_out: dict[bytes, tuple[bytes, list[bytes]]] = {}  # room_key id -> (room, frames)
         self._room_fetching: set[bytes] = set()  # rooms asked for (room_req) and not answered yet
         self._no_key = HeldMessages(NO_KEY_MAX, NO_KEY_PER_SENDER)
+        self._no_key_since: OrderedDict[bytes, float] = OrderedDict()  # held id -> when (oldest first)
         self._room_resend_at: float | None = None
         self._room_unusable: set[str] = set()  # members whose device list we refused this run: no room key to them
         self._room_kept: dict[bytes, int] = {}  # room -> the highest message number kept (history committed)
@@ -364,8 +366,9 @@ class RoomSync:
             else:
                 plaintext = msg.body
         except NoSenderKey:  # its key is queued before it, unless it went astray: kept, not consumed, a while
-            if self._no_key.count(msg.sender) < NO_KEY_PER_SENDER:
+            if self._no_key.count(msg.sender) < NO_KEY_PER_SENDER and msg_id not in self._no_key_since:
                 self._no_key.add(msg_id, msg, ts)
+                self._no_key_since[msg_id] = now
                 return []
             return self._room_unreadable(msg_id, msg, "no sender key arrived for it", now)
         except ProtocolError as exc:
@@ -422,6 +425,7 @@ class RoomSync:
             log.warning("user=%s peer=%s dropped a room key: %s", self.user, msg.sender, exc.message)
             return actions
         for held_id, held, ts in self._no_key.take(msg.sender):
+            self._no_key_since.pop(held_id, None)
             actions += self._on_room_message(held_id, held, ts, now)
         return actions
 
@@ -445,8 +449,23 @@ class RoomSync:
         return [self._transmit(pack(RoomListRequest(), self._wall_ms(), msg_id), now)]
 
     def _room_tick(self, now: float) -> list[Action]:
-        """Unacknowledged sender keys and room messages go again a while after they went (their ids keep them
-        once)."""
+        """Room messages whose sender key did not come in time are given up; unacknowledged sender keys and room
+        messages go again a while after they went (their ids keep them once)."""
+        return self._no_key_expired(now) + self._room_resend(now)
+
+    def _no_key_expired(self, now: float) -> list[Action]:
+        """A sender key is queued before the messages it opens; one that has not come ``NO_KEY_WAIT`` after its
+        message went astray (refused, or sealed for a list without this device): the message is consumed and
+        reported, never kept (and redelivered) forever."""
+        actions: list[Action] = []
+        while self._no_key_since and now - next(iter(self._no_key_since.values())) > NO_KEY_WAIT:
+            msg_id, _ = self._no_key_since.popitem(last=False)
+            held = self._no_key.pop(msg_id)
+            if held is not None:
+                actions += self._room_unreadable(msg_id, held[0], "its sender key never came", now)
+        return actions
+
+    def _room_resend(self, now: float) -> list[Action]:
         if not (self._room_keys_out or self._room_out) or self.state.value != "ready":
             self._room_resend_at = None
             return []

@@ -318,3 +318,4 @@ def test_a_member_stopped_mid_fetch_resumes_from_its_part_file(make_client, tmp_
     bob.close()
     back = make_client("bob", received_dir=tmp_path / "bob")
     assert file_event(back).path.read_bytes() == source.read_bytes()
+
