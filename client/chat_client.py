@@ -239,12 +239,14 @@ class ChatClient(RoomCommands):
         _forward_failure(self._call(command), acked)
         return msg_id, acked
 
-    def send_file(self, to: str, path: str | Path) -> tuple[bytes, Future[None]]:
-        """Offer a file and return at once; the future resolves once the receiver verified and saved it."""
+    def send_file(self, to: str, path: str | Path, later: bool = False) -> tuple[bytes, Future[None]]:
+        """Offer a file and return at once; the future resolves once the receiver verified and saved it, or, for a
+        file left at the broker (``later``, or ``to`` offline: docs/PROTOCOL.md §8.2), once the broker holds it
+        (``FileUploaded``; ``FileSent`` follows when ``to`` has it while we are online)."""
         done: Future[None] = Future()
 
         def command(now: float) -> bytes:
-            xfer, actions = self._session.send_file(to, Path(path), now)
+            xfer, actions = self._session.send_file(to, Path(path), now, later)
             self._transfers[xfer] = done
             self._execute(actions)
             return xfer
@@ -264,6 +266,16 @@ class ChatClient(RoomCommands):
 
     def peers(self) -> frozenset[str]:
         return self._peers
+
+    def wait_presence(self, timeout: float) -> bool:
+        """Wait until the session has the broker's peer list (who is online), at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self._call(lambda now: self._session.presence is not None and self._session.presence.synced
+                             ).result(timeout):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)  # the agent answers the snapshot within a round trip
+        return True
 
     def accept_peer_key(self, user: str) -> bool:
         """Trust ``user``'s new key (after checking its fingerprint with them); False if none was waiting.
@@ -618,7 +630,7 @@ class ChatClient(RoomCommands):
             future = self._acks.pop(event.ref, None)
             if future is not None:
                 future.set_result(event)
-        elif kind is ev.FileSent and event.xfer in self._transfers:
+        elif (kind is ev.FileSent or kind is ev.FileUploaded) and event.xfer in self._transfers:
             self._transfers.pop(event.xfer).set_result(None)
         elif kind is ev.FileFailed and event.xfer in self._transfers:
             self._transfers.pop(event.xfer).set_exception(event.error)

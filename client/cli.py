@@ -108,6 +108,9 @@ def _connect(args: argparse.Namespace, user: str, on_event: Callable[[ev.Event],
     return client
 
 
+PRESENCE_WAIT = 2.0  # seconds send-file waits for the peer list, to know whether the recipient is online
+
+
 # --- subcommands -------------------------------------------------------------
 def cmd_send(args: argparse.Namespace) -> int:
     text = " ".join(args.text) if args.text else sys.stdin.read()
@@ -130,24 +133,31 @@ def cmd_send_file(args: argparse.Namespace) -> int:
                disable=args.quiet or None, file=sys.stderr)
     lock = threading.Lock()
     mine: list[bytes] = []
+    uploaded: list[ev.FileUploaded] = []
 
     def on_event(event: ev.Event) -> None:
         if isinstance(event, ev.FileProgress) and event.xfer in mine:
             with lock:
                 bar.update(event.done - bar.n)
+        elif isinstance(event, ev.FileUploaded):
+            uploaded.append(event)
 
     try:
         with _connect(args, args.user, on_event) as client:
             if args.room is not None:
                 xfer, done = client.send_room_file(args.room, path)
             else:
-                xfer, done = client.send_file(args.to, path)
+                if not args.later:
+                    client.wait_presence(PRESENCE_WAIT)  # offline recipients get it from the broker later
+                xfer, done = client.send_file(args.to, path, later=args.later)
             mine.append(xfer)
-            done.result()  # returns once the receiver has verified and saved the file
+            done.result()  # the receiver verified and saved it, or the broker holds it for them
             with lock:
                 bar.update(size - bar.n)
     finally:
         bar.close()
+    if any(event.xfer in mine for event in uploaded):
+        print(f"uploaded {path.name}: the broker keeps it for {args.to}, who gets it when next online")
     return ExitCode.OK
 
 
@@ -600,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     to = p.add_mutually_exclusive_group(required=True)
     to.add_argument("--to", help="recipient user ID")
     to.add_argument("--room", help="a room you are a member of: every member's devices fetch it from the broker")
+    p.add_argument("--later", action="store_true",
+                   help="leave it at the broker for the recipient to fetch when it will, and exit once it is there "
+                        "(done anyway when the recipient is offline)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (default 512 KiB; max 1 MiB - 16)")
     p.add_argument("path", help="the file to send")

@@ -150,6 +150,17 @@ class FileSent:
 
 
 @dataclass(frozen=True, slots=True)
+class FileUploaded:
+    """The broker holds the whole file for ``recipient``, who fetches it when next online (§8.2): the sender may
+    go. ``FileSent`` follows if the sender is online when the recipient has it."""
+
+    xfer: bytes
+    recipient: str
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class FileFailed:
     xfer: bytes
     peer: str
@@ -262,6 +273,6 @@ class RoomEvent:
 Event = (
     Registered | Reconnecting | RegisterFailed | PeersChanged | MessageReceived | MessageEchoed | ReadElsewhere
     | Acked | Receipt | SendFailed | ErrorReported
-    | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileFailed | PeerKeyChanged | SendState
+    | FileIncoming | FileQueued | FileProgress | FileReceived | FileSent | FileUploaded | FileFailed | PeerKeyChanged | SendState
     | Stopped | RoomUpdated | RoomGone | RoomsListed | RoomEvent | RoomReceipts
 )

@@ -417,6 +417,7 @@ class FileOffer(Message):
     body: Body  # sealed like a message: msgpack {"name": str, "key": 32-byte file key}
     copies: Copies | None = None  # one body per device of ``recipient`` (§5.6)
     src: Count | None = None  # set by the broker: the offering device, to send transfer frames back to (§8)
+    held: Flag | None = None  # the broker holds the file: fetch it from your inbox (§8.2), the sender may be gone
 
 
 @_message

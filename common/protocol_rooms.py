@@ -7,6 +7,7 @@ types are registered. Nothing here reaches a client that did not register with `
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import Annotated, Any
 
 from p2pchat.common.protocol import (
@@ -62,6 +63,7 @@ class RoomMsgType(str, enum.Enum):
     ROOM_CHUNK = "room_chunk"
     ROOM_OFFER = "room_offer"
     ROOM_FETCH = "room_fetch"
+    FILE_UPLOAD = "file_upload"
 
 
 class RoomEventKind(str, enum.Enum):
@@ -345,10 +347,28 @@ class RoomFetch(Message):
     restart: Flag
 
 
+@_message
+class FileUpload(Message):
+    """A file for ``to`` kept by the broker until ``to`` fetches it (it may be offline now): uploaded like a room
+    file, into ``to``'s inbox (``inbox_id``), then offered with ``file_offer.held`` (§8.2)."""
+
+    TYPE = RoomMsgType.FILE_UPLOAD
+    recipient: UserId
+    xfer: MsgId
+    size: Count
+    chunk_size: Count
+
+
+def inbox_id(user: str) -> bytes:
+    """Where the broker's file store keeps what waits for ``user`` (§8.2): the ``room`` of its chunks, credits and
+    fetches. Derived, so both ends and every broker name it alike; only ``user`` may fetch from it."""
+    return hashlib.sha256(b"p2pchat inbox\0" + user.encode()).digest()[:RID_BYTES]
+
+
 ROOM_TYPES = (
     RoomCreate, RoomInvite, RoomJoin, RoomLeave, RoomRequest, RoomRemove, RoomSet, RoomRole, RoomListRequest,
     RoomInfo, RoomListing, RoomEvent, RoomMessage, RoomKey, RoomMark, RoomReceiptsRequest, RoomReceipts,
-    RoomUpload, RoomCredit, RoomChunk, RoomOffer, RoomFetch,
+    RoomUpload, RoomCredit, RoomChunk, RoomOffer, RoomFetch, FileUpload,
 )
 for _cls in ROOM_TYPES:
     register_message_type(_cls)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from p2pchat.broker.core.actions import Action, FrameMaker, Send
 from p2pchat.broker.core.credit import CreditLedger, CreditLimits
-from p2pchat.broker.core.ports import SEAL_TAG, Room, RoomFile, RoomFileStore, RoomFileUsage, StoreUnavailable
+from p2pchat.broker.core.ports import SEAL_TAG, RoomFile, RoomFileStore, RoomFileUsage, StoreUnavailable
 from p2pchat.common.errors import ErrorCode
 from p2pchat.common.incidents import IncidentLog
 from p2pchat.common.protocol import MAX_PAYLOAD_BYTES
@@ -90,18 +90,18 @@ class RoomFiles:
         self._next_sweep_ms = 0
 
     # --- upload: the broker is the receiver ------------------------------------------------------------------
-    def upload(self, conn: bytes, user: str, room: Room, msg: RoomUpload, msg_id: bytes, now_ms: int) -> list[Action]:
+    def upload(self, conn: bytes, user: str, rid: bytes, msg: RoomUpload, msg_id: bytes, now_ms: int) -> list[Action]:
         """Start or resume an upload; answered with a credit from the chunks already on disk."""
         if not MIN_CHUNK <= msg.chunk_size <= MAX_CHUNK:
             return self._error(conn, ErrorCode.BAD_FRAME, f"chunk_size must be {MIN_CHUNK} to {MAX_CHUNK}", msg_id)
-        wanted = RoomFile(room.rid, msg.xfer, user, msg.size, msg.chunk_size, now_ms, now_ms)
+        wanted = RoomFile(rid, msg.xfer, user, msg.size, msg.chunk_size, now_ms, now_ms)
         if wanted.stored > self.limits.room_quota:
-            return self._error(conn, ErrorCode.ROOM_QUOTA, f"{msg.size} bytes exceed the room's quota of "
-                               f"{self.limits.room_quota}", msg_id)
+            return self._error(conn, ErrorCode.ROOM_QUOTA, f"{msg.size} bytes exceed the {self.limits.room_quota} bytes "
+                               "the broker keeps for one room (or one recipient)", msg_id)
         try:
-            file = self.store.get(room.rid, msg.xfer) or self.store.create(wanted, lambda u: self._admit(wanted, u))
+            file = self.store.get(rid, msg.xfer) or self.store.create(wanted, lambda u: self._admit(wanted, u))
             if isinstance(file, ErrorCode):
-                log.info("user=%s room=%s xfer=%s upload refused: %s", user, room.rid.hex(), msg.xfer.hex(),
+                log.info("user=%s room=%s xfer=%s upload refused: %s", user, rid.hex(), msg.xfer.hex(),
                          file.value)
                 return self._error(conn, file, _REFUSALS[file], msg_id)
             if file.uploader != user:
@@ -113,20 +113,20 @@ class RoomFiles:
                 file = self.store.complete(file, now_ms) or file
         except StoreUnavailable as exc:
             return self._error(conn, exc.code, str(exc), msg_id)
-        self._forget_upload((room.rid, msg.xfer))
+        self._forget_upload((rid, msg.xfer))
         if file.complete:
             return [self._credit(conn, file, file.count, file.count, True)]
-        up = self._uploads[(room.rid, msg.xfer)] = _Upload(conn, file, file.chunks,
+        up = self._uploads[(rid, msg.xfer)] = _Upload(conn, file, file.chunks,
                                                             min(file.chunks + self.limits.window, file.count))
-        self._uploads_of.setdefault(conn, set()).add((room.rid, msg.xfer))
-        log.info("user=%s room=%s xfer=%s upload from chunk %d of %d", user, room.rid.hex(), msg.xfer.hex(),
+        self._uploads_of.setdefault(conn, set()).add((rid, msg.xfer))
+        log.info("user=%s room=%s xfer=%s upload from chunk %d of %d", user, rid.hex(), msg.xfer.hex(),
                  file.chunks, file.count)
         return [self._credit(conn, file, up.next, up.upto, True)]
 
-    def chunk(self, conn: bytes, user: str, room: Room, msg: RoomChunk, payload, msg_id: bytes,
+    def chunk(self, conn: bytes, user: str, rid: bytes, msg: RoomChunk, payload, msg_id: bytes,
               now_ms: int) -> list[Action]:
         """A sealed chunk of an upload: written at once if it is the next one and exactly as long as it must be."""
-        up = self._uploads.get((room.rid, msg.xfer))
+        up = self._uploads.get((rid, msg.xfer))
         if up is None or up.conn != conn or up.file.uploader != user or msg.index >= up.upto:
             return self._refuse(conn, user, ErrorCode.CREDIT_EXCEEDED, f"chunk {msg.index} is outside the credit "
                                 "the broker granted; wait for room_credit", msg_id, now_ms)
@@ -146,20 +146,20 @@ class RoomFiles:
                                 f"final={msg.final}", msg_id, now_ms)
         try:
             if not self.store.write_chunk(file, msg.index, payload, now_ms):
-                self._forget_upload((room.rid, msg.xfer))
+                self._forget_upload((rid, msg.xfer))
                 return self._error(conn, ErrorCode.UNKNOWN_TRANSFER, "this transfer was deleted", msg_id)
             up.next += 1
             self._refusing.discard(conn)
             if final:
                 done = self.store.complete(file, now_ms)
-                self._forget_upload((room.rid, msg.xfer))
+                self._forget_upload((rid, msg.xfer))
                 if done is None:
                     return self._error(conn, ErrorCode.UNKNOWN_TRANSFER, "this transfer was deleted", msg_id)
-                log.info("user=%s room=%s xfer=%s uploaded: %d bytes", user, room.rid.hex(), msg.xfer.hex(), file.size)
+                log.info("user=%s room=%s xfer=%s uploaded: %d bytes", user, rid.hex(), msg.xfer.hex(), file.size)
                 return [self._credit(conn, done, done.count, done.count, False)]
         except StoreUnavailable as exc:
             up.failed = True  # resumable: a new room_upload goes on from the chunks on disk
-            log.warning("user=%s room=%s xfer=%s chunk %d not stored: %s", user, room.rid.hex(), msg.xfer.hex(),
+            log.warning("user=%s room=%s xfer=%s chunk %d not stored: %s", user, rid.hex(), msg.xfer.hex(),
                         msg.index, exc)
             return self._error(conn, exc.code, f"chunk {msg.index} could not be stored: {exc}", msg_id)
         if up.upto - up.next > self.limits.window // 2 or up.upto == file.count:
@@ -183,12 +183,12 @@ class RoomFiles:
         return None
 
     # --- fetch: the broker is the sender --------------------------------------------------------------------
-    def fetch(self, conn: bytes, user: str, room: Room, msg: RoomFetch, msg_id: bytes, now_ms: int) -> list[Action]:
+    def fetch(self, conn: bytes, user: str, rid: bytes, msg: RoomFetch, msg_id: bytes, now_ms: int) -> list[Action]:
         """A member's credit for a transfer of ``room``: the chunks it covers, read from the store."""
-        key = (conn, room.rid, msg.xfer)
+        key = (conn, rid, msg.xfer)
         fetch = self._fetches.get(key)
         try:
-            file = fetch.file if fetch is not None else self.store.get(room.rid, msg.xfer)
+            file = fetch.file if fetch is not None else self.store.get(rid, msg.xfer)
         except StoreUnavailable as exc:
             return self._error(conn, exc.code, str(exc), msg_id)
         if file is None:
@@ -198,7 +198,7 @@ class RoomFiles:
         if msg.next > file.count:
             return self._error(conn, ErrorCode.BAD_FRAME, f"next {msg.next} is beyond the {file.count} chunks",
                                msg_id)
-        ledger = (room.rid.hex(), conn.hex(), msg.xfer)
+        ledger = (rid.hex(), conn.hex(), msg.xfer)
         if msg.next == file.count:  # the fetcher holds it all
             self._forget_fetch(key)
             return []
@@ -208,7 +208,7 @@ class RoomFiles:
             if len(mine) >= self.limits.fetches_per_conn:
                 return self._error(conn, ErrorCode.RATE_LIMITED, f"at most {self.limits.fetches_per_conn} fetches "
                                    "at once per connection", msg_id)
-            mine.add((room.rid, msg.xfer))
+            mine.add((rid, msg.xfer))
             fetch = self._fetches[key] = _Fetch(file, msg.next, upto, now_ms, now_ms)
         elif msg.restart and now_ms - fetch.rewound_ms >= self.limits.rewind_ms:
             # What was in flight is lost (the fetcher stalled, or restarted): it is sent, and counted, again.
@@ -353,6 +353,6 @@ class RoomFiles:
 
 _REFUSALS = {
     ErrorCode.RATE_LIMITED: "too many unfinished uploads: finish one, or wait until one expires",
-    ErrorCode.ROOM_QUOTA: "the room keeps no more files: its quota is used",
+    ErrorCode.ROOM_QUOTA: "the broker keeps no more files for this room (or recipient): its quota is used",
     ErrorCode.STORAGE_FULL: "the broker keeps no more room files",
 }

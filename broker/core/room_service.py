@@ -22,7 +22,7 @@ from p2pchat.broker.core.actions import Action, Send
 from p2pchat.broker.core.delivery import queue_name
 from p2pchat.broker.core.ports import DEVICE_ROOMS, Room, RoomRefusal, StoreUnavailable
 from p2pchat.common.errors import ErrorCode
-from p2pchat.common.protocol import Ack, AckStatus, Envelope, Message, pack
+from p2pchat.common.protocol import Envelope, FileOffer, Message, pack
 from p2pchat.common.protocol_rooms import (
     MAX_WATCHED_ROOMS,
     RoomChunk,
@@ -47,6 +47,8 @@ from p2pchat.common.protocol_rooms import (
     RoomRole,
     RoomSet,
     RoomUpload,
+    FileUpload,
+    inbox_id,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +69,7 @@ _REFUSED = {  # RoomRefusal -> the error code and its words
 }
 ROOM_REQUESTS = (RoomCreate, RoomInvite, RoomJoin, RoomLeave, RoomRequest, RoomRemove, RoomSet, RoomRole,
                  RoomListRequest, RoomMessage, RoomMark, RoomReceiptsRequest)
-ROOM_FILE_FRAMES = (RoomUpload, RoomChunk, RoomFetch, RoomOffer)  # with a room file store only
+ROOM_FILE_FRAMES = (RoomUpload, RoomChunk, RoomFetch, RoomOffer, FileUpload)  # with a file store only
 RECEIPTS_EVERY = 1.0  # seconds: a watched room's marks are pushed at most this often, however many come in
 
 
@@ -118,7 +120,7 @@ class RoomService:
         kind = type(msg)
         if kind is RoomMessage or kind is RoomOffer:
             return self._on_room_message(conn, session, env)
-        if kind is RoomUpload or kind is RoomChunk or kind is RoomFetch:
+        if kind is RoomUpload or kind is RoomChunk or kind is RoomFetch or kind is FileUpload:
             return self._on_room_file(conn, session, env)
         if kind is RoomMark:  # never answered: a bad one changes nothing and says nothing
             self.rooms.mark(msg.room, session.user, msg.delivered, msg.read)
@@ -227,16 +229,26 @@ class RoomService:
 
     # --- files (§8.1): kept sealed by the broker, uploaded once, fetched by each member's device ------------------
     def _on_room_file(self, conn: bytes, session: _Session, env: Envelope) -> list[Action]:
+        """The store serves a room's joined members, and a user's inbox (§8.2): uploads into it by anyone for
+        that user (``file_upload``), their chunks by the uploader's connection, fetches by that user only."""
         msg = env.message
         kind = type(msg)
-        room = self._joined_room(conn, session, msg.room, env)
-        if isinstance(room, Send):
-            return [room]
+        user, now_ms = session.user, self._wall_ms()
+        if kind is FileUpload:
+            if self.keys.lookup(msg.recipient) is None:
+                return [self._error(conn, ErrorCode.UNKNOWN_RECIPIENT, f"recipient {msg.recipient!r} is unknown", env)]
+            return self.room_files.upload(conn, user, inbox_id(msg.recipient), msg, env.msg_id, now_ms)
+        rid = msg.room
+        room = self.rooms.get(rid)
+        if room is not None or kind is RoomUpload or (kind is RoomFetch and rid != inbox_id(user)):
+            joined = self._joined_room(conn, session, rid, env)  # (an inbox's chunks: the upload's state decides)
+            if isinstance(joined, Send):
+                return [joined]
         if kind is RoomChunk:
-            return self.room_files.chunk(conn, session.user, room, msg, env.payload, env.msg_id, self._wall_ms())
+            return self.room_files.chunk(conn, user, rid, msg, env.payload, env.msg_id, now_ms)
         if kind is RoomUpload:
-            return self.room_files.upload(conn, session.user, room, msg, env.msg_id, self._wall_ms())
-        return self.room_files.fetch(conn, session.user, room, msg, env.msg_id, self._wall_ms())
+            return self.room_files.upload(conn, user, rid, msg, env.msg_id, now_ms)
+        return self.room_files.fetch(conn, user, rid, msg, env.msg_id, now_ms)
 
     def _joined_room(self, conn: bytes, session: _Session, rid: bytes, env: Envelope) -> Room | Send:
         """The room ``rid`` if the session's user has joined it; else the error to answer."""
@@ -247,6 +259,12 @@ class RoomService:
         if not member.joined:
             return self._refused(conn, RoomRefusal.NOT_MEMBER, env)
         return room
+
+    def _not_held(self, rid: bytes, msg: RoomOffer | FileOffer, session: _Session) -> ErrorCode | None:
+        """Why an offer of a file kept by the broker (a room's, or one in an inbox) may not go yet."""
+        if self.room_files is None or not session.rooms:
+            return ErrorCode.BAD_FRAME
+        return self.room_files.offer_ready(rid, msg.xfer, session.user, msg.size, msg.chunk_size)
 
     # --- messages ------------------------------------------------------------------------------------------
     def _on_room_message(self, conn: bytes, session: _Session, env: Envelope) -> list[Action]:
@@ -260,7 +278,7 @@ class RoomService:
         if isinstance(room, Send):
             return [room]
         if type(msg) is RoomOffer:
-            refused = self.room_files.offer_ready(room.rid, msg.xfer, session.user, msg.size, msg.chunk_size)
+            refused = self._not_held(room.rid, msg, session)
             if refused is not None:
                 return [self._error(conn, refused, "announce a room file once the broker holds all of it, as "
                                     "uploaded", env)]

@@ -48,8 +48,8 @@ from p2pchat.broker.core.ports import (
 from p2pchat.broker.core.ratelimit import ConnectionLimiter, RateLimits
 from p2pchat.common.errors import ErrorCode, ProtocolError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomKey
-from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileChunk, FileCredit, FileDone, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
+from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomKey, inbox_id
+from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Consume, Devices, DevicesRequest, Envelope, FileCancel, FileOffer, FileChunk, FileCredit, FileDone, Heartbeat, KeyChangeHow, KeyChanged, KeyInfo, KeyRequest, Message, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, decode
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,9 @@ class BrokerCore(DeviceFanOut, RoomService):
         if not known:
             return [Send(conn, self._frames.error(ErrorCode.UNKNOWN_RECIPIENT, f"recipient {recipient!r} is unknown",
                                                   env.msg_id))]
+        if type(msg) is FileOffer and msg.held and (refused := self._not_held(inbox_id(recipient), msg, session)):
+            return [Send(conn, self._frames.error(refused, "offer a held file once the broker holds all of it, as "
+                                                  "uploaded", env.msg_id))]
         if msg.DURABLE:
             targets = self._targets(session, env, frames)
             if type(targets) is str:

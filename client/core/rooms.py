@@ -31,7 +31,7 @@ from p2pchat.client.core.receiving import offer_meta
 from p2pchat.client.core.transfer_links import RoomUploaded
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
 from p2pchat.common.crypto import sealed_sender_key
-from p2pchat.common.protocol import MAX_TEXT_CHARS, Ack, Envelope, Message, pack
+from p2pchat.common.protocol import MAX_TEXT_CHARS, Ack, Envelope, FileDone, FileOffer, Message, pack
 from p2pchat.common.room_crypto import unpack_sender_key
 from p2pchat.common.protocol_rooms import (
     RoomEvent,
@@ -86,6 +86,7 @@ class RoomSync:
         self._no_key_since: OrderedDict[bytes, float] = OrderedDict()  # held id -> when (oldest first)
         self._room_resend_at: float | None = None
         self._room_unusable: set[str] = set()  # members whose device list we refused this run: no room key to them
+        self._held_out: dict[bytes, RoomUploaded] = {}  # held files offered this run: FileSent on their file_done
         self._room_kept: dict[bytes, int] = {}  # room -> the highest message number kept (history committed)
         self._room_marked: dict[bytes, int] = {}  # room -> the delivered mark last sent
 
@@ -149,6 +150,10 @@ class RoomSync:
         blocked: set[bytes] = set()
         wanted: set[str] = set()
         for msg_id, pending in self._room_out.items():
+            if pending.upload is not None and pending.upload.to is not None:
+                if pending.frames is None:
+                    actions += self._offer_held(msg_id, pending, wanted, now)
+                continue
             if pending.frames is not None or pending.rid in blocked:
                 continue
             room = self.rooms.get(pending.rid)
@@ -226,8 +231,11 @@ class RoomSync:
         if pending is None:
             return None
         up = pending.upload
-        if up is not None:  # the room was told: for the sender, the file is sent (members fetch it from the store)
-            actions: list[Action] = [Emit(ev.FileSent(up.xfer, self.user, up.name, up.size, up.bytes_sent, up.room))]
+        if up is not None and up.to is not None:  # the broker holds it and queued the offer: the sender may go
+            self._held_out[up.xfer] = up
+            actions: list[Action] = [Emit(ev.FileUploaded(up.xfer, up.to, up.name, up.size))]
+        elif up is not None:  # the room was told: for the sender, the file is sent (members fetch it from the store)
+            actions = [Emit(ev.FileSent(up.xfer, self.user, up.name, up.size, up.bytes_sent, up.room))]
         else:
             if self.history is not None:
                 self.history.advance(msg.ref, "stored")
@@ -249,6 +257,12 @@ class RoomSync:
             return self._refetch(rid, now)
         pending = self._room_out.get(ref)
         if pending is not None:
+            held_to = pending.upload.to if pending.upload is not None else None
+            if code is ErrorCode.DEVICES_CHANGED and held_to is not None and pending.reseals < MAX_RESEALS:
+                pending.reseals += 1  # their devices changed: sealed again for the list as it is now
+                pending.frames = None
+                self.e2e.forget_devices(held_to)
+                return self._flush_rooms(now)
             if code is ErrorCode.ROOM_CHANGED and pending.reseals < MAX_RESEALS:
                 pending.reseals += 1
                 for later in self._room_out.values():  # everything after it to that room goes again, in order
@@ -499,6 +513,32 @@ class RoomSync:
             offer = msgpack.packb({"name": up.name[:MAX_TEXT_CHARS], "key": up.key}, use_bin_type=True)
             self._room_out[self._new_id()] = _Pending(up.room, offer, self._wall_ms(), upload=up)
         return self._flush_rooms(now) if uploads else []
+
+    def _offer_held(self, msg_id: bytes, pending: _Pending, wanted: set[str], now: float) -> list[Action]:
+        """The ``file_offer`` of a file the broker holds for its recipient (``held``), sealed to each of its devices
+        like any offer; nothing yet if its key or list must be fetched first (``wanted``) or waits for the user."""
+        up = pending.upload
+        try:
+            if self.e2e.key_of(up.to) is None:
+                wanted.add(up.to)
+                return []
+            sealed = self.e2e.seal_each(up.to, msg_id, pending.ts, pending.text)
+        except PeerKeyChanged:
+            return []  # held like a message to them until the user accepts their new key
+        if type(sealed) is str:
+            wanted.add(sealed)
+            return []
+        body, copies = sealed
+        pending.frames = pack(FileOffer(self.user, up.to, up.xfer, up.size, up.chunk_size, body, copies, held=True),
+                              pending.ts, msg_id)
+        return [self._transmit(pending.frames, now)]
+
+    def _held_delivered(self, msg: FileDone) -> list[Action] | None:
+        """The recipient of a file we left at the broker has it (its ``file_done``); None if not about one."""
+        up = self._held_out.pop(msg.xfer, None) if msg.recipient == self.user else None
+        if up is None or msg.sender != up.to:
+            return None
+        return [Emit(ev.FileSent(up.xfer, up.to, up.name, up.size, up.bytes_sent))]
 
     def _on_room_transfer(self, env: Envelope, now: float) -> list[Action]:
         """The broker's credit for an upload, or a chunk of a fetch."""

@@ -40,9 +40,9 @@ from p2pchat.client.sender_keys import SenderKeys, SenderKeyStore
 from p2pchat.client.refusals import explain_refusal
 from p2pchat.common.crypto import KEY_BYTES, TAG_BYTES
 from p2pchat.common.room_crypto import MIN_BODY_BYTES as ROOM_OVERHEAD
-from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError
+from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError, StorageError, TransferError
 from p2pchat.common.incidents import IncidentLog
-from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, Devices, DevicesRequest, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, CAPS_DEVICES, MAX_BODY_BYTES, MAX_CONSUME_REFS
+from p2pchat.common.protocol import Ack, AckStatus, ChatMessage, Consume, FileDone, Devices, DevicesRequest, Envelope, Receipt, ReceiptStatus, Error, Heartbeat, KeyChanged, KeyInfo, KeyRequest, PeerSync, PeerUpdate, Register, Registered, Snapshot, SnapshotRequest, Unregister, check_user_id, decode, pack, CAPS_DEVICES, MAX_BODY_BYTES, MAX_CONSUME_REFS
 
 from p2pchat.common.protocol_rooms import CAPS_ROOMS, RoomChunk, RoomCredit, RoomEvent, RoomInfo, RoomKey, RoomListing, RoomMessage, RoomOffer, RoomReceipts
 
@@ -250,9 +250,15 @@ class ClientSession(KeyChanges, DeviceSync, RoomSync):
                   self.user, error.message)
         return [Emit(ev.ErrorReported(error))]
 
-    def send_file(self, recipient: str, path, now: float) -> tuple[bytes, list[Action]]:
+    def send_file(self, recipient: str, path, now: float, later: bool = False) -> tuple[bytes, list[Action]]:
+        """Offer ``path`` to ``recipient``: live when it is online, else (or with ``later``) left at the broker for
+        it to fetch when it comes (§8.2), if the broker keeps files and sealing is on."""
         assert self.transfers is not None
-        xfer, actions = self.transfers.send_file(check_user_id(recipient), path, now)
+        offline = self.presence is not None and self.presence.synced and recipient not in self.presence.peers
+        held = (later or offline) and self.rooms_enabled and self.e2e.enabled
+        if later and not held:
+            raise TransferError("this broker cannot keep files for later (or sealing is off): send it live")
+        xfer, actions = self.transfers.send_file(check_user_id(recipient), path, now, held)
         return xfer, actions + self._flush(now)
 
     def leave(self, now: float, unregister: bool = True) -> list[Action]:
@@ -316,6 +322,8 @@ class ClientSession(KeyChanges, DeviceSync, RoomSync):
             return self._on_room_frame(env, now)
         if type(msg) is Receipt:
             return self._on_receipt(env.msg_id, msg, now)
+        if type(msg) is FileDone and (delivered := self._held_delivered(msg)) is not None:
+            return delivered
         if msg.RELAYED:  # file transfer frames
             if self.transfers is None or msg.recipient != self.user:  # type: ignore[attr-defined]
                 return []

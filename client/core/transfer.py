@@ -32,7 +32,8 @@ from p2pchat.client.core.actions import Action, Emit
 from p2pchat.client.core.ports import NO_RECORDS, Source, TransferFiles, TransferRecords
 from p2pchat.client.core.receiving import Incoming, open_offer
 from p2pchat.client.core.sending import Outgoing
-from p2pchat.client.core.transfer_links import PEER_LINK, RoomLink, RoomUploaded, link_of
+from p2pchat.common.protocol_rooms import inbox_id
+from p2pchat.client.core.transfer_links import PEER_LINK, InboxLink, RoomLink, RoomUploaded, TransferLink, link_of
 from p2pchat.client.core.transfer_machine import (
     CHUNK_SIZE,
     MAX_AGE,
@@ -87,8 +88,11 @@ class TransferManager:
         self._online: frozenset[str] = frozenset()
 
     # --- commands -----------------------------------------------------------
-    def send_file(self, peer: str, path: Path, now: float) -> tuple[bytes, list[Action]]:
-        """Offer ``path`` to ``peer``; resumes an unfinished transfer of the same file."""
+    def send_file(self, peer: str, path: Path, now: float, held: bool = False) -> tuple[bytes, list[Action]]:
+        """Offer ``path`` to ``peer``; resumes an unfinished transfer of the same file. ``held``: upload it to the
+        broker for ``peer`` to fetch when it will (§8.2); ``take_room_uploads`` has it once the broker holds it."""
+        if held:
+            return self._upload_sealed(InboxLink(inbox_id(peer), peer), path, now)
         source = self._source(path)
         running = self._running(None, peer, source)  # already resumed by resume_all
         if running is not None:
@@ -108,13 +112,16 @@ class TransferManager:
         """Upload ``path`` once to the file store of room ``rid`` at the broker (§8.1), under its credit; once
         the broker holds every chunk, ``take_room_uploads`` has it for the ``room_offer``. The same file
         already uploading to the room: that upload. Each upload has a new ``xfer`` and file key."""
+        return self._upload_sealed(RoomLink(rid), path, now)
+
+    def _upload_sealed(self, link: RoomLink, path: Path, now: float) -> tuple[bytes, list[Action]]:
         if not self.e2e.enabled:  # a room_chunk has no CRC: its seal is its only check
-            raise TransferError("room files are sealed end to end: not with sealing off")
+            raise TransferError("files kept by the broker are sealed end to end: not with sealing off")
         source = self._source(path)
-        running = self._running(rid, self.user, source)
-        if running is not None:
+        running = self._running(link.room, self.user, source)
+        if running is not None and running.link == link:
             return running.xfer, []
-        return self._upload(rid, source, now)
+        return self._upload(link, source, now)
 
     def take_room_uploads(self) -> list[RoomUploaded]:
         """Room files the broker now holds whole: the session seals each one's name and key into the
@@ -165,12 +172,11 @@ class TransferManager:
             if xfer in self.outgoing:
                 continue
             source = Source(Path(record["path"]), record["size"], record["mtime_ns"], record["inode"])
-            if "room" in record:
+            if "room" in record or "inbox" in record:
                 self.records.forget("outgoing", xfer)
                 if self.e2e.enabled:
-                    log.info("user=%s room=%s xfer=%s uploading %s again", self.user, record["room"][:8],
-                             xfer.hex()[:8], source.path.name)
-                    actions += self._upload(bytes.fromhex(record["room"]), source, now)[1]
+                    log.info("user=%s xfer=%s uploading %s again", self.user, xfer.hex()[:8], source.path.name)
+                    actions += self._upload(link_of(record), source, now)[1]
                 continue
             out = Outgoing.begin(self._ctx, xfer, record["peer"], PEER_LINK, source, record["chunk_size"],
                                  record.get("session", 0) + 1, now, record.get("taker"))
@@ -354,7 +360,11 @@ class TransferManager:
             return self._refuse(offer, now, reject.message, reject.code,
                                 ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))
         final_name = received_name(offer.sender, name, self._wall_time())
-        inc = Incoming(self._ctx, offer.xfer, offer.sender, PEER_LINK, name, offer.size, offer.chunk_size,
+        if offer.held and file_key is not None:  # kept for us by the broker: fetched from our inbox (§8.2)
+            link: TransferLink = InboxLink(inbox_id(self.user))
+        else:
+            link = PEER_LINK
+        inc = Incoming(self._ctx, offer.xfer, offer.sender, link, name, offer.size, offer.chunk_size,
                        cfg.received_dir / part_name(final_name, offer.xfer), cfg.received_dir, final_name,
                        cipher=FileCipher(file_key, offer.xfer) if file_key else None, session=session,
                        peer_dev=offer.src)
@@ -476,8 +486,8 @@ class TransferManager:
                 return out
         return None
 
-    def _upload(self, rid: bytes, source: Source, now: float) -> tuple[bytes, list[Action]]:
-        out = self._track(Outgoing.begin(self._ctx, self._ctx.new_id(), self.user, RoomLink(rid), source,
+    def _upload(self, link: RoomLink, source: Source, now: float) -> tuple[bytes, list[Action]]:
+        out = self._track(Outgoing.begin(self._ctx, self._ctx.new_id(), self.user, link, source,
                                          self.config.chunk_size, 1, now))
         return out.xfer, out.start(now)
 

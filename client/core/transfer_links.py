@@ -7,7 +7,9 @@ to the peer, ``file_credit``, ``file_chunk``, ``file_done`` and ``file_cancel``,
 the transfer. A room (``RoomLink``): the broker is the other end. It plays the receiver of an upload
 (``room_upload`` is the offer, ``room_credit`` the credit, a credit that holds every chunk the done) and the
 sender of each member's fetch (``room_fetch`` is the credit, ``room_chunk`` the chunks). No done and no
-cancel travel in a room: the broker keeps the file for every member, whatever one of them does.
+cancel travel in a room: the broker keeps the file for every member, whatever one of them does. A file held for
+someone offline (``InboxLink``, §8.2) is a room file of the recipient's inbox: uploaded with ``file_upload``,
+fetched by the recipient, who then tells the sender with ``file_done``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from p2pchat.common.protocol import (
     Message,
     pack,
 )
-from p2pchat.common.protocol_rooms import RoomChunk, RoomCredit, RoomFetch, RoomUpload
+from p2pchat.common.protocol_rooms import FileUpload, RoomChunk, RoomCredit, RoomFetch, RoomUpload
 
 if TYPE_CHECKING:
     from p2pchat.client.core.receiving import Incoming
@@ -59,6 +61,7 @@ class RoomUploaded:
     chunk_size: int
     key: bytes
     bytes_sent: int
+    to: str | None = None  # a held file (§8.2): offered to this user with file_offer.held; None: a room's
 
 
 class TransferLink(Protocol):
@@ -170,40 +173,44 @@ class PeerLink:
 PEER_LINK = PeerLink()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RoomLink:
-    """A room file: uploaded to, or fetched from, the broker's store of room ``room``. Its chunks are always
+    """A room file: uploaded to, or fetched from, the broker's store of room ``store``. Its chunks are always
     sealed (``TransferManager.send_room_file`` refuses sealing off: a ``room_chunk`` has no CRC)."""
 
-    room: bytes
+    store: bytes  # the room's id: where the broker's store keeps the file
     CONFIRMED_BY_CREDIT: ClassVar[bool] = True
     RESENDS_HELD: ClassVar[bool] = True
+
+    @property
+    def room(self) -> bytes | None:
+        return self.store
 
     def party(self, machine: TransferMachine) -> str | None:
         return None  # the broker: reachable whenever the session runs (it ticks transfers only then)
 
     def owns(self, machine: TransferMachine, msg: Message) -> bool:
-        return type(msg) in ROOM_FRAMES and msg.room == self.room  # type: ignore[attr-defined]
+        return type(msg) in ROOM_FRAMES and msg.room == self.store  # type: ignore[attr-defined]
 
     def pauses(self, code: ErrorCode) -> bool:
         return code in ROOM_PAUSES
 
     def offer(self, out: Outgoing) -> list[Action]:
         """Ask the broker for credit; asked again it answers with ``next`` = the chunks it holds (a resume)."""
-        return [out.ctx.send(out.xfer, RoomUpload(self.room, out.xfer, out.size, out.chunk_size))]
+        return [out.ctx.send(out.xfer, RoomUpload(self.store, out.xfer, out.size, out.chunk_size))]
 
     def chunk(self, out: Outgoing, index: int, final: bool, payload: bytes, crc: int | None = None,
               sha256: bytes | None = None) -> Transmit:
-        return out.ctx.send(out.xfer, RoomChunk(self.room, out.xfer, index, final), payload)
+        return out.ctx.send(out.xfer, RoomChunk(self.store, out.xfer, index, final), payload)
 
     def sent(self, out: Outgoing) -> list[Action]:
         """Nothing for the user yet: the session seals the offer (``take_room_uploads``) and reports it."""
-        out.ctx.uploaded.append(RoomUploaded(out.xfer, self.room, out.name[:MAX_TEXT_CHARS], out.size,
-                                             out.chunk_size, out.cipher.key, out.bytes_sent))
+        out.ctx.uploaded.append(RoomUploaded(out.xfer, self.store, out.name[:MAX_TEXT_CHARS], out.size,
+                                             out.chunk_size, out.cipher.key, out.bytes_sent, self.to))
         return []
 
     def credit(self, inc: Incoming, next_: int, upto: int, restart: bool) -> Transmit:
-        return inc.ctx.send(inc.xfer, RoomFetch(self.room, inc.xfer, next_, upto, restart), urgent=True)
+        return inc.ctx.send(inc.xfer, RoomFetch(self.store, inc.xfer, next_, upto, restart), urgent=True)
 
     def hold(self, inc: Incoming) -> list[Action]:
         return []  # the broker keeps the file for as long as we take to ask
@@ -214,11 +221,43 @@ class RoomLink:
     def cancel(self, machine: TransferMachine, error: P2PChatError) -> list[Action]:
         return []  # an unfinished upload expires at the broker; a fetch is just not asked for again
 
+    @property
+    def to(self) -> str | None:
+        return None
+
     def record(self) -> dict:
-        return {"room": self.room.hex()}
+        return {"room": self.store.hex()}
+
+
+@dataclass(frozen=True)
+class InboxLink(RoomLink):
+    """A file the broker holds for ``recipient`` (§8.2), in the store of its inbox (``inbox_id``): uploaded by the
+    sender with ``file_upload`` (``recipient`` set), fetched by the recipient (``recipient`` None) like a room
+    file; the fetch ends with ``file_done`` to the sender, which learns (if online) that it was delivered."""
+
+    recipient: str | None = None
+
+    @property
+    def room(self) -> bytes | None:
+        return None  # one-to-one for the user: its events carry no room
+
+    @property
+    def to(self) -> str | None:
+        return self.recipient
+
+    def offer(self, out: Outgoing) -> list[Action]:
+        return [out.ctx.send(out.xfer, FileUpload(self.recipient, out.xfer, out.size, out.chunk_size))]
+
+    def done(self, inc: Incoming) -> list[Action]:
+        return [inc.ctx.send(inc.xfer, FileDone(inc.ctx.user, inc.peer, inc.xfer))]
+
+    def record(self) -> dict:
+        return {"inbox": self.store.hex(), "to": self.recipient}
 
 
 def link_of(record: dict) -> TransferLink:
     """The link of a transfer record (``TransferLink.record``)."""
+    if record.get("inbox"):
+        return InboxLink(bytes.fromhex(record["inbox"]), record.get("to"))
     room = record.get("room")
     return RoomLink(bytes.fromhex(room)) if room else PEER_LINK

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from p2pchat.broker.backends.room_files import DiskRoomFileStore
 from p2pchat.broker.core.actions import FrameMaker, Send
-from p2pchat.broker.core.ports import Member, Role, Room, RoomFile
+from p2pchat.broker.core.ports import RoomFile
 from p2pchat.broker.core.room_files import MAX_CHUNK, MIN_CHUNK, RoomFileLimits, RoomFiles
 from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode
@@ -41,11 +41,6 @@ T0 = 1_700_000_000_000  # wall clock, ms
 HOUR = 3600 * 1000
 KEY = b"k" * 32
 MSG = b"m" * 16
-
-
-def team(rid: bytes = RID) -> Room:
-    members = tuple(Member(user, Role.MEMBER, True, 0) for user in ("alice", "bob", "carol"))
-    return Room(rid, "team", "", "alice", 3, 0, members)
 
 
 def sealed(plain: bytes, chunk_size: int = CS, xfer: bytes = X) -> list[bytes]:
@@ -117,7 +112,7 @@ def credit(next_: int, upto: int, restart: bool, rid: bytes = RID, xfer: bytes =
 
 def upload(files: RoomFiles, conn: bytes = A, user: str = "alice", size: int = len(PLAIN), chunk_size: int = CS,
            xfer: bytes = X, rid: bytes = RID, now: int = T0) -> list:
-    return files.upload(conn, user, team(rid), RoomUpload(room=rid, xfer=xfer, size=size, chunk_size=chunk_size),
+    return files.upload(conn, user, rid, RoomUpload(room=rid, xfer=xfer, size=size, chunk_size=chunk_size),
                         MSG, now)
 
 
@@ -125,7 +120,7 @@ def send(files: RoomFiles, index: int, payload=None, final: bool | None = None, 
          xfer: bytes = X, rid: bytes = RID, chunks: list[bytes] = CHUNKS, now: int = T0) -> list:
     payload = chunks[index] if payload is None else payload
     final = index == len(chunks) - 1 if final is None else final
-    return files.chunk(conn, user, team(rid), RoomChunk(room=rid, xfer=xfer, index=index, final=final), payload, MSG,
+    return files.chunk(conn, user, rid, RoomChunk(room=rid, xfer=xfer, index=index, final=final), payload, MSG,
                        now)
 
 
@@ -147,7 +142,7 @@ def upload_all(files: RoomFiles, chunks: list[bytes] = CHUNKS, conn: bytes = A, 
 
 def fetch(files: RoomFiles, next_: int, upto: int, restart: bool = False, conn: bytes = B, user: str = "bob",
           xfer: bytes = X, rid: bytes = RID, now: int = T0) -> list:
-    return files.fetch(conn, user, team(rid), RoomFetch(room=rid, xfer=xfer, next=next_, upto=upto,
+    return files.fetch(conn, user, rid, RoomFetch(room=rid, xfer=xfer, next=next_, upto=upto,
                                                          restart=restart), MSG, now)
 
 

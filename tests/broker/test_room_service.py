@@ -12,7 +12,7 @@ from p2pchat.broker.backends.sqlite_store import SqliteMessageStore
 from p2pchat.broker.core.ports import QueueLimits
 from p2pchat.common.errors import ErrorCode
 from p2pchat.broker.core.actions import Send
-from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Error, Registered, decode, pack
+from p2pchat.common.protocol import CAPS_DEVICES, Ack, AckStatus, Error, Registered, decode
 from p2pchat.common.protocol_rooms import (
     CAPS_ROOMS,
     RoomCreate,

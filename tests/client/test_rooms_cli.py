@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from p2pchat.common.errors import ExitCode
 from tests.client.test_recovery import cli
 from tests.conftest import ROOT, BrokerProcess
@@ -90,3 +92,38 @@ def test_send_file_to_a_room_and_listen_reports_it_with_the_room(broker, tmp_pat
         proc.wait()
     assert (event["type"], event["from"], event["room"], event["name"]) == ("file", "alice", "team", "notes.txt")
     assert Path(event["path"]).read_bytes() == source.read_bytes()
+
+
+def test_send_file_to_someone_offline_exits_once_uploaded_and_they_get_it_later(broker, tmp_path):
+    ok(run(tmp_path, broker, "bob", "room", "list"))  # bob's ID is bound; bob goes away
+    source = tmp_path / "report.pdf"
+    source.write_bytes(os.urandom(1_500_000))
+    sent = ok(run(tmp_path, broker, "alice", "send-file", "--to", "bob", "--quiet", str(source)))
+    assert "uploaded report.pdf" in sent and "bob" in sent  # alice is gone now; bob was offline all along
+    broker.stop()  # what the broker holds survives a restart
+    broker.start()
+    proc = subprocess.Popen([sys.executable, "-m", "p2pchat.client.cli", "listen", "--user", "bob", "--server",
+                             f"127.0.0.1:{broker.port}", "--json", "--received-dir", str(tmp_path / "in")],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, P2PCHAT_HOME=str(tmp_path / "bob")))
+    try:
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["type"] in ("file", "file_failed"):
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (event["type"], event["from"], event["name"]) == ("file", "alice", "report.pdf")
+    assert "room" not in event and Path(event["path"]).read_bytes() == source.read_bytes()
+
+
+@pytest.mark.broker_args("--room-quota", "1000000")
+def test_a_file_over_the_brokers_quota_is_refused_in_words(broker, tmp_path):
+    ok(run(tmp_path, broker, "bob", "room", "list"))
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(1_200_000))
+    refused = run(tmp_path, broker, "alice", "send-file", "--to", "bob", "--later", "--quiet", str(source))
+    assert refused.returncode == ExitCode.REFUSED
+    assert "exceed the 1000000 bytes the broker keeps for one room (or one recipient)" in refused.stderr
+    assert "Traceback" not in refused.stderr
