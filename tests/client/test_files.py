@@ -123,17 +123,18 @@ def test_chunk_size_the_receiver_would_refuse_is_refused_at_once(make_client, tm
         alice.send_file("bob", make_file(tmp_path / "f.bin", 10))
 
 
-def test_offer_to_an_offline_recipient_waits_for_them(make_client, tmp_path):
+def test_a_file_to_an_offline_recipient_is_left_at_the_broker_and_delivered_when_they_come(make_client, tmp_path):
     alice = make_client("alice")
     make_client("bob").close()
+    wait_peers(alice, {"alice"})  # alice sees bob offline
     src = make_file(tmp_path / "f.bin", 300_000)
-    _, done = alice.send_file("bob", src)
-    acked = wait_for(alice, lambda e: isinstance(e, ev.Acked))
-    assert acked.status == "stored"  # the broker keeps the offer until bob is back
+    xfer, done = alice.send_file("bob", src)
+    done.result(30)  # the broker holds it for bob: alice could go now (docs/PROTOCOL.md §8.2)
+    assert wait_for(alice, lambda e: isinstance(e, ev.FileUploaded)).recipient == "bob"
     bob = make_client("bob", received_dir=tmp_path / "inbox")
     event = received(bob)
-    done.result(30)
     assert event.path.read_bytes() == src.read_bytes()
+    assert wait_for(alice, lambda e: isinstance(e, ev.FileSent)).xfer == xfer  # and alice hears it was delivered
 
 
 def test_offer_to_an_unknown_user_is_a_clear_error(make_client, tmp_path):
