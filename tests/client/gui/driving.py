@@ -13,12 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import PySimpleGUI as sg
+
 from p2pchat.client.gui.desktop import Desktop
 from p2pchat.client.gui.filecard import FileCard
 from p2pchat.client.gui.layout import K_ATTACH, K_COMPOSER, K_PEERS, K_SEARCH
 from p2pchat.client.gui.model import ChatLine, FileLine
 from p2pchat.client.gui.window import ChatWindow
-from tests.client.gui.conftest import STEP_MS, pump
+from tests.client.gui.conftest import pump
 
 
 @dataclass
@@ -42,15 +44,23 @@ def act(window: ChatWindow, action: Callable[[], None], timeout: float = 10.0) -
     """Run a synthetic input inside this window's own ``read``, where real input happens.
 
     PySimpleGUI keeps one pending event per window, and a ``read`` that finds a client event queued returns
-    that and forgets the pending one: an input generated between reads could be lost.
+    that and forgets the pending one: an input generated between reads could be lost. The read waits without a
+    short timeout: its alarm, due in the same pass of Tk's timers as the input on a busy machine, would overwrite
+    the input's event with a timeout. A timeout event queued after the input ends the read if it made none.
     """
     ran: list[bool] = []
-    window.window.TKroot.after(0, lambda: (action(), ran.append(True)))
+
+    def run() -> None:
+        action()
+        ran.append(True)
+        window.window.write_event_value(sg.TIMEOUT_EVENT, None)
+
+    window.window.TKroot.after(0, run)
     deadline = time.monotonic() + timeout
     while not ran:
         if time.monotonic() > deadline:
             raise AssertionError("the window never ran its event loop")
-        window.step(STEP_MS)
+        window.step(int(timeout * 1000))
 
 
 def click(window: ChatWindow, key: str) -> None:
