@@ -76,12 +76,16 @@ class ConnectionFlow:
         self._render_all()
 
     def _load_history(self, client: ChatClient) -> None:
-        """Every conversation's recent messages, with their delivery states, and who we have talked to."""
+        """Every conversation's recent messages, with their delivery states, and who we have talked to; each room's
+        (the broker's list says which rooms are still ours)."""
         history: History | None = None
         try:
             history = client.open_history()
             for peer in history.peers():
                 self.model.load(peer, history.conversation(peer, HISTORY_LIMIT))
+            for rid, name in history.room_names().items():
+                self.model.rooms.names[rid] = name
+                self.model.load(rid, history.room_conversation(rid, HISTORY_LIMIT))
         except sqlite3.Error as exc:  # the chat works without it: only the past (and search) is missing
             log.warning("user=%s cannot read history: %s", client.user, exc)
             self._log(f"Cannot read past conversations: {exc}")
@@ -95,6 +99,7 @@ class ConnectionFlow:
         history, self.history = self.history, None
         self._generation += 1
         self.forget_devices()
+        self.forget_room_requests()
         self.model.search = None
         self.window[K_SEARCH].update("")
         if history is not None:

@@ -4,6 +4,8 @@ Messages from the same sender within a few minutes share one header (avatar,
 name, time); our own messages carry their delivery state after the text, in a
 tagged range so an ack, a receipt or a failure rewrites only that range. A file
 is a ``FileCard`` embedded in the text, redrawn in place as its transfer moves.
+In a room, what happened there (a member joined, the room was renamed) is a
+muted line of its own between the messages.
 A search result is a tagged block that posts ``SEARCH_OPEN`` when clicked.
 """
 
@@ -16,7 +18,9 @@ from collections.abc import Callable
 from p2pchat.client.gui.delivery import delivery_style, delivery_text
 from p2pchat.client.gui.filecard import Action, FileCard, forward_wheel
 from p2pchat.client.gui.layout import SEARCH_OPEN
-from p2pchat.client.gui.model import ChatLine, Conversation, FileLine, Line, Search, match_spans
+from p2pchat.client.gui.found import Search, match_spans
+from p2pchat.client.gui.model import ChatLine, Conversation, FileLine, Line
+from p2pchat.client.gui.room_model import NoticeLine
 from p2pchat.client.gui.theme import Fonts, Palette, avatar_colour
 
 GROUP_GAP_MS = 5 * 60 * 1000
@@ -55,7 +59,12 @@ class ConversationView:
         self._on_action = on_action
         self._last: Line | None = None
         self._cards: dict[bytes, FileCard] = {}  # the files of the conversation on screen
+        self._at_end = True  # the last line is in view: a narrower or shorter widget keeps it there
         w = widget
+        scrollbar = w.cget("yscrollcommand")
+        w.configure(yscrollcommand=lambda first, last: self._scrolled(scrollbar, first, last))
+        # A panel or the members column appearing resizes the widget before it lays its lines out again.
+        w.bind("<Configure>", lambda _e: self._at_end and w.see("end"), add="+")
         w.configure(background=pal.chat_bg, foreground=pal.text, font=fonts.base, wrap="word", padx=18, pady=10,
                     borderwidth=0, highlightthickness=0, insertwidth=0, cursor="arrow",
                     selectbackground=pal.select_bg, selectforeground=pal.select_text, inactiveselectbackground=pal.border)
@@ -74,6 +83,8 @@ class ConversationView:
         w.tag_configure("day", font=fonts.small_bold, foreground=pal.muted, justify="center", spacing1=14, spacing3=2)
         w.tag_configure("hint", font=fonts.base, foreground=pal.muted, justify="center", spacing1=4)
         w.tag_configure("hint-first", spacing1=150)
+        w.tag_configure("notice", font=fonts.small, foreground=pal.muted, lmargin1=INDENT, lmargin2=INDENT,
+                        spacing1=10, spacing3=2)
 
     # --- whole views ----------------------------------------------------------
     def show(self, conv: Conversation | None, hint: str = "", reveal: bytes | None = None) -> None:
@@ -85,8 +96,9 @@ class ConversationView:
             self.widget.mark_set("found", ranges[0])
             self._scroll_to("found")
 
-    def show_results(self, search: Search) -> None:
-        """Each result as a block (who, when, the text with the query's words marked) that opens its message."""
+    def show_results(self, search: Search, room_name: Callable[[bytes], str]) -> None:
+        """Each result as a block (who, when, the text with the query's words marked) that opens its message;
+        ``room_name`` names the room of a room's message."""
         def render() -> None:
             self._clear()
             if not search.results:
@@ -102,8 +114,9 @@ class ConversationView:
                 forward_wheel(avatar, w)
                 avatar.bind("<Button-1>", lambda _e, msg_id=entry.msg_id: self._on_action(SEARCH_OPEN, msg_id))
                 w.window_create("end", window=avatar, align="center")
-                w.insert("end", f"You to {entry.peer}" if entry.outgoing else entry.peer,
-                         ("own-name" if entry.outgoing else "name", tag))
+                where = f" in #{room_name(entry.room)}" if entry.room is not None else ""
+                w.insert("end", (f"You{where}" if where else f"You to {entry.peer}") if entry.outgoing
+                         else entry.peer + where, ("own-name" if entry.outgoing else "name", tag))
                 w.insert("end", "   " + when_label(entry.ts, today), ("time", tag))
                 w.tag_add("header", start, "end-1c")
                 w.insert("end", "\n")
@@ -190,8 +203,14 @@ class ConversationView:
                 w.insert("end", "\n")
             w.insert("end", day_label(when.date(), dt.date.today()), ("day",))
             last = None
-        same_group = (last is not None and last.outgoing == line.outgoing
-                      and 0 <= line.ts_ms - last.ts_ms < GROUP_GAP_MS)
+        if isinstance(line, NoticeLine):
+            w.insert("end", "\n")
+            w.insert("end", line.text, ("notice",))
+            self._last = line
+            return
+        # In a room, "theirs" are several people's: a header for each author.
+        same_group = (isinstance(last, (ChatLine, FileLine)) and last.outgoing == line.outgoing
+                      and (line.outgoing or last.peer == line.peer) and 0 <= line.ts_ms - last.ts_ms < GROUP_GAP_MS)
         if not same_group:
             w.insert("end", "\n")
             start = w.index("end-1c")
@@ -240,6 +259,11 @@ class ConversationView:
             self.widget.configure(state="disabled")
         if scroll:
             self._scroll_to("end")
+
+    def _scrolled(self, scrollbar: str, first: str, last: str) -> None:
+        self._at_end = float(last) >= 1.0
+        if scrollbar:
+            self.widget.tk.call(scrollbar, first, last)
 
     def _scroll_to(self, index: str) -> None:
         self.widget.see(index)

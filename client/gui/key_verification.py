@@ -155,7 +155,8 @@ class KeyVerification:
     def _render_security(self) -> None:
         """The peer's key in the header, the Verify panel, and the banner or notice of a changed key (none while
         searching)."""
-        peer = self.model.active if self.model.search is None else None
+        active = self.model.active
+        peer = active if self.model.search is None and type(active) is str else None  # a room's keys are its members'
         client, pal = self.client, self.palette
         keys_known = peer is not None and client is not None
         change = self.model.key_changed.get(peer) if peer is not None else None

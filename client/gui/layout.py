@@ -1,7 +1,8 @@
 """The chat window's layout: element keys, sizes, and the PySimpleGUI/Tk styling that makes it a chat app.
 
 Build-only: no state and no behaviour beyond key bindings that turn keystrokes
-into window events. ``ChatWindow`` owns the window this builds.
+into window events. ``ChatWindow`` owns the window this builds. The rooms' parts
+are built by room_layout.py and placed here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ from typing import Any
 
 import PySimpleGUI as sg
 
+from p2pchat.client.gui.room_layout import (
+    K_INVITE_TEXT,
+    K_MEMBERS,
+    K_ROOM_FORM_NOTE,
+    K_ROOMS,
+    MEMBERS_WIDTH,
+    invite_banner,
+    members_column,
+    room_form,
+    rooms_section,
+    style_room_widgets,
+)
 from p2pchat.client.gui.settings import GuiSettings
 from p2pchat.client.gui.theme import Fonts, Palette, apply_sg_theme
 
@@ -25,6 +38,7 @@ K_SIDEBAR, K_SIDEBAR_RULE = "-SIDEBAR-", "-SIDEBAR-RULE-"
 K_ME, K_PEOPLE_COUNT, K_PEERS, K_DISCONNECT = "-ME-", "-PEOPLE-COUNT-", "-PEERS-", "-DISCONNECT-"
 K_PEER_NAME, K_PEER_PRESENCE = "-PEER-NAME-", "-PEER-PRESENCE-"
 K_CONVERSATION, K_COMPOSER, K_SEND, K_LOG = "-CONVERSATION-", "-COMPOSER-", "-SEND-", "-LOG-"
+K_TIMELINE = "-TIMELINE-"  # the conversation with the banners and panels above it
 K_STATUS_DOT, K_STATUS, K_STATUS_DETAIL = "-STATUS-DOT-", "-STATUS-", "-STATUS-DETAIL-"
 K_THEME, K_NOTIFY = "-THEME-", "-NOTIFY-"
 K_STATUS_KEY, K_STATUS_TRANSFERS = "-STATUS-KEY-", "-STATUS-TRANSFERS-"
@@ -136,11 +150,12 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
          sg.Text("", key=K_PEOPLE_COUNT, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((0, 16), (0, 6)))],
         [sg.Table([], headings=["name", "unread"], key=K_PEERS, col_widths=[20, 4], auto_size_columns=False,
-                  justification="left", num_rows=10, row_height=34, font=fonts.base, enable_events=True,
+                  justification="left", num_rows=6, row_height=34, font=fonts.base, enable_events=True,
                   select_mode=sg.TABLE_SELECT_MODE_BROWSE, background_color=pal.sidebar_bg,
                   text_color=pal.sidebar_text, selected_row_colors=(pal.select_text, pal.select_bg),
                   border_width=0, expand_x=True, expand_y=True, hide_vertical_scroll=True,
                   pad=((8, 8), 0))],
+        *rooms_section(pal, fonts),
         [sg.Checkbox("Send read receipts", key=K_RECEIPTS, default=settings.read_receipts, enable_events=True,
                      tooltip=" Let people see when you have read their messages ", pad=((12, 12), (8, 0)),
                      **setting)],
@@ -197,16 +212,23 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
     ], background_color=pal.log_bg, expand_x=True, pad=0)
     composer_note = sg.Text("", key=K_COMPOSER_NOTE, font=fonts.small, text_color=pal.warn,
                             background_color=pal.chat_bg, pad=((16, 16), (10, 0)))
-    main = sg.Column([
-        [header],
-        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+    # The banners and panels above the timeline, hidden, are 1 px pins: in the timeline's colour, beside the
+    # members column rather than across it.
+    timeline = sg.Column([
         [sg.pin(_key_banner(pal, fonts), expand_x=True)],
         [sg.pin(_key_notice(pal, fonts), expand_x=True)],
         [sg.pin(_key_panel(pal, fonts), expand_x=True)],
         [sg.pin(_devices_panel(pal, fonts), expand_x=True)],
+        [sg.pin(invite_banner(pal, fonts), expand_x=True)],
+        [sg.pin(room_form(pal, fonts), expand_x=True)],
         [sg.Multiline("", key=K_CONVERSATION, disabled=True, border_width=0, expand_x=True, expand_y=True,
                       background_color=pal.chat_bg, text_color=pal.text, sbar_trough_color=pal.chat_bg,
                       sbar_background_color=pal.border, sbar_arrow_color=pal.muted, sbar_relief="flat", pad=0)],
+    ], key=K_TIMELINE, background_color=pal.chat_bg, expand_x=True, expand_y=True, pad=0)
+    main = sg.Column([
+        [header],
+        [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
+        [timeline, members_column(pal, fonts)],
         [sg.Column([[]], size=(1, 1), expand_x=True, **rule)],
         [sg.pin(composer_note)],
         [composer_row],
@@ -377,27 +399,40 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
     for key in (K_KEY_BANNER_TEXT, K_KEY_NOTICE_TEXT, K_KEY_PANEL_NOTE, K_DEVICES_NOTE, K_PEER_DEVICES):
         window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
+    # A room's prose wraps to the timeline's width: the members column beside it takes its own first.
+    room_prose = [window[key].Widget for key in (K_INVITE_TEXT, K_ROOM_FORM_NOTE)]
+    for widget in room_prose:
+        widget.configure(wraplength=WRAP_PX, justify="left", width=0)
+    window[K_TIMELINE].Widget.bind("<Configure>", lambda e: [
+        widget.configure(wraplength=min(WRAP_PX, max(200, e.width - 100))) for widget in room_prose], add="+")
     log_widget = window[K_LOG].Widget
     log_widget.configure(highlightthickness=0, padx=0, pady=2, cursor="arrow")
     log_widget.tag_configure("time", foreground=pal.muted)
-    tree = window[K_PEERS].Widget
-    tree.configure(show="tree", cursor="hand2")  # no headings: a list of people, not a spreadsheet
-    tree.column("#0", width=DOT_COLUMN, minwidth=DOT_COLUMN, stretch=False)
-    tree.column("#1", anchor="w", width=SIDEBAR_WIDTH - 16 - 44 - DOT_COLUMN, stretch=True)
-    tree.column("#2", anchor="e", width=44, stretch=False)
+    style = ttk.Style()
+    for key, width, last in ((K_PEERS, SIDEBAR_WIDTH - 16, 44), (K_ROOMS, SIDEBAR_WIDTH - 16, 44),
+                             (K_MEMBERS, MEMBERS_WIDTH - 12, 64)):
+        _style_list(window[key].Widget, style, pal, width, last)
     # sg packs expand_y columns with expand=True, which also widens them: keep the sidebar narrow.
     for key in (K_SIDEBAR, K_SIDEBAR_RULE):
         window[key].Widget.pack_configure(expand=False)
+    style_room_widgets(window, pal, fonts)
+    for key, trough in ((K_CONVERSATION, pal.chat_bg), (K_LOG, pal.log_bg)):
+        _slim_scrollbar(style, window[key].vsb_style_name, trough, pal.border, pal.muted)
+
+
+def _style_list(tree: ttk.Treeview, style: ttk.Style, pal: Palette, width: int, last: int) -> None:
+    """A table as a flat list: a dot (or a mark) in the tree column, the name, a right-aligned last column."""
+    tree.configure(show="tree", cursor="hand2")  # no headings: a list of people, not a spreadsheet
+    tree.column("#0", width=DOT_COLUMN, minwidth=DOT_COLUMN, stretch=False)
+    tree.column("#1", anchor="w", width=width - last - DOT_COLUMN, stretch=True)
+    tree.column("#2", anchor="e", width=last, stretch=False)
     style_name = tree.cget("style")
-    style = ttk.Style()
     style.configure(style_name, borderwidth=0, relief="flat", highlightthickness=0, fieldbackground=pal.sidebar_bg)
     style.layout(style_name, [("Treeview.treearea", {"sticky": "nswe"})])  # drop the sunken border
     # Rows are flat: no expand/collapse indicator in front of the presence dot.
     style.layout(f"{style_name}.Item", [("Treeitem.padding", {"sticky": "nswe", "children": [
         ("Treeitem.image", {"side": "left", "sticky": ""}),
         ("Treeitem.text", {"side": "left", "sticky": ""})]})])
-    for key, trough in ((K_CONVERSATION, pal.chat_bg), (K_LOG, pal.log_bg)):
-        _slim_scrollbar(style, window[key].vsb_style_name, trough, pal.border, pal.muted)
 
 
 def dot_image(master: tk.Misc, colour: str, size: int = 10, margin: int = 6) -> tk.PhotoImage:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import enum
 import heapq
 import os
-import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pchat.client.gui.delivery import FROM_HISTORY, RECEIPTS, SEND_STATES, UNSENT, Delivery, can_move
+from p2pchat.client.gui.found import Search
+from p2pchat.client.gui.room_model import NoticeLine, RoomBook
 from p2pchat.client.gui.units import human_eta, human_size
 from p2pchat.client.storage.history import HistoryEntry
 from p2pchat.common.errors import ErrorCode, P2PChatError
@@ -35,18 +36,24 @@ class Link(enum.Enum):
 
 
 HISTORY_LIMIT = 200  # messages per conversation loaded at connect; search reaches the older ones
+Key = str | bytes  # a conversation's: the peer's name, or the room's id (as History's unread counts)
 
 
 @dataclass(slots=True)
 class ChatLine:
     msg_id: bytes
-    peer: str  # the other side of the conversation
+    peer: str  # the other side of the conversation; in a room, the author (ourselves for ours)
     outgoing: bool
     text: str
     ts_ms: int
     delivery: Delivery
     failure: str = ""
     resealed: bool = False  # sealed again after the recipient could not open it: a second refusal fails it
+    room: bytes | None = None
+
+    @property
+    def key(self) -> Key:
+        return self.peer if self.room is None else self.room
 
 
 class Transfer(enum.Enum):
@@ -93,7 +100,7 @@ class FileLine:
         return min(1.0, self.done / self.size) if self.size > 0 else 0.0
 
 
-Line = ChatLine | FileLine
+Line = ChatLine | FileLine | NoticeLine
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,28 +115,9 @@ class KeyChange:
 
 @dataclass(slots=True)
 class Conversation:
-    peer: str
+    peer: Key
     lines: list[Line] = field(default_factory=list)
     unread: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Search:
-    """Messages matching ``query`` in every conversation: the newest ``results``, newest first, of ``total``."""
-
-    query: str
-    results: tuple[HistoryEntry, ...]
-    total: int
-    capped: bool = False  # there may be more than ``total``
-
-
-def search_summary(search: Search) -> str:
-    total = f"{search.total}+" if search.capped else str(search.total)
-    if search.total == 0:
-        return f"nothing matches “{search.query}”"
-    if len(search.results) < search.total:
-        return f"newest {len(search.results)} of {total} messages matching “{search.query}”"
-    return f"{total} message{'s' if search.total != 1 else ''} matching “{search.query}”"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,15 +140,6 @@ def describe_failure(error: P2PChatError) -> str:
         ErrorCode.PEER_KEY_CHANGED: "their key changed; accept the new key first",
     }
     return friendly.get(error.code, error.message)
-
-
-def match_spans(text: str, query: str) -> list[tuple[int, int]]:
-    """Where the query's words start words of ``text`` (the history search matches word prefixes)."""
-    words = [re.escape(w) for w in query.split() if w]
-    if not words:
-        return []
-    pattern = re.compile(r"\b(?:" + "|".join(sorted(words, key=len, reverse=True)) + ")", re.IGNORECASE)
-    return [m.span() for m in pattern.finditer(text) if m.end() > m.start()]
 
 
 def describe_transfer_failure(error: P2PChatError, line: FileLine) -> str:
@@ -210,11 +189,12 @@ class ChatModel:
         self.user = user
         self.link = Link.OFFLINE
         self.online: frozenset[str] = frozenset()
-        self.active: str | None = None
+        self.active: Key | None = None
         self.search: Search | None = None  # results shown instead of the open conversation
         self.log: deque[tuple[int, str]] = deque(maxlen=LOG_LINES)
         self.key_changed: dict[str, KeyChange] = {}  # peers whose new key awaits the user's decision
         self.key_notices: dict[str, KeyChange] = {}  # new keys accepted automatically, until the user has seen them
+        self.rooms = RoomBook(user)  # their messages are conversations here, keyed by the room's id
         self._conversations: dict[str, Conversation] = {}
         self._by_id: dict[bytes, ChatLine] = {}
         self._files: dict[bytes, FileLine] = {}
@@ -225,26 +205,26 @@ class ChatModel:
 
     def roster(self) -> list[PeerRow]:
         """Online peers first, then people we have talked to (in this run or an earlier one); each group by name."""
-        names = set(self.online) | {c.peer for c in self._conversations.values() if c.lines}
+        names = set(self.online) | {c.peer for c in self._conversations.values() if c.lines and type(c.peer) is str}
         names |= set(self.key_changed)
         rows = [PeerRow(n, n in self.online, self.conversation(n).unread, n in self.key_changed) for n in names]
         return sorted(rows, key=lambda r: (not r.online, r.name.lower()))
 
     # --- conversations --------------------------------------------------------
-    def conversation(self, peer: str) -> Conversation:
+    def conversation(self, peer: Key) -> Conversation:
         if peer not in self._conversations:
             self._conversations[peer] = Conversation(peer)
         return self._conversations[peer]
 
-    def open(self, peer: str) -> Conversation:
+    def open(self, peer: Key) -> Conversation:
         self.active = peer
         self.search = None
         conv = self.conversation(peer)
         conv.unread = 0
         return conv
 
-    def load(self, peer: str, entries: Iterable[HistoryEntry]) -> Conversation:
-        """Merge ``peer``'s history (oldest first) into what this run already shows.
+    def load(self, peer: Key, entries: Iterable[HistoryEntry]) -> Conversation:
+        """Merge ``peer``'s (or a room's) history (oldest first) into what this run already shows.
 
         Safe to repeat and to race with events: a message already shown keeps its
         line and only moves its delivery state forward; lines history does not keep
@@ -256,8 +236,8 @@ class ChatModel:
             line = self._by_id.get(entry.msg_id)
             state = FROM_HISTORY.get(entry.state, Delivery.SENT if entry.outgoing else Delivery.RECEIVED)
             if line is None:
-                line = ChatLine(entry.msg_id, peer, entry.outgoing, entry.text, entry.ts, state,
-                                resealed=state is Delivery.RESEALED)
+                line = ChatLine(entry.msg_id, entry.peer, entry.outgoing, entry.text, entry.ts, state,
+                                resealed=state is Delivery.RESEALED, room=entry.room)
                 self._by_id[entry.msg_id] = line
                 if not entry.outgoing and state is Delivery.RECEIVED and peer != self.active:
                     conv.unread += 1
@@ -269,25 +249,25 @@ class ChatModel:
         conv.lines = list(heapq.merge(loaded, rest, key=lambda line: line.ts_ms))
         return conv
 
-    def receive(self, msg_id: bytes, sender: str, text: str, ts_ms: int) -> ChatLine | None:
-        """The new line, or None if it is already shown (history loaded it first)."""
+    def receive(self, msg_id: bytes, sender: str, text: str, ts_ms: int, room: bytes | None = None) -> ChatLine | None:
+        """The new line (in ``room``'s conversation if sent there), or None if already shown (history loaded it)."""
         if msg_id in self._by_id:
             return None
-        line = ChatLine(msg_id, sender, False, text, ts_ms, Delivery.RECEIVED)
-        conv = self.conversation(sender)
+        line = ChatLine(msg_id, sender, False, text, ts_ms, Delivery.RECEIVED, room=room)
+        conv = self.conversation(line.key)
         conv.lines.append(line)
-        if sender != self.active:
+        if line.key != self.active:
             conv.unread += 1
         self._by_id[msg_id] = line
         return line
 
-    def echoed(self, msg_id: bytes, peer: str, text: str, ts_ms: int) -> ChatLine | None:
+    def echoed(self, msg_id: bytes, peer: str, text: str, ts_ms: int, room: bytes | None = None) -> ChatLine | None:
         """What another device of ours sent ``peer``: our own outgoing line, with the broker already holding it
         (receipts move it on); None if already shown (history loaded it first)."""
         if msg_id in self._by_id:
             return None
-        line = ChatLine(msg_id, peer, True, text, ts_ms, Delivery.SENT)
-        conv = self.conversation(peer)
+        line = ChatLine(msg_id, peer, True, text, ts_ms, Delivery.SENT, room=room)
+        conv = self.conversation(line.key)
         conv.lines.append(line)
         conv.lines.sort(key=lambda item: item.ts_ms)  # it may have been written before what we see last
         self._by_id[msg_id] = line
@@ -299,12 +279,12 @@ class ChatModel:
         line = self._by_id.get(msg_id)
         if line is None or line.outgoing or not _advance(line, Delivery.READ):
             return None
-        conv = self.conversation(line.peer)
+        conv = self.conversation(line.key)
         before = conv.unread
-        conv.unread = max(0, conv.unread - 1) if self.has_unread(line.peer) else 0
+        conv.unread = max(0, conv.unread - 1) if self.has_unread(line.key) else 0
         return conv if conv.unread != before else None
 
-    def mark_read(self, peer: str) -> bool:
+    def mark_read(self, peer: Key) -> bool:
         """The user has seen ``peer``'s conversation; True if that is news (something was unread)."""
         news = False
         for line in self.conversation(peer).lines:
@@ -312,7 +292,7 @@ class ChatModel:
                 line.delivery, news = Delivery.READ, True
         return news
 
-    def has_unread(self, peer: str | None) -> bool:
+    def has_unread(self, peer: Key | None) -> bool:
         """Whether ``peer`` sent anything the user has not seen (read receipts to send)."""
         return peer is not None and any(isinstance(line, ChatLine) and line.delivery is Delivery.RECEIVED
                                         for line in self.conversation(peer).lines)
@@ -320,15 +300,15 @@ class ChatModel:
     def line(self, msg_id: bytes) -> ChatLine | None:
         return self._by_id.get(msg_id)
 
-    def sending(self, msg_id: bytes, peer: str, text: str, ts_ms: int) -> ChatLine:
-        line = ChatLine(msg_id, peer, True, text, ts_ms, Delivery.SENDING)
-        self.conversation(peer).lines.append(line)
+    def sending(self, msg_id: bytes, peer: str, text: str, ts_ms: int, room: bytes | None = None) -> ChatLine:
+        line = ChatLine(msg_id, peer, True, text, ts_ms, Delivery.SENDING, room=room)
+        self.conversation(line.key).lines.append(line)
         self._by_id[msg_id] = line
         return line
 
-    def refused(self, peer: str, text: str, ts_ms: int, reason: str) -> ChatLine:
+    def refused(self, peer: str, text: str, ts_ms: int, reason: str, room: bytes | None = None) -> ChatLine:
         """A message the client library refused before it reached the wire."""
-        line = self.sending(os.urandom(8), peer, text, ts_ms)
+        line = self.sending(os.urandom(8), peer, text, ts_ms, room)
         line.delivery, line.failure = Delivery.FAILED, reason
         return line
 
@@ -491,6 +471,6 @@ def _advance(line: ChatLine, state: Delivery) -> bool:
     return True
 
 
-def should_notify(enabled: bool, window_focused: bool, active_peer: str | None, sender: str) -> bool:
+def should_notify(enabled: bool, window_focused: bool, active_peer: Key | None, sender: Key) -> bool:
     """Pop a notification unless the user is already looking at this conversation."""
     return enabled and (not window_focused or active_peer != sender)

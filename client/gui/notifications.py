@@ -67,10 +67,11 @@ class Notifications:
     def _notifications_on(self) -> bool:
         return self.options.notifications and self.settings.notifications
 
-    def _notify(self, sender: str, text: str) -> None:
+    def _notify(self, sender: str | bytes, text: str, title: str | None = None) -> None:
+        """``sender``: the conversation a click opens (a person's name, or a room's id, with a ``title``)."""
         if self._toast is not None:
             self._toast.close()
-        self._toast = Toast(self.palette, self.fonts, sender, text, self.options.toast_ms,
+        self._toast = Toast(self.palette, self.fonts, title or str(sender), text, self.options.toast_ms,
                             on_click=lambda: self.window.write_event_value(TOAST_CLICKED, sender))
 
     @property

@@ -3,7 +3,8 @@
 A mixin of ``ChatWindow`` (window.py holds its state): the connect form, the
 status bar, the people list, the conversation header, the connection log. The
 parts that belong to one concern are drawn by its own mixin
-(``_render_security`` in key_verification, ``_render_transfers`` in transfers).
+(``_render_security`` in key_verification, ``_render_transfers`` in transfers,
+``_render_rooms`` and ``_render_room_view`` in rooms).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from p2pchat.client.gui.layout import (
     K_THEME,
     K_USER,
 )
-from p2pchat.client.gui.model import LOG_LINES, Link, search_summary
+from p2pchat.client.gui.found import search_summary
+from p2pchat.client.gui.model import LOG_LINES, Key, Link
 from p2pchat.client.gui.settings import FormError
 from p2pchat.common.crypto import fingerprint
 
@@ -70,7 +72,7 @@ class Rendering:
         self._render_header()
         active, search = self.model.active, self.model.search
         if search is not None:
-            self._view().show_results(search)
+            self._view().show_results(search, self.model.rooms.name)
         else:
             self._view().show(self.model.conversation(active) if active else None, self._empty_hint())
         self._render_log()
@@ -128,14 +130,15 @@ class Rendering:
             self.window[K_NOTIFY].update("Notifications: on" if self.settings.notifications else "Notifications: off")
         self.window[K_THEME].update("Dark theme" if self.settings.theme == "light" else "Light theme")
 
-    def _render_roster(self, select: str | None = None) -> None:
-        """``select``: the row of a conversation being opened (by the list, a notification or a search result)."""
+    def _render_roster(self, select: Key | None = None) -> None:
+        """People, then rooms (rooms.py). ``select``: the row of a conversation being opened (by a list, a
+        notification or a search result); a room's clears the people's selection, and the other way round."""
         pal, fonts = self.palette, self.fonts
         rows = self.model.roster()
         names = [r.name for r in rows]
         table = self.window[K_PEERS]
         # A click not handled yet outranks the open conversation: re-rendering must not undo it.
-        keep = select or self._selected_peer() or self.model.active
+        keep = select if select is not None else self._selected_peer() or self.model.active
         selected = [names.index(keep)] if keep in names else []
         table.update(values=[[r.name, self._badge(r.unread, r.key_changed)] for r in rows], select_rows=selected)
         tree = table.Widget
@@ -147,6 +150,7 @@ class Rendering:
         online = len(self.model.online)
         self.window[K_PEOPLE_COUNT].update(f"{online} online" if online else "nobody else online")
         self.window[K_ME].update(f"@{self.model.user}" if self.model.user else "")
+        self._render_rooms(select)
 
     @staticmethod
     def _badge(unread: int, key_changed: bool) -> str:
@@ -155,7 +159,11 @@ class Rendering:
 
     def _selected_peer(self) -> str | None:
         """The row selected on screen, by name (row numbers shift as people come and go)."""
-        tree = self.window[K_PEERS].Widget
+        return self._selected_name(K_PEERS)
+
+    def _selected_name(self, key: str) -> str | None:
+        """The name in the selected row of a list of people (the people's, a room's members)."""
+        tree = self.window[key].Widget
         for iid in tree.selection():
             values = tree.item(iid, "values")
             if values:
@@ -171,7 +179,8 @@ class Rendering:
         else:
             self._render_presence(peer)
         pal, can_send = self.palette, self._can_send()
-        can_attach = can_send and self.model.active not in self.model.key_changed  # files do not wait for a key
+        # Files do not wait for a key; room files are not offered here yet (ChatClient.send_room_file is to come).
+        can_attach = can_send and type(peer) is str and peer not in self.model.key_changed
         # Tk greys out neither a disabled Text nor a coloured Button: recolour them so "disabled" shows.
         self._composer().configure(state="normal" if can_send else "disabled",
                                    background=pal.input_bg if can_send else pal.chat_bg,
@@ -181,8 +190,12 @@ class Rendering:
         self.window[K_ATTACH].update(disabled=not can_attach, button_color=(pal.text, pal.input_bg) if can_attach
                                      else (pal.muted, pal.chat_bg))
         self._render_security()
+        self._render_room_view()
 
-    def _render_presence(self, peer: str | None) -> None:
+    def _render_presence(self, peer: Key | None) -> None:
+        if type(peer) is bytes:
+            self._render_room_header(peer)
+            return
         self.window[K_PEER_NAME].update(peer or "No conversation open")
         if peer is None:
             presence = ""
@@ -198,16 +211,23 @@ class Rendering:
         if element.visible != visible:  # re-packing a visible element moves it: only on a change
             element.update(visible=visible)
 
-    def _showing(self, peer: str) -> bool:
-        """Whether ``peer``'s conversation is on screen (not hidden by search results)."""
+    def _showing(self, peer: Key) -> bool:
+        """Whether ``peer``'s (or a room's) conversation is on screen (not hidden by search results)."""
         return peer == self.model.active and self.model.search is None
 
     def _can_send(self) -> bool:
-        return (self.model.active is not None and self.model.search is None and self.model.active in self.model.online
+        """To a person online, or to a room we are in (its members offline get it later)."""
+        active = self.model.active
+        reachable = self.model.rooms.joined(active) if type(active) is bytes else active in self.model.online
+        return (active is not None and self.model.search is None and reachable
                 and self.model.link in (Link.CONNECTED, Link.RECONNECTING))
 
     def _empty_hint(self) -> str:
         peer = self.model.active
+        if type(peer) is bytes:
+            sealed = self.client is not None and self.client.config.encrypt and self.model.rooms.joined(peer)
+            return f"This is the start of #{self.model.rooms.name(peer)}." + (
+                "\nMessages are end-to-end encrypted for its members." if sealed else "")
         if peer is not None:
             sealed = self.client is not None and self.client.config.encrypt
             return f"This is the start of your conversation with {peer}." + (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 
 from p2pchat.client.gui.layout import K_SEARCH
-from p2pchat.client.gui.model import Search
+from p2pchat.client.gui.found import Search
 
 SEARCH_FETCH = 1000  # matches counted, newest first
 SEARCH_SHOWN = 100  # of which shown
@@ -32,7 +32,7 @@ class MessageSearch:
             return
         self.model.search = Search(query, tuple(found[:SEARCH_SHOWN]), len(found),
                                    capped=len(found) == SEARCH_FETCH)
-        self._view().show_results(self.model.search)
+        self._view().show_results(self.model.search, self.model.rooms.name)
         self._render_header()
 
     def close_search(self) -> None:
@@ -52,10 +52,12 @@ class MessageSearch:
         entry = next((e for e in search.results if e.msg_id == msg_id), None) if search else None
         if entry is None:
             return
+        key = entry.peer if entry.room is None else entry.room  # a room's message opens the room
         if self.model.line(msg_id) is None and self.history is not None:  # older than what was loaded
             try:
-                self.model.load(entry.peer, self.history.conversation(entry.peer, OPEN_RESULT_LIMIT))
+                self.model.load(key, self.history.conversation(entry.peer, OPEN_RESULT_LIMIT) if entry.room is None
+                                else self.history.room_conversation(entry.room, OPEN_RESULT_LIMIT))
             except sqlite3.Error as exc:
-                self._log(f"Cannot read the conversation with {entry.peer}: {exc}")
+                self._log(f"Cannot read the conversation: {exc}")
         self.window[K_SEARCH].update("")
-        self.open_conversation(entry.peer, reveal=msg_id)
+        self.open_conversation(key, reveal=msg_id)

@@ -9,6 +9,7 @@ import queue
 from typing import Any
 
 from p2pchat.client.gui.layout import CLIENT_EVENT, K_FORM_ERROR, K_HOST, K_PORT, K_SEARCH, K_USER
+from p2pchat.client.gui.room_layout import K_ROOM_FIELDS
 from p2pchat.client.gui.theme import Palette, palette
 
 
@@ -17,7 +18,7 @@ class ThemeSwitch:
         """PySimpleGUI fixes colours when a window is built, so build it again, keeping its place."""
         self._update_settings(theme=theme)
         draft = self._composer().get("1.0", "end-1c")
-        form = {key: self.window[key].get() for key in (K_HOST, K_PORT, K_USER, K_FORM_ERROR, K_SEARCH)}
+        form = {key: self.window[key].get() for key in (K_HOST, K_PORT, K_USER, K_FORM_ERROR, K_SEARCH, *K_ROOM_FIELDS)}
         location, size = self.window.current_location(), self.window.size
         old = self.window
         self._parked = []

@@ -9,7 +9,7 @@ connection, opened with each client; the agent writes, the window only reads.
 
 ``ChatWindow`` holds the state and dispatches; what it does is split by concern
 into one mixin per module (as tkinter's ``Tk`` is ``Misc`` plus ``Wm``):
-connection, messaging, search, transfers, key_verification, devices,
+connection, messaging, rooms, search, transfers, key_verification, devices,
 notifications, theme_switch and rendering. Only ``handle`` (window events) and
 ``_on_client_event`` (the library's events) decide which of them runs.
 """
@@ -79,6 +79,19 @@ from p2pchat.client.gui.messaging import Messaging
 from p2pchat.client.gui.model import ChatModel, Link
 from p2pchat.client.gui.notifications import Notifications, Toast
 from p2pchat.client.gui.rendering import Rendering
+from p2pchat.client.gui.room_layout import (
+    K_DECLINE_ROOM,
+    K_JOIN_ROOM,
+    K_MEMBER_ADMIN,
+    K_MEMBERS,
+    K_ROOM_FIELDS,
+    K_ROOM_FORM_CANCEL,
+    K_ROOM_FORM_OK,
+    K_ROOMS,
+    ROOM_FORM_ESCAPE,
+    ROOM_FORM_SUBMIT,
+)
+from p2pchat.client.gui.rooms import FORM_BUTTONS, RoomJob, RoomViews
 from p2pchat.client.gui.search import MessageSearch
 from p2pchat.client.gui.settings import ConnectTarget, FormError, GuiSettings, SettingsStore
 from p2pchat.client.gui.theme import Fonts, pick_fonts
@@ -88,6 +101,9 @@ from p2pchat.client.storage.history import History
 from p2pchat.common.errors import ErrorCode
 
 log = logging.getLogger(__name__)
+
+_ROOM_FORM_SUBMITS = frozenset(field + ROOM_FORM_SUBMIT for field in K_ROOM_FIELDS)
+_ROOM_FORM_ESCAPES = frozenset(field + ROOM_FORM_ESCAPE for field in K_ROOM_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +125,8 @@ class GuiOptions:
         return cls(notifications=setting not in ("0", "false", "no", "off"))
 
 
-class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVerification, DeviceManagement,
-                 Notifications, ThemeSwitch, Rendering):
+class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransfers, KeyVerification,
+                 DeviceManagement, Notifications, ThemeSwitch, Rendering):
     def __init__(self, settings: GuiSettings, *, store: SettingsStore | None = None,
                  options: GuiOptions = GuiOptions(), notice: str = "", desktop: Desktop = Desktop()) -> None:
         self.settings = settings
@@ -166,10 +182,24 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
                 self.submit_connect()
         elif event == K_DISCONNECT:
             self.disconnect("Disconnected.")
-        elif event == K_PEERS:
-            selected = self._selected_peer()
+        elif event in (K_PEERS, K_ROOMS):
+            selected = self._selected_peer() if event == K_PEERS else self._selected_room()
             if selected is not None:
                 self.open_conversation(selected)
+        elif event == K_MEMBERS:
+            self._render_member_actions()
+        elif event in FORM_BUTTONS:
+            self.open_room_form(FORM_BUTTONS[event])
+        elif event == K_ROOM_FORM_OK or event in _ROOM_FORM_SUBMITS:
+            self.submit_room_form()
+        elif event == K_ROOM_FORM_CANCEL or event in _ROOM_FORM_ESCAPES:
+            self.close_room_form()
+        elif event == K_MEMBER_ADMIN:
+            self.toggle_admin()
+        elif event == K_JOIN_ROOM:
+            self.join_room()
+        elif event == K_DECLINE_ROOM:
+            self.decline_room()
         elif event == WINDOW_FOCUSED:
             self._mark_read_if_viewing()
         elif event == SEARCH_SUBMIT:
@@ -251,16 +281,26 @@ class ChatWindow(ConnectionFlow, Messaging, MessageSearch, FileTransfers, KeyVer
             self._on_read_elsewhere(event)
         elif kind is DeviceJob:
             self._on_device_job(event)
+        elif kind is RoomJob:
+            self._on_room_job(event)
+        elif kind is ev.RoomsListed:
+            self._on_rooms_listed(event)
+        elif kind is ev.RoomUpdated:
+            self._on_room_updated(event.room)
+        elif kind is ev.RoomGone:
+            self._on_room_gone(event)
+        elif kind is ev.RoomEvent:
+            self._on_room_event(event)
         elif kind is ev.Acked:
             line = self.model.acked(event.msg_id)
             if line is not None:
                 self._check_key_decided(line.peer)
-            if line is not None and self._showing(line.peer):
+            if line is not None and self._showing(line.key):
                 self._view().update_delivery(line)
                 self._render_security()  # the first message pins the peer's key
         elif kind is ev.Receipt:
             line = self.model.receipt(event.msg_id, event.status)
-            if line is not None and self._showing(line.peer):
+            if line is not None and self._showing(line.key):
                 self._view().update_delivery(line)
         elif kind is ev.SendFailed:
             self._on_send_failed(event)

@@ -1,4 +1,5 @@
-"""Driving real chat windows as a user would: click, type, pick a person, attach a file, search; and look.
+"""Driving real chat windows as a user would: click, type, pick a person or a room, fill in the room form, attach
+a file, search; and look.
 
 Each input runs inside the window's own read loop, where real input happens
 (``act``); ``pump`` (conftest.py) then steps the windows until the screen shows
@@ -13,12 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import PySimpleGUI as sg
+
 from p2pchat.client.gui.desktop import Desktop
 from p2pchat.client.gui.filecard import FileCard
-from p2pchat.client.gui.layout import K_ATTACH, K_COMPOSER, K_PEERS, K_SEARCH
+from p2pchat.client.gui.layout import K_ATTACH, K_COMPOSER, K_CONVERSATION, K_PEERS, K_SEARCH
 from p2pchat.client.gui.model import ChatLine, FileLine
+from p2pchat.client.gui.room_layout import K_MEMBERS, K_ROOM_FIELDS, K_ROOM_FORM, K_ROOM_FORM_OK, K_ROOMS
 from p2pchat.client.gui.window import ChatWindow
-from tests.client.gui.conftest import STEP_MS, pump
+from tests.client.gui.conftest import pump
 
 
 @dataclass
@@ -42,15 +46,23 @@ def act(window: ChatWindow, action: Callable[[], None], timeout: float = 10.0) -
     """Run a synthetic input inside this window's own ``read``, where real input happens.
 
     PySimpleGUI keeps one pending event per window, and a ``read`` that finds a client event queued returns
-    that and forgets the pending one: an input generated between reads could be lost.
+    that and forgets the pending one: an input generated between reads could be lost. The read waits without a
+    short timeout: its alarm, due in the same pass of Tk's timers as the input on a busy machine, would overwrite
+    the input's event with a timeout. A timeout event queued after the input ends the read if it made none.
     """
     ran: list[bool] = []
-    window.window.TKroot.after(0, lambda: (action(), ran.append(True)))
+
+    def run() -> None:
+        action()
+        ran.append(True)
+        window.window.write_event_value(sg.TIMEOUT_EVENT, None)
+
+    window.window.TKroot.after(0, run)
     deadline = time.monotonic() + timeout
     while not ran:
         if time.monotonic() > deadline:
             raise AssertionError("the window never ran its event loop")
-        window.step(STEP_MS)
+        window.step(int(timeout * 1000))
 
 
 def click(window: ChatWindow, key: str) -> None:
@@ -143,3 +155,48 @@ def search_for(window: ChatWindow, query: str) -> None:
         entry.event_generate("<Return>")
 
     act(window, keyboard)
+
+
+def select_room(window: ChatWindow, name: str, others: list[ChatWindow]) -> None:
+    """Click a row of the ROOMS list (a room, or an invitation)."""
+    tree = window.window[K_ROOMS].Widget
+    index = next(i for i, row in enumerate(window.rooms_text()) if row.split()[1] == name)
+    act(window, lambda: tree.selection_set(tree.get_children()[index]))
+    pump([window, *others], lambda: window.model.active == window._room_rows[index], f"#{name} to open")
+
+
+def select_member(window: ChatWindow, user: str) -> None:
+    """Click a member in the open room's members column."""
+    tree = window.window[K_MEMBERS].Widget
+    index = next(i for i, row in enumerate(window.members_text()) if row.split()[1] == user)
+    act(window, lambda: tree.selection_set(tree.get_children()[index]))
+    pump([window], lambda: window._selected_member() == user, f"{user} selected")
+
+
+def fill_room_form(window: ChatWindow, *values: str, enter: bool = False) -> None:
+    """Type into the room form's fields (after a button opened it) and click its button, or press Enter in the
+    last field."""
+    assert window.shown(K_ROOM_FORM), "the room form is open"
+    for key, value in zip(K_ROOM_FIELDS, values):
+        act(window, lambda key=key, value=value: window.window[key].update(value))
+    if not enter:
+        click(window, K_ROOM_FORM_OK)
+        return
+    entry = window.window[K_ROOM_FIELDS[len(values) - 1]].Widget
+    act(window, entry.focus_force)
+    pump([window], lambda: entry.focus_get() == entry, "the field to take the keyboard focus")
+    act(window, lambda: entry.event_generate("<Return>"))
+
+
+def click_text(window: ChatWindow, index: str) -> None:
+    """A mouse click on the conversation pane at ``index`` (the pointer moves there first, as a mouse does)."""
+    widget = window.window[K_CONVERSATION].Widget
+
+    def mouse() -> None:
+        widget.see(index)
+        widget.update_idletasks()
+        x, y, _w, h = widget.bbox(index)
+        widget.event_generate("<Motion>", x=x + 2, y=y + h // 2)
+        widget.event_generate("<Button-1>", x=x + 2, y=y + h // 2)
+
+    act(window, mouse)

@@ -26,6 +26,7 @@ from p2pchat.client.gui.layout import (  # noqa: E402
     K_MARK_VERIFIED,
     K_PEER_DEVICES,
     K_PEER_KEY,
+    K_PEERS,
     K_SAFETY,
     K_UNLINK_DEVICE,
     K_UNLINK_WHICH,
@@ -33,7 +34,18 @@ from p2pchat.client.gui.layout import (  # noqa: E402
 from p2pchat.common.crypto import account_safety_number, fingerprint  # noqa: E402
 from p2pchat.common.errors import ExitCode  # noqa: E402
 from tests.client.gui.conftest import pump  # noqa: E402
-from tests.client.gui.driving import FakeDesktop, attach, click, focus, meet, select_peer, shows, state, type_and_press  # noqa: E402
+from tests.client.gui.driving import (  # noqa: E402
+    FakeDesktop,
+    act,
+    attach,
+    click,
+    focus,
+    meet,
+    select_peer,
+    shows,
+    state,
+    type_and_press,
+)
 from tests.client.test_recovery import cli  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
@@ -64,13 +76,10 @@ def test_what_one_device_sends_shows_on_the_other_with_its_ticks_and_reading_fol
     meet(alice, desk)
     pump(everyone, lambda: shows(laptop, "alice", "●"), "alice online at the laptop")
     type_and_press(desk, "sent from my desktop")
-    def at_laptop():
-        return next((line for line in laptop.model.conversation("alice").lines if line.text == "sent from my desktop"),
-                    None)
-
-    pump(everyone, lambda: "sent from my desktop" in alice.conversation_text() and at_laptop() is not None,
+    pump(everyone, lambda: "sent from my desktop" in alice.conversation_text()
+         and any(line.text == "sent from my desktop" for line in laptop.model.conversation("alice").lines),
          "the message at alice, and at the laptop as bob's own")
-    line = at_laptop()
+    line = next(line for line in laptop.model.conversation("alice").lines if line.text == "sent from my desktop")
     assert line.outgoing and laptop.roster_text() == ["●  alice"]  # ours: nothing unread
     select_peer(laptop, "alice", everyone)
     assert "sent from my desktop" in laptop.conversation_text()
@@ -85,10 +94,16 @@ def test_what_one_device_sends_shows_on_the_other_with_its_ticks_and_reading_fol
     select_peer(laptop, "alice", everyone)
     select_peer(desk, "alice", everyone)
     select_peer(alice, "bob", everyone)
-    laptop.model.active = None  # the laptop looks elsewhere: what comes is unread there
+    def look_elsewhere() -> None:  # what comes is unread there (the list's row unselected, as nothing is open)
+        tree = laptop.window[K_PEERS].Widget
+        tree.selection_remove(*tree.selection())
+        laptop.model.active = None
+
+    act(laptop, look_elsewhere)
     type_and_press(alice, "read me on one of them")
     pump(everyone, lambda: "●  alice  1" in laptop.roster_text() and "read me" in desk.conversation_text(),
          "unread at the laptop, shown at the desk")
+    focus(desk)  # bob looks at his desk
     pump(everyone, lambda: laptop.roster_text() == ["●  alice"], "read on the desk: no longer unread at the laptop")
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import pytest
 
 from p2pchat.client.gui.delivery import MOVES, Delivery, delivery_style, delivery_text
+from p2pchat.client.gui.found import Search, match_spans, search_summary
 from p2pchat.client.gui.model import (
     ChatLine,
     ChatModel,
     KeyChange,
     Link,
-    Search,
     Transfer,
     describe_failure,
-    match_spans,
-    search_summary,
     should_notify,
     transfer_status,
 )

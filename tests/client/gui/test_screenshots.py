@@ -1,7 +1,8 @@
 """Screenshots of a busy window in both themes, search results, the connect panel, and a contact's key change
 (the states of what waits, the banner, Verify…, after Continue, and the notice of a change accepted automatically);
 bob's second device (what his first sent, read and took, and the Devices panel) in both themes, and alice's
-Verify panel with one safety number for bob's account and his devices under it.
+Verify panel with one safety number for bob's account and his devices under it; a room with its members in both
+themes, an invitation, and the room form with the broker's refusal.
 
 Each run writes them to ``artifacts/screenshots`` (git-ignored, or
 ``$P2PCHAT_SCREENSHOTS``); docs/screenshots holds the copies the README shows.
@@ -35,6 +36,7 @@ from p2pchat.client.gui.layout import (  # noqa: E402
     K_TRUST_KEYS,
     K_USER,
 )
+from p2pchat.client.gui.room_layout import K_INVITE, K_NEW_ROOM, K_ROOM_FORM_NOTE  # noqa: E402
 from p2pchat.client.gui.window import ChatWindow  # noqa: E402
 from p2pchat.client.storage.history import History  # noqa: E402
 from p2pchat.common.crypto import Identity  # noqa: E402
@@ -48,14 +50,17 @@ from tests.client.gui.driving import (  # noqa: E402
     focus,
     meet,
     moving,
+    fill_room_form,
     search_for,
     select_peer,
+    select_room,
     shows,
     sparse,
     state,
     type_and_press,
 )
 from tests.client.gui.test_devices import bob_twice  # noqa: E402,F401 - a fixture
+from tests.client.gui.test_rooms import room_state  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 SCREENSHOTS = Path(os.environ.get("P2PCHAT_SCREENSHOTS", ROOT / "artifacts" / "screenshots"))
@@ -122,11 +127,7 @@ def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
 
     if shutil.which("import") is None:
         pytest.skip("ImageMagick's import is not installed: no screenshots")
-    for theme in ("light", "dark"):
-        if alice.settings.theme != theme:
-            click(alice, K_THEME)
-            pump(everyone, lambda: alice.settings.theme == theme, f"the {theme} theme")
-        screenshot(alice, f"gui-{theme}.png")
+    screenshots_of_both_themes(alice, everyone, "gui-")
     act(alice, alice.file_card(snapshot.xfer).action.invoke)  # Cancel: the snapshot has been seen enough
 
     click(alice, K_THEME)
@@ -207,13 +208,18 @@ def test_screenshots_of_a_second_device(bob_twice, tmp_path):
         laptop = desk
     click(laptop, K_DEVICES)
     pump(everyone, lambda: len(laptop.window[K_DEVICES_LIST].get().splitlines()) == 2, "bob's devices")
-    for theme in ("light", "dark"):
-        if laptop.settings.theme != theme:
-            click(laptop, K_THEME)
-            pump(everyone, lambda: laptop.settings.theme == theme, f"the {theme} theme")
-        screenshot(laptop, f"gui-devices-{theme}.png")
+    screenshots_of_both_themes(laptop, everyone, "gui-devices-")
     click(alice, K_KEY_INFO)
     screenshot(alice, "gui-account-verify.png")
+
+
+def screenshots_of_both_themes(window: ChatWindow, everyone: list[ChatWindow], prefix: str) -> None:
+    """``{prefix}light.png`` and ``{prefix}dark.png``, switching the window's theme as a user does; it stays dark."""
+    for theme in ("light", "dark"):
+        if window.settings.theme != theme:
+            click(window, K_THEME)
+            pump(everyone, lambda: window.settings.theme == theme, f"the {theme} theme")
+        screenshot(window, f"{prefix}{theme}.png")
 
 
 def screenshot(window: ChatWindow, name: str) -> None:
@@ -226,3 +232,54 @@ def screenshot(window: ChatWindow, name: str) -> None:
     subprocess.run(["import", "-window", root.wm_frame(), str(target)], check=True, timeout=20,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert target.stat().st_size > 10_000
+
+
+def test_screenshots_of_rooms(make_window):
+    """alice's #team (bob an admin, carol gone offline, dave invited) with messages from each and the lines of who
+    joined, another room with unread messages and an invitation in the ROOMS list, in both themes; then the
+    invitation's banner, and the New room form refused a name that is taken."""
+    if shutil.which("import") is None:
+        pytest.skip("ImageMagick's import is not installed: no screenshots")
+    alice, bob, carol = make_window("alice"), make_window("bob"), make_window("carol")
+    everyone = [alice, bob, carol]
+    pump(everyone, lambda: shows(alice, "bob", "●") and shows(alice, "carol", "●"), "everyone online")
+    click(alice, K_NEW_ROOM)
+    fill_room_form(alice, "team", "Release 2.4: branch cut Monday, QA Tuesday")
+    pump(everyone, lambda: alice.window[K_PEER_NAME].get() == "# team", "#team open")
+    click(alice, K_INVITE)
+    fill_room_form(alice, "bob, carol, dave")
+    pump(everyone, lambda: "You invited" in alice.conversation_text(), "the invitations")
+    bob.client.room_join("team")
+    alice.client.room_admin("team", "bob")
+    pump(everyone, lambda: "bob is now an admin" in alice.conversation_text(), "bob an admin")
+    bob.client.send_room("team", "Morning! The release branch is cut, CI is green.")
+    carol.client.room_join("team")
+    pump(everyone, lambda: "carol joined" in alice.conversation_text(), "carol in #team")
+    carol.client.send_room("team", "QA starts after lunch. I'll post the test plan here.")
+    pump(everyone, lambda: "test plan" in alice.conversation_text(), "carol's message")
+    type_and_press(alice, "Great, thanks both. I'll update the changelog tonight.")
+    bob.client.room_create("ops", "on-call and incidents")
+    bob.client.room_invite("ops", ["alice"])
+    pump(everyone, lambda: "✉  ops" in alice.rooms_text(), "the invitation to #ops")
+    alice.client.room_join("ops")
+    bob.client.send_room("ops", "Disk alert on broker-2 again.")
+    bob.client.send_room("ops", "Cleared it; root cause tomorrow.")
+    carol.client.room_create("design", "")
+    carol.client.room_invite("design", ["alice"])
+    carol.client.send_room("team", "Found one flaky test in the transfer suite, looking at it.")
+    pump(everyone, lambda: alice.rooms_text() == ["✉  design", "#  ops  2", "#  team"]
+         and "flaky test" in alice.conversation_text()
+         and room_state(alice, "Great, thanks both. I'll update the changelog tonight.") == "sent ✓",
+         "the rooms at alice")
+    carol.close()
+    everyone.remove(carol)
+    pump(everyone, lambda: "○  carol" in alice.members_text(), "carol offline in #team")
+    screenshots_of_both_themes(alice, everyone, "gui-rooms-")
+    click(alice, K_THEME)
+    select_room(alice, "design", everyone)
+    screenshot(alice, "gui-rooms-invitation.png")
+    select_room(alice, "team", everyone)
+    click(alice, K_NEW_ROOM)
+    fill_room_form(alice, "Team", "")
+    pump(everyone, lambda: "Refused" in alice.window[K_ROOM_FORM_NOTE].get(), "the refusal")
+    screenshot(alice, "gui-rooms-form.png")

@@ -7,30 +7,22 @@ import pytest
 pytest.importorskip("PySimpleGUI", reason="the desktop GUI needs PySimpleGUI")
 
 from p2pchat.client.gui.layout import (  # noqa: E402
-    K_CONVERSATION,
     K_PEER_NAME,
     K_PEER_PRESENCE,
     K_SEARCH,
     K_SEARCH_CLOSE,
     K_SEND,
 )
-from p2pchat.client.gui.window import ChatWindow  # noqa: E402
 from tests.client.gui.conftest import pump  # noqa: E402
-from tests.client.gui.driving import act, line_of, search_for, select_peer, shows, type_and_press  # noqa: E402
-
-
-def click_text(window: ChatWindow, index: str) -> None:
-    """A mouse click on the conversation pane at ``index`` (the pointer moves there first, as a mouse does)."""
-    widget = window.window[K_CONVERSATION].Widget
-
-    def mouse() -> None:
-        widget.see(index)
-        widget.update_idletasks()
-        x, y, _w, h = widget.bbox(index)
-        widget.event_generate("<Motion>", x=x + 2, y=y + h // 2)
-        widget.event_generate("<Button-1>", x=x + 2, y=y + h // 2)
-
-    act(window, mouse)
+from tests.client.gui.driving import (  # noqa: E402
+    act,
+    click_text,
+    line_of,
+    search_for,
+    select_peer,
+    shows,
+    type_and_press,
+)
 
 
 def test_search_finds_a_message_and_opens_its_conversation(make_window):
