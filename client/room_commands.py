@@ -72,7 +72,7 @@ class RoomCommands:
         """The id of our room (or invitation) ``name``; RemoteError ``unknown_room`` if we have none of that name."""
         for attempt in range(2):
             folded = name.lower()
-            for rid, room in self._session.rooms.items():
+            for rid, room in dict(self._session.rooms).items():  # a copy: the agent may add one meanwhile
                 if room.name.lower() == folded:
                     return rid
             if attempt == 0:
