@@ -343,10 +343,12 @@ class RoomSync:
         actions: list[Action] = [Emit(ev.RoomEvent(msg.room, name, msg.kind.value, msg.user, msg.by))]
         if msg.kind is RoomEventKind.REMOVED and msg.user == self.user:
             return actions + self._room_gone(msg.room, "removed", msg.by, None)
-        # Every kind changes the room as we show it (a declined invitation, say, moves no epoch): fetched again.
+        # Every kind changes the room as we show it (a declined invitation, say, moves no epoch): fetched again,
+        # with its members' device lists when who is in it (or their devices) changed.
         if msg.kind is RoomEventKind.DEVICES:
             self.e2e.forget_devices(msg.user)
-        return actions + (self._refetch(msg.room, now) if room is not None else self._fetch_room(msg.room, now))
+        membership = room is not None and room.epoch != msg.epoch
+        return actions + (self._refetch(msg.room, now) if membership else self._fetch_room(msg.room, now))
 
     def _room_gone(self, rid: bytes, why: str, by: str | None, ref: bytes | None, name: str | None = None
                    ) -> list[Action]:
