@@ -126,9 +126,9 @@ def cmd_send_file(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     path = Path(args.path).expanduser()
-    if not path.is_file():
-        raise TransferError(f"{path} is not a readable file")
-    size = path.stat().st_size
+    if not (path.is_file() or path.is_dir()):
+        raise TransferError(f"{path} is neither a readable file nor a folder")
+    size = path.stat().st_size if path.is_file() else None  # a folder's stream: known from its first progress
     bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name[:30],
                disable=args.quiet or None, file=sys.stderr)
     lock = threading.Lock()
@@ -138,6 +138,7 @@ def cmd_send_file(args: argparse.Namespace) -> int:
     def on_event(event: ev.Event) -> None:
         if isinstance(event, ev.FileProgress) and event.xfer in mine:
             with lock:
+                bar.total = event.size
                 bar.update(event.done - bar.n)
         elif isinstance(event, ev.FileUploaded):
             uploaded.append(event)
@@ -153,7 +154,7 @@ def cmd_send_file(args: argparse.Namespace) -> int:
             mine.append(xfer)
             done.result()  # the receiver verified and saved it, or the broker holds it for them
             with lock:
-                bar.update(size - bar.n)
+                bar.update((bar.total or 0) - bar.n)
     finally:
         bar.close()
     if any(event.xfer in mine for event in uploaded):
@@ -232,8 +233,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
                           "id": event.xfer.hex(), "waiting": event.waiting}, event),
                  f"[{event.sender}] {event.name} waits: {event.waiting} transfers queued")
         elif isinstance(event, ev.FileReceived):
+            folder = {} if event.files is None else {"files": event.files, "bytes": event.content_bytes}
             emit(in_room({"type": "file", "from": event.sender, "name": event.name, "path": str(event.path),
-                          "size": event.size, "id": event.xfer.hex()}, event), f"[{event.sender}] file saved: {event.path}")
+                          "size": event.size, "id": event.xfer.hex()} | folder, event),
+                 f"[{event.sender}] {'folder' if folder else 'file'} saved: {event.path}")
         elif isinstance(event, ev.FileFailed) and event.direction == "in":
             emit(in_room({"type": "file_failed", "from": event.peer, "name": event.name,
                           "code": event.error.code.value, "error": event.error.message, "id": event.xfer.hex()}, event),

@@ -100,6 +100,7 @@ class FileIncoming:
     name: str
     size: int
     room: bytes | None = None
+    folder: bool = False  # a folder as one stream (docs/PROTOCOL.md §8.2): ``size`` is the stream's
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +133,11 @@ class FileReceived:
     xfer: bytes
     sender: str
     name: str  # as the sender named it
-    path: Path  # where it was saved, verified
+    path: Path  # where it was saved, verified (a folder: the new folder)
     size: int
     room: bytes | None = None  # see FileIncoming
+    files: int | None = None  # a folder: the files in it (``size`` is its stream's: the manifest besides)
+    content_bytes: int | None = None  # a folder: the bytes of its files together
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,8 @@ class FileSent:
     size: int
     bytes_sent: int  # by this run of the sender, resends included; size minus any resumed prefix
     room: bytes | None = None  # see FileIncoming
+    files: int | None = None  # a folder: the files sent (``size`` is its stream's)
+    skipped: tuple[str, ...] = ()  # a folder: what it held that is not sent (symlinks, devices, FIFOs, sockets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ core needs, never a general file system.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -44,13 +44,40 @@ class Conversations(Protocol):
 
 # --- the transfers' files (storage.transfers.LocalFiles) ------------------------------------------
 @dataclass(frozen=True, slots=True)
+class Folder:
+    """A folder sent as one stream (docs/PROTOCOL.md §8.2), as the sender's walk found it."""
+
+    digest: bytes  # SHA-256 of the stream's manifest part: a resumed sending checks the folder is still this
+    files: int  # regular files in it
+    skipped: tuple[str, ...] = ()  # what was not sent: symlinks, devices, FIFOs, sockets (relative paths)
+    walk: object | None = field(default=None, compare=False)  # the shell's own (None after a restart: walked again)
+
+
+@dataclass(frozen=True, slots=True)
 class Source:
-    """A file to send as it was when offered: a read finds it changed if any of these differ."""
+    """A file to send as it was when offered: a read finds it changed if any of these differ. A folder: its
+    stream's size, the folder's own mtime and inode (the files' are checked as they are read), and ``folder``."""
 
     path: Path  # resolved
     size: int
     mtime_ns: int
     inode: int
+    folder: Folder | None = None
+
+    def same(self, other: Source) -> bool:
+        """The same file as it was (path, size, mtime), or the same folder with the same contents (its digest)."""
+        def key(s: Source) -> tuple:
+            return s.path, s.size, s.mtime_ns, s.folder.digest if s.folder else None
+        return key(self) == key(other)
+
+
+@dataclass(frozen=True, slots=True)
+class Extracted:
+    """A received folder, made from its verified stream."""
+
+    path: Path
+    files: int
+    content_bytes: int  # of its files together (the stream has the manifest besides)
 
 
 class SourceFile(Protocol):
@@ -87,7 +114,8 @@ class TransferFiles(Protocol):
     """The files a transfer reads and writes. OSError from any of them fails the transfer concerned."""
 
     def inspect(self, path: Path) -> Source:
-        """The regular file at ``path``; TransferError if it is missing or not a regular file."""
+        """The regular file or the folder at ``path`` (a folder walked and its files hashed: its manifest is the
+        stream's start); TransferError if it is missing, unreadable, or neither."""
 
     def open_source(self, source: Source) -> SourceFile: ...
 
@@ -103,6 +131,11 @@ class TransferFiles(Protocol):
 
     def publish(self, part: Path, directory: Path, name: str) -> Path:
         """Give a finished ``.part`` its final name in ``directory``, never overwriting one; the path."""
+
+    def extract_folder(self, part: Path, directory: Path, name: str) -> Extracted:
+        """Make the folder a finished ``.part`` holds a stream of, in ``directory`` under ``name`` (never over
+        anything), every path neutralised and every file's SHA-256 checked; then delete the ``.part``.
+        TransferError for a manifest it refuses or a file that fails its check."""
 
     def remove(self, path: Path) -> None:
         """Delete if present; never raises."""

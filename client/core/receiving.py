@@ -64,27 +64,38 @@ RECEIVER: Table = {
 }  # not here, so a failure: CREDIT and DONE (the sender's own frames), NO_KEY, KEY_ARRIVED, START once started
 
 
-def open_offer(e2e: Sealing, env: Envelope, refetched: bool = False) -> tuple[str, bytes | None, int]:
-    """An offer's sealed metadata: (name, file key, sending session). Raises ProtocolError if unacceptable,
-    UnknownDevice from a device not in the sender's list (``refetched``: fetched since the offer came)."""
+@dataclass(frozen=True, slots=True)
+class OfferMeta:
+    """What an offer's sealed body says (§8, §8.1, §8.2)."""
+
+    name: str
+    key: bytes | None  # the file key; None unsealed
+    session: int  # the sender's sending session (0: not said)
+    folder: bool = False  # a folder's stream, to extract once verified
+
+
+def open_offer(e2e: Sealing, env: Envelope, refetched: bool = False) -> OfferMeta:
+    """An offer's sealed metadata. Raises ProtocolError if unacceptable, UnknownDevice from a device not in the
+    sender's list (``refetched``: fetched since the offer came)."""
     offer: FileOffer = env.message  # type: ignore[assignment]
     return offer_meta(e2e.open(offer.sender, env.msg_id, env.ts, offer.body, refetched=refetched), e2e.enabled)
 
 
-def offer_meta(plain: bytes, sealed: bool) -> tuple[str, bytes | None, int]:
-    """An opened offer body (one-to-one, or a room's): (name, file key, sending session), strictly."""
+def offer_meta(plain: bytes, sealed: bool) -> OfferMeta:
+    """An opened offer body (one-to-one, or a room's), strictly."""
     try:
         meta = msgpack.unpackb(plain, raw=False, max_str_len=4 * MAX_TEXT_CHARS, max_bin_len=64,
-                               max_map_len=4, max_array_len=0)
+                               max_map_len=5, max_array_len=0)
     except Exception:  # msgpack raises a zoo; see common.protocol.decode
         raise ProtocolError("undecodable file offer") from None
-    if (type(meta) is not dict or type(meta.get("name")) is not str or set(meta) - {"name", "key", "session"}
+    if (type(meta) is not dict or type(meta.get("name")) is not str
+            or set(meta) - {"name", "key", "session", "kind"} or meta.get("kind", "folder") != "folder"
             or type(meta.get("session", 0)) is not int or not 0 <= meta.get("session", 0) < 2**32):
         raise ProtocolError("malformed file offer")
     key = meta.get("key")
     if sealed and (type(key) is not bytes or len(key) != 32):
         raise ProtocolError("file offer without an end-to-end key refused")
-    return meta["name"], key if sealed else None, meta.get("session", 0)
+    return OfferMeta(meta["name"], key if sealed else None, meta.get("session", 0), "kind" in meta)
 
 
 def write_error(name: str, exc: OSError) -> TransferError:
@@ -114,6 +125,7 @@ class Incoming(TransferMachine):
     resumed: bool = False  # from a record of an earlier run: its .part exists
     session: int = 0  # the sender's sending session whose key ``cipher`` holds
     peer_dev: int | None = None  # the sender's device that offered it (the offer's ``src``)
+    folder: bool = False  # a folder's stream (§8.2): extracted once verified
 
     @property
     def chunks(self) -> int:
@@ -123,7 +135,8 @@ class Incoming(TransferMachine):
         return {"xfer": self.xfer.hex(), "peer": self.peer, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "part": str(self.part), "target_dir": str(self.target_dir),
                 "final_name": self.final_name, "file_key": self.cipher.key.hex() if self.cipher else None,
-                "session": self.session, "peer_dev": self.peer_dev} | self.link.record()
+                "session": self.session, "peer_dev": self.peer_dev} | (
+                    {"folder": True} if self.folder else {}) | self.link.record()
 
     # --- inputs -------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -153,8 +166,8 @@ class Incoming(TransferMachine):
             return self._credit(now, restart=True)
         log.info("user=%s peer=%s xfer=%s receiving %r (%d bytes)", ctx.user, self.peer, self.xfer.hex()[:8],
                  self.name, self.size)
-        return [Emit(ev.FileIncoming(self.xfer, self.peer, self.name, self.size, self.link.room))] + self._credit(
-            now, restart=True)
+        return [Emit(ev.FileIncoming(self.xfer, self.peer, self.name, self.size, self.link.room, self.folder))
+                ] + self._credit(now, restart=True)
 
     def hold(self) -> list[Action]:
         """Accepted, wait for a slot (a one-to-one sender keeps the transfer while we answer its offers)."""
@@ -262,27 +275,36 @@ class Incoming(TransferMachine):
             writer.finish()  # every chunk on disk and synced before the name appears
         except OSError as exc:
             return self.fail(write_error(self.name, exc), tell_peer=True)
+        folder = None
         try:
-            path = ctx.files.publish(self.part, self.target_dir, self.final_name)
+            if self.folder:  # the stream verified: now its manifest is read and its files made and checked
+                folder = ctx.files.extract_folder(self.part, self.target_dir, self.final_name)
+                path = folder.path
+            else:
+                path = ctx.files.publish(self.part, self.target_dir, self.final_name)
+        except TransferError as exc:
+            return self.fail(exc, tell_peer=True)
         except OSError as exc:
             return self.fail(TransferError(f"cannot save {self.name}: {exc.strerror}", ErrorCode.UNWRITABLE),
                              tell_peer=True)
         ctx.records.mark_done(self.xfer)  # a lost FILE_DONE is answered again, a room offer seen again ignored
         self.enter(Input.VERIFIED)
         ctx.ended(self)
-        log.info("user=%s peer=%s xfer=%s saved %s (%d bytes)", ctx.user, self.peer, self.xfer.hex()[:8], path,
-                 self.size)
+        log.info("user=%s peer=%s xfer=%s saved %s (%d bytes%s)", ctx.user, self.peer, self.xfer.hex()[:8], path,
+                 self.size, f", {folder.files} files" if folder else "")
+        files, content = (folder.files, folder.content_bytes) if folder else (None, None)
         return self.progress(self.size, now, force=True) + self.link.done(self) + [
-            Emit(ev.FileReceived(self.xfer, self.peer, self.name, path, self.size, self.link.room))]
+            Emit(ev.FileReceived(self.xfer, self.peer, self.name, path, self.size, self.link.room, files, content))]
 
     def _rekey(self, env: Envelope) -> None:
         """A repeated offer from a newer sending session carries that session's key: use it from now on."""
         if self.cipher is None:
             return
         try:
-            _, key, session = open_offer(self.ctx.e2e, env)
+            meta = open_offer(self.ctx.e2e, env)
         except P2PChatError:
             return  # a repeat we cannot open changes nothing
+        key, session = meta.key, meta.session
         if session > self.session and key is not None:
             log.info("user=%s peer=%s xfer=%s sender's session %d: new file key", self.ctx.user, self.peer,
                      self.xfer.hex()[:8], session)

@@ -20,8 +20,6 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import msgpack
-
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit
 from p2pchat.client.core.held import HeldMessages
@@ -31,7 +29,7 @@ from p2pchat.client.core.receiving import offer_meta
 from p2pchat.client.core.transfer_links import RoomUploaded
 from p2pchat.common.errors import BrokenError, ErrorCode, P2PChatError, ProtocolError, RemoteError
 from p2pchat.common.crypto import sealed_sender_key
-from p2pchat.common.protocol import MAX_TEXT_CHARS, Ack, Envelope, FileDone, FileOffer, Message, pack
+from p2pchat.common.protocol import Ack, Envelope, FileDone, FileOffer, Message, pack
 from p2pchat.common.room_crypto import unpack_sender_key
 from p2pchat.common.protocol_rooms import (
     RoomEvent,
@@ -406,15 +404,15 @@ class RoomSync:
         """A file in the room's store at the broker: the transfer manager fetches it (or refuses it, and says so);
         ours from another device is only consumed."""
         try:
-            name, key, _ = offer_meta(plaintext, True)
+            meta = offer_meta(plaintext, True)
         except ProtocolError as exc:
             return self._room_unreadable(msg_id, msg, exc.message, now)
         self._seen[msg_id] = None
         self._consumes.append(msg_id)  # the transfer manager has taken it over (its record resumes it)
         if msg.sender == self.user or self.transfers is None:
             return []
-        return self.transfers.on_room_offer(msg.room, msg.sender, msg.xfer, msg.size, msg.chunk_size, name, key,
-                                            now)
+        return self.transfers.on_room_offer(msg.room, msg.sender, msg.xfer, msg.size, msg.chunk_size, meta.name,
+                                            meta.key, now, meta.folder)
 
     def _room_unreadable(self, msg_id: bytes, msg: RoomMessage | RoomOffer, why: str, now: float) -> list[Action]:
         """Consumed (it will never open) and reported, aggregated per sender."""
@@ -510,8 +508,7 @@ class RoomSync:
         """Files the broker now holds whole: each announced with a ``room_offer`` sealed like a message."""
         uploads = self.transfers.take_room_uploads() if self.transfers is not None else []
         for up in uploads:
-            offer = msgpack.packb({"name": up.name[:MAX_TEXT_CHARS], "key": up.key}, use_bin_type=True)
-            self._room_out[self._new_id()] = _Pending(up.room, offer, self._wall_ms(), upload=up)
+            self._room_out[self._new_id()] = _Pending(up.room, up.offer_body(), self._wall_ms(), upload=up)
         return self._flush_rooms(now) if uploads else []
 
     def _offer_held(self, msg_id: bytes, pending: _Pending, wanted: set[str], now: float) -> list[Action]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from p2pchat.client.core.actions import Action, Transmit
 from p2pchat.client.core.outbox import MAX_RESEALS
-from p2pchat.client.core.ports import Source, SourceFile
+from p2pchat.client.core.ports import Folder, Source, SourceFile
 from p2pchat.client.core.transfer_machine import IGNORE, Input, Phase, Progress, Table
 from p2pchat.client.core.transfer_machine import TransferContext, TransferMachine, frame_id
 from p2pchat.common.crypto import FileCipher
@@ -75,10 +75,7 @@ class Outgoing(TransferMachine):
     TABLE = SENDER
     DIRECTION = "out"
 
-    path: Path
-    size: int
-    mtime_ns: int
-    inode: int
+    source: Source  # the file, or the folder whose stream is sent (§8.2), as it was when offered
     chunk_size: int
     phase: Phase = Phase.OFFERING
     accepted: bool = False  # the receiver has granted credit at least once
@@ -104,8 +101,7 @@ class Outgoing(TransferMachine):
     def begin(cls, ctx: TransferContext, xfer: bytes, peer: str, link: TransferLink, source: Source, chunk_size: int,
               session: int, now: float, taker: int | None = None) -> Outgoing:
         """A new sending session of ``xfer`` (recorded for a resume after a restart); ``start`` offers it."""
-        out = cls(ctx, xfer, peer, link, source.path, source.size, source.mtime_ns, source.inode, chunk_size,
-                  session=session, peer_dev=taker)
+        out = cls(ctx, xfer, peer, link, source, chunk_size, session=session, peer_dev=taker)
         # A fresh key per sending session: a file changed in place (same size, mtime and inode) and sent
         # again after a restart must not seal other bytes under a (key, nonce) pair already used.
         if ctx.e2e.enabled:
@@ -117,6 +113,21 @@ class Outgoing(TransferMachine):
         ctx.records.save("outgoing", xfer, out.record())
         return out
 
+    @staticmethod
+    def source_of(record: dict) -> Source:
+        """The source a record (``record``) names, as it was when offered (a folder is walked again to read it)."""
+        folder = record.get("folder")
+        return Source(Path(record["path"]), record["size"], record["mtime_ns"], record["inode"],
+                      None if folder is None else Folder(bytes.fromhex(folder["digest"]), folder["files"]))
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
     @property
     def name(self) -> str:
         return self.path.name
@@ -126,9 +137,12 @@ class Outgoing(TransferMachine):
         return max(1, -(-self.size // self.chunk_size))
 
     def record(self) -> dict:
-        return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(self.path), "size": self.size,
-                "mtime_ns": self.mtime_ns, "inode": self.inode, "chunk_size": self.chunk_size,
-                "session": self.session, "taker": self.peer_dev} | self.link.record()
+        src = self.source
+        folder = {} if src.folder is None else {"folder": {"digest": src.folder.digest.hex(),
+                                                           "files": src.folder.files}}
+        return {"xfer": self.xfer.hex(), "peer": self.peer, "path": str(src.path), "size": src.size,
+                "mtime_ns": src.mtime_ns, "inode": src.inode, "chunk_size": self.chunk_size,
+                "session": self.session, "taker": self.peer_dev} | folder | self.link.record()
 
     # --- inputs -------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -251,7 +265,7 @@ class Outgoing(TransferMachine):
     def _chunk(self, index: int) -> Transmit:
         """Chunk ``index``, read through the port (TransferError if the file changed or cannot be read)."""
         if self.reader is None:
-            self.reader = self.ctx.files.open_source(Source(self.path, self.size, self.mtime_ns, self.inode))
+            self.reader = self.ctx.files.open_source(self.source)
         offset = index * self.chunk_size
         while self.cipher is None and self.hashed < offset:  # resuming: hash the prefix the receiver has
             block = self.reader.read(self.hashed, min(HASH_BLOCK, offset - self.hashed))

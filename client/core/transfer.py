@@ -89,18 +89,18 @@ class TransferManager:
 
     # --- commands -----------------------------------------------------------
     def send_file(self, peer: str, path: Path, now: float, held: bool = False) -> tuple[bytes, list[Action]]:
-        """Offer ``path`` to ``peer``; resumes an unfinished transfer of the same file. ``held``: upload it to the
-        broker for ``peer`` to fetch when it will (§8.2); ``take_room_uploads`` has it once the broker holds it."""
+        """Offer ``path`` to ``peer``, a file or a folder (one stream, §8.3); resumes an unfinished transfer of the
+        same file, or of the same folder with the same contents. ``held``: upload it to the broker for ``peer`` to
+        fetch when it will (§8.2); ``take_room_uploads`` has it once the broker holds it."""
         if held:
             return self._upload_sealed(InboxLink(inbox_id(peer), peer), path, now)
         source = self._source(path)
         running = self._running(None, peer, source)  # already resumed by resume_all
         if running is not None:
             return running.xfer, []
-        key = (peer, str(source.path), source.size, source.mtime_ns)
         xfer, session = self._ctx.new_id(), 1
         for record in self.records.records("outgoing"):
-            if "room" not in record and (record["peer"], record["path"], record["size"], record["mtime_ns"]) == key:
+            if "room" not in record and record["peer"] == peer and Outgoing.source_of(record).same(source):
                 xfer, session = bytes.fromhex(record["xfer"]), record.get("session", 0) + 1
                 log.info("user=%s peer=%s xfer=%s resuming %s", self.user, peer, xfer.hex()[:8], source.path.name)
                 break
@@ -130,7 +130,7 @@ class TransferManager:
         return uploaded
 
     def on_room_offer(self, rid: bytes, sender: str, xfer: bytes, size: int, chunk_size: int, name: str, key: bytes,
-                      now: float) -> list[Action]:
+                      now: float, folder: bool = False) -> list[Action]:
         """A room offer the session opened: fetch the file from the room's store, as a file from ``sender``
         (bounds, naming, resume). A refused offer is reported (``FileFailed`` with the room) and remembered; no
         frame answers it (the store keeps the file for the other members)."""
@@ -143,7 +143,7 @@ class TransferManager:
         if type(key) is not bytes or len(key) != KEY_BYTES:
             reject = TransferError("room file offer without a usable file key", ErrorCode.INTEGRITY)
         else:
-            reject = self._unacceptable(size, chunk_size)
+            reject = self._unacceptable(size, chunk_size, folder)
         if reject is None and not self._may_queue(sender):
             reject = TransferError("too many transfers waiting", ErrorCode.RECIPIENT_BUSY)
         if reject is not None:
@@ -152,7 +152,7 @@ class TransferManager:
         final_name = received_name(sender, name, self._wall_time())
         inc = Incoming(self._ctx, xfer, sender, RoomLink(rid), name, size, chunk_size,
                        self.config.received_dir / part_name(final_name, xfer), self.config.received_dir, final_name,
-                       cipher=FileCipher(key, xfer))
+                       cipher=FileCipher(key, xfer), folder=folder)
         return self._admit(inc, now)
 
     def cancel(self, xfer: bytes, now: float) -> list[Action]:
@@ -171,7 +171,7 @@ class TransferManager:
             xfer = bytes.fromhex(record["xfer"])
             if xfer in self.outgoing:
                 continue
-            source = Source(Path(record["path"]), record["size"], record["mtime_ns"], record["inode"])
+            source = Outgoing.source_of(record)
             if "room" in record or "inbox" in record:
                 self.records.forget("outgoing", xfer)
                 if self.e2e.enabled:
@@ -337,7 +337,7 @@ class TransferManager:
                                                           "this transfer was refused or cancelled earlier",
                                                           offer.src, src))]
         try:
-            name, file_key, session = open_offer(self.e2e, env, refetched)
+            meta = open_offer(self.e2e, env, refetched)
         except UnknownDevice as exc:  # from a device of theirs we have not seen: opened again once their list is in
             if len(self._unlisted) < MAX_UNLISTED_OFFERS:
                 self._unlisted.append(env)
@@ -353,25 +353,26 @@ class TransferManager:
         if not cfg.accept_files:  # with several devices the sender goes on with one that takes it
             reject = TransferError(f"{self.user} takes no files on this device", ErrorCode.CANCELLED)
         else:
-            reject = self._unacceptable(offer.size, offer.chunk_size)
+            reject = self._unacceptable(offer.size, offer.chunk_size, meta.folder)
         if reject is None and not self._may_queue(offer.sender):
             return self._refuse(offer, now, "receiver busy: too many transfers waiting", ErrorCode.RECIPIENT_BUSY)
         if reject is not None:
             return self._refuse(offer, now, reject.message, reject.code,
-                                ev.FileFailed(offer.xfer, offer.sender, name, "in", reject))
-        final_name = received_name(offer.sender, name, self._wall_time())
-        if offer.held and file_key is not None:  # kept for us by the broker: fetched from our inbox (§8.2)
+                                ev.FileFailed(offer.xfer, offer.sender, meta.name, "in", reject))
+        final_name = received_name(offer.sender, meta.name, self._wall_time())
+        if offer.held and meta.key is not None:  # kept for us by the broker: fetched from our inbox (§8.2)
             link: TransferLink = InboxLink(inbox_id(self.user))
         else:
             link = PEER_LINK
-        inc = Incoming(self._ctx, offer.xfer, offer.sender, link, name, offer.size, offer.chunk_size,
+        inc = Incoming(self._ctx, offer.xfer, offer.sender, link, meta.name, offer.size, offer.chunk_size,
                        cfg.received_dir / part_name(final_name, offer.xfer), cfg.received_dir, final_name,
-                       cipher=FileCipher(file_key, offer.xfer) if file_key else None, session=session,
-                       peer_dev=offer.src)
+                       cipher=FileCipher(meta.key, offer.xfer) if meta.key else None, session=meta.session,
+                       peer_dev=offer.src, folder=meta.folder)
         return self._admit(inc, now)
 
-    def _unacceptable(self, size: int, chunk_size: int) -> TransferError | None:
-        """Why an offer of ``size`` bytes in chunks of ``chunk_size`` cannot be taken here, if it cannot."""
+    def _unacceptable(self, size: int, chunk_size: int, folder: bool) -> TransferError | None:
+        """Why an offer of ``size`` bytes in chunks of ``chunk_size`` cannot be taken here, if it cannot. A folder's
+        stream and the folder made from it are on the disk together for a moment: twice the room."""
         cfg = self.config
         if not 0 < chunk_size <= MAX_CHUNK_BYTES:
             return TransferError(f"chunk size {chunk_size} outside 1..{MAX_CHUNK_BYTES}")
@@ -379,7 +380,7 @@ class TransferManager:
             return TransferError(f"{size} bytes is over the receiver's limit of {cfg.max_file_size}",
                                  ErrorCode.TOO_LARGE)
         try:
-            if self.files.free_space(cfg.received_dir) < size:
+            if self.files.free_space(cfg.received_dir) < (2 * size if folder else size):
                 return TransferError("not enough free space on the receiver's disk", ErrorCode.NO_SPACE)
         except OSError as exc:
             return TransferError(f"receiver cannot write its download folder: {exc.strerror}", ErrorCode.UNWRITABLE)
@@ -420,7 +421,8 @@ class TransferManager:
         inc = Incoming(self._ctx, xfer, record["peer"], link_of(record), record["name"], record["size"],
                        record["chunk_size"], Path(record["part"]), Path(record["target_dir"]), record["final_name"],
                        cipher=FileCipher(bytes.fromhex(record["file_key"]), xfer) if record.get("file_key") else None,
-                       resumed=True, session=record.get("session", 0), peer_dev=record.get("peer_dev"))
+                       resumed=True, session=record.get("session", 0), peer_dev=record.get("peer_dev"),
+                       folder=record.get("folder", False))
         if self._has_slot(inc.peer):
             return self._start(inc, now)
         if not self._may_queue(inc.peer):  # more unfinished transfers than we would ever queue: drop the rest
@@ -481,8 +483,7 @@ class TransferManager:
     def _running(self, room: bytes | None, peer: str, source: Source) -> Outgoing | None:
         """The live transfer of this very file to ``peer`` (or to ``room``), if there is one."""
         for out in self.outgoing.values():
-            if (out.link.room, out.peer, out.path, out.size, out.mtime_ns) == (room, peer, source.path, source.size,
-                                                                               source.mtime_ns):
+            if (out.link.room, out.peer) == (room, peer) and out.source.same(source):
                 return out
         return None
 

@@ -62,6 +62,16 @@ class RoomUploaded:
     key: bytes
     bytes_sent: int
     to: str | None = None  # a held file (§8.2): offered to this user with file_offer.held; None: a room's
+    folder: bool = False  # a folder's stream (§8.3)
+
+    def offer_body(self) -> bytes:
+        """The body of the ``room_offer`` (§8.1), or of a held file's ``file_offer`` (§8.2), before sealing."""
+        return msgpack.packb(offer_map(self.name, self.folder) | {"key": self.key}, use_bin_type=True)
+
+
+def offer_map(name: str, folder: bool) -> dict:
+    """What every offer's body says of what is offered (§8, §8.3): a folder says so; a file is as it always was."""
+    return {"name": name[:MAX_TEXT_CHARS], "kind": "folder"} if folder else {"name": name[:MAX_TEXT_CHARS]}
 
 
 class TransferLink(Protocol):
@@ -127,7 +137,7 @@ class PeerLink:
                 return out.enter(Input.NO_KEY) or []
         except PeerKeyChanged:  # waits for the user's decision, as messages do; offered again once accepted
             return out.enter(Input.NO_KEY) or []
-        meta = {"name": out.name[:MAX_TEXT_CHARS]}
+        meta = offer_map(out.name, out.source.folder is not None)
         if out.cipher is not None:
             meta["key"] = out.cipher.key
             meta["session"] = out.session
@@ -146,7 +156,11 @@ class PeerLink:
         return out.ctx.send(out.xfer, chunk, payload)
 
     def sent(self, out: Outgoing) -> list[Action]:
-        return [Emit(ev.FileSent(out.xfer, out.peer, out.name, out.size, out.bytes_sent))]
+        folder = out.source.folder
+        if folder is None:
+            return [Emit(ev.FileSent(out.xfer, out.peer, out.name, out.size, out.bytes_sent))]
+        return [Emit(ev.FileSent(out.xfer, out.peer, out.name, out.size, out.bytes_sent, files=folder.files,
+                                 skipped=folder.skipped))]
 
     def credit(self, inc: Incoming, next_: int, upto: int, restart: bool) -> Transmit:
         credit = FileCredit(inc.ctx.user, inc.peer, inc.xfer, next_, upto, restart, inc.peer_dev, inc.src())
@@ -206,7 +220,8 @@ class RoomLink:
     def sent(self, out: Outgoing) -> list[Action]:
         """Nothing for the user yet: the session seals the offer (``take_room_uploads``) and reports it."""
         out.ctx.uploaded.append(RoomUploaded(out.xfer, self.store, out.name[:MAX_TEXT_CHARS], out.size,
-                                             out.chunk_size, out.cipher.key, out.bytes_sent, self.to))
+                                             out.chunk_size, out.cipher.key, out.bytes_sent, self.to,
+                                             out.source.folder is not None))
         return []
 
     def credit(self, inc: Incoming, next_: int, upto: int, restart: bool) -> Transmit:

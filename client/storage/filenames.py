@@ -16,7 +16,7 @@ MAX_RECEIVED_NAME_BYTES = NAME_MAX - 1 - PART_SUFFIX_BYTES  # 240: room for the 
 MAX_NAME_BYTES = 200  # of the offered name, after the timestamp and sender prefix
 MAX_EXT_BYTES = 16
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
 def sanitize_filename(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
@@ -29,15 +29,15 @@ def sanitize_filename(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     stem, dot, ext = name.rpartition(".")
     if not dot:
         stem, ext = name, ""
-    if stem.split(".")[0].upper() in _WINDOWS_RESERVED:
+    if stem.split(".")[0].upper() in WINDOWS_RESERVED:
         stem = "_" + stem
-    ext = _cut(ext, MAX_EXT_BYTES)
-    stem = _cut(stem, max_bytes - len(ext.encode("utf-8")) - 1).rstrip(" .")
+    ext = cut_utf8(ext, MAX_EXT_BYTES)
+    stem = cut_utf8(stem, max_bytes - len(ext.encode("utf-8")) - 1).rstrip(" .")
     name = f"{stem}.{ext}" if ext and stem else stem or ext
     return name or "file"
 
 
-def _cut(text: str, max_bytes: int) -> str:
+def cut_utf8(text: str, max_bytes: int) -> str:
     """The longest prefix of ``text`` that is at most ``max_bytes`` in UTF-8 (whole characters only)."""
     return text.encode("utf-8")[:max(0, max_bytes)].decode("utf-8", errors="ignore")
 
@@ -100,9 +100,12 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # EINVAL: no RENAME_NOREPLACE here
             raise OSError(err, os.strerror(err), str(dst))
     # Last resort: claim the name with an exclusive create, then replace our own empty claim.
-    os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    if os.path.isdir(src):  # a received folder (an empty directory may be renamed over)
+        os.mkdir(dst, 0o700)
+    else:
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     try:
         os.replace(src, dst)
     except OSError:
-        os.unlink(dst)
+        (os.rmdir if os.path.isdir(dst) else os.unlink)(dst)
         raise

@@ -2,7 +2,7 @@
 
 ``LocalFiles``: sources read in place (checked unchanged before every read), ``.part`` files written
 through ``PartFile`` (by the shell's ``WriterPool`` threads when it passes one), finished files published
-without ever overwriting one. ``RecordDir``: unfinished transfers as one JSON record each, done marks,
+without ever overwriting one; a folder sent and received as one stream through ``storage.folders``. ``RecordDir``: unfinished transfers as one JSON record each, done marks,
 and the refused or failed ids in an append-only file, under the user's ``transfers`` directory.
 """
 
@@ -16,9 +16,10 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from p2pchat.client.core.ports import Source
+from p2pchat.client.core.ports import Extracted, Source, SourceFile
 from p2pchat.client.core.transfer import REMEMBER_FAILED
 from p2pchat.client.storage.filenames import publish_atomically
+from p2pchat.client.storage.folders import FolderStream, extract, walk_folder
 from p2pchat.client.storage.partfile import PartFile, WriterPool
 from p2pchat.common.errors import ErrorCode, TransferError
 
@@ -72,12 +73,15 @@ class LocalFiles:
             st = path.stat()
         except OSError as exc:
             raise TransferError(f"cannot read {path}: {exc.strerror}", ErrorCode.SOURCE_CHANGED) from None
+        if path.is_dir():
+            walk = walk_folder(path)
+            return Source(path, walk.manifest.stream_size, st.st_mtime_ns, st.st_ino, walk.folder())
         if not path.is_file():
-            raise TransferError(f"{path} is not a regular file")
+            raise TransferError(f"{path} is neither a regular file nor a folder")
         return Source(path, st.st_size, st.st_mtime_ns, st.st_ino)
 
-    def open_source(self, info: Source) -> LocalSource:
-        return LocalSource(info)
+    def open_source(self, info: Source) -> SourceFile:
+        return LocalSource(info) if info.folder is None else FolderStream(info)
 
     def free_space(self, directory: Path) -> int:
         directory.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,9 @@ class LocalFiles:
 
     def publish(self, part: Path, directory: Path, name: str) -> Path:
         return publish_atomically(part, directory, name)
+
+    def extract_folder(self, part: Path, directory: Path, name: str) -> Extracted:
+        return extract(part, directory, name)
 
     def remove(self, path: Path) -> None:
         _unlink(path)

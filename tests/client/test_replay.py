@@ -179,11 +179,13 @@ def hexed(frames) -> list[str]:
 
 
 def plain(value):
-    """An event field as JSON: bytes in hex, sets sorted, errors by class, code and message."""
+    """An event field as JSON: bytes in hex, sets sorted, tuples as lists, errors by class, code and message."""
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, frozenset):
         return sorted(value)
+    if isinstance(value, tuple):
+        return [plain(item) for item in value]
     if isinstance(value, Path):  # a received file: its name without the local-time prefix
         return "file " + re.sub(r"^\d{8}_\d{6}_", "", value.name)
     if isinstance(value, P2PChatError):
