@@ -83,23 +83,6 @@ class Manifest:
                                 f"{MAX_MANIFEST_BYTES}", ErrorCode.TOO_LARGE)
         return len(body).to_bytes(LENGTH_BYTES, "big") + body
 
-    @classmethod
-    def parse(cls, body: bytes) -> Manifest:
-        """The manifest (without its length prefix), strictly: ManifestError for anything else."""
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"a manifest of {len(body)} bytes is over {MAX_MANIFEST_BYTES}", ErrorCode.TOO_LARGE)
-        try:
-            doc = msgpack.unpackb(body, raw=False, max_str_len=MAX_PATH_BYTES,  # bytes: paths bounded here max_bin_len=SHA256_BYTES,
-                                  max_array_len=MAX_ENTRIES, max_map_len=2, max_ext_len=0)
-        except Exception:  # msgpack raises a zoo; see common.protocol.decode
-            raise ManifestError("undecodable manifest") from None
-        if type(doc) is not dict or set(doc) != {"v", "entries"} or type(doc["entries"]) is not list:
-            raise ManifestError("malformed manifest")
-        if type(doc["v"]) is not int or doc["v"] != VERSION:
-            raise ManifestError(f"manifest version {doc['v']!r} not understood")
-        entries = tuple(_entry(item) for item in doc["entries"])
-        return cls(entries, LENGTH_BYTES + len(body))
-
     def file_starts(self) -> tuple[list[int], list[int]]:
         """For every file with bytes, in stream order: (where it starts in the stream, its index in ``entries``)."""
         starts, indexes, at = [], [], self.header_size
@@ -109,6 +92,60 @@ class Manifest:
                 indexes.append(i)
                 at += e.size
         return starts, indexes
+
+
+class ManifestReader:
+    """A manifest read a few entries at a time, strictly (a receiver makes each entry as it reads it, and never
+    stops its client for long): ManifestError for anything but ``{"v": 1, "entries": [...]}``, keys in this
+    order, every entry well formed, nothing after it."""
+
+    def __init__(self, body: bytes) -> None:
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"a manifest of {len(body)} bytes is over {MAX_MANIFEST_BYTES}", ErrorCode.TOO_LARGE)
+        # Bounds for what one unpack() may build: an entry, five short items (the entries' array is read by count).
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(1, len(body)), max_str_len=MAX_PATH_BYTES,
+                                          max_bin_len=SHA256_BYTES, max_array_len=5, max_map_len=0, max_ext_len=0)
+        self._unpacker.feed(body)
+        self._size = len(body)
+        self.count = self._read(self._header)
+        self.read = 0  # entries read so far
+
+    @property
+    def done(self) -> bool:
+        return self.read == self.count
+
+    def next(self, n: int) -> list[Entry]:
+        """Up to ``n`` more entries (none once ``done``)."""
+        entries = []
+        while self.read < self.count and len(entries) < n:
+            entries.append(_entry(self._read(self._unpacker.unpack)))
+            self.read += 1
+        if self.done and self._unpacker.tell() != self._size:
+            raise ManifestError("bytes after the manifest")
+        return entries
+
+    def _header(self) -> int:
+        u = self._unpacker
+        if u.read_map_header() != 2 or u.unpack() != "v":
+            raise ManifestError("malformed manifest")
+        version = u.unpack()
+        if type(version) is not int or version != VERSION:
+            raise ManifestError(f"manifest version {version!r} not understood")
+        if u.unpack() != "entries":
+            raise ManifestError("malformed manifest")
+        count = u.read_array_header()
+        if count > MAX_ENTRIES:
+            raise ManifestError(f"{count} entries, over the limit of {MAX_ENTRIES}", ErrorCode.TOO_LARGE)
+        return count
+
+    @staticmethod
+    def _read(what):
+        try:
+            return what()
+        except ManifestError:
+            raise
+        except Exception:  # msgpack raises a zoo; see common.protocol.decode
+            raise ManifestError("undecodable manifest") from None
 
 
 def _entry(item: object) -> Entry:
@@ -186,9 +223,16 @@ class Placed:
     new_dirs: int
 
 
-class _Tree:
-    """The directories placed so far, by number (0: the folder itself), in flat tables: a hostile manifest of
-    many deep paths costs a few entries per directory, never a copy of each path."""
+class Placer:
+    """Where each entry of a manifest goes under the new folder, entry after entry (``add``): every path
+    neutralised (``components``), and no two entries in one place. An entry equal to an earlier one after NFC and
+    case folding, or a file where a directory was (or the other way round), is renamed `` (2)`` (the later one;
+    its contents follow it). A directory given twice is one directory. A file of which nothing is left is named
+    "file"; such a directory is the folder itself. ManifestError if a path grows over MAX_PLACED_BYTES or there
+    are over MAX_ENTRIES directories.
+
+    The directories placed so far are numbered (0: the folder itself) in flat tables: a hostile manifest of many
+    deep paths costs a few table entries per directory, never a copy of each path."""
 
     __slots__ = ("parent", "name", "taken", "dirs", "counters")
 
@@ -233,28 +277,18 @@ class _Tree:
             directory = self.parent[directory]
         return names[::-1]
 
-
-def place(entries: tuple[Entry, ...]) -> list[Placed]:
-    """Where each entry goes under the new folder: every path neutralised (``components``), and no two entries in
-    one place. An entry equal to an earlier one after NFC and case folding, or a file where a directory was (or
-    the other way round), is renamed `` (2)`` (the later one; its contents follow it). A directory given twice is
-    one directory. A file of which nothing is left is named "file"; such a directory is the folder itself.
-    ManifestError if a path grows over MAX_PLACED_BYTES or there are over MAX_ENTRIES directories."""
-    tree = _Tree()
-    placed: list[Placed] = []
-    for entry in entries:
+    def add(self, entry: Entry) -> Placed:
         names = components(entry.path)
         if entry.kind == FILE and not names:
             names = ["file"]
         directory, new = 0, 0
         for name in names[:-1] if entry.kind == FILE else names:
-            directory, made = tree.subdir(directory, name)
+            directory, made = self.subdir(directory, name)
             new = new + 1 if made else 0  # new directories are always the last ones of the chain
-        path = tree.path(directory)
+        path = self.path(directory)
         if entry.kind == FILE:
-            path.append(tree.free_name(directory, names[-1], is_file=True))
+            path.append(self.free_name(directory, names[-1], is_file=True))
         joined = "/".join(path)
         if len(joined.encode("utf-8")) > MAX_PLACED_BYTES:
             raise ManifestError(f"a path over {MAX_PLACED_BYTES} bytes once made safe")
-        placed.append(Placed(joined, new))
-    return placed
+        return Placed(joined, new)

@@ -90,6 +90,17 @@ class SourceFile(Protocol):
     def close(self) -> None: ...
 
 
+class Extraction(Protocol):
+    """A received folder being made from its verified stream (storage.folders.FolderExtraction)."""
+
+    def step(self) -> Extracted | None:
+        """Make a bounded part of it (a few tens of milliseconds of work); the folder once it is whole.
+        TransferError for a manifest refused or a file that fails its check (what was made is removed)."""
+
+    def abort(self) -> None:
+        """Stop, and remove what was made (the ``.part`` stays). Idempotent."""
+
+
 class PartWriter(Protocol):
     """A transfer's ``.part`` file, whole chunks appended in order (storage.partfile.PartFile)."""
 
@@ -132,10 +143,10 @@ class TransferFiles(Protocol):
     def publish(self, part: Path, directory: Path, name: str) -> Path:
         """Give a finished ``.part`` its final name in ``directory``, never overwriting one; the path."""
 
-    def extract_folder(self, part: Path, directory: Path, name: str) -> Extracted:
-        """Make the folder a finished ``.part`` holds a stream of, in ``directory`` under ``name`` (never over
-        anything), every path neutralised and every file's SHA-256 checked; then delete the ``.part``.
-        TransferError for a manifest it refuses or a file that fails its check."""
+    def extract_folder(self, part: Path, directory: Path, name: str) -> Extraction:
+        """Begin making the folder a finished ``.part`` holds a stream of, in ``directory`` under ``name`` (never
+        over anything), every path neutralised and every file's SHA-256 checked; the ``.part`` is deleted once it
+        is made. TransferError if its manifest's header or the free space refuses it at once."""
 
     def remove(self, path: Path) -> None:
         """Delete if present; never raises."""

@@ -1,16 +1,19 @@
 """The receiving side of a file transfer: wait for a slot, grant credit, write, verify, publish.
 
     QUEUED --slot free--> RECEIVING --last chunk verified--> DONE      (FAILED from every live phase)
-                            |    ^
-              peer unreachable   peer back, a chunk, an offer, a stall
-                            v    |
-                           WAITING
+                            |    ^      |                         ^
+              peer unreachable   |      a folder's stream         its files made and checked
+                            v    |      verified                  |
+                           WAITING      +-------------------> EXTRACTING (a step per tick)
+              (back to RECEIVING: the peer back, a chunk, an offer, a stall)
 
 The receiver grants credit (``FileCredit``) a window at a time. Chunks are written in order to a
 ``.part`` file beside the target, through the shell's ``TransferFiles`` port; its length *is* the
 resume point, so a restarted receiver asks again from the last whole chunk and at most one window
 is sent twice. Unencrypted chunks carry a CRC and the last one the whole file's SHA-256; sealed ones
 are authenticated one by one (the last under a "final" nonce). Only a verified file gets its name.
+A folder (§8.2) is received as its stream, then extracted a bounded step per tick (``extract_step``), so that
+the client's loop goes on meanwhile; a restart while extracting extracts again from the ``.part``.
 The transfer's link (``transfer_links``) makes the frames: for a room file the broker is the sender, each
 credit a ``room_fetch``, and nothing is sent when the file is in.
 """
@@ -29,7 +32,7 @@ import msgpack
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Action, Emit
-from p2pchat.client.core.ports import PartWriter
+from p2pchat.client.core.ports import Extracted, Extraction, PartWriter
 from p2pchat.client.core.transfer_machine import IGNORE, Input, Phase, Progress, Table
 from p2pchat.client.core.transfer_machine import TransferMachine
 from p2pchat.client.e2e import Sealing
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 OPEN_RETRIES = 3  # a sealed chunk that fails to open is asked for again this often before it counts as tampering
 
-_QUEUED, _RECEIVING, _WAITING = Phase.QUEUED, Phase.RECEIVING, Phase.WAITING
+_QUEUED, _RECEIVING, _WAITING, _EXTRACTING = Phase.QUEUED, Phase.RECEIVING, Phase.WAITING, Phase.EXTRACTING
 RECEIVER: Table = {
     (_QUEUED, Input.START): _RECEIVING,
     # the sender: a repeated offer, chunks (a queued transfer granted none: strays from before a restart)
@@ -61,6 +64,12 @@ RECEIVER: Table = {
     (_QUEUED, Input.CANCEL): Phase.FAILED, (_RECEIVING, Input.CANCEL): Phase.FAILED,
     (_WAITING, Input.CANCEL): Phase.FAILED,
     (_QUEUED, Input.ABORT): Phase.FAILED, (_RECEIVING, Input.ABORT): Phase.FAILED, (_WAITING, Input.ABORT): Phase.FAILED,
+    # a folder: its stream is whole; its files are made while the sender waits (its offers answered with a credit)
+    (_RECEIVING, Input.EXTRACT): _EXTRACTING, (_EXTRACTING, Input.VERIFIED): Phase.DONE,
+    (_EXTRACTING, Input.OFFER): _EXTRACTING, (_EXTRACTING, Input.CHUNK): IGNORE, (_EXTRACTING, Input.STALLED): IGNORE,
+    (_EXTRACTING, Input.RECONNECTED): IGNORE, (_EXTRACTING, Input.PEER_BACK): IGNORE,
+    (_EXTRACTING, Input.UNREACHABLE): IGNORE, (_EXTRACTING, Input.CANCEL): Phase.FAILED,
+    (_EXTRACTING, Input.ABORT): Phase.FAILED,
 }  # not here, so a failure: CREDIT and DONE (the sender's own frames), NO_KEY, KEY_ARRIVED, START once started
 
 
@@ -126,6 +135,7 @@ class Incoming(TransferMachine):
     session: int = 0  # the sender's sending session whose key ``cipher`` holds
     peer_dev: int | None = None  # the sender's device that offered it (the offer's ``src``)
     folder: bool = False  # a folder's stream (§8.2): extracted once verified
+    extraction: Extraction | None = None  # EXTRACTING: the folder being made
 
     @property
     def chunks(self) -> int:
@@ -160,6 +170,11 @@ class Incoming(TransferMachine):
                                 tell_peer=True)
         self.rate = Progress(started=now, last_activity=now, heard=now)
         ctx.records.save("incoming", self.xfer, self.record())
+        if self.resumed and self.folder and self.next == self.chunks:  # stopped while extracting: again
+            writer, self.writer = self.writer, None
+            writer.close()
+            log.info("user=%s peer=%s xfer=%s extracting %r again", ctx.user, self.peer, self.xfer.hex()[:8], self.name)
+            return self._extract(now)
         if self.resumed:
             log.info("user=%s peer=%s xfer=%s resuming %r at chunk %d", ctx.user, self.peer, self.xfer.hex()[:8],
                      self.name, self.next)
@@ -269,24 +284,50 @@ class Incoming(TransferMachine):
         if self.cipher is None and chunk.sha256 != self.hasher.digest():  # (room files are always sealed)
             return self.fail(TransferError(f"{self.name} failed its SHA-256 check", ErrorCode.INTEGRITY),
                              tell_peer=True)
-        ctx = self.ctx
         try:
             writer, self.writer = self.writer, None
             writer.finish()  # every chunk on disk and synced before the name appears
         except OSError as exc:
             return self.fail(write_error(self.name, exc), tell_peer=True)
-        folder = None
+        if self.folder:
+            return self._extract(now)
         try:
-            if self.folder:  # the stream verified: now its manifest is read and its files made and checked
-                folder = ctx.files.extract_folder(self.part, self.target_dir, self.final_name)
-                path = folder.path
-            else:
-                path = ctx.files.publish(self.part, self.target_dir, self.final_name)
-        except TransferError as exc:
-            return self.fail(exc, tell_peer=True)
+            path = self.ctx.files.publish(self.part, self.target_dir, self.final_name)
         except OSError as exc:
             return self.fail(TransferError(f"cannot save {self.name}: {exc.strerror}", ErrorCode.UNWRITABLE),
                              tell_peer=True)
+        return self._saved(path, None, now)
+
+    def _extract(self, now: float) -> list[Action]:
+        """The folder's stream is whole and verified: make its files, a first step now, the rest on ticks."""
+        refused = self.enter(Input.EXTRACT)
+        if refused is not None:
+            return refused
+        try:
+            self.extraction = self.ctx.files.extract_folder(self.part, self.target_dir, self.final_name)
+        except TransferError as exc:
+            return self.fail(exc, tell_peer=True)
+        except OSError as exc:
+            return self.fail(write_error(self.name, exc), tell_peer=True)
+        return self.extract_step(now)
+
+    def extract_step(self, now: float) -> list[Action]:
+        """One bounded step of making the folder (EXTRACTING, on the manager's tick); done once it is made."""
+        try:
+            made = self.extraction.step()
+        except TransferError as exc:  # the manifest refused, or a file that fails its check
+            return self.fail(exc, tell_peer=True)
+        except OSError as exc:
+            return self.fail(write_error(self.name, exc), tell_peer=True)
+        self.rate.last_activity = self.rate.heard = now
+        if made is None:
+            return []
+        self.extraction = None
+        return self._saved(made.path, made, now)
+
+    def _saved(self, path: Path, folder: Extracted | None, now: float) -> list[Action]:
+        """The file (or the folder) is saved under its final name: done."""
+        ctx = self.ctx
         ctx.records.mark_done(self.xfer)  # a lost FILE_DONE is answered again, a room offer seen again ignored
         self.enter(Input.VERIFIED)
         ctx.ended(self)
@@ -313,6 +354,9 @@ class Incoming(TransferMachine):
                 self.ctx.records.save("incoming", self.xfer, self.record())
 
     def _let_go(self, failed: bool) -> None:
+        if self.extraction is not None:  # what it made goes; the .part stays unless the transfer failed
+            self.extraction.abort()
+            self.extraction = None
         if self.writer is not None:
             try:
                 self.writer.close()

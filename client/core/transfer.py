@@ -304,11 +304,16 @@ class TransferManager:
         actions = self._give_up(now) + self._promote(now)
         stall = self.config.stall_timeout
         for machine in (*self.incoming.values(), *self.outgoing.values()):
-            if now - machine.rate.last_activity > stall:
+            if machine.phase is Phase.EXTRACTING:  # a folder being made: a step per tick
+                actions += machine.extract_step(now)  # type: ignore[attr-defined]
+            elif now - machine.rate.last_activity > stall:
                 actions += machine.on_signal(Input.STALLED, now)
         return actions
 
     def next_deadline(self) -> float:
+        making = [i.rate.last_activity for i in self.incoming.values() if i.phase is Phase.EXTRACTING]
+        if making:
+            return min(making)  # a folder being made: its next step is due once the last one is done
         times = [i.rate.last_activity for i in self.incoming.values()]
         times += [o.rate.last_activity for o in self.outgoing.values()]
         return min(times, default=float("inf")) + self.config.stall_timeout

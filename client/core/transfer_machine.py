@@ -55,6 +55,7 @@ class Phase(enum.Enum):
     SENDING = "sending"
     WAITING = "waiting"
     RECEIVING = "receiving"
+    EXTRACTING = "extracting"  # receiver: a folder's stream is in and verified; its files are being made
     DONE = "done"
     FAILED = "failed"
 
@@ -79,7 +80,8 @@ class Input(enum.Enum):
     UNREACHABLE = "unreachable"  # the broker could not deliver to the peer (offline, busy, out of credit)
     STALLED = "stalled"  # nothing happened for the stall timeout: ask again
     RECONNECTED = "reconnected"  # we registered again: what was in flight may be lost
-    VERIFIED = "verified"  # receiver: the last chunk is in and the file checks out
+    VERIFIED = "verified"  # receiver: the last chunk is in and the file checks out (a folder: made and checked)
+    EXTRACT = "extract"  # receiver: a folder's stream is in and verified: make its files, a step at a time
     UNDECRYPTABLE = "undecryptable"  # sender: the receiver could not open our offer (sealed to a key it lost)
     ABORT = "abort"  # a local failure, an ERROR about the transfer, the user's cancel, a timeout
 

@@ -16,10 +16,10 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from p2pchat.client.core.ports import Extracted, Source, SourceFile
+from p2pchat.client.core.ports import Source, SourceFile
 from p2pchat.client.core.transfer import REMEMBER_FAILED
 from p2pchat.client.storage.filenames import publish_atomically
-from p2pchat.client.storage.folders import FolderStream, extract, walk_folder
+from p2pchat.client.storage.folders import FolderExtraction, FolderStream, walk_folder
 from p2pchat.client.storage.partfile import PartFile, WriterPool
 from p2pchat.common.errors import ErrorCode, TransferError
 
@@ -101,8 +101,8 @@ class LocalFiles:
     def publish(self, part: Path, directory: Path, name: str) -> Path:
         return publish_atomically(part, directory, name)
 
-    def extract_folder(self, part: Path, directory: Path, name: str) -> Extracted:
-        return extract(part, directory, name)
+    def extract_folder(self, part: Path, directory: Path, name: str) -> FolderExtraction:
+        return FolderExtraction(part, directory, name)
 
     def remove(self, path: Path) -> None:
         _unlink(path)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from p2pchat.client.core.manifest import DIRECTORY, FILE, LENGTH_BYTES, Entry, Manifest, ManifestError
-from p2pchat.client.core.ports import Folder, Source
-from p2pchat.client.storage.folders import FolderStream, extract, walk_folder
+from p2pchat.client.core.ports import Extracted, Folder, Source
+from p2pchat.client.storage.folders import STEP_BYTES, STEP_ENTRIES, FolderExtraction, FolderStream, walk_folder
 from p2pchat.client.storage.transfers import LocalFiles
 from p2pchat.common.errors import ErrorCode, TransferError
 
@@ -58,10 +58,21 @@ def crafted(entries: list[tuple[str, int, bytes]]) -> bytes:
     return manifest.header() + b"".join(c for _, k, c in entries if k == FILE)
 
 
+def extract(part: Path, directory: Path, name: str, steps: list | None = None) -> Extracted:
+    """Make the folder ``part`` holds, step after step as the receiver's ticks would; ``steps`` counts them."""
+    extraction = FolderExtraction(part, directory, name)
+    count = 1
+    while (made := extraction.step()) is None:
+        count += 1
+    if steps is not None:
+        steps.append(count)
+    return made
+
+
 def open_fds() -> set[str]:
     """This process's descriptors; garbage from earlier tests collected first, so that none closes meanwhile."""
     gc.collect()
-    return set(os.listdir("/proc/self/fd"))
+    return {fd for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}  # not the listing's
 
 
 # --- the sender's walk ----------------------------------------------------------------------------------
@@ -228,7 +239,8 @@ def test_hostile_paths_land_inside_the_new_folder_and_nothing_outside_changes(tm
     ((100).to_bytes(LENGTH_BYTES, "big") + b"\x90", "shorter than its manifest"),
     ((1 << 31).to_bytes(LENGTH_BYTES, "big") + b"\x00" * 100, "shorter than its manifest"),
     (crafted([("a", FILE, b"abc")]) + b"more", "stream holds"),
-    (crafted([("a", FILE, b"abc")])[:-1], "stream holds"),
+    (crafted([("a", FILE, b"abc")])[:-1], "more bytes than the stream holds"),
+    (crafted([("a", FILE, b"abc"), ("b", FILE, b"")])[:-1], "more bytes than the stream holds"),
     (crafted([("a", FILE, b"abc")])[:-3] + b"abd", "failed its SHA-256"),
 ])
 def test_a_stream_that_does_not_hold_what_its_manifest_says_makes_nothing(tmp_path, stream, why):
@@ -277,3 +289,32 @@ def test_extraction_holds_a_few_descriptors_whatever_the_number_of_files(tmp_pat
     before = open_fds()
     made = extract(part, inbox, "got")
     assert open_fds() <= before and made.files == 2000 and (made.path / "f1999").read_bytes() == b"1999"
+
+
+def test_a_large_folder_is_made_in_bounded_steps(tmp_path):
+    src = tmp_path / "src"
+    (src / "many").mkdir(parents=True)
+    for i in range(3 * STEP_ENTRIES):
+        (src / "many" / f"{i}").write_bytes(b"x")
+    (src / "big").write_bytes(os.urandom(2 * STEP_BYTES + 5))
+    inbox = tmp_path / "inbox"
+    steps: list[int] = []
+    made = extract(part_with(inbox, stream_of(walk_folder(src))), inbox, "got", steps)
+    assert snapshot(made.path) == snapshot(src)
+    assert steps[0] >= 3 + 3  # 3 steps of entries, and the big file's bytes in 3 steps more
+
+
+def test_an_extraction_stopped_midway_leaves_only_the_part(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3 * STEP_ENTRIES):
+        (src / f"{i}").write_bytes(b"x")
+    inbox = tmp_path / "inbox"
+    part = part_with(inbox, stream_of(walk_folder(src)))
+    before = open_fds()
+    extraction = FolderExtraction(part, inbox, "got")
+    assert extraction.step() is None and len(os.listdir(inbox)) == 2  # the .part and the staging folder
+    extraction.abort()
+    extraction.abort()
+    assert os.listdir(inbox) == [part.name] and open_fds() <= before
+    assert snapshot(extract(part, inbox, "got").path) == snapshot(src)  # and it can be made again

@@ -28,11 +28,13 @@ from hypothesis import strategies as st
 
 from p2pchat.client import events as ev
 from p2pchat.client.core.actions import Emit, Transmit
+from p2pchat.client.core.manifest import DIRECTORY, Entry, Manifest
 from p2pchat.client.core.receiving import RECEIVER, Incoming
 from p2pchat.client.core.sending import SENDER, Outgoing
 from p2pchat.client.core.transfer import TransferConfig, TransferManager
 from p2pchat.client.core.transfer_machine import IGNORE, Input, Phase, TransferMachine, frame_id
 from p2pchat.client.e2e import NO_SEALING, EndToEnd, MemoryKeys
+from p2pchat.client.storage.folders import STEP_ENTRIES
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.common.crypto import FileCipher
 from p2pchat.common.errors import ErrorCode, RemoteError, TransferError
@@ -41,9 +43,9 @@ from tests.cores import id_source, identity
 
 ME, PEER = "me", "ann"
 CHUNK, WINDOW = 16, 4
-GATE_ONLY = {Input.NO_KEY, Input.VERIFIED, Input.UNREACHABLE}  # raised by the machine itself, not fed from outside
+GATE_ONLY = {Input.NO_KEY, Input.VERIFIED, Input.UNREACHABLE, Input.EXTRACT}  # raised by the machine itself
 PHASES = {"sender": (Phase.OFFERING, Phase.WAITING, Phase.SENDING, Phase.DONE, Phase.FAILED),
-          "receiver": (Phase.QUEUED, Phase.RECEIVING, Phase.WAITING, Phase.DONE, Phase.FAILED)}
+          "receiver": (Phase.QUEUED, Phase.RECEIVING, Phase.WAITING, Phase.EXTRACTING, Phase.DONE, Phase.FAILED)}
 PAIRS = [(name, phase, what) for name, phases in PHASES.items() for phase in phases for what in Input]
 
 
@@ -63,13 +65,15 @@ class Bench:
                                        records=RecordDir(root / "state", ME))
         self.manager.on_peers(frozenset({PEER}), 0.0)
         self.sealed = sealed
+        self.folder = False  # ann offers a folder (§8.2): ``content`` is its stream
         self.content = b""
         self.xfer = hashlib.sha256(b"ann's offer").digest()[:16]
         self.file_key = hashlib.sha256(b"ann's file key").digest()
 
     # --- the frames ann sends -----------------------------------------------------------------------
     def offer(self, xfer: bytes) -> Envelope:
-        meta = {"name": "a.bin", **({"key": self.file_key, "session": 1} if self.sealed else {})}
+        meta = {"name": "a.bin", **({"kind": "folder"} if self.folder else {}),
+                **({"key": self.file_key, "session": 1} if self.sealed else {})}
         msg_id = xfer[:10] + b"offer!"
         body = self.peer_e2e.seal(ME, msg_id, 0, msgpack.packb(meta))
         return Envelope(msg_id, 0, FileOffer(PEER, ME, xfer, len(self.content), CHUNK, body))
@@ -102,13 +106,17 @@ class Bench:
 
     def receiver_in(self, phase: Phase, size: int, held: int) -> Incoming:
         self.content = bytes(i % 251 for i in range(size))
+        if phase is Phase.EXTRACTING:  # a folder whose making takes more than the step its last chunk starts
+            self.folder = True
+            self.content = Manifest(tuple(Entry(f"d{i}", DIRECTORY, 0, 0o755, b"")
+                                          for i in range(STEP_ENTRIES + 1))).header()
         self.manager.on_message(self.offer(self.xfer), 0.0)
         inc = self.manager.incoming.get(self.xfer) or self.manager.queued[self.xfer]
         for index in range(held if phase is not Phase.QUEUED else 0):  # chunks already in the .part
             inc.on_chunk(*self.chunk(self.xfer, index), 0.1)
         if phase is Phase.WAITING:
             inc.on_error(RemoteError("offline", ErrorCode.RECIPIENT_OFFLINE), 0.2)
-        elif phase is Phase.DONE:
+        elif phase in (Phase.DONE, Phase.EXTRACTING):
             for index in range(inc.next, inc.chunks):
                 inc.on_chunk(*self.chunk(self.xfer, index), 0.2)
         elif phase is Phase.FAILED:
@@ -153,6 +161,8 @@ def left_behind(bench: Bench, machine: TransferMachine) -> list[str]:
         found.append("record still on disk")
     if type(machine) is Incoming and machine.part.exists():
         found.append(".part still on disk")
+    if list((bench.root / "inbox").glob(".*.tree")):
+        found.append("a folder half made")
     return found
 
 
@@ -197,7 +207,7 @@ def test_every_phase_takes_every_input_as_its_table_says(name, phase, what, seal
 
 def test_the_tables_name_only_live_phases_and_every_live_phase_fails_cleanly_when_aborted():
     for table, live in ((SENDER, {Phase.OFFERING, Phase.WAITING, Phase.SENDING}),
-                        (RECEIVER, {Phase.QUEUED, Phase.RECEIVING, Phase.WAITING})):
+                        (RECEIVER, {Phase.QUEUED, Phase.RECEIVING, Phase.WAITING, Phase.EXTRACTING})):
         assert {phase for phase, _ in table} == live
         for phase in live:
             assert table[(phase, Input.ABORT)] is Phase.FAILED and table[(phase, Input.CANCEL)] is Phase.FAILED
