@@ -1,4 +1,4 @@
-"""Many small files as one folder (issue 17, docs/PROTOCOL.md §8.2), beside one file of the same size, in one run.
+"""Many small files as one folder (issue 17, docs/PROTOCOL.md §8.3), beside one file of the same size, in one run.
 
     .venv/bin/python bench/bench_folders.py [--rounds 3] [--check] [--json]
 

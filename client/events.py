@@ -100,7 +100,7 @@ class FileIncoming:
     name: str
     size: int
     room: bytes | None = None
-    folder: bool = False  # a folder as one stream (docs/PROTOCOL.md §8.2): ``size`` is the stream's
+    folder: bool = False  # a folder as one stream (docs/PROTOCOL.md §8.3): ``size`` is the stream's
 
 
 @dataclass(frozen=True, slots=True)

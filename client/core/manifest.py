@@ -1,4 +1,4 @@
-"""A folder sent as one stream (docs/PROTOCOL.md §8.2): its manifest, read strictly, and its paths made safe.
+"""A folder sent as one stream (docs/PROTOCOL.md §8.3): its manifest, read strictly, and its paths made safe.
 
     stream   = u32 BE manifest length || manifest || each regular file's bytes, in manifest order
     manifest = msgpack {"v": 1, "entries": [[path, kind, size, mode, sha256], ...]}

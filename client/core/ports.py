@@ -45,7 +45,7 @@ class Conversations(Protocol):
 # --- the transfers' files (storage.transfers.LocalFiles) ------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Folder:
-    """A folder sent as one stream (docs/PROTOCOL.md §8.2), as the sender's walk found it."""
+    """A folder sent as one stream (docs/PROTOCOL.md §8.3), as the sender's walk found it."""
 
     digest: bytes  # SHA-256 of the stream's manifest part: a resumed sending checks the folder is still this
     files: int  # regular files in it

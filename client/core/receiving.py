@@ -12,7 +12,7 @@ The receiver grants credit (``FileCredit``) a window at a time. Chunks are writt
 resume point, so a restarted receiver asks again from the last whole chunk and at most one window
 is sent twice. Unencrypted chunks carry a CRC and the last one the whole file's SHA-256; sealed ones
 are authenticated one by one (the last under a "final" nonce). Only a verified file gets its name.
-A folder (§8.2) is received as its stream, then extracted a bounded step per tick (``extract_step``), so that
+A folder (§8.3) is received as its stream, then extracted a bounded step per tick (``extract_step``), so that
 the client's loop goes on meanwhile; a restart while extracting extracts again from the ``.part``.
 The transfer's link (``transfer_links``) makes the frames: for a room file the broker is the sender, each
 credit a ``room_fetch``, and nothing is sent when the file is in.
@@ -75,7 +75,7 @@ RECEIVER: Table = {
 
 @dataclass(frozen=True, slots=True)
 class OfferMeta:
-    """What an offer's sealed body says (§8, §8.1, §8.2)."""
+    """What an offer's sealed body says (§8, §8.1, §8.2, §8.3)."""
 
     name: str
     key: bytes | None  # the file key; None unsealed
@@ -134,7 +134,7 @@ class Incoming(TransferMachine):
     resumed: bool = False  # from a record of an earlier run: its .part exists
     session: int = 0  # the sender's sending session whose key ``cipher`` holds
     peer_dev: int | None = None  # the sender's device that offered it (the offer's ``src``)
-    folder: bool = False  # a folder's stream (§8.2): extracted once verified
+    folder: bool = False  # a folder's stream (§8.3): extracted once verified
     extraction: Extraction | None = None  # EXTRACTING: the folder being made
 
     @property

@@ -75,7 +75,7 @@ class Outgoing(TransferMachine):
     TABLE = SENDER
     DIRECTION = "out"
 
-    source: Source  # the file, or the folder whose stream is sent (§8.2), as it was when offered
+    source: Source  # the file, or the folder whose stream is sent (§8.3), as it was when offered
     chunk_size: int
     phase: Phase = Phase.OFFERING
     accepted: bool = False  # the receiver has granted credit at least once

@@ -1,4 +1,4 @@
-"""Folders sent as one stream (docs/PROTOCOL.md §8.2), on the local disk: the sender's walk and reads, the
+"""Folders sent as one stream (docs/PROTOCOL.md §8.3), on the local disk: the sender's walk and reads, the
 receiver's extraction. What a manifest may say and where its entries may go is ``core.manifest``.
 
 The sender walks the folder once before the offer (symlinks are never followed: they, devices, FIFOs and

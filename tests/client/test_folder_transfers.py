@@ -1,4 +1,4 @@
-"""Folders through two clients' transfer managers (docs/PROTOCOL.md §8.2), sans I/O: real folders and records in a
+"""Folders through two clients' transfer managers (docs/PROTOCOL.md §8.3), sans I/O: real folders and records in a
 temporary directory, every frame one manager sends handed to the other, restarts as new managers on the same
 directories. A folder is one transfer: its stream goes in shared chunks, resumes from the ``.part`` and is
 extracted once verified; a hostile sender's manifest is neutralised or refused and never escapes."""

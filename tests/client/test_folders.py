@@ -1,4 +1,4 @@
-"""storage.folders on a real disk: the sender's walk and stream, the receiver's extraction (docs/PROTOCOL.md §8.2).
+"""storage.folders on a real disk: the sender's walk and stream, the receiver's extraction (docs/PROTOCOL.md §8.3).
 Hostile manifests are crafted here byte for byte, as a sender could."""
 
 from __future__ import annotations

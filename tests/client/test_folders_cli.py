@@ -1,4 +1,4 @@
-"""Folders end to end (docs/PROTOCOL.md §8.2): ``p2pchat send-file --to bob DIR`` and ``p2pchat listen --json`` as
+"""Folders end to end (docs/PROTOCOL.md §8.3): ``p2pchat send-file --to bob DIR`` and ``p2pchat listen --json`` as
 processes, through a broker process; the receiver killed mid-folder and started again."""
 
 from __future__ import annotations
@@ -127,3 +127,18 @@ def test_a_sender_killed_mid_folder_takes_it_up_again_when_started_again(make_cl
     assert isinstance(received, ev.FileReceived) and received.files == 24, received
     # One transfer taken up again: a new one would have left the first one's .part behind.
     assert snapshot(received.path) == snapshot(src) and os.listdir(inbox) == [received.path.name]
+
+
+def test_a_folder_for_someone_offline_is_left_at_the_broker_and_made_when_they_come(make_client, tmp_path):
+    alice = make_client("alice")
+    make_client("bob").close()
+    wait_peers(alice, {"alice"})  # alice sees bob offline: the folder's stream goes to his inbox at the broker
+    src = folder(tmp_path / "for-bob", files=50)
+    xfer, done = alice.send_file("bob", src)
+    done.result(30)
+    assert wait_for(alice, lambda e: isinstance(e, ev.FileUploaded)).recipient == "bob"
+    bob = make_client("bob", received_dir=tmp_path / "inbox")
+    received = wait_for(bob, lambda e: isinstance(e, (ev.FileReceived, ev.FileFailed)), 30)
+    assert isinstance(received, ev.FileReceived) and received.files == 50, received
+    assert snapshot(received.path) == snapshot(src) and received.path.name.endswith("_alice_for-bob")
+    assert wait_for(alice, lambda e: isinstance(e, ev.FileSent)).xfer == xfer

@@ -1,5 +1,5 @@
 """core.manifest without a disk: a folder's manifest read strictly, and every hostile path made safe
-(docs/PROTOCOL.md §8.2)."""
+(docs/PROTOCOL.md §8.3)."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class Bench:
                                        records=RecordDir(root / "state", ME))
         self.manager.on_peers(frozenset({PEER}), 0.0)
         self.sealed = sealed
-        self.folder = False  # ann offers a folder (§8.2): ``content`` is its stream
+        self.folder = False  # ann offers a folder (§8.3): ``content`` is its stream
         self.content = b""
         self.xfer = hashlib.sha256(b"ann's offer").digest()[:16]
         self.file_key = hashlib.sha256(b"ann's file key").digest()
