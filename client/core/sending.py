@@ -16,7 +16,8 @@ The sender never has more than ``window`` chunks beyond the receiver's last veri
 flight, so the broker, which only relays, holds at most a window per transfer. Each sending
 session seals under a fresh file key, sent inside the offer; the offer's id and timestamp are fixed
 for the session, so a repeated offer is the identical frame. The file is read through the shell's
-``TransferFiles`` port, never opened here. The transfer's link (``transfer_links``) makes the frames: for a
+``TransferFiles`` port, never opened here; a folder is one stream (§8.3: its manifest, then its files), read
+the same way, and its offer says so. The transfer's link (``transfer_links``) makes the frames: for a
 room file the broker is the receiver, ``room_upload`` the offer, and a credit holding every chunk the done.
 """
 

@@ -88,7 +88,7 @@ class TransferManager:
         self._online: frozenset[str] = frozenset()
 
     # --- commands -----------------------------------------------------------
-    def send_file(self, peer: str, path: Path, now: float, held: bool = False) -> tuple[bytes, list[Action]]:
+    def send_file(self, peer: str, path: Path | Source, now: float, held: bool = False) -> tuple[bytes, list[Action]]:
         """Offer ``path`` to ``peer``, a file or a folder (one stream, §8.3); resumes an unfinished transfer of the
         same file, or of the same folder with the same contents. ``held``: upload it to the broker for ``peer`` to
         fetch when it will (§8.2); ``take_room_uploads`` has it once the broker holds it."""
@@ -108,13 +108,13 @@ class TransferManager:
                                          now))
         return xfer, out.start(now)
 
-    def send_room_file(self, rid: bytes, path: Path, now: float) -> tuple[bytes, list[Action]]:
+    def send_room_file(self, rid: bytes, path: Path | Source, now: float) -> tuple[bytes, list[Action]]:
         """Upload ``path`` once to the file store of room ``rid`` at the broker (§8.1), under its credit; once
         the broker holds every chunk, ``take_room_uploads`` has it for the ``room_offer``. The same file
         already uploading to the room: that upload. Each upload has a new ``xfer`` and file key."""
         return self._upload_sealed(RoomLink(rid), path, now)
 
-    def _upload_sealed(self, link: RoomLink, path: Path, now: float) -> tuple[bytes, list[Action]]:
+    def _upload_sealed(self, link: RoomLink, path: Path | Source, now: float) -> tuple[bytes, list[Action]]:
         if not self.e2e.enabled:  # a room_chunk has no CRC: its seal is its only check
             raise TransferError("files kept by the broker are sealed end to end: not with sealing off")
         source = self._source(path)
@@ -480,10 +480,12 @@ class TransferManager:
         party = machine.link.party(machine)
         return party is None or party in self._online
 
-    def _source(self, path: Path) -> Source:
+    def _source(self, path: Path | Source) -> Source:
+        """A path inspected through the port; or a source the shell inspected already (a folder's walk hashes
+        every file: a shell may do it off its loop, and send the ``Source`` that ``TransferFiles.inspect`` gave)."""
         if not 0 < self.config.chunk_size <= MAX_CHUNK_BYTES:
             raise TransferError(f"chunk size {self.config.chunk_size} outside 1..{MAX_CHUNK_BYTES} bytes")
-        return self.files.inspect(Path(path))
+        return path if type(path) is Source else self.files.inspect(Path(path))
 
     def _running(self, room: bytes | None, peer: str, source: Source) -> Outgoing | None:
         """The live transfer of this very file to ``peer`` (or to ``room``), if there is one."""

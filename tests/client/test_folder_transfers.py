@@ -46,10 +46,10 @@ def e2e(user: str, sealed: bool):
 class Pair:
     """alice and bob's managers, the frames between them, and what each saw."""
 
-    def __init__(self, root: Path, sealed: bool = True, chunk: int = CHUNK, files=None) -> None:
+    def __init__(self, root: Path, sealed: bool = True, chunk: int = CHUNK) -> None:
         self.root, self.sealed, self.chunk = root, sealed, chunk
         self.runs = {user: 0 for user in USERS}
-        self.files = {"alice": files or LocalFiles(), "bob": LocalFiles()}
+        self.files = LocalFiles()
         self.m: dict[str, TransferManager] = {}
         self.events: dict[str, list[ev.Event]] = {user: [] for user in USERS}
         self.wire: deque[tuple[str, Transmit]] = deque()
@@ -69,7 +69,7 @@ class Pair:
                                 stall_timeout=STALL)
         self.m[user] = TransferManager(user, config, e2e(user, self.sealed), wall_ms=lambda: 1_700_000_000_000,
                                        wall_time=lambda: 1_700_000_000.0,
-                                       new_id=id_source(f"{user} run {self.runs[user]}"), files=self.files[user],
+                                       new_id=id_source(f"{user} run {self.runs[user]}"), files=self.files,
                                        records=RecordDir(self.root / user / "state", user))
         self.take(user, self.m[user].on_peers(frozenset(USERS), self.now))
         self.take(user, self.m[user].resume_all(self.now))
@@ -87,7 +87,7 @@ class Pair:
             elif type(action) is Emit:
                 self.events[user].append(action.event)
 
-    def send(self, path: Path) -> bytes:
+    def send(self, path: Path | Source) -> bytes:
         xfer, actions = self.m["alice"].send_file("bob", path, self.now)
         self.take("alice", actions)
         return xfer
@@ -274,36 +274,28 @@ def test_a_receiver_restarted_while_making_the_folder_makes_it_again(tmp_path, w
 
 
 # --- a hostile sender ---------------------------------------------------------------------------------------
-class LyingFiles(LocalFiles):
-    """A sender whose folder's manifest says what the test wants, with the bytes of real files behind it."""
-
-    def __init__(self, paths: list[str], contents: Path) -> None:
-        super().__init__()
-        self.paths, self.contents = paths, contents
-
-    def inspect(self, path: Path) -> Source:
-        files = sorted(self.contents.iterdir())
-        entries = tuple(Entry(p, FILE, f.stat().st_size, 0o644, hashlib.sha256(f.read_bytes()).digest())
-                        for p, f in zip(self.paths, files, strict=True))
-        header = Manifest(entries).header()
-        stats = tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
-        walk = FolderWalk(self.contents, Manifest(entries, len(header)), header, stats, ())
-        return Source(Path(path), walk.manifest.stream_size, 0, 0, walk.folder())
-
-
-def lying_pair(tmp_path: Path, paths: list[str]) -> Pair:
+def lying_folder(tmp_path: Path, paths: list[str]) -> Source:
+    """A folder as a hostile sender's shell would hand it to its manager: a manifest that says ``paths``, with the
+    bytes of real files behind it (``send_file`` takes a ``Source`` its shell inspected already)."""
     contents = tmp_path / "contents"
     contents.mkdir()
     for i, _ in enumerate(paths):
         (contents / f"{i:03}").write_bytes(b"hostile %d" % i)
-    return Pair(tmp_path, files=LyingFiles(paths, contents))
+    files = sorted(contents.iterdir())
+    entries = tuple(Entry(p, FILE, f.stat().st_size, 0o644, hashlib.sha256(f.read_bytes()).digest())
+                    for p, f in zip(paths, files, strict=True))
+    header = Manifest(entries).header()
+    stats = tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
+    walk = FolderWalk(contents, Manifest(entries, len(header)), header, stats, ())
+    return Source(tmp_path / "evil", walk.manifest.stream_size, 0, 0, walk.folder())
 
 
 def test_a_hostile_manifest_is_neutralised_inside_the_new_folder(tmp_path):
     paths = ["../../outside", "/etc/cron.d/x", "C:\\evil.bat", "NUL", "a\x1b[2Jb", "Same", "same", "d", "d/x"]
-    pair = lying_pair(tmp_path, paths)
+    evil = lying_folder(tmp_path, paths)
+    pair = Pair(tmp_path)
     before = sorted(os.listdir(tmp_path))
-    pair.send(tmp_path / "evil")
+    pair.send(evil)
     pair.run()
     made = received_folder(pair).path
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(pair.inbox) == [made.name]
@@ -314,9 +306,10 @@ def test_a_hostile_manifest_is_neutralised_inside_the_new_folder(tmp_path):
 
 
 def test_a_manifest_that_lies_about_a_file_fails_the_transfer_and_leaves_nothing(tmp_path):
-    pair = lying_pair(tmp_path, ["a", "b"])
-    xfer = pair.send(tmp_path / "evil")
-    _, _, mtime_ns, _ = pair.m["alice"].outgoing[xfer].source.folder.walk.files[1]
+    evil = lying_folder(tmp_path, ["a", "b"])
+    pair = Pair(tmp_path)
+    xfer = pair.send(evil)
+    _, _, mtime_ns, _ = evil.folder.walk.files[1]
     (tmp_path / "contents" / "001").write_bytes(b"hostile 9")  # other bytes, same size and mtime: not seen sending
     os.utime(tmp_path / "contents" / "001", ns=(mtime_ns, mtime_ns))
     pair.run()

@@ -48,6 +48,7 @@ def test_send_file_sends_a_folder_and_listen_reports_one_file_event_for_it(broke
         (hostile / name).write_bytes(name.encode())
     inbox = tmp_path / "inbox"
     bob = listen(tmp_path, broker, inbox)
+    alice = None
     try:
         next(line for line in bob.stdout if json.loads(line)["type"] == "status")  # bob is there
         alice = cli(tmp_path / "alice-home", "send-file", "--server", f"127.0.0.1:{broker.port}", "--user", "alice",
@@ -56,8 +57,10 @@ def test_send_file_sends_a_folder_and_listen_reports_one_file_event_for_it(broke
         _, err = alice.communicate(timeout=60)
         assert alice.returncode == 0, err
     finally:
-        bob.kill()
-        bob.wait()
+        for proc in (bob, alice):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
     made = Path(event["path"])
     assert (event["type"], event["from"], event["name"], made.parent) == ("file", "alice", "holiday", inbox)
     expected = {k: v for k, v in snapshot(src).items() if not k.startswith("hostile/")}
