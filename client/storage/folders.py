@@ -232,7 +232,7 @@ class FolderExtraction:
 
     def __init__(self, part: Path, directory: Path, name: str) -> None:
         self._part, self._directory, self._name = part, directory, name
-        self._staging = part.with_name(part.name.removesuffix(".part") + STAGING_SUFFIX)
+        self._staging = staging_of(part)
         self._stream = open(part, "rb")  # noqa: SIM115 - held across steps, closed by _close
         self._root = -1
         self._published = False
@@ -357,6 +357,11 @@ class _Writing:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def staging_of(part: Path) -> Path:
+    """Where the folder a ``.part`` holds is made before it gets its name: hidden, beside it, named after it."""
+    return part.with_name(part.name.removesuffix(".part") + STAGING_SUFFIX)
 
 
 def _sync(fd: int) -> None:

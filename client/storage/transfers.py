@@ -19,7 +19,7 @@ from typing import BinaryIO
 from p2pchat.client.core.ports import Source, SourceFile
 from p2pchat.client.core.transfer import REMEMBER_FAILED
 from p2pchat.client.storage.filenames import publish_atomically
-from p2pchat.client.storage.folders import FolderExtraction, FolderStream, walk_folder
+from p2pchat.client.storage.folders import FolderExtraction, FolderStream, staging_of, walk_folder
 from p2pchat.client.storage.partfile import PartFile, WriterPool
 from p2pchat.common.errors import ErrorCode, TransferError
 
@@ -188,6 +188,7 @@ class RecordDir:
                 log.info("user=%s dropping unfinished incoming %r from %s: too old", self.user, record["name"],
                          record["peer"])
                 _unlink(Path(record["part"]))
+                shutil.rmtree(staging_of(Path(record["part"])), ignore_errors=True)  # a folder half made, if any
                 _unlink(record_path)
         for path in self._done.iterdir():
             if _mtime(path) < cutoff:

@@ -7,6 +7,7 @@ import gc
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from p2pchat.client.core.manifest import DIRECTORY, FILE, LENGTH_BYTES, Entry, Manifest, ManifestError
 from p2pchat.client.core.ports import Extracted, Folder, Source
 from p2pchat.client.storage.folders import STEP_BYTES, STEP_ENTRIES, FolderExtraction, FolderStream, walk_folder
-from p2pchat.client.storage.transfers import LocalFiles
+from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.common.errors import ErrorCode, TransferError
 
 
@@ -318,3 +319,14 @@ def test_an_extraction_stopped_midway_leaves_only_the_part(tmp_path):
     extraction.abort()
     assert os.listdir(inbox) == [part.name] and open_fds() <= before
     assert snapshot(extract(part, inbox, "got").path) == snapshot(src)  # and it can be made again
+
+
+def test_an_unfinished_folder_too_old_to_keep_is_dropped_with_what_was_made_of_it(tmp_path):
+    records = RecordDir(tmp_path / "state", "bob")
+    inbox = tmp_path / "inbox"
+    part = part_with(inbox, b"stream")
+    (inbox / ".folder.01234567.tree" / "half").mkdir(parents=True)
+    records.save("incoming", b"x" * 16, {"xfer": (b"x" * 16).hex(), "part": str(part), "name": "folder",
+                                         "peer": "alice"})
+    records.prune(time.time() + 1)
+    assert os.listdir(inbox) == [] and records.records("incoming") == []
