@@ -3,8 +3,9 @@
     stream   = u32 BE manifest length || manifest || each regular file's bytes, in manifest order
     manifest = msgpack {"v": 1, "entries": [[path, kind, size, mode, sha256], ...]}
 
-A manifest is hostile input until it is neutralised: ``Manifest.parse`` takes only what the bounds allow, and
-``place`` gives every entry a relative path that stays inside the folder being made, whatever it asked for.
+A manifest is hostile input until it is neutralised: ``ManifestReader`` takes only what the bounds allow, a few
+entries at a time, and ``Placer`` gives every entry a relative path that stays inside the folder being made,
+whatever it asked for.
 Pure: bytes and entries in, bytes and safe paths out; the sender's walk and the receiver's extraction are
 ``storage.folders``.
 """
@@ -30,7 +31,7 @@ MAX_PLACED_BYTES = 4095  # of a path once neutralised: a relative path the kerne
 MAX_FILE_BYTES = 1 << 62
 FILE, DIRECTORY = 0, 1
 SHA256_BYTES = 32
-FILE_MODE, EXEC_MODE, DIR_MODE = 0o644, 0o755, 0o755  # the only modes a receiver gives (then its umask)
+FILE_MODE, EXEC_MODE = 0o644, 0o755  # the only modes a receiver gives (then its umask)
 
 _SEPARATORS = re.compile(r"[/\\]")  # a backslash separates too: a Windows path never smuggles a ".." in one name
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -56,7 +57,7 @@ class Entry:
 @dataclass(frozen=True, slots=True)
 class Manifest:
     entries: tuple[Entry, ...]
-    header_size: int = field(default=0, compare=False)  # LENGTH_BYTES + the encoded manifest, once encoded or parsed
+    header_size: int = field(default=0, compare=False)  # LENGTH_BYTES + the encoded manifest, once encoded
 
     @property
     def files(self) -> int:

@@ -14,6 +14,7 @@ import pytest
 
 from p2pchat.client.core.manifest import DIRECTORY, FILE, LENGTH_BYTES, Entry, Manifest, ManifestError
 from p2pchat.client.core.ports import Extracted, Folder, Source
+from p2pchat.client.storage import folders
 from p2pchat.client.storage.folders import STEP_BYTES, STEP_ENTRIES, FolderExtraction, FolderStream, walk_folder
 from p2pchat.client.storage.transfers import LocalFiles, RecordDir
 from p2pchat.common.errors import ErrorCode, TransferError
@@ -110,6 +111,15 @@ def test_an_unreadable_file_fails_the_walk_with_its_name(tmp_path):
         pytest.skip("running as root: nothing is unreadable")
     with pytest.raises(TransferError, match="secret"):
         walk_folder(root)
+
+
+@pytest.mark.parametrize("bound, value, why", [("MAX_ENTRIES", 5, "over 5 files and folders"),
+                                               ("MAX_PATH_BYTES", 12, "a path over 12 bytes")])
+def test_a_folder_over_a_receivers_bounds_is_refused_while_walking_it(tmp_path, monkeypatch, bound, value, why):
+    monkeypatch.setattr(folders, bound, value)  # the real bounds want 100,000 files or 4 KiB paths on disk
+    with pytest.raises(TransferError, match=why) as caught:
+        walk_folder(tree(tmp_path / "src"))
+    assert caught.value.code is ErrorCode.TOO_LARGE
 
 
 def test_a_name_that_is_not_utf8_is_sent_with_a_replacement_character(tmp_path):
