@@ -135,6 +135,7 @@ class ChatClient(RoomCommands):
         self._verified = VerifiedKeys(self.state_dir / VERIFIED_KEYS)
         self._accounts_read = KeyStore(self.state_dir / PEER_ACCOUNTS)  # the agent's e2e writes; this only reads
         self._writers = WriterPool()  # received chunks are written by these threads, shared by every transfer
+        self._files = LocalFiles(self._writers)
         transfers = TransferManager(
             user,
             TransferConfig(cfg.received_dir, cfg.max_file_size, cfg.chunk_size, cfg.window,
@@ -144,7 +145,7 @@ class ChatClient(RoomCommands):
             wall_ms=_wall_ms,
             wall_time=time.time,
             new_id=new_msg_id,
-            files=LocalFiles(self._writers),
+            files=self._files,
             records=RecordDir(self.state_dir / "transfers", user),
         )
         self._history = History(self.state_dir / "history.sqlite") if cfg.history else None
@@ -244,9 +245,10 @@ class ChatClient(RoomCommands):
         file left at the broker (``later``, or ``to`` offline: docs/PROTOCOL.md §8.2), once the broker holds it
         (``FileUploaded``; ``FileSent`` follows when ``to`` has it while we are online)."""
         done: Future[None] = Future()
+        source = self._files.inspect(Path(path))  # a folder is walked and hashed here, off the agent's loop
 
         def command(now: float) -> bytes:
-            xfer, actions = self._session.send_file(to, Path(path), now, later)
+            xfer, actions = self._session.send_file(to, source, now, later)
             self._transfers[xfer] = done
             self._execute(actions)
             return xfer

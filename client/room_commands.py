@@ -105,9 +105,10 @@ class RoomCommands:
         """Upload a file for room ``name``; the future resolves once the broker holds it and the room was told."""
         rid = self.room_id(name)
         done: Future = Future()
+        source = self._files.inspect(Path(path))  # a folder is walked and hashed here, off the agent's loop
 
         def command(now: float) -> bytes:
-            xfer, actions = self._session.send_room_file(rid, Path(path), now)
+            xfer, actions = self._session.send_room_file(rid, source, now)
             self._transfers[xfer] = done
             self._execute(actions)
             return xfer
