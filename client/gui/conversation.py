@@ -19,7 +19,8 @@ from p2pchat.client.gui.delivery import delivery_style, delivery_text
 from p2pchat.client.gui.filecard import Action, FileCard, forward_wheel
 from p2pchat.client.gui.layout import SEARCH_OPEN
 from p2pchat.client.gui.found import Search, match_spans
-from p2pchat.client.gui.model import ChatLine, Conversation, FileLine, Line
+from p2pchat.client.gui.file_model import FileLine
+from p2pchat.client.gui.model import ChatLine, Conversation, Line
 from p2pchat.client.gui.room_model import NoticeLine
 from p2pchat.client.gui.theme import Fonts, Palette, avatar_colour
 
@@ -51,8 +52,11 @@ def _meta(line: ChatLine) -> str:
 
 
 class ConversationView:
-    def __init__(self, widget: tk.Text, pal: Palette, fonts: Fonts, me: str, on_action: Action) -> None:
+    def __init__(self, widget: tk.Text, pal: Palette, fonts: Fonts, me: str, on_action: Action,
+                 thumbnail: Callable[[FileLine], tk.PhotoImage | None] = lambda _line: None) -> None:
+        """``thumbnail``: a received image's, for its card (the window owns the images)."""
         self.widget = widget
+        self._thumbnail = thumbnail
         self.pal = pal
         self.fonts = fonts
         self.me = me
@@ -223,7 +227,7 @@ class ConversationView:
             w.tag_add("header", start, "end-1c")  # Tk takes line spacing from the line's first index: the avatar
         w.insert("end", "\n")
         if isinstance(line, FileLine):
-            card = FileCard(w, line, self.pal, self.fonts, self._on_action)
+            card = FileCard(w, line, self.pal, self.fonts, self._on_action, self._thumbnail(line))
             forward_wheel(card, w)
             w.window_create("end", window=card, pady=4)
             w.tag_add("body", "end-2c")  # the card is the line's first index: it takes the body's indent

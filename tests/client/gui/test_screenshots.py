@@ -128,7 +128,7 @@ def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
     if shutil.which("import") is None:
         pytest.skip("ImageMagick's import is not installed: no screenshots")
     screenshots_of_both_themes(alice, everyone, "gui-")
-    act(alice, alice.file_card(snapshot.xfer).action.invoke)  # Cancel: the snapshot has been seen enough
+    act(alice, alice.file_card(snapshot.xfer).button("Cancel").invoke)  # Cancel: the snapshot has been seen enough
 
     click(alice, K_THEME)
     search_for(alice, "night")
