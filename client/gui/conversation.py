@@ -182,7 +182,20 @@ class ConversationView:
     def update_file(self, line: FileLine) -> None:
         card = self._cards.get(line.xfer)
         if card is not None:
-            card.render(line)
+            self._keep_end(lambda: card.render(line))
+
+    def show_thumbnail(self, xfer: bytes, image: tk.PhotoImage) -> None:
+        card = self._cards.get(xfer)
+        if card is not None:
+            self._keep_end(lambda: card.show_thumbnail(image))
+
+    def _keep_end(self, change: Callable[[], None]) -> None:
+        """A card changes, and may grow (its saved path, a thumbnail): the end stays in view if it was."""
+        at_end = self._at_end
+        change()
+        if at_end:
+            self.widget.update_idletasks()  # the card's new height reaches the text's layout before it scrolls
+            self.widget.see("end")
 
     def card(self, xfer: bytes) -> FileCard | None:
         return self._cards.get(xfer)

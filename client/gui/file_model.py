@@ -145,9 +145,11 @@ class FileTimeline:
         return self._add_file(FileLine(xfer, peer, True, name, size, ts_ms, Transfer.OFFERING, room=room, held=held,
                                        folder=folder))
 
-    def file_refused(self, peer: str, name: str, ts_ms: int, reason: str, room: bytes | None = None) -> FileLine:
+    def file_refused(self, peer: str, name: str, ts_ms: int, reason: str, room: bytes | None = None,
+                     folder: bool = False) -> FileLine:
         """A file the client library refused before offering it (unreadable, not a file, ...)."""
-        line = FileLine(os.urandom(8), peer, True, name, 0, ts_ms, Transfer.FAILED, failure=reason, room=room)
+        line = FileLine(os.urandom(8), peer, True, name, 0, ts_ms, Transfer.FAILED, failure=reason, room=room,
+                        folder=folder)
         return self._add_file(line)
 
     def file_incoming(self, xfer: bytes, sender: str, name: str, size: int, ts_ms: int,

@@ -51,10 +51,9 @@ class ReceivedFiles:
         if line is None or thumbnail.png is None:
             return
         line.thumbnail = thumbnail.png
-        card = self._view().card(line.xfer)
         image = self._thumbnail_image(line)
-        if card is not None and image is not None:
-            card.show_thumbnail(image)
+        if image is not None and self._showing(line.key):
+            self._view().show_thumbnail(line.xfer, image)
 
     def _thumbnail_image(self, line: FileLine) -> tk.PhotoImage | None:
         """The card's image for ``line`` (made once; cards come and go with the conversation shown)."""

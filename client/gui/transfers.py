@@ -81,7 +81,7 @@ class FileTransfers:
                 xfer, _done = self.client.send_file(key, path)  # the outcome arrives as events
         except (P2PChatError, FutureTimeout) as exc:
             reason = exc.message if isinstance(exc, P2PChatError) else "the client did not answer"
-            line = self.model.file_refused(peer, path.name, now, reason, room)
+            line = self.model.file_refused(peer, path.name, now, reason, room, folder)
             self._log(f"Cannot send {path.name}: {reason}")
         else:
             existing = self.model.file(xfer)
