@@ -63,7 +63,8 @@ class ConversationView:
         self._on_action = on_action
         self._last: Line | None = None
         self._cards: dict[bytes, FileCard] = {}  # the files of the conversation on screen
-        self._at_end = True  # the last line is in view: a narrower or shorter widget keeps it there
+        self._at_end = True  # the last line is in view: a narrower or shorter widget, or longer lines, keep it there
+        self._top = "1.0"  # the index of the line at the top of the view
         w = widget
         scrollbar = w.cget("yscrollcommand")
         w.configure(yscrollcommand=lambda first, last: self._scrolled(scrollbar, first, last))
@@ -182,20 +183,12 @@ class ConversationView:
     def update_file(self, line: FileLine) -> None:
         card = self._cards.get(line.xfer)
         if card is not None:
-            self._keep_end(lambda: card.render(line))
+            card.render(line)
 
     def show_thumbnail(self, xfer: bytes, image: tk.PhotoImage) -> None:
         card = self._cards.get(xfer)
         if card is not None:
-            self._keep_end(lambda: card.show_thumbnail(image))
-
-    def _keep_end(self, change: Callable[[], None]) -> None:
-        """A card changes, and may grow (its saved path, a thumbnail): the end stays in view if it was."""
-        at_end = self._at_end
-        change()
-        if at_end:
-            self.widget.update_idletasks()  # the card's new height reaches the text's layout before it scrolls
-            self.widget.see("end")
+            card.show_thumbnail(image)
 
     def card(self, xfer: bytes) -> FileCard | None:
         return self._cards.get(xfer)
@@ -278,7 +271,13 @@ class ConversationView:
             self._scroll_to("end")
 
     def _scrolled(self, scrollbar: str, first: str, last: str) -> None:
-        self._at_end = float(last) >= 1.0
+        """Tk says what part is in view. A top line that moved was a scroll (the user's, or ours to the end); one that
+        stayed means the lines below grew (a card laid out, a thumbnail): the end stays in view if it was."""
+        top = self.widget.index("@0,0")
+        if top != self._top or float(last) >= 1.0:
+            self._top, self._at_end = top, float(last) >= 1.0
+        elif self._at_end:
+            self.widget.after_idle(lambda: self.widget.winfo_exists() and self.widget.see("end"))
         if scrollbar:
             self.widget.tk.call(scrollbar, first, last)
 

@@ -112,7 +112,7 @@ def transfer_status(line: FileLine) -> str:
     if line.state is Transfer.PAUSED:
         return f"Paused at {round(line.fraction * 100)}% · resumes when you reconnect"
     if line.state is Transfer.UPLOADED:
-        return f"Uploaded — waiting for {line.peer} · the broker keeps it, you may quit"
+        return f"Uploaded — waiting for {line.peer} · you can go offline"  # the broker keeps it for them
     if line.state is Transfer.DONE:
         if line.room is not None and line.outgoing:
             return "Sent ✓ · the room's members fetch it from the broker"

@@ -17,11 +17,11 @@ from p2pchat.client.gui.layout import FILE_CANCEL, FILE_OPEN, FILE_OPEN_FOLDER
 from p2pchat.client.gui.units import human_size, short_path
 from p2pchat.client.gui.theme import Fonts, Palette, avatar_colour
 
-BAR_WIDTH, BAR_HEIGHT = 380, 6
+# A card fits a room's timeline beside its members column: about 450 px inside the text's margins.
+BAR_WIDTH, BAR_HEIGHT = 350, 6
 ICON_W, ICON_H, FOLD = 36, 44, 10
-NAME_CHARS = 44
-TEXT_WIDTH = BAR_WIDTH + 20  # px: every card is as wide, whatever its state
-ACTION_WIDTH = 130  # px: room for the widest button, kept even when there is none
+NAME_CHARS = 40
+TEXT_WIDTH = BAR_WIDTH + 20  # px: every card is as wide, whatever its state (a progress line fits)
 
 Action = Callable[[str, bytes], None]  # (window event key, transfer id)
 
@@ -50,7 +50,7 @@ class FileCard(tk.Frame):
 
         self.icon = tk.Canvas(self, width=ICON_W, height=ICON_H, background=bg, highlightthickness=0, borderwidth=0)
         self._draw_icon(line)
-        self.icon.grid(row=0, column=0, rowspan=6, padx=(12, 12), pady=10, sticky="n")
+        self.icon.grid(row=0, column=0, rowspan=7, padx=(12, 12), pady=10, sticky="n")
 
         title = tk.Frame(self, background=bg)
         self.name = tk.Label(title, text=short_name(line.name), font=fonts.bold, foreground=pal.text,
@@ -83,7 +83,6 @@ class FileCard(tk.Frame):
         self._actions = tk.Frame(self, background=bg)
         self._buttons: list[tk.Button] = []
         self.columnconfigure(1, weight=1, minsize=TEXT_WIDTH)
-        self.columnconfigure(2, minsize=ACTION_WIDTH)
         self.render(line)
         if thumbnail is not None:
             self.show_thumbnail(thumbnail)
@@ -150,7 +149,7 @@ class FileCard(tk.Frame):
         self.bar.itemconfigure(self._fill, state="normal")
 
     def _show_actions(self, actions: list[tuple[str, str, str]]) -> None:
-        """(window event key, label, colour) for each button, top to bottom; none hides the column's frame."""
+        """(window event key, label, colour) for each button, left to right, at the card's foot; none hides them."""
         if [b.cget("text") for b in self._buttons] == [text for _, text, _ in actions]:
             return
         for button in self._buttons:
@@ -162,17 +161,17 @@ class FileCard(tk.Frame):
                                highlightthickness=1, highlightbackground=pal.border, background=pal.card_bg,
                                activebackground=pal.border, foreground=colour, activeforeground=colour, padx=10,
                                pady=3, cursor="hand2", command=lambda key=key: self._on_action(key, self.xfer))
-            button.pack(fill="x", pady=(0, 6) if key != actions[-1][0] else 0)
+            button.pack(side="left", padx=(0, 8))
             self._buttons.append(button)
         if actions:
-            self._actions.grid(row=0, column=2, rowspan=6, padx=(8, 12), sticky="e")
+            self._actions.grid(row=6, column=1, sticky="w", pady=(0, 10))
         else:
             self._actions.grid_remove()
 
     # --- what a user sees (tests) ------------------------------------------------------
     @property
     def actions(self) -> list[str]:
-        """The buttons' labels, top to bottom."""
+        """The buttons' labels, left to right."""
         return [str(b.cget("text")) for b in self._buttons]
 
     def button(self, text: str) -> tk.Button:

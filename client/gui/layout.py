@@ -70,7 +70,7 @@ FILE_OPEN = "-FILE-OPEN-"  # value: the transfer id
 FILES_DROPPED = "-FILES-DROPPED-"  # value: the paths dropped on the window
 THUMBNAIL_READY = "-THUMBNAIL-READY-"  # value: a Thumbnail made off the Tk thread
 K_ATTACH_FOLDER = "-ATTACH-FOLDER-"
-K_RECEIVED_DIR, K_RECEIVED_DIR_TEXT = "-RECEIVED-DIR-", "-RECEIVED-DIR-TEXT-"
+K_RECEIVED_DIR = "-RECEIVED-DIR-"  # the sidebar's "Save files in …": where received files go
 SEND_SUFFIX = "+SEND"
 COMPOSER_SEND = K_COMPOSER + SEND_SUFFIX
 FORM_SUBMIT = "+SUBMIT"
@@ -155,7 +155,7 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
          sg.Text("", key=K_PEOPLE_COUNT, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((0, 16), (0, 6)))],
         [sg.Table([], headings=["name", "unread"], key=K_PEERS, col_widths=[20, 4], auto_size_columns=False,
-                  justification="left", num_rows=6, row_height=34, font=fonts.base, enable_events=True,
+                  justification="left", num_rows=5, row_height=34, font=fonts.base, enable_events=True,
                   select_mode=sg.TABLE_SELECT_MODE_BROWSE, background_color=pal.sidebar_bg,
                   text_color=pal.sidebar_text, selected_row_colors=(pal.select_text, pal.select_bg),
                   border_width=0, expand_x=True, expand_y=True, hide_vertical_scroll=True,
@@ -171,12 +171,8 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
         [sg.Checkbox("Receive files on this device", key=K_ACCEPT_FILES, default=settings.accept_files,
                      enable_events=True, pad=((12, 12), (4, 0)),
                      tooltip=" Off: files sent to you go to another of your devices ", **setting)],
-        [sg.Text("", key=K_RECEIVED_DIR_TEXT, font=fonts.small, text_color=pal.sidebar_muted,
-                 background_color=pal.sidebar_bg, pad=((16, 4), (4, 0))),
-         sg.Push(pal.sidebar_bg),
-         sg.Button("Change…", key=K_RECEIVED_DIR, tooltip=" The folder received files are saved in ",
-                   button_color=(pal.sidebar_muted, pal.sidebar_bg), mouseover_colors=(pal.sidebar_text, pal.border),
-                   pad=((0, 10), (4, 0)), **flat)],
+        [sg.Button("Save files in …", key=K_RECEIVED_DIR, button_color=(pal.sidebar_muted, pal.sidebar_bg),
+                   mouseover_colors=(pal.sidebar_text, pal.border), expand_x=True, pad=((10, 10), (4, 0)), **flat)],
         [sg.Text("", key=K_SETTINGS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((16, 12), (0, 0)))],
         [sg.Button("Devices…", key=K_DEVICES, tooltip=" Your devices: link another, unlink one ",
@@ -414,6 +410,7 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
     for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE, K_DEVICES_HIDE, K_RECEIVED_DIR):
         if key in window.AllKeysDict:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
+    window[K_RECEIVED_DIR].Widget.configure(anchor="w", width=0)  # its text changes: left, under the checkboxes
     for key in (K_KEY_BANNER_TEXT, K_KEY_NOTICE_TEXT, K_KEY_PANEL_NOTE, K_DEVICES_NOTE, K_PEER_DEVICES):
         window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
     # A room's prose wraps to the timeline's width: the members column beside it takes its own first.

@@ -14,11 +14,11 @@ import tkinter as tk
 from pathlib import Path
 
 from p2pchat.client.gui.file_model import FileLine
-from p2pchat.client.gui.layout import K_RECEIVED_DIR_TEXT
+from p2pchat.client.gui.layout import K_RECEIVED_DIR
 from p2pchat.client.gui.thumbnails import Thumbnail
 from p2pchat.client.gui.units import short_path
 
-DIR_CHARS = 22  # the sidebar's line for the received folder: "Saved in …" and a tail of the path
+DIR_CHARS = 20  # the sidebar's button for the received folder: "Save files in …" and a tail of the path
 
 
 class ReceivedFiles:
@@ -94,9 +94,12 @@ class ReceivedFiles:
             self.client.config.received_dir != Path(self.settings.received_dir)
 
     def _render_received_dir(self) -> None:
+        """The sidebar's button says where files go (the path's end, when long; the whole in its tooltip)."""
         folder = self._received_dir()
         shown = short_path(folder) if folder is not None else "the default folder"
-        if len(shown) > DIR_CHARS:
-            shown = "…" + shown[-(DIR_CHARS - 1):]
-        self.window[K_RECEIVED_DIR_TEXT].update(f"Saved in {shown}")
-        self.window[K_RECEIVED_DIR_TEXT].set_tooltip(f" {folder} " if folder is not None else " ")
+        if len(shown) > DIR_CHARS:  # its last folders that fit, whole
+            tail = shown[-(DIR_CHARS - 2):]
+            shown = "…/" + tail.split("/", 1)[1] if "/" in tail[:-1] else "…" + tail
+        self.window[K_RECEIVED_DIR].update(f"Save files in {shown}")
+        self.window[K_RECEIVED_DIR].set_tooltip(f" Received files are saved in {folder}. Click to choose another "
+                                                "folder. " if folder is not None else " Choose a folder ")

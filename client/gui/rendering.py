@@ -204,7 +204,7 @@ class Rendering:
         elif peer in self.model.online:
             presence = "● online"
         else:
-            presence = "○ offline — messages cannot be delivered until they are back"
+            presence = "○ offline — files wait for them at the broker"  # messages: Send is off
         self.window[K_PEER_PRESENCE].update(presence, text_color=self.palette.ok if peer in self.model.online
                                             else self.palette.muted)
 

@@ -72,7 +72,7 @@ def test_a_file_for_someone_offline_is_uploaded_then_delivered_when_they_come(ma
     card = alice.file_card(line.xfer)
     assert line.held
     pump([alice], lambda: line.state is Transfer.UPLOADED, "the broker to hold it")
-    assert card.status_text == "Uploaded — waiting for bob · the broker keeps it, you may quit"
+    assert card.status_text == "Uploaded — waiting for bob · you can go offline"
     assert card.actions == [] and not card.bar_shown and alice.transfers_status_text() == ""
     assert "Uploaded slides.pdf: the broker keeps it until bob fetches it" in alice.log_text()
 

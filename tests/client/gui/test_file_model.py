@@ -19,7 +19,7 @@ def test_a_held_file_is_uploaded_then_delivered_and_never_paused_while_it_waits(
     model.file_progress(b"h", "bob", "slides.pdf", True, 400, 1000, 100.0, 6.0, 0)
     assert transfer_status(line) == "Uploading 40% · 400 B of 1.0 KB · 100 B/s · 6 s left"
     assert model.file_uploaded(b"h") is line and line.state is Transfer.UPLOADED and not line.finished
-    assert transfer_status(line) == "Uploaded — waiting for bob · the broker keeps it, you may quit"
+    assert transfer_status(line) == "Uploaded — waiting for bob · you can go offline"
     assert model.file_uploaded(b"h") is None  # told twice: no news
     assert model.active_transfers() == [] and model.pause_transfers() == [] and line.state is Transfer.UPLOADED
     assert model.file_progress(b"h", "bob", "slides.pdf", True, 1000, 1000, 1.0, 0.0, 0) is None
