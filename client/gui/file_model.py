@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,9 +136,7 @@ class FileTimeline:
 
     _files: dict[bytes, FileLine]
     active: Key | None
-
-    def conversation(self, peer: Key) -> Conversation:
-        raise NotImplementedError
+    conversation: Callable[[Key], Conversation]
 
     def file_sending(self, xfer: bytes, peer: str, name: str, size: int, ts_ms: int, room: bytes | None = None,
                      held: bool = False, folder: bool = False) -> FileLine:
