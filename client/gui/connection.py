@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from pathlib import Path
 
 from p2pchat.client import events as ev
 from p2pchat.client.chat_client import ChatClient, ClientConfig
@@ -38,8 +39,9 @@ class ConnectionFlow:
             self.model = ChatModel(target.user)  # another identity: another set of conversations
             self._view().me = target.user
         extra = dict(self.options.client_overrides)
-        if self.options.received_dir is not None:
-            extra["received_dir"] = self.options.received_dir
+        received = Path(self.settings.received_dir) if self.settings.received_dir else self.options.received_dir
+        if received is not None:
+            extra["received_dir"] = received
         config = ClientConfig(server=target.server, heartbeat_ivl=self.options.heartbeat_ivl,
                               liveness=self.options.liveness, send_timeout=self.options.send_timeout,
                               read_receipts=self.settings.read_receipts,

@@ -19,7 +19,8 @@ from p2pchat.client.gui.delivery import delivery_style, delivery_text
 from p2pchat.client.gui.filecard import Action, FileCard, forward_wheel
 from p2pchat.client.gui.layout import SEARCH_OPEN
 from p2pchat.client.gui.found import Search, match_spans
-from p2pchat.client.gui.model import ChatLine, Conversation, FileLine, Line
+from p2pchat.client.gui.file_model import FileLine
+from p2pchat.client.gui.model import ChatLine, Conversation, Line
 from p2pchat.client.gui.room_model import NoticeLine
 from p2pchat.client.gui.theme import Fonts, Palette, avatar_colour
 
@@ -51,15 +52,19 @@ def _meta(line: ChatLine) -> str:
 
 
 class ConversationView:
-    def __init__(self, widget: tk.Text, pal: Palette, fonts: Fonts, me: str, on_action: Action) -> None:
+    def __init__(self, widget: tk.Text, pal: Palette, fonts: Fonts, me: str, on_action: Action,
+                 thumbnail: Callable[[FileLine], tk.PhotoImage | None] = lambda _line: None) -> None:
+        """``thumbnail``: a received image's, for its card (the window owns the images)."""
         self.widget = widget
+        self._thumbnail = thumbnail
         self.pal = pal
         self.fonts = fonts
         self.me = me
         self._on_action = on_action
         self._last: Line | None = None
         self._cards: dict[bytes, FileCard] = {}  # the files of the conversation on screen
-        self._at_end = True  # the last line is in view: a narrower or shorter widget keeps it there
+        self._at_end = True  # the last line is in view: a narrower or shorter widget, or longer lines, keep it there
+        self._top = "1.0"  # the index of the line at the top of the view
         w = widget
         scrollbar = w.cget("yscrollcommand")
         w.configure(yscrollcommand=lambda first, last: self._scrolled(scrollbar, first, last))
@@ -180,6 +185,11 @@ class ConversationView:
         if card is not None:
             card.render(line)
 
+    def show_thumbnail(self, xfer: bytes, image: tk.PhotoImage) -> None:
+        card = self._cards.get(xfer)
+        if card is not None:
+            card.show_thumbnail(image)
+
     def card(self, xfer: bytes) -> FileCard | None:
         return self._cards.get(xfer)
 
@@ -223,7 +233,7 @@ class ConversationView:
             w.tag_add("header", start, "end-1c")  # Tk takes line spacing from the line's first index: the avatar
         w.insert("end", "\n")
         if isinstance(line, FileLine):
-            card = FileCard(w, line, self.pal, self.fonts, self._on_action)
+            card = FileCard(w, line, self.pal, self.fonts, self._on_action, self._thumbnail(line))
             forward_wheel(card, w)
             w.window_create("end", window=card, pady=4)
             w.tag_add("body", "end-2c")  # the card is the line's first index: it takes the body's indent
@@ -261,7 +271,13 @@ class ConversationView:
             self._scroll_to("end")
 
     def _scrolled(self, scrollbar: str, first: str, last: str) -> None:
-        self._at_end = float(last) >= 1.0
+        """Tk says what part is in view. A top line that moved was a scroll (the user's, or ours to the end); one that
+        stayed means the lines below grew (a card laid out, a thumbnail): the end stays in view if it was."""
+        top = self.widget.index("@0,0")
+        if top != self._top or float(last) >= 1.0:
+            self._top, self._at_end = top, float(last) >= 1.0
+        elif self._at_end:
+            self.widget.after_idle(lambda: self.widget.winfo_exists() and self.widget.see("end"))
         if scrollbar:
             self.widget.tk.call(scrollbar, first, last)
 

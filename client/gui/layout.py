@@ -65,7 +65,12 @@ K_ACCEPT_FILES = "-ACCEPT-FILES-"
 SEARCH_OPEN = "-SEARCH-OPEN-"  # value: the id of the message a search result shows
 WINDOW_FOCUSED = "-WINDOW-FOCUSED-"  # the window took the keyboard focus: the open conversation is being read
 FILE_CANCEL = "-FILE-CANCEL-"  # value: the transfer id
-FILE_OPEN_FOLDER = "-FILE-OPEN-FOLDER-"  # value: the transfer id
+FILE_OPEN_FOLDER = "-FILE-OPEN-FOLDER-"  # value: the transfer id (its card's "Show in folder")
+FILE_OPEN = "-FILE-OPEN-"  # value: the transfer id
+FILES_DROPPED = "-FILES-DROPPED-"  # value: the paths dropped on the window
+THUMBNAIL_READY = "-THUMBNAIL-READY-"  # value: a Thumbnail made off the Tk thread
+K_ATTACH_FOLDER = "-ATTACH-FOLDER-"
+K_RECEIVED_DIR = "-RECEIVED-DIR-"  # the sidebar's "Save files in …": where received files go
 SEND_SUFFIX = "+SEND"
 COMPOSER_SEND = K_COMPOSER + SEND_SUFFIX
 FORM_SUBMIT = "+SUBMIT"
@@ -150,7 +155,7 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
          sg.Text("", key=K_PEOPLE_COUNT, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((0, 16), (0, 6)))],
         [sg.Table([], headings=["name", "unread"], key=K_PEERS, col_widths=[20, 4], auto_size_columns=False,
-                  justification="left", num_rows=6, row_height=34, font=fonts.base, enable_events=True,
+                  justification="left", num_rows=5, row_height=34, font=fonts.base, enable_events=True,
                   select_mode=sg.TABLE_SELECT_MODE_BROWSE, background_color=pal.sidebar_bg,
                   text_color=pal.sidebar_text, selected_row_colors=(pal.select_text, pal.select_bg),
                   border_width=0, expand_x=True, expand_y=True, hide_vertical_scroll=True,
@@ -166,6 +171,8 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
         [sg.Checkbox("Receive files on this device", key=K_ACCEPT_FILES, default=settings.accept_files,
                      enable_events=True, pad=((12, 12), (4, 0)),
                      tooltip=" Off: files sent to you go to another of your devices ", **setting)],
+        [sg.Button("Save files in …", key=K_RECEIVED_DIR, button_color=(pal.sidebar_muted, pal.sidebar_bg),
+                   mouseover_colors=(pal.sidebar_text, pal.border), expand_x=True, pad=((10, 10), (4, 0)), **flat)],
         [sg.Text("", key=K_SETTINGS_NOTE, font=fonts.small, text_color=pal.sidebar_muted,
                  background_color=pal.sidebar_bg, pad=((16, 12), (0, 0)))],
         [sg.Button("Devices…", key=K_DEVICES, tooltip=" Your devices: link another, unlink one ",
@@ -192,9 +199,14 @@ def _chat_view(settings: GuiSettings, pal: Palette, fonts: Fonts) -> sg.Column:
                   mouseover_colors=(pal.text, pal.border), pad=((0, 16), (12, 10))),
     ]], background_color=pal.chat_bg, expand_x=True, pad=0)
     composer_row = sg.Column([[
-        sg.Button("Attach", key=K_ATTACH, font=fonts.bold, border_width=0, size=(7, 1), tooltip=" Send a file ",
+        sg.Button("Attach", key=K_ATTACH, font=fonts.bold, border_width=0, size=(7, 1),
+                  tooltip=" Send files (or drop them on the window) ",
                   button_color=(pal.text, pal.input_bg), mouseover_colors=(pal.text, pal.border),
                   disabled_button_color=(pal.muted, pal.chat_bg), pad=((16, 10), 12)),
+        sg.Button("Folder", key=K_ATTACH_FOLDER, font=fonts.bold, border_width=0, size=(7, 1),
+                  tooltip=" Send a whole folder (or drop files and folders on the window) ",
+                  button_color=(pal.text, pal.input_bg), mouseover_colors=(pal.text, pal.border),
+                  disabled_button_color=(pal.muted, pal.chat_bg), pad=((0, 10), 12)),
         sg.Multiline("", key=K_COMPOSER, size=(40, 2), font=fonts.base, no_scrollbar=True, border_width=0,
                      background_color=pal.input_bg, text_color=pal.input_text, expand_x=True,
                      pad=((0, 10), 12)),
@@ -392,11 +404,13 @@ def _style_widgets(window: sg.Window, pal: Palette, fonts: Fonts) -> None:
                         (K_MARK_VERIFIED, pal.border), (K_UNLINK_DEVICE, pal.border)):
         window[key].Widget.configure(padx=12, pady=3, cursor="hand2", relief="flat", highlightthickness=1,
                                      highlightbackground=border)
-    window[K_ATTACH].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=1,
-                                      highlightbackground=pal.border)
-    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE, K_DEVICES_HIDE):
+    for key in (K_ATTACH, K_ATTACH_FOLDER):
+        window[key].Widget.configure(pady=6, cursor="hand2", relief="flat", highlightthickness=1,
+                                     highlightbackground=pal.border)
+    for key in (K_THEME, K_NOTIFY, K_KEY_INFO, K_KEY_HIDE, K_SEARCH_CLOSE, K_DEVICES_HIDE, K_RECEIVED_DIR):
         if key in window.AllKeysDict:
             window[key].Widget.configure(padx=8, pady=1, cursor="hand2", relief="flat", highlightthickness=0)
+    window[K_RECEIVED_DIR].Widget.configure(anchor="w", width=0)  # its text changes: left, under the checkboxes
     for key in (K_KEY_BANNER_TEXT, K_KEY_NOTICE_TEXT, K_KEY_PANEL_NOTE, K_DEVICES_NOTE, K_PEER_DEVICES):
         window[key].Widget.configure(wraplength=WRAP_PX, justify="left", width=0)
     # A room's prose wraps to the timeline's width: the members column beside it takes its own first.

@@ -1,6 +1,6 @@
 """What the chat window shows, as plain data: conversations, file transfers, presence, unread counts, keys.
 
-No Tk here. The window feeds client events, history and user actions in and
+No Tk here; files are file_model.py's. The window feeds client events, history and user actions in and
 renders what this model says, so the rules (who is unread, what a delivery or
 transfer state means, how history merges with what arrived meanwhile, when to
 notify, whose key is in doubt) are tested without a display.
@@ -14,12 +14,11 @@ import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from p2pchat.client.gui.delivery import FROM_HISTORY, RECEIPTS, SEND_STATES, UNSENT, Delivery, can_move
+from p2pchat.client.gui.file_model import FileLine, FileTimeline
 from p2pchat.client.gui.found import Search
 from p2pchat.client.gui.room_model import NoticeLine, RoomBook
-from p2pchat.client.gui.units import human_eta, human_size
 from p2pchat.client.storage.history import HistoryEntry
 from p2pchat.common.errors import ErrorCode, P2PChatError
 
@@ -54,50 +53,6 @@ class ChatLine:
     @property
     def key(self) -> Key:
         return self.peer if self.room is None else self.room
-
-
-class Transfer(enum.Enum):
-    """A file in the timeline. DONE, FAILED and CANCELLED are final: a late event changes nothing."""
-
-    OFFERING = "offering"  # ours: waiting for the receiver to take it
-    ACTIVE = "active"  # bytes moving, either way
-    PAUSED = "paused"  # we disconnected: the library resumes it on the next connect
-    DONE = "done"  # verified and saved by the receiver
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TAKEN = "taken"  # offered to all our devices; another of ours took it (no error: it is there)
-
-
-FINAL = frozenset({Transfer.DONE, Transfer.FAILED, Transfer.CANCELLED, Transfer.TAKEN})
-
-
-@dataclass(slots=True)
-class FileLine:
-    """A file message: one per transfer, in the conversation with the peer, whichever way it goes."""
-
-    xfer: bytes
-    peer: str
-    outgoing: bool
-    name: str
-    size: int
-    ts_ms: int
-    state: Transfer
-    done: int = 0  # bytes the receiver has verified
-    rate: float = 0.0  # bytes/s
-    eta: float | None = None  # seconds
-    path: Path | None = None  # where a received file was saved
-    failure: str = ""
-    cancel_asked: bool = False  # we pressed Cancel: the CANCELLED that follows is ours, not the peer's
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINAL
-
-    @property
-    def fraction(self) -> float:
-        if self.state is Transfer.DONE:
-            return 1.0
-        return min(1.0, self.done / self.size) if self.size > 0 else 0.0
 
 
 Line = ChatLine | FileLine | NoticeLine
@@ -142,49 +97,7 @@ def describe_failure(error: P2PChatError) -> str:
     return friendly.get(error.code, error.message)
 
 
-def describe_transfer_failure(error: P2PChatError, line: FileLine) -> str:
-    """Why a transfer stopped, from this side's point of view."""
-    if error.code is ErrorCode.CANCELLED:
-        return "Cancelled" if line.cancel_asked else f"Cancelled by {line.peer}"
-    friendly = {
-        ErrorCode.RECIPIENT_OFFLINE: f"{line.peer} is offline",
-        ErrorCode.UNKNOWN_RECIPIENT: f"{line.peer} is not on this broker",
-        ErrorCode.PEER_KEY_CHANGED: f"{line.peer}'s key changed; accept the new key first",
-        ErrorCode.CLOSED: "disconnected before it finished",
-        ErrorCode.BROKER_UNREACHABLE: "the connection to the broker was lost",
-        ErrorCode.SOURCE_CHANGED: error.message,
-        ErrorCode.TAKEN: "taken by another of your devices",
-    }
-    return friendly.get(error.code, error.message)
-
-
-def transfer_status(line: FileLine) -> str:
-    """The one line under a file's name: direction, progress, rate and time left, or how it ended."""
-    if line.state is Transfer.OFFERING:
-        return f"Waiting for {line.peer} to accept…"
-    if line.state is Transfer.ACTIVE:
-        verb = "Sending" if line.outgoing else "Receiving"
-        parts = [f"{verb} {round(line.fraction * 100)}%",
-                 f"{human_size(line.done)} of {human_size(line.size)}"]
-        if line.rate > 0:
-            parts.append(f"{human_size(line.rate)}/s")
-        if line.eta is not None and line.done < line.size:
-            parts.append(human_eta(line.eta))
-        return " · ".join(parts)
-    if line.state is Transfer.PAUSED:
-        return f"Paused at {round(line.fraction * 100)}% · resumes when you reconnect"
-    if line.state is Transfer.DONE:
-        if line.outgoing:
-            return f"Sent ✓ · {line.peer} verified and saved it"
-        return "Received ✓ · verified and saved"
-    if line.state is Transfer.CANCELLED:
-        return line.failure or "Cancelled"
-    if line.state is Transfer.TAKEN:
-        return "Taken by another of your devices"
-    return f"Failed: {line.failure}" if line.failure else "Failed"
-
-
-class ChatModel:
+class ChatModel(FileTimeline):
     def __init__(self, user: str) -> None:
         self.user = user
         self.link = Link.OFFLINE
@@ -345,80 +258,6 @@ class ChatModel:
     def _advance(self, msg_id: bytes, state: Delivery) -> ChatLine | None:
         line = self._by_id.get(msg_id)
         return line if line is not None and line.outgoing and _advance(line, state) else None
-
-    # --- files ----------------------------------------------------------------
-    def file_sending(self, xfer: bytes, peer: str, name: str, size: int, ts_ms: int) -> FileLine:
-        line = FileLine(xfer, peer, True, name, size, ts_ms, Transfer.OFFERING)
-        return self._add_file(line)
-
-    def file_refused(self, peer: str, name: str, ts_ms: int, reason: str) -> FileLine:
-        """A file the client library refused before offering it (unreadable, not a file, ...)."""
-        line = FileLine(os.urandom(8), peer, True, name, 0, ts_ms, Transfer.FAILED, failure=reason)
-        return self._add_file(line)
-
-    def file_incoming(self, xfer: bytes, sender: str, name: str, size: int, ts_ms: int) -> tuple[FileLine, bool]:
-        """(line, is_new): an offer repeated after a reconnect is the same file, not another unread one."""
-        line = self._files.get(xfer)
-        if line is not None:
-            if line.state is Transfer.PAUSED:
-                line.state = Transfer.ACTIVE
-            return line, False
-        line = self._add_file(FileLine(xfer, sender, False, name, size, ts_ms, Transfer.ACTIVE))
-        if sender != self.active:
-            self.conversation(sender).unread += 1
-        return line, True
-
-    def file_progress(self, xfer: bytes, peer: str, name: str, outgoing: bool, done: int, size: int,
-                      rate: float, eta: float | None, ts_ms: int) -> tuple[FileLine, bool] | None:
-        """(line, is_new), or None once final. A transfer resumed after a restart starts with progress."""
-        line = self._files.get(xfer)
-        is_new = line is None
-        if line is None:
-            line = self._add_file(FileLine(xfer, peer, outgoing, name, size, ts_ms, Transfer.ACTIVE))
-        elif line.finished:
-            return None
-        line.state, line.done, line.size, line.rate, line.eta = Transfer.ACTIVE, done, size, rate, eta
-        return line, is_new
-
-    def file_received(self, xfer: bytes, sender: str, name: str, path: Path, size: int, ts_ms: int) -> FileLine:
-        line = self._files.get(xfer) or self._add_file(FileLine(xfer, sender, False, name, size, ts_ms,
-                                                                Transfer.ACTIVE))
-        if not line.finished:
-            line.state, line.done, line.path, line.eta = Transfer.DONE, size, path, None
-        return line
-
-    def file_sent(self, xfer: bytes) -> FileLine | None:
-        line = self._files.get(xfer)
-        if line is None or line.finished:
-            return None
-        line.state, line.done, line.eta = Transfer.DONE, line.size, None
-        return line
-
-    def file_failed(self, xfer: bytes, error: P2PChatError) -> FileLine | None:
-        line = self._files.get(xfer)
-        if line is None or line.finished:
-            return None
-        line.state = {ErrorCode.CANCELLED: Transfer.CANCELLED, ErrorCode.TAKEN: Transfer.TAKEN}.get(
-            error.code, Transfer.FAILED)
-        line.failure, line.eta = describe_transfer_failure(error, line), None
-        return line
-
-    def pause_transfers(self) -> list[FileLine]:
-        paused = self.active_transfers()
-        for line in paused:
-            line.state, line.rate, line.eta = Transfer.PAUSED, 0.0, None
-        return paused
-
-    def file(self, xfer: bytes) -> FileLine | None:
-        return self._files.get(xfer)
-
-    def active_transfers(self) -> list[FileLine]:
-        return [line for line in self._files.values() if not line.finished]
-
-    def _add_file(self, line: FileLine) -> FileLine:
-        self.conversation(line.peer).lines.append(line)
-        self._files[line.xfer] = line
-        return line
 
     # --- keys -------------------------------------------------------------------
     def peer_key_changed(self, peer: str, change: KeyChange) -> bool:

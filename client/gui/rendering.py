@@ -16,6 +16,7 @@ from p2pchat.client.gui.conversation import ConversationView
 from p2pchat.client.gui.filecard import FileCard
 from p2pchat.client.gui.layout import (
     K_ATTACH,
+    K_ATTACH_FOLDER,
     K_CHAT_VIEW,
     K_COMPOSER,
     K_CONNECT,
@@ -124,8 +125,10 @@ class Rendering:
         self._render_transfers()
         pending = client is not None and (client.config.read_receipts != self.settings.read_receipts
                                           or client.config.trust_key_changes != self.settings.trust_key_changes
-                                          or client.config.accept_files != self.settings.accept_files)
+                                          or client.config.accept_files != self.settings.accept_files
+                                          or self._received_dir_pending())
         self.window[K_SETTINGS_NOTE].update("applies when you reconnect" if pending else "")
+        self._render_received_dir()
         if self.options.notifications:
             self.window[K_NOTIFY].update("Notifications: on" if self.settings.notifications else "Notifications: off")
         self.window[K_THEME].update("Dark theme" if self.settings.theme == "light" else "Light theme")
@@ -178,17 +181,16 @@ class Rendering:
             self.window[K_PEER_PRESENCE].update(search_summary(search), text_color=self.palette.muted)
         else:
             self._render_presence(peer)
-        pal, can_send = self.palette, self._can_send()
-        # Files do not wait for a key; room files are not offered here yet (ChatClient.send_room_file is to come).
-        can_attach = can_send and type(peer) is str and peer not in self.model.key_changed
+        pal, can_send, can_attach = self.palette, self._can_send(), self._can_attach()
         # Tk greys out neither a disabled Text nor a coloured Button: recolour them so "disabled" shows.
         self._composer().configure(state="normal" if can_send else "disabled",
                                    background=pal.input_bg if can_send else pal.chat_bg,
                                    highlightcolor=pal.accent if can_send else pal.border)
         self.window[K_SEND].update(disabled=not can_send, button_color=(pal.accent_text, pal.accent) if can_send
                                    else (pal.muted, pal.border))
-        self.window[K_ATTACH].update(disabled=not can_attach, button_color=(pal.text, pal.input_bg) if can_attach
-                                     else (pal.muted, pal.chat_bg))
+        for key in (K_ATTACH, K_ATTACH_FOLDER):
+            self.window[key].update(disabled=not can_attach, button_color=(pal.text, pal.input_bg) if can_attach
+                                    else (pal.muted, pal.chat_bg))
         self._render_security()
         self._render_room_view()
 
@@ -202,7 +204,7 @@ class Rendering:
         elif peer in self.model.online:
             presence = "● online"
         else:
-            presence = "○ offline — messages cannot be delivered until they are back"
+            presence = "○ offline — files wait for them at the broker"  # messages: Send is off
         self.window[K_PEER_PRESENCE].update(presence, text_color=self.palette.ok if peer in self.model.online
                                             else self.palette.muted)
 
@@ -220,6 +222,15 @@ class Rendering:
         active = self.model.active
         reachable = self.model.rooms.joined(active) if type(active) is bytes else active in self.model.online
         return (active is not None and self.model.search is None and reachable
+                and self.model.link in (Link.CONNECTED, Link.RECONNECTING))
+
+    def _can_attach(self) -> bool:
+        """Files go to a room we are in, or to anyone whose key is not in doubt: to someone offline too, through the
+        broker, which keeps them until they come (a message to them is not sent: ``_can_send``)."""
+        active = self.model.active
+        reachable = self.model.rooms.joined(active) if type(active) is bytes else \
+            active is not None and active not in self.model.key_changed
+        return (reachable and self.model.search is None
                 and self.model.link in (Link.CONNECTED, Link.RECONNECTING))
 
     def _empty_hint(self) -> str:

@@ -28,6 +28,7 @@ class GuiSettings:
     read_receipts: bool = True  # let senders see when we have read their messages (from the next connect)
     trust_key_changes: bool = False  # accept contacts' new keys at once, still telling the user (next connect)
     accept_files: bool = True  # False: this device refuses files, so another device of the user takes them
+    received_dir: str = ""  # where received files go (from the next connect); "" for the default
 
 
 def settings_path() -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import queue
 from typing import Any
 
-from p2pchat.client.gui.layout import CLIENT_EVENT, K_FORM_ERROR, K_HOST, K_PORT, K_SEARCH, K_USER
+from p2pchat.client.gui.layout import K_FORM_ERROR, K_HOST, K_PORT, K_SEARCH, K_USER
 from p2pchat.client.gui.room_layout import K_ROOM_FIELDS
 from p2pchat.client.gui.theme import Palette, palette
 
@@ -34,7 +34,7 @@ class ThemeSwitch:
         for key, value in stale:
             self.window.write_event_value(key, value)
         for item in parked:
-            self.window.write_event_value(CLIENT_EVENT, item)
+            self._deliver(item)
         self._composer().insert("1.0", draft)  # before _render_all may disable the composer
         for key, value in form.items():
             self.window[key].update(value)

@@ -32,16 +32,20 @@ from p2pchat.client.gui.bridge import TkEventBridge
 from p2pchat.client.gui.connection import ConnectionFlow
 from p2pchat.client.gui.conversation import ConversationView
 from p2pchat.client.gui.desktop import Desktop
+from p2pchat.client.gui.dropping import accept_drops
 from p2pchat.client.gui.devices import DeviceJob, DeviceManagement
 from p2pchat.client.gui.key_verification import KeyVerification
 from p2pchat.client.gui.layout import (
     CLIENT_EVENT,
     COMPOSER_SEND,
     FILE_CANCEL,
+    FILE_OPEN,
     FILE_OPEN_FOLDER,
+    FILES_DROPPED,
     FORM_SUBMIT,
     K_ACCEPT_KEY,
     K_ATTACH,
+    K_ATTACH_FOLDER,
     K_COMPARE_KEY,
     K_CONNECT,
     K_CONVERSATION,
@@ -59,6 +63,7 @@ from p2pchat.client.gui.layout import (
     K_PEERS,
     K_PORT,
     K_RECEIPTS,
+    K_RECEIVED_DIR,
     K_SEARCH,
     K_SEARCH_CLOSE,
     K_SEND,
@@ -70,6 +75,7 @@ from p2pchat.client.gui.layout import (
     SEARCH_ESCAPE,
     SEARCH_OPEN,
     SEARCH_SUBMIT,
+    THUMBNAIL_READY,
     TOAST_CLICKED,
     WINDOW_FOCUSED,
     build_window,
@@ -78,6 +84,7 @@ from p2pchat.client.gui.layout import (
 from p2pchat.client.gui.messaging import Messaging
 from p2pchat.client.gui.model import ChatModel, Link
 from p2pchat.client.gui.notifications import Notifications, Toast
+from p2pchat.client.gui.received_files import ReceivedFiles
 from p2pchat.client.gui.rendering import Rendering
 from p2pchat.client.gui.room_layout import (
     K_DECLINE_ROOM,
@@ -96,7 +103,8 @@ from p2pchat.client.gui.search import MessageSearch
 from p2pchat.client.gui.settings import ConnectTarget, FormError, GuiSettings, SettingsStore
 from p2pchat.client.gui.theme import Fonts, pick_fonts
 from p2pchat.client.gui.theme_switch import ThemeSwitch
-from p2pchat.client.gui.transfers import FileTransfers
+from p2pchat.client.gui.thumbnails import Thumbnail, ThumbnailMaker
+from p2pchat.client.gui.transfers import FILE_EVENTS, FileTransfers
 from p2pchat.client.storage.history import History
 from p2pchat.common.errors import ErrorCode
 
@@ -115,7 +123,7 @@ class GuiOptions:
     heartbeat_ivl: float = 1.0
     liveness: int = 3
     send_timeout: float = 10.0
-    received_dir: Path | None = None  # None: the client library's default (~/client_received)
+    received_dir: Path | None = None  # unless the user chose one in settings; None: the library's (~/client_received)
     client_overrides: tuple[tuple[str, Any], ...] = ()  # more ClientConfig fields (tests slow transfers down)
 
     @classmethod
@@ -125,7 +133,7 @@ class GuiOptions:
         return cls(notifications=setting not in ("0", "false", "no", "off"))
 
 
-class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransfers, KeyVerification,
+class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransfers, ReceivedFiles, KeyVerification,
                  DeviceManagement, Notifications, ThemeSwitch, Rendering):
     def __init__(self, settings: GuiSettings, *, store: SettingsStore | None = None,
                  options: GuiOptions = GuiOptions(), notice: str = "", desktop: Desktop = Desktop()) -> None:
@@ -144,8 +152,11 @@ class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransf
         self._parked: list[Any] | None = None  # client events that arrive while the window is rebuilt
         self.fonts: Fonts = pick_fonts()
         self._dots: dict[bool, tk.PhotoImage] = {}  # presence dots, made with each build of the window
+        self._thumbnail_images: dict[bytes, tk.PhotoImage] = {}  # received images' (received_files.py)
+        self.drag_over = False  # something that may be dropped is over the window (its timeline shows it)
         self.window = self._build()
         self.bridge = TkEventBridge(self.window.TKroot.tk, self._deliver)
+        self._thumbnails = ThumbnailMaker(self.bridge.post)
         self._render_all()
         if notice:
             self._show_form_error(FormError("host", notice))
@@ -211,11 +222,19 @@ class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransf
         elif event in (K_SEND, COMPOSER_SEND):
             self.send_composed()
         elif event == K_ATTACH:
-            self.attach_file()
+            self.attach_files()
+        elif event == K_ATTACH_FOLDER:
+            self.attach_folder()
+        elif event == FILES_DROPPED:
+            self.drop_paths(values[FILES_DROPPED])
         elif event == FILE_CANCEL:
             self.cancel_transfer(values[FILE_CANCEL])
+        elif event == FILE_OPEN:
+            self.open_received(values[FILE_OPEN])
         elif event == FILE_OPEN_FOLDER:
-            self.open_folder(values[FILE_OPEN_FOLDER])
+            self.show_in_folder(values[FILE_OPEN_FOLDER])
+        elif event == THUMBNAIL_READY:
+            self._on_thumbnail(values[THUMBNAIL_READY])
         elif event == K_ACCEPT_KEY:
             self.accept_key()
         elif event in (K_KEY_INFO, K_KEY_HIDE, K_COMPARE_KEY, K_NOTICE_VERIFY):
@@ -243,6 +262,8 @@ class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransf
         elif event == K_TRUST_KEYS:
             self._update_settings(trust_key_changes=bool(self.window[K_TRUST_KEYS].get()))
             self._render_status()
+        elif event == K_RECEIVED_DIR:
+            self.choose_received_dir()
         elif event == K_ACCEPT_FILES:
             self._update_settings(accept_files=bool(self.window[K_ACCEPT_FILES].get()))
             self._render_status()
@@ -314,7 +335,7 @@ class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransf
                 self._log(f"Security: refused a message that failed its integrity check ({error.message})")
             else:
                 self._log(f"Broker error: {error.message}")
-        elif kind in (ev.FileIncoming, ev.FileProgress, ev.FileReceived, ev.FileSent, ev.FileFailed):
+        elif kind in FILE_EVENTS:
             self._on_file_event(event)
         else:
             log.debug("user=%s ignoring client event %s", self.model.user, kind.__name__)
@@ -327,17 +348,19 @@ class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransf
         self._stop_client()
         if self._toast is not None:
             self._toast.close()
+        self._thumbnails.close()  # before the bridge: a thumbnail made meanwhile still has somewhere to go
         self.bridge.close()
         self._drop_dots()
+        self._drop_thumbnails()
         self.window.close()
 
     # --- events into the window's queue -----------------------------------------------
     def _deliver(self, item: Any) -> None:
-        """Called by the bridge on the Tk thread."""
+        """Called by the bridge on the Tk thread: a client event (with its generation), or a thumbnail."""
         if self._parked is not None:
             self._parked.append(item)
         else:
-            self.window.write_event_value(CLIENT_EVENT, item)
+            self.window.write_event_value(THUMBNAIL_READY if type(item) is Thumbnail else CLIENT_EVENT, item)
 
     def _post_action(self, key: str, ref: bytes) -> None:
         """A file card's button or a search result: into the window's queue, so ``handle`` stays the dispatcher."""
@@ -367,8 +390,10 @@ class ChatWindow(ConnectionFlow, Messaging, RoomViews, MessageSearch, FileTransf
         window = build_window(self.settings, pal, fonts, notify_toggle=self.options.notifications,
                               location=location, size=size)
         self._conversation_view = ConversationView(window[K_CONVERSATION].Widget, pal, fonts, self.model.user,
-                                                   on_action=self._post_action)
+                                                   on_action=self._post_action, thumbnail=self._thumbnail_image)
         window.TKroot.bind("<FocusIn>", self._on_focus_in, add="+")
+        accept_drops(window.TKroot, self._can_attach, self._drag_hover,
+                     lambda paths: window.write_event_value(FILES_DROPPED, paths))
         self._drop_dots()
         self._dots = {True: dot_image(window.TKroot, pal.ok), False: dot_image(window.TKroot, pal.offline)}
         return window

@@ -19,7 +19,8 @@ import PySimpleGUI as sg
 from p2pchat.client.gui.desktop import Desktop
 from p2pchat.client.gui.filecard import FileCard
 from p2pchat.client.gui.layout import K_ATTACH, K_COMPOSER, K_CONVERSATION, K_PEERS, K_SEARCH
-from p2pchat.client.gui.model import ChatLine, FileLine
+from p2pchat.client.gui.file_model import FileLine
+from p2pchat.client.gui.model import ChatLine
 from p2pchat.client.gui.room_layout import K_MEMBERS, K_ROOM_FIELDS, K_ROOM_FORM, K_ROOM_FORM_OK, K_ROOMS
 from p2pchat.client.gui.window import ChatWindow
 from tests.client.gui.conftest import pump
@@ -27,19 +28,26 @@ from tests.client.gui.conftest import pump
 
 @dataclass
 class FakeDesktop:
-    """Answers the file dialog with what the test queued; records the folders it was asked to show."""
+    """Answers the file and folder dialogs with what the test queued; records what it was asked to open."""
 
-    to_choose: list[Path] = field(default_factory=list)
+    to_choose: list[list[Path]] = field(default_factory=list)  # each dialog's answer: the files chosen
+    folders: list[Path] = field(default_factory=list)  # each folder dialog's answer
     opened: list[Path] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)  # the dialogs' titles, as asked
 
-    def choose_file(self, _parent: tk.Misc, _peer: str) -> str | None:
-        return str(self.to_choose.pop(0)) if self.to_choose else None
+    def choose_files(self, _parent: tk.Misc, title: str) -> list[str]:
+        self.titles.append(title)
+        return [str(path) for path in self.to_choose.pop(0)] if self.to_choose else []
 
-    def open_folder(self, folder: Path) -> None:
-        self.opened.append(folder)
+    def choose_folder(self, _parent: tk.Misc, title: str, _start: str) -> str | None:
+        self.titles.append(title)
+        return str(self.folders.pop(0)) if self.folders else None
+
+    def open_path(self, path: Path) -> None:
+        self.opened.append(path)
 
     def desktop(self) -> Desktop:
-        return Desktop(choose_file=self.choose_file, open_folder=self.open_folder)
+        return Desktop(choose_files=self.choose_files, choose_folder=self.choose_folder, open_path=self.open_path)
 
 
 def act(window: ChatWindow, action: Callable[[], None], timeout: float = 10.0) -> None:
@@ -109,14 +117,18 @@ def meet(a: ChatWindow, b: ChatWindow) -> None:
     select_peer(b, a.model.user, [a])
 
 
-def attach(window: ChatWindow, desktop: FakeDesktop, path: Path) -> FileLine:
-    """Press Attach and pick ``path`` in the (faked) dialog; the file's line in the timeline."""
-    desktop.to_choose.append(path)
+def attach(window: ChatWindow, desktop: FakeDesktop, *paths: Path, key: str = K_ATTACH) -> FileLine:
+    """Press Attach and pick ``paths`` in the (faked) dialog, or Folder (``key``) and pick the one in ``paths``;
+    the first file's line in the timeline."""
+    if key == K_ATTACH:
+        desktop.to_choose.append(list(paths))
+    else:
+        desktop.folders.extend(paths)
     before = {card.xfer for card in window.file_cards()}
-    click(window, K_ATTACH)
+    click(window, key)
     new = [window.model.file(card.xfer) for card in window.file_cards() if card.xfer not in before]
     sent = [line for line in new if line is not None and line.outgoing]
-    assert len(sent) == 1, "the file appears in the timeline at once"
+    assert len(sent) == len(paths), "each file appears in the timeline at once"
     return sent[0]
 
 

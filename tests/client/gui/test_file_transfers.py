@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("PySimpleGUI", reason="the desktop GUI needs PySimpleGUI")
 
-from p2pchat.client.gui.model import Transfer  # noqa: E402
+from p2pchat.client.gui.file_model import Transfer  # noqa: E402
 from tests.client.gui.conftest import pump, received_dir  # noqa: E402
 from tests.client.gui.driving import FakeDesktop, act, attach, meet, moving, select_peer, shows, sparse  # noqa: E402
 
@@ -24,13 +24,13 @@ def test_a_file_attached_in_one_window_is_saved_and_listed_in_the_other(make_win
 
     sent = attach(alice, alice_desktop, source)
     card = alice.file_card(sent.xfer)
-    assert card is not None and card.action_text == "Cancel" and card.bar_shown
+    assert card is not None and card.actions == ["Cancel"] and card.bar_shown
     assert not sent.finished and sent.outgoing and sent.name == "quarterly report.pdf"
 
     # bob has another conversation open (none): the file counts as unread, like a message
     pump(both, lambda: "●  alice  1" in bob.roster_text(), "the incoming file as unread at bob")
     pump(both, lambda: card.status_text.startswith("Sent ✓"), "alice's file to be verified by bob")
-    assert card.action_text == "" and not card.bar_shown and sent.done == sent.size == 3_000_000
+    assert card.actions == [] and not card.bar_shown and sent.done == sent.size == 3_000_000
     assert "bob received quarterly report.pdf" in alice.log_text()
 
     select_peer(bob, "alice", both)
@@ -41,11 +41,13 @@ def test_a_file_attached_in_one_window_is_saved_and_listed_in_the_other(make_win
     assert line.path.read_bytes() == source.read_bytes()
     assert got.status_text == "Received ✓ · verified and saved"
     assert got.saved_text == f"{line.path.parent}/{line.path.name}"  # not under $HOME here: shown in full
-    assert got.action_text == "Open folder" and got.bar_fraction() == 0 and not got.bar_shown
+    assert got.actions == ["Open", "Show in folder"] and got.bar_fraction() == 0 and not got.bar_shown
 
-    act(bob, got.action.invoke)
+    act(bob, got.button("Show in folder").invoke)
     pump([bob], lambda: bob_desktop.opened != [], "the folder to be shown")
-    assert bob_desktop.opened == [received_dir(tmp_path, "bob")]
+    act(bob, got.button("Open").invoke)
+    pump([bob], lambda: len(bob_desktop.opened) == 2, "the file to be opened")
+    assert bob_desktop.opened == [received_dir(tmp_path, "bob"), line.path]
 
 
 def test_progress_rows_move_to_done_in_both_directions(make_window, tmp_path):
@@ -87,11 +89,11 @@ def test_cancel_in_the_window_stops_the_transfer_on_both_sides(make_window, tmp_
     assert 0 < card.bar_fraction() < 1 and alice.transfers_status_text().startswith("↑ huge.img ")
     assert bob.transfers_status_text().startswith("↓ huge.img ")
 
-    act(alice, card.action.invoke)
+    act(alice, card.button("Cancel").invoke)
     pump([alice, bob], lambda: line.state is Transfer.CANCELLED, "alice's cancel")
-    assert card.status_text == "Cancelled" and card.action_text == "" and not card.bar_shown
+    assert card.status_text == "Cancelled" and card.actions == [] and not card.bar_shown
     assert "Sending huge.img to bob: Cancelled" in alice.log_text() and alice.transfers_status_text() == ""
     pump([alice, bob], lambda: [c.status_text for c in bob.file_cards()] == ["Cancelled by alice"],
          "bob to see it cancelled")
-    assert [c.action_text for c in bob.file_cards()] == [""]
+    assert [c.actions for c in bob.file_cards()] == [[]]
     assert not any(received_dir(tmp_path, "bob").iterdir())  # no file, no leftover .part

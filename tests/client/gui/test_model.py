@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 
 from p2pchat.client.gui.delivery import MOVES, Delivery, delivery_style, delivery_text
+from p2pchat.client.gui.file_model import Transfer, transfer_status
 from p2pchat.client.gui.found import Search, match_spans, search_summary
-from p2pchat.client.gui.model import (
-    ChatLine,
-    ChatModel,
-    KeyChange,
-    Link,
-    Transfer,
-    describe_failure,
-    should_notify,
-    transfer_status,
-)
+from p2pchat.client.gui.model import ChatLine, ChatModel, KeyChange, Link, describe_failure, should_notify
 from p2pchat.client.gui.units import human_eta, human_size
 from p2pchat.client.storage.history import HistoryEntry
 from p2pchat.common.errors import ErrorCode, RemoteError, TransferError

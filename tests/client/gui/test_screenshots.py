@@ -2,7 +2,8 @@
 (the states of what waits, the banner, Verify…, after Continue, and the notice of a change accepted automatically);
 bob's second device (what his first sent, read and took, and the Devices panel) in both themes, and alice's
 Verify panel with one safety number for bob's account and his devices under it; a room with its members in both
-themes, an invitation, and the room form with the broker's refusal.
+themes, an invitation, and the room form with the broker's refusal; files in a room (a thumbnail) in both themes,
+and a file the broker holds for someone offline.
 
 Each run writes them to ``artifacts/screenshots`` (git-ignored, or
 ``$P2PCHAT_SCREENSHOTS``); docs/screenshots holds the copies the README shows.
@@ -128,7 +129,7 @@ def test_screenshots_of_both_themes(make_window, tmp_path, monkeypatch):
     if shutil.which("import") is None:
         pytest.skip("ImageMagick's import is not installed: no screenshots")
     screenshots_of_both_themes(alice, everyone, "gui-")
-    act(alice, alice.file_card(snapshot.xfer).action.invoke)  # Cancel: the snapshot has been seen enough
+    act(alice, alice.file_card(snapshot.xfer).button("Cancel").invoke)  # Cancel: the snapshot has been seen enough
 
     click(alice, K_THEME)
     search_for(alice, "night")
@@ -213,6 +214,16 @@ def test_screenshots_of_a_second_device(bob_twice, tmp_path):
     screenshot(alice, "gui-account-verify.png")
 
 
+def open_team(alice: ChatWindow, everyone: list[ChatWindow], invitees: str) -> None:
+    """alice creates #team (the release's) in the room form and invites ``invitees`` there."""
+    click(alice, K_NEW_ROOM)
+    fill_room_form(alice, "team", "Release 2.4: branch cut Monday, QA Tuesday")
+    pump(everyone, lambda: alice.window[K_PEER_NAME].get() == "# team", "#team open")
+    click(alice, K_INVITE)
+    fill_room_form(alice, invitees)
+    pump(everyone, lambda: "You invited" in alice.conversation_text(), "the invitations")
+
+
 def screenshots_of_both_themes(window: ChatWindow, everyone: list[ChatWindow], prefix: str) -> None:
     """``{prefix}light.png`` and ``{prefix}dark.png``, switching the window's theme as a user does; it stays dark."""
     for theme in ("light", "dark"):
@@ -243,12 +254,7 @@ def test_screenshots_of_rooms(make_window):
     alice, bob, carol = make_window("alice"), make_window("bob"), make_window("carol")
     everyone = [alice, bob, carol]
     pump(everyone, lambda: shows(alice, "bob", "●") and shows(alice, "carol", "●"), "everyone online")
-    click(alice, K_NEW_ROOM)
-    fill_room_form(alice, "team", "Release 2.4: branch cut Monday, QA Tuesday")
-    pump(everyone, lambda: alice.window[K_PEER_NAME].get() == "# team", "#team open")
-    click(alice, K_INVITE)
-    fill_room_form(alice, "bob, carol, dave")
-    pump(everyone, lambda: "You invited" in alice.conversation_text(), "the invitations")
+    open_team(alice, everyone, "bob, carol, dave")
     bob.client.room_join("team")
     alice.client.room_admin("team", "bob")
     pump(everyone, lambda: "bob is now an admin" in alice.conversation_text(), "bob an admin")
@@ -283,3 +289,62 @@ def test_screenshots_of_rooms(make_window):
     fill_room_form(alice, "Team", "")
     pump(everyone, lambda: "Refused" in alice.window[K_ROOM_FORM_NOTE].get(), "the refusal")
     screenshot(alice, "gui-rooms-form.png")
+
+
+def dashboard(path: Path) -> Path:
+    """A picture worth a thumbnail: a build dashboard's bars on a gradient."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (1200, 800))
+    draw = ImageDraw.Draw(image)
+    for y in range(800):
+        draw.line([(0, y), (1200, y)], fill=(28 + y // 20, 40 + y // 16, 72 + y // 10))
+    for i, height in enumerate((300, 420, 380, 520, 610, 560, 680)):
+        x = 110 + i * 150
+        draw.rectangle([x, 740 - height, x + 90, 740], fill=(76, 175, 80) if i != 2 else (229, 115, 115))
+    draw.line([(80, 740), (1140, 740)], fill=(230, 230, 230), width=4)
+    image.save(path, "PNG")
+    return path
+
+
+def test_screenshots_of_files(make_window, tmp_path, monkeypatch):
+    """alice's #team with files from bob (the release notes) and carol (an image, with its thumbnail), in both
+    themes; then a file for bob while he is offline, which the broker holds: "Uploaded — waiting for bob"."""
+    if shutil.which("import") is None:
+        pytest.skip("ImageMagick's import is not installed: no screenshots")
+    monkeypatch.setenv("HOME", str(received_dir(tmp_path, "alice").parent))  # paths read "~/client_received/…"
+    alice_desktop = FakeDesktop()
+    alice, bob, carol = make_window("alice", desktop=alice_desktop), make_window("bob"), make_window("carol")
+    everyone = [alice, bob, carol]
+    pump(everyone, lambda: shows(alice, "bob", "●") and shows(alice, "carol", "●"), "everyone online")
+    select_peer(alice, "bob", everyone)
+    type_and_press(alice, "Can you put last night's CI numbers in #team?")
+    pump(everyone, lambda: state(alice, "bob", "Can you put last night's CI numbers in #team?")[0] != "sending…",
+         "alice's question sent")
+    open_team(alice, everyone, "bob, carol")
+    bob.client.room_join("team")
+    carol.client.room_join("team")
+    pump(everyone, lambda: "carol joined" in alice.conversation_text(), "carol in #team")
+    bob.client.send_room("team", "Last night's CI run: all green but the transfer suite. Draft notes attached.")
+    notes = tmp_path / "release-notes-2.4.pdf"
+    notes.write_bytes(os.urandom(1_800_000))
+    bob.client.send_room_file("team", notes)
+    pump(everyone, lambda: len(alice.file_cards()) == 1, "bob's notes")  # in this order in the timeline
+    carol.client.send_room("team", "The dashboard: the red bar is the flaky test, I'm on it.")
+    carol.client.send_room_file("team", dashboard(tmp_path / "ci-dashboard.png"))
+    pump(everyone, lambda: len(alice.file_cards()) == 2 and all(c.status_text.startswith("Received ✓")
+                                                                for c in alice.file_cards())
+         and alice.file_cards()[1].thumbnail_size is not None, "the files, with the thumbnail")
+    screenshots_of_both_themes(alice, everyone, "gui-room-files-")
+
+    click(alice, K_THEME)
+    bob.close()
+    everyone.remove(bob)
+    pump(everyone, lambda: "○  bob" in alice.roster_text(), "bob offline")
+    select_peer(alice, "bob", everyone)
+    draft = tmp_path / "release-notes-2.4-draft.pdf"
+    draft.write_bytes(os.urandom(2_600_000))
+    held = attach(alice, alice_desktop, draft)
+    pump(everyone, lambda: held.state.value == "uploaded",
+         "the broker to hold it")
+    screenshot(alice, "gui-file-held.png")
