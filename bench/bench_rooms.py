@@ -86,8 +86,7 @@ class Run:
         self.reports: dict[tuple[str, str], object] = {}  # (process, kind or tag) -> what it said
         self.members = [f"m{i:03d}" for i in range(args.members)]
         self.workers = [f"members{w}" for w in range(args.workers)]
-        self.watch = CpuWatch(lambda: {"broker": self.broker.proc.pid,
-                                       **{name: proc.pid for name, proc in self.procs.items()}}, ("broker",))
+        self.watch = CpuWatch(self.pids, ("broker",))
 
     def __enter__(self) -> Run:
         self.broker.__enter__()
@@ -110,10 +109,10 @@ class Run:
 
     def _spawn(self, name: str, target, *args) -> None:
         ours, theirs = self.ctx.Pipe()
-        self.procs[name] = proc = self.ctx.Process(target=target, args=(*args, theirs), name=name, daemon=True)
+        proc = self.ctx.Process(target=target, args=(*args, theirs), name=name, daemon=True)
         proc.start()
         theirs.close()
-        self.conns[name] = ours
+        self.procs[name], self.conns[name] = proc, ours
 
     def _start(self) -> None:
         key = z85.decode(self.broker.key)
@@ -128,6 +127,11 @@ class Run:
         self.wait([(name, "joined") for name in self.workers], SETUP_TIMEOUT)
         for mode, tag in (("room", "warm"), ("direct", "warmd")):  # keys, device lists and sender keys fetched
             self.send(mode, tag, 1, self.args.rate)
+        print("  pids (for py-spy): " + ", ".join(f"{name} {pid}" for name, pid in self.pids().items()),
+              file=sys.stderr)
+
+    def pids(self) -> dict[str, int]:
+        return {"broker": self.broker.proc.pid, **{name: proc.pid for name, proc in self.procs.items()}}
 
     def wait(self, keys: list[tuple[str, str]], timeout: float, messages: tuple[str, int] | None = None) -> list:
         """What each (process, kind) of ``keys`` reported, once all have (and, with ``messages`` = (tag, count),

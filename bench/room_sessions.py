@@ -68,6 +68,7 @@ class SessionLoop:
         self.poller = zmq.Poller()
         self.sessions: dict[zmq.Socket, ClientSession] = {}
         self.sockets: dict[str, zmq.Socket] = {}
+        self.deadlines: dict[zmq.Socket, float] = {}  # each session's next_deadline, as of its last call
         self.registered = 0
 
     def add(self, user: str) -> ClientSession:
@@ -105,13 +106,13 @@ class SessionLoop:
                 if type(action.event) is ev.Registered:
                     self.registered += 1
                 self.on_event(session, action.event)
+        self.deadlines[sock] = session.next_deadline()
 
     def step(self, timeout: float, pipe: Connection | None = None) -> bool:
         """One turn: wait up to ``timeout`` s (less if a deadline comes first) for frames; True if ``pipe`` has
         something to read."""
         now = time.monotonic()
-        due = min((s.next_deadline() for s in self.sessions.values()), default=now + timeout)
-        wait_ms = max(0.0, min(timeout, due - now)) * 1000
+        wait_ms = max(0.0, min(timeout, min(self.deadlines.values(), default=now + timeout) - now)) * 1000
         ready = dict(self.poller.poll(wait_ms))
         for sock in ready:
             session = self.sessions.get(sock)
@@ -125,8 +126,9 @@ class SessionLoop:
                 self.execute(session, session.on_frames(frames, time.monotonic()))
             self.execute(session, session.end_batch(time.monotonic()))
         now = time.monotonic()
-        for session in self.sessions.values():
-            if session.next_deadline() <= now:
+        for sock, deadline in list(self.deadlines.items()):
+            if deadline <= now:
+                session = self.sessions[sock]
                 self.execute(session, session.on_tick(now))
         return pipe is not None and pipe.fileno() in ready
 
