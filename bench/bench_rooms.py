@@ -14,8 +14,8 @@ creates a room, invites the members, they join. Each round has two phases, their
   a sealed direct message per member (100 seals and 100 frames in per message), delivered receipts back.
 
 Latency of a message: from the sender's perf_counter_ns before it seals (the first seal, for direct) to the
-moment the last member's session has opened it (the same clock in every process). p50/p99 pool every message of
-every round. After each phase the run waits until every process is idle again, so the CPU figures (psutil, all
+moment the last member's session has opened it (the same clock in every process); "first" is the same to the first
+member, which the broker's fan-out and one member's work bound. p50/p99 pool every message of every round. After each phase the run waits until every process is idle again, so the CPU figures (psutil, all
 threads) include the acks, the consumes, the room marks and the direct messages' receipts. seals: the sender's
 sender-key seals per room message (``SenderKeys.seals``, exactly 1 by design) and its pairwise seals per message.
 
@@ -82,7 +82,7 @@ class Run:
         self.broker = ServerProcess("broker", free_ports(), work, "curve", "on")
         self.procs: dict[str, mp.Process] = {}
         self.conns: dict[str, object] = {}  # process name -> our end of its pipe
-        self.got: dict[tuple[str, int], list[int]] = {}  # (tag, i) -> each worker's ns once all its members have it
+        self.got: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (tag, i) -> each worker's (first, last) ns
         self.reports: dict[tuple[str, str], object] = {}  # (process, kind or tag) -> what it said
         self.members = [f"m{i:03d}" for i in range(args.members)]
         self.workers = [f"members{w}" for w in range(args.workers)]
@@ -164,8 +164,8 @@ class Run:
         if kind == "error":
             raise BenchError(report[1])
         if kind == "got":
-            _, tag, i, ns = report
-            self.got.setdefault((tag, i), []).append(ns)
+            _, tag, i, first, last = report
+            self.got.setdefault((tag, i), []).append((first, last))
         elif kind == "sent":
             self.reports[name, report[1]] = report[2]
         else:
@@ -189,8 +189,10 @@ class Run:
         cpu1 = self.settle()
         used, bg_cpus = cpu_used(cpu0, cpu1, time.monotonic() - t0)
         copies = n * members
+        got = [self.got.pop((tag, i)) for i in range(n)]
         return {
-            "latency_ms": [(max(self.got.pop((tag, i))) - sent["t0"][i]) / 1e6 for i in range(n)],
+            "latency_ms": [(max(last for _, last in g) - t0) / 1e6 for g, t0 in zip(got, sent["t0"])],
+            "first_ms": [(min(first for first, _ in g) - t0) / 1e6 for g, t0 in zip(got, sent["t0"])],
             "broker_us_per_copy": used["broker"] * 1e6 / copies,
             "broker_py_us_per_copy": used["broker.main"] * 1e6 / copies,
             "sender_us_per_msg": used["sender"] * 1e6 / n,
@@ -221,6 +223,7 @@ def summarize(runs: dict[str, list[dict]], messages: int) -> dict:
         lat = [v for r in rs for v in r["latency_ms"]]
         out[mode] = {
             "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "max_ms": max(lat),
+            "first_p50_ms": percentile([v for r in rs for v in r["first_ms"]], 50),
             "p99_ms_per_round": [round(percentile(r["latency_ms"], 99), 2) for r in rs],
             **{k: statistics.median(r[k] for r in rs) for k in MEDIANS},
             "seals_per_msg": sum(r["sender_key_seals"] for r in rs) / (messages * len(rs)),
@@ -242,16 +245,18 @@ def print_table(summary: dict, args: argparse.Namespace, load: tuple) -> None:
     print(f"\n{args.messages} messages per phase at {args.rate:g}/s to {args.members} online members "
           f"({args.workers} member processes), {args.rounds} rounds, {os.cpu_count()} CPUs, "
           f"load average {load[0]:.2f} before / {load[1]:.2f} after")
-    print(f"{'':<22}{'p50':>8}{'p99':>8}{'max':>8}{'broker':>10}{'python':>8}{'sender':>10}{'members':>10}"
-          f"{'seals':>8}{'pairwise':>10}{'bg cpus':>9}")
-    print(f"{'':<22}{'ms':>8}{'ms':>8}{'ms':>8}{'us/copy':>10}{'':>8}{'us/msg':>10}{'us/copy':>10}{'/msg':>8}"
-          f"{'/msg':>10}")
+    columns = (("first", "p50 ms", "first_p50_ms", ".1f"), ("last", "p50 ms", "p50_ms", ".1f"),
+               ("last", "p99 ms", "p99_ms", ".1f"), ("last", "max ms", "max_ms", ".1f"),
+               ("broker", "us/copy", "broker_us_per_copy", ".1f"), ("python", "us/copy", "broker_py_us_per_copy", ".1f"),
+               ("sender", "us/msg", "sender_us_per_msg", ".0f"), ("members", "us/copy", "members_us_per_copy", ".1f"),
+               ("seals", "/msg", "seals_per_msg", ".2f"), ("pairwise", "/msg", "pairwise_seals_per_msg", ".2f"),
+               ("bg", "cpus", "bg_cpus", ".2f"))
+    print(f"{'':<22}" + "".join(f"{head:>9}" for head, _, _, _ in columns))
+    print(f"{'':<22}" + "".join(f"{unit:>9}" for _, unit, _, _ in columns))
     labels = {"room": "room (1 frame in)", "direct": f"one-to-one x{args.members}"}
     for mode in MODES:
         m = summary["modes"][mode]
-        print(f"{labels[mode]:<22}{m['p50_ms']:>8.1f}{m['p99_ms']:>8.1f}{m['max_ms']:>8.1f}"
-              f"{m['broker_us_per_copy']:>10.1f}{m['broker_py_us_per_copy']:>8.1f}{m['sender_us_per_msg']:>10.0f}{m['members_us_per_copy']:>10.1f}"
-              f"{m['seals_per_msg']:>8.2f}{m['pairwise_seals_per_msg']:>10.2f}{m['bg_cpus']:>9.2f}")
+        print(f"{labels[mode]:<22}" + "".join(f"{m[key]:>9{spec}}" for _, _, key, spec in columns))
     r, c = summary["ratio"], summary["check"]
     print(f"  room / one-to-one: p50 x{r['p50_ms']}, p99 x{r['p99_ms']}, broker CPU per copy "
           f"x{r['broker_us_per_copy']}, sender CPU per message x{r['sender_us_per_msg']}")

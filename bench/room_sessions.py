@@ -7,8 +7,8 @@ admitted by the key service. No history (a member's SQLite commits would be on i
 the broker's heartbeat interval. A ``zmq.Poller`` over a few dozen DEALERs (the load worker's epoll pays off at
 thousands). One thread per process: 50 members in a process share one GIL, not 50 agent threads.
 
-``members_main``: one process of members; reports ("got", tag, i, ns) once every one of its members has message
-``i`` of ``tag`` (ns: perf_counter_ns of the last of them, taken when its session has opened it).
+``members_main``: one process of members; reports ("got", tag, i, first, last) once every one of its members has
+message ``i`` of ``tag`` (perf_counter_ns of the first and the last of them, taken when its session has opened it).
 ``sender_main``: the room's owner; creates the room, invites the members, and sends on command at a fixed rate,
 to the room (one seal) or one-to-one to every member (a seal per member), reporting perf_counter_ns taken before
 each message was sealed. perf_counter_ns is CLOCK_MONOTONIC: the same clock in every process of this machine.
@@ -165,18 +165,18 @@ def _failure(conn: Connection, session: ClientSession, event: object) -> bool:
 def members_main(worker: int, users: list[str], port: int, server_key: bytes, conn: Connection,
                  timeout: float) -> None:
     """One process of room members (module docstring); commands: ("join", rid), ("stop",)."""
-    counts: dict[tuple[str, int], list[int]] = {}  # (tag, i) -> [members that have it, latest ns]
+    counts: dict[tuple[str, int], list[int]] = {}  # (tag, i) -> [members that have it, first ns, last ns]
     joins: set[bytes] = set()  # join requests not answered yet
 
     def on_event(session: ClientSession, event: object) -> None:
         if type(event) is ev.MessageReceived:
             now = time.perf_counter_ns()
             tag, i, _ = event.text.split(" ", 2)
-            entry = counts.setdefault((tag, int(i)), [0, 0])
+            entry = counts.setdefault((tag, int(i)), [0, now, now])
             entry[0] += 1
-            entry[1] = max(entry[1], now)
+            entry[2] = now
             if entry[0] == len(users):
-                conn.send(("got", tag, int(i), entry[1]))
+                conn.send(("got", tag, int(i), entry[1], entry[2]))
                 del counts[tag, int(i)]
         elif type(event) is ev.RoomUpdated:
             joins.discard(event.ref)
