@@ -14,10 +14,12 @@ creates a room, invites the members, they join. Each round has two phases, their
   a sealed direct message per member (100 seals and 100 frames in per message), delivered receipts back.
 
 Latency of a message: from the sender's perf_counter_ns before it seals (the first seal, for direct) to the
-moment the last member's session has opened it (the same clock in every process); "first" is the same to the first
-member, which the broker's fan-out and one member's work bound. p50/p99 pool every message of every round. After each phase the run waits until every process is idle again, so the CPU figures (psutil, all
-threads) include the acks, the consumes, the room marks and the direct messages' receipts. seals: the sender's
-sender-key seals per room message (``SenderKeys.seals``, exactly 1 by design) and its pairwise seals per message.
+moment the last member's session has opened it (the same clock in every process); "first" is the same to the
+first member, which the broker's fan-out and one member's work bound. p50/p99 pool every message of every round.
+After each phase the run waits until every process is idle again, so the CPU figures (psutil, all threads; the
+broker's main thread apart as "python") include the acks, the consumes, the room marks and the direct messages'
+receipts. seals: the sender's sender-key seals per room message (``SenderKeys.seals``, exactly 1 by design) and
+its pairwise seals per message.
 
 ``--check`` fails if the room's p99 is 50 ms or more, or a room message cost the sender other than one seal
 (TARGET_P99_MS; the issue's target). ``--sweep`` then runs the room alone at twice the rate, four times...
