@@ -16,6 +16,7 @@ each message was sealed. perf_counter_ns is CLOCK_MONOTONIC: the same clock in e
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -112,7 +113,8 @@ class SessionLoop:
         """One turn: wait up to ``timeout`` s (less if a deadline comes first) for frames; True if ``pipe`` has
         something to read."""
         now = time.monotonic()
-        wait_ms = max(0.0, min(timeout, min(self.deadlines.values(), default=now + timeout) - now)) * 1000
+        wait_s = max(0.0, min(timeout, min(self.deadlines.values(), default=now + timeout) - now))
+        wait_ms = math.ceil(wait_s * 1000)  # zmq_poll takes whole ms: rounded down, the last one is a busy wait
         ready = dict(self.poller.poll(wait_ms))
         for sock in ready:
             session = self.sessions.get(sock)
