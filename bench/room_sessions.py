@@ -157,11 +157,10 @@ class SessionLoop:
         self.ctx.term()
 
 
-def _failure(conn: Connection, session: ClientSession, event: object) -> bool:
+def _failure(conn: Connection, session: ClientSession, event: object) -> None:
+    """A failure is reported to the coordinator, which ends the run with it; other events need nothing here."""
     if isinstance(event, FAILURES):
         conn.send(("error", f"{session.user}: {type(event).__name__}: {event.error}"))
-        return True
-    return False
 
 
 def members_main(worker: int, users: list[str], port: int, server_key: bytes, conn: Connection,
