@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpu_watch import Busy, CpuWatch
+from cpu_watch import used as cpu_used
 from bench_relay import BenchError, ServerProcess, _die_with_parent, _stop_process, free_ports  # bench/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +50,6 @@ sys.path.insert(0, str(ROOT))
 RATIO_TARGET = 0.33  # linear fan-out: 3 devices, a third of one device's throughput (module docstring)
 TRIO = 3
 TIMEOUT = 300.0  # seconds for any one step: a stuck run is an error, not a figure
-SETTLE_POLL = 0.2  # s between looks at the processes' CPU once every device has the phase's messages
-SETTLE_IDLE = 0.01  # CPU seconds all our processes may use in one poll and still count as idle (heartbeats)
 
 
 def _client(home: str, user: str, port: int, on_event=None):
@@ -101,15 +101,15 @@ class Run:
     """The broker and the client processes of one run, and what they reported."""
 
     def __init__(self, work: Path, messages: int) -> None:
-        import psutil
-
-        self.psutil, self.work, self.messages = psutil, work, messages
+        self.work, self.messages = work, messages
         self.ctx = mp.get_context("spawn")
         self.results, self.commands, self.stop = self.ctx.Queue(), self.ctx.Queue(), self.ctx.Event()
         self.broker = ServerProcess("broker", free_ports(), work, "curve", "on")
         self.procs: dict[str, mp.Process] = {}
         self.reports: dict[tuple[str, str], object] = {}  # (kind or device, tag) -> what it reported
         self.devices = {"solo": ["solo"], "trio": [f"trio{i}" for i in range(1, TRIO + 1)]}
+        self.watch = CpuWatch(lambda: {"broker": self.broker.proc.pid,
+                                       **{name: proc.pid for name, proc in self.procs.items()}})
 
     def __enter__(self) -> Run:
         self.broker.__enter__()
@@ -170,30 +170,11 @@ class Run:
             self.reports[(name, got)] = value
         return {name: self.reports[(name, tag)] for name in names}
 
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds (user + system, all threads) each process has used so far (this one's as "bench"), and the
-        machine's busy time."""
-        pids = {"broker": self.broker.proc.pid, **{name: proc.pid for name, proc in self.procs.items()},
-                "bench": os.getpid()}
-        out = {}
-        for name, pid in pids.items():
-            times = self.psutil.Process(pid).cpu_times()
-            out[name] = times.user + times.system
-        machine = self.psutil.cpu_times()
-        out["machine"] = machine.user + machine.nice + machine.system
-        return out
-
     def settle(self) -> dict[str, float]:
-        """Wait until our processes are idle (the phase's trailing acks, consumes and receipts done)."""
-        before = self.cpu()
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            time.sleep(SETTLE_POLL)
-            now = self.cpu()
-            if sum(now[k] - before[k] for k in now if k != "machine") < SETTLE_IDLE:
-                return now
-            before = now
-        raise BenchError(f"still busy {TIMEOUT:.0f} s after the phase")
+        try:
+            return self.watch.settle(TIMEOUT)
+        except Busy as exc:
+            raise BenchError(str(exc)) from None
 
     def phase(self, user: str, tag: str) -> dict:
         """alice sends N messages to ``user``; throughput to all its devices, and the costs per message."""
@@ -202,9 +183,7 @@ class Run:
         self.commands.put(("send", user, tag, n))
         done = self.wait(tag, ["alice", *self.devices[user]])
         cpu1, wire1 = self.settle(), wire_bytes(self.broker.port)
-        wall = time.monotonic() - t0
-        used = {k: cpu1[k] - cpu0[k] for k in cpu1}
-        ours = sum(v for k, v in used.items() if k != "machine")
+        used, bg_cpus = cpu_used(cpu0, cpu1, time.monotonic() - t0)
         last = max(done[name] for name in self.devices[user])
         return {
             "msgs_per_s": n / ((last - done["alice"]) / 1e9),
@@ -213,7 +192,7 @@ class Run:
             "devices_us_per_msg": sum(used[name] for name in self.devices[user]) * 1e6 / n,
             "wire_in_per_msg": None if wire0 is None else (wire1[0] - wire0[0]) / n,
             "wire_out_per_msg": None if wire0 is None else (wire1[1] - wire0[1]) / n,
-            "bg_cpus": max(0.0, used["machine"] - ours) / wall,
+            "bg_cpus": bg_cpus,
         }
 
 

@@ -21,6 +21,7 @@ SMALL = {
     "bench_files": ["--rounds", "1", "--size-mib", "1"],
     "bench_load_memory": ["--clients", "20", "--rounds", "1", "--settle", "0.2"],
     "bench_devices": ["--rounds", "1", "--messages", "100"],
+    "bench_rooms": ["--rounds", "1", "--members", "6", "--messages", "5", "--rate", "50"],
     "bench_cluster": ["--workers", "1", "--procs", "1", "--pairs", "1", "--warmup", "0.2", "--duration", "0.5"],
 }
 
