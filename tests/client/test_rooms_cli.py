@@ -70,14 +70,8 @@ def test_rooms_from_the_command_line(broker, tmp_path):
     assert json.loads(ok(run(tmp_path, broker, "bob", "room", "list", "--json"))) == []
 
 
-def test_send_file_to_a_room_and_listen_reports_it_with_the_room(broker, tmp_path):
-    ok(run(tmp_path, broker, "alice", "room", "create", "team"))
-    ok(run(tmp_path, broker, "bob", "send", "--to", "alice", "bob exists"))
-    ok(run(tmp_path, broker, "alice", "room", "invite", "team", "bob"))
-    ok(run(tmp_path, broker, "bob", "room", "join", "team"))
-    source = tmp_path / "notes.txt"
-    source.write_bytes(os.urandom(200_000))
-    ok(run(tmp_path, broker, "alice", "send-file", "--room", "team", "--quiet", str(source)))  # alice may go now
+def bobs_first_file(broker: BrokerProcess, tmp_path: Path) -> dict:
+    """bob's ``listen --json`` until its first file event: that event."""
     proc = subprocess.Popen([sys.executable, "-m", "p2pchat.client.cli", "listen", "--user", "bob", "--server",
                              f"127.0.0.1:{broker.port}", "--json", "--received-dir", str(tmp_path / "in")],
                             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -86,10 +80,22 @@ def test_send_file_to_a_room_and_listen_reports_it_with_the_room(broker, tmp_pat
         for line in proc.stdout:
             event = json.loads(line)
             if event["type"] in ("file", "file_failed"):
-                break
+                return event
     finally:
         proc.kill()
         proc.wait()
+    raise AssertionError("bob's listen ended without a file event")
+
+
+def test_send_file_to_a_room_and_listen_reports_it_with_the_room(broker, tmp_path):
+    ok(run(tmp_path, broker, "alice", "room", "create", "team"))
+    ok(run(tmp_path, broker, "bob", "send", "--to", "alice", "bob exists"))
+    ok(run(tmp_path, broker, "alice", "room", "invite", "team", "bob"))
+    ok(run(tmp_path, broker, "bob", "room", "join", "team"))
+    source = tmp_path / "notes.txt"
+    source.write_bytes(os.urandom(200_000))
+    ok(run(tmp_path, broker, "alice", "send-file", "--room", "team", "--quiet", str(source)))  # alice may go now
+    event = bobs_first_file(broker, tmp_path)
     assert (event["type"], event["from"], event["room"], event["name"]) == ("file", "alice", "team", "notes.txt")
     assert Path(event["path"]).read_bytes() == source.read_bytes()
 
@@ -102,18 +108,7 @@ def test_send_file_to_someone_offline_exits_once_uploaded_and_they_get_it_later(
     assert "uploaded report.pdf" in sent and "bob" in sent  # alice is gone now; bob was offline all along
     broker.stop()  # what the broker holds survives a restart
     broker.start()
-    proc = subprocess.Popen([sys.executable, "-m", "p2pchat.client.cli", "listen", "--user", "bob", "--server",
-                             f"127.0.0.1:{broker.port}", "--json", "--received-dir", str(tmp_path / "in")],
-                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, P2PCHAT_HOME=str(tmp_path / "bob")))
-    try:
-        for line in proc.stdout:
-            event = json.loads(line)
-            if event["type"] in ("file", "file_failed"):
-                break
-    finally:
-        proc.kill()
-        proc.wait()
+    event = bobs_first_file(broker, tmp_path)
     assert (event["type"], event["from"], event["name"]) == ("file", "alice", "report.pdf")
     assert "room" not in event and Path(event["path"]).read_bytes() == source.read_bytes()
 
