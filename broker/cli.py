@@ -61,8 +61,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--room-files", default=None, metavar="DIR",
                    help="where files sent to rooms are kept, sealed (default: DATA_DIR/room-files; every broker of a "
                         "cluster must be given the same directory)")
-    p.add_argument("--room-quota", type=int, default=1 << 30, metavar="BYTES",
-                   help="room files kept per room (default 1 GiB)")
+    p.add_argument("--room-quota", type=int, default=2 << 30, metavar="BYTES",
+                   help="sealed bytes of files kept per room, or per recipient of held files (default 2 GiB)")
     p.add_argument("--room-files-max", type=int, default=16 << 30, metavar="BYTES",
                    help="room files kept in all (default 16 GiB)")
     p.set_defaults(func=run)

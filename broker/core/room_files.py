@@ -33,7 +33,9 @@ HOUR_MS = 3600 * 1000
 
 @dataclass(frozen=True, slots=True)
 class RoomFileLimits:
-    room_quota: int = GIB  # ROOM_FILE_QUOTA: bytes kept for one room (room_quota beyond)
+    # ROOM_FILE_QUOTA: sealed bytes kept for one room or inbox (room_quota beyond). Sealed bytes are 16 per chunk
+    # more than the file's: 2 GiB so that a file of 1 GiB (a round size people send) fits whatever its chunks.
+    room_quota: int = 2 * GIB
     total_quota: int = 16 * GIB  # the whole store (--room-files-max; storage_full beyond)
     files_per_room: int = 1_000
     files_total: int = 100_000

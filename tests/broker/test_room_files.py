@@ -289,6 +289,11 @@ def test_a_file_larger_than_the_room_quota_is_refused_before_the_disk(stores, ro
     assert sorted(os.listdir(root)) == [".lock", "usage.json"]
 
 
+def test_a_file_of_one_gib_fits_the_default_quota_at_the_smallest_chunks(stores):
+    files = make(stores())  # its seal tags take 16 bytes a chunk more than the file: 1.6% at 1 KiB chunks
+    assert codes(upload(files, size=1 << 30, chunk_size=1024)) == []
+
+
 def test_the_room_quota_and_the_store_total_bound_what_is_kept(stores):
     files = make(stores(), room_quota=3 * (CS + 16), total_quota=5 * (CS + 16))
     assert messages(upload(files, size=2 * CS))[0] == credit(0, 2, True)
