@@ -215,18 +215,20 @@ def _fetch_held(port: int, home: str, inbox: str, window: int, result) -> None:
         result.put(elapsed)
 
 
-def _chat_probe(port: int, home: str, curve: bool, sealed: bool, stop, result) -> None:
-    """pinger -> ponger at 100 msg/s; one-way latency on one clock (same process)."""
+def _chat_probe(port: int, home: str, curve: bool, sealed: bool, stop, next_leg, result) -> None:
+    """pinger -> ponger at 100 msg/s; one-way latency on one clock (same process), a histogram for the messages
+    sent before ``next_leg`` is set and one for those sent after."""
     os.environ["P2PCHAT_HOME"] = home
     from p2pchat.client import events as ev
     from p2pchat.client.chat_client import ChatClient
 
-    hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
+    hists = [HdrHistogram(1, 60_000_000, 3) for _ in range(2)]  # microseconds
     config = _config(port, curve, sealed)
 
     def on_event(event) -> None:
         if isinstance(event, ev.MessageReceived):
-            hist.record_value(max(1, (time.perf_counter_ns() - int(event.text)) // 1000))
+            leg, sent = event.text.split()
+            hists[int(leg)].record_value(max(1, (time.perf_counter_ns() - int(sent)) // 1000))
 
     with ChatClient("pinger", config) as pinger, ChatClient("ponger", config, on_event=on_event) as ponger:
         ponger.connect(10)
@@ -234,12 +236,13 @@ def _chat_probe(port: int, home: str, curve: bool, sealed: bool, stop, result) -
         result.put("ready")
         next_at = time.perf_counter()
         while not stop.is_set():
-            pinger.send_async("ponger", str(time.perf_counter_ns()))
+            pinger.send_async("ponger", f"{int(next_leg.is_set())} {time.perf_counter_ns()}")
             next_at += 0.01
             time.sleep(max(0.0, next_at - time.perf_counter()))
         time.sleep(0.2)
-    result.put({"count": hist.get_total_count(), "p50_ms": hist.get_value_at_percentile(50) / 1000,
-                "p99_ms": hist.get_value_at_percentile(99) / 1000, "max_ms": hist.get_max_value() / 1000})
+    result.put([{"count": h.get_total_count(), "p50_ms": h.get_value_at_percentile(50) / 1000,
+                 "p99_ms": h.get_value_at_percentile(99) / 1000, "max_ms": h.get_max_value() / 1000}
+                for h in hists if h.get_total_count()])
 
 
 def _figure(out, proc: mp.Process, what: str) -> float:
@@ -259,7 +262,7 @@ class Round:
         self.broker = BrokerProcess(work / "broker-home", free_port_pair(),
                                     ([] if curve else ["--insecure"]) + (extra or [])).start()
         self.spawn = mp.get_context("spawn")
-        self.stop, self.probe_out = self.spawn.Event(), self.spawn.Queue()
+        self.stop, self.next_leg, self.probe_out = self.spawn.Event(), self.spawn.Event(), self.spawn.Queue()
         self.broker_ps = psutil.Process(self.broker.proc.pid)
         self.peak, self._sampling = 0, threading.Event()
         self._sampler: threading.Thread | None = None
@@ -273,7 +276,8 @@ class Round:
 
     def measure(self) -> None:
         """Start the probe and the sampling (once the processes that are not measured are ready)."""
-        self.start(_chat_probe, str(self.work / "probe-home"), self.curve, self.sealed, self.stop, self.probe_out)
+        self.start(_chat_probe, str(self.work / "probe-home"), self.curve, self.sealed, self.stop, self.next_leg,
+                   self.probe_out)
         assert self.probe_out.get(timeout=30) == "ready"
         self.rss_before = self.broker_ps.memory_info().rss
         self._sampler = threading.Thread(target=self._sample)
@@ -284,12 +288,14 @@ class Round:
             self.peak = max(self.peak, self.broker_ps.memory_info().rss)
             time.sleep(0.02)
 
-    def cpu(self) -> float:
-        """The broker's CPU seconds so far, all its threads (Python's and libzmq's I/O thread)."""
+    def cpu(self) -> tuple[float, float]:
+        """The broker's CPU seconds so far, all its threads (Python's and libzmq's I/O thread), and the system's
+        share of them."""
         times = self.broker_ps.cpu_times()
-        return times.user + times.system
+        return times.user + times.system, times.system
 
     def finish(self) -> dict:
+        """The broker's RSS; the chat's latency, one figure per leg (``next_leg``)."""
         self.stop.set()
         latency = self.probe_out.get(timeout=30)
         self._sampling.set()
@@ -323,12 +329,13 @@ def p2pchat_round(src: Path, chunk: int, window: int, work: Path, curve: bool, s
         cpu0 = run.cpu()
         sender = run.start(_send_file, str(work / "alice-home"), str(src), chunk, curve, sealed, send_out)
         elapsed = _figure(send_out, sender, "transfer")
-        cpu = run.cpu() - cpu0
+        cpu1 = run.cpu()
         figures = run.finish()
     finally:
         run.close()
     _take_saved(inbox, src)
-    return {"mib_s": src.stat().st_size / MiB / elapsed, "seconds": elapsed, "broker_cpu_s": cpu} | figures
+    return {"mib_s": src.stat().st_size / MiB / elapsed, "seconds": elapsed, "broker_cpu_s": cpu1[0] - cpu0[0],
+            "broker_sys_s": cpu1[1] - cpu0[1]} | figures
 
 
 def held_round(src: Path, chunk: int, window: int, work: Path) -> dict:
@@ -349,6 +356,7 @@ def held_round(src: Path, chunk: int, window: int, work: Path) -> dict:
         sender = run.start(_send_file, str(work / "alice-home"), str(src), chunk, True, True, out, True)
         upload = _figure(out, sender, "upload")
         cpu1 = run.cpu()
+        run.next_leg.set()
         fetcher = run.start(_fetch_held, bob_home, str(inbox), window, out)
         fetch = _figure(out, fetcher, "fetch")
         cpu2 = run.cpu()
@@ -356,8 +364,9 @@ def held_round(src: Path, chunk: int, window: int, work: Path) -> dict:
     finally:
         run.close()
     _take_saved(inbox, src)
-    return {"upload_s": upload, "fetch_s": fetch, "broker_cpu_upload_s": cpu1 - cpu0,
-            "broker_cpu_fetch_s": cpu2 - cpu1} | figures
+    return {"upload_s": upload, "fetch_s": fetch, "broker_cpu_upload_s": cpu1[0] - cpu0[0],
+            "broker_sys_upload_s": cpu1[1] - cpu0[1], "broker_cpu_fetch_s": cpu2[0] - cpu1[0],
+            "broker_sys_fetch_s": cpu2[1] - cpu1[1]} | figures
 
 
 def main() -> None:
@@ -391,7 +400,7 @@ def main() -> None:
                 held.append(held_round(src, chunk, args.window, work / f"round{r}-held"))
             print(f"round {r + 1}: ceiling plain {ceilings['plain'][-1]:6.0f}  curve {ceilings['curve'][-1]:6.0f}"
                   + "".join(f"   {name} {rounds[name][-1]['mib_s']:5.0f}" for name in VARIANTS)
-                  + f" MiB/s   chat p99 {rounds['default'][-1]['chat']['p99_ms']:.2f} ms"
+                  + f" MiB/s   chat p99 {rounds['default'][-1]['chat'][0]['p99_ms']:.2f} ms"
                   + (f"   held: upload {held[-1]['upload_s']:.2f} s, fetch {held[-1]['fetch_s']:.2f} s (live "
                      f"{rounds['default'][-1]['seconds']:.2f} s)" if args.held else ""), file=sys.stderr)
     med = statistics.median
@@ -408,8 +417,8 @@ def main() -> None:
         "plaintext_mib_s": rate["nothing encrypted"],
         "sealed_over_plaintext": rate["sealed, plain transport"] / rate["nothing encrypted"],
         "broker_rss_growth_mib": med(r["rss_peak_mib"] - r["rss_before_mib"] for r in default),
-        "chat_p50_ms": med(r["chat"]["p50_ms"] for r in default),
-        "chat_p99_ms": med(r["chat"]["p99_ms"] for r in default),
+        "chat_p50_ms": med(r["chat"][0]["p50_ms"] for r in default),
+        "chat_p99_ms": med(r["chat"][0]["p99_ms"] for r in default),
         "load_average": [load_before, os.getloadavg()[0]],  # 1 minute, this run's own processes included
     }
     if held:
@@ -438,31 +447,37 @@ def main() -> None:
 def held_report(held: list[dict], live: list[dict]) -> dict:
     """Medians of the held rounds' legs beside those of the live relay (the default configuration, same rounds)."""
     med = statistics.median
-    legs = {"live": [(r["seconds"], r["broker_cpu_s"]) for r in live],
-            "upload": [(r["upload_s"], r["broker_cpu_upload_s"]) for r in held],
-            "fetch": [(r["fetch_s"], r["broker_cpu_fetch_s"]) for r in held]}
-    legs["total"] = [(u[0] + f[0], u[1] + f[1]) for u, f in zip(legs["upload"], legs["fetch"])]
+    legs = {"live": [(r["seconds"], r["broker_cpu_s"], r["broker_sys_s"]) for r in live]}
+    for leg in ("upload", "fetch"):
+        legs[leg] = [(r[f"{leg}_s"], r[f"broker_cpu_{leg}_s"], r[f"broker_sys_{leg}_s"]) for r in held]
+    legs["total"] = [tuple(u + f for u, f in zip(up, fetch)) for up, fetch in zip(legs["upload"], legs["fetch"])]
     out: dict = {}
     for leg, figures in legs.items():
-        out[f"{leg}_s"] = med(seconds for seconds, _ in figures)
-        out[f"{leg}_broker_cpu_s"] = med(cpu for _, cpu in figures)
+        for i, key in enumerate(("s", "broker_cpu_s", "broker_sys_s")):
+            out[f"{leg}_{key}"] = med(f[i] for f in figures)
     for leg in ("upload", "fetch", "total"):
         out[f"{leg}_over_live"] = out[f"{leg}_s"] / out["live_s"]
         out[f"{leg}_cpu_over_live"] = out[f"{leg}_broker_cpu_s"] / out["live_broker_cpu_s"]
+    chat = {"live": [r["chat"][0] for r in live], "upload": [r["chat"][0] for r in held],
+            "fetch": [r["chat"][-1] for r in held]}
+    for leg, figures in chat.items():
+        out[f"{leg}_chat_p99_ms"] = med(f["p99_ms"] for f in figures)
+        out[f"{leg}_chat_max_ms"] = med(f["max_ms"] for f in figures)
     out["broker_rss_growth_mib"] = med(r["rss_peak_mib"] - r["rss_before_mib"] for r in held)
-    out["chat_p99_ms"] = med(r["chat"]["p99_ms"] for r in held)
     return out
 
 
 def print_held(h: dict, size_mib: int) -> None:
     print("  held at the broker for an offline recipient (docs/PROTOCOL.md §8.2; CURVE, sealed), beside the live relay")
-    print(f"    {'':26}{'seconds':>8}{'MiB/s':>7}{'x live':>8}{'broker CPU s':>14}{'x live':>8}")
+    print(f"    {'':26}{'seconds':>8}{'MiB/s':>7}{'x live':>8}{'broker CPU s':>14}{'(sys)':>7}{'x live':>8}"
+          f"{'chat p99/max ms':>17}")
     for leg, name in (("live", "live relay (default)"), ("upload", "upload, then sender exits"),
                       ("fetch", "fetch, recipient comes"), ("total", "upload + fetch")):
         x, x_cpu = ("", "") if leg == "live" else (f"{h[f'{leg}_over_live']:.2f}", f"{h[f'{leg}_cpu_over_live']:.2f}")
+        chat = "" if leg == "total" else f"{h[f'{leg}_chat_p99_ms']:.1f} / {h[f'{leg}_chat_max_ms']:.0f}"
         print(f"    {name:26}{h[f'{leg}_s']:8.2f}{size_mib / h[f'{leg}_s']:7.0f}{x:>8}{h[f'{leg}_broker_cpu_s']:14.2f}"
-              f"{x_cpu:>8}")
-    print(f"    broker RSS growth {h['broker_rss_growth_mib']:.1f} MiB, chat p99 {h['chat_p99_ms']:.2f} ms meanwhile")
+              f"{h[f'{leg}_broker_sys_s']:7.2f}{x_cpu:>8}{chat:>17}")
+    print(f"    broker RSS growth {h['broker_rss_growth_mib']:.1f} MiB")
 
 
 if __name__ == "__main__":
