@@ -383,7 +383,7 @@ def main() -> None:
     ceilings: dict[str, list[float]] = {"plain": [], "curve": []}
     rounds: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     held: list[dict] = []
-    load_before = os.getloadavg()[0]
+    load_before, busy_before = os.getloadavg()[0], _busy()
     with tempfile.TemporaryDirectory(prefix="p2pchat-bench-") as tmp:
         work = Path(tmp)
         src = work / "payload.bin"
@@ -420,6 +420,7 @@ def main() -> None:
         "chat_p50_ms": med(r["chat"][0]["p50_ms"] for r in default),
         "chat_p99_ms": med(r["chat"][0]["p99_ms"] for r in default),
         "load_average": [load_before, os.getloadavg()[0]],  # 1 minute, this run's own processes included
+        "bg_cpus": _background_cpus(busy_before, _busy()),
     }
     if held:
         report["held"] = held_report(held, default)
@@ -427,7 +428,8 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"\n{args.size_mib} MiB, chunk {args.chunk_kib} KiB, window {args.window}, median of {args.rounds} rounds; "
-          f"{os.cpu_count()} CPUs, load average {load_before:.2f} before, {report['load_average'][1]:.2f} after")
+          f"{os.cpu_count()} CPUs, load average {load_before:.2f} before, {report['load_average'][1]:.2f} after; "
+          f"other programs kept {report['bg_cpus']:.2f} CPUs busy meanwhile")
     print(f"  bare relay ceiling, plain TCP   {ceiling['plain']:7.1f} MiB/s")
     print(f"  bare relay ceiling, CURVE       {ceiling['curve']:7.1f} MiB/s")
     print(f"  p2pchat default (CURVE, sealed) {rate['default']:7.1f} MiB/s   {report['ratio_to_curve_ceiling']:.2f} of"
@@ -442,6 +444,19 @@ def main() -> None:
           f"   (target p99 < 50 ms)")
     if held:
         print_held(report["held"], args.size_mib)
+
+
+def _busy() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds the machine was busy, CPU seconds of this process and its children that ended)."""
+    machine, own = psutil.cpu_times(), os.times()
+    return (time.monotonic(), machine.user + machine.nice + machine.system,
+            own.user + own.system + own.children_user + own.children_system)
+
+
+def _background_cpus(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """How many CPUs other programs kept busy on average over the run (every process of ours has ended by then)."""
+    wall, machine, ours = (b - a for a, b in zip(before, after))
+    return max(0.0, machine - ours) / wall
 
 
 def held_report(held: list[dict], live: list[dict]) -> dict:
