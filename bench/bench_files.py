@@ -1,6 +1,6 @@
 """File transfer throughput through the broker, beside the bare relay ceilings, in one run.
 
-    .venv/bin/python bench/bench_files.py [--size-mib 1024] [--rounds 3] [--chunk-kib 512] [--window 32]
+    .venv/bin/python bench/bench_files.py [--size-mib 1024] [--rounds 3] [--chunk-kib 512] [--window 32] [--no-held]
 
 Each round measures, on 127.0.0.1 only:
   * ceilings: a bare pyzmq ROUTER that only swaps frames, between a raw DEALER
