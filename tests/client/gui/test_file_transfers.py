@@ -70,9 +70,15 @@ def test_progress_rows_move_to_done_in_both_directions(make_window, tmp_path):
         return all(line is not None and line.state is Transfer.DONE for line in lines)
 
     pump([alice, bob], done, "both files to arrive")
-    assert {("alice", "Sent"), ("bob", "Received"), ("bob", "Sent"), ("alice", "Received")} <= seen
-    assert [c.status_text.split(" ")[0] for c in alice.file_cards()] == ["Sent", "Received"]
-    assert [c.status_text.split(" ")[0] for c in bob.file_cards()] == ["Received", "Sent"]
+    # "Delivered": the file went through the broker's store, when a busy machine had the peer's session
+    # reconnecting (offline for a moment) just as it was attached; either way the row ends done.
+    sent = {"Sent", "Delivered"}
+    assert {("bob", "Received"), ("alice", "Received")} <= seen
+    assert {w for n, w in seen if n == "alice"} & sent and {w for n, w in seen if n == "bob"} & sent
+    assert [c.status_text.split(" ")[0] in sent for c in alice.file_cards()] == [True, False]
+    assert [c.status_text.split(" ")[0] in sent for c in bob.file_cards()] == [False, True]
+    assert [c.status_text.split(" ")[0] for c in alice.file_cards()][1] == "Received"
+    assert [c.status_text.split(" ")[0] for c in bob.file_cards()][0] == "Received"
     assert (received_dir(tmp_path, "bob") / bob.model.file(out.xfer).path.name).stat().st_size == 24 << 20
     assert alice.transfers_status_text() == "" and bob.transfers_status_text() == ""
 
