@@ -341,9 +341,10 @@ def p2pchat_round(src: Path, chunk: int, window: int, work: Path, curve: bool, s
 def held_round(src: Path, chunk: int, window: int, work: Path) -> dict:
     """The file left at the broker for bob, offline (§8.2), then fetched by him; defaults (CURVE, sealed)."""
     size = src.stat().st_size
-    # What the broker reserves for it: a 1 GiB file with its seal tags is over the default quota (1 GiB per inbox).
+    # What the broker reserves for it (the file and its seal tags): a --size-mib over the default quota (2 GiB per
+    # inbox) would be refused, so the quota is raised to it.
     stored = size + -(-size // chunk) * SEAL_TAG
-    run = Round(work, True, True, ["--room-quota", str(max(stored, 1 << 30))])
+    run = Round(work, True, True, ["--room-quota", str(max(stored, 2 << 30))])
     inbox, bob_home, out = work / "inbox", str(work / "bob-home"), run.spawn.Queue()
     try:
         registered, gone = run.spawn.Event(), run.spawn.Event()
